@@ -1,0 +1,254 @@
+//! Validated names: [`StreamName`], [`BucketName`], [`ConsumerName`] and
+//! KV [`Key`]s.
+//!
+//! Invariant: a value of these types always satisfies the rules below, so no
+//! code past the boundary re-checks a raw string. The rules are JetStream's,
+//! so every name is also valid on the NATS engine:
+//! - stream, bucket and consumer names: 1–64 characters of `A–Z a–z 0–9 _ -`
+//!   (bucket names 1–61, since the NATS engine stores bucket `b` as stream `KV_b`);
+//! - keys: 1–1024 characters of `A–Z a–z 0–9 - / _ = .`, not starting or
+//!   ending with `.`, no empty `..` token, not starting with `_kv` (reserved).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::{Error, Result};
+
+fn check_name(what: &str, s: &str, max: usize) -> Result<()> {
+    if s.is_empty() {
+        return Err(Error::invalid(format!("{what} must not be empty")));
+    }
+    if s.len() > max {
+        return Err(Error::invalid(format!("{what} `{}…` is {} bytes long; the limit is {max}", truncate(s), s.len())));
+    }
+    if let Some((i, c)) = s.char_indices().find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
+        return Err(Error::invalid(format!(
+            "{what} `{}` has {c:?} at byte {i}; allowed are A-Z a-z 0-9 _ -",
+            truncate(s)
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validate `s` and wrap it.
+            pub fn new(s: impl Into<String>) -> Result<Self> {
+                let s = s.into();
+                check_name($what, &s, $max)?;
+                Ok($name(s))
+            }
+
+            /// The name as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = Error;
+            fn try_from(s: &str) -> Result<Self> {
+                Self::new(s)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                $name::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// The name of a stream: 1–64 characters of `A–Z a–z 0–9 _ -`.
+    StreamName, "stream name", 64
+);
+name_type!(
+    /// The name of a KV bucket: 1–61 characters of `A–Z a–z 0–9 _ -`.
+    BucketName, "bucket name", 61
+);
+name_type!(
+    /// The name of a durable consumer: 1–64 characters of `A–Z a–z 0–9 _ -`.
+    ConsumerName, "consumer name", 64
+);
+
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// A KV key, following the JetStream KV key rules (see the module doc).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Key(String);
+
+impl Key {
+    /// Validate `s` and wrap it.
+    pub fn new(s: impl Into<String>) -> Result<Self> {
+        let s = s.into();
+        if s.is_empty() {
+            return Err(Error::invalid("key must not be empty"));
+        }
+        if s.len() > MAX_KEY_LEN {
+            return Err(Error::invalid(format!(
+                "key `{}…` is {} bytes long; the limit is {MAX_KEY_LEN}",
+                truncate(&s),
+                s.len()
+            )));
+        }
+        if let Some((i, c)) =
+            s.char_indices().find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '/' | '_' | '=' | '.')))
+        {
+            return Err(Error::invalid(format!(
+                "key `{}` has {c:?} at byte {i}; allowed are A-Z a-z 0-9 - / _ = .",
+                truncate(&s)
+            )));
+        }
+        if s.starts_with('.') || s.ends_with('.') {
+            return Err(Error::invalid(format!("key `{}` must not start or end with `.`", truncate(&s))));
+        }
+        if let Some(i) = s.find("..") {
+            return Err(Error::invalid(format!("key `{}` has an empty token (`..`) at byte {i}", truncate(&s))));
+        }
+        if s.starts_with("_kv") {
+            return Err(Error::invalid(format!("key `{}` starts with `_kv`, which is reserved", truncate(&s))));
+        }
+        Ok(Key(s))
+    }
+
+    /// The key as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Key {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::new(s)
+    }
+}
+
+impl TryFrom<&str> for Key {
+    type Error = Error;
+    fn try_from(s: &str) -> Result<Self> {
+        Self::new(s)
+    }
+}
+
+impl AsRef<str> for Key {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({:?})", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Key::new(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn stream_names() {
+        assert!(StreamName::new("ORDERS").is_ok());
+        assert!(StreamName::new("md_eu-1").is_ok());
+        let e = StreamName::new("a.b").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid);
+        assert!(e.message().contains("'.' at byte 1"), "{e}");
+        assert!(StreamName::new("").unwrap_err().message().contains("empty"));
+        assert!(StreamName::new("a b").is_err());
+        assert!(StreamName::new("a*").is_err());
+        assert!(StreamName::new("x".repeat(65)).unwrap_err().message().contains("limit is 64"));
+        assert!(BucketName::new("x".repeat(62)).is_err());
+        assert!(ConsumerName::new("worker-1").is_ok());
+    }
+
+    #[test]
+    fn keys_follow_jetstream_rules() {
+        for ok in ["a", "card.4111", "a/b=c_d-e", "A.B.C", "x".repeat(1024).as_str()] {
+            assert!(Key::new(ok).is_ok(), "{ok}");
+        }
+        let cases = [
+            ("", "empty"),
+            (".a", "start or end"),
+            ("a.", "start or end"),
+            ("a..b", "empty token"),
+            ("a b", "' ' at byte 1"),
+            ("a*", "'*' at byte 1"),
+            ("a>", "'>'"),
+            ("_kv.x", "reserved"),
+        ];
+        for (bad, why) in cases {
+            let e = Key::new(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Invalid);
+            assert!(e.message().contains(why), "{bad}: {e}");
+        }
+        assert!(Key::new("x".repeat(1025)).unwrap_err().message().contains("limit is 1024"));
+    }
+
+    #[test]
+    fn serde_validates() {
+        let k: Key = serde_json::from_str("\"a.b\"").unwrap();
+        assert_eq!(k.as_str(), "a.b");
+        assert!(serde_json::from_str::<Key>("\"a..b\"").is_err());
+        assert!(serde_json::from_str::<StreamName>("\"a.b\"").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! The conformance suite (placeholder; filled in by the suite work).
