@@ -124,6 +124,12 @@ impl SubjectPattern {
         matches_str(&self.0, &subject.0)
     }
 
+    /// Does the raw subject string `subject` (assumed valid, e.g. read back
+    /// from storage) match this pattern?
+    pub fn matches_str(&self, subject: &str) -> bool {
+        matches_str(&self.0, subject)
+    }
+
     /// Does every subject matched by `other` also match `self`?
     pub fn covers(&self, other: &SubjectPattern) -> bool {
         let mut mine = self.0.split('.');
@@ -155,7 +161,7 @@ impl SubjectPattern {
 }
 
 /// NATS subject matching on raw strings; both sides must be valid.
-pub(crate) fn matches_str(pattern: &str, subject: &str) -> bool {
+fn matches_str(pattern: &str, subject: &str) -> bool {
     let mut p = pattern.split('.');
     let mut s = subject.split('.');
     loop {

@@ -1,1 +1,539 @@
+//! finmesh-embedded: the embedded engine. Streams, KV buckets and durable
+//! consumers in one process, stored with fjall on local disk.
+//!
+//! Read in this order: [`store`] (streams on disk, reads), [`writer`] (the
+//! single writer and group commit), [`txn`] (one write), [`tail`], [`kv`]
+//! (buckets as streams), [`consumers`], [`codec`] (byte formats).
+//!
+//! # On-disk layout
+//!
+//! One fjall database per data directory. Keyspaces:
+//!
+//! | keyspace | key | value |
+//! |---|---|---|
+//! | `meta` | `stream/<name>` | JSON `{config, kind}` (kind: `user` or `kv` with the bucket config) |
+//! | `meta` | `state/<name>` | JSON counters `{messages, bytes, first_seq, last_seq}`, written in the same batch as the messages |
+//! | `meta` | `consumer/<stream>/<name>` | JSON `{config, delivered, initial, pending}` |
+//! | `s.<name>.m` | `seq` (u64 BE) | message record (see [`codec`]) |
+//! | `s.<name>.x` | `subject 0x00 seq` | empty (per-subject index) |
+//! | `s.<name>.l` | `subject` | `last_seq (u64 BE), count (u64 BE)` |
+//!
+//! KV bucket `b` is stream `KV_b` (see [`kv`]).
+//!
+//! # Durability
+//!
+//! Every write is one atomic fjall batch, written to the journal and handed
+//! to the OS before the next write: it survives a process crash. With
+//! `sync = always` the ack waits for an fsync (shared by every write of the
+//! round): it survives power loss. With `sync = interval(ms)` an fsync runs
+//! at least every `ms` after a write; with `never`, when the OS decides. A
+//! failed fsync poisons the engine: writes then fail with `Unavailable`.
+//! On reopen, fjall replays its journal and cuts a torn tail at the last
+//! complete batch (a batch is all or nothing); a corrupt record found later
+//! is an `Internal` error, never skipped.
 
+mod codec;
+mod consumers;
+mod kv;
+mod store;
+mod tail;
+mod txn;
+mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use finmesh_core::{
+    AckKind, AckToken, BoxStream, BucketConfig, BucketInfo, BucketName, ConsumerConfig, ConsumerEngine, ConsumerInfo,
+    ConsumerName, Delivery, Error, FetchRequest, Key, KvEngine, KvEntry, KvOp, Message, OutgoingMessage, PubAck,
+    ReadRequest, Result, Revision, Seq, StreamConfig, StreamEngine, StreamInfo, StreamName, Subject, SubjectPattern,
+    TailEvent, Timestamp, WatchStart,
+};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::consumers::{ConsumerOp, Consumers};
+use crate::store::{Registry, StreamHandle, StreamKind, StreamRecord, storage};
+use crate::writer::{Cond, Op, StreamKindTag, Writer};
+
+/// Requests queued for the writer before callers wait.
+const QUEUE: usize = 8192;
+/// Housekeeping period (interval fsyncs, age retention).
+const TICK: Duration = Duration::from_millis(10);
+
+/// Tuning for [`EmbeddedEngine::open_with`].
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    /// Block cache size in bytes (default 256 MiB).
+    pub cache_bytes: u64,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        EmbeddedOptions { cache_bytes: 256 * 1024 * 1024 }
+    }
+}
+
+/// The embedded engine. Cheap to clone; every clone is the same engine.
+#[derive(Clone)]
+pub struct EmbeddedEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Arc<Registry>,
+    consumers: Consumers,
+    tx: mpsc::Sender<Op>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropping `tx` ends the writer (it fsyncs on the way out); wait for
+        // it so the directory can be reopened right after.
+        let threads = std::mem::take(&mut *self.threads.lock());
+        let (tx, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, tx));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl EmbeddedEngine {
+    /// Open (or create) an engine in `dir` with default options.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(dir, EmbeddedOptions::default())
+    }
+
+    /// Open (or create) an engine in `dir`.
+    pub fn open_with(dir: impl AsRef<Path>, options: EmbeddedOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        let db = fjall::Database::builder(dir)
+            .cache_size(options.cache_bytes)
+            .open()
+            .map_err(|e| Error::unavailable(format!("cannot open the store at {}", dir.display())).with_source(e))?;
+        let meta = db.keyspace("meta", fjall::KeyspaceCreateOptions::default).map_err(storage)?;
+        let registry = Arc::new(Registry::default());
+        store::load_all(&db, &meta, &registry)?;
+        let consumers = Consumers::load(&meta)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let writer = Writer::new(db, meta, registry.clone(), consumers.clone());
+        let writer_thread = std::thread::Builder::new()
+            .name("finmesh-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| Error::internal("cannot start the writer thread").with_source(e))?;
+        let weak = tx.downgrade();
+        let ticker = std::thread::Builder::new()
+            .name("finmesh-ticker".into())
+            .spawn(move || {
+                loop {
+                    std::thread::park_timeout(TICK);
+                    let Some(tx) = weak.upgrade() else { return };
+                    if tx.try_send(Op::Tick).is_err() && tx.is_closed() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::internal("cannot start the ticker thread").with_source(e))?;
+        tracing::info!(dir = %dir.display(), streams = registry.all().len(), "embedded engine open");
+        Ok(EmbeddedEngine {
+            inner: Arc::new(Inner { registry, consumers, tx, threads: Mutex::new(vec![writer_thread, ticker]) }),
+        })
+    }
+
+    /// Stop the writer after everything queued so far, fsync, and close the
+    /// store. Tails end with an error. Other clones fail with `Unavailable`.
+    pub async fn close(self) -> Result<()> {
+        let r = self.call(|reply| Op::Close { reply }).await;
+        for h in self.inner.registry.all() {
+            h.deleted.store(true, std::sync::atomic::Ordering::Release);
+            let _ = h.live.send(Arc::from(Vec::new()));
+            self.inner.registry.remove(&h.name);
+        }
+        let inner = self.inner;
+        tokio::task::spawn_blocking(move || drop(inner)).await.map_err(|e| Error::internal("close").with_source(e))?;
+        r
+    }
+
+    async fn call<T>(&self, op: impl FnOnce(writer::Reply<T>) -> Op) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let closed = || Error::unavailable("the engine is closed");
+        self.inner.tx.send(op(tx)).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    fn stream(&self, name: &StreamName) -> Result<Arc<StreamHandle>> {
+        self.inner.registry.user_stream(name)
+    }
+
+    fn bucket(&self, name: &BucketName) -> Result<(Arc<StreamHandle>, BucketConfig)> {
+        let missing = || Error::not_found(format!("bucket `{name}` does not exist"));
+        let h = self.inner.registry.get(&kv::stream_name(name)).ok_or_else(missing)?;
+        let config = match &h.record.read().kind {
+            StreamKind::Kv(c) => c.clone(),
+            StreamKind::User => return Err(missing()),
+        };
+        Ok((h, config))
+    }
+
+    async fn kv_write(&self, bucket: &BucketName, key: &Key, value: Bytes, op: KvOp, cond: Cond) -> Result<Revision> {
+        let (h, config) = self.bucket(bucket)?;
+        kv::check_value(&config, &value)?;
+        let msg = kv::message(bucket, key, value, op);
+        let acks = self.call(|reply| Op::Publish { stream: h, msgs: vec![msg], cond, reply }).await?;
+        Ok(Revision(acks[0].seq.0))
+    }
+}
+
+/// Check a publish before anything is written: subjects captured, sizes.
+pub(crate) fn check_publish(config: &StreamConfig, msgs: &[OutgoingMessage]) -> Result<()> {
+    let limit = config.msg_size_limit() as usize;
+    for (i, m) in msgs.iter().enumerate() {
+        if !config.subjects.iter().any(|p| p.matches(&m.subject)) {
+            return Err(Error::invalid(format!(
+                "message {i}: subject `{}` is not captured by stream `{}`",
+                m.subject, config.name
+            )));
+        }
+        if m.size() > limit {
+            return Err(Error::too_large(format!(
+                "message {i} is {} bytes; stream `{}` accepts at most {limit}",
+                m.size(),
+                config.name
+            )));
+        }
+        if m.msg_id().is_some_and(|id| id.len() > 256 || id.is_empty()) {
+            return Err(Error::invalid(format!("message {i}: message id must be 1-256 bytes")));
+        }
+    }
+    Ok(())
+}
+
+fn info_of(h: &StreamHandle) -> StreamInfo {
+    StreamInfo { config: h.config(), state: h.state() }
+}
+
+#[async_trait]
+impl StreamEngine for EmbeddedEngine {
+    async fn create_stream(&self, config: StreamConfig) -> Result<StreamInfo> {
+        config.validate()?;
+        if config.replicas != 1 {
+            return Err(Error::invalid("the embedded engine keeps one copy: replicas must be 1"));
+        }
+        let record = StreamRecord { config, kind: StreamKind::User };
+        let h = self.call(|reply| Op::CreateStream { record, reply }).await?;
+        Ok(info_of(&h))
+    }
+
+    async fn update_stream(&self, config: StreamConfig) -> Result<StreamInfo> {
+        config.validate()?;
+        self.stream(&config.name)?;
+        let record = StreamRecord { config, kind: StreamKind::User };
+        let h = self.call(|reply| Op::UpdateStream { record, reply }).await?;
+        Ok(info_of(&h))
+    }
+
+    async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {
+        let h = self.stream(stream)?;
+        Ok(info_of(&h))
+    }
+
+    async fn list_streams(&self) -> Result<Vec<StreamName>> {
+        let mut v: Vec<StreamName> = self
+            .inner
+            .registry
+            .all()
+            .into_iter()
+            .filter(|h| h.record.read().kind == StreamKind::User)
+            .map(|h| h.name.clone())
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    async fn delete_stream(&self, stream: &StreamName) -> Result<()> {
+        let name = stream.clone();
+        self.call(|reply| Op::DeleteStream { name, kind: StreamKindTag::User, reply }).await
+    }
+
+    async fn purge_stream(&self, stream: &StreamName) -> Result<u64> {
+        let h = self.stream(stream)?;
+        self.call(|reply| Op::PurgeStream { stream: h, reply }).await
+    }
+
+    async fn publish(&self, stream: &StreamName, msg: OutgoingMessage) -> Result<PubAck> {
+        let mut acks = self.publish_batch(stream, vec![msg]).await?;
+        acks.pop().ok_or_else(|| Error::internal("publish returned no ack"))
+    }
+
+    async fn publish_batch(&self, stream: &StreamName, msgs: Vec<OutgoingMessage>) -> Result<Vec<PubAck>> {
+        let h = self.stream(stream)?;
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        check_publish(&h.config(), &msgs)?;
+        self.call(|reply| Op::Publish { stream: h, msgs, cond: Cond::None, reply }).await
+    }
+
+    async fn get_message(&self, stream: &StreamName, seq: Seq) -> Result<Message> {
+        self.stream(stream)?
+            .get(seq)?
+            .ok_or_else(|| Error::not_found(format!("stream `{stream}` has no message {seq}")))
+    }
+
+    async fn read(&self, stream: &StreamName, request: ReadRequest) -> Result<Vec<Message>> {
+        self.stream(stream)?.read(&request)
+    }
+
+    async fn last_message(&self, stream: &StreamName, subject: &Subject) -> Result<Message> {
+        self.stream(stream)?.last_message(subject)
+    }
+
+    async fn last_per_subject(&self, stream: &StreamName, filter: Option<&SubjectPattern>) -> Result<Vec<Message>> {
+        self.stream(stream)?.last_per_subject(filter)
+    }
+
+    async fn tail(
+        &self,
+        stream: &StreamName,
+        from: Seq,
+        filter: Option<SubjectPattern>,
+    ) -> Result<BoxStream<TailEvent>> {
+        Ok(tail::start(self.stream(stream)?, from, filter))
+    }
+}
+
+#[async_trait]
+impl KvEngine for EmbeddedEngine {
+    async fn create_bucket(&self, config: BucketConfig) -> Result<BucketInfo> {
+        config.validate()?;
+        if config.replicas != 1 {
+            return Err(Error::invalid("the embedded engine keeps one copy: replicas must be 1"));
+        }
+        let record = StreamRecord { config: kv::stream_config(&config), kind: StreamKind::Kv(config.clone()) };
+        let h = self.call(|reply| Op::CreateStream { record, reply }).await.map_err(|e| {
+            if e.kind() == finmesh_core::ErrorKind::AlreadyExists {
+                Error::new(e.kind(), format!("bucket `{}` exists with a different configuration", config.name))
+            } else {
+                e
+            }
+        })?;
+        Ok(kv::info(config, &h.state()))
+    }
+
+    async fn update_bucket(&self, config: BucketConfig) -> Result<BucketInfo> {
+        config.validate()?;
+        self.bucket(&config.name)?;
+        let record = StreamRecord { config: kv::stream_config(&config), kind: StreamKind::Kv(config.clone()) };
+        let h = self.call(|reply| Op::UpdateStream { record, reply }).await?;
+        Ok(kv::info(config, &h.state()))
+    }
+
+    async fn bucket_info(&self, bucket: &BucketName) -> Result<BucketInfo> {
+        let (h, config) = self.bucket(bucket)?;
+        Ok(kv::info(config, &h.state()))
+    }
+
+    async fn list_buckets(&self) -> Result<Vec<BucketName>> {
+        let mut v: Vec<BucketName> = self
+            .inner
+            .registry
+            .all()
+            .into_iter()
+            .filter_map(|h| match &h.record.read().kind {
+                StreamKind::Kv(c) => Some(c.name.clone()),
+                StreamKind::User => None,
+            })
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    async fn delete_bucket(&self, bucket: &BucketName) -> Result<()> {
+        self.bucket(bucket)?;
+        let name = kv::stream_name(bucket);
+        self.call(|reply| Op::DeleteStream { name, kind: StreamKindTag::Kv, reply }).await
+    }
+
+    async fn kv_get(&self, bucket: &BucketName, key: &Key) -> Result<Option<KvEntry>> {
+        let (h, config) = self.bucket(bucket)?;
+        let Some((seq, _)) = h.last_of(kv::subject(bucket, key).as_str())? else { return Ok(None) };
+        let Some(m) = h.get(seq)? else { return Ok(None) };
+        let e = kv::entry(bucket, m)?;
+        if e.op != KvOp::Put || kv::expired(config.ttl, e.created, Timestamp::now()) {
+            return Ok(None);
+        }
+        Ok(Some(e))
+    }
+
+    async fn kv_get_revision(&self, bucket: &BucketName, key: &Key, revision: Revision) -> Result<Option<KvEntry>> {
+        let (h, config) = self.bucket(bucket)?;
+        let Some(m) = h.get(Seq(revision.0))? else { return Ok(None) };
+        let e = kv::entry(bucket, m)?;
+        if &e.key != key || kv::expired(config.ttl, e.created, Timestamp::now()) {
+            return Ok(None);
+        }
+        Ok(Some(e))
+    }
+
+    async fn kv_put(&self, bucket: &BucketName, key: &Key, value: Bytes) -> Result<Revision> {
+        self.kv_write(bucket, key, value, KvOp::Put, Cond::None).await
+    }
+
+    async fn kv_create(&self, bucket: &BucketName, key: &Key, value: Bytes) -> Result<Revision> {
+        self.kv_write(bucket, key, value, KvOp::Put, Cond::NoLiveValue).await
+    }
+
+    async fn kv_update(&self, bucket: &BucketName, key: &Key, value: Bytes, expected: Revision) -> Result<Revision> {
+        self.kv_write(bucket, key, value, KvOp::Put, Cond::LastSubjectSeq(expected)).await
+    }
+
+    async fn kv_delete(&self, bucket: &BucketName, key: &Key) -> Result<Revision> {
+        self.kv_write(bucket, key, Bytes::new(), KvOp::Delete, Cond::None).await
+    }
+
+    async fn kv_purge(&self, bucket: &BucketName, key: &Key) -> Result<Revision> {
+        self.kv_write(bucket, key, Bytes::new(), KvOp::Purge, Cond::Rollup).await
+    }
+
+    async fn kv_keys(&self, bucket: &BucketName, prefix: &str) -> Result<Vec<Key>> {
+        let (h, config) = self.bucket(bucket)?;
+        let now = Timestamp::now();
+        let subject_prefix = format!("{}{prefix}", kv::key_prefix(bucket));
+        let mut keys = Vec::new();
+        for kv_pair in h.last.prefix(subject_prefix.as_bytes()) {
+            let (_, v) = kv_pair.into_inner().map_err(storage)?;
+            let (seq, _) = codec::decode_last(&v)?;
+            if let Some(m) = h.get(seq)? {
+                let e = kv::entry(bucket, m)?;
+                if e.op == KvOp::Put && !kv::expired(config.ttl, e.created, now) {
+                    keys.push(e.key);
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    async fn kv_history(&self, bucket: &BucketName, key: &Key) -> Result<Vec<KvEntry>> {
+        let (h, config) = self.bucket(bucket)?;
+        let now = Timestamp::now();
+        let mut out = Vec::new();
+        for seq in h.subject_seqs(kv::subject(bucket, key).as_str())? {
+            if let Some(m) = h.get(seq)? {
+                let e = kv::entry(bucket, m)?;
+                if !kv::expired(config.ttl, e.created, now) {
+                    out.push(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn kv_watch(&self, bucket: &BucketName, prefix: &str, start: WatchStart) -> Result<BoxStream<KvEntry>> {
+        let (h, _) = self.bucket(bucket)?;
+        let filter = SubjectPattern::new(format!("$KV.{bucket}.>")).expect("valid pattern");
+        let key_prefix = format!("{}{prefix}", kv::key_prefix(bucket));
+        let mut initial = Vec::new();
+        let from = match start {
+            WatchStart::FromRevision(r) => Seq(r.0.max(1)),
+            WatchStart::New => h.state().last_seq.next(),
+            WatchStart::LatestValues => {
+                let upto = h.state().last_seq;
+                initial = h
+                    .last_per_subject(Some(&filter))?
+                    .into_iter()
+                    .filter(|m| m.seq <= upto && m.subject.as_str().starts_with(&key_prefix))
+                    .collect();
+                upto.next()
+            }
+        };
+        let bucket = bucket.clone();
+        let b2 = bucket.clone();
+        let head = futures::stream::iter(initial.into_iter().map(move |m| kv::entry(&b2, m)));
+        let live = tail::start(h, from, Some(filter)).filter_map(move |ev| {
+            let out = match ev {
+                Ok(TailEvent::Message(m)) if m.subject.as_str().starts_with(&key_prefix) => Some(kv::entry(&bucket, m)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            };
+            std::future::ready(out)
+        });
+        Ok(Box::pin(head.chain(live)))
+    }
+}
+
+#[async_trait]
+impl ConsumerEngine for EmbeddedEngine {
+    async fn create_consumer(&self, stream: &StreamName, config: ConsumerConfig) -> Result<ConsumerInfo> {
+        config.validate()?;
+        let h = self.stream(stream)?;
+        self.call(|reply| Op::Consumer(ConsumerOp::Create { stream: h, config, update: false, reply })).await
+    }
+
+    async fn update_consumer(&self, stream: &StreamName, config: ConsumerConfig) -> Result<ConsumerInfo> {
+        config.validate()?;
+        let h = self.stream(stream)?;
+        self.call(|reply| Op::Consumer(ConsumerOp::Create { stream: h, config, update: true, reply })).await
+    }
+
+    async fn consumer_info(&self, stream: &StreamName, consumer: &ConsumerName) -> Result<ConsumerInfo> {
+        let h = self.stream(stream)?;
+        self.inner.consumers.info(&h, consumer)
+    }
+
+    async fn list_consumers(&self, stream: &StreamName) -> Result<Vec<ConsumerName>> {
+        self.stream(stream)?;
+        Ok(self.inner.consumers.names(stream))
+    }
+
+    async fn delete_consumer(&self, stream: &StreamName, consumer: &ConsumerName) -> Result<()> {
+        let h = self.stream(stream)?;
+        let name = consumer.clone();
+        self.call(|reply| Op::Consumer(ConsumerOp::Delete { stream: h, name, reply })).await
+    }
+
+    async fn fetch(
+        &self,
+        stream: &StreamName,
+        consumer: &ConsumerName,
+        request: FetchRequest,
+    ) -> Result<Vec<Delivery>> {
+        let h = self.stream(stream)?;
+        if request.max == 0 {
+            return Ok(Vec::new());
+        }
+        let deadline = Timestamp::now().saturating_add(request.wait);
+        // Subscribe before looking, so a publish in between wakes us.
+        let mut live = h.live.subscribe();
+        loop {
+            let (name, hh) = (consumer.clone(), h.clone());
+            let outcome = self
+                .call(|reply| Op::Consumer(ConsumerOp::Fetch { stream: hh, name, max: request.max, reply }))
+                .await?;
+            if !outcome.deliveries.is_empty() || Timestamp::now() >= deadline {
+                return Ok(outcome.deliveries);
+            }
+            let wait = consumers::until(outcome.next_due, deadline);
+            tokio::select! {
+                r = live.recv() => {
+                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
+                        return Err(Error::not_found(format!("stream `{stream}` was deleted")));
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn ack(&self, stream: &StreamName, consumer: &ConsumerName, token: &AckToken, kind: AckKind) -> Result<()> {
+        let h = self.stream(stream)?;
+        let (name, token) = (consumer.clone(), token.clone());
+        self.call(|reply| Op::Consumer(ConsumerOp::Ack { stream: h, name, token, kind, reply })).await
+    }
+}

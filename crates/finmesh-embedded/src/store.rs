@@ -1,0 +1,358 @@
+//! Stream storage: the registry of open streams, opening and recovery, and
+//! every read path (by sequence, by time, last per subject).
+//!
+//! Each stream owns three fjall keyspaces (see the crate doc for the key
+//! layout): `s.<name>.m` (messages by sequence), `s.<name>.x` (subject
+//! index) and `s.<name>.l` (last sequence and count per subject). Its
+//! configuration and counters live in the shared `meta` keyspace.
+//!
+//! Invariants:
+//! - only the writer thread (`writer.rs`) mutates keyspaces and
+//!   [`StreamHandle::state`]; readers take the state lock briefly and never
+//!   across an await;
+//! - `state.first_seq..=state.last_seq` bounds every stored message; a
+//!   message below `first_seq` found at open is the remainder of an
+//!   interrupted purge and is removed before the stream is served;
+//! - readers may observe a committed write before a `sync = always` ack is
+//!   sent (the ack waits for the fsync, visibility does not).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use finmesh_core::{
+    BucketConfig, Error, Message, ReadRequest, ReadStart, Result, Seq, StreamConfig, StreamName, StreamState, Subject,
+    SubjectPattern, Timestamp,
+};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::codec;
+
+/// Live messages of one commit, shared by every tail.
+pub(crate) type LiveBatch = Arc<[Message]>;
+
+/// How many commits a slow tail may fall behind before it re-reads the store.
+const LIVE_CAPACITY: usize = 1024;
+
+/// What a stream is for: a user stream, or the backing stream of a KV bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum StreamKind {
+    User,
+    Kv(BucketConfig),
+}
+
+/// The meta record of a stream: `stream/<name>` in the `meta` keyspace.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct StreamRecord {
+    pub config: StreamConfig,
+    pub kind: StreamKind,
+}
+
+/// The counters of a stream: `state/<name>` in the `meta` keyspace, written
+/// in the same batch as the messages they count.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub(crate) struct Counters {
+    pub messages: u64,
+    pub bytes: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+pub(crate) fn stream_meta_key(name: &StreamName) -> String {
+    format!("stream/{name}")
+}
+pub(crate) fn state_meta_key(name: &StreamName) -> String {
+    format!("state/{name}")
+}
+
+/// One open stream.
+pub(crate) struct StreamHandle {
+    pub name: StreamName,
+    /// Configuration and kind; replaced by the writer on update.
+    pub record: RwLock<StreamRecord>,
+    /// Counters and bounds; written by the writer after each commit.
+    pub state: Mutex<StreamState>,
+    pub msgs: Keyspace,
+    pub index: Keyspace,
+    pub last: Keyspace,
+    /// Committed (and, for `sync = always`, synced) messages, for tails.
+    pub live: broadcast::Sender<LiveBatch>,
+    /// Set when the stream is deleted; tails end with `NotFound`.
+    pub deleted: AtomicBool,
+}
+
+impl StreamHandle {
+    pub fn config(&self) -> StreamConfig {
+        self.record.read().config.clone()
+    }
+
+    pub fn state(&self) -> StreamState {
+        *self.state.lock()
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    /// The message at `seq`, if stored.
+    pub fn get(&self, seq: Seq) -> Result<Option<Message>> {
+        match self.msgs.get(codec::seq_key(seq)).map_err(storage)? {
+            Some(raw) => Ok(Some(codec::decode_message(seq, Bytes::from(raw))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The last sequence and count of `subject`, if it has messages.
+    pub fn last_of(&self, subject: &str) -> Result<Option<(Seq, u64)>> {
+        match self.last.get(subject.as_bytes()).map_err(storage)? {
+            Some(v) => Ok(Some(codec::decode_last(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Sequences of `subject`, oldest first.
+    pub fn subject_seqs(&self, subject: &str) -> Result<Vec<Seq>> {
+        let mut out = Vec::new();
+        for kv in self.index.prefix(codec::subject_prefix(subject)) {
+            out.push(codec::index_key_seq(&kv.key().map_err(storage)?)?);
+        }
+        Ok(out)
+    }
+
+    /// First stored sequence whose time is at or after `time`.
+    pub fn seq_at_time(&self, time: Timestamp) -> Result<Seq> {
+        let st = self.state();
+        if st.messages == 0 {
+            return Ok(st.last_seq.next());
+        }
+        // Times are non-decreasing in sequence order (the writer enforces it),
+        // so binary search over sequences, stepping over interior holes.
+        let (mut lo, mut hi) = (st.first_seq.0, st.last_seq.0 + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.first_at_or_after(Seq(mid))? {
+                Some(m) if m.seq.0 < hi => {
+                    if m.time >= time {
+                        hi = mid;
+                    } else {
+                        lo = m.seq.0 + 1;
+                    }
+                }
+                _ => hi = mid,
+            }
+        }
+        Ok(Seq(lo))
+    }
+
+    fn first_at_or_after(&self, seq: Seq) -> Result<Option<Message>> {
+        match self.msgs.range(codec::seq_key(seq)..).next() {
+            Some(kv) => {
+                let (k, v) = kv.into_inner().map_err(storage)?;
+                Ok(Some(codec::decode_message(codec::key_seq(&k)?, Bytes::from(v))?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Stored messages as `req` bounds them.
+    pub fn read(&self, req: &ReadRequest) -> Result<Vec<Message>> {
+        let limit = req.limit.min(finmesh_core::engine::MAX_READ_LIMIT);
+        let start = match req.start {
+            ReadStart::Seq(s) => s.max(Seq(1)),
+            ReadStart::Time(t) => self.seq_at_time(t)?,
+        };
+        let end = req.end.unwrap_or(Seq(u64::MAX));
+        let mut out = Vec::new();
+        if limit == 0 || start > end {
+            return Ok(out);
+        }
+        for kv in self.msgs.range(codec::seq_key(start)..=codec::seq_key(end)) {
+            let (k, v) = kv.into_inner().map_err(storage)?;
+            let m = codec::decode_message(codec::key_seq(&k)?, Bytes::from(v))?;
+            if req.filter.as_ref().is_none_or(|f| f.matches(&m.subject)) {
+                out.push(m);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The last message of each subject matching `filter`, in sequence order.
+    pub fn last_per_subject(&self, filter: Option<&SubjectPattern>) -> Result<Vec<Message>> {
+        let literal_prefix = filter.map(literal_prefix).unwrap_or_default();
+        let mut seqs = Vec::new();
+        for kv in self.last.prefix(literal_prefix.as_bytes()) {
+            let (k, v) = kv.into_inner().map_err(storage)?;
+            let subject = std::str::from_utf8(&k).map_err(|_| Error::internal("corrupt subject in last index"))?;
+            if filter.is_none_or(|f| f.matches_str(subject)) {
+                seqs.push(codec::decode_last(&v)?.0);
+            }
+        }
+        seqs.sort_unstable();
+        let mut out = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            if let Some(m) = self.get(s)? {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn last_message(&self, subject: &Subject) -> Result<Message> {
+        let not_found = || Error::not_found(format!("stream `{}` has no message on subject `{subject}`", self.name));
+        let (seq, _) = self.last_of(subject.as_str())?.ok_or_else(not_found)?;
+        self.get(seq)?.ok_or_else(not_found)
+    }
+}
+
+/// The literal part of a pattern before its first wildcard token, for prefix scans.
+fn literal_prefix(p: &SubjectPattern) -> String {
+    let mut out = String::new();
+    for t in p.as_str().split('.') {
+        if t == "*" || t == ">" {
+            return out;
+        }
+        out.push_str(t);
+        out.push('.');
+    }
+    out.pop();
+    out
+}
+
+/// Map a fjall error: a poisoned database is `Unavailable`, anything else `Internal`.
+pub(crate) fn storage(e: impl Into<fjall::Error>) -> Error {
+    let e: fjall::Error = e.into();
+    match e {
+        fjall::Error::Poisoned => {
+            Error::unavailable("store is poisoned after a failed write or fsync; restart the node").with_source(e)
+        }
+        e => Error::internal("storage error").with_source(e),
+    }
+}
+
+fn ks_name(name: &StreamName, part: char) -> String {
+    format!("s.{name}.{part}")
+}
+
+fn data_options() -> KeyspaceCreateOptions {
+    KeyspaceCreateOptions::default()
+}
+
+/// Open (or create) the keyspaces of a stream and build its handle.
+pub(crate) fn open_handle(db: &Database, record: StreamRecord, counters: Counters) -> Result<Arc<StreamHandle>> {
+    let name = record.config.name.clone();
+    let ks = |p| db.keyspace(&ks_name(&name, p), data_options).map_err(storage);
+    let (msgs, index, last) = (ks('m')?, ks('x')?, ks('l')?);
+    let mut state = StreamState {
+        messages: counters.messages,
+        bytes: counters.bytes,
+        first_seq: Seq(counters.first_seq.max(1)),
+        last_seq: Seq(counters.last_seq),
+        first_time: None,
+        last_time: None,
+    };
+    if state.messages == 0 {
+        state.first_seq = state.last_seq.next();
+    }
+    let handle = StreamHandle {
+        name,
+        record: RwLock::new(record),
+        state: Mutex::new(state),
+        msgs,
+        index,
+        last,
+        live: broadcast::channel(LIVE_CAPACITY).0,
+        deleted: AtomicBool::new(false),
+    };
+    handle.recover()?;
+    Ok(Arc::new(handle))
+}
+
+impl StreamHandle {
+    /// Bring keyspaces and counters into agreement after open.
+    fn recover(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        // Remainder of a purge interrupted by a crash: the counters (written
+        // first) say empty, the keyspaces still hold messages.
+        if st.messages == 0 && self.msgs.first_key_value().is_some() {
+            tracing::warn!(stream = %self.name, "finishing a purge interrupted by a crash");
+            for ks in [&self.msgs, &self.index, &self.last] {
+                ks.clear().map_err(storage)?;
+            }
+        }
+        if let Some(kv) = self.msgs.first_key_value() {
+            let (k, v) = kv.into_inner().map_err(storage)?;
+            let m = codec::decode_message(codec::key_seq(&k)?, Bytes::from(v))?;
+            st.first_seq = m.seq;
+            st.first_time = Some(m.time);
+        }
+        if let Some(kv) = self.msgs.last_key_value() {
+            let (k, v) = kv.into_inner().map_err(storage)?;
+            let m = codec::decode_message(codec::key_seq(&k)?, Bytes::from(v))?;
+            if m.seq > st.last_seq {
+                return Err(Error::internal(format!(
+                    "stream `{}`: message {} is past the recorded last sequence {}; the store is inconsistent",
+                    self.name, m.seq, st.last_seq
+                )));
+            }
+            st.last_time = Some(m.time);
+        }
+        Ok(())
+    }
+}
+
+/// Every open stream by name. KV buckets' streams are here too (as `KV_<bucket>`).
+#[derive(Default)]
+pub(crate) struct Registry {
+    streams: RwLock<HashMap<StreamName, Arc<StreamHandle>>>,
+}
+
+impl Registry {
+    pub fn get(&self, name: &StreamName) -> Option<Arc<StreamHandle>> {
+        self.streams.read().get(name).cloned()
+    }
+
+    pub fn insert(&self, handle: Arc<StreamHandle>) {
+        self.streams.write().insert(handle.name.clone(), handle);
+    }
+
+    pub fn remove(&self, name: &StreamName) -> Option<Arc<StreamHandle>> {
+        self.streams.write().remove(name)
+    }
+
+    pub fn all(&self) -> Vec<Arc<StreamHandle>> {
+        self.streams.read().values().cloned().collect()
+    }
+
+    /// The stream named `name`, as a user stream.
+    pub fn user_stream(&self, name: &StreamName) -> Result<Arc<StreamHandle>> {
+        match self.get(name) {
+            Some(h) if h.record.read().kind == StreamKind::User => Ok(h),
+            _ => Err(Error::not_found(format!("stream `{name}` does not exist"))),
+        }
+    }
+}
+
+/// Load every stream recorded in `meta`.
+pub(crate) fn load_all(db: &Database, meta: &Keyspace, registry: &Registry) -> Result<()> {
+    for kv in meta.prefix("stream/") {
+        let (k, v) = kv.into_inner().map_err(storage)?;
+        let record: StreamRecord = serde_json::from_slice(&v).map_err(|e| {
+            Error::internal(format!("corrupt meta record `{}`", String::from_utf8_lossy(&k))).with_source(e)
+        })?;
+        let counters = match meta.get(state_meta_key(&record.config.name)).map_err(storage)? {
+            Some(v) => serde_json::from_slice(&v)
+                .map_err(|e| Error::internal(format!("corrupt counters of `{}`", record.config.name)).with_source(e))?,
+            None => Counters::default(),
+        };
+        registry.insert(open_handle(db, record, counters)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! One stream write in preparation: a fjall batch plus what the batch has
+//! changed so far, so that later steps of the same write see earlier ones
+//! (read-your-writes inside a publish batch, retention, rollups).
+//!
+//! Invariant: nothing here touches storage or the stream's shared state
+//! until [`Txn::commit`]; a write that fails validation leaves no trace.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use finmesh_core::{Message, Result, Seq, StreamState, Subject, Timestamp};
+use fjall::{Database, OwnedWriteBatch as WriteBatch};
+
+use crate::codec;
+use crate::store::{Counters, StreamHandle, state_meta_key, storage};
+
+pub(crate) struct Txn<'a> {
+    pub h: &'a StreamHandle,
+    batch: WriteBatch,
+    /// `l` entries changed by this write: subject -> (last seq, count).
+    lasts: HashMap<String, (Seq, u64)>,
+    /// Messages this write added: seq -> (subject, size).
+    added: BTreeMap<Seq, (Subject, u64)>,
+    /// Messages this write removed (committed or added).
+    removed: HashSet<Seq>,
+    /// The stream's state as it will be after commit.
+    pub st: StreamState,
+}
+
+impl<'a> Txn<'a> {
+    pub fn new(db: &Database, h: &'a StreamHandle) -> Self {
+        Txn {
+            h,
+            batch: db.batch(),
+            lasts: HashMap::new(),
+            added: BTreeMap::new(),
+            removed: HashSet::new(),
+            st: h.state(),
+        }
+    }
+
+    /// Last sequence and count of `subject` as this write sees it.
+    pub fn last_of(&self, subject: &str) -> Result<Option<(Seq, u64)>> {
+        match self.lasts.get(subject) {
+            Some(&(_, 0)) => Ok(None),
+            Some(&v) => Ok(Some(v)),
+            None => self.h.last_of(subject),
+        }
+    }
+
+    /// Append a message at the next sequence; returns the stored message.
+    pub fn append(&mut self, time: Timestamp, msg: finmesh_core::OutgoingMessage) -> Result<Message> {
+        let seq = self.st.last_seq.next();
+        let size = msg.size() as u64;
+        let raw = codec::encode_message(time, &msg.subject, &msg.headers, &msg.payload);
+        self.batch.insert(&self.h.msgs, codec::seq_key(seq), raw);
+        self.batch.insert(&self.h.index, codec::index_key(msg.subject.as_str(), seq), []);
+        let count = self.last_of(msg.subject.as_str())?.map_or(0, |(_, c)| c);
+        self.set_last(msg.subject.as_str(), seq, count + 1);
+        self.added.insert(seq, (msg.subject.clone(), size));
+        let st = &mut self.st;
+        if st.messages == 0 {
+            st.first_seq = seq;
+            st.first_time = Some(time);
+        }
+        st.messages += 1;
+        st.bytes += size;
+        st.last_seq = seq;
+        st.last_time = Some(time);
+        Ok(Message { seq, subject: msg.subject, headers: msg.headers, payload: msg.payload, time })
+    }
+
+    fn set_last(&mut self, subject: &str, seq: Seq, count: u64) {
+        if count == 0 {
+            self.batch.remove(&self.h.last, subject.as_bytes().to_vec());
+        } else {
+            self.batch.insert(&self.h.last, subject.as_bytes().to_vec(), codec::encode_last(seq, count));
+        }
+        self.lasts.insert(subject.to_owned(), (seq, count));
+    }
+
+    /// Subject and size of a message this write can still see.
+    fn describe(&self, seq: Seq) -> Result<Option<(Subject, u64, Timestamp)>> {
+        if self.removed.contains(&seq) {
+            return Ok(None);
+        }
+        if let Some((s, size)) = self.added.get(&seq) {
+            return Ok(Some((s.clone(), *size, self.st.last_time.unwrap_or_default())));
+        }
+        Ok(self.h.get(seq)?.map(|m| {
+            let size = m.size() as u64;
+            (m.subject, size, m.time)
+        }))
+    }
+
+    /// Remove a stored message, keeping indexes and counters right.
+    fn remove(&mut self, seq: Seq, subject: &Subject, size: u64) -> Result<()> {
+        self.batch.remove(&self.h.msgs, codec::seq_key(seq).to_vec());
+        self.batch.remove(&self.h.index, codec::index_key(subject.as_str(), seq));
+        if let Some((last, count)) = self.last_of(subject.as_str())? {
+            debug_assert!(count >= 1);
+            self.set_last(subject.as_str(), last, count - 1);
+        }
+        self.removed.insert(seq);
+        self.st.messages -= 1;
+        self.st.bytes = self.st.bytes.saturating_sub(size);
+        if seq == self.st.first_seq {
+            self.advance_first(seq)?;
+        }
+        Ok(())
+    }
+
+    /// `first_seq` was just removed: find the next message still present.
+    fn advance_first(&mut self, removed: Seq) -> Result<()> {
+        if self.st.messages == 0 {
+            self.st.first_seq = self.st.last_seq.next();
+            self.st.first_time = None;
+            return Ok(());
+        }
+        let from_store = {
+            let mut found = None;
+            for kv in self.h.msgs.range(codec::seq_key(removed.next())..) {
+                let k = kv.key().map_err(storage)?;
+                let s = codec::key_seq(&k)?;
+                if !self.removed.contains(&s) {
+                    found = Some(s);
+                    break;
+                }
+            }
+            found
+        };
+        let from_added = self.added.range(removed.next()..).map(|(s, _)| *s).find(|s| !self.removed.contains(s));
+        let next = match (from_store, from_added) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(self.st.last_seq.next()),
+        };
+        self.st.first_seq = next;
+        self.st.first_time = self.describe(next)?.map(|(_, _, t)| t);
+        Ok(())
+    }
+
+    /// Drop the oldest message of the stream.
+    pub fn evict_front(&mut self) -> Result<()> {
+        let seq = self.st.first_seq;
+        match self.describe(seq)? {
+            Some((subject, size, _)) => self.remove(seq, &subject, size),
+            None => Err(finmesh_core::Error::internal(format!(
+                "stream `{}`: first sequence {seq} is missing from the store",
+                self.h.name
+            ))),
+        }
+    }
+
+    /// Time of the oldest message, if any.
+    pub fn front_time(&self) -> Option<Timestamp> {
+        if self.st.messages == 0 { None } else { self.st.first_time }
+    }
+
+    /// Sequences of `subject` this write can see, oldest first.
+    fn subject_seqs(&self, subject: &str) -> Result<Vec<Seq>> {
+        let mut seqs: Vec<Seq> =
+            self.h.subject_seqs(subject)?.into_iter().filter(|s| !self.removed.contains(s)).collect();
+        seqs.extend(
+            self.added
+                .iter()
+                .filter(|(s, (sub, _))| sub.as_str() == subject && !self.removed.contains(s))
+                .map(|(s, _)| *s),
+        );
+        Ok(seqs)
+    }
+
+    /// Drop the oldest messages of `subject` until at most `keep` remain.
+    pub fn trim_subject(&mut self, subject: &Subject, keep: u64) -> Result<()> {
+        let count = self.last_of(subject.as_str())?.map_or(0, |(_, c)| c);
+        if count <= keep {
+            return Ok(());
+        }
+        let seqs = self.subject_seqs(subject.as_str())?;
+        let excess = seqs.len().saturating_sub(keep as usize);
+        for seq in seqs.into_iter().take(excess) {
+            if let Some((s, size, _)) = self.describe(seq)? {
+                self.remove(seq, &s, size)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the counters and commit atomically.
+    pub fn commit(mut self, meta: &fjall::Keyspace) -> Result<StreamState> {
+        let c = Counters {
+            messages: self.st.messages,
+            bytes: self.st.bytes,
+            first_seq: self.st.first_seq.0,
+            last_seq: self.st.last_seq.0,
+        };
+        let v = serde_json::to_vec(&c).map_err(|e| finmesh_core::Error::internal("encode counters").with_source(e))?;
+        self.batch.insert(meta, state_meta_key(&self.h.name), v);
+        self.batch.commit().map_err(storage)?;
+        Ok(self.st)
+    }
+}

@@ -1,0 +1,566 @@
+//! The single writer: one OS thread owns every mutation, fed by a bounded
+//! channel, and commits concurrent requests together (group commit).
+//!
+//! A round drains every queued request, applies each one (validation, one
+//! atomic fjall batch per request, which reaches the OS page cache before the
+//! next request runs), then, if any request of the round needs
+//! `sync = always`, calls one fsync for all of them and only then sends their
+//! acks. While the fsync runs, new requests queue up and form the next round.
+//! To stop rounds from alternating between large and small when many
+//! publishers each await their ack, a round that finds fewer requests queued
+//! than the previous synced round waits up to [`LINGER`] for the rest.
+//!
+//! Invariants:
+//! - no ack of a `sync = always` write is sent before an fsync that started
+//!   after its commit has returned successfully;
+//! - after a failed commit or fsync the writer is poisoned: every later write
+//!   fails with `Unavailable`, and writes waiting for that fsync get the error;
+//! - live notifications (tails) of a write are sent after its ack condition
+//!   holds, in sequence order per stream.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use finmesh_core::{
+    Error, ErrorKind, OutgoingMessage, PubAck, Result, Revision, Seq, StreamName, SyncPolicy, Timestamp,
+};
+use fjall::{Database, Keyspace, PersistMode};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::consumers::{ConsumerOp, Consumers};
+use crate::store::{self, Registry, StreamHandle, StreamKind, StreamRecord, storage};
+use crate::txn::Txn;
+
+/// Longest a round waits for more requests to share its fsync.
+pub(crate) const LINGER: Duration = Duration::from_micros(150);
+/// Most requests applied in one round.
+const MAX_ROUND: usize = 4096;
+/// Most messages removed by age in one housekeeping pass per stream.
+const MAX_AGE_EVICTIONS: usize = 10_000;
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// A precondition on a single-message publish (used by KV).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cond {
+    None,
+    /// The subject has no live value (no entry, or its last is a marker).
+    NoLiveValue,
+    /// The subject's last sequence is exactly this (0 = no entry).
+    LastSubjectSeq(Revision),
+    /// After storing, remove every older message of the subject.
+    Rollup,
+}
+
+pub(crate) enum Op {
+    CreateStream { record: StreamRecord, reply: Reply<Arc<StreamHandle>> },
+    UpdateStream { record: StreamRecord, reply: Reply<Arc<StreamHandle>> },
+    DeleteStream { name: StreamName, kind: StreamKindTag, reply: Reply<()> },
+    PurgeStream { stream: Arc<StreamHandle>, reply: Reply<u64> },
+    Publish { stream: Arc<StreamHandle>, msgs: Vec<OutgoingMessage>, cond: Cond, reply: Reply<Vec<PubAck>> },
+    Consumer(ConsumerOp),
+    Tick,
+    Close { reply: Reply<()> },
+}
+
+/// Whether a delete addresses a user stream or a bucket's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamKindTag {
+    User,
+    Kv,
+}
+
+/// What to do once a request's durability condition holds (or failed).
+type Completion = Box<dyn FnOnce(Result<()>) + Send>;
+
+fn complete<T: Send + 'static>(reply: Reply<T>, res: Result<T>) -> Completion {
+    Box::new(move |synced| {
+        let _ = reply.send(synced.and(res));
+    })
+}
+
+/// Message ids seen within a stream's duplicate window.
+#[derive(Default)]
+pub(crate) struct Dedup {
+    ids: HashMap<String, Seq>,
+    order: VecDeque<(Timestamp, String)>,
+}
+
+impl Dedup {
+    fn expire(&mut self, now: Timestamp, window: Duration) {
+        let cutoff = now.saturating_sub(window);
+        while let Some((t, _)) = self.order.front() {
+            if *t >= cutoff {
+                break;
+            }
+            if let Some((_, id)) = self.order.pop_front() {
+                self.ids.remove(&id);
+            }
+        }
+    }
+}
+
+pub(crate) struct Writer {
+    pub db: Database,
+    pub meta: Keyspace,
+    pub registry: Arc<Registry>,
+    pub consumers: Consumers,
+    dedup: HashMap<StreamName, Dedup>,
+    poisoned: Option<String>,
+    /// When the next `sync = interval` fsync is due, if anything waits for one.
+    interval_due: Option<Instant>,
+}
+
+impl Writer {
+    pub fn new(db: Database, meta: Keyspace, registry: Arc<Registry>, consumers: Consumers) -> Self {
+        Writer { db, meta, registry, consumers, dedup: HashMap::new(), poisoned: None, interval_due: None }
+    }
+
+    /// The writer thread's loop; returns when closed or every sender is gone.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut last_synced_round = 0usize;
+        let mut close_reply = None;
+        while close_reply.is_none() {
+            let Some(first) = rx.blocking_recv() else { break };
+            let mut ops = vec![first];
+            while ops.len() < MAX_ROUND {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            if last_synced_round > 1 && ops.len() < last_synced_round && ops.iter().any(|o| self.needs_sync(o)) {
+                let deadline = Instant::now() + LINGER;
+                while ops.len() < last_synced_round && Instant::now() < deadline {
+                    match rx.try_recv() {
+                        Ok(op) => ops.push(op),
+                        Err(mpsc::error::TryRecvError::Empty) => std::thread::yield_now(),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let mut deferred: Vec<Completion> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Close { reply } => close_reply = Some(reply),
+                    Op::Tick => self.housekeeping(),
+                    op => {
+                        let sync = self.needs_sync(&op);
+                        let done = self.apply(op);
+                        if sync { deferred.push(done) } else { done(Ok(())) }
+                    }
+                }
+            }
+            last_synced_round = deferred.len();
+            if !deferred.is_empty() {
+                let res = self.fsync();
+                for done in deferred {
+                    done(res.as_ref().map(|_| ()).map_err(|e| Error::unavailable(e.clone())));
+                }
+            }
+        }
+        let res = if self.poisoned.is_none() { self.db.persist(PersistMode::SyncAll).map_err(storage) } else { Ok(()) };
+        if let Some(reply) = close_reply {
+            let _ = reply.send(res);
+        }
+    }
+
+    fn fsync(&mut self) -> std::result::Result<(), String> {
+        if let Some(p) = &self.poisoned {
+            return Err(p.clone());
+        }
+        self.db.persist(PersistMode::SyncData).map_err(|e| {
+            let msg = format!("fsync failed, the store refuses writes until restarted: {e}");
+            tracing::error!("{msg}");
+            self.poisoned = Some(msg.clone());
+            msg
+        })?;
+        self.interval_due = None;
+        Ok(())
+    }
+
+    fn needs_sync(&self, op: &Op) -> bool {
+        match op {
+            Op::Publish { stream, .. } | Op::PurgeStream { stream, .. } => {
+                stream.record.read().config.sync == SyncPolicy::Always
+            }
+            Op::CreateStream { .. } | Op::UpdateStream { .. } | Op::DeleteStream { .. } => true,
+            Op::Consumer(op) => op.needs_sync(),
+            Op::Tick | Op::Close { .. } => false,
+        }
+    }
+
+    /// Note a commit on a stream with `policy`, for interval fsyncs.
+    fn committed(&mut self, policy: SyncPolicy) {
+        if let SyncPolicy::Interval { ms } = policy {
+            let due = Instant::now() + Duration::from_millis(ms);
+            self.interval_due = Some(self.interval_due.map_or(due, |d| d.min(due)));
+        }
+    }
+
+    fn check_poison(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(p) => Err(Error::unavailable(p.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Record a storage failure: commits that fail poison the writer.
+    fn poison_on_err<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r
+            && matches!(e.kind(), ErrorKind::Internal | ErrorKind::Unavailable)
+            && self.poisoned.is_none()
+        {
+            let msg = format!("write failed, the store refuses writes until restarted: {e}");
+            tracing::error!("{msg}");
+            self.poisoned = Some(msg);
+        }
+        r
+    }
+
+    fn apply(&mut self, op: Op) -> Completion {
+        if let Err(e) = self.check_poison() {
+            return match op {
+                Op::CreateStream { reply, .. } | Op::UpdateStream { reply, .. } => complete(reply, Err(e)),
+                Op::DeleteStream { reply, .. } => complete(reply, Err(e)),
+                Op::PurgeStream { reply, .. } => complete(reply, Err(e)),
+                Op::Publish { reply, .. } => complete(reply, Err(e)),
+                Op::Consumer(op) => op.fail(e),
+                Op::Tick | Op::Close { .. } => Box::new(|_| {}),
+            };
+        }
+        match op {
+            Op::CreateStream { record, reply } => {
+                let r = self.create_stream(record);
+                complete(reply, r)
+            }
+            Op::UpdateStream { record, reply } => {
+                let r = self.update_stream(record);
+                complete(reply, r)
+            }
+            Op::DeleteStream { name, kind, reply } => {
+                let r = self.delete_stream(&name, kind);
+                complete(reply, r)
+            }
+            Op::PurgeStream { stream, reply } => {
+                let r = self.purge_stream(&stream);
+                complete(reply, r)
+            }
+            Op::Publish { stream, msgs, cond, reply } => match self.publish(&stream, msgs, cond) {
+                Ok((acks, stored)) => Box::new(move |synced| {
+                    let ok = synced.is_ok();
+                    let _ = reply.send(synced.map(|_| acks));
+                    if ok && !stored.is_empty() && stream.live.receiver_count() > 0 {
+                        let _ = stream.live.send(stored.into());
+                    }
+                }),
+                Err(e) => complete(reply, Err(e)),
+            },
+            Op::Consumer(op) => {
+                let done = op.apply(self);
+                done
+            }
+            Op::Tick | Op::Close { .. } => Box::new(|_| {}),
+        }
+    }
+
+    fn persist_record(&mut self, record: &StreamRecord) -> Result<()> {
+        let v = serde_json::to_vec(record).map_err(|e| Error::internal("encode stream record").with_source(e))?;
+        let r = self.meta.insert(store::stream_meta_key(&record.config.name), v).map_err(storage);
+        self.poison_on_err(r)
+    }
+
+    fn check_subjects(&self, record: &StreamRecord) -> Result<()> {
+        for other in self.registry.all() {
+            if other.name == record.config.name {
+                continue;
+            }
+            let theirs = other.record.read().config.subjects.clone();
+            for mine in &record.config.subjects {
+                if let Some(t) = theirs.iter().find(|t| t.overlaps(mine)) {
+                    return Err(Error::invalid(format!("subject `{mine}` overlaps `{t}` of stream `{}`", other.name)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn create_stream(&mut self, record: StreamRecord) -> Result<Arc<StreamHandle>> {
+        if let Some(h) = self.registry.get(&record.config.name) {
+            let existing = h.record.read().clone();
+            if existing.config == record.config && existing.kind == record.kind {
+                return Ok(h);
+            }
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("`{}` exists with a different configuration", record.config.name),
+            ));
+        }
+        self.check_subjects(&record)?;
+        self.persist_record(&record)?;
+        let h = store::open_handle(&self.db, record, store::Counters::default());
+        let h = self.poison_on_err(h)?;
+        self.registry.insert(h.clone());
+        Ok(h)
+    }
+
+    fn update_stream(&mut self, record: StreamRecord) -> Result<Arc<StreamHandle>> {
+        let name = &record.config.name;
+        let h = self.registry.get(name).ok_or_else(|| Error::not_found(format!("`{name}` does not exist")))?;
+        let old = h.record.read().clone();
+        if std::mem::discriminant(&old.kind) != std::mem::discriminant(&record.kind) {
+            return Err(Error::not_found(format!("`{name}` does not exist")));
+        }
+        if old.config.replicas != record.config.replicas {
+            return Err(Error::invalid("replicas cannot change on the embedded engine"));
+        }
+        self.check_subjects(&record)?;
+        self.persist_record(&record)?;
+        let policy = record.config.sync;
+        *h.record.write() = record;
+        // Tighter limits apply at once.
+        let r = self.enforce_limits(&h, None);
+        self.poison_on_err(r)?;
+        self.committed(policy);
+        Ok(h)
+    }
+
+    fn delete_stream(&mut self, name: &StreamName, kind: StreamKindTag) -> Result<()> {
+        let missing = || Error::not_found(format!("`{name}` does not exist"));
+        let h = self.registry.get(name).ok_or_else(missing)?;
+        let is_kv = matches!(h.record.read().kind, StreamKind::Kv(_));
+        if is_kv != (kind == StreamKindTag::Kv) {
+            return Err(missing());
+        }
+        let mut batch = self.db.batch();
+        batch.remove(&self.meta, store::stream_meta_key(name));
+        batch.remove(&self.meta, store::state_meta_key(name));
+        self.consumers.remove_stream(&mut batch, &self.meta, name)?;
+        let r = batch.commit().map_err(storage);
+        self.poison_on_err(r)?;
+        self.registry.remove(name);
+        self.dedup.remove(name);
+        h.deleted.store(true, std::sync::atomic::Ordering::Release);
+        let _ = h.live.send(Arc::from(Vec::new()));
+        for ks in [h.msgs.clone(), h.index.clone(), h.last.clone()] {
+            let r = self.db.delete_keyspace(ks).map_err(storage);
+            self.poison_on_err(r)?;
+        }
+        Ok(())
+    }
+
+    fn purge_stream(&mut self, h: &Arc<StreamHandle>) -> Result<u64> {
+        if h.is_deleted() {
+            return Err(Error::not_found(format!("stream `{}` does not exist", h.name)));
+        }
+        let mut st = h.state();
+        let removed = st.messages;
+        st.messages = 0;
+        st.bytes = 0;
+        st.first_seq = st.last_seq.next();
+        st.first_time = None;
+        // Counters first: a crash before the clears is finished at open.
+        let c = store::Counters { messages: 0, bytes: 0, first_seq: st.first_seq.0, last_seq: st.last_seq.0 };
+        let v = serde_json::to_vec(&c).map_err(|e| Error::internal("encode counters").with_source(e))?;
+        let r = self.meta.insert(store::state_meta_key(&h.name), v).map_err(storage);
+        self.poison_on_err(r)?;
+        for ks in [&h.msgs, &h.index, &h.last] {
+            let r = ks.clear().map_err(storage);
+            self.poison_on_err(r)?;
+        }
+        *h.state.lock() = st;
+        self.committed(h.record.read().config.sync);
+        Ok(removed)
+    }
+
+    fn load_dedup(&mut self, h: &StreamHandle, window: Duration) -> Result<()> {
+        if !self.dedup.contains_key(&h.name) {
+            // Rebuild from the newest messages inside the window.
+            let mut d = Dedup::default();
+            let cutoff = Timestamp::now().saturating_sub(window);
+            let mut found = Vec::new();
+            for kv in h.msgs.iter().rev() {
+                let (k, v) = kv.into_inner().map_err(storage)?;
+                let m = crate::codec::decode_message(crate::codec::key_seq(&k)?, v.into())?;
+                if m.time < cutoff {
+                    break;
+                }
+                if let Some(id) = m.headers.get(finmesh_core::message::MSG_ID_HEADER) {
+                    found.push((m.time, id.to_owned(), m.seq));
+                }
+            }
+            for (t, id, seq) in found.into_iter().rev() {
+                d.ids.insert(id.clone(), seq);
+                d.order.push_back((t, id));
+            }
+            self.dedup.insert(h.name.clone(), d);
+        }
+        Ok(())
+    }
+
+    /// Store `msgs` (all checked first), apply retention, commit atomically.
+    pub(crate) fn publish(
+        &mut self,
+        h: &Arc<StreamHandle>,
+        msgs: Vec<OutgoingMessage>,
+        cond: Cond,
+    ) -> Result<(Vec<PubAck>, Vec<finmesh_core::Message>)> {
+        if h.is_deleted() {
+            return Err(Error::not_found(format!("stream `{}` does not exist", h.name)));
+        }
+        let config = h.config();
+        crate::check_publish(&config, &msgs)?;
+        let window = config.duplicate_window;
+        let now = Timestamp::now().max(h.state().last_time.unwrap_or_default());
+        self.load_dedup(h, window)?;
+        let dedup = self.dedup.get_mut(&h.name).expect("loaded above");
+        dedup.expire(now, window);
+        let mut txn = Txn::new(&self.db, h);
+        let mut acks = Vec::with_capacity(msgs.len());
+        let mut stored = Vec::with_capacity(msgs.len());
+        let mut new_ids: Vec<(String, Seq)> = Vec::new();
+        for msg in msgs {
+            if let Some(id) = msg.msg_id() {
+                let seen = dedup.ids.get(id).copied().or_else(|| new_ids.iter().find(|(i, _)| i == id).map(|x| x.1));
+                if let Some(seq) = seen {
+                    acks.push(PubAck { seq, duplicate: true });
+                    continue;
+                }
+            }
+            let subject = msg.subject.clone();
+            match cond {
+                Cond::None | Cond::Rollup => {}
+                Cond::NoLiveValue => {
+                    if let Some((last, _)) = txn.last_of(subject.as_str())? {
+                        let m = match txn.h.get(last)? {
+                            Some(m) => Some(m),
+                            None => stored.iter().find(|m: &&finmesh_core::Message| m.seq == last).cloned(),
+                        };
+                        if m.is_some_and(|m| crate::kv::op_of(&m) == finmesh_core::KvOp::Put) {
+                            return Err(Error::wrong_revision(Revision(last.0), "key exists"));
+                        }
+                    }
+                }
+                Cond::LastSubjectSeq(expected) => {
+                    let current = txn.last_of(subject.as_str())?.map_or(0, |(s, _)| s.0);
+                    if current != expected.0 {
+                        return Err(Error::wrong_revision(
+                            Revision(current),
+                            format!("expected revision {expected}, the key is at {current}"),
+                        ));
+                    }
+                }
+            }
+            let id = msg.msg_id().map(str::to_owned);
+            let m = txn.append(now, msg)?;
+            if let Some(id) = id {
+                new_ids.push((id, m.seq));
+            }
+            acks.push(PubAck { seq: m.seq, duplicate: false });
+            stored.push(m);
+            if cond == Cond::Rollup {
+                txn.trim_subject(&subject, 1)?;
+            } else if let Some(keep) = config.max_msgs_per_subject {
+                txn.trim_subject(&subject, keep)?;
+            }
+        }
+        if stored.is_empty() {
+            return Ok((acks, stored));
+        }
+        limits(&config, &mut txn, now)?;
+        let r = txn.commit(&self.meta);
+        let st = self.poison_on_err(r)?;
+        *h.state.lock() = st;
+        let dedup = self.dedup.get_mut(&h.name).expect("created above");
+        for (id, seq) in new_ids {
+            dedup.ids.insert(id.clone(), seq);
+            dedup.order.push_back((now, id));
+        }
+        self.committed(config.sync);
+        Ok((acks, stored))
+    }
+
+    /// Apply the stream-wide limits now (after an update, or by age).
+    fn enforce_limits(&mut self, h: &Arc<StreamHandle>, max_evictions: Option<usize>) -> Result<()> {
+        let config = h.config();
+        let mut txn = Txn::new(&self.db, h);
+        let before = txn.st.messages;
+        if let Some(keep) = config.max_msgs_per_subject {
+            // Only needed after an update lowered the limit: walk the subjects.
+            let subjects: Vec<String> = h
+                .last
+                .iter()
+                .filter_map(|kv| kv.into_inner().ok())
+                .filter(|(_, v)| crate::codec::decode_last(v).is_ok_and(|(_, c)| c > keep))
+                .filter_map(|(k, _)| String::from_utf8(k.to_vec()).ok())
+                .collect();
+            for s in subjects {
+                if let Ok(subject) = finmesh_core::Subject::new(s) {
+                    txn.trim_subject(&subject, keep)?;
+                }
+            }
+        }
+        let now = Timestamp::now();
+        let mut budget = max_evictions.unwrap_or(usize::MAX);
+        limits_bounded(&config, &mut txn, now, &mut budget)?;
+        if txn.st.messages != before {
+            let st = txn.commit(&self.meta)?;
+            *h.state.lock() = st;
+        }
+        Ok(())
+    }
+
+    /// Periodic work: interval fsyncs, age retention, consumer timers.
+    fn housekeeping(&mut self) {
+        if self.poisoned.is_some() {
+            return;
+        }
+        if self.interval_due.is_some_and(|d| d <= Instant::now()) {
+            let _ = self.fsync();
+        }
+        let now = Timestamp::now();
+        for h in self.registry.all() {
+            let (max_age, front) = {
+                let cfg = h.record.read().config.max_age;
+                (cfg, h.state().first_time)
+            };
+            if let (Some(age), Some(first)) = (max_age, front)
+                && first < now.saturating_sub(age)
+            {
+                let r = self.enforce_limits(&h, Some(MAX_AGE_EVICTIONS));
+                if let Err(e) = self.poison_on_err(r) {
+                    tracing::error!(stream = %h.name, "age retention failed: {e}");
+                    return;
+                }
+                self.committed(h.record.read().config.sync);
+            }
+        }
+    }
+}
+
+/// max_msgs, max_bytes and max_age, evicting from the front.
+fn limits(config: &finmesh_core::StreamConfig, txn: &mut Txn<'_>, now: Timestamp) -> Result<()> {
+    let mut unbounded = usize::MAX;
+    limits_bounded(config, txn, now, &mut unbounded)
+}
+
+fn limits_bounded(
+    config: &finmesh_core::StreamConfig,
+    txn: &mut Txn<'_>,
+    now: Timestamp,
+    budget: &mut usize,
+) -> Result<()> {
+    let cutoff = config.max_age.map(|a| now.saturating_sub(a));
+    while *budget > 0 && txn.st.messages > 0 {
+        let over_msgs = config.max_msgs.is_some_and(|m| txn.st.messages > m);
+        let over_bytes = config.max_bytes.is_some_and(|b| txn.st.bytes > b);
+        let too_old = cutoff.is_some_and(|c| txn.front_time().is_some_and(|t| t < c));
+        if !(over_msgs || over_bytes || too_old) {
+            break;
+        }
+        txn.evict_front()?;
+        *budget -= 1;
+    }
+    Ok(())
+}
