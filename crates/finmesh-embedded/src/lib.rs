@@ -12,7 +12,7 @@
 //! | keyspace | key | value |
 //! |---|---|---|
 //! | `meta` | `stream/<name>` | JSON `{config, kind}` (kind: `user` or `kv` with the bucket config) |
-//! | `meta` | `state/<name>` | JSON counters `{messages, bytes, first_seq, last_seq}`, written in the same batch as the messages |
+//! | `meta` | `state/<name>` | counters `messages, bytes, first_seq, last_seq` (4 × u64 BE), written in the same batch as the messages |
 //! | `meta` | `consumer/<stream>/<name>` | JSON `{config, delivered, initial, pending}` |
 //! | `s.<name>.m` | `seq` (u64 BE) | message record (see [`codec`]) |
 //! | `s.<name>.x` | `subject 0x00 seq` | empty (per-subject index) |
@@ -54,7 +54,7 @@ use finmesh_core::{
 };
 use futures::StreamExt;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::consumers::{ConsumerOp, Consumers};
 use crate::store::{Registry, StreamHandle, StreamKind, StreamRecord, storage};
@@ -87,7 +87,7 @@ pub struct EmbeddedEngine {
 struct Inner {
     registry: Arc<Registry>,
     consumers: Consumers,
-    tx: mpsc::Sender<Op>,
+    tx: flume::Sender<Op>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -96,7 +96,7 @@ impl Drop for Inner {
         // Dropping `tx` ends the writer (it fsyncs on the way out); wait for
         // it so the directory can be reopened right after.
         let threads = std::mem::take(&mut *self.threads.lock());
-        let (tx, _) = mpsc::channel(1);
+        let (tx, _) = flume::bounded(1);
         drop(std::mem::replace(&mut self.tx, tx));
         for t in threads {
             let _ = t.join();
@@ -121,7 +121,7 @@ impl EmbeddedEngine {
         let registry = Arc::new(Registry::default());
         store::load_all(&db, &meta, &registry)?;
         let consumers = Consumers::load(&meta)?;
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (tx, rx) = flume::bounded(QUEUE);
         let writer = Writer::new(db, meta, registry.clone(), consumers.clone());
         let writer_thread = std::thread::Builder::new()
             .name("finmesh-writer".into())
@@ -134,7 +134,7 @@ impl EmbeddedEngine {
                 loop {
                     std::thread::park_timeout(TICK);
                     let Some(tx) = weak.upgrade() else { return };
-                    if tx.try_send(Op::Tick).is_err() && tx.is_closed() {
+                    if let Err(flume::TrySendError::Disconnected(_)) = tx.try_send(Op::Tick) {
                         return;
                     }
                 }
@@ -163,7 +163,7 @@ impl EmbeddedEngine {
     async fn call<T>(&self, op: impl FnOnce(writer::Reply<T>) -> Op) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         let closed = || Error::unavailable("the engine is closed");
-        self.inner.tx.send(op(tx)).await.map_err(|_| closed())?;
+        self.inner.tx.send_async(op(tx)).await.map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
     }
 

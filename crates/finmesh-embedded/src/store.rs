@@ -54,13 +54,32 @@ pub(crate) struct StreamRecord {
 }
 
 /// The counters of a stream: `state/<name>` in the `meta` keyspace, written
-/// in the same batch as the messages they count.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+/// in the same batch as the messages they count, as four u64 BE:
+/// messages, bytes, first_seq, last_seq.
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Counters {
     pub messages: u64,
     pub bytes: u64,
     pub first_seq: u64,
     pub last_seq: u64,
+}
+
+impl Counters {
+    pub fn encode(&self) -> [u8; 32] {
+        let mut v = [0u8; 32];
+        for (i, n) in [self.messages, self.bytes, self.first_seq, self.last_seq].into_iter().enumerate() {
+            v[i * 8..i * 8 + 8].copy_from_slice(&n.to_be_bytes());
+        }
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<Self> {
+        if v.len() != 32 {
+            return None;
+        }
+        let n = |i: usize| u64::from_be_bytes(v[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        Some(Counters { messages: n(0), bytes: n(1), first_seq: n(2), last_seq: n(3) })
+    }
 }
 
 pub(crate) fn stream_meta_key(name: &StreamName) -> String {
@@ -348,8 +367,8 @@ pub(crate) fn load_all(db: &Database, meta: &Keyspace, registry: &Registry) -> R
             Error::internal(format!("corrupt meta record `{}`", String::from_utf8_lossy(&k))).with_source(e)
         })?;
         let counters = match meta.get(state_meta_key(&record.config.name)).map_err(storage)? {
-            Some(v) => serde_json::from_slice(&v)
-                .map_err(|e| Error::internal(format!("corrupt counters of `{}`", record.config.name)).with_source(e))?,
+            Some(v) => Counters::decode(&v)
+                .ok_or_else(|| Error::internal(format!("corrupt counters of `{}`", record.config.name)))?,
             None => Counters::default(),
         };
         registry.insert(open_handle(db, record, counters)?);

@@ -192,8 +192,7 @@ impl<'a> Txn<'a> {
             first_seq: self.st.first_seq.0,
             last_seq: self.st.last_seq.0,
         };
-        let v = serde_json::to_vec(&c).map_err(|e| finmesh_core::Error::internal("encode counters").with_source(e))?;
-        self.batch.insert(meta, state_meta_key(&self.h.name), v);
+        self.batch.insert(meta, state_meta_key(&self.h.name), c.encode());
         self.batch.commit().map_err(storage)?;
         Ok(self.st)
     }

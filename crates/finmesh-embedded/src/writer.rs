@@ -26,7 +26,7 @@ use finmesh_core::{
     Error, ErrorKind, OutgoingMessage, PubAck, Result, Revision, Seq, StreamName, SyncPolicy, Timestamp,
 };
 use fjall::{Database, Keyspace, PersistMode};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::consumers::{ConsumerOp, Consumers};
 use crate::store::{self, Registry, StreamHandle, StreamKind, StreamRecord, storage};
@@ -118,11 +118,11 @@ impl Writer {
     }
 
     /// The writer thread's loop; returns when closed or every sender is gone.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+    pub fn run(mut self, rx: flume::Receiver<Op>) {
         let mut last_synced_round = 0usize;
         let mut close_reply = None;
         while close_reply.is_none() {
-            let Some(first) = rx.blocking_recv() else { break };
+            let Ok(first) = rx.recv() else { break };
             let mut ops = vec![first];
             while ops.len() < MAX_ROUND {
                 match rx.try_recv() {
@@ -132,10 +132,9 @@ impl Writer {
             }
             if last_synced_round > 1 && ops.len() < last_synced_round && ops.iter().any(|o| self.needs_sync(o)) {
                 let deadline = Instant::now() + LINGER;
-                while ops.len() < last_synced_round && Instant::now() < deadline {
-                    match rx.try_recv() {
+                while ops.len() < last_synced_round {
+                    match rx.recv_deadline(deadline) {
                         Ok(op) => ops.push(op),
-                        Err(mpsc::error::TryRecvError::Empty) => std::thread::yield_now(),
                         Err(_) => break,
                     }
                 }
@@ -362,8 +361,7 @@ impl Writer {
         st.first_time = None;
         // Counters first: a crash before the clears is finished at open.
         let c = store::Counters { messages: 0, bytes: 0, first_seq: st.first_seq.0, last_seq: st.last_seq.0 };
-        let v = serde_json::to_vec(&c).map_err(|e| Error::internal("encode counters").with_source(e))?;
-        let r = self.meta.insert(store::state_meta_key(&h.name), v).map_err(storage);
+        let r = self.meta.insert(store::state_meta_key(&h.name), c.encode()).map_err(storage);
         self.poison_on_err(r)?;
         for ks in [&h.msgs, &h.index, &h.last] {
             let r = ks.clear().map_err(storage);
