@@ -35,6 +35,7 @@
 mod codec;
 mod consumers;
 mod kv;
+mod kvindex;
 mod store;
 mod tail;
 mod txn;
@@ -68,13 +69,15 @@ const TICK: Duration = Duration::from_millis(10);
 /// Tuning for [`EmbeddedEngine::open_with`].
 #[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
-    /// Block cache size in bytes (default 256 MiB).
+    /// Block cache size in bytes (default 64 MiB).
     pub cache_bytes: u64,
+    /// Memory for unflushed writes across all keyspaces (default 64 MiB).
+    pub write_buffer_bytes: u64,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
-        EmbeddedOptions { cache_bytes: 256 * 1024 * 1024 }
+        EmbeddedOptions { cache_bytes: 64 * 1024 * 1024, write_buffer_bytes: 64 * 1024 * 1024 }
     }
 }
 
@@ -172,11 +175,10 @@ impl EmbeddedEngine {
     }
 
     fn bucket(&self, name: &BucketName) -> Result<(Arc<StreamHandle>, BucketConfig)> {
-        let missing = || Error::not_found(format!("bucket `{name}` does not exist"));
-        let h = self.inner.registry.get(&kv::stream_name(name)).ok_or_else(missing)?;
+        let h = self.inner.registry.bucket(name)?;
         let config = match &h.record.read().kind {
             StreamKind::Kv(c) => c.clone(),
-            StreamKind::User => return Err(missing()),
+            StreamKind::User => return Err(Error::internal(format!("bucket `{name}` has a user stream"))),
         };
         Ok((h, config))
     }
@@ -361,14 +363,18 @@ impl KvEngine for EmbeddedEngine {
     }
 
     async fn kv_get(&self, bucket: &BucketName, key: &Key) -> Result<Option<KvEntry>> {
-        let (h, config) = self.bucket(bucket)?;
-        let Some((seq, _)) = h.last_of(kv::subject(bucket, key).as_str())? else { return Ok(None) };
-        let Some(m) = h.get(seq)? else { return Ok(None) };
-        let e = kv::entry(bucket, m)?;
-        if e.op != KvOp::Put || kv::expired(config.ttl, e.created, Timestamp::now()) {
+        let h = self.inner.registry.bucket(bucket)?;
+        let Some(latest) = h.kv.as_ref().and_then(|idx| idx.get(key.as_str())) else { return Ok(None) };
+        if kv::expired(h.record.read().config.max_age, latest.created, Timestamp::now()) {
             return Ok(None);
         }
-        Ok(Some(e))
+        Ok(Some(KvEntry {
+            key: key.clone(),
+            value: latest.value,
+            revision: Revision(latest.seq.0),
+            created: latest.created,
+            op: KvOp::Put,
+        }))
     }
 
     async fn kv_get_revision(&self, bucket: &BucketName, key: &Key, revision: Revision) -> Result<Option<KvEntry>> {

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use finmesh_core::{
-    BucketConfig, Error, Message, ReadRequest, ReadStart, Result, Seq, StreamConfig, StreamName, StreamState, Subject,
-    SubjectPattern, Timestamp,
+    BucketConfig, BucketName, Error, Message, ReadRequest, ReadStart, Result, Seq, StreamConfig, StreamName,
+    StreamState, Subject, SubjectPattern, Timestamp,
 };
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use parking_lot::{Mutex, RwLock};
@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::codec;
+use crate::kvindex::KvIndex;
 
 /// Live messages of one commit, shared by every tail.
 pub(crate) type LiveBatch = Arc<[Message]>;
@@ -103,6 +104,8 @@ pub(crate) struct StreamHandle {
     pub live: broadcast::Sender<LiveBatch>,
     /// Set when the stream is deleted; tails end with `NotFound`.
     pub deleted: AtomicBool,
+    /// For a KV bucket's stream: its live values in memory.
+    pub kv: Option<KvIndex>,
 }
 
 impl StreamHandle {
@@ -112,6 +115,20 @@ impl StreamHandle {
 
     pub fn state(&self) -> StreamState {
         *self.state.lock()
+    }
+
+    /// Publish the state a commit produced and keep the KV index in step.
+    /// Called by the writer right after each commit.
+    pub fn after_commit(&self, st: StreamState, stored: &[Message], removed: &[(Seq, Subject)]) {
+        if let Some(idx) = &self.kv {
+            for (seq, subject) in removed {
+                idx.removed(*seq, subject.as_str());
+            }
+            for m in stored {
+                idx.stored(m);
+            }
+        }
+        *self.state.lock() = st;
     }
 
     pub fn is_deleted(&self) -> bool {
@@ -260,8 +277,11 @@ fn ks_name(name: &StreamName, part: char) -> String {
     format!("s.{name}.{part}")
 }
 
+/// Memtable size per keyspace: three per stream, so keep them modest.
+const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
+
 fn data_options() -> KeyspaceCreateOptions {
-    KeyspaceCreateOptions::default()
+    KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
 }
 
 /// Open (or create) the keyspaces of a stream and build its handle.
@@ -280,7 +300,12 @@ pub(crate) fn open_handle(db: &Database, record: StreamRecord, counters: Counter
     if state.messages == 0 {
         state.first_seq = state.last_seq.next();
     }
+    let kv = match &record.kind {
+        StreamKind::Kv(b) => Some(KvIndex::new(crate::kv::key_prefix(&b.name))),
+        StreamKind::User => None,
+    };
     let handle = StreamHandle {
+        kv,
         name,
         record: RwLock::new(record),
         state: Mutex::new(state),
@@ -323,6 +348,17 @@ impl StreamHandle {
             }
             st.last_time = Some(m.time);
         }
+        drop(st);
+        if let Some(idx) = &self.kv {
+            // One sequential scan; later revisions overwrite earlier ones.
+            for kv in self.msgs.iter() {
+                let (k, v) = kv.into_inner().map_err(storage)?;
+                let mut m = codec::decode_message(codec::key_seq(&k)?, Bytes::from(v))?;
+                // Own the value: a slice would pin the whole block it was read from.
+                m.payload = Bytes::copy_from_slice(&m.payload);
+                idx.stored(&m);
+            }
+        }
         Ok(())
     }
 }
@@ -331,6 +367,8 @@ impl StreamHandle {
 #[derive(Default)]
 pub(crate) struct Registry {
     streams: RwLock<HashMap<StreamName, Arc<StreamHandle>>>,
+    /// The same handles for buckets, by bucket name (the KV get path).
+    buckets: RwLock<HashMap<BucketName, Arc<StreamHandle>>>,
 }
 
 impl Registry {
@@ -339,11 +377,27 @@ impl Registry {
     }
 
     pub fn insert(&self, handle: Arc<StreamHandle>) {
+        if let StreamKind::Kv(b) = &handle.record.read().kind {
+            self.buckets.write().insert(b.name.clone(), handle.clone());
+        }
         self.streams.write().insert(handle.name.clone(), handle);
     }
 
     pub fn remove(&self, name: &StreamName) -> Option<Arc<StreamHandle>> {
-        self.streams.write().remove(name)
+        let h = self.streams.write().remove(name)?;
+        if let StreamKind::Kv(b) = &h.record.read().kind {
+            self.buckets.write().remove(&b.name);
+        }
+        Some(h)
+    }
+
+    /// The backing stream of bucket `name`.
+    pub fn bucket(&self, name: &BucketName) -> Result<Arc<StreamHandle>> {
+        self.buckets
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("bucket `{name}` does not exist")))
     }
 
     pub fn all(&self) -> Vec<Arc<StreamHandle>> {

@@ -22,6 +22,8 @@ pub(crate) struct Txn<'a> {
     added: BTreeMap<Seq, (Subject, u64)>,
     /// Messages this write removed (committed or added).
     removed: HashSet<Seq>,
+    /// The same, with their subjects, in removal order (for the KV index).
+    removed_list: Vec<(Seq, Subject)>,
     /// The stream's state as it will be after commit.
     pub st: StreamState,
 }
@@ -34,6 +36,7 @@ impl<'a> Txn<'a> {
             lasts: HashMap::new(),
             added: BTreeMap::new(),
             removed: HashSet::new(),
+            removed_list: Vec::new(),
             st: h.state(),
         }
     }
@@ -101,6 +104,7 @@ impl<'a> Txn<'a> {
             self.set_last(subject.as_str(), last, count - 1);
         }
         self.removed.insert(seq);
+        self.removed_list.push((seq, subject.clone()));
         self.st.messages -= 1;
         self.st.bytes = self.st.bytes.saturating_sub(size);
         if seq == self.st.first_seq {
@@ -184,8 +188,9 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
-    /// Write the counters and commit atomically.
-    pub fn commit(mut self, meta: &fjall::Keyspace) -> Result<StreamState> {
+    /// Write the counters and commit atomically; returns the new state and
+    /// the messages removed, for [`StreamHandle::after_commit`].
+    pub fn commit(mut self, meta: &fjall::Keyspace) -> Result<(StreamState, Vec<(Seq, Subject)>)> {
         let c = Counters {
             messages: self.st.messages,
             bytes: self.st.bytes,
@@ -194,6 +199,6 @@ impl<'a> Txn<'a> {
         };
         self.batch.insert(meta, state_meta_key(&self.h.name), c.encode());
         self.batch.commit().map_err(storage)?;
-        Ok(self.st)
+        Ok((self.st, self.removed_list))
     }
 }

@@ -468,8 +468,8 @@ impl Writer {
         }
         limits(&config, &mut txn, now)?;
         let r = txn.commit(&self.meta);
-        let st = self.poison_on_err(r)?;
-        *h.state.lock() = st;
+        let (st, removed) = self.poison_on_err(r)?;
+        h.after_commit(st, &stored, &removed);
         let dedup = self.dedup.get_mut(&h.name).expect("created above");
         for (id, seq) in new_ids {
             dedup.ids.insert(id.clone(), seq);
@@ -503,8 +503,8 @@ impl Writer {
         let mut budget = max_evictions.unwrap_or(usize::MAX);
         limits_bounded(&config, &mut txn, now, &mut budget)?;
         if txn.st.messages != before {
-            let st = txn.commit(&self.meta)?;
-            *h.state.lock() = st;
+            let (st, removed) = txn.commit(&self.meta)?;
+            h.after_commit(st, &[], &removed);
         }
         Ok(())
     }
