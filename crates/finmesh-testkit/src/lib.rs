@@ -1,1 +1,38 @@
+//! finmesh-testkit: real peer servers for tests and benchmarks.
+//!
+//! finmesh's tests run against real `nats-server` and `redis-server`
+//! processes, never mocks of them (STYLE.md, principle 10). This crate starts
+//! them on free loopback ports with their data in temporary directories, waits
+//! until they actually serve (by polling, with a deadline, never by sleeping a
+//! fixed time), and kills them when the handle is dropped, also when a test
+//! panics.
+//!
+//! Read in this order:
+//! 1. [`error`] — what can go wrong, with the server's last log lines attached;
+//! 2. [`binary`] — how a server binary is found (`FINMESH_*` env var, then `PATH`);
+//! 3. [`process`] — one child process: log file, SIGTERM/SIGKILL, kill on drop;
+//! 4. [`ports`] and [`probe`] — free ports and readiness probes;
+//! 5. [`nats`] — [`NatsServer`] (and [`NatsCluster`]), with a config generator
+//!    that also covers clusters and hub/leaf set-ups;
+//! 6. [`redis`] — [`RedisServer`].
+//!
+//! ```no_run
+//! # async fn f() -> finmesh_testkit::Result<()> {
+//! let mut nats = finmesh_testkit::NatsServer::start().await?;
+//! let url = nats.url(); // nats://127.0.0.1:<free port>
+//! nats.kill().await?; // SIGKILL, as a crash would
+//! nats.restart().await?; // same port, same store dir
+//! # Ok(()) }
+//! ```
 
+pub mod binary;
+pub mod error;
+pub mod nats;
+pub mod ports;
+pub mod probe;
+pub mod process;
+pub mod redis;
+
+pub use error::{Error, Result};
+pub use nats::{ClusterSpec, NatsCluster, NatsConfig, NatsServer, NatsServerBuilder};
+pub use redis::{RedisServer, RedisServerBuilder};
