@@ -1,0 +1,260 @@
+//! `finmesh bench`: the embedded engine side by side with its peers, in one
+//! run, on this machine.
+//!
+//! This machine's speed drifts by up to 2× between runs (NATS-NOTES.md), so
+//! a figure is only worth something next to its peer measured in the same
+//! run. Each of `--runs` runs executes every selected scenario family in
+//! turn; the report shows each figure's median over the runs (with min–max),
+//! and each ratio is computed within a run and then its median taken.
+//!
+//! Scenario families (one file each, `--scenario` selects):
+//! - [`fsync`]: the disk's append + fsync ceiling;
+//! - [`embedded_publish`]: the embedded engine's publish, `sync = always`
+//!   and `interval(100 ms)`, 1 publisher, 16 publishers, batches of 100;
+//! - [`nats_publish`]: JetStream publish on a real nats-server;
+//! - [`embedded_kv`]: KV put/get over N keys and memory (child processes);
+//! - [`nats_kv`]: NATS KV put/get for comparison.
+//!
+//! Payloads: 128 bytes per published message, 256 bytes per KV value. Every
+//! scenario's data lives in a temporary directory under `--dir` (default
+//! `$TMPDIR`, else `/tmp`), removed at the end; keep it on the disk you
+//! mean to measure.
+
+mod embedded_kv;
+mod embedded_publish;
+mod fsync;
+mod measure;
+mod nats_kv;
+mod nats_publish;
+mod report;
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use finmesh_testkit::NatsServer;
+
+use measure::Measurement;
+
+/// Bytes per published message.
+pub const PUBLISH_PAYLOAD: usize = 128;
+/// Bytes per KV value.
+pub const KV_VALUE: usize = 256;
+/// Concurrent publishers (or putters) in the "16" scenarios.
+pub const CONCURRENCY: usize = 16;
+
+/// A family of scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Disk: append 4 KiB + fsync.
+    Fsync,
+    /// Embedded engine publish (sync always / interval).
+    EmbeddedPublish,
+    /// nats-server JetStream publish.
+    NatsPublish,
+    /// Embedded engine KV put/get and memory.
+    EmbeddedKv,
+    /// nats-server KV put/get.
+    NatsKv,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 5] =
+        [Scenario::Fsync, Scenario::EmbeddedPublish, Scenario::NatsPublish, Scenario::EmbeddedKv, Scenario::NatsKv];
+
+    async fn run(self, ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
+        match self {
+            Scenario::Fsync => fsync::run(&ctx.dir, ctx.duration).await,
+            Scenario::EmbeddedPublish => embedded_publish::run(ctx).await,
+            Scenario::NatsPublish => nats_publish::run(ctx).await,
+            Scenario::EmbeddedKv => embedded_kv::run(ctx).await,
+            Scenario::NatsKv => nats_kv::run(ctx).await,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Fsync => "fsync",
+            Scenario::EmbeddedPublish => "embedded-publish",
+            Scenario::NatsPublish => "nats-publish",
+            Scenario::EmbeddedKv => "embedded-kv",
+            Scenario::NatsKv => "nats-kv",
+        }
+    }
+}
+
+/// Arguments of `finmesh bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Runs of every selected scenario; the report shows medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Length of each measured window, in seconds (after a short warm-up).
+    #[arg(long, default_value_t = 2.0)]
+    duration_secs: f64,
+    /// Run only these scenario families (repeat the flag; default: all).
+    #[arg(long = "scenario", value_enum)]
+    scenarios: Vec<Scenario>,
+    /// Keys loaded into the embedded engine's KV bucket.
+    #[arg(long, default_value_t = 1_000_000)]
+    kv_keys: u64,
+    /// Keys loaded into the NATS KV bucket (fewer: one connection loads them).
+    #[arg(long, default_value_t = 50_000)]
+    nats_kv_keys: u64,
+    /// Where temporary data goes (default: $TMPDIR, else /tmp).
+    #[arg(long, env = "FINMESH_BENCH_DIR")]
+    dir: Option<PathBuf>,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What every scenario needs to know.
+#[derive(Debug, Clone)]
+pub struct BenchContext {
+    /// Parent of every temporary directory.
+    pub dir: PathBuf,
+    /// Measured window.
+    pub duration: Duration,
+    /// Keys for the embedded KV scenarios.
+    pub kv_keys: u64,
+    /// Keys for the NATS KV scenarios.
+    pub nats_kv_keys: u64,
+}
+
+impl BenchContext {
+    /// A fresh temporary directory for one scenario, removed on drop.
+    pub fn tempdir(&self, what: &str) -> anyhow::Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix(&format!("finmesh-bench-{what}-"))
+            .tempdir_in(&self.dir)
+            .with_context(|| format!("creating a temporary directory in {}", self.dir.display()))
+    }
+}
+
+/// Start a nats-server whose store lives under the benchmark's directory.
+pub async fn start_nats(ctx: &BenchContext) -> anyhow::Result<NatsServer> {
+    NatsServer::builder()
+        .tmp_in(&ctx.dir)
+        .start()
+        .await
+        .context("starting nats-server (see scripts/test to install it)")
+}
+
+/// Run the benchmark and print the report.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.duration_secs.is_finite() && args.duration_secs > 0.0,
+        "--duration-secs must be a positive number"
+    );
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir(),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ctx = BenchContext {
+        dir: dir.clone(),
+        duration: Duration::from_secs_f64(args.duration_secs),
+        kv_keys: args.kv_keys,
+        nats_kv_keys: args.nats_kv_keys,
+    };
+    let scenarios: Vec<Scenario> =
+        Scenario::ALL.into_iter().filter(|s| args.scenarios.is_empty() || args.scenarios.contains(s)).collect();
+    let machine = report::Machine::probe(&dir, same_filesystem(&dir, Path::new(".")));
+    eprintln!(
+        "finmesh bench: {} run(s) of [{}], {} s windows, data under {}",
+        args.runs,
+        scenarios.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
+        args.duration_secs,
+        dir.display()
+    );
+
+    let mut runs = Vec::new();
+    for run in 1..=args.runs {
+        let mut measurements = Vec::new();
+        for scenario in &scenarios {
+            eprintln!("run {run}/{}: {} …", args.runs, scenario.name());
+            let m = scenario.run(&ctx).await.with_context(|| format!("scenario {} (run {run})", scenario.name()))?;
+            for x in &m {
+                eprintln!("  {:<34} {:>12.0} {}", x.id, x.value, x.unit);
+            }
+            measurements.extend(m);
+        }
+        runs.push(measurements);
+    }
+    let report = report::Report::new(machine, &args, scenarios.iter().map(|s| s.name()).collect(), runs);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn same_filesystem(a: &Path, b: &Path) -> Option<bool> {
+    Some(std::fs::metadata(a).ok()?.dev() == std::fs::metadata(b).ok()?.dev())
+}
+
+/// Which phase a child process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChildPhase {
+    /// Load N keys, measure gets and RSS.
+    KvLoad,
+    /// Reopen the loaded directory, measure RSS.
+    KvReopen,
+}
+
+/// Arguments of the hidden `finmesh __bench-child`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ChildArgs {
+    /// The phase to run.
+    #[arg(long, value_enum)]
+    phase: ChildPhase,
+    /// The engine's data directory.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Keys in the bucket.
+    #[arg(long)]
+    keys: u64,
+    /// Measured window, seconds.
+    #[arg(long)]
+    duration_secs: f64,
+}
+
+/// Run one child phase; print its measurements as one JSON line on stdout.
+pub async fn run_child(args: ChildArgs) -> anyhow::Result<()> {
+    let measurements = match args.phase {
+        ChildPhase::KvLoad => {
+            embedded_kv::load_phase(args.dir, args.keys, Duration::from_secs_f64(args.duration_secs)).await?
+        }
+        ChildPhase::KvReopen => embedded_kv::reopen_phase(args.dir, args.keys).await?,
+    };
+    println!("{}", serde_json::to_string(&measurements)?);
+    Ok(())
+}
+
+/// Run `finmesh __bench-child` with `args` and parse its measurements.
+async fn child_measurements(args: &ChildArgs) -> anyhow::Result<Vec<Measurement>> {
+    let exe = std::env::current_exe().context("locating the finmesh binary")?;
+    let phase = match args.phase {
+        ChildPhase::KvLoad => "kv-load",
+        ChildPhase::KvReopen => "kv-reopen",
+    };
+    let output = tokio::process::Command::new(&exe)
+        .arg("__bench-child")
+        .args(["--phase", phase])
+        .arg("--dir")
+        .arg(&args.dir)
+        .args(["--keys", &args.keys.to_string(), "--duration-secs", &args.duration_secs.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {}", exe.display()))?;
+    anyhow::ensure!(output.status.success(), "child phase {phase} failed: {}", output.status);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().context("child printed nothing")?;
+    serde_json::from_str(line).with_context(|| format!("parsing the child's output: {line}"))
+}

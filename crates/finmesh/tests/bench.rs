@@ -1,0 +1,96 @@
+//! `finmesh bench` end to end on tiny settings: every scenario family runs
+//! against the real engine and a real nats-server, the JSON report has every
+//! figure for every run, and the ratios the issue asks for.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench(args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .arg("bench")
+        .args(args)
+        .arg("--dir")
+        .arg(dir.path())
+        .args(["--json", "--duration-secs", "0.2"])
+        .output()
+        .expect("run finmesh bench");
+    assert!(out.status.success(), "bench failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(leftovers.is_empty(), "bench left files behind: {leftovers:?}");
+    serde_json::from_slice(&out.stdout).expect("bench --json prints JSON")
+}
+
+fn result<'a>(report: &'a Value, id: &str) -> &'a Value {
+    report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("no result {id} in {report:#}"))
+}
+
+#[test]
+fn every_scenario_reports_every_run_and_the_ratios() {
+    let report = bench(&["--runs", "2", "--kv-keys", "3000", "--nats-kv-keys", "1000"]);
+    assert_eq!(report["runs"], 2);
+    assert_eq!(report["publish_payload_bytes"], 128);
+    assert_eq!(report["kv_value_bytes"], 256);
+    let rates = [
+        "disk.fsync.4k",
+        "embedded.publish.always.1-pub",
+        "embedded.publish.always.16-pub",
+        "embedded.publish.always.batch-100",
+        "embedded.publish.interval.1-pub",
+        "embedded.publish.interval.16-pub",
+        "embedded.publish.interval.batch-100",
+        "nats.publish.1-pub",
+        "nats.publish.16-pub",
+        "nats.publish.async-1000",
+        "nats.publish.always.1-pub",
+        "nats.publish.always.16-pub",
+        "embedded.kv.put.16-tasks",
+        "embedded.kv.get.1-task",
+        "embedded.kv.get.2-tasks",
+        "nats.kv.put.async-1000",
+        "nats.kv.get.1-conn",
+    ];
+    for id in rates {
+        let r = result(&report, id);
+        assert_eq!(r["per_run"].as_array().unwrap().len(), 2, "{id}");
+        assert!(r["median"].as_f64().unwrap() > 0.0, "{id}: {r}");
+        assert!(r["p50_us"].as_f64().unwrap() > 0.0, "{id}: {r}");
+        assert!(r["p99_us"].as_f64().unwrap() >= r["p50_us"].as_f64().unwrap(), "{id}: {r}");
+    }
+    assert!(result(&report, "embedded.kv.get.1-task")["p999_us"].as_f64().is_some());
+    for id in ["embedded.kv.rss.loaded", "embedded.kv.rss.reopened", "nats.kv.rss.loaded"] {
+        let r = result(&report, id);
+        assert_eq!(r["unit"], "MiB");
+        assert!(r["median"].as_f64().unwrap() > 1.0, "{id}: {r}");
+    }
+    // The NATS KV figures say how many keys they used.
+    assert!(result(&report, "nats.kv.get.1-conn")["note"].as_str().unwrap().contains("1000 keys"));
+
+    let ratios = report["ratios"].as_array().unwrap();
+    for label in ["embedded always 16-pub / (16 × fsync/s)", "embedded interval batch-100 / NATS async publish"] {
+        let r = ratios.iter().find(|r| r["label"] == label).unwrap_or_else(|| panic!("no ratio {label}"));
+        assert_eq!(r["per_run"].as_array().unwrap().len(), 2);
+        assert!(r["median"].as_f64().unwrap() > 0.0);
+    }
+    // The group-commit ratio is what its label says.
+    let ratio = ratios.iter().find(|r| r["id"] == "group-commit").unwrap();
+    let always16 = &result(&report, "embedded.publish.always.16-pub")["per_run"][0];
+    let fsync = &result(&report, "disk.fsync.4k")["per_run"][0];
+    let expected = always16.as_f64().unwrap() / (16.0 * fsync.as_f64().unwrap());
+    assert!((ratio["per_run"][0].as_f64().unwrap() - expected).abs() < 1e-9);
+}
+
+#[test]
+fn scenario_filter_runs_only_the_chosen_family() {
+    let report = bench(&["--runs", "1", "--scenario", "fsync"]);
+    let ids: Vec<&str> = report["results"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["disk.fsync.4k"]);
+    assert_eq!(report["scenarios"], serde_json::json!(["fsync"]));
+    assert!(report["ratios"].as_array().unwrap().is_empty(), "no ratio without both of its figures");
+}
