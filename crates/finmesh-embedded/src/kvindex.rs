@@ -16,7 +16,7 @@
 //! - it is rebuilt at open by one sequential scan of the bucket's messages.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 
 use bytes::Bytes;
 use finmesh_core::{KvOp, Message, Seq, Timestamp};
@@ -37,8 +37,10 @@ pub(crate) struct KvIndex {
     prefix: String,
     hasher: std::collections::hash_map::RandomState,
     /// Sharded so readers on different keys rarely meet the writer.
-    shards: Box<[RwLock<HashMap<Box<str>, Latest>>]>,
+    shards: Box<[Shard]>,
 }
+
+type Shard = RwLock<HashMap<Box<str>, Latest>>;
 
 impl KvIndex {
     pub fn new(prefix: String) -> Self {
@@ -49,10 +51,8 @@ impl KvIndex {
         }
     }
 
-    fn shard(&self, key: &str) -> &RwLock<HashMap<Box<str>, Latest>> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+    fn shard(&self, key: &str) -> &Shard {
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
     }
 
     /// The live value of `key`.

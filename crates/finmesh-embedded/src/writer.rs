@@ -256,10 +256,7 @@ impl Writer {
                 }),
                 Err(e) => complete(reply, Err(e)),
             },
-            Op::Consumer(op) => {
-                let done = op.apply(self);
-                done
-            }
+            Op::Consumer(op) => op.apply(self),
             Op::Tick | Op::Close { .. } => Box::new(|_| {}),
         }
     }
