@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::store::{StreamHandle, StreamKind, StreamRecord, storage};
-use crate::writer::{Cond, Reply, Writer};
+use crate::writer::{Reply, Writer};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Pending {
@@ -390,10 +390,7 @@ fn dead_letter(
     out.headers.insert(dlh::SEQ, msg.seq.0.to_string())?;
     out.headers.insert(dlh::SUBJECT, msg.subject.as_str())?;
     out.headers.insert(dlh::DELIVERIES, deliveries.to_string())?;
-    let (_, stored) = w.publish(&target, vec![out], Cond::None)?;
-    if target.live.receiver_count() > 0 {
-        let _ = target.live.send(stored.into());
-    }
+    w.publish_now(&target, vec![out])?;
     Ok(())
 }
 

@@ -48,7 +48,12 @@ pub(crate) fn stream_config(b: &BucketConfig) -> StreamConfig {
 
 /// What a stored message means as a KV entry.
 pub(crate) fn op_of(m: &Message) -> KvOp {
-    match m.headers.get(OP_HEADER) {
+    op_of_headers(&m.headers)
+}
+
+/// The KV operation that `headers` mark.
+pub(crate) fn op_of_headers(headers: &finmesh_core::Headers) -> KvOp {
+    match headers.get(OP_HEADER) {
         Some("DEL") => KvOp::Delete,
         Some("PURGE") => KvOp::Purge,
         _ => KvOp::Put,

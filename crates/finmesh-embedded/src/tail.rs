@@ -6,8 +6,11 @@
 //! anything before it is in the store. It delivers strictly increasing
 //! sequences (`next` only moves forward), so overlap between the two is
 //! dropped. If the feed lags or shows a sequence beyond `next` that the
-//! store has not given yet, the tail goes back to reading the store. A
-//! start below the stream's first sequence yields a [`TailEvent::Gap`].
+//! store has not given yet, the tail goes back to reading the store. An
+//! explicit start below the stream's first sequence yields a
+//! [`TailEvent::Gap`]; `Seq(0)` starts at the first stored message.
+//! Messages removed from the middle (per-subject limits, KV purge rollups)
+//! are superseded, not lost history, and are not reported as gaps.
 //!
 //! Invariant: each tail is one task writing into a bounded channel; a slow
 //! consumer slows only its own task (which then re-reads the store).
@@ -27,7 +30,9 @@ const CATCH_UP_BATCH: usize = 512;
 pub(crate) fn start(h: Arc<StreamHandle>, from: Seq, filter: Option<SubjectPattern>) -> BoxStream<TailEvent> {
     let (tx, rx) = mpsc::channel(TAIL_BUFFER);
     let live = h.live.subscribe();
-    tokio::spawn(run(h, from.max(Seq(1)), filter, live, tx));
+    // `Seq(0)` means "whatever is stored first": no gap for what retention removed.
+    let from = if from == Seq(0) { h.state().first_seq } else { from };
+    tokio::spawn(run(h, from, filter, live, tx));
     Box::pin(tokio_stream_from(rx))
 }
 

@@ -6,20 +6,21 @@
 //! until [`Txn::commit`]; a write that fails validation leaves no trace.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
-use finmesh_core::{Message, Result, Seq, StreamState, Subject, Timestamp};
+use finmesh_core::{KvOp, Message, Result, Seq, StreamState, Subject, Timestamp};
 use fjall::{Database, OwnedWriteBatch as WriteBatch};
 
 use crate::codec;
 use crate::store::{Counters, StreamHandle, state_meta_key, storage};
 
-pub(crate) struct Txn<'a> {
-    pub h: &'a StreamHandle,
+pub(crate) struct Txn {
+    pub h: Arc<StreamHandle>,
     batch: WriteBatch,
     /// `l` entries changed by this write: subject -> (last seq, count).
     lasts: HashMap<String, (Seq, u64)>,
-    /// Messages this write added: seq -> (subject, size).
-    added: BTreeMap<Seq, (Subject, u64)>,
+    /// Messages this write added: seq -> (subject, size, KV operation).
+    added: BTreeMap<Seq, (Subject, u64, KvOp)>,
     /// Messages this write removed (committed or added).
     removed: HashSet<Seq>,
     /// The same, with their subjects, in removal order (for the KV index).
@@ -28,10 +29,10 @@ pub(crate) struct Txn<'a> {
     pub st: StreamState,
 }
 
-impl<'a> Txn<'a> {
-    pub fn new(db: &Database, h: &'a StreamHandle) -> Self {
+impl Txn {
+    pub fn new(db: &Database, h: &Arc<StreamHandle>) -> Self {
         Txn {
-            h,
+            h: h.clone(),
             batch: db.batch(),
             lasts: HashMap::new(),
             added: BTreeMap::new(),
@@ -59,7 +60,8 @@ impl<'a> Txn<'a> {
         self.batch.insert(&self.h.index, codec::index_key(msg.subject.as_str(), seq), []);
         let count = self.last_of(msg.subject.as_str())?.map_or(0, |(_, c)| c);
         self.set_last(msg.subject.as_str(), seq, count + 1);
-        self.added.insert(seq, (msg.subject.clone(), size));
+        let op = crate::kv::op_of_headers(&msg.headers);
+        self.added.insert(seq, (msg.subject.clone(), size, op));
         let st = &mut self.st;
         if st.messages == 0 {
             st.first_seq = seq;
@@ -86,7 +88,7 @@ impl<'a> Txn<'a> {
         if self.removed.contains(&seq) {
             return Ok(None);
         }
-        if let Some((s, size)) = self.added.get(&seq) {
+        if let Some((s, size, _)) = self.added.get(&seq) {
             return Ok(Some((s.clone(), *size, self.st.last_time.unwrap_or_default())));
         }
         Ok(self.h.get(seq)?.map(|m| {
@@ -142,6 +144,22 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
+    /// The KV operation of the message at `seq`, as this write sees it.
+    pub fn kv_op(&self, seq: Seq) -> Result<Option<KvOp>> {
+        if self.removed.contains(&seq) {
+            return Ok(None);
+        }
+        if let Some((_, _, op)) = self.added.get(&seq) {
+            return Ok(Some(*op));
+        }
+        Ok(self.h.get(seq)?.map(|m| crate::kv::op_of(&m)))
+    }
+
+    /// Has this write anything to commit?
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+
     /// Drop the oldest message of the stream.
     pub fn evict_front(&mut self) -> Result<()> {
         let seq = self.st.first_seq;
@@ -166,7 +184,7 @@ impl<'a> Txn<'a> {
         seqs.extend(
             self.added
                 .iter()
-                .filter(|(s, (sub, _))| sub.as_str() == subject && !self.removed.contains(s))
+                .filter(|(s, (sub, _, _))| sub.as_str() == subject && !self.removed.contains(s))
                 .map(|(s, _)| *s),
         );
         Ok(seqs)

@@ -80,6 +80,20 @@ fn complete<T: Send + 'static>(reply: Reply<T>, res: Result<T>) -> Completion {
     })
 }
 
+/// Publishes of one round to one stream, staged in one batch.
+struct Staged {
+    txn: Txn,
+    config: finmesh_core::StreamConfig,
+    stored: Vec<finmesh_core::Message>,
+    replies: Vec<(Reply<Vec<PubAck>>, Vec<PubAck>)>,
+}
+
+impl Staged {
+    fn new(db: &Database, h: &Arc<StreamHandle>) -> Self {
+        Staged { txn: Txn::new(db, h), config: h.config(), stored: Vec::new(), replies: Vec::new() }
+    }
+}
+
 /// Message ids seen within a stream's duplicate window.
 #[derive(Default)]
 pub(crate) struct Dedup {
@@ -140,17 +154,44 @@ impl Writer {
                 }
             }
             let mut deferred: Vec<Completion> = Vec::new();
+            let mut staged: Vec<Staged> = Vec::new();
             for op in ops {
                 match op {
                     Op::Close { reply } => close_reply = Some(reply),
-                    Op::Tick => self.housekeeping(),
+                    Op::Publish { stream, msgs, cond, reply } => {
+                        if let Err(e) = self.check_poison() {
+                            let _ = reply.send(Err(e));
+                            continue;
+                        }
+                        let i = match staged.iter().position(|s| Arc::ptr_eq(&s.txn.h, &stream)) {
+                            Some(i) => i,
+                            None => {
+                                staged.push(Staged::new(&self.db, &stream));
+                                staged.len() - 1
+                            }
+                        };
+                        let r = self.stage(&mut staged[i], msgs, cond);
+                        match self.poison_on_err(r) {
+                            Ok(acks) => staged[i].replies.push((reply, acks)),
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                            }
+                        }
+                    }
+                    Op::Tick => {
+                        self.flush(&mut staged, &mut deferred);
+                        self.housekeeping();
+                    }
                     op => {
+                        // Other requests see every publish before them committed.
+                        self.flush(&mut staged, &mut deferred);
                         let sync = self.needs_sync(&op);
                         let done = self.apply(op);
                         if sync { deferred.push(done) } else { done(Ok(())) }
                     }
                 }
             }
+            self.flush(&mut staged, &mut deferred);
             last_synced_round = deferred.len();
             if !deferred.is_empty() {
                 let res = self.fsync();
@@ -246,16 +287,7 @@ impl Writer {
                 let r = self.purge_stream(&stream);
                 complete(reply, r)
             }
-            Op::Publish { stream, msgs, cond, reply } => match self.publish(&stream, msgs, cond) {
-                Ok((acks, stored)) => Box::new(move |synced| {
-                    let ok = synced.is_ok();
-                    let _ = reply.send(synced.map(|_| acks));
-                    if ok && !stored.is_empty() && stream.live.receiver_count() > 0 {
-                        let _ = stream.live.send(stored.into());
-                    }
-                }),
-                Err(e) => complete(reply, Err(e)),
-            },
+            Op::Publish { reply, .. } => complete(reply, Err(Error::internal("publishes are staged, not applied"))),
             Op::Consumer(op) => op.apply(self),
             Op::Tick | Op::Close { .. } => Box::new(|_| {}),
         }
@@ -394,47 +426,35 @@ impl Writer {
         Ok(())
     }
 
-    /// Store `msgs` (all checked first), apply retention, commit atomically.
-    pub(crate) fn publish(
-        &mut self,
-        h: &Arc<StreamHandle>,
-        msgs: Vec<OutgoingMessage>,
-        cond: Cond,
-    ) -> Result<(Vec<PubAck>, Vec<finmesh_core::Message>)> {
+    /// Stage `msgs` (all checked first) into `s`, applying retention; the
+    /// commit happens in [`Writer::flush`]. Message ids are recorded at
+    /// once so later requests of the same round see them.
+    fn stage(&mut self, s: &mut Staged, msgs: Vec<OutgoingMessage>, cond: Cond) -> Result<Vec<PubAck>> {
+        let h = s.txn.h.clone();
         if h.is_deleted() {
             return Err(Error::not_found(format!("stream `{}` does not exist", h.name)));
         }
-        let config = h.config();
-        crate::check_publish(&config, &msgs)?;
-        let window = config.duplicate_window;
-        let now = Timestamp::now().max(h.state().last_time.unwrap_or_default());
-        self.load_dedup(h, window)?;
+        crate::check_publish(&s.config, &msgs)?;
+        let window = s.config.duplicate_window;
+        let now = Timestamp::now().max(s.txn.st.last_time.unwrap_or_default());
+        self.load_dedup(&h, window)?;
         let dedup = self.dedup.get_mut(&h.name).expect("loaded above");
         dedup.expire(now, window);
-        let mut txn = Txn::new(&self.db, h);
+        let txn = &mut s.txn;
         let mut acks = Vec::with_capacity(msgs.len());
-        let mut stored = Vec::with_capacity(msgs.len());
-        let mut new_ids: Vec<(String, Seq)> = Vec::new();
         for msg in msgs {
-            if let Some(id) = msg.msg_id() {
-                let seen = dedup.ids.get(id).copied().or_else(|| new_ids.iter().find(|(i, _)| i == id).map(|x| x.1));
-                if let Some(seq) = seen {
-                    acks.push(PubAck { seq, duplicate: true });
-                    continue;
-                }
+            if let Some(seq) = msg.msg_id().and_then(|id| dedup.ids.get(id)) {
+                acks.push(PubAck { seq: *seq, duplicate: true });
+                continue;
             }
             let subject = msg.subject.clone();
             match cond {
                 Cond::None | Cond::Rollup => {}
                 Cond::NoLiveValue => {
-                    if let Some((last, _)) = txn.last_of(subject.as_str())? {
-                        let m = match txn.h.get(last)? {
-                            Some(m) => Some(m),
-                            None => stored.iter().find(|m: &&finmesh_core::Message| m.seq == last).cloned(),
-                        };
-                        if m.is_some_and(|m| crate::kv::op_of(&m) == finmesh_core::KvOp::Put) {
-                            return Err(Error::wrong_revision(Revision(last.0), "key exists"));
-                        }
+                    if let Some((last, _)) = txn.last_of(subject.as_str())?
+                        && txn.kv_op(last)? == Some(finmesh_core::KvOp::Put)
+                    {
+                        return Err(Error::wrong_revision(Revision(last.0), "key exists"));
                     }
                 }
                 Cond::LastSubjectSeq(expected) => {
@@ -450,30 +470,79 @@ impl Writer {
             let id = msg.msg_id().map(str::to_owned);
             let m = txn.append(now, msg)?;
             if let Some(id) = id {
-                new_ids.push((id, m.seq));
+                dedup.ids.insert(id.clone(), m.seq);
+                dedup.order.push_back((now, id));
             }
             acks.push(PubAck { seq: m.seq, duplicate: false });
-            stored.push(m);
+            s.stored.push(m);
             if cond == Cond::Rollup {
                 txn.trim_subject(&subject, 1)?;
-            } else if let Some(keep) = config.max_msgs_per_subject {
+            } else if let Some(keep) = s.config.max_msgs_per_subject {
                 txn.trim_subject(&subject, keep)?;
             }
         }
-        if stored.is_empty() {
-            return Ok((acks, stored));
+        limits(&s.config, txn, now)?;
+        Ok(acks)
+    }
+
+    /// Commit every staged stream write; acks go out at once, or after the
+    /// round's fsync (`deferred`) for `sync = always`.
+    fn flush(&mut self, staged: &mut Vec<Staged>, deferred: &mut Vec<Completion>) {
+        for s in staged.drain(..) {
+            let Staged { txn, config, stored, replies } = s;
+            let h = txn.h.clone();
+            if txn.is_empty() {
+                // Only duplicates: nothing to make durable.
+                for (reply, acks) in replies {
+                    let _ = reply.send(Ok(acks));
+                }
+                continue;
+            }
+            let r = self.check_poison().and_then(|_| txn.commit(&self.meta));
+            match self.poison_on_err(r) {
+                Ok((st, removed)) => {
+                    h.after_commit(st, &stored, &removed);
+                    self.committed(config.sync);
+                    let done: Completion = Box::new(move |synced: Result<()>| {
+                        let ok = synced.is_ok();
+                        for (reply, acks) in replies {
+                            let _ = reply.send(match &synced {
+                                Ok(()) => Ok(acks),
+                                Err(e) => Err(Error::new(e.kind(), e.message())),
+                            });
+                        }
+                        if ok && !stored.is_empty() && h.live.receiver_count() > 0 {
+                            let _ = h.live.send(stored.into());
+                        }
+                    });
+                    if config.sync == SyncPolicy::Always { deferred.push(done) } else { done(Ok(())) }
+                }
+                Err(e) => {
+                    for (reply, _) in replies {
+                        let _ = reply.send(Err(Error::new(e.kind(), e.message())));
+                    }
+                }
+            }
         }
-        limits(&config, &mut txn, now)?;
+    }
+
+    /// Publish and commit at once (internal writes, e.g. dead letters).
+    pub(crate) fn publish_now(
+        &mut self,
+        h: &Arc<StreamHandle>,
+        msgs: Vec<OutgoingMessage>,
+    ) -> Result<Vec<finmesh_core::Message>> {
+        let mut s = Staged::new(&self.db, h);
+        self.stage(&mut s, msgs, Cond::None)?;
+        let Staged { txn, config, stored, .. } = s;
         let r = txn.commit(&self.meta);
         let (st, removed) = self.poison_on_err(r)?;
         h.after_commit(st, &stored, &removed);
-        let dedup = self.dedup.get_mut(&h.name).expect("created above");
-        for (id, seq) in new_ids {
-            dedup.ids.insert(id.clone(), seq);
-            dedup.order.push_back((now, id));
-        }
         self.committed(config.sync);
-        Ok((acks, stored))
+        if !stored.is_empty() && h.live.receiver_count() > 0 {
+            let _ = h.live.send(stored.clone().into());
+        }
+        Ok(stored)
     }
 
     /// Apply the stream-wide limits now (after an update, or by age).
@@ -535,14 +604,14 @@ impl Writer {
 }
 
 /// max_msgs, max_bytes and max_age, evicting from the front.
-fn limits(config: &finmesh_core::StreamConfig, txn: &mut Txn<'_>, now: Timestamp) -> Result<()> {
+fn limits(config: &finmesh_core::StreamConfig, txn: &mut Txn, now: Timestamp) -> Result<()> {
     let mut unbounded = usize::MAX;
     limits_bounded(config, txn, now, &mut unbounded)
 }
 
 fn limits_bounded(
     config: &finmesh_core::StreamConfig,
-    txn: &mut Txn<'_>,
+    txn: &mut Txn,
     now: Timestamp,
     budget: &mut usize,
 ) -> Result<()> {
