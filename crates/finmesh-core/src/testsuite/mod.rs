@@ -1,1 +1,263 @@
-//! The conformance suite (placeholder; filled in by the suite work).
+//! The conformance suite: one set of cases, written once against the
+//! [`Engine`](crate::Engine) traits, that every engine must pass.
+//!
+//! An engine's test file implements [`Harness`] (how to start an engine on
+//! fresh storage and how to restart it on the same storage) and stamps every
+//! case with [`engine_conformance_tests!`](crate::engine_conformance_tests):
+//!
+//! ```ignore
+//! struct MyHarness { /* storage + engine */ }
+//! #[async_trait::async_trait]
+//! impl finmesh_core::testsuite::Harness for MyHarness { /* … */ }
+//! finmesh_core::engine_conformance_tests!(MyHarness);
+//! ```
+//!
+//! Layout, one file per area: [`streams`] (lifecycle), [`publish`],
+//! [`reads`], [`limits`] (dedup and retention), [`tail`], [`kv`], [`kv_cas`]
+//! (compare-and-set, TTL, limits), [`watch`], [`consumers`], [`redelivery`],
+//! [`deliver`] (deliver policies and filters), [`restart`], [`concurrency`],
+//! and [`property`] (random operation sequences against the in-memory
+//! [`model`]). Shared helpers live in [`support`].
+//!
+//! Rules every case follows, so that the suite also runs against a real NATS
+//! server:
+//! - each case starts its own engine with [`Harness::start`] and needs nothing
+//!   else; it finishes in well under two seconds on a healthy engine;
+//! - it asserts [`ErrorKind`](crate::ErrorKind)s, never message text;
+//! - it never sleeps to synchronize: it waits for events (a fetch with a wait,
+//!   the next tail item with a timeout) or polls a condition with a bounded
+//!   deadline (only for time-based expiry);
+//! - every wait is bounded, and [`run_case`] bounds the whole case, so a hung
+//!   engine fails a test instead of hanging the run.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub mod concurrency;
+pub mod consumers;
+pub mod deliver;
+pub mod kv;
+pub mod kv_cas;
+pub mod limits;
+pub mod model;
+pub mod property;
+pub mod publish;
+pub mod reads;
+pub mod redelivery;
+pub mod restart;
+pub mod streams;
+pub mod support;
+pub mod tail;
+pub mod watch;
+
+/// What an engine's test file provides so the suite can drive it.
+#[async_trait]
+pub trait Harness: Send + Sync + Sized + 'static {
+    /// A fresh engine on fresh, empty storage.
+    async fn start() -> Self;
+
+    /// A handle to the running engine. Handles taken before a
+    /// [`restart`](Harness::restart) must not be used after it.
+    fn engine(&self) -> Arc<dyn crate::Engine>;
+
+    /// Stop the engine and open it again on the same storage, as a process
+    /// restart would. Everything acknowledged before must still be there.
+    async fn restart(&mut self);
+}
+
+/// Longest time one case may run before it fails as hung.
+pub const CASE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Run one async case on its own multi-threaded runtime (two workers, as
+/// `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]` would),
+/// bounded by [`CASE_TIMEOUT`]. Used by [`engine_conformance_tests!`](crate::engine_conformance_tests).
+pub fn run_case<F, Fut>(case: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("build the test runtime");
+    rt.block_on(async {
+        if tokio::time::timeout(CASE_TIMEOUT, case()).await.is_err() {
+            panic!("case did not finish within {CASE_TIMEOUT:?}: the engine hung");
+        }
+    });
+}
+
+/// Stamp every conformance case as a test for one harness type.
+///
+/// Each async case becomes a `#[test]` that runs it through
+/// [`testsuite::run_case`](crate::testsuite::run_case); tests are grouped in
+/// modules named after the suite's files (`conformance::streams::…`).
+#[macro_export]
+macro_rules! engine_conformance_tests {
+    ($harness:ty) => {
+        #[allow(dead_code)]
+        type FinmeshConformanceHarness = $harness;
+
+        $crate::__engine_conformance_cases! {
+            streams: [
+                create_stream_starts_empty,
+                create_stream_is_idempotent,
+                create_stream_with_other_config_is_already_exists,
+                create_stream_with_overlapping_subjects_is_invalid,
+                create_stream_with_invalid_config_is_invalid,
+                missing_stream_is_not_found,
+                update_stream_applies_retention_at_once,
+                update_stream_changes_subjects,
+                update_missing_stream_is_not_found,
+                list_streams_is_sorted_and_excludes_buckets,
+                delete_stream_removes_messages_and_consumers,
+                purge_removes_everything_and_sequences_continue,
+            ],
+            publish: [
+                publish_assigns_consecutive_sequences_and_keeps_content,
+                publish_to_uncaptured_subject_is_invalid,
+                publish_batch_acks_in_order,
+                publish_empty_batch_is_ok,
+                publish_batch_with_bad_subject_writes_nothing,
+                publish_batch_with_too_large_message_writes_nothing,
+                max_msg_size_is_too_large_and_writes_nothing,
+                stream_state_counts_bytes_and_times,
+            ],
+            reads: [
+                empty_stream_reads,
+                get_message_seq_zero_and_past_end_are_not_found,
+                read_from_seq_zero_and_past_end,
+                read_respects_end_and_limit,
+                read_with_wildcard_filters,
+                read_from_time,
+                last_message_of_subject,
+                last_per_subject_with_filters,
+            ],
+            limits: [
+                dedup_within_window_returns_original,
+                dedup_after_window_stores_again,
+                dedup_inside_batch,
+                msg_id_too_long_is_invalid,
+                retention_max_msgs,
+                retention_max_bytes,
+                retention_max_age,
+                retention_max_msgs_per_subject,
+            ],
+            tail: [
+                tail_from_start_then_live,
+                tail_from_middle,
+                tail_past_the_end_waits_for_that_sequence,
+                tail_with_wildcard_filters,
+                tail_reports_gap_after_retention,
+                tail_from_zero_on_trimmed_stream_has_no_gap,
+                tail_reports_gap_after_purge,
+                tail_joins_live_without_gap_or_duplicate,
+                tail_ends_with_error_when_stream_deleted,
+                tails_agree_on_order,
+            ],
+            kv: [
+                bucket_history_must_be_1_to_64,
+                create_bucket_is_idempotent_and_conflicts,
+                bucket_lifecycle,
+                missing_bucket_is_not_found,
+                put_and_get,
+                get_at_revision,
+                delete_leaves_a_tombstone,
+                purge_collapses_history,
+                keys_by_prefix,
+                history_is_bounded,
+                update_bucket_trims_history,
+            ],
+            kv_cas: [
+                create_only_if_absent,
+                create_after_delete_or_purge_succeeds,
+                update_checks_the_latest_revision,
+                update_of_deleted_key_needs_the_marker_revision,
+                value_too_large_writes_nothing,
+                ttl_expires_values,
+                revisions_increase_across_keys,
+            ],
+            watch: [
+                watch_from_revision_includes_deletes,
+                watch_latest_values,
+                watch_new_only_changes,
+                watch_filters_by_prefix,
+            ],
+            consumers: [
+                consumer_lifecycle,
+                create_consumer_is_idempotent_and_conflicts,
+                update_consumer_rules,
+                consumer_on_missing_stream_is_not_found,
+                fetch_delivers_in_order_and_tracks_position,
+                fetch_waits_then_returns_empty,
+                fetch_returns_message_published_during_wait,
+                ack_is_final_and_idempotent,
+                bad_ack_token_is_invalid,
+            ],
+            redelivery: [
+                nak_redelivers_at_once,
+                nak_with_delay,
+                term_stops_delivery,
+                in_progress_extends_ack_wait,
+                ack_wait_expiry_redelivers,
+                max_deliver_dead_letters,
+                max_deliver_without_dead_letter_drops,
+                max_ack_pending_bounds_fetch,
+            ],
+            deliver: [
+                deliver_all,
+                deliver_new,
+                deliver_from_seq,
+                deliver_from_time,
+                deliver_last_per_subject,
+                filtered_consumer_with_wildcards,
+            ],
+            restart: [
+                stream_data_survives_restart,
+                dedup_survives_restart,
+                kv_survives_restart,
+                consumer_resumes_after_restart,
+                ack_token_survives_restart,
+            ],
+            concurrency: [
+                concurrent_publishers_have_no_duplicate_or_missing_seq,
+                concurrent_creates_have_one_winner,
+                concurrent_updates_have_one_winner,
+                concurrent_fetchers_never_share_a_message,
+            ],
+        }
+
+        mod conformance_property {
+            #[test]
+            fn engine_matches_model() {
+                $crate::testsuite::property::engine_matches_model::<super::FinmeshConformanceHarness>();
+            }
+        }
+    };
+}
+
+/// Implementation detail of [`engine_conformance_tests!`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __engine_conformance_cases {
+    ($($area:ident: [$($case:ident),* $(,)?]),* $(,)?) => {
+        mod conformance {
+            $(
+                mod $area {
+                    $(
+                        #[test]
+                        fn $case() {
+                            $crate::testsuite::run_case(
+                                $crate::testsuite::$area::$case::<super::super::FinmeshConformanceHarness>,
+                            );
+                        }
+                    )*
+                }
+            )*
+        }
+    };
+}
