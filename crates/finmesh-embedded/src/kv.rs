@@ -81,9 +81,10 @@ pub(crate) fn entry(bucket: &BucketName, m: Message) -> Result<KvEntry> {
     Ok(KvEntry { key: Key::new(key)?, op: op_of(&m), value: m.payload, revision: Revision(m.seq.0), created: m.time })
 }
 
-/// Is an entry created at `created` expired under `ttl` at `now`?
+/// Is an entry created at `created` expired under `ttl` at `now`? The same
+/// boundary as age retention (`created < now - ttl`), so reads and writes agree.
 pub(crate) fn expired(ttl: Option<Duration>, created: Timestamp, now: Timestamp) -> bool {
-    ttl.is_some_and(|t| created.saturating_add(t) <= now)
+    ttl.is_some_and(|t| created < now.saturating_sub(t))
 }
 
 /// Check a value against the bucket's size limit.

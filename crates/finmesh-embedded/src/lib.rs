@@ -34,6 +34,7 @@
 
 mod codec;
 mod consumers;
+mod journal_sync;
 mod kv;
 mod kvindex;
 mod store;
@@ -125,7 +126,7 @@ impl EmbeddedEngine {
         store::load_all(&db, &meta, &registry)?;
         let consumers = Consumers::load(&meta)?;
         let (tx, rx) = flume::bounded(QUEUE);
-        let writer = Writer::new(db, meta, registry.clone(), consumers.clone());
+        let writer = Writer::new(db, dir, meta, registry.clone(), consumers.clone());
         let writer_thread = std::thread::Builder::new()
             .name("finmesh-writer".into())
             .spawn(move || writer.run(rx))

@@ -121,11 +121,15 @@ impl StreamHandle {
     /// Called by the writer right after each commit.
     pub fn after_commit(&self, st: StreamState, stored: &[Message], removed: &[(Seq, Subject)]) {
         if let Some(idx) = &self.kv {
-            for (seq, subject) in removed {
-                idx.removed(*seq, subject.as_str());
-            }
+            // New values first: replacing a key's entry is atomic, whereas
+            // removing the old revision first would let a reader see no value.
+            // A removal then only drops an entry whose revision it names, so
+            // a message both stored and evicted by this commit is dropped too.
             for m in stored {
                 idx.stored(m);
+            }
+            for (seq, subject) in removed {
+                idx.removed(*seq, subject.as_str());
             }
         }
         *self.state.lock() = st;

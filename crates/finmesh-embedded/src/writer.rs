@@ -1,14 +1,15 @@
 //! The single writer: one OS thread owns every mutation, fed by a bounded
 //! channel, and commits concurrent requests together (group commit).
 //!
-//! A round drains every queued request, applies each one (validation, one
-//! atomic fjall batch per request, which reaches the OS page cache before the
-//! next request runs), then, if any request of the round needs
-//! `sync = always`, calls one fsync for all of them and only then sends their
-//! acks. While the fsync runs, new requests queue up and form the next round.
-//! To stop rounds from alternating between large and small when many
-//! publishers each await their ack, a round that finds fewer requests queued
-//! than the previous synced round waits up to [`LINGER`] for the rest.
+//! A round drains every queued request and applies them in order; the
+//! publishes of a round to one stream are staged in one atomic fjall batch
+//! (one journal write, handed to the OS page cache). Acks of writes that
+//! need no fsync go out at once. Writes of `sync = always` streams go to the
+//! syncer thread, which fsyncs once for everything handed to it so far and
+//! then acks all of it. While an fsync runs the writer goes on with the next
+//! round, so the disk's flush and the CPU work of the next requests overlap,
+//! and each fsync covers every write committed while the previous one ran
+//! (the fsync does not hold fjall's journal lock: see `journal_sync`).
 //!
 //! Invariants:
 //! - no ack of a `sync = always` write is sent before an fsync that started
@@ -29,11 +30,10 @@ use fjall::{Database, Keyspace, PersistMode};
 use tokio::sync::oneshot;
 
 use crate::consumers::{ConsumerOp, Consumers};
+use crate::journal_sync::JournalSync;
 use crate::store::{self, Registry, StreamHandle, StreamKind, StreamRecord, storage};
 use crate::txn::Txn;
 
-/// Longest a round waits for more requests to share its fsync.
-pub(crate) const LINGER: Duration = Duration::from_micros(150);
 /// Most requests applied in one round.
 const MAX_ROUND: usize = 4096;
 /// Most messages removed by age in one housekeeping pass per stream.
@@ -80,6 +80,68 @@ fn complete<T: Send + 'static>(reply: Reply<T>, res: Result<T>) -> Completion {
     })
 }
 
+/// Set once a write or fsync failed; the store then refuses writes.
+#[derive(Default)]
+pub(crate) struct Poison(parking_lot::Mutex<Option<String>>);
+
+impl Poison {
+    fn get(&self) -> Option<String> {
+        self.0.lock().clone()
+    }
+
+    fn set(&self, msg: String) {
+        self.0.lock().get_or_insert(msg);
+    }
+}
+
+/// fsync the journal; a failure poisons the store.
+fn fsync(db: &Database, poison: &Poison) -> std::result::Result<(), String> {
+    if let Some(p) = poison.get() {
+        return Err(p);
+    }
+    db.persist(PersistMode::SyncData).map_err(|e| {
+        let msg = format!("fsync failed, the store refuses writes until restarted: {e}");
+        tracing::error!("{msg}");
+        poison.set(msg.clone());
+        msg
+    })
+}
+
+/// The syncer thread: one fsync for every write handed over since the last
+/// one started, then their acks. Every write it receives was committed
+/// before it was sent here, so the fsync that follows covers it.
+fn run_syncer(db: &Database, journal: &mut JournalSync, rx: &flume::Receiver<Vec<Completion>>, poison: &Poison) {
+    let (mut fsyncs, mut writes, mut busy) = (0u64, 0u64, Duration::ZERO);
+    while let Ok(mut waiting) = rx.recv() {
+        while let Ok(more) = rx.try_recv() {
+            waiting.extend(more);
+        }
+        let started = Instant::now();
+        let res = match poison.get() {
+            Some(p) => Err(p),
+            None => journal.sync(db).map_err(|e| {
+                let msg = format!("{e}; the store refuses writes until restarted");
+                tracing::error!("{msg}");
+                poison.set(msg.clone());
+                msg
+            }),
+        };
+        busy += started.elapsed();
+        fsyncs += 1;
+        writes += waiting.len() as u64;
+        for done in waiting {
+            done(res.clone().map_err(Error::unavailable));
+        }
+    }
+    tracing::debug!(
+        fsyncs,
+        writes,
+        writes_per_fsync = writes as f64 / fsyncs.max(1) as f64,
+        mean_fsync_us = busy.as_micros() as u64 / fsyncs.max(1),
+        "syncer stopped"
+    );
+}
+
 /// Publishes of one round to one stream, staged in one batch.
 struct Staged {
     txn: Txn,
@@ -121,19 +183,45 @@ pub(crate) struct Writer {
     pub registry: Arc<Registry>,
     pub consumers: Consumers,
     dedup: HashMap<StreamName, Dedup>,
-    poisoned: Option<String>,
+    poison: Arc<Poison>,
+    /// Writes waiting for an fsync, handed to the syncer thread.
+    sync_tx: Option<flume::Sender<Vec<Completion>>>,
+    syncer: Option<std::thread::JoinHandle<()>>,
     /// When the next `sync = interval` fsync is due, if anything waits for one.
     interval_due: Option<Instant>,
 }
 
 impl Writer {
-    pub fn new(db: Database, meta: Keyspace, registry: Arc<Registry>, consumers: Consumers) -> Self {
-        Writer { db, meta, registry, consumers, dedup: HashMap::new(), poisoned: None, interval_due: None }
+    pub fn new(
+        db: Database,
+        dir: &std::path::Path,
+        meta: Keyspace,
+        registry: Arc<Registry>,
+        consumers: Consumers,
+    ) -> Self {
+        let poison = Arc::new(Poison::default());
+        let (sync_tx, sync_rx) = flume::unbounded();
+        let (sdb, spoison) = (db.clone(), poison.clone());
+        let mut journal = JournalSync::new(dir);
+        let syncer = std::thread::Builder::new()
+            .name("finmesh-syncer".into())
+            .spawn(move || run_syncer(&sdb, &mut journal, &sync_rx, &spoison))
+            .expect("spawn the syncer thread");
+        Writer {
+            db,
+            meta,
+            registry,
+            consumers,
+            dedup: HashMap::new(),
+            poison,
+            sync_tx: Some(sync_tx),
+            syncer: Some(syncer),
+            interval_due: None,
+        }
     }
 
     /// The writer thread's loop; returns when closed or every sender is gone.
     pub fn run(mut self, rx: flume::Receiver<Op>) {
-        let mut last_synced_round = 0usize;
         let mut close_reply = None;
         while close_reply.is_none() {
             let Ok(first) = rx.recv() else { break };
@@ -142,15 +230,6 @@ impl Writer {
                 match rx.try_recv() {
                     Ok(op) => ops.push(op),
                     Err(_) => break,
-                }
-            }
-            if last_synced_round > 1 && ops.len() < last_synced_round && ops.iter().any(|o| self.needs_sync(o)) {
-                let deadline = Instant::now() + LINGER;
-                while ops.len() < last_synced_round {
-                    match rx.recv_deadline(deadline) {
-                        Ok(op) => ops.push(op),
-                        Err(_) => break,
-                    }
                 }
             }
             let mut deferred: Vec<Completion> = Vec::new();
@@ -192,32 +271,34 @@ impl Writer {
                 }
             }
             self.flush(&mut staged, &mut deferred);
-            last_synced_round = deferred.len();
-            if !deferred.is_empty() {
-                let res = self.fsync();
+            if !deferred.is_empty()
+                && let Some(tx) = &self.sync_tx
+                && let Err(flume::SendError(deferred)) = tx.send(deferred)
+            {
                 for done in deferred {
-                    done(res.as_ref().map(|_| ()).map_err(|e| Error::unavailable(e.clone())));
+                    done(Err(Error::unavailable("the syncer thread is gone")));
                 }
             }
         }
-        let res = if self.poisoned.is_none() { self.db.persist(PersistMode::SyncAll).map_err(storage) } else { Ok(()) };
+        // Let the syncer finish what it has, then make everything durable.
+        drop(self.sync_tx.take());
+        if let Some(t) = self.syncer.take() {
+            let _ = t.join();
+        }
+        let res = match self.poison.get() {
+            None => self.db.persist(PersistMode::SyncAll).map_err(storage),
+            Some(_) => Ok(()),
+        };
         if let Some(reply) = close_reply {
             let _ = reply.send(res);
         }
     }
 
-    fn fsync(&mut self) -> std::result::Result<(), String> {
-        if let Some(p) = &self.poisoned {
-            return Err(p.clone());
+    /// An fsync from the writer itself (`sync = interval`).
+    fn fsync(&mut self) {
+        if fsync(&self.db, &self.poison).is_ok() {
+            self.interval_due = None;
         }
-        self.db.persist(PersistMode::SyncData).map_err(|e| {
-            let msg = format!("fsync failed, the store refuses writes until restarted: {e}");
-            tracing::error!("{msg}");
-            self.poisoned = Some(msg.clone());
-            msg
-        })?;
-        self.interval_due = None;
-        Ok(())
     }
 
     fn needs_sync(&self, op: &Op) -> bool {
@@ -240,8 +321,8 @@ impl Writer {
     }
 
     fn check_poison(&self) -> Result<()> {
-        match &self.poisoned {
-            Some(p) => Err(Error::unavailable(p.clone())),
+        match self.poison.get() {
+            Some(p) => Err(Error::unavailable(p)),
             None => Ok(()),
         }
     }
@@ -250,11 +331,11 @@ impl Writer {
     fn poison_on_err<T>(&mut self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r
             && matches!(e.kind(), ErrorKind::Internal | ErrorKind::Unavailable)
-            && self.poisoned.is_none()
+            && self.poison.get().is_none()
         {
             let msg = format!("write failed, the store refuses writes until restarted: {e}");
             tracing::error!("{msg}");
-            self.poisoned = Some(msg);
+            self.poison.set(msg);
         }
         r
     }
@@ -441,6 +522,11 @@ impl Writer {
         let dedup = self.dedup.get_mut(&h.name).expect("loaded above");
         dedup.expire(now, window);
         let txn = &mut s.txn;
+        if cond != Cond::None && s.config.max_age.is_some() {
+            // Conditions must not see entries that reads already treat as
+            // expired: apply age retention first.
+            limits(&s.config, txn, now)?;
+        }
         let mut acks = Vec::with_capacity(msgs.len());
         for msg in msgs {
             if let Some(seq) = msg.msg_id().and_then(|id| dedup.ids.get(id)) {
@@ -577,11 +663,11 @@ impl Writer {
 
     /// Periodic work: interval fsyncs, age retention, consumer timers.
     fn housekeeping(&mut self) {
-        if self.poisoned.is_some() {
+        if self.poison.get().is_some() {
             return;
         }
         if self.interval_due.is_some_and(|d| d <= Instant::now()) {
-            let _ = self.fsync();
+            self.fsync();
         }
         let now = Timestamp::now();
         for h in self.registry.all() {
