@@ -107,14 +107,41 @@ fn fsync(db: &Database, poison: &Poison) -> std::result::Result<(), String> {
     })
 }
 
+/// Writes handed to the syncer: their completions and how many requests they answer.
+pub(crate) type SyncJob = (Vec<Completion>, usize);
+
+/// Longest the syncer waits for more writes to share an fsync, as a
+/// fraction of the last fsync's duration (and never more than [`MAX_LINGER`]).
+const MAX_LINGER: Duration = Duration::from_micros(200);
+
 /// The syncer thread: one fsync for every write handed over since the last
 /// one started, then their acks. Every write it receives was committed
 /// before it was sent here, so the fsync that follows covers it.
-fn run_syncer(db: &Database, journal: &mut JournalSync, rx: &flume::Receiver<Vec<Completion>>, poison: &Poison) {
-    let (mut fsyncs, mut writes, mut busy) = (0u64, 0u64, Duration::ZERO);
-    while let Ok(mut waiting) = rx.recv() {
-        while let Ok(more) = rx.try_recv() {
+///
+/// Publishers that await their acks come back in a burst after each fsync.
+/// If fewer requests are waiting than the last fsync covered, the syncer
+/// waits up to half an fsync for the rest of the burst (the writer keeps
+/// committing meanwhile), so fsyncs do not alternate between full and
+/// nearly empty.
+fn run_syncer(db: &Database, journal: &mut JournalSync, rx: &flume::Receiver<SyncJob>, poison: &Poison) {
+    let (mut fsyncs, mut requests, mut busy) = (0u64, 0u64, Duration::ZERO);
+    let (mut last_requests, mut last_fsync) = (0usize, Duration::ZERO);
+    while let Ok((mut waiting, mut count)) = rx.recv() {
+        while let Ok((more, n)) = rx.try_recv() {
             waiting.extend(more);
+            count += n;
+        }
+        if count < last_requests {
+            let deadline = Instant::now() + (last_fsync / 2).min(MAX_LINGER);
+            while count < last_requests {
+                match rx.recv_deadline(deadline) {
+                    Ok((more, n)) => {
+                        waiting.extend(more);
+                        count += n;
+                    }
+                    Err(_) => break,
+                }
+            }
         }
         let started = Instant::now();
         let res = match poison.get() {
@@ -126,17 +153,19 @@ fn run_syncer(db: &Database, journal: &mut JournalSync, rx: &flume::Receiver<Vec
                 msg
             }),
         };
-        busy += started.elapsed();
+        last_fsync = started.elapsed();
+        busy += last_fsync;
         fsyncs += 1;
-        writes += waiting.len() as u64;
+        requests += count as u64;
+        last_requests = count;
         for done in waiting {
             done(res.clone().map_err(Error::unavailable));
         }
     }
     tracing::debug!(
         fsyncs,
-        writes,
-        writes_per_fsync = writes as f64 / fsyncs.max(1) as f64,
+        requests,
+        requests_per_fsync = requests as f64 / fsyncs.max(1) as f64,
         mean_fsync_us = busy.as_micros() as u64 / fsyncs.max(1),
         "syncer stopped"
     );
@@ -185,8 +214,10 @@ pub(crate) struct Writer {
     dedup: HashMap<StreamName, Dedup>,
     poison: Arc<Poison>,
     /// Writes waiting for an fsync, handed to the syncer thread.
-    sync_tx: Option<flume::Sender<Vec<Completion>>>,
+    sync_tx: Option<flume::Sender<SyncJob>>,
     syncer: Option<std::thread::JoinHandle<()>>,
+    /// Requests answered by this round's deferred completions.
+    deferred_requests: usize,
     /// When the next `sync = interval` fsync is due, if anything waits for one.
     interval_due: Option<Instant>,
 }
@@ -216,6 +247,7 @@ impl Writer {
             poison,
             sync_tx: Some(sync_tx),
             syncer: Some(syncer),
+            deferred_requests: 0,
             interval_due: None,
         }
     }
@@ -266,14 +298,20 @@ impl Writer {
                         self.flush(&mut staged, &mut deferred);
                         let sync = self.needs_sync(&op);
                         let done = self.apply(op);
-                        if sync { deferred.push(done) } else { done(Ok(())) }
+                        if sync {
+                            self.deferred_requests += 1;
+                            deferred.push(done)
+                        } else {
+                            done(Ok(()))
+                        }
                     }
                 }
             }
             self.flush(&mut staged, &mut deferred);
             if !deferred.is_empty()
                 && let Some(tx) = &self.sync_tx
-                && let Err(flume::SendError(deferred)) = tx.send(deferred)
+                && let Err(flume::SendError((deferred, _))) =
+                    tx.send((deferred, std::mem::take(&mut self.deferred_requests)))
             {
                 for done in deferred {
                     done(Err(Error::unavailable("the syncer thread is gone")));
@@ -576,6 +614,7 @@ impl Writer {
     fn flush(&mut self, staged: &mut Vec<Staged>, deferred: &mut Vec<Completion>) {
         for s in staged.drain(..) {
             let Staged { txn, config, stored, replies } = s;
+            let n_replies = replies.len();
             let h = txn.h.clone();
             if txn.is_empty() {
                 // Only duplicates: nothing to make durable.
@@ -601,7 +640,12 @@ impl Writer {
                             let _ = h.live.send(stored.into());
                         }
                     });
-                    if config.sync == SyncPolicy::Always { deferred.push(done) } else { done(Ok(())) }
+                    if config.sync == SyncPolicy::Always {
+                        self.deferred_requests += n_replies;
+                        deferred.push(done)
+                    } else {
+                        done(Ok(()))
+                    }
                 }
                 Err(e) => {
                     for (reply, _) in replies {
