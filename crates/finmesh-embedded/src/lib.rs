@@ -70,15 +70,23 @@ const TICK: Duration = Duration::from_millis(10);
 /// Tuning for [`EmbeddedEngine::open_with`].
 #[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
-    /// Block cache size in bytes (default 64 MiB).
+    /// Block cache size in bytes (default 32 MiB; KV gets are served from
+    /// memory, so the cache matters for stream reads and history only).
     pub cache_bytes: u64,
-    /// Memory for unflushed writes across all keyspaces (default 64 MiB).
+    /// Memory for unflushed writes across all keyspaces (default 48 MiB).
     pub write_buffer_bytes: u64,
+    /// Journal kept before memtables are flushed (default 48 MiB). The
+    /// journal is replayed at open, so this bounds reopen time and memory.
+    pub journal_bytes: u64,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
-        EmbeddedOptions { cache_bytes: 64 * 1024 * 1024, write_buffer_bytes: 64 * 1024 * 1024 }
+        EmbeddedOptions {
+            cache_bytes: 32 * 1024 * 1024,
+            write_buffer_bytes: 48 * 1024 * 1024,
+            journal_bytes: 48 * 1024 * 1024,
+        }
     }
 }
 

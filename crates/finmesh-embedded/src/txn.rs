@@ -74,13 +74,15 @@ impl Txn {
         Ok(Message { seq, subject: msg.subject, headers: msg.headers, payload: msg.payload, time })
     }
 
+    /// Record a subject's new last sequence and count; written to the `l`
+    /// keyspace once per subject at commit, however often it changes.
     fn set_last(&mut self, subject: &str, seq: Seq, count: u64) {
-        if count == 0 {
-            self.batch.remove(&self.h.last, subject.as_bytes().to_vec());
-        } else {
-            self.batch.insert(&self.h.last, subject.as_bytes().to_vec(), codec::encode_last(seq, count));
+        match self.lasts.get_mut(subject) {
+            Some(v) => *v = (seq, count),
+            None => {
+                self.lasts.insert(subject.to_owned(), (seq, count));
+            }
         }
-        self.lasts.insert(subject.to_owned(), (seq, count));
     }
 
     /// Subject and size of a message this write can still see.
@@ -209,6 +211,13 @@ impl Txn {
     /// Write the counters and commit atomically; returns the new state and
     /// the messages removed, for [`StreamHandle::after_commit`].
     pub fn commit(mut self, meta: &fjall::Keyspace) -> Result<(StreamState, Vec<(Seq, Subject)>)> {
+        for (subject, (seq, count)) in self.lasts.drain() {
+            if count == 0 {
+                self.batch.remove(&self.h.last, subject.into_bytes());
+            } else {
+                self.batch.insert(&self.h.last, subject.into_bytes(), codec::encode_last(seq, count));
+            }
+        }
         let c = Counters {
             messages: self.st.messages,
             bytes: self.st.bytes,
