@@ -67,26 +67,26 @@ const QUEUE: usize = 8192;
 /// Housekeeping period (interval fsyncs, age retention).
 const TICK: Duration = Duration::from_millis(10);
 
+/// fjall refuses (panics on) a smaller journal limit.
+const MIN_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Tuning for [`EmbeddedEngine::open_with`].
 #[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
     /// Block cache size in bytes (default 32 MiB; KV gets are served from
     /// memory, so the cache matters for stream reads and history only).
     pub cache_bytes: u64,
-    /// Memory for unflushed writes across all keyspaces (default 48 MiB).
-    pub write_buffer_bytes: u64,
-    /// Journal kept before memtables are flushed (default 48 MiB). The
-    /// journal is replayed at open, so this bounds reopen time and memory.
+    /// Journal kept before memtables are flushed (default and minimum
+    /// 64 MiB, fjall's lower bound; smaller values are raised to it). The
+    /// journal is replayed into memtables at open, so this bounds unflushed
+    /// memory, reopen time and memory after reopen. (Each keyspace's
+    /// memtable is also capped at 16 MiB.)
     pub journal_bytes: u64,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
-        EmbeddedOptions {
-            cache_bytes: 32 * 1024 * 1024,
-            write_buffer_bytes: 48 * 1024 * 1024,
-            journal_bytes: 48 * 1024 * 1024,
-        }
+        EmbeddedOptions { cache_bytes: 32 * 1024 * 1024, journal_bytes: MIN_JOURNAL_BYTES }
     }
 }
 
@@ -127,8 +127,17 @@ impl EmbeddedEngine {
         let dir = dir.as_ref();
         let db = fjall::Database::builder(dir)
             .cache_size(options.cache_bytes)
+            .max_journaling_size(options.journal_bytes.max(MIN_JOURNAL_BYTES))
             .open()
-            .map_err(|e| Error::unavailable(format!("cannot open the store at {}", dir.display())).with_source(e))?;
+            .map_err(|e| match e {
+                fjall::Error::JournalRecovery(_) => Error::internal(format!(
+                    "the journal in {} is corrupt before its last batch ({e}); refusing to open rather than \
+                     skip acknowledged writes",
+                    dir.display()
+                ))
+                .with_source(e),
+                e => Error::unavailable(format!("cannot open the store at {}", dir.display())).with_source(e),
+            })?;
         let meta = db.keyspace("meta", fjall::KeyspaceCreateOptions::default).map_err(storage)?;
         let registry = Arc::new(Registry::default());
         store::load_all(&db, &meta, &registry)?;
