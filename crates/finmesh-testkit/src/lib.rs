@@ -18,6 +18,7 @@
 //!
 //! ```no_run
 //! # async fn f() -> finmesh_testkit::Result<()> {
+//! use finmesh_testkit::ManagedServer; // pid, stop, kill, restart
 //! let mut nats = finmesh_testkit::NatsServer::start().await?;
 //! let url = nats.url(); // nats://127.0.0.1:<free port>
 //! nats.kill().await?; // SIGKILL, as a crash would
@@ -35,4 +36,5 @@ pub mod redis;
 
 pub use error::{Error, Result};
 pub use nats::{ClusterSpec, NatsCluster, NatsConfig, NatsServer, NatsServerBuilder};
+pub use process::ManagedServer;
 pub use redis::{RedisServer, RedisServerBuilder};

@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 
 use crate::{Error, Result};
 
+/// How long a graceful stop waits before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// How often exit and readiness are polled.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -146,6 +149,66 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The lifecycle every server of the kit shares: pid, liveness, graceful
+/// stop, SIGKILL, restart on the same ports and data. A server supplies
+/// where its process lives, how to spawn it and how to tell it is ready.
+pub trait ManagedServer: Send {
+    /// The running process, if any.
+    fn process(&self) -> Option<&ServerProcess>;
+
+    /// The slot holding the running process.
+    fn process_mut(&mut self) -> &mut Option<ServerProcess>;
+
+    /// Start the process again with the same configuration (ports, data dir).
+    fn spawn_process(&mut self) -> Result<()>;
+
+    /// Wait until the server answers, within its startup timeout.
+    fn wait_ready(&mut self) -> impl Future<Output = Result<()>> + Send;
+
+    /// The server's process id, while it runs.
+    fn pid(&self) -> Option<u32> {
+        self.process().map(ServerProcess::pid)
+    }
+
+    /// Is the process alive?
+    fn is_running(&mut self) -> bool {
+        match self.process_mut().as_mut() {
+            Some(p) => matches!(p.try_exit_status(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Graceful stop: SIGTERM, then SIGKILL after [`STOP_GRACE`]. Data is kept.
+    fn stop(&mut self) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            if let Some(mut p) = self.process_mut().take() {
+                p.stop(STOP_GRACE).await?;
+            }
+            Ok(())
+        }
+    }
+
+    /// SIGKILL, as a crash of the process would. Data is kept.
+    fn kill(&mut self) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            if let Some(mut p) = self.process_mut().take() {
+                p.kill().await?;
+            }
+            Ok(())
+        }
+    }
+
+    /// Start again on the same ports and data (stopping it gracefully first
+    /// if it still runs), and wait for readiness.
+    fn restart(&mut self) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            self.stop().await?;
+            self.spawn_process()?;
+            self.wait_ready().await
+        }
+    }
 }
 
 #[cfg(test)]

@@ -19,13 +19,12 @@ use tempfile::TempDir;
 use crate::binary::{REDIS_SERVER_ENV, find_binary};
 use crate::ports::{MAX_START_ATTEMPTS, free_port, is_port_collision};
 use crate::probe::redis_ping;
-use crate::process::{POLL_INTERVAL, ServerProcess};
+use crate::process::{ManagedServer, POLL_INTERVAL, ServerProcess};
 use crate::{Error, Result};
 
 const PROGRAM: &str = "redis-server";
 const INSTALL_HINT: &str = "install it with `apt-get install -y redis-server` (scripts/test does)";
 const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
-const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Options for starting a [`RedisServer`]; see [`RedisServer::builder`].
 #[derive(Debug, Clone)]
@@ -85,8 +84,8 @@ impl RedisServerBuilder {
                 log_offset: 0,
                 root,
             };
-            server.spawn_process()?;
-            match server.wait_ready().await {
+            server.spawn()?;
+            match server.ready().await {
                 Ok(()) => return Ok(server),
                 Err(Error::Exited { log_tail, .. }) if is_port_collision(&log_tail) => {
                     tracing::info!(attempt, "redis-server port collision; retrying with a fresh port");
@@ -145,44 +144,7 @@ impl RedisServer {
         self.root.path().join("redis.log")
     }
 
-    /// The server's process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.process.as_ref().map(ServerProcess::pid)
-    }
-
-    /// Is the process alive?
-    pub fn is_running(&mut self) -> bool {
-        match self.process.as_mut() {
-            Some(p) => matches!(p.try_exit_status(), Ok(None)),
-            None => false,
-        }
-    }
-
-    /// Graceful stop: SIGTERM, then SIGKILL after 10 s.
-    pub async fn stop(&mut self) -> Result<()> {
-        if let Some(mut p) = self.process.take() {
-            p.stop(STOP_GRACE).await?;
-        }
-        Ok(())
-    }
-
-    /// SIGKILL.
-    pub async fn kill(&mut self) -> Result<()> {
-        if let Some(mut p) = self.process.take() {
-            p.kill().await?;
-        }
-        Ok(())
-    }
-
-    /// Start again on the same port (stopping first if it runs); the data
-    /// is gone, since nothing is persisted.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.stop().await?;
-        self.spawn_process()?;
-        self.wait_ready().await
-    }
-
-    async fn wait_ready(&mut self) -> Result<()> {
+    async fn ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + self.startup_timeout;
         loop {
             let log_ready = self.logged_ready();
@@ -209,7 +171,7 @@ impl RedisServer {
         since.windows(READY_LINE.len()).any(|w| w == READY_LINE)
     }
 
-    fn spawn_process(&mut self) -> Result<()> {
+    fn spawn(&mut self) -> Result<()> {
         self.log_offset = std::fs::metadata(self.log_path()).map(|m| m.len()).unwrap_or(0);
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--port")
@@ -220,5 +182,23 @@ impl RedisServer {
             .args(&self.extra_args);
         self.process = Some(ServerProcess::spawn(PROGRAM, cmd, &self.log_path())?);
         Ok(())
+    }
+}
+
+impl ManagedServer for RedisServer {
+    fn process(&self) -> Option<&ServerProcess> {
+        self.process.as_ref()
+    }
+
+    fn process_mut(&mut self) -> &mut Option<ServerProcess> {
+        &mut self.process
+    }
+
+    fn spawn_process(&mut self) -> Result<()> {
+        self.spawn()
+    }
+
+    fn wait_ready(&mut self) -> impl Future<Output = Result<()>> + Send {
+        self.ready()
     }
 }

@@ -1,6 +1,7 @@
 //! `NatsCluster`: three routed JetStream nodes that hold an R3 stream and
 //! keep accepting writes while one node is down.
 
+use finmesh_testkit::ManagedServer;
 use std::time::Duration;
 
 use async_nats::jetstream;

@@ -2,6 +2,7 @@
 //! answers, kill is a crash, restart keeps the port and the store, drop
 //! kills the process.
 
+use finmesh_testkit::ManagedServer;
 use std::path::Path;
 
 use async_nats::jetstream;

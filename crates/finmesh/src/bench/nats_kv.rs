@@ -10,6 +10,7 @@
 //!   async-nats uses for buckets it creates), every value checked;
 //! - memory: the nats-server process's VmRSS after the load.
 
+use finmesh_testkit::ManagedServer;
 use std::time::Instant;
 
 use anyhow::Context as _;
