@@ -7,8 +7,8 @@
 //! 4. [`config`]: stream, bucket and consumer configurations;
 //! 5. [`engine`]: the engine traits and their semantics.
 //!
-//! With the `testsuite` feature, [`testsuite`] is the conformance suite that
-//! every engine runs through [`engine_conformance_tests!`].
+//! With the `testsuite` feature, `testsuite` is the conformance suite that
+//! every engine runs through `engine_conformance_tests!`.
 
 pub mod config;
 pub mod engine;

@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::store::{StreamHandle, StreamKind, StreamRecord, storage};
-use crate::writer::{Reply, Writer};
+use crate::writer::{Completion, Reply, Writer, complete};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Pending {
@@ -162,14 +162,6 @@ pub(crate) enum ConsumerOp {
     Delete { stream: Arc<StreamHandle>, name: ConsumerName, reply: Reply<()> },
     Fetch { stream: Arc<StreamHandle>, name: ConsumerName, max: usize, reply: Reply<FetchOutcome> },
     Ack { stream: Arc<StreamHandle>, name: ConsumerName, token: AckToken, kind: AckKind, reply: Reply<()> },
-}
-
-type Completion = Box<dyn FnOnce(Result<()>) + Send>;
-
-fn complete<T: Send + 'static>(reply: Reply<T>, res: Result<T>) -> Completion {
-    Box::new(move |synced| {
-        let _ = reply.send(synced.and(res));
-    })
 }
 
 impl ConsumerOp {

@@ -1,9 +1,11 @@
 //! finmesh-embedded: the embedded engine. Streams, KV buckets and durable
 //! consumers in one process, stored with fjall on local disk.
 //!
-//! Read in this order: [`store`] (streams on disk, reads), [`writer`] (the
-//! single writer and group commit), [`txn`] (one write), [`tail`], [`kv`]
-//! (buckets as streams), [`consumers`], [`codec`] (byte formats).
+//! Read in this order: `store` (streams on disk, reads), `writer` (the
+//! single writer and group commit), `journal_sync` (fsync without fjall's
+//! lock), `txn` (one write), `tail`, `kv`
+//! (buckets as streams), `kvindex` (live KV values in memory), `consumers`,
+//! `codec` (byte formats).
 //!
 //! # On-disk layout
 //!
@@ -14,23 +16,28 @@
 //! | `meta` | `stream/<name>` | JSON `{config, kind}` (kind: `user` or `kv` with the bucket config) |
 //! | `meta` | `state/<name>` | counters `messages, bytes, first_seq, last_seq` (4 × u64 BE), written in the same batch as the messages |
 //! | `meta` | `consumer/<stream>/<name>` | JSON `{config, delivered, initial, pending}` |
-//! | `s.<name>.m` | `seq` (u64 BE) | message record (see [`codec`]) |
+//! | `s.<name>.m` | `seq` (u64 BE) | message record (see `codec.rs`) |
 //! | `s.<name>.x` | `subject 0x00 seq` | empty (per-subject index) |
 //! | `s.<name>.l` | `subject` | `last_seq (u64 BE), count (u64 BE)` |
 //!
-//! KV bucket `b` is stream `KV_b` (see [`kv`]).
+//! KV bucket `b` is stream `KV_b` (see `kv.rs`).
 //!
 //! # Durability
 //!
-//! Every write is one atomic fjall batch, written to the journal and handed
-//! to the OS before the next write: it survives a process crash. With
-//! `sync = always` the ack waits for an fsync (shared by every write of the
-//! round): it survives power loss. With `sync = interval(ms)` an fsync runs
-//! at least every `ms` after a write; with `never`, when the OS decides. A
+//! Every request is applied atomically: all of it or nothing survives a
+//! crash (the publishes of one writer round to one stream share one fjall
+//! batch). A batch is written to the journal and handed to the OS before its
+//! ack: it survives a process crash. With `sync = always` the ack also waits
+//! for an fsync of the journal that started after the commit (one fsync for
+//! every write waiting, see `writer.rs`): it survives power loss. With
+//! `sync = interval(ms)` an fsync runs at least every `ms` after a write;
+//! with `never`, when the OS decides. A
 //! failed fsync poisons the engine: writes then fail with `Unavailable`.
-//! On reopen, fjall replays its journal and cuts a torn tail at the last
-//! complete batch (a batch is all or nothing); a corrupt record found later
-//! is an `Internal` error, never skipped.
+//! On reopen, fjall replays its journal and cuts a torn last batch (a batch
+//! is all or nothing); damage before the last batch makes `open` fail with
+//! `Internal` rather than drop acknowledged writes (`tests/journal_recovery.rs`).
+//! A record that fails to decode when read is an `Internal` error, never
+//! skipped.
 
 mod codec;
 mod consumers;

@@ -72,9 +72,10 @@ pub(crate) enum StreamKindTag {
 }
 
 /// What to do once a request's durability condition holds (or failed).
-type Completion = Box<dyn FnOnce(Result<()>) + Send>;
+pub(crate) type Completion = Box<dyn FnOnce(Result<()>) + Send>;
 
-fn complete<T: Send + 'static>(reply: Reply<T>, res: Result<T>) -> Completion {
+/// A completion that answers `reply` with `res`, or with the sync failure.
+pub(crate) fn complete<T: Send + 'static>(reply: Reply<T>, res: Result<T>) -> Completion {
     Box::new(move |synced| {
         let _ = reply.send(synced.and(res));
     })
