@@ -388,16 +388,13 @@ impl KvEngine for EmbeddedEngine {
     }
 
     async fn kv_get(&self, bucket: &BucketName, key: &Key) -> Result<Option<KvEntry>> {
-        let h = self.inner.registry.bucket(bucket)?;
-        let Some(latest) = h.kv.as_ref().and_then(|idx| idx.get(key.as_str())) else { return Ok(None) };
-        if kv::expired(h.record.read().config.max_age, latest.created, Timestamp::now()) {
-            return Ok(None);
-        }
-        Ok(Some(KvEntry {
+        let now = Timestamp::now();
+        let latest = self.inner.registry.with_bucket(bucket, |h| h.kv.as_ref()?.get_live(key.as_str(), now))?;
+        Ok(latest.map(|l| KvEntry {
             key: key.clone(),
-            value: latest.value,
-            revision: Revision(latest.seq.0),
-            created: latest.created,
+            value: l.value,
+            revision: Revision(l.seq.0),
+            created: l.created,
             op: KvOp::Put,
         }))
     }

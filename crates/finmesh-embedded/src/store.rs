@@ -305,7 +305,11 @@ pub(crate) fn open_handle(db: &Database, record: StreamRecord, counters: Counter
         state.first_seq = state.last_seq.next();
     }
     let kv = match &record.kind {
-        StreamKind::Kv(b) => Some(KvIndex::new(crate::kv::key_prefix(&b.name))),
+        StreamKind::Kv(b) => {
+            let idx = KvIndex::new(crate::kv::key_prefix(&b.name), counters.messages as usize);
+            idx.set_ttl(b.ttl);
+            Some(idx)
+        }
         StreamKind::User => None,
     };
     let handle = StreamHandle {
@@ -393,6 +397,15 @@ impl Registry {
             self.buckets.write().remove(&b.name);
         }
         Some(h)
+    }
+
+    /// Run `f` on the backing stream of bucket `name` under the registry's
+    /// read lock, without taking a reference (the KV get path).
+    pub fn with_bucket<T>(&self, name: &BucketName, f: impl FnOnce(&StreamHandle) -> T) -> Result<T> {
+        match self.buckets.read().get(name) {
+            Some(h) => Ok(f(h)),
+            None => Err(Error::not_found(format!("bucket `{name}` does not exist"))),
+        }
     }
 
     /// The backing stream of bucket `name`.

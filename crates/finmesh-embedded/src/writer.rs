@@ -466,6 +466,9 @@ impl Writer {
         self.check_subjects(&record)?;
         self.persist_record(&record)?;
         let policy = record.config.sync;
+        if let (Some(idx), StreamKind::Kv(b)) = (&h.kv, &record.kind) {
+            idx.set_ttl(b.ttl);
+        }
         *h.record.write() = record;
         // Tighter limits apply at once.
         let r = self.enforce_limits(&h, None);
