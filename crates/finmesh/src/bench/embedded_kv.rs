@@ -122,15 +122,14 @@ pub async fn load_phase(dir: PathBuf, keys: u64, duration: Duration) -> anyhow::
 
     for (id, tasks) in [(GET_1, 1), ("embedded.kv.get.2-tasks", 2)] {
         let (engine2, bucket2) = (engine.clone(), bucket.clone());
-        let sample = closed_loop(tasks, duration, move |task, n| {
-            let (engine, bucket) = (engine2.clone(), bucket2.clone());
-            async move {
-                let i = KeyPicker::new(((task as u64) << 40) | n).next_below(keys);
-                let entry = engine.kv_get(&bucket, &Key::new(key_name(i))?).await?;
-                let entry = entry.with_context(|| format!("key {i} missing"))?;
-                check_value(i, &entry.value)?;
-                Ok(1)
-            }
+        let state = move |task: usize| (engine2.clone(), bucket2.clone(), task as u64);
+        let sample = closed_loop(tasks, duration, state, move |st, n| async move {
+            let (engine, bucket, task) = &*st;
+            let i = KeyPicker::new((task << 40) | n).next_below(keys);
+            let entry = engine.kv_get(bucket, &Key::new(key_name(i))?).await?;
+            let entry = entry.with_context(|| format!("key {i} missing"))?;
+            check_value(i, &entry.value)?;
+            Ok(1)
         })
         .await?;
         let what = format!("KV get, {tasks} task{}, random keys of {keys}", if tasks == 1 { "" } else { "s" });

@@ -58,19 +58,17 @@ async fn measure_all(ctx: &BenchContext, engine: &EmbeddedEngine) -> anyhow::Res
             engine.create_stream(config).await?;
             let subject = Subject::new(format!("{token}.x"))?;
             let (engine2, payload) = (engine.clone(), payload.clone());
-            let sample = closed_loop(tasks, ctx.duration, move |_, _| {
-                let (engine, stream, subject, payload) =
-                    (engine2.clone(), stream.clone(), subject.clone(), payload.clone());
-                async move {
-                    if batch == 1 {
-                        engine.publish(&stream, OutgoingMessage::new(subject, payload)).await?;
-                    } else {
-                        let msgs = (0..batch).map(|_| OutgoingMessage::new(subject.clone(), payload.clone())).collect();
-                        let acks = engine.publish_batch(&stream, msgs).await?;
-                        anyhow::ensure!(acks.len() == batch, "batch of {batch} got {} acks", acks.len());
-                    }
-                    Ok(batch as u64)
+            let state = move |_| (engine2.clone(), stream.clone(), subject.clone(), payload.clone());
+            let sample = closed_loop(tasks, ctx.duration, state, move |st, _| async move {
+                let (engine, stream, subject, payload) = &*st;
+                if batch == 1 {
+                    engine.publish(stream, OutgoingMessage::new(subject.clone(), payload.clone())).await?;
+                } else {
+                    let msgs = (0..batch).map(|_| OutgoingMessage::new(subject.clone(), payload.clone())).collect();
+                    let acks = engine.publish_batch(stream, msgs).await?;
+                    anyhow::ensure!(acks.len() == batch, "batch of {batch} got {} acks", acks.len());
                 }
+                Ok(batch as u64)
             })
             .await?;
             let mut m = Measurement::rate(&id, peer, &what, "msgs/s", &sample);

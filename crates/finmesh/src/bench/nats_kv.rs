@@ -72,15 +72,17 @@ pub async fn run(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
         );
     }
 
-    let sample = closed_loop(1, ctx.duration, move |_, n| {
-        let store = store.clone();
-        async move {
+    let sample = closed_loop(
+        1,
+        ctx.duration,
+        move |_| store.clone(),
+        move |store, n| async move {
             let i = KeyPicker::new(n).next_below(keys);
             let value = store.get(key_name(i)).await?.with_context(|| format!("key {i} missing"))?;
             check_value(i, &value)?;
             Ok(1)
-        }
-    })
+        },
+    )
     .await?;
     out.push(
         Measurement::rate(

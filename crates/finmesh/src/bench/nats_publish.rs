@@ -91,12 +91,11 @@ async fn awaited(
     ] {
         let (name, subject) = fresh_stream(js, id).await?;
         let (js2, payload) = (js.clone(), payload.clone());
-        let sample = closed_loop(tasks, ctx.duration, move |_, _| {
-            let (js, subject, payload) = (js2.clone(), subject.clone(), payload.clone());
-            async move {
-                js.publish(subject, payload).await?.await?;
-                Ok(1)
-            }
+        let state = move |_| (js2.clone(), subject.clone(), payload.clone());
+        let sample = closed_loop(tasks, ctx.duration, state, |st, _| async move {
+            let (js, subject, payload) = &*st;
+            js.publish(subject.clone(), payload.clone()).await?.await?;
+            Ok(1)
         })
         .await?;
         js.delete_stream(&name).await?;
