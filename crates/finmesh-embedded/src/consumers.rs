@@ -122,7 +122,6 @@ fn info(h: &StreamHandle, rec: &ConsumerRecord) -> Result<ConsumerInfo> {
 
 /// Matching stored messages after `after`.
 fn count_after(h: &StreamHandle, after: Seq, filter: Option<&SubjectPattern>) -> Result<u64> {
-    let st = h.state();
     match filter {
         None => {
             let mut n = 0;
@@ -130,7 +129,6 @@ fn count_after(h: &StreamHandle, after: Seq, filter: Option<&SubjectPattern>) ->
                 kv.key().map_err(storage)?;
                 n += 1;
             }
-            let _ = st;
             Ok(n)
         }
         Some(f) => {
