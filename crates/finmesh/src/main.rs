@@ -11,7 +11,10 @@
 //! `anyhow`; the libraries below have typed errors.
 
 mod bench;
+mod client;
+mod config;
 mod demo;
+mod tls;
 
 /// mimalloc instead of glibc malloc: the write path allocates per message,
 /// and glibc's malloc/free took ~38% of a publish-batch profile.
@@ -41,6 +44,49 @@ enum Command {
     /// Internal: one phase of a benchmark in a fresh process (clean memory figures).
     #[command(name = "__bench-child", hide = true)]
     BenchChild(bench::ChildArgs),
+    /// Check a configuration file and explain every problem in it.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// TLS certificates for local use.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Key-value buckets on a running node.
+    Kv {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: client::KvCommand,
+    },
+    /// Streams on a running node.
+    Stream {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: client::StreamCommand,
+    },
+    /// Durable consumers on a running node.
+    Consumer {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: client::ConsumerCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Parse and validate the configuration (file, FINMESH_* variables, flags).
+    Check(config::ConfigOverrides),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Write a self-signed certificate and key for localhost.
+    Dev(tls::DevCertArgs),
 }
 
 #[tokio::main]
@@ -58,5 +104,35 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::BenchChild(args) => bench::run_child(args).await,
+        Command::Config { command: ConfigCommand::Check(overrides) } => config_check(&overrides),
+        Command::Certs { command: CertsCommand::Dev(args) } => {
+            let written = tls::write_dev_pair(&args)?;
+            println!("wrote {} and {}", written.cert.display(), written.key.display());
+            println!(
+                "serve with: finmesh serve --tls-cert {} --tls-key {}",
+                written.cert.display(),
+                written.key.display()
+            );
+            Ok(())
+        }
+        Command::Kv { client, command } => client::commands_kv(&client::Client::new(&client)?, command).await,
+        Command::Stream { client, command } => client::commands_stream(&client::Client::new(&client)?, command).await,
+        Command::Consumer { client, command } => {
+            client::commands_consumer(&client::Client::new(&client)?, command).await
+        }
     }
+}
+
+/// `finmesh config check`: every problem, one per line; exit 1 when any.
+fn config_check(overrides: &config::ConfigOverrides) -> anyhow::Result<()> {
+    let config = config::ServeConfig::load(overrides)?;
+    let problems = config.validate();
+    if problems.is_empty() {
+        println!("configuration is valid");
+        return Ok(());
+    }
+    for problem in &problems {
+        eprintln!("error: {problem}");
+    }
+    anyhow::bail!("{} problem(s) in the configuration", problems.len())
 }

@@ -1,0 +1,353 @@
+//! The client subcommands: one function per command, each one request.
+
+use std::io::Write;
+
+use anyhow::Context;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::{Client, follow, segment};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum KvCommand {
+    /// Print a key's value (raw bytes) or, with --json, its entry.
+    Get { bucket: String, key: String },
+    /// Write a value: from the argument, or stdin when it is `-`.
+    Put {
+        bucket: String,
+        key: String,
+        value: String,
+        /// Only if the key is at this revision (compare-and-set).
+        #[arg(long, conflicts_with = "create")]
+        if_revision: Option<u64>,
+        /// Only if the key does not exist.
+        #[arg(long)]
+        create: bool,
+    },
+    /// Delete a key (a tombstone; history is kept).
+    Del { bucket: String, key: String },
+    /// List keys, optionally by prefix.
+    Keys {
+        bucket: String,
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// A key's history, oldest first.
+    History { bucket: String, key: String },
+    /// Follow changes (puts and deletes) until interrupted.
+    Watch {
+        bucket: String,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long)]
+        from_revision: Option<u64>,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum StreamCommand {
+    /// Create (or update) a stream.
+    Create {
+        stream: String,
+        /// Subject patterns, comma-separated (e.g. `md.>`).
+        #[arg(long, value_delimiter = ',', required = true)]
+        subjects: Vec<String>,
+        #[arg(long)]
+        max_msgs: Option<u64>,
+        #[arg(long)]
+        max_bytes: Option<u64>,
+        /// Maximum age in milliseconds.
+        #[arg(long)]
+        max_age_ms: Option<u64>,
+    },
+    /// Show a stream's configuration and state.
+    Info { stream: String },
+    /// Publish one message: the payload argument, or stdin when it is `-`.
+    Pub {
+        stream: String,
+        subject: String,
+        payload: String,
+        /// Deduplication id.
+        #[arg(long)]
+        msg_id: Option<String>,
+    },
+    /// Read stored messages.
+    Read {
+        stream: String,
+        #[arg(long, default_value_t = 1)]
+        from_seq: u64,
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+    /// Subscribe (SSE) and print messages until interrupted.
+    Sub {
+        stream: String,
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        from_seq: Option<u64>,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ConsumerCommand {
+    /// Create (or update) a durable consumer.
+    Create {
+        stream: String,
+        name: String,
+        #[arg(long)]
+        filter: Option<String>,
+        /// all | new | last_per_subject
+        #[arg(long, default_value = "all")]
+        deliver: String,
+        #[arg(long)]
+        ack_wait_ms: Option<u64>,
+        #[arg(long)]
+        max_deliver: Option<u32>,
+    },
+    /// Fetch a batch of messages.
+    Fetch {
+        stream: String,
+        name: String,
+        #[arg(long, default_value_t = 10)]
+        batch: u32,
+        #[arg(long, default_value_t = 1000)]
+        wait_ms: u64,
+    },
+    /// Acknowledge (or nak/term) a delivery by its ack token.
+    Ack {
+        stream: String,
+        name: String,
+        token: String,
+        /// ack | nak | term | in_progress
+        #[arg(long, default_value = "ack")]
+        kind: String,
+        /// Redelivery delay for nak, in milliseconds.
+        #[arg(long)]
+        delay_ms: Option<u64>,
+    },
+}
+
+fn read_arg(value: &str) -> anyhow::Result<Vec<u8>> {
+    if value == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading stdin")?;
+        Ok(buf)
+    } else {
+        Ok(value.as_bytes().to_vec())
+    }
+}
+
+fn print_json(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub async fn kv(client: &Client, command: KvCommand) -> anyhow::Result<()> {
+    match command {
+        KvCommand::Get { bucket, key } => {
+            let path = format!("/v1/kv/{}/{}", segment(&bucket), segment(&key));
+            let response = client.send(client.request(Method::GET, &path)).await?;
+            let revision = etag(&response);
+            let value = response.bytes().await?;
+            if client.json {
+                print_json(&json!({"key": key, "revision": revision, "value": String::from_utf8_lossy(&value)}))
+            } else {
+                std::io::stdout().write_all(&value)?;
+                Ok(())
+            }
+        }
+        KvCommand::Put { bucket, key, value, if_revision, create } => {
+            let path = format!("/v1/kv/{}/{}", segment(&bucket), segment(&key));
+            let mut request = client.request(Method::PUT, &path).body(read_arg(&value)?);
+            if let Some(rev) = if_revision {
+                request = request.header("if-match", format!("\"{rev}\""));
+            }
+            if create {
+                request = request.header("if-none-match", "*");
+            }
+            let response = client.send(request).await?;
+            let revision = etag(&response);
+            if client.json {
+                print_json(&json!({"key": key, "revision": revision}))
+            } else {
+                println!("{key} @ revision {}", revision.unwrap_or_default());
+                Ok(())
+            }
+        }
+        KvCommand::Del { bucket, key } => {
+            let path = format!("/v1/kv/{}/{}", segment(&bucket), segment(&key));
+            let response = client.send(client.request(Method::DELETE, &path)).await?;
+            let revision = etag(&response);
+            if client.json {
+                print_json(&json!({"key": key, "revision": revision}))
+            } else {
+                println!("deleted {key} @ revision {}", revision.unwrap_or_default());
+                Ok(())
+            }
+        }
+        KvCommand::Keys { bucket, prefix } => {
+            let path = format!("/v1/kv/{}/keys", segment(&bucket));
+            let value = client.json(client.request(Method::GET, &path).query(&[("prefix", prefix)])).await?;
+            print_list(client, &value, "keys", |v| v.as_str().map(str::to_owned))
+        }
+        KvCommand::History { bucket, key } => {
+            let path = format!("/v1/kv/{}/{}/history", segment(&bucket), segment(&key));
+            let value = client.json(client.request(Method::GET, &path)).await?;
+            print_list(client, &value, "entries", |e| {
+                Some(format!("{:>8}  {:<7} {}", e["revision"], e["op"].as_str().unwrap_or("?"), e["value"]))
+            })
+        }
+        KvCommand::Watch { bucket, prefix, from_revision } => {
+            let mut path = format!("/v1/kv/{}/watch?prefix={}", segment(&bucket), segment(&prefix));
+            if let Some(rev) = from_revision {
+                path.push_str(&format!("&from_revision={rev}"));
+            }
+            let json = client.json;
+            follow(client, &path, |event| print_event(json, event)).await
+        }
+    }
+}
+
+pub async fn stream(client: &Client, command: StreamCommand) -> anyhow::Result<()> {
+    match command {
+        StreamCommand::Create { stream, subjects, max_msgs, max_bytes, max_age_ms } => {
+            let body = json!({"name": stream, "subjects": subjects, "max_msgs": max_msgs, "max_bytes": max_bytes, "max_age": max_age_ms});
+            let path = format!("/v1/streams/{}", segment(&stream));
+            let info = client.json(client.request(Method::PUT, &path).json(&body)).await?;
+            if client.json { print_json(&info) } else { print_stream_info(&info) }
+        }
+        StreamCommand::Info { stream } => {
+            let info = client.json(client.request(Method::GET, &format!("/v1/streams/{}", segment(&stream)))).await?;
+            if client.json { print_json(&info) } else { print_stream_info(&info) }
+        }
+        StreamCommand::Pub { stream, subject, payload, msg_id } => {
+            let path = format!("/v1/streams/{}/messages", segment(&stream));
+            let mut request =
+                client.request(Method::POST, &path).query(&[("subject", &subject)]).body(read_arg(&payload)?);
+            if let Some(id) = msg_id {
+                request = request.header("msg-id", id);
+            }
+            let ack = client.json(request).await?;
+            if client.json {
+                print_json(&ack)
+            } else {
+                let dup = if ack["duplicate"].as_bool() == Some(true) { " (duplicate)" } else { "" };
+                println!("{stream} seq {}{dup}", ack["seq"]);
+                Ok(())
+            }
+        }
+        StreamCommand::Read { stream, from_seq, subject, limit } => {
+            let path = format!("/v1/streams/{}/messages", segment(&stream));
+            let mut query = vec![("from_seq", from_seq.to_string()), ("limit", limit.to_string())];
+            if let Some(s) = subject {
+                query.push(("subject", s));
+            }
+            let response = client.send(client.request(Method::GET, &path).query(&query)).await?;
+            let body = response.text().await?;
+            for line in body.lines().filter(|l| !l.is_empty()) {
+                if client.json {
+                    println!("{line}");
+                } else {
+                    let m: Value = serde_json::from_str(line).context("the server sent a line that is not JSON")?;
+                    println!("{:>8}  {}  {}", m["seq"], m["subject"].as_str().unwrap_or("?"), m["payload"]);
+                }
+            }
+            Ok(())
+        }
+        StreamCommand::Sub { stream, subject, from_seq } => {
+            let mut path = format!("/v1/streams/{}/events?", segment(&stream));
+            if let Some(s) = subject {
+                path.push_str(&format!("subject={}&", segment(&s)));
+            }
+            if let Some(seq) = from_seq {
+                path.push_str(&format!("from_seq={seq}"));
+            }
+            let json = client.json;
+            follow(client, &path, |event| print_event(json, event)).await
+        }
+    }
+}
+
+pub async fn consumer(client: &Client, command: ConsumerCommand) -> anyhow::Result<()> {
+    match command {
+        ConsumerCommand::Create { stream, name, filter, deliver, ack_wait_ms, max_deliver } => {
+            let mut body =
+                json!({"name": name, "filter": filter, "deliver": {"policy": deliver}, "max_deliver": max_deliver});
+            if let Some(ms) = ack_wait_ms {
+                body["ack_wait"] = json!(ms);
+            }
+            let path = format!("/v1/streams/{}/consumers/{}", segment(&stream), segment(&name));
+            let info = client.json(client.request(Method::PUT, &path).json(&body)).await?;
+            print_json(&info)
+        }
+        ConsumerCommand::Fetch { stream, name, batch, wait_ms } => {
+            let path = format!("/v1/streams/{}/consumers/{}/fetch", segment(&stream), segment(&name));
+            let value = client
+                .json(client.request(Method::POST, &path).json(&json!({"batch": batch, "wait_ms": wait_ms})))
+                .await?;
+            print_list(client, &value, "messages", |d| {
+                Some(format!(
+                    "{:>8}  {}  {}  ack={}",
+                    d["seq"],
+                    d["subject"].as_str().unwrap_or("?"),
+                    d["payload"],
+                    d["ack_token"]
+                ))
+            })
+        }
+        ConsumerCommand::Ack { stream, name, token, kind, delay_ms } => {
+            let path = format!("/v1/streams/{}/consumers/{}/ack", segment(&stream), segment(&name));
+            let body = json!({"token": token, "kind": kind, "delay_ms": delay_ms});
+            client.send(client.request(Method::POST, &path).json(&body)).await?;
+            if !client.json {
+                println!("{kind} sent");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn etag(response: &reqwest::Response) -> Option<u64> {
+    let tag = response.headers().get("etag")?.to_str().ok()?;
+    tag.trim_start_matches("W/").trim_matches('"').parse().ok()
+}
+
+/// Print a JSON list (either the answer itself or its `field`), one line each.
+fn print_list(
+    client: &Client,
+    value: &Value,
+    field: &str,
+    line: impl Fn(&Value) -> Option<String>,
+) -> anyhow::Result<()> {
+    if client.json {
+        return print_json(value);
+    }
+    let items = value.as_array().or_else(|| value[field].as_array());
+    for item in items.into_iter().flatten() {
+        println!("{}", line(item).unwrap_or_else(|| item.to_string()));
+    }
+    Ok(())
+}
+
+fn print_stream_info(info: &Value) -> anyhow::Result<()> {
+    let state = &info["state"];
+    println!("stream   {}", info["config"]["name"].as_str().unwrap_or("?"));
+    println!("subjects {}", info["config"]["subjects"]);
+    println!(
+        "messages {}  bytes {}  seq {}..{}",
+        state["messages"], state["bytes"], state["first_seq"], state["last_seq"]
+    );
+    Ok(())
+}
+
+fn print_event(json: bool, event: &super::sse::SseEvent) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(&json!({"id": event.id, "event": event.event, "data": event.data}))?);
+    } else {
+        println!("{:>8}  {:<8} {}", event.id.as_deref().unwrap_or("-"), event.event, event.data);
+    }
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! Configuration of `finmesh serve`: parse, validate, build.
+//!
+//! Sources, later ones winning: built-in defaults, a TOML file (`--config`),
+//! `FINMESH_*` environment variables, command-line flags. Flags and
+//! variables are the same clap arguments (`env = ...`), so clap resolves
+//! those two; [`ServeConfig::load`] lays the result over the file.
+//!
+//! Invariants: unknown keys in the file are errors (`deny_unknown_fields`);
+//! [`ServeConfig::validate`] is pure apart from checking that named files
+//! exist, and reports *every* problem at once, each with the key it is
+//! about, so `finmesh config check` can print them all.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use finmesh_core::BucketName;
+use serde::{Deserialize, Serialize};
+
+use crate::tls::TlsConfig;
+
+/// Which engine the gateway runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// One process, storage on local disk (`data_dir`).
+    #[default]
+    Embedded,
+    /// A NATS JetStream cluster (`[nats]`).
+    Nats,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The NATS engine's connection settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSection {
+    /// Server URLs, e.g. `nats://10.0.0.1:4222`.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// A `.creds` file (JWT + nkey seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<PathBuf>,
+    /// JetStream domain of the cluster that holds the data (edges).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+}
+
+/// The whole file. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// Address to listen on. The default is loopback only.
+    pub listen: String,
+    pub engine: EngineKind,
+    /// Storage of the embedded engine, and the node's generated secret.
+    pub data_dir: PathBuf,
+    /// Bucket served at `GET /kv/{key}`.
+    pub default_bucket: String,
+    pub log_format: LogFormat,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub drain_timeout_ms: u64,
+    pub nats: NatsSection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".to_owned(),
+            engine: EngineKind::Embedded,
+            data_dir: PathBuf::from("finmesh-data"),
+            default_bucket: "default".to_owned(),
+            log_format: LogFormat::Text,
+            drain_timeout_ms: 10_000,
+            nats: NatsSection::default(),
+            tls: None,
+        }
+    }
+}
+
+/// One problem with a configuration, tied to the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key, e.g. `tls.cert`.
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Flags (and their `FINMESH_*` variables) of `finmesh serve` that override
+/// the file.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ConfigOverrides {
+    /// TOML configuration file.
+    #[arg(long, env = "FINMESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "FINMESH_LISTEN")]
+    pub listen: Option<String>,
+    /// Engine [default: embedded].
+    #[arg(long, env = "FINMESH_ENGINE")]
+    pub engine: Option<EngineKind>,
+    /// Data directory [default: finmesh-data].
+    #[arg(long, env = "FINMESH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// NATS server URLs, comma-separated.
+    #[arg(long, env = "FINMESH_NATS_SERVERS", value_delimiter = ',')]
+    pub nats_servers: Option<Vec<String>>,
+    /// TLS certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "FINMESH_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); needs --tls-cert.
+    #[arg(long, env = "FINMESH_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle for client certificates (PEM); makes them required.
+    #[arg(long, env = "FINMESH_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Log format [default: text].
+    #[arg(long, env = "FINMESH_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+impl ServeConfig {
+    /// Parse a TOML document; the error names the line and column.
+    pub fn parse(text: &str, origin: &Path) -> anyhow::Result<Self> {
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", origin.display()))
+    }
+
+    /// Read the file named by `overrides.config` (if any), then lay the
+    /// flags and variables over it.
+    pub fn load(overrides: &ConfigOverrides) -> anyhow::Result<Self> {
+        let mut config = match &overrides.config {
+            None => Self::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading the configuration {}: {e}", path.display()))?;
+                Self::parse(&text, path)?
+            }
+        };
+        config.apply(overrides);
+        Ok(config)
+    }
+
+    fn apply(&mut self, o: &ConfigOverrides) {
+        if let Some(v) = &o.listen {
+            self.listen = v.clone();
+        }
+        if let Some(v) = o.engine {
+            self.engine = v;
+        }
+        if let Some(v) = &o.data_dir {
+            self.data_dir = v.clone();
+        }
+        if let Some(v) = &o.nats_servers {
+            self.nats.servers = v.clone();
+        }
+        if let Some(v) = o.log_format {
+            self.log_format = v;
+        }
+        if o.tls_cert.is_some() || o.tls_key.is_some() || o.tls_client_ca.is_some() {
+            let base =
+                self.tls.clone().unwrap_or(TlsConfig { cert: PathBuf::new(), key: PathBuf::new(), client_ca: None });
+            self.tls = Some(TlsConfig {
+                cert: o.tls_cert.clone().unwrap_or(base.cert),
+                key: o.tls_key.clone().unwrap_or(base.key),
+                client_ca: o.tls_client_ca.clone().or(base.client_ca),
+            });
+        }
+    }
+
+    /// Every problem with this configuration, empty when it is usable.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, message: String| problems.push(Problem { key: key.to_owned(), message });
+        if let Err(e) = self.listen.parse::<SocketAddr>() {
+            problem("listen", format!("`{}` is not an address like 127.0.0.1:8080 ({e})", self.listen));
+        }
+        if let Err(e) = BucketName::new(self.default_bucket.clone()) {
+            problem("default_bucket", e.message().to_owned());
+        }
+        if self.drain_timeout_ms == 0 {
+            problem("drain_timeout_ms", "must be at least 1".to_owned());
+        }
+        match self.engine {
+            EngineKind::Embedded => {
+                if self.data_dir.as_os_str().is_empty() {
+                    problem("data_dir", "must name a directory".to_owned());
+                }
+            }
+            EngineKind::Nats => {
+                if self.nats.servers.is_empty() {
+                    problem("nats.servers", "engine = \"nats\" needs at least one server URL".to_owned());
+                }
+                for url in &self.nats.servers {
+                    if !valid_nats_url(url) {
+                        problem(
+                            "nats.servers",
+                            format!("`{url}` is not a URL like nats://host:4222 (schemes nats, tls, ws, wss)"),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(path) = &self.nats.credentials
+            && !path.is_file()
+        {
+            problem("nats.credentials", format!("{} is not a readable file", path.display()));
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in
+                [("tls.cert", Some(&tls.cert)), ("tls.key", Some(&tls.key)), ("tls.client_ca", tls.client_ca.as_ref())]
+            {
+                match path {
+                    Some(p) if p.as_os_str().is_empty() => problem(key, "is required when TLS is on".to_owned()),
+                    Some(p) if !p.is_file() => problem(key, format!("{} is not a readable file", p.display())),
+                    _ => {}
+                }
+            }
+        }
+        problems
+    }
+
+    /// The drain deadline.
+    #[cfg_attr(test, allow(dead_code))]
+    #[cfg_attr(not(test), expect(dead_code, reason = "`serve` lands with the gateway"))]
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+fn valid_nats_url(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "nats" | "tls" | "ws" | "wss") && !rest.is_empty() && !rest.contains(char::is_whitespace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_the_defaults_and_valid() {
+        let config = ServeConfig::parse("", Path::new("x.toml")).unwrap();
+        assert_eq!(config, ServeConfig::default());
+        assert_eq!(config.validate(), vec![]);
+        assert!(config.listen.starts_with("127.0.0.1:"), "loopback by default");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_name_line_and_column() {
+        let err = ServeConfig::parse("listen = \"0.0.0.0:1\"\nlisen = 3\n", Path::new("x.toml")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("line 2") && text.contains("unknown field `lisen`"), "{text}");
+        let err = ServeConfig::parse("[tls]\ncert = 5\n", Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn validate_reports_every_problem_at_once() {
+        let text = r#"
+            listen = "localhost"
+            engine = "nats"
+            default_bucket = "no spaces"
+            drain_timeout_ms = 0
+            [nats]
+            servers = ["http://x"]
+            [tls]
+            cert = "/does/not/exist.pem"
+            key = ""
+        "#;
+        let config = ServeConfig::parse(text, Path::new("x.toml")).unwrap();
+        let keys: Vec<String> = config.validate().into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["listen", "default_bucket", "drain_timeout_ms", "nats.servers", "tls.cert", "tls.key"]);
+    }
+
+    #[test]
+    fn flags_override_the_file_and_complete_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:1\"\n[tls]\ncert = \"a.pem\"\nkey = \"b.pem\"\n").unwrap();
+        let overrides = ConfigOverrides {
+            config: Some(path),
+            listen: Some("127.0.0.1:2".into()),
+            tls_key: Some("c.pem".into()),
+            ..Default::default()
+        };
+        let config = ServeConfig::load(&overrides).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:2");
+        let tls = config.tls.unwrap();
+        assert_eq!((tls.cert.to_str().unwrap(), tls.key.to_str().unwrap()), ("a.pem", "c.pem"));
+    }
+}
