@@ -16,7 +16,7 @@
 //! - readers may observe a committed write before a `sync = always` ack is
 //!   sent (the ack waits for the fsync, visibility does not).
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -5,7 +5,11 @@
 //! Invariant: nothing here touches storage or the stream's shared state
 //! until [`Txn::commit`]; a write that fails validation leaves no trace.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+// foldhash (randomly seeded per process) instead of SipHash: these maps sit on
+// the publish path, where SipHash took ~7% of the instructions.
+use hashbrown::{HashMap, HashSet};
 use std::sync::Arc;
 
 use finmesh_core::{KvOp, Message, Result, Seq, StreamState, Subject, Timestamp};
@@ -186,7 +190,7 @@ impl Txn {
         seqs.extend(
             self.added
                 .iter()
-                .filter(|(s, (sub, _, _))| sub.as_str() == subject && !self.removed.contains(s))
+                .filter(|(s, (sub, _, _))| sub.as_str() == subject && !self.removed.contains(*s))
                 .map(|(s, _)| *s),
         );
         Ok(seqs)

@@ -19,7 +19,9 @@
 //! - live notifications (tails) of a write are sent after its ack condition
 //!   holds, in sequence order per stream.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
