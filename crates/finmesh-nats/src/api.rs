@@ -11,6 +11,7 @@
 //! | 10071 wrong last sequence | `WrongRevision` (current revision parsed from the description) |
 //! | 10054 message exceeds maximum | `TooLarge` |
 //! | 10008/10005/10004/10023, 503, no responders | `Unavailable` |
+//! | 10065 subjects overlap, 10052 subjects overlap the JetStream API | `Invalid` |
 //! | request timed out | `Timeout` |
 //! | other 400s (10065 subject overlap, …) | `Invalid` |
 //! | anything else | `Internal` |
@@ -53,6 +54,7 @@ pub(crate) fn map_api_error(e: &ApiError, what: &str) -> Error {
         }
         (10054, _) => ErrorKind::TooLarge,
         (10008 | 10005 | 10004 | 10023 | 10002, _) | (_, 503) => ErrorKind::Unavailable,
+        (10052 | 10065, _) => ErrorKind::Invalid,
         (_, 404) => ErrorKind::NotFound,
         (_, 408) => ErrorKind::Timeout,
         (_, 400) => ErrorKind::Invalid,
@@ -243,11 +245,12 @@ pub(crate) async fn pull(
         .map_err(|e| Error::unavailable(format!("send pull request: {e}")).with_source(e))?;
     // The server ends the request itself (status 404/408/409) unless the
     // batch fills; this deadline only guards against a lost connection.
-    let deadline = tokio::time::Instant::now() + wait.unwrap_or_default() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + wait.unwrap_or_default() + Duration::from_secs(2);
     let mut got = 0;
     while got < batch {
         let msg = match tokio::time::timeout_at(deadline, sub.next()).await {
-            Err(_) => return Err(Error::new(ErrorKind::Timeout, "fetch: NATS did not end the pull request")),
+            // What was not read yet is redelivered after ack_wait.
+            Err(_) => return Ok(PullEnd::Done),
             Ok(None) => return Err(Error::unavailable("fetch: connection to NATS closed")),
             Ok(Some(m)) => m,
         };

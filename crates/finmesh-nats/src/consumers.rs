@@ -201,7 +201,11 @@ impl Inner {
             _ => None,
         };
         let deadline = tokio::time::Instant::now() + req.wait;
-        let max = req.max.max(1);
+        // The server holds a pull that would pass max_ack_pending instead of
+        // ending it, so never ask for more than there is room for (but at
+        // least one: a due redelivery is already counted as pending).
+        let room = (info.config.max_ack_pending as u64).saturating_sub(info.num_ack_pending).max(1);
+        let max = req.max.max(1).min(room as usize);
         let mut out = Vec::new();
         loop {
             let mut pulled = Vec::new();

@@ -91,7 +91,9 @@ pub(crate) fn stream_info(inner: &Inner, info: &Info) -> Result<StreamInfo> {
     let state = StreamState {
         messages: s.messages,
         bytes: s.bytes,
-        first_seq: Seq(s.first_sequence),
+        // NATS reports 0 for a stream that never had a message; finmesh
+        // (and NATS after a purge) says `last + 1` for an empty stream.
+        first_seq: Seq(if s.messages == 0 { s.last_sequence + 1 } else { s.first_sequence }),
         last_seq: Seq(s.last_sequence),
         first_time: if s.messages > 0 { api::opt_ts(s.first_timestamp) } else { None },
         last_time: if s.last_sequence > 0 { api::opt_ts(s.last_timestamp) } else { None },

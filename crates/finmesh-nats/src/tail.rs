@@ -106,17 +106,19 @@ impl Follower {
     }
 
     /// A gap between `next` (the first sequence still wanted) and the stream's first.
-    async fn start_gap(&self, next: u64) -> Result<()> {
-        if !self.gaps || next == 0 {
+    /// Reports it and moves `next` past it.
+    async fn start_gap(&self, next: &mut u64) -> Result<()> {
+        if !self.gaps || *next == 0 {
             return Ok(());
         }
         let info = self.inner.raw_stream_info(&self.stream).await?;
         let first = info.state.first_sequence;
-        if next < first {
-            let to = (first - 1).min(info.state.last_sequence.max(next));
-            if self.tx.send(Ok(Item::Gap(next, to))).await.is_err() {
+        if *next < first {
+            let to = (first - 1).min(info.state.last_sequence.max(*next));
+            if self.tx.send(Ok(Item::Gap(*next, to))).await.is_err() {
                 return Err(Error::internal("tail closed"));
             }
+            *next = to + 1;
         }
         Ok(())
     }
@@ -128,7 +130,7 @@ impl Follower {
             if self.tx.is_closed() {
                 return;
             }
-            if let Err(e) = self.start_gap(next).await {
+            if let Err(e) = self.start_gap(&mut next).await {
                 let kind = e.kind();
                 if kind == ErrorKind::NotFound {
                     let _ = self.tx.send(Err(e)).await;
@@ -217,10 +219,13 @@ impl Follower {
                 if last.is_some_and(|l| seq <= l) {
                     continue;
                 }
-                if self.gaps && self.filter.is_none() && *next > 0 && seq > *next {
-                    if self.tx.send(Ok(Item::Gap(*next, seq - 1))).await.is_err() {
-                        return Ok(());
-                    }
+                if self.gaps
+                    && self.filter.is_none()
+                    && *next > 0
+                    && seq > *next
+                    && self.tx.send(Ok(Item::Gap(*next, seq - 1))).await.is_err()
+                {
+                    return Ok(());
                 }
                 let m = Message {
                     seq: Seq(seq),

@@ -38,8 +38,9 @@
 //! the reason for each (nothing else may differ):
 //!
 //! - [`Difference::StoredBytesIncludeOverhead`] (NATS): JetStream counts a
-//!   stored message as subject + header block (with its `NATS/1.0` framing)
-//!   + payload + a fixed per-record overhead (30 bytes in file storage), and
+//!   stored message as its subject, header block (with its `NATS/1.0`
+//!   framing), payload and a fixed per-record overhead (30 bytes in file
+//!   storage), and
 //!   applies `max_bytes` to that count. The engine cannot translate it,
 //!   because the count is kept by the server. Affected: the byte counts of
 //!   `stream_info`/`bucket_info` and exactly which message `max_bytes`
