@@ -29,6 +29,31 @@
 //!   deadline (only for time-based expiry);
 //! - every wait is bounded, and [`run_case`] bounds the whole case, so a hung
 //!   engine fails a test instead of hanging the run.
+//!
+//! # Documented differences
+//!
+//! An engine whose semantics genuinely differ from the default expectation
+//! lists them in [`Harness::differences`]; the affected cases branch on them
+//! and still assert what the engine does promise. The complete list, with
+//! the reason for each (nothing else may differ):
+//!
+//! - [`Difference::StoredBytesIncludeOverhead`] (NATS): JetStream counts a
+//!   stored message as its subject, header block (with its `NATS/1.0`
+//!   framing), payload and a fixed per-record overhead (30 bytes in file
+//!   storage), and
+//!   applies `max_bytes` to that count. The engine cannot translate it,
+//!   because the count is kept by the server. Affected: the byte counts of
+//!   `stream_info`/`bucket_info` and exactly which message `max_bytes`
+//!   retention drops first (it still drops the oldest, and never exceeds the
+//!   limit). Cases: `publish::stream_state_counts_bytes_and_times`,
+//!   `limits::retention_max_bytes`, the final `stream_info` of `property`.
+//! - [`Difference::ServerWideSync`] (NATS): JetStream's fsync policy is a
+//!   server setting (`sync_interval`), not a stream option, so the engine
+//!   reports the server's policy in every `info().config.sync` whatever the
+//!   config asked for (reporting the requested one would overstate or
+//!   understate durability). Cases comparing whole configs compare them
+//!   with `sync` replaced by the reported policy ([`as_reported_stream`],
+//!   [`as_reported_bucket`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -66,6 +91,53 @@ pub trait Harness: Send + Sync + Sized + 'static {
     /// Stop the engine and open it again on the same storage, as a process
     /// restart would. Everything acknowledged before must still be there.
     async fn restart(&mut self);
+
+    /// The documented differences of this engine (see the module doc);
+    /// none by default.
+    fn differences() -> &'static [Difference] {
+        &[]
+    }
+}
+
+/// A documented difference between an engine and the suite's default
+/// expectation; the module doc lists each with its reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Difference {
+    /// Stored byte counts include the engine's own per-message overhead, so
+    /// `bytes` and `max_bytes` retention do not follow [`crate::Message::size`].
+    StoredBytesIncludeOverhead,
+    /// The fsync policy is server-wide: `info` reports this policy for
+    /// every stream and bucket.
+    ServerWideSync(crate::SyncPolicy),
+}
+
+/// Does harness `H` declare difference `d`?
+pub fn differs<H: Harness>(d: Difference) -> bool {
+    H::differences().contains(&d)
+}
+
+/// The sync policy `H` reports for everything, if it is server-wide.
+pub fn server_wide_sync<H: Harness>() -> Option<crate::SyncPolicy> {
+    H::differences().iter().find_map(|d| match d {
+        Difference::ServerWideSync(s) => Some(*s),
+        _ => None,
+    })
+}
+
+/// `c` as engine `H` reports it back (see [`Difference::ServerWideSync`]).
+pub fn as_reported_stream<H: Harness>(mut c: crate::StreamConfig) -> crate::StreamConfig {
+    if let Some(s) = server_wide_sync::<H>() {
+        c.sync = s;
+    }
+    c
+}
+
+/// `c` as engine `H` reports it back (see [`Difference::ServerWideSync`]).
+pub fn as_reported_bucket<H: Harness>(mut c: crate::BucketConfig) -> crate::BucketConfig {
+    if let Some(s) = server_wide_sync::<H>() {
+        c.sync = s;
+    }
+    c
 }
 
 /// Longest time one case may run before it fails as hung.

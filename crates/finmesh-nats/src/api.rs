@@ -1,0 +1,314 @@
+//! The JetStream API as the engine uses it: JSON requests with their error
+//! codes mapped to [`ErrorKind`]s, message conversions, and one pull
+//! request (`CONSUMER.MSG.NEXT`) read to its end.
+//!
+//! Error mapping (JetStream `err_code` first, then the HTTP-like `code`):
+//!
+//! | NATS | kind |
+//! |---|---|
+//! | 10059 stream not found, 10014 consumer not found, 10037 no message found, 404 | `NotFound` |
+//! | 10058 stream name in use with another config, 10148/10105 consumer exists | `AlreadyExists` |
+//! | 10071 wrong last sequence | `WrongRevision` (current revision parsed from the description) |
+//! | 10054 message exceeds maximum | `TooLarge` |
+//! | 10008/10005/10004/10023, 503, no responders | `Unavailable` |
+//! | 10065 subjects overlap, 10052 subjects overlap the JetStream API | `Invalid` |
+//! | request timed out | `Timeout` |
+//! | other 400s (10065 subject overlap, …) | `Invalid` |
+//! | anything else | `Internal` |
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream::RawMessage;
+use async_nats::{HeaderMap, StatusCode};
+use finmesh_core::{Error, ErrorKind, Headers, Message, Result, Revision, Seq, Subject, Timestamp};
+use futures::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A JetStream API error reply.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct ApiError {
+    pub code: u64,
+    #[serde(default)]
+    pub err_code: u64,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Reply<T> {
+    Err { error: ApiError },
+    Ok(T),
+}
+
+/// Map an API error to a finmesh error; `what` names the object for the message.
+pub(crate) fn map_api_error(e: &ApiError, what: &str) -> Error {
+    let msg = format!("{what}: {} (NATS error {})", e.description, e.err_code);
+    let kind = match (e.err_code, e.code) {
+        (10059 | 10014 | 10037, _) => ErrorKind::NotFound,
+        (10058 | 10148 | 10105 | 10013, _) => ErrorKind::AlreadyExists,
+        (10071, _) => {
+            let current = e.description.rsplit(':').next().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+            return Error::wrong_revision(Revision(current), msg);
+        }
+        (10054, _) => ErrorKind::TooLarge,
+        (10008 | 10005 | 10004 | 10023 | 10002, _) | (_, 503) => ErrorKind::Unavailable,
+        (10052 | 10065, _) => ErrorKind::Invalid,
+        (_, 404) => ErrorKind::NotFound,
+        (_, 408) => ErrorKind::Timeout,
+        (_, 400) => ErrorKind::Invalid,
+        _ => ErrorKind::Internal,
+    };
+    Error::new(kind, msg)
+}
+
+/// Map a failed request (no reply) to a finmesh error.
+pub(crate) fn map_request_error(e: async_nats::RequestError, what: &str) -> Error {
+    use async_nats::RequestErrorKind as K;
+    match e.kind() {
+        K::TimedOut => Error::new(ErrorKind::Timeout, format!("{what}: NATS did not answer in time")).with_source(e),
+        K::NoResponders => {
+            Error::unavailable(format!("{what}: no NATS server answered (no responders)")).with_source(e)
+        }
+        K::MaxPayloadExceeded => {
+            Error::too_large(format!("{what}: larger than the server's max_payload")).with_source(e)
+        }
+        K::InvalidSubject => Error::invalid(format!("{what}: invalid subject")).with_source(e),
+        K::Other => Error::unavailable(format!("{what}: request to NATS failed: {e}")).with_source(e),
+    }
+}
+
+/// Send a JetStream API request (`subject` without the `$JS.API.` prefix).
+pub(crate) async fn request<T: DeserializeOwned>(
+    client: &async_nats::Client,
+    prefix: &str,
+    subject: &str,
+    body: &impl Serialize,
+    timeout: Duration,
+    what: &str,
+) -> Result<T> {
+    let payload = serde_json::to_vec(body).map_err(|e| Error::internal(format!("{what}: encode request: {e}")))?;
+    let req = async_nats::Request::new().payload(payload.into()).timeout(Some(timeout));
+    let msg = client.send_request(format!("{prefix}.{subject}"), req).await.map_err(|e| map_request_error(e, what))?;
+    decode_reply(&msg.payload, what)
+}
+
+/// Decode a JSON reply that may be an API error.
+pub(crate) fn decode_reply<T: DeserializeOwned>(payload: &[u8], what: &str) -> Result<T> {
+    match serde_json::from_slice::<Reply<T>>(payload) {
+        Ok(Reply::Ok(v)) => Ok(v),
+        Ok(Reply::Err { error }) => Err(map_api_error(&error, what)),
+        Err(e) => Err(Error::internal(format!("{what}: unexpected reply from NATS: {e}"))),
+    }
+}
+
+/// Nanoseconds since the epoch of a NATS time.
+pub(crate) fn ts(t: time::OffsetDateTime) -> Timestamp {
+    Timestamp(t.unix_timestamp_nanos().clamp(0, u64::MAX as i128) as u64)
+}
+
+/// A NATS time from a finmesh timestamp.
+pub(crate) fn datetime(t: Timestamp) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(t.0 as i128).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+/// `None` for Go's zero time (`0001-01-01`), which NATS sends for "none".
+pub(crate) fn opt_ts(t: time::OffsetDateTime) -> Option<Timestamp> {
+    (t.unix_timestamp() > 0).then(|| ts(t))
+}
+
+/// finmesh headers from NATS headers (status pseudo-headers are not part of it).
+pub(crate) fn headers_from(h: Option<&HeaderMap>) -> Headers {
+    let mut out = Headers::new();
+    if let Some(h) = h {
+        for (name, values) in h.iter() {
+            for v in values {
+                // NATS enforces the same rules on the wire; a header that
+                // breaks ours is skipped rather than failing the read.
+                let _ = out.append(name.to_string(), v.as_str().to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// NATS headers from finmesh headers.
+pub(crate) fn headers_to(h: &Headers) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in h.iter() {
+        out.append(name, value);
+    }
+    out
+}
+
+/// Reply of `STREAM.MSG.GET`.
+#[derive(serde::Deserialize)]
+pub(crate) struct GetMsg {
+    pub message: RawMessage,
+}
+
+/// A stored message from a `STREAM.MSG.GET` reply.
+pub(crate) fn raw_to_message(raw: RawMessage) -> Result<Message> {
+    let m = async_nats::jetstream::message::StreamMessage::try_from(raw)
+        .map_err(|e| Error::internal(format!("undecodable message from NATS: {e}")))?;
+    Ok(Message {
+        seq: Seq(m.sequence),
+        subject: Subject::new(m.subject.as_str())?,
+        headers: headers_from(Some(&m.headers)),
+        payload: m.payload,
+        time: ts(m.time),
+    })
+}
+
+/// What a JetStream delivery's reply subject says
+/// (`$JS.ACK.[<domain>.<hash>.]<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<tm>.<pending>[.<token>]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AckInfo {
+    pub stream: String,
+    pub consumer: String,
+    pub delivered: u32,
+    pub stream_seq: u64,
+    pub time: Timestamp,
+}
+
+/// Parse an ack subject; `None` if it is not one.
+pub(crate) fn parse_ack_subject(s: &str) -> Option<AckInfo> {
+    let rest = s.strip_prefix("$JS.ACK.")?;
+    let t: Vec<&str> = rest.split('.').collect();
+    let base = match t.len() {
+        7 => 0,
+        n if n >= 9 => 2,
+        _ => return None,
+    };
+    let num = |i: usize| t.get(base + i).and_then(|x| x.parse::<u64>().ok());
+    if t[base].is_empty() || t[base + 1].is_empty() {
+        return None;
+    }
+    Some(AckInfo {
+        stream: t[base].to_owned(),
+        consumer: t[base + 1].to_owned(),
+        delivered: u32::try_from(num(2)?).ok()?,
+        stream_seq: num(3)?,
+        time: Timestamp(num(5)?),
+    })
+}
+
+/// One delivery of a pull request: the message and its ack subject.
+pub(crate) struct Pulled {
+    pub message: Message,
+    pub ack: AckInfo,
+    pub reply: String,
+}
+
+/// Body of `CONSUMER.MSG.NEXT`.
+#[derive(Serialize)]
+struct NextRequest {
+    batch: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires: Option<u64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    no_wait: bool,
+}
+
+/// The outcome of a pull request that ended without a JetStream error.
+pub(crate) enum PullEnd {
+    /// Batch filled, expired, or nothing (more) available.
+    Done,
+    /// The consumer or stream is gone, or no server answered.
+    Gone,
+}
+
+/// Issue one pull request for up to `batch` messages of `stream`'s
+/// `consumer` and read it to its end: with `wait == None` only what is
+/// available now (`no_wait`), else until the batch is full or `wait` passed.
+pub(crate) async fn pull(
+    client: &async_nats::Client,
+    prefix: &str,
+    stream: &str,
+    consumer: &str,
+    batch: usize,
+    wait: Option<Duration>,
+    out: &mut Vec<Pulled>,
+) -> Result<PullEnd> {
+    let inbox = client.new_inbox();
+    let mut sub = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| Error::unavailable(format!("subscribe for a fetch: {e}")).with_source(e))?;
+    let body =
+        NextRequest { batch, expires: wait.map(|w| w.as_nanos().max(1_000_000) as u64), no_wait: wait.is_none() };
+    let payload = serde_json::to_vec(&body).map_err(|e| Error::internal(format!("encode pull request: {e}")))?;
+    client
+        .publish_with_reply(format!("{prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"), inbox, payload.into())
+        .await
+        .map_err(|e| Error::unavailable(format!("send pull request: {e}")).with_source(e))?;
+    // The server ends the request itself (status 404/408/409) unless the
+    // batch fills; this deadline only guards against a lost connection.
+    let deadline = tokio::time::Instant::now() + wait.unwrap_or_default() + Duration::from_secs(2);
+    let mut got = 0;
+    while got < batch {
+        let msg = match tokio::time::timeout_at(deadline, sub.next()).await {
+            // What was not read yet is redelivered after ack_wait.
+            Err(_) => return Ok(PullEnd::Done),
+            Ok(None) => return Err(Error::unavailable("fetch: connection to NATS closed")),
+            Ok(Some(m)) => m,
+        };
+        if let Some(status) = msg.status {
+            match status {
+                StatusCode::IDLE_HEARTBEAT => continue,
+                StatusCode::NOT_FOUND | StatusCode::TIMEOUT => return Ok(PullEnd::Done),
+                StatusCode::NO_RESPONDERS => return Ok(PullEnd::Gone),
+                StatusCode::REQUEST_TERMINATED => {
+                    let d = msg.description.unwrap_or_default().to_ascii_lowercase();
+                    if d.contains("deleted") {
+                        return Ok(PullEnd::Gone);
+                    }
+                    return Ok(PullEnd::Done);
+                }
+                _ if msg.payload.is_empty() && msg.reply.is_none() => {
+                    let d = msg.description.unwrap_or_default();
+                    return Err(Error::unavailable(format!("fetch: NATS ended the pull with {status} {d}")));
+                }
+                _ => {}
+            }
+        }
+        let Some(reply) = msg.reply.as_ref().map(|r| r.to_string()) else { continue };
+        let Some(ack) = parse_ack_subject(&reply) else { continue };
+        let message = Message {
+            seq: Seq(ack.stream_seq),
+            subject: Subject::new(msg.subject.as_str())?,
+            headers: headers_from(msg.headers.as_ref()),
+            payload: msg.payload,
+            time: ack.time,
+        };
+        out.push(Pulled { message, ack, reply });
+        got += 1;
+    }
+    Ok(PullEnd::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_subjects_v1_and_v2() {
+        let v1 = parse_ack_subject("$JS.ACK.ORDERS.c.2.17.5.1700000000000000000.3").unwrap();
+        assert_eq!((v1.stream.as_str(), v1.consumer.as_str(), v1.delivered, v1.stream_seq), ("ORDERS", "c", 2, 17));
+        let v2 = parse_ack_subject("$JS.ACK.hub.ACCHASH.ORDERS.c.1.9.9.1700000000000000000.0.tok").unwrap();
+        assert_eq!((v2.stream.as_str(), v2.stream_seq, v2.time), ("ORDERS", 9, Timestamp(1_700_000_000_000_000_000)));
+        for bad in ["", "garbage", "1.2.3.4.5.6.7.8.9", "$JS.ACK.a.b.c", "$JS.ACK.S.c.x.1.1.1.1"] {
+            assert!(parse_ack_subject(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn wrong_last_sequence_carries_the_current_revision() {
+        let e = ApiError { code: 400, err_code: 10071, description: "wrong last sequence: 42".into() };
+        let err = map_api_error(&e, "kv update");
+        assert_eq!((err.kind(), err.current_revision()), (ErrorKind::WrongRevision, Some(Revision(42))));
+        let nf = ApiError { code: 404, err_code: 10059, description: "stream not found".into() };
+        assert_eq!(map_api_error(&nf, "x").kind(), ErrorKind::NotFound);
+    }
+}

@@ -1,0 +1,296 @@
+//! KV buckets as standard JetStream KV buckets, so `nats kv` and every NATS
+//! KV client read and write them.
+//!
+//! Layout (the NATS KV convention): bucket `b` is stream `KV_b` capturing
+//! `$KV.b.>`; key `k` is subject `$KV.b.k`; a revision is the stream
+//! sequence; `history` is `max_msgs_per_subject`; `ttl` is `max_age`;
+//! delete writes an empty message with `KV-Operation: DEL`, purge one with
+//! `KV-Operation: PURGE` and `Nats-Rollup: sub` (which removes the key's
+//! older messages); `allow_direct`, `allow_rollup_hdrs`, `deny_delete` and
+//! `discard: new` as NATS clients create them.
+//!
+//! Compare-and-set uses `Nats-Expected-Last-Subject-Sequence`: the server
+//! refuses the write with error 10071 whose description carries the key's
+//! current revision, which becomes `WrongRevision`'s current revision.
+//! `max_value_size` is checked by the engine on the value alone and kept in
+//! the stream metadata `finmesh.max_value_size`; the server's `max_msg_size`
+//! is 256 bytes higher, because NATS counts the compare-and-set headers too.
+
+use bytes::Bytes;
+use finmesh_core::{
+    BucketConfig, BucketInfo, BucketName, Error, ErrorKind, Headers, Key, KvEntry, KvOp, Message, OutgoingMessage,
+    Result, Revision, Subject,
+};
+use serde_json::{Value, json};
+
+use crate::Inner;
+use crate::streams::KV_PREFIX;
+
+const META_MAX_VALUE_SIZE: &str = "finmesh.max_value_size";
+const HEADER_SLACK: u32 = 256;
+const OP_HEADER: &str = "KV-Operation";
+const EXPECTED_HEADER: &str = "Nats-Expected-Last-Subject-Sequence";
+
+/// `KV_<bucket>`.
+pub(crate) fn stream_name(b: &BucketName) -> String {
+    format!("{KV_PREFIX}{b}")
+}
+
+/// `$KV.<bucket>.`
+pub(crate) fn subject_prefix(b: &BucketName) -> String {
+    format!("$KV.{b}.")
+}
+
+fn key_subject(b: &BucketName, k: &Key) -> Result<Subject> {
+    Subject::new(format!("$KV.{b}.{k}"))
+}
+
+/// A KV entry from a message of the bucket's stream.
+pub(crate) fn entry_from(prefix: &str, m: Message) -> Result<KvEntry> {
+    let key = m
+        .subject
+        .as_str()
+        .strip_prefix(prefix)
+        .ok_or_else(|| Error::internal(format!("subject `{}` is not a key of this bucket", m.subject)))?;
+    let op = match m.headers.get(OP_HEADER) {
+        Some("DEL") => KvOp::Delete,
+        Some("PURGE") => KvOp::Purge,
+        _ => KvOp::Put,
+    };
+    let value = if op == KvOp::Put { m.payload } else { Bytes::new() };
+    Ok(KvEntry { key: Key::new(key)?, value, revision: Revision(m.seq.0), created: m.time, op })
+}
+
+fn nats_config(c: &BucketConfig) -> Value {
+    let two_minutes = std::time::Duration::from_secs(120);
+    let window = c.ttl.map_or(two_minutes, |t| t.min(two_minutes));
+    let mut v = json!({
+        "name": format!("{KV_PREFIX}{}", c.name),
+        "subjects": [format!("$KV.{}.>", c.name)],
+        "retention": "limits",
+        "storage": "file",
+        "discard": "new",
+        "max_consumers": -1,
+        "max_msgs": -1,
+        "max_bytes": c.max_bytes.map_or(-1, |n| n.min(i64::MAX as u64) as i64),
+        "max_msgs_per_subject": c.history,
+        "max_age": c.ttl.map_or(0, |t| t.as_nanos() as u64),
+        "duplicate_window": window.as_nanos() as u64,
+        "num_replicas": c.replicas,
+        "allow_rollup_hdrs": true,
+        "deny_delete": true,
+        "allow_direct": true,
+    });
+    if let Some(size) = c.max_value_size {
+        v["max_msg_size"] = json!(size.saturating_add(HEADER_SLACK).min(i32::MAX as u32));
+        v["metadata"] = json!({ META_MAX_VALUE_SIZE: size.to_string() });
+    }
+    v
+}
+
+fn bucket_info(inner: &Inner, info: &async_nats::jetstream::stream::Info) -> Result<BucketInfo> {
+    let c = &info.config;
+    let name = c.name.strip_prefix(KV_PREFIX).ok_or_else(|| Error::internal("not a KV stream"))?;
+    let max_value_size = match c.metadata.get(META_MAX_VALUE_SIZE) {
+        Some(v) => v.parse().ok(),
+        None if c.max_message_size > 0 => Some(c.max_message_size as u32),
+        None => None,
+    };
+    let config = BucketConfig {
+        name: BucketName::new(name)?,
+        history: c.max_messages_per_subject.clamp(1, 64) as u8,
+        ttl: (!c.max_age.is_zero()).then_some(c.max_age),
+        max_value_size,
+        max_bytes: (c.max_bytes > 0).then_some(c.max_bytes as u64),
+        sync: inner.options.server_sync,
+        replicas: c.num_replicas.clamp(1, 5) as u8,
+    };
+    Ok(BucketInfo {
+        config,
+        entries: info.state.messages,
+        bytes: info.state.bytes,
+        last_revision: Revision(info.state.last_sequence),
+    })
+}
+
+fn not_found(b: &BucketName) -> Error {
+    Error::not_found(format!("bucket `{b}` not found"))
+}
+
+impl Inner {
+    fn remember_bucket(&self, info: &BucketInfo) {
+        self.buckets.lock().insert(info.config.name.to_string(), info.config.value_size_limit());
+    }
+
+    /// The bucket's value size limit; `NotFound` if the bucket does not exist.
+    pub(crate) async fn bucket_limit(&self, b: &BucketName) -> Result<u32> {
+        if let Some(l) = self.buckets.lock().get(b.as_str()) {
+            return Ok(*l);
+        }
+        let info = self.bucket_info(b).await?;
+        Ok(info.config.value_size_limit())
+    }
+
+    pub(crate) async fn create_bucket(&self, config: BucketConfig) -> Result<BucketInfo> {
+        config.validate()?;
+        let name = stream_name(&config.name);
+        let what = format!("create bucket `{}`", config.name);
+        let info = self.request(&format!("STREAM.CREATE.{name}"), &nats_config(&config), &what).await?;
+        let info = bucket_info(self, &info)?;
+        self.remember_bucket(&info);
+        Ok(info)
+    }
+
+    pub(crate) async fn update_bucket(&self, config: BucketConfig) -> Result<BucketInfo> {
+        config.validate()?;
+        let name = stream_name(&config.name);
+        let what = format!("update bucket `{}`", config.name);
+        let info = self.request(&format!("STREAM.UPDATE.{name}"), &nats_config(&config), &what).await;
+        let info = bucket_info(
+            self,
+            &info.map_err(|e| if e.kind() == ErrorKind::NotFound { not_found(&config.name) } else { e })?,
+        )?;
+        self.remember_bucket(&info);
+        Ok(info)
+    }
+
+    pub(crate) async fn bucket_info(&self, b: &BucketName) -> Result<BucketInfo> {
+        let info = self
+            .raw_stream_info(&stream_name(b))
+            .await
+            .map_err(|e| if e.kind() == ErrorKind::NotFound { not_found(b) } else { e })?;
+        let info = bucket_info(self, &info)?;
+        self.remember_bucket(&info);
+        Ok(info)
+    }
+
+    pub(crate) async fn list_buckets(&self) -> Result<Vec<BucketName>> {
+        let mut names: Vec<BucketName> = self
+            .all_stream_names()
+            .await?
+            .into_iter()
+            .filter_map(|n| n.strip_prefix(KV_PREFIX).and_then(|b| BucketName::new(b).ok()))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub(crate) async fn delete_bucket(&self, b: &BucketName) -> Result<()> {
+        self.buckets.lock().remove(b.as_str());
+        let name = stream_name(b);
+        let r: Result<Value> =
+            self.request(&format!("STREAM.DELETE.{name}"), &json!({}), &format!("delete bucket `{b}`")).await;
+        self.buckets.lock().remove(b.as_str());
+        r.map(|_| ()).map_err(|e| if e.kind() == ErrorKind::NotFound { not_found(b) } else { e })
+    }
+
+    /// The latest entry of `k`, markers included.
+    async fn kv_last(&self, b: &BucketName, k: &Key) -> Result<Option<KvEntry>> {
+        self.bucket_limit(b).await?;
+        let subject = key_subject(b, k)?;
+        let m = self.msg_get(&stream_name(b), &json!({ "last_by_subj": subject.as_str() })).await?;
+        m.map(|m| entry_from(&subject_prefix(b), m)).transpose()
+    }
+
+    pub(crate) async fn kv_get(&self, b: &BucketName, k: &Key) -> Result<Option<KvEntry>> {
+        Ok(self.kv_last(b, k).await?.filter(|e| e.op == KvOp::Put))
+    }
+
+    pub(crate) async fn kv_get_revision(&self, b: &BucketName, k: &Key, rev: Revision) -> Result<Option<KvEntry>> {
+        self.bucket_limit(b).await?;
+        if rev.0 == 0 {
+            return Ok(None);
+        }
+        let subject = key_subject(b, k)?;
+        let m = self.msg_get(&stream_name(b), &json!({ "seq": rev.0 })).await?;
+        match m {
+            Some(m) if m.subject == subject => entry_from(&subject_prefix(b), m).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Write to `k` with `headers`; checks the value size first.
+    async fn kv_write(&self, b: &BucketName, k: &Key, value: Bytes, headers: Headers) -> Result<Revision> {
+        let limit = self.bucket_limit(b).await?;
+        if value.len() > limit as usize {
+            return Err(Error::too_large(format!(
+                "value of {} bytes exceeds bucket `{b}`'s limit of {limit} bytes",
+                value.len()
+            )));
+        }
+        let msg = OutgoingMessage { subject: key_subject(b, k)?, headers, payload: value };
+        let ack = self.send_one(&msg).await?;
+        Ok(Revision(ack.sequence))
+    }
+
+    pub(crate) async fn kv_put(&self, b: &BucketName, k: &Key, value: Bytes) -> Result<Revision> {
+        self.kv_write(b, k, value, Headers::new()).await
+    }
+
+    pub(crate) async fn kv_update(
+        &self,
+        b: &BucketName,
+        k: &Key,
+        value: Bytes,
+        expected: Revision,
+    ) -> Result<Revision> {
+        let mut h = Headers::new();
+        h.insert(EXPECTED_HEADER, expected.0.to_string())?;
+        self.kv_write(b, k, value, h).await
+    }
+
+    pub(crate) async fn kv_create(&self, b: &BucketName, k: &Key, value: Bytes) -> Result<Revision> {
+        let limit = self.bucket_limit(b).await?;
+        if value.len() > limit as usize {
+            return Err(Error::too_large(format!("value of {} bytes exceeds the limit of {limit} bytes", value.len())));
+        }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let expected = match self.kv_last(b, k).await? {
+                Some(e) if e.op == KvOp::Put => {
+                    return Err(Error::wrong_revision(e.revision, format!("key `{k}` exists")));
+                }
+                Some(marker) => marker.revision,
+                None => Revision(0),
+            };
+            match self.kv_update(b, k, value.clone(), expected).await {
+                Err(e) if e.kind() == ErrorKind::WrongRevision && attempts < 5 => continue,
+                r => return r,
+            }
+        }
+    }
+
+    pub(crate) async fn kv_marker(&self, b: &BucketName, k: &Key, purge: bool) -> Result<Revision> {
+        let mut h = Headers::new();
+        h.insert(OP_HEADER, if purge { "PURGE" } else { "DEL" })?;
+        if purge {
+            h.insert("Nats-Rollup", "sub")?;
+        }
+        self.kv_write(b, k, Bytes::new(), h).await
+    }
+
+    pub(crate) async fn kv_keys(&self, b: &BucketName, prefix: &str) -> Result<Vec<Key>> {
+        self.bucket_limit(b).await?;
+        let sp = subject_prefix(b);
+        let cfg =
+            json!({ "deliver_policy": "last_per_subject", "filter_subject": format!("{sp}>"), "headers_only": true });
+        let mut keys = Vec::new();
+        for m in self.snapshot(&stream_name(b), cfg, usize::MAX).await? {
+            let e = entry_from(&sp, m)?;
+            if e.op == KvOp::Put && e.key.as_str().starts_with(prefix) {
+                keys.push(e.key);
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    pub(crate) async fn kv_history(&self, b: &BucketName, k: &Key) -> Result<Vec<KvEntry>> {
+        self.bucket_limit(b).await?;
+        let subject = key_subject(b, k)?;
+        let cfg = json!({ "deliver_policy": "all", "filter_subject": subject.as_str() });
+        let sp = subject_prefix(b);
+        self.snapshot(&stream_name(b), cfg, usize::MAX).await?.into_iter().map(|m| entry_from(&sp, m)).collect()
+    }
+}

@@ -1,0 +1,292 @@
+//! Streams: finmesh streams are JetStream streams of the same name
+//! (file storage, limits retention, discard old).
+//!
+//! Mapping of [`StreamConfig`]: `subjects`, `max_msgs`, `max_bytes`,
+//! `max_age`, `max_msgs_per_subject`, `duplicate_window` and `replicas` map
+//! one to one (`None` = NATS's `-1`/`0`). `max_msg_size` is checked by the
+//! engine against finmesh's size (subject + headers + payload) and kept in
+//! the stream metadata `finmesh.max_msg_size`; the server's own limit is set
+//! 12 bytes higher, because NATS counts the header block's framing
+//! (`NATS/1.0\r\n…\r\n`) and not the subject, so it never refuses what the
+//! engine accepted. `sync` is reported as the server's policy
+//! ([`crate::NatsEngineOptions::server_sync`]): NATS has no per-stream fsync.
+//!
+//! Streams named `KV_*` are KV buckets and are hidden from the stream calls.
+//! Publishing checks the subject against the stream's subjects (cached per
+//! engine, refreshed by this engine's create/update/delete) so a message
+//! never lands in another stream that happens to capture it.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::stream::Info;
+use finmesh_core::{
+    Error, ErrorKind, Message, ReadRequest, ReadStart, Result, Seq, StreamConfig, StreamInfo, StreamName, StreamState,
+    Subject, SubjectPattern,
+};
+use serde_json::{Value, json};
+
+use crate::api::{self, GetMsg};
+use crate::{Inner, StreamMeta};
+
+/// Metadata key holding finmesh's `max_msg_size`.
+pub(crate) const META_MAX_MSG_SIZE: &str = "finmesh.max_msg_size";
+/// Prefix of the streams that back KV buckets.
+pub(crate) const KV_PREFIX: &str = "KV_";
+/// Bytes NATS counts for a header block's framing beyond finmesh's count.
+const HEADER_FRAMING: u32 = 12;
+
+fn nanos(d: std::time::Duration) -> u64 {
+    d.as_nanos().min(i64::MAX as u128) as u64
+}
+
+/// The JSON config NATS gets for `c`.
+pub(crate) fn nats_config(c: &StreamConfig) -> Value {
+    let mut v = json!({
+        "name": c.name.as_str(),
+        "subjects": c.subjects.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        "retention": "limits",
+        "storage": "file",
+        "discard": "old",
+        "max_consumers": -1,
+        "max_msgs": c.max_msgs.map_or(-1, |n| n.min(i64::MAX as u64) as i64),
+        "max_bytes": c.max_bytes.map_or(-1, |n| n.min(i64::MAX as u64) as i64),
+        "max_msgs_per_subject": c.max_msgs_per_subject.map_or(-1, |n| n.min(i64::MAX as u64) as i64),
+        "max_age": c.max_age.map_or(0, nanos),
+        "duplicate_window": nanos(c.duplicate_window),
+        "num_replicas": c.replicas,
+        "allow_direct": true,
+    });
+    if let Some(size) = c.max_msg_size {
+        v["max_msg_size"] = json!(size.saturating_add(HEADER_FRAMING).min(i32::MAX as u32));
+        v["metadata"] = json!({ META_MAX_MSG_SIZE: size.to_string() });
+    }
+    v
+}
+
+fn opt(n: i64) -> Option<u64> {
+    (n > 0).then_some(n as u64)
+}
+
+/// finmesh's view of a NATS stream.
+pub(crate) fn stream_info(inner: &Inner, info: &Info) -> Result<StreamInfo> {
+    let c = &info.config;
+    let max_msg_size = match c.metadata.get(META_MAX_MSG_SIZE) {
+        Some(v) => v.parse().ok(),
+        None if c.max_message_size > 0 => Some(c.max_message_size as u32),
+        None => None,
+    };
+    let config = StreamConfig {
+        name: StreamName::new(c.name.as_str())?,
+        subjects: c.subjects.iter().map(|s| SubjectPattern::new(s.as_str())).collect::<Result<_>>()?,
+        max_msgs: opt(c.max_messages),
+        max_bytes: opt(c.max_bytes),
+        max_age: (!c.max_age.is_zero()).then_some(c.max_age),
+        max_msgs_per_subject: opt(c.max_messages_per_subject),
+        max_msg_size,
+        duplicate_window: c.duplicate_window,
+        sync: inner.options.server_sync,
+        replicas: c.num_replicas.clamp(1, 5) as u8,
+    };
+    let s = &info.state;
+    let state = StreamState {
+        messages: s.messages,
+        bytes: s.bytes,
+        // NATS reports 0 for a stream that never had a message; finmesh
+        // (and NATS after a purge) says `last + 1` for an empty stream.
+        first_seq: Seq(if s.messages == 0 { s.last_sequence + 1 } else { s.first_sequence }),
+        last_seq: Seq(s.last_sequence),
+        first_time: if s.messages > 0 { api::opt_ts(s.first_timestamp) } else { None },
+        last_time: if s.last_sequence > 0 { api::opt_ts(s.last_timestamp) } else { None },
+    };
+    Ok(StreamInfo { config, state })
+}
+
+fn not_kv(name: &StreamName) -> Result<()> {
+    if name.as_str().starts_with(KV_PREFIX) {
+        return Err(Error::invalid(format!("stream names starting with `{KV_PREFIX}` are reserved for KV buckets")));
+    }
+    Ok(())
+}
+
+impl Inner {
+    pub(crate) async fn raw_stream_info(&self, name: &str) -> Result<Info> {
+        self.request(&format!("STREAM.INFO.{name}"), &json!({}), &format!("stream `{name}`")).await
+    }
+
+    /// The cached subjects and size limit of a stream (fetched on a miss).
+    pub(crate) async fn stream_meta(&self, name: &StreamName) -> Result<Arc<StreamMeta>> {
+        if let Some(m) = self.streams.lock().get(name.as_str()) {
+            return Ok(m.clone());
+        }
+        if name.as_str().starts_with(KV_PREFIX) {
+            return Err(Error::not_found(format!("stream `{name}` not found")));
+        }
+        let info = self.raw_stream_info(name.as_str()).await?;
+        Ok(self.remember(&stream_info(self, &info)?.config))
+    }
+
+    pub(crate) fn remember(&self, c: &StreamConfig) -> Arc<StreamMeta> {
+        let meta = Arc::new(StreamMeta { subjects: c.subjects.clone(), max_msg_size: c.msg_size_limit() });
+        self.streams.lock().insert(c.name.as_str().to_owned(), meta.clone());
+        meta
+    }
+
+    pub(crate) fn forget(&self, name: &str) {
+        self.streams.lock().remove(name);
+    }
+
+    pub(crate) async fn create_stream(&self, config: StreamConfig) -> Result<StreamInfo> {
+        config.validate()?;
+        not_kv(&config.name)?;
+        let what = format!("create stream `{}`", config.name);
+        let info: Info = self.request(&format!("STREAM.CREATE.{}", config.name), &nats_config(&config), &what).await?;
+        let info = stream_info(self, &info)?;
+        self.remember(&info.config);
+        Ok(info)
+    }
+
+    pub(crate) async fn update_stream(&self, config: StreamConfig) -> Result<StreamInfo> {
+        config.validate()?;
+        not_kv(&config.name)?;
+        let what = format!("update stream `{}`", config.name);
+        self.forget(config.name.as_str());
+        let info: Info = self.request(&format!("STREAM.UPDATE.{}", config.name), &nats_config(&config), &what).await?;
+        let info = stream_info(self, &info)?;
+        self.remember(&info.config);
+        Ok(info)
+    }
+
+    pub(crate) async fn stream_info(&self, name: &StreamName) -> Result<StreamInfo> {
+        if name.as_str().starts_with(KV_PREFIX) {
+            return Err(Error::not_found(format!("stream `{name}` not found")));
+        }
+        stream_info(self, &self.raw_stream_info(name.as_str()).await?)
+    }
+
+    /// Names of all JetStream streams, paged.
+    pub(crate) async fn all_stream_names(&self) -> Result<Vec<String>> {
+        #[derive(serde::Deserialize)]
+        struct Names {
+            #[serde(default)]
+            streams: Option<Vec<String>>,
+            total: usize,
+        }
+        let mut out = Vec::new();
+        loop {
+            let page: Names = self.request("STREAM.NAMES", &json!({ "offset": out.len() }), "list streams").await?;
+            let got = page.streams.unwrap_or_default();
+            let empty = got.is_empty();
+            out.extend(got);
+            if empty || out.len() >= page.total {
+                return Ok(out);
+            }
+        }
+    }
+
+    pub(crate) async fn list_streams(&self) -> Result<Vec<StreamName>> {
+        let mut names: Vec<StreamName> = self
+            .all_stream_names()
+            .await?
+            .into_iter()
+            .filter(|n| !n.starts_with(KV_PREFIX))
+            .filter_map(|n| StreamName::new(n).ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub(crate) async fn delete_stream(&self, name: &StreamName) -> Result<()> {
+        not_kv(name).map_err(|_| Error::not_found(format!("stream `{name}` not found")))?;
+        self.forget(name.as_str());
+        let _: Value =
+            self.request(&format!("STREAM.DELETE.{name}"), &json!({}), &format!("delete stream `{name}`")).await?;
+        self.forget(name.as_str());
+        Ok(())
+    }
+
+    pub(crate) async fn purge_stream(&self, name: &StreamName) -> Result<u64> {
+        self.stream_meta(name).await?;
+        #[derive(serde::Deserialize)]
+        struct Purged {
+            purged: u64,
+        }
+        let r: Purged =
+            self.request(&format!("STREAM.PURGE.{name}"), &json!({}), &format!("purge stream `{name}`")).await?;
+        Ok(r.purged)
+    }
+
+    /// `STREAM.MSG.GET` with `body`; `Ok(None)` when there is no such message.
+    pub(crate) async fn msg_get(&self, stream: &str, body: &Value) -> Result<Option<Message>> {
+        let r: Result<GetMsg> =
+            self.request(&format!("STREAM.MSG.GET.{stream}"), body, &format!("stream `{stream}`")).await;
+        match r {
+            Ok(m) => api::raw_to_message(m.message).map(Some),
+            Err(e) if e.kind() == ErrorKind::NotFound && e.message().contains("10037") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(crate) async fn get_message(&self, stream: &StreamName, seq: Seq) -> Result<Message> {
+        self.stream_meta(stream).await?;
+        let missing = || Error::not_found(format!("stream `{stream}` has no message {seq}"));
+        if seq.0 == 0 {
+            return Err(missing());
+        }
+        self.msg_get(stream.as_str(), &json!({ "seq": seq.0 })).await?.ok_or_else(missing)
+    }
+
+    pub(crate) async fn last_message(&self, stream: &StreamName, subject: &Subject) -> Result<Message> {
+        self.stream_meta(stream).await?;
+        self.msg_get(stream.as_str(), &json!({ "last_by_subj": subject.as_str() }))
+            .await?
+            .ok_or_else(|| Error::not_found(format!("stream `{stream}` has no message on `{subject}`")))
+    }
+
+    pub(crate) async fn read(&self, stream: &StreamName, request: ReadRequest) -> Result<Vec<Message>> {
+        self.stream_meta(stream).await?;
+        let limit = request.limit.min(finmesh_core::engine::MAX_READ_LIMIT);
+        if limit == 0 || request.end.is_some_and(|e| e.0 == 0) {
+            return Ok(Vec::new());
+        }
+        let mut cfg = json!({});
+        match request.start {
+            ReadStart::Seq(Seq(0)) => cfg["deliver_policy"] = json!("all"),
+            ReadStart::Seq(s) => {
+                cfg["deliver_policy"] = json!("by_start_sequence");
+                cfg["opt_start_seq"] = json!(s.0);
+            }
+            ReadStart::Time(t) => {
+                cfg["deliver_policy"] = json!("by_start_time");
+                cfg["opt_start_time"] = json!(rfc3339(t)?);
+            }
+        }
+        if let Some(f) = &request.filter {
+            cfg["filter_subject"] = json!(f.as_str());
+        }
+        let mut msgs = self.snapshot(stream.as_str(), cfg, limit).await?;
+        if let Some(end) = request.end {
+            msgs.retain(|m| m.seq <= end);
+        }
+        Ok(msgs)
+    }
+
+    pub(crate) async fn last_per_subject(
+        &self,
+        stream: &StreamName,
+        filter: Option<&SubjectPattern>,
+    ) -> Result<Vec<Message>> {
+        self.stream_meta(stream).await?;
+        let cfg = json!({
+            "deliver_policy": "last_per_subject",
+            "filter_subject": filter.map_or(">", |f| f.as_str()),
+        });
+        self.snapshot(stream.as_str(), cfg, usize::MAX).await
+    }
+}
+
+/// RFC 3339 with nanoseconds, as NATS expects times.
+pub(crate) fn rfc3339(t: finmesh_core::Timestamp) -> Result<String> {
+    api::datetime(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| Error::internal(format!("format a time: {e}")))
+}
