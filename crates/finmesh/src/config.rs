@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use finmesh_core::BucketName;
+use finmesh_nats::NatsEngineOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::tls::TlsConfig;
@@ -39,21 +40,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// The NATS engine's connection settings.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct NatsSection {
-    /// Server URLs, e.g. `nats://10.0.0.1:4222`.
-    #[serde(default)]
-    pub servers: Vec<String>,
-    /// A `.creds` file (JWT + nkey seed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials: Option<PathBuf>,
-    /// JetStream domain of the cluster that holds the data (edges).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub domain: Option<String>,
-}
-
 /// The whole file. Every field has a default, so an empty file is valid.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -68,7 +54,10 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_timeout_ms: u64,
-    pub nats: NatsSection,
+    /// The NATS engine's connection settings (`engine = "nats"`); the
+    /// fields of [`NatsEngineOptions`], durations in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsEngineOptions>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
 }
@@ -82,7 +71,7 @@ impl Default for ServeConfig {
             default_bucket: "default".to_owned(),
             log_format: LogFormat::Text,
             drain_timeout_ms: 10_000,
-            nats: NatsSection::default(),
+            nats: None,
             tls: None,
         }
     }
@@ -167,7 +156,10 @@ impl ServeConfig {
             self.data_dir = v.clone();
         }
         if let Some(v) = &o.nats_servers {
-            self.nats.servers = v.clone();
+            match &mut self.nats {
+                Some(nats) => nats.servers = v.clone(),
+                None => self.nats = Some(NatsEngineOptions { servers: v.clone(), ..NatsEngineOptions::new("") }),
+            }
         }
         if let Some(v) = o.log_format {
             self.log_format = v;
@@ -202,24 +194,15 @@ impl ServeConfig {
                     problem("data_dir", "must name a directory".to_owned());
                 }
             }
-            EngineKind::Nats => {
-                if self.nats.servers.is_empty() {
-                    problem("nats.servers", "engine = \"nats\" needs at least one server URL".to_owned());
-                }
-                for url in &self.nats.servers {
-                    if !valid_nats_url(url) {
-                        problem(
-                            "nats.servers",
-                            format!("`{url}` is not a URL like nats://host:4222 (schemes nats, tls, ws, wss)"),
-                        );
-                    }
-                }
+            EngineKind::Nats if self.nats.is_none() => {
+                problem("nats", "engine = \"nats\" needs a [nats] section with `servers`".to_owned())
             }
+            EngineKind::Nats => {}
         }
-        if let Some(path) = &self.nats.credentials
-            && !path.is_file()
+        if let Some(nats) = &self.nats
+            && let Err(e) = nats.validate()
         {
-            problem("nats.credentials", format!("{} is not a readable file", path.display()));
+            problem("nats", e.message().to_owned());
         }
         if let Some(tls) = &self.tls {
             for (key, path) in
@@ -241,13 +224,6 @@ impl ServeConfig {
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
     }
-}
-
-fn valid_nats_url(url: &str) -> bool {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return false;
-    };
-    matches!(scheme, "nats" | "tls" | "ws" | "wss") && !rest.is_empty() && !rest.contains(char::is_whitespace)
 }
 
 #[cfg(test)]
@@ -286,7 +262,7 @@ mod tests {
         "#;
         let config = ServeConfig::parse(text, Path::new("x.toml")).unwrap();
         let keys: Vec<String> = config.validate().into_iter().map(|p| p.key).collect();
-        assert_eq!(keys, ["listen", "default_bucket", "drain_timeout_ms", "nats.servers", "tls.cert", "tls.key"]);
+        assert_eq!(keys, ["listen", "default_bucket", "drain_timeout_ms", "nats", "tls.cert", "tls.key"]);
     }
 
     #[test]
