@@ -21,14 +21,40 @@
 //! | `stream:admin:<stream>` | create, update, delete the stream and its consumers |
 //!
 //! `<bucket>` and `<stream>` may be `*` for every name. A scope with a
-//! subject pattern grants only subjects (or filters) that pattern covers.
+//! subject pattern grants only subjects (or filters) that pattern covers; the
+//! pattern is everything after the third `:` (subjects may contain `:`), and
+//! only `publish` and `subscribe` take one. A subscription without a filter
+//! asks for every subject, so only a scope without a pattern (or with `>`)
+//! grants it. Actions do not imply each other (`kv:write` does not grant
+//! reads); only `admin` grants everything. Strings that are not scopes of
+//! this grammar grant nothing and do not make a token invalid. Details and
+//! rationale: [`scope`].
+//!
+//! Layout, in reading order: [`scope`] (the language), [`access`] (who asks
+//! for what), [`config`] (keys and issuing settings), [`authenticator`]
+//! (bearer JWT verification), [`issue`] (signing tokens), [`oauth`] (the
+//! client-credentials grant), [`secret`] (secret files, randomness).
 //!
 //! Invariant: authentication never panics on hostile input; every failure is
 //! an [`ErrorKind::Unauthorized`](finmesh_core::ErrorKind::Unauthorized) error
 //! whose message says why without echoing the token.
 
-mod access;
-mod authenticator;
+pub mod access;
+pub mod authenticator;
+pub mod config;
+pub mod issue;
+mod keys;
+pub mod oauth;
+pub mod scope;
+pub mod secret;
 
 pub use access::{Access, Principal};
-pub use authenticator::Authenticator;
+pub use authenticator::{Authenticator, parse_bearer};
+pub use config::{AuthConfig, KeyAlgorithm, KeyConfig, SigningConfig};
+pub use issue::{IssuedToken, NodeAuth, TokenIssuer, bootstrap_node_auth, issue_token, parse_ttl};
+pub use oauth::{
+    ClientConfig, ClientRegistry, OAuthError, OAuthErrorCode, TokenRequest, TokenResponse, generate_client_secret,
+    hash_client_secret,
+};
+pub use scope::Scope;
+pub use secret::load_or_create_secret;
