@@ -15,7 +15,7 @@
 //!    checked against HS256 secrets only (algorithm confusion);
 //! 4. the signature verifies with one of the selected keys;
 //! 5. `exp` is present and not past, `nbf` (when present) is not in the
-//!    future, both with `leeway_secs` of skew; `sub` is present; `iss` equals
+//!    future, both with `leeway_secs` of skew; `sub` is a non-empty string; `iss` equals
 //!    the configured issuer and one `aud` equals the configured audience, when
 //!    those are configured (a token's `aud` is ignored when no audience is).
 //!
@@ -211,6 +211,9 @@ impl Verifier {
                 continue;
             }
             match decode::<Claims>(token, &key.key, validation) {
+                Ok(data) if data.claims.sub.trim().is_empty() => {
+                    return Err(unauthorized("token has an empty `sub` claim"));
+                }
                 Ok(data) => {
                     let mut scopes = vec![];
                     if let Some(s) = data.claims.scope {

@@ -19,6 +19,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use finmesh_core::{Error, Result};
 use zeroize::Zeroizing;
 
+/// Name of the node's own secret file in the data directory, used when no
+/// `[auth]` table is configured.
+pub const DEFAULT_SECRET_FILE: &str = "auth-secret";
+
 /// Shortest HS256 secret accepted, in bytes (RFC 7518 §3.2: at least the hash size).
 pub const MIN_SECRET_LEN: usize = 32;
 /// Longest secret file read, in bytes.

@@ -136,6 +136,7 @@ fn issuer_audience_and_subject_are_checked() {
     assert!(a.authenticate(Some(&with("aud", json!(["other", AUDIENCE])))).is_ok(), "one of the audiences is ours");
     refused(&a, &with("sub", serde_json::Value::Null), "missing sub");
     refused(&a, &with("sub", json!(42)), "sub not a string");
+    refused(&a, &with("sub", json!(" ")), "empty sub");
 
     // Without issuer/audience configured, neither is checked.
     let open = AuthConfig { issuer: None, audience: None, ..f.config.clone() };
