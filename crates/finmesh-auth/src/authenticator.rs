@@ -39,6 +39,19 @@ use crate::keys::{VerifyingKey, load_keys};
 /// Longest `Authorization` header accepted, in bytes.
 pub const MAX_AUTHORIZATION_LEN: usize = 16 * 1024;
 
+/// `WWW-Authenticate` of a 401 for a request without credentials (RFC 6750 §3).
+pub const BEARER_CHALLENGE: &str = "Bearer realm=\"finmesh\"";
+/// `WWW-Authenticate` of a 401 for a request whose token was refused.
+pub const BEARER_INVALID_TOKEN: &str = "Bearer realm=\"finmesh\", error=\"invalid_token\"";
+/// `WWW-Authenticate` of a 403: a valid token without the needed scope.
+pub const BEARER_INSUFFICIENT_SCOPE: &str = "Bearer realm=\"finmesh\", error=\"insufficient_scope\"";
+
+/// The `WWW-Authenticate` value of a 401 from [`Authenticator::authenticate`],
+/// given whether the request had an `Authorization` header.
+pub fn bearer_challenge(had_authorization: bool) -> &'static str {
+    if had_authorization { BEARER_INVALID_TOKEN } else { BEARER_CHALLENGE }
+}
+
 /// Verifies bearer tokens. Cheap to clone; shared by every request.
 #[derive(Debug, Clone)]
 pub struct Authenticator {

@@ -49,7 +49,9 @@ pub mod scope;
 pub mod secret;
 
 pub use access::{Access, Principal};
-pub use authenticator::{Authenticator, parse_bearer};
+pub use authenticator::{
+    Authenticator, BEARER_CHALLENGE, BEARER_INSUFFICIENT_SCOPE, BEARER_INVALID_TOKEN, bearer_challenge, parse_bearer,
+};
 pub use config::{AuthConfig, KeyAlgorithm, KeyConfig, SigningConfig};
 pub use issue::{IssuedToken, NodeAuth, TokenIssuer, bootstrap_node_auth, issue_token, parse_ttl};
 pub use oauth::{
@@ -57,4 +59,4 @@ pub use oauth::{
     hash_client_secret,
 };
 pub use scope::Scope;
-pub use secret::load_or_create_secret;
+pub use secret::{DEFAULT_SECRET_FILE, load_or_create_secret};

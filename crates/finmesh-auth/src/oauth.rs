@@ -1,7 +1,10 @@
 //! The OAuth 2.0 client-credentials grant (RFC 6749 §4.4) against a clients
-//! file, as data: the gateway parses the form and the `Authorization`
-//! header into a [`TokenRequest`], calls [`ClientRegistry::grant`] (on a
-//! blocking thread: it runs argon2), and turns the result into a response.
+//! file, as data: the gateway turns the body and headers into a
+//! [`TokenRequest`] with [`TokenRequest::from_form`], calls
+//! [`ClientRegistry::grant`] (on a blocking thread: it runs argon2), and turns
+//! the result into a response: a [`TokenResponse`] as JSON with
+//! `Cache-Control: no-store`, or an [`OAuthError`] as JSON with
+//! [`OAuthError::status`] and [`OAuthError::www_authenticate`].
 //!
 //! Clients file (TOML):
 //!
@@ -123,6 +126,52 @@ pub struct TokenRequest {
     /// should be passed lossily converted: it then fails as `invalid_client`.
     #[serde(skip)]
     pub authorization: Option<String>,
+}
+
+/// Largest `POST /oauth/token` body [`TokenRequest::from_form`] reads, in bytes.
+pub const MAX_FORM_LEN: usize = 16 * 1024;
+
+impl TokenRequest {
+    /// Build a request from what the gateway has: the `Content-Type` header,
+    /// the raw body and the raw `Authorization` header. Checks what RFC 6749
+    /// §3.2 asks of the transport: a form body (`invalid_request` otherwise),
+    /// no parameter repeated, at most [`MAX_FORM_LEN`] bytes. Unknown
+    /// parameters are ignored (§3.2). Never panics on any input.
+    pub fn from_form(
+        content_type: Option<&[u8]>,
+        body: &[u8],
+        authorization: Option<&[u8]>,
+    ) -> std::result::Result<Self, OAuthError> {
+        use OAuthErrorCode::InvalidRequest;
+        let is_form = content_type
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| c.split(';').next())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
+        if !is_form {
+            return Err(OAuthError::new(InvalidRequest, "the body must be application/x-www-form-urlencoded"));
+        }
+        if body.len() > MAX_FORM_LEN {
+            return Err(OAuthError::new(InvalidRequest, format!("the body is larger than {MAX_FORM_LEN} bytes")));
+        }
+        let mut req = TokenRequest {
+            // Not UTF-8: keep it as something that fails as invalid_client.
+            authorization: authorization.map(|a| String::from_utf8_lossy(a).into_owned()),
+            ..TokenRequest::default()
+        };
+        for (k, v) in form_urlencoded::parse(body) {
+            let slot = match &*k {
+                "grant_type" => &mut req.grant_type,
+                "scope" => &mut req.scope,
+                "client_id" => &mut req.client_id,
+                "client_secret" => &mut req.client_secret,
+                _ => continue,
+            };
+            if slot.replace(v.into_owned()).is_some() {
+                return Err(OAuthError::new(InvalidRequest, format!("parameter `{k}` is repeated")));
+            }
+        }
+        Ok(req)
+    }
 }
 
 impl fmt::Debug for TokenRequest {
@@ -416,6 +465,25 @@ mod tests {
             assert!(e.www_authenticate().is_none());
         }
         assert_eq!(OAuthError::new(OAuthErrorCode::InvalidScope, "y").to_string(), "invalid_scope: y");
+    }
+
+    #[test]
+    fn form_parsing() {
+        let ct = Some(&b"application/x-www-form-urlencoded; charset=UTF-8"[..]);
+        let body =
+            b"grant_type=client_credentials&scope=kv%3Aread%3Aa+kv%3Aread%3Ab&client_id=a&client_secret=s%2B1&x=y";
+        let r = TokenRequest::from_form(ct, body, Some(b"Basic \xff")).unwrap();
+        assert_eq!(r.grant_type.as_deref(), Some("client_credentials"));
+        assert_eq!(r.scope.as_deref(), Some("kv:read:a kv:read:b"));
+        assert_eq!((r.client_id.as_deref(), r.client_secret.as_deref()), (Some("a"), Some("s+1")));
+        assert!(r.authorization.is_some(), "non-UTF-8 header kept (lossily) so it fails as invalid_client");
+        let bad = |ct: Option<&[u8]>, body: &[u8]| TokenRequest::from_form(ct, body, None).unwrap_err().error;
+        assert_eq!(bad(None, b"grant_type=client_credentials"), OAuthErrorCode::InvalidRequest);
+        assert_eq!(bad(Some(b"application/json"), b"{}"), OAuthErrorCode::InvalidRequest);
+        assert_eq!(bad(ct, b"scope=a&scope=b"), OAuthErrorCode::InvalidRequest);
+        assert_eq!(bad(ct, &vec![b'a'; MAX_FORM_LEN + 1]), OAuthErrorCode::InvalidRequest);
+        let r = TokenRequest::from_form(ct, b"\xff\xfe=%ZZ&&=&grant_type", None).unwrap();
+        assert_eq!(r.grant_type.as_deref(), Some(""));
     }
 
     #[test]

@@ -82,25 +82,35 @@ pub fn load_or_create_secret(path: &Path) -> Result<(Secret, bool)> {
     }
 }
 
+/// Write the secret to a private temp file, then hard-link it into place:
+/// the link either appears complete or fails with `AlreadyExists`, so two
+/// processes starting at once agree on one secret and neither can read a
+/// half-written file.
 fn create_secret(path: &Path) -> std::io::Result<Secret> {
-    let bytes = random_bytes(32).map_err(|_| std::io::Error::other("the system random generator failed"))?;
-    let mut text = Zeroizing::new(URL_SAFE_NO_PAD.encode(&bytes).into_bytes());
+    let rng_failed = |_| std::io::Error::other("the system random generator failed");
+    let bytes = random_bytes(32).map_err(rng_failed)?;
+    let text = Zeroizing::new(URL_SAFE_NO_PAD.encode(&bytes).into_bytes());
+    if path.exists() {
+        return Err(std::io::ErrorKind::AlreadyExists.into());
+    }
+    let name = path.file_name().ok_or_else(|| std::io::Error::other("the secret path has no file name"))?;
+    let tmp = path.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), random_token(8).map_err(rng_failed)?));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut file = opts.open(path)?;
-    let written = file.write_all(&text).and_then(|()| file.write_all(b"\n")).and_then(|()| file.sync_all());
-    if let Err(e) = written {
-        drop(file);
-        let _ = std::fs::remove_file(path);
-        return Err(e);
-    }
+    let linked = opts.open(&tmp).and_then(|mut file| {
+        file.write_all(&text)?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+        std::fs::hard_link(&tmp, path)
+    });
+    let _ = std::fs::remove_file(&tmp);
+    linked?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::File::open(dir)?.sync_all()?;
     }
-    let secret = Zeroizing::new(std::mem::take(&mut *text));
-    Ok(secret)
+    Ok(text)
 }
 
 fn warn_if_readable_by_others(file: &std::fs::File, path: &Path) {
@@ -150,6 +160,20 @@ mod tests {
         std::fs::write(&path, vec![b'x'; MAX_SECRET_LEN + 1]).unwrap();
         assert_eq!(read_secret(&path).unwrap_err().kind(), finmesh_core::ErrorKind::Invalid);
         assert_eq!(read_secret(&dir.path().join("missing")).unwrap_err().kind(), finmesh_core::ErrorKind::Internal);
+    }
+
+    #[test]
+    fn concurrent_creators_agree_on_one_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        let results: Vec<(Secret, bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8).map(|_| s.spawn(|| load_or_create_secret(&path).unwrap())).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|(_, created)| *created).count(), 1);
+        assert!(results.iter().all(|(s, _)| **s == *results[0].0));
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["secret"], "no temp file is left behind");
     }
 
     #[test]

@@ -223,3 +223,23 @@ fn default_hash_is_argon2id_with_owasp_parameters() {
     assert_ne!(h, again, "random salt");
     assert!(argon2::PasswordVerifier::verify_password(&argon2::Argon2::default(), b"s3cret", h.as_str()).is_ok());
 }
+
+#[test]
+fn raw_form_and_header_to_grant_as_the_gateway_does() {
+    let n = node_with(cheap());
+    let ct = Some(&b"application/x-www-form-urlencoded"[..]);
+    let header = basic("feed", "feed-secret");
+    let r = TokenRequest::from_form(
+        ct,
+        b"grant_type=client_credentials&scope=stream%3Apublish%3Amd%3Amd.eu.%3E",
+        Some(header.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(n.registry.grant(&r).unwrap().scope, "stream:publish:md:md.eu.>");
+    let r = TokenRequest::from_form(ct, b"grant_type=client_credentials", Some(b"Basic \xff\xfe")).unwrap();
+    assert_eq!(n.registry.grant(&r).unwrap_err().error, OAuthErrorCode::InvalidClient);
+    let r =
+        TokenRequest::from_form(ct, b"grant_type=client_credentials&client_id=feed&client_secret=feed-secret", None)
+            .unwrap();
+    assert!(n.registry.grant(&r).is_ok());
+}
