@@ -38,6 +38,38 @@
 //! Invariant: authentication never panics on hostile input; every failure is
 //! an [`ErrorKind::Unauthorized`](finmesh_core::ErrorKind::Unauthorized) error
 //! whose message says why without echoing the token.
+//!
+//! # Example
+//!
+//! A node with its own secret issues a token and checks a request with it:
+//!
+//! ```
+//! use finmesh_auth::{Access, AuthConfig, Authenticator, TokenIssuer, issue_token, load_or_create_secret};
+//! use finmesh_core::{StreamName, SubjectPattern};
+//!
+//! # fn main() -> finmesh_core::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! let secret = dir.path().join(finmesh_auth::DEFAULT_SECRET_FILE);
+//! let (_, created) = load_or_create_secret(&secret)?; // 0600, random, once
+//! assert!(created);
+//! let config = AuthConfig::node_secret(&secret);
+//! let auth = Authenticator::from_config(&config)?;
+//!
+//! // `finmesh token issue --sub feed --scope stream:subscribe:md:md.> --ttl 15m`
+//! let ttl = finmesh_auth::parse_ttl("15m")?;
+//! let token = issue_token(&config, "feed", &["stream:subscribe:md:md.>".into()], Some(ttl))?;
+//!
+//! // Per request, in the gateway:
+//! let principal = auth.authenticate(Some(&format!("Bearer {}", token.token)))?;
+//! let md = StreamName::new("md")?;
+//! let eq = SubjectPattern::new("md.eq.*")?;
+//! assert!(principal.allows(&Access::StreamSubscribe { stream: &md, filter: Some(&eq) }));
+//! assert!(!principal.allows(&Access::StreamSubscribe { stream: &md, filter: None }));
+//! assert!(!principal.allows(&Access::StreamPublish { stream: &md, subject: &"md.eq.x".parse()? }));
+//! # let _ = TokenIssuer::from_config(&config)?;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod access;
 pub mod authenticator;
