@@ -19,6 +19,10 @@
 //!    the configured issuer and one `aud` equals the configured audience, when
 //!    those are configured (a token's `aud` is ignored when no audience is).
 //!
+//! A token that passed is remembered (see [`crate::cache`]) until
+//! `exp + leeway_secs`, so repeating it costs a map lookup, not a signature
+//! check.
+//!
 //! Scopes are read from the `scope` claim (a space-separated string as in
 //! OAuth, RFC 8693 §4.2; an array of strings is accepted too) and from a
 //! `scopes` claim (an array of strings); a token may carry either or both, and
@@ -33,6 +37,7 @@ use jsonwebtoken::{Validation, decode, decode_header};
 use serde::Deserialize;
 
 use crate::Principal;
+use crate::cache::TokenCache;
 use crate::config::{AuthConfig, KeyAlgorithm};
 use crate::keys::{VerifyingKey, load_keys};
 
@@ -70,6 +75,10 @@ enum Mode {
 struct Verifier {
     /// Each key with the validation rules for its algorithm.
     keys: Vec<(VerifyingKey, Validation)>,
+    /// Tokens that verified, until they expire.
+    cache: TokenCache,
+    /// Seconds of skew allowed past `exp`.
+    leeway: u64,
 }
 
 /// Select jsonwebtoken's aws-lc-rs provider explicitly, so that a crate that
@@ -120,7 +129,8 @@ impl Authenticator {
             (k, v)
         });
         let keys = keys.collect();
-        Ok(Self { mode: Mode::Jwt(Arc::new(Verifier { keys })) })
+        let verifier = Verifier { keys, cache: TokenCache::new(cfg.token_cache_entries), leeway: cfg.leeway_secs };
+        Ok(Self { mode: Mode::Jwt(Arc::new(verifier)) })
     }
 
     /// Whether authentication is off.
@@ -180,6 +190,8 @@ pub fn parse_bearer(header: &str) -> Result<&str> {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    /// Checked by jsonwebtoken; read here to bound the cache entry.
+    exp: u64,
     #[serde(default)]
     scope: Option<OneOrMany>,
     #[serde(default)]
@@ -205,6 +217,10 @@ impl OneOrMany {
 
 impl Verifier {
     fn verify(&self, token: &str) -> Result<Principal> {
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(p) = self.cache.get(token, now) {
+            return Ok(p);
+        }
         let header = decode_header(token)
             .map_err(|_| unauthorized("malformed token header, or an algorithm this node does not accept"))?;
         let alg = KeyAlgorithm::from_jwt(header.alg)
@@ -235,7 +251,10 @@ impl Verifier {
                     if let Some(s) = data.claims.scopes {
                         s.into_vec(&mut scopes);
                     }
-                    return Ok(Principal::new(data.claims.sub, scopes));
+                    let principal = Principal::new(data.claims.sub, scopes);
+                    let valid_until = data.claims.exp.saturating_add(self.leeway);
+                    self.cache.insert(token, &principal, valid_until, now);
+                    return Ok(principal);
                 }
                 Err(e) if matches!(e.kind(), JwtError::InvalidSignature) => {
                     last = unauthorized("bad signature");

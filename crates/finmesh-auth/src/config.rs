@@ -100,11 +100,22 @@ pub struct AuthConfig {
     /// OAuth client-credentials clients (TOML); needs `signing`.
     #[serde(default)]
     pub clients_file: Option<PathBuf>,
+    /// How many verified tokens to remember, so a client that repeats its
+    /// token pays for signature verification once; 0 disables the cache.
+    #[serde(default = "default_cache")]
+    pub token_cache_entries: usize,
 }
 
 fn default_leeway() -> u64 {
     30
 }
+
+fn default_cache() -> usize {
+    4096
+}
+
+/// Largest `token_cache_entries`.
+pub const MAX_TOKEN_CACHE_ENTRIES: usize = 1 << 20;
 
 impl Default for AuthConfig {
     fn default() -> Self {
@@ -116,6 +127,7 @@ impl Default for AuthConfig {
             jwks_files: vec![],
             signing: None,
             clients_file: None,
+            token_cache_entries: default_cache(),
         }
     }
 }
@@ -208,6 +220,12 @@ impl AuthConfig {
         }
         if self.leeway_secs > MAX_LEEWAY_SECS {
             p.push(format!("auth.leeway_secs is {}; the limit is {MAX_LEEWAY_SECS}", self.leeway_secs));
+        }
+        if self.token_cache_entries > MAX_TOKEN_CACHE_ENTRIES {
+            p.push(format!(
+                "auth.token_cache_entries is {}; the limit is {MAX_TOKEN_CACHE_ENTRIES}",
+                self.token_cache_entries
+            ));
         }
         if self.keys.is_empty() && self.jwks_files.is_empty() && self.signing.is_none() {
             p.push("auth has no key: set auth.keys, auth.jwks_files or auth.signing".to_owned());

@@ -32,7 +32,7 @@
 //!
 //! Layout, in reading order: [`scope`] (the language), [`access`] (who asks
 //! for what), [`config`] (keys and issuing settings), [`authenticator`]
-//! (bearer JWT verification), [`issue`] (signing tokens), [`oauth`] (the
+//! (bearer JWT verification), [`cache`] (verified tokens), [`issue`] (signing tokens), [`oauth`] (the
 //! client-credentials grant), [`secret`] (secret files, randomness).
 //!
 //! Invariant: authentication never panics on hostile input; every failure is
@@ -73,6 +73,7 @@
 
 pub mod access;
 pub mod authenticator;
+pub mod cache;
 pub mod config;
 pub mod issue;
 mod keys;

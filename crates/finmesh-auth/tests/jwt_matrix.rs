@@ -290,3 +290,27 @@ fn from_config_reports_bad_key_files() {
     assert_eq!(Authenticator::from_config(&with_key(hs)).unwrap_err().kind(), ErrorKind::Invalid);
     assert_eq!(Authenticator::from_config(&AuthConfig::default()).unwrap_err().kind(), ErrorKind::Invalid);
 }
+
+#[test]
+fn the_verified_token_cache_never_admits_a_different_token() {
+    let f = Fixture::new();
+    for entries in [0, 4096] {
+        let cfg = AuthConfig { token_cache_entries: entries, ..f.config.clone() };
+        let a = Authenticator::from_config(&cfg).unwrap();
+        let t = sign(Algorithm::EdDSA, Some("ed"), &claims("kv:read:cards"), &signing_key(Algorithm::EdDSA));
+        for _ in 0..3 {
+            assert_eq!(a.authenticate(Some(&bearer(&t))).unwrap().scopes(), ["kv:read:cards"]);
+        }
+        // Same header and claims, signature altered: refused even though the
+        // original is cached.
+        let (body, sig) = t.rsplit_once('.').unwrap();
+        let mut sig = sig.as_bytes().to_vec();
+        sig[10] = if sig[10] == b'A' { b'B' } else { b'A' };
+        let sig = String::from_utf8(sig).unwrap();
+        refused(&a, &bearer(&format!("{body}.{sig}")), "altered signature after a cached hit");
+        refused(&a, &bearer(&format!("{t}x")), "extended token");
+        // Another authenticator (other keys) shares nothing with this cache.
+        let b = Authenticator::from_config(&AuthConfig { keys: f.config.keys[..1].to_vec(), ..cfg.clone() }).unwrap();
+        refused(&b, &bearer(&t), "no EdDSA key in the other authenticator");
+    }
+}
