@@ -6,8 +6,9 @@
 //! 1. the header is present, at most [`MAX_AUTHORIZATION_LEN`] bytes, UTF-8,
 //!    of the form `Bearer <token>` (scheme case-insensitive, RFC 9110 §11.1),
 //!    and the token uses only token68 characters;
-//! 2. the JOSE header parses and names HS256, EdDSA, RS256 or ES256 (`none`
-//!    and everything else are refused before any key is touched);
+//! 2. the JOSE header parses, names HS256, EdDSA, RS256 or ES256 (`none`
+//!    and everything else are refused before any key is touched), and has no
+//!    `crit` extensions (RFC 7515 §4.1.11: none is understood here);
 //! 3. key selection: with a `kid`, only the key with that id, and only if it
 //!    is pinned to the header's algorithm; without a `kid`, every key pinned
 //!    to that algorithm. A token can therefore never be checked with a key of
@@ -223,6 +224,10 @@ impl Verifier {
         }
         let header = decode_header(token)
             .map_err(|_| unauthorized("malformed token header, or an algorithm this node does not accept"))?;
+        if header.crit.is_some() {
+            // RFC 7515 §4.1.11: this node understands no extension.
+            return Err(unauthorized("token header has critical extensions this node does not understand"));
+        }
         let alg = KeyAlgorithm::from_jwt(header.alg)
             .ok_or_else(|| unauthorized(format!("algorithm {:?} is not accepted", header.alg)))?;
         let candidates = self.keys.iter().filter(|(k, _)| match &header.kid {
@@ -259,7 +264,8 @@ impl Verifier {
                 Err(e) if matches!(e.kind(), JwtError::InvalidSignature) => {
                     last = unauthorized("bad signature");
                 }
-                // Claims are checked after the signature: this key signed it.
+                // Other errors: the token's form (no other key would help),
+                // or its claims, checked only after this key verified it.
                 Err(e) => return Err(claim_error(e)),
             }
         }

@@ -318,6 +318,22 @@ mod tests {
         assert!(toml::from_str::<AuthConfig>("[[keys]]\nalg = \"HS512\"\nsecret_file = \"s\"").is_err());
     }
 
+    /// The operator doc's example must stay a valid configuration.
+    #[test]
+    fn docs_example_parses_and_validates() {
+        #[derive(Deserialize)]
+        struct File {
+            auth: AuthConfig,
+        }
+        let doc = include_str!("../../../docs/auth.md");
+        let start = doc.find("```toml\n[auth]").expect("docs/auth.md has the [auth] example") + "```toml\n".len();
+        let len = doc[start..].find("```").unwrap();
+        let file: File = toml::from_str(&doc[start..start + len]).unwrap();
+        file.auth.validate().unwrap();
+        assert_eq!(file.auth.keys.len(), 2);
+        assert!(file.auth.clients_file.is_some() && file.auth.signing.is_some());
+    }
+
     #[test]
     fn validate_reports_every_problem() {
         let c = AuthConfig {

@@ -160,6 +160,10 @@ fn alg_none_and_unaccepted_algorithms_are_refused() {
         }
     }
     refused(&a, &bearer(&raw_token(&json!({"typ": "JWT"}), &claims("admin"), b"")), "no alg");
+    let mut h = jsonwebtoken::Header::new(Algorithm::HS256);
+    h.crit = Some(vec!["exp-ext".into()]);
+    let t = jsonwebtoken::encode(&h, &claims("admin"), &signing_key(Algorithm::HS256)).unwrap();
+    refused(&a, &bearer(&t), "crit extension, validly signed");
     // A real HS384 signature with the right secret is still refused: keys are pinned.
     let t = sign(Algorithm::HS384, Some("hs"), &claims("admin"), &signing_key(Algorithm::HS256));
     refused(&a, &bearer(&t), "HS384 with the HS256 secret");
