@@ -2,9 +2,18 @@
 //!
 //! The gateway builds one `Access` per request from its route and validated
 //! path/query parameters; this module decides whether a principal's scopes
-//! grant it. Scope grammar: see the crate doc.
+//! grant it. Scope grammar: see the crate doc; matching: [`crate::scope`].
+//!
+//! Invariant: a `Principal`'s scopes are parsed once, when it is built;
+//! strings that are not scopes of this crate (an identity provider's
+//! `openid`, `profile`, a typo) are kept in [`Principal::scopes`] for logs but
+//! grant nothing, and are logged at debug level. A token is not rejected for
+//! them: tokens from a shared identity provider routinely carry scopes meant
+//! for other services.
 
 use finmesh_core::{BucketName, StreamName, Subject, SubjectPattern};
+
+use crate::scope::Scope;
 
 /// One thing a request wants to do, on one resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,13 +51,28 @@ pub enum Access<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     subject: String,
+    /// As written in the token, including strings that are not scopes.
     scopes: Vec<String>,
+    /// The parsed, valid ones: what `allows` consults.
+    grants: Vec<Scope>,
 }
 
 impl Principal {
     /// A principal holding `scopes` (as written in a token).
+    /// Malformed or unknown scope strings are kept but grant nothing.
     pub fn new(subject: impl Into<String>, scopes: Vec<String>) -> Self {
-        Self { subject: subject.into(), scopes }
+        let subject = subject.into();
+        let grants = scopes
+            .iter()
+            .filter_map(|s| match s.parse::<Scope>() {
+                Ok(scope) => Some(scope),
+                Err(e) => {
+                    tracing::debug!(subject = %subject, error = %e, "ignoring a scope this node does not know");
+                    None
+                }
+            })
+            .collect();
+        Self { subject, scopes, grants }
     }
 
     /// A principal that may do everything (auth disabled, or an admin token).
@@ -66,10 +90,13 @@ impl Principal {
         &self.scopes
     }
 
-    /// Whether the scopes grant `access`.
+    /// The scopes this node understood: the ones that can grant anything.
+    pub fn grants(&self) -> &[Scope] {
+        &self.grants
+    }
+
+    /// Whether any of the scopes grants `access` (see [`Scope::grants`]).
     pub fn allows(&self, access: &Access<'_>) -> bool {
-        // Placeholder until the scope language lands: only `admin` grants.
-        let _ = access;
-        self.scopes.iter().any(|s| s == "admin")
+        self.grants.iter().any(|g| g.grants(access))
     }
 }

@@ -1,8 +1,62 @@
 //! Bearer-token authentication: `Authorization` header → [`Principal`].
+//!
+//! The checks, in order; the first that fails answers
+//! [`ErrorKind::Unauthorized`] with a message that never echoes the token:
+//!
+//! 1. the header is present, at most [`MAX_AUTHORIZATION_LEN`] bytes, UTF-8,
+//!    of the form `Bearer <token>` (scheme case-insensitive, RFC 9110 §11.1),
+//!    and the token uses only token68 characters;
+//! 2. the JOSE header parses, names HS256, EdDSA, RS256 or ES256 (`none`
+//!    and everything else are refused before any key is touched), and has no
+//!    `crit` extensions (RFC 7515 §4.1.11: none is understood here);
+//! 3. key selection: with a `kid`, only the key with that id, and only if it
+//!    is pinned to the header's algorithm; without a `kid`, every key pinned
+//!    to that algorithm. A token can therefore never be checked with a key of
+//!    another algorithm: an HS256 token "signed" with an RSA public key is
+//!    checked against HS256 secrets only (algorithm confusion);
+//! 4. the signature verifies with one of the selected keys;
+//! 5. `exp` is present and not past, `nbf` (when present) is not in the
+//!    future, both with `leeway_secs` of skew; `sub` is a non-empty string; `iss` equals
+//!    the configured issuer and one `aud` equals the configured audience, when
+//!    those are configured (a token's `aud` is ignored when no audience is).
+//!
+//! A token that passed is remembered (see [`crate::cache`]) until
+//! `exp + leeway_secs`, so repeating it costs a map lookup, not a signature
+//! check.
+//!
+//! Scopes are read from the `scope` claim (a space-separated string as in
+//! OAuth, RFC 8693 §4.2; an array of strings is accepted too) and from a
+//! `scopes` claim (an array of strings); a token may carry either or both, and
+//! the principal holds all of them. Unknown scopes grant nothing (see
+//! [`crate::access`]).
+
+use std::sync::Arc;
 
 use finmesh_core::{Error, ErrorKind, Result};
+use jsonwebtoken::errors::ErrorKind as JwtError;
+use jsonwebtoken::{Validation, decode, decode_header};
+use serde::Deserialize;
 
 use crate::Principal;
+use crate::cache::TokenCache;
+use crate::config::{AuthConfig, KeyAlgorithm};
+use crate::keys::{VerifyingKey, load_keys};
+
+/// Longest `Authorization` header accepted, in bytes.
+pub const MAX_AUTHORIZATION_LEN: usize = 16 * 1024;
+
+/// `WWW-Authenticate` of a 401 for a request without credentials (RFC 6750 §3).
+pub const BEARER_CHALLENGE: &str = "Bearer realm=\"finmesh\"";
+/// `WWW-Authenticate` of a 401 for a request whose token was refused.
+pub const BEARER_INVALID_TOKEN: &str = "Bearer realm=\"finmesh\", error=\"invalid_token\"";
+/// `WWW-Authenticate` of a 403: a valid token without the needed scope.
+pub const BEARER_INSUFFICIENT_SCOPE: &str = "Bearer realm=\"finmesh\", error=\"insufficient_scope\"";
+
+/// The `WWW-Authenticate` value of a 401 from [`Authenticator::authenticate`],
+/// given whether the request had an `Authorization` header.
+pub fn bearer_challenge(had_authorization: bool) -> &'static str {
+    if had_authorization { BEARER_INVALID_TOKEN } else { BEARER_CHALLENGE }
+}
 
 /// Verifies bearer tokens. Cheap to clone; shared by every request.
 #[derive(Debug, Clone)]
@@ -14,6 +68,48 @@ pub struct Authenticator {
 enum Mode {
     /// `--insecure-no-auth`: every request is an admin.
     Disabled,
+    /// Bearer JWTs checked against pinned keys.
+    Jwt(Arc<Verifier>),
+}
+
+#[derive(Debug)]
+struct Verifier {
+    /// Each key with the validation rules for its algorithm.
+    keys: Vec<(VerifyingKey, Validation)>,
+    /// Tokens that verified, until they expire.
+    cache: TokenCache,
+    /// Seconds of skew allowed past `exp`.
+    leeway: u64,
+}
+
+/// Select jsonwebtoken's aws-lc-rs provider explicitly, so that a crate that
+/// also enables its `rust_crypto` feature cannot make it panic at first use.
+pub(crate) fn install_jwt_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
+    });
+}
+
+fn validation(cfg: &AuthConfig, alg: KeyAlgorithm) -> Validation {
+    let mut v = Validation::new(alg.jwt());
+    v.leeway = cfg.leeway_secs;
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
+    if let Some(iss) = &cfg.issuer {
+        v.set_issuer(&[iss]);
+        required.push("iss");
+    }
+    match &cfg.audience {
+        Some(aud) => {
+            v.set_audience(&[aud]);
+            required.push("aud");
+        }
+        None => v.validate_aud = false,
+    }
+    v.set_required_spec_claims(&required);
+    v
 }
 
 impl Authenticator {
@@ -24,6 +120,20 @@ impl Authenticator {
         Self { mode: Mode::Disabled }
     }
 
+    /// Validate `cfg`, read every key it names, and build the verifier.
+    /// Errors: [`ErrorKind::Invalid`] for a bad configuration or key,
+    /// [`ErrorKind::Internal`] for a file that cannot be read.
+    pub fn from_config(cfg: &AuthConfig) -> Result<Self> {
+        install_jwt_provider();
+        let keys = load_keys(cfg)?.into_iter().map(|k| {
+            let v = validation(cfg, k.alg);
+            (k, v)
+        });
+        let keys = keys.collect();
+        let verifier = Verifier { keys, cache: TokenCache::new(cfg.token_cache_entries), leeway: cfg.leeway_secs };
+        Ok(Self { mode: Mode::Jwt(Arc::new(verifier)) })
+    }
+
     /// Whether authentication is off.
     pub fn is_disabled(&self) -> bool {
         matches!(self.mode, Mode::Disabled)
@@ -32,16 +142,185 @@ impl Authenticator {
     /// Authenticate a request from its `Authorization` header value, if any.
     /// Errors are [`ErrorKind::Unauthorized`].
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal> {
-        match self.mode {
-            Mode::Disabled => {
-                let _ = authorization;
-                Ok(Principal::admin("anonymous"))
+        match &self.mode {
+            Mode::Disabled => Ok(Principal::admin("anonymous")),
+            Mode::Jwt(v) => {
+                let header = authorization.ok_or_else(|| unauthorized("missing bearer token"))?;
+                v.verify(parse_bearer(header)?)
             }
+        }
+    }
+
+    /// [`Self::authenticate`] from the raw header bytes (an `http::HeaderValue`
+    /// may hold bytes that are not UTF-8: they are refused, not a panic).
+    pub fn authenticate_bytes(&self, authorization: Option<&[u8]>) -> Result<Principal> {
+        match authorization {
+            None => self.authenticate(None),
+            Some(raw) => match std::str::from_utf8(raw) {
+                Ok(s) => self.authenticate(Some(s)),
+                Err(_) if self.is_disabled() => self.authenticate(None),
+                Err(_) => Err(unauthorized("authorization header is not valid text")),
+            },
         }
     }
 }
 
-#[allow(dead_code)]
+/// The token of a `Bearer` authorization header value.
+pub fn parse_bearer(header: &str) -> Result<&str> {
+    if header.len() > MAX_AUTHORIZATION_LEN {
+        return Err(unauthorized(format!("authorization header is longer than {MAX_AUTHORIZATION_LEN} bytes")));
+    }
+    let header = header.trim_matches(|c| c == ' ' || c == '\t');
+    let (scheme, rest) = header.split_once([' ', '\t']).unwrap_or((header, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(unauthorized("expected the Bearer authorization scheme"));
+    }
+    let token = rest.trim_start_matches([' ', '\t']);
+    if token.is_empty() {
+        return Err(unauthorized("empty bearer token"));
+    }
+    let token68 = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
+    if !token.chars().all(token68) {
+        return Err(unauthorized("malformed bearer token"));
+    }
+    Ok(token)
+}
+
+/// The claims this crate reads; the rest are checked by jsonwebtoken or
+/// ignored.
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    /// Checked by jsonwebtoken; read here to bound the cache entry.
+    exp: u64,
+    #[serde(default)]
+    scope: Option<OneOrMany>,
+    #[serde(default)]
+    scopes: Option<OneOrMany>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    /// Space-separated.
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self, out: &mut Vec<String>) {
+        match self {
+            OneOrMany::One(s) => out.extend(s.split_ascii_whitespace().map(str::to_owned)),
+            OneOrMany::Many(v) => out.extend(v),
+        }
+    }
+}
+
+impl Verifier {
+    fn verify(&self, token: &str) -> Result<Principal> {
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(p) = self.cache.get(token, now) {
+            return Ok(p);
+        }
+        let header = decode_header(token)
+            .map_err(|_| unauthorized("malformed token header, or an algorithm this node does not accept"))?;
+        if header.crit.is_some() {
+            // RFC 7515 §4.1.11: this node understands no extension.
+            return Err(unauthorized("token header has critical extensions this node does not understand"));
+        }
+        let alg = KeyAlgorithm::from_jwt(header.alg)
+            .ok_or_else(|| unauthorized(format!("algorithm {:?} is not accepted", header.alg)))?;
+        let candidates = self.keys.iter().filter(|(k, _)| match &header.kid {
+            Some(kid) => k.kid.as_deref() == Some(kid.as_str()),
+            None => k.alg == alg,
+        });
+        let mut last = unauthorized(match &header.kid {
+            Some(_) => "unknown key id",
+            None => "no key for the token's algorithm",
+        });
+        for (key, validation) in candidates {
+            if key.alg != alg {
+                // A kid names a key of another algorithm: never try it.
+                last = unauthorized("the token's algorithm does not match its key");
+                continue;
+            }
+            match decode::<Claims>(token, &key.key, validation) {
+                Ok(data) if data.claims.sub.trim().is_empty() => {
+                    return Err(unauthorized("token has an empty `sub` claim"));
+                }
+                Ok(data) => {
+                    let mut scopes = vec![];
+                    if let Some(s) = data.claims.scope {
+                        s.into_vec(&mut scopes);
+                    }
+                    if let Some(s) = data.claims.scopes {
+                        s.into_vec(&mut scopes);
+                    }
+                    let principal = Principal::new(data.claims.sub, scopes);
+                    let valid_until = data.claims.exp.saturating_add(self.leeway);
+                    self.cache.insert(token, &principal, valid_until, now);
+                    return Ok(principal);
+                }
+                Err(e) if matches!(e.kind(), JwtError::InvalidSignature) => {
+                    last = unauthorized("bad signature");
+                }
+                // Other errors: the token's form (no other key would help),
+                // or its claims, checked only after this key verified it.
+                Err(e) => return Err(claim_error(e)),
+            }
+        }
+        Err(last)
+    }
+}
+
+fn claim_error(e: jsonwebtoken::errors::Error) -> Error {
+    let msg = match e.kind() {
+        JwtError::ExpiredSignature => "token expired".to_owned(),
+        JwtError::ImmatureSignature => "token not valid yet (nbf)".to_owned(),
+        JwtError::InvalidIssuer => "wrong issuer".to_owned(),
+        JwtError::InvalidAudience => "wrong audience".to_owned(),
+        JwtError::MissingRequiredClaim(c) => format!("token has no `{c}` claim"),
+        JwtError::InvalidClaimFormat(c) => format!("claim `{c}` is malformed"),
+        JwtError::Json(_) | JwtError::Base64(_) | JwtError::Utf8(_) => "malformed token claims".to_owned(),
+        JwtError::InvalidAlgorithm => "the token's algorithm does not match its key".to_owned(),
+        _ => "invalid token".to_owned(),
+    };
+    unauthorized(msg).with_source(e)
+}
+
 fn unauthorized(message: impl Into<String>) -> Error {
     Error::new(ErrorKind::Unauthorized, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_parsing_accepts_the_usual_forms() {
+        assert_eq!(parse_bearer("Bearer a.b.c").unwrap(), "a.b.c");
+        assert_eq!(parse_bearer("bearer  a.b-_c=").unwrap(), "a.b-_c=");
+        assert_eq!(parse_bearer(" BEARER\ta.b.c ").unwrap(), "a.b.c");
+    }
+
+    #[test]
+    fn bearer_parsing_refuses_hostile_input() {
+        let huge = format!("Bearer {}", "a".repeat(MAX_AUTHORIZATION_LEN));
+        for h in ["", "Bearer", "Bearer ", "Basic dXNlcjpwdw==", "Bearera.b.c", "Bearer a b", "Bearer a\u{0}b", &huge] {
+            let e = parse_bearer(h).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unauthorized, "{h:?}");
+            assert!(!e.message().contains("dXNlcjpwdw"), "never echo credentials");
+        }
+        assert!(parse_bearer("Bearer tökén").is_err());
+    }
+
+    #[test]
+    fn disabled_lets_everyone_in_as_admin() {
+        let a = Authenticator::disabled();
+        assert!(a.is_disabled());
+        let p = a.authenticate(None).unwrap();
+        assert_eq!(p.subject(), "anonymous");
+        assert!(p.allows(&crate::Access::Admin));
+        assert!(a.authenticate_bytes(Some(&[0xff, 0xfe])).is_ok());
+    }
 }

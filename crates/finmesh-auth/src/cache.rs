@@ -1,0 +1,131 @@
+//! A bounded cache of verified tokens, so that a client sending the same
+//! bearer token on every request pays for signature verification once.
+//!
+//! Invariants:
+//! - the key is the complete token text (header, claims and signature): a
+//!   hit means these exact bytes verified before, under this authenticator's
+//!   keys and rules; nothing is cached for a refused token;
+//! - an entry is used only while `now <= exp + leeway`, the same instant at
+//!   which verification would start refusing the token; `nbf` needs no check
+//!   because a token is cached only once it is valid;
+//! - memory is bounded: [`SHARDS`] shards of at most `capacity / SHARDS`
+//!   entries, tokens longer than [`MAX_CACHED_TOKEN_LEN`] are not cached; a
+//!   full shard drops its expired entries, and if none expired, all of them;
+//! - each shard has its own short lock, held only for a lookup or insert
+//!   (no I/O, no verification under it).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+
+use parking_lot::Mutex;
+
+use crate::Principal;
+
+/// Number of independently locked shards.
+pub const SHARDS: usize = 16;
+/// Longest token cached, in bytes.
+pub const MAX_CACHED_TOKEN_LEN: usize = 4096;
+
+#[derive(Debug)]
+struct Entry {
+    principal: Principal,
+    /// Last second (Unix time) at which the token is still accepted.
+    valid_until: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct TokenCache {
+    shards: Vec<Mutex<HashMap<Box<str>, Entry>>>,
+    per_shard: usize,
+    hasher: RandomState,
+}
+
+impl TokenCache {
+    /// A cache of about `capacity` tokens; 0 disables it.
+    pub(crate) fn new(capacity: usize) -> Self {
+        let per_shard = capacity.div_ceil(SHARDS);
+        let shards = if capacity == 0 { vec![] } else { (0..SHARDS).map(|_| Mutex::default()).collect() };
+        Self { shards, per_shard, hasher: RandomState::new() }
+    }
+
+    fn shard(&self, token: &str) -> Option<&Mutex<HashMap<Box<str>, Entry>>> {
+        if self.shards.is_empty() || token.len() > MAX_CACHED_TOKEN_LEN {
+            return None;
+        }
+        let i = self.hasher.hash_one(token) as usize % self.shards.len();
+        self.shards.get(i)
+    }
+
+    /// The principal of a token verified before and still valid at `now`.
+    pub(crate) fn get(&self, token: &str, now: u64) -> Option<Principal> {
+        let mut shard = self.shard(token)?.lock();
+        match shard.get(token) {
+            Some(e) if now <= e.valid_until => Some(e.principal.clone()),
+            Some(_) => {
+                shard.remove(token);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remember a verified token until `valid_until` (Unix seconds).
+    pub(crate) fn insert(&self, token: &str, principal: &Principal, valid_until: u64, now: u64) {
+        let Some(shard) = self.shard(token) else { return };
+        let mut shard = shard.lock();
+        if shard.len() >= self.per_shard {
+            shard.retain(|_, e| now <= e.valid_until);
+            if shard.len() >= self.per_shard {
+                shard.clear();
+            }
+        }
+        shard.insert(token.into(), Entry { principal: principal.clone(), valid_until });
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_until_valid_until_then_gone() {
+        let c = TokenCache::new(64);
+        let p = Principal::new("a", vec!["admin".into()]);
+        assert!(c.get("t", 100).is_none());
+        c.insert("t", &p, 110, 100);
+        assert_eq!(c.get("t", 110), Some(p));
+        assert!(c.get("t", 111).is_none());
+        assert_eq!(c.len(), 0, "an expired entry is dropped on lookup");
+    }
+
+    #[test]
+    fn bounded_and_disabled() {
+        let c = TokenCache::new(32);
+        let p = Principal::new("a", vec![]);
+        for i in 0..10_000 {
+            c.insert(&format!("token-{i}"), &p, 1_000, 0);
+        }
+        assert!(c.len() <= 32, "{}", c.len());
+        c.insert(&"x".repeat(MAX_CACHED_TOKEN_LEN + 1), &p, 1_000, 0);
+        assert!(c.get(&"x".repeat(MAX_CACHED_TOKEN_LEN + 1), 0).is_none());
+        let off = TokenCache::new(0);
+        off.insert("t", &p, 1_000, 0);
+        assert!(off.get("t", 0).is_none());
+    }
+
+    #[test]
+    fn full_shard_drops_expired_entries_first() {
+        let c = TokenCache::new(SHARDS); // one entry per shard
+        let p = Principal::new("a", vec![]);
+        c.insert("old", &p, 5, 0);
+        // Whatever shard "new" lands in, inserting at now = 10 keeps it.
+        c.insert("new", &p, 100, 10);
+        assert!(c.get("new", 10).is_some());
+        assert!(c.get("old", 10).is_none());
+    }
+}
