@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use finmesh_auth::AuthConfig;
 use finmesh_core::BucketName;
 use finmesh_nats::NatsEngineOptions;
 use serde::{Deserialize, Serialize};
@@ -60,6 +61,10 @@ pub struct ServeConfig {
     pub nats: Option<NatsEngineOptions>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// Token verification, issuance and OAuth clients (docs/auth.md).
+    /// Without it the node signs its own tokens with a generated secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
 }
 
 impl Default for ServeConfig {
@@ -73,6 +78,7 @@ impl Default for ServeConfig {
             drain_timeout_ms: 10_000,
             nats: None,
             tls: None,
+            auth: None,
         }
     }
 }
@@ -204,6 +210,11 @@ impl ServeConfig {
         {
             problem("nats", e.message().to_owned());
         }
+        if let Some(auth) = &self.auth {
+            for message in auth.problems() {
+                problem("auth", message);
+            }
+        }
         if let Some(tls) = &self.tls {
             for (key, path) in
                 [("tls.cert", Some(&tls.cert)), ("tls.key", Some(&tls.key)), ("tls.client_ca", tls.client_ca.as_ref())]
@@ -216,6 +227,14 @@ impl ServeConfig {
             }
         }
         problems
+    }
+
+    /// The auth settings in force: the configured ones, or the node's own
+    /// generated secret under `data_dir`.
+    pub fn auth_or_node_secret(&self) -> AuthConfig {
+        self.auth
+            .clone()
+            .unwrap_or_else(|| AuthConfig::node_secret(self.data_dir.join(finmesh_auth::DEFAULT_SECRET_FILE)))
     }
 
     /// The drain deadline.

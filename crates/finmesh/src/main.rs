@@ -15,6 +15,7 @@ mod client;
 mod config;
 mod demo;
 mod tls;
+mod tokens;
 
 /// mimalloc instead of glibc malloc: the write path allocates per message,
 /// and glibc's malloc/free took ~38% of a publish-batch profile.
@@ -54,6 +55,16 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Bearer tokens signed with this node's key.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// OAuth client credentials.
+    Oauth {
+        #[command(subcommand)]
+        command: OauthCommand,
+    },
     /// Key-value buckets on a running node.
     Kv {
         #[command(flatten)]
@@ -84,13 +95,42 @@ enum ConfigCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Issue a token with the given scopes (printed on standard output).
+    Issue(tokens::IssueArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum OauthCommand {
+    /// Hash a client secret (stdin, or --generate) for the clients file.
+    HashSecret(tokens::HashSecretArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum CertsCommand {
     /// Write a self-signed certificate and key for localhost.
     Dev(tls::DevCertArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    // One line per cause, no backtrace: these are operator-facing errors.
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("warn")))
@@ -115,6 +155,8 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Token { command: TokenCommand::Issue(args) } => tokens::issue(&args),
+        Command::Oauth { command: OauthCommand::HashSecret(args) } => tokens::hash_secret(&args),
         Command::Kv { client, command } => client::commands_kv(&client::Client::new(&client)?, command).await,
         Command::Stream { client, command } => client::commands_stream(&client::Client::new(&client)?, command).await,
         Command::Consumer { client, command } => {
