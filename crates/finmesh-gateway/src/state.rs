@@ -68,14 +68,21 @@ pub struct SubscriptionConfig {
     pub heartbeat: Duration,
     /// The `retry:` hint sent to SSE clients. Default 2 s.
     pub retry: Duration,
-    /// Frames buffered per subscriber; a subscriber this far behind is cut
-    /// off with `lagged`. Default 1024.
+    /// Frames buffered per subscriber. Default 1024.
     pub queue_capacity: usize,
+    /// A subscriber whose queue stays full this long is cut off with
+    /// `lagged`. Default 5 s.
+    pub stall_timeout: Duration,
 }
 
 impl Default for SubscriptionConfig {
     fn default() -> Self {
-        SubscriptionConfig { heartbeat: Duration::from_secs(15), retry: Duration::from_secs(2), queue_capacity: 1024 }
+        SubscriptionConfig {
+            heartbeat: Duration::from_secs(15),
+            retry: Duration::from_secs(2),
+            queue_capacity: 1024,
+            stall_timeout: Duration::from_secs(5),
+        }
     }
 }
 

@@ -10,11 +10,15 @@
 //! into many queues; the connection side stays as it is.
 //!
 //! Invariants:
-//! - the queue is bounded ([`SubscriptionConfig::queue_capacity`](crate::SubscriptionConfig));
-//!   the feeder never waits on a full queue: it marks the subscriber
-//!   `lagged` and stops, so a slow reader never slows anyone else. The
-//!   connection still delivers what is queued, then ends with `lagged` and
-//!   the last sequence it really sent, from which the client resumes;
+//! - the queue is bounded ([`SubscriptionConfig::queue_capacity`](crate::SubscriptionConfig)).
+//!   The feeder waits for room at most
+//!   [`SubscriptionConfig::stall_timeout`](crate::SubscriptionConfig): a
+//!   reader that keeps moving paces its own engine tail (history replays at
+//!   the reader's speed), one whose queue stays full that long is marked
+//!   `lagged` and its feeder stops. The source is this subscriber's own, so
+//!   waiting never slows anyone else (a shared hub must not wait at all).
+//!   The connection still delivers what is queued, then ends with `lagged`
+//!   and the last sequence it really sent, from which the client resumes;
 //! - drain wins over queued frames: once draining starts, the next item a
 //!   connection reads is the `reconnect` end;
 //! - a subscription is in the registry exactly while its value lives.
@@ -22,6 +26,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use finmesh_core::{BoxStream, Timestamp};
@@ -207,7 +212,8 @@ impl Subscription {
         let id = registry.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         registry.map.lock().insert(id, entry.clone());
         crate::metrics::subscription(entry.spec.kind, 1.0);
-        let feeder = tokio::spawn(feed(source, tx, entry.clone()));
+        let stall = state.config().subscriptions.stall_timeout;
+        let feeder = tokio::spawn(feed(source, tx, entry.clone(), stall));
         Subscription { id, rx, entry, registry, drain: state.drain_token(), feeder, done: false }
     }
 
@@ -257,7 +263,7 @@ impl Drop for Subscription {
 }
 
 /// Copy `source` into the queue until the subscriber goes, lags, or the source ends.
-async fn feed(mut source: BoxStream<Frame>, tx: mpsc::Sender<Frame>, entry: Arc<Entry>) {
+async fn feed(mut source: BoxStream<Frame>, tx: mpsc::Sender<Frame>, entry: Arc<Entry>, stall: Duration) {
     let end = loop {
         let item = tokio::select! {
             () = tx.closed() => return,
@@ -269,22 +275,19 @@ async fn feed(mut source: BoxStream<Frame>, tx: mpsc::Sender<Frame>, entry: Arc<
                 tracing::debug!(error = %e, resource = %entry.spec.resource, "subscription source failed");
                 break End::Failed(Box::new(Problem::from_error(&e)));
             }
-            Some(Ok(frame)) => {
-                // Counted before the send so the reader never decrements first.
-                entry.queued.fetch_add(1, Ordering::Relaxed);
-                let sent = tx.try_send(frame);
-                match sent {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        entry.queued.fetch_sub(1, Ordering::Relaxed);
-                        entry.lagged.store(true, Ordering::Relaxed);
-                        crate::metrics::lagged();
-                        tracing::info!(identity = %entry.spec.identity, resource = %entry.spec.resource, "subscriber lagged; cut off");
-                        break End::Lagged { last_sent: 0 };
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Some(Ok(frame)) => match tokio::time::timeout(stall, tx.reserve()).await {
+                Ok(Ok(permit)) => {
+                    entry.queued.fetch_add(1, Ordering::Relaxed);
+                    permit.send(frame);
                 }
-            }
+                Ok(Err(_closed)) => return,
+                Err(_elapsed) => {
+                    entry.lagged.store(true, Ordering::Relaxed);
+                    crate::metrics::lagged();
+                    tracing::info!(identity = %entry.spec.identity, resource = %entry.spec.resource, "subscriber lagged; cut off");
+                    break End::Lagged { last_sent: 0 };
+                }
+            },
         }
     };
     *entry.end.lock() = Some(end);

@@ -186,7 +186,7 @@ impl SseEvent {
     }
 
     pub fn seq(&self) -> u64 {
-        self.id.as_deref().and_then(|s| s.parse().ok()).expect("event has a numeric id")
+        self.id.as_deref().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("event has no numeric id: {self:?}"))
     }
 }
 
@@ -221,6 +221,9 @@ impl SseReader {
                 let mut data = Vec::new();
                 let mut any = false;
                 for line in block.lines() {
+                    if line.is_empty() {
+                        continue;
+                    }
                     if line.starts_with(':') {
                         self.comments += 1;
                         continue;
@@ -243,7 +246,12 @@ impl SseReader {
                 return Some(ev);
             }
             match self.stream.next().await {
-                Some(Ok(chunk)) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
+                Some(Ok(chunk)) => {
+                    if std::env::var("SSE_DEBUG").is_ok() {
+                        eprintln!("CHUNK {:?}", String::from_utf8_lossy(&chunk));
+                    }
+                    self.buf.push_str(&String::from_utf8_lossy(&chunk))
+                }
                 Some(Err(e)) => panic!("SSE stream failed: {e}"),
                 None => return None,
             }
