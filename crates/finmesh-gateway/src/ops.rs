@@ -21,13 +21,13 @@ use crate::problem::{ApiResult, Problem};
 const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `GET /healthz`: 200 while the process serves requests.
-#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "alive", body = Object)))]
+#[utoipa::path(get, path = "/healthz", tag = "ops", security(()), responses((status = 200, description = "alive", body = Object)))]
 pub async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
 /// `GET /readyz`: 200 when the engine answers and the gateway is not draining.
-#[utoipa::path(get, path = "/readyz", tag = "ops",
+#[utoipa::path(get, path = "/readyz", tag = "ops", security(()),
     responses((status = 200, description = "ready", body = Object), (status = 503, body = crate::Problem)))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     if state.is_draining() {
@@ -44,7 +44,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /metrics`: Prometheus text exposition.
-#[utoipa::path(get, path = "/metrics", tag = "ops",
+#[utoipa::path(get, path = "/metrics", tag = "ops", security(()),
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.inner.metrics.render()).into_response()
