@@ -83,16 +83,22 @@ async fn overload_is_shed_with_503<H: Harness>() {
 }
 
 async fn slow_request_times_out_with_504<H: Harness>() {
-    let gw = Gw::with_config::<H>(limits(|l| l.request_timeout = Duration::from_millis(100))).await;
-    gw.stream("J", json!({"subjects": ["j"]})).await;
-    gw.put("/v1/streams/J/consumers/c", "").await;
+    use finmesh_core::{
+        ConsumerConfig, ConsumerName, OutgoingMessage, StreamConfig, StreamName, Subject, SubjectPattern,
+    };
+    let gw = Gw::with_config::<H>(limits(|l| l.request_timeout = Duration::from_millis(200))).await;
+    // Set up through the engine: a create may itself take longer than 200 ms.
+    let engine = gw.state.engine().clone();
+    let name = StreamName::new("J").unwrap();
+    engine.create_stream(StreamConfig::new(name.clone(), vec![SubjectPattern::new("j").unwrap()])).await.unwrap();
+    engine.create_consumer(&name, ConsumerConfig::new(ConsumerName::new("c").unwrap())).await.unwrap();
     let r = gw.post("/v1/streams/J/consumers/c/fetch", json!({"wait_ms": 5000}).to_string()).await;
     r.assert_problem(504, "timeout");
     // Subscriptions are not cut by the request timeout.
     let mut sse = support::sse_oneshot(&gw, "/v1/streams/J/events", &[]).await;
     sse.hello().await;
-    tokio::time::sleep(Duration::from_millis(300)).await; // longer than the timeout, on purpose
-    gw.post("/v1/streams/J/messages?subject=j", "1").await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // outlive the timeout, on purpose
+    engine.publish(&name, OutgoingMessage::new(Subject::new("j").unwrap(), "1")).await.unwrap();
     assert_eq!(sse.next(Duration::from_secs(10)).await.unwrap().seq(), 1);
 }
 
