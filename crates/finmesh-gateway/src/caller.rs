@@ -6,7 +6,7 @@
 //! [`finmesh_auth::Authenticator`] (401 with `WWW-Authenticate: Bearer` when
 //! that fails), applies the caller's rate limit (429), and stores the
 //! principal in the request. Each handler then builds the
-//! [`Access`](finmesh_auth::Access) its validated parameters describe and
+//! [`Access`] its validated parameters describe and
 //! calls [`Caller::require`] (403 when not allowed).
 //!
 //! Invariant: no API handler touches the engine before `require` succeeded;

@@ -9,7 +9,7 @@
 //! only new messages are sent. Pings go out every heartbeat interval; client
 //! messages other than close are ignored.
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use finmesh_auth::Access;
@@ -85,9 +85,9 @@ async fn serve(mut socket: WebSocket, mut sub: Subscription, heartbeat: std::tim
         };
         let sent = match item {
             Some(Item::Frame(Frame::Message { data, .. })) => {
-                // Envelopes are UTF-8 JSON (see `envelope`).
-                match String::from_utf8(data.to_vec()) {
-                    Ok(s) => socket.send(WsMessage::Text(s.into())).await,
+                // Envelopes are UTF-8 JSON (see `envelope`): no copy.
+                match Utf8Bytes::try_from(data) {
+                    Ok(text) => socket.send(WsMessage::Text(text)).await,
                     Err(_) => Ok(()),
                 }
             }
