@@ -128,3 +128,19 @@ pub const ROUTE_ACCESS: &[(&str, &str, Need)] = &[
     ("POST", "/v1/streams/{stream}/consumers/{name}/ack", Need::StreamConsume),
     ("GET", "/v1/subscribers", Need::Admin),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use finmesh_core::StreamName;
+
+    #[test]
+    fn require_answers_403_without_the_scope() {
+        let stream = StreamName::new("S").unwrap();
+        let access = Access::StreamAdmin { stream: &stream };
+        assert!(Caller(Principal::admin("root")).require(&access).is_ok());
+        let err = Caller(Principal::new("app", vec![])).require(&access).unwrap_err();
+        assert_eq!(err.into_response().status(), StatusCode::FORBIDDEN);
+    }
+}

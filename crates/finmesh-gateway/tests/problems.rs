@@ -81,4 +81,27 @@ async fn rejections_and_router_errors_are_problems<H: Harness>() {
     gw.post("/v1/streams/S/consumers/c/ack", "{}").await.assert_problem(400, "invalid");
 }
 
-per_engine!(every_kind_maps_to_a_stable_problem, rejections_and_router_errors_are_problems);
+/// A handler with a bug.
+async fn boom() -> String {
+    let empty: Vec<String> = std::hint::black_box(Vec::new());
+    empty[0].clone()
+}
+
+async fn a_panic_is_a_500_problem<H: Harness>() {
+    use axum::Router;
+    use axum::routing::get;
+    use tower::ServiceExt;
+    use tower_http::catch_panic::CatchPanicLayer;
+    let app: Router = Router::new()
+        .route("/boom", get(boom))
+        .layer(CatchPanicLayer::custom(finmesh_gateway::problem::panic_response));
+    let req = axum::http::Request::get("/boom").body(axum::body::Body::empty()).unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 500);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(!String::from_utf8_lossy(&body).contains("out of bounds"), "panic messages are logged, not sent");
+    let _ = Gw::start::<H>().await;
+}
+
+per_engine!(every_kind_maps_to_a_stable_problem, rejections_and_router_errors_are_problems, a_panic_is_a_500_problem);

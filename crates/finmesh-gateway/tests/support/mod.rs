@@ -38,17 +38,25 @@ impl Harness for Embedded {
     }
 }
 
-/// Stamp every listed case (an `async fn case<H: Harness>()`) once per engine.
+/// Stamp every listed case (an `async fn case<H: Harness>()`) once per
+/// engine: one `stamp_cases!` line per engine.
 #[macro_export]
 macro_rules! per_engine {
     ($($case:ident),* $(,)?) => {
-        mod embedded {
+        $crate::stamp_cases!(embedded, Embedded; $($case),*);
+    };
+}
+
+/// One module of `#[tokio::test]`s running `cases` with `harness`.
+#[macro_export]
+macro_rules! stamp_cases {
+    ($module:ident, $harness:ident; $($case:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    tokio::time::timeout(std::time::Duration::from_secs(60), super::$case::<super::support::Embedded>())
-                        .await
-                        .expect("case timed out");
+                    let case = super::$case::<super::support::$harness>();
+                    tokio::time::timeout(std::time::Duration::from_secs(60), case).await.expect("case timed out");
                 }
             )*
         }
