@@ -21,6 +21,7 @@ use crate::AppState;
 use crate::caller::Caller;
 use crate::kv::config_with_name;
 use crate::problem::ApiResult;
+use crate::schema::{ConsumerList, Fetched};
 
 /// Longest wait of one fetch.
 pub const MAX_FETCH_WAIT: Duration = Duration::from_secs(20);
@@ -33,11 +34,11 @@ fn names(stream: String, consumer: String) -> ApiResult<(StreamName, ConsumerNam
 
 /// `GET /v1/streams/{stream}/consumers`: consumer names.
 #[utoipa::path(get, path = "/v1/streams/{stream}/consumers", tag = "consumers", params(("stream" = String, Path)),
-    responses((status = 200, description = "consumer names", body = Object)))]
+    responses((status = 200, description = "consumer names", body = ConsumerList)))]
 pub async fn list(State(state): State<AppState>, caller: Caller, Path(stream): Path<String>) -> ApiResult<Response> {
     let stream = StreamName::new(stream)?;
     caller.require(&Access::StreamConsume { stream: &stream })?;
-    Ok(Json(json!({ "consumers": state.engine().list_consumers(&stream).await? })).into_response())
+    Ok(Json(ConsumerList { consumers: state.engine().list_consumers(&stream).await? }).into_response())
 }
 
 /// `PUT /v1/streams/{stream}/consumers/{name}`: create or update.
@@ -115,7 +116,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], default: &str) -> ApiR
 /// `POST .../fetch`: up to `batch` deliveries, waiting up to `wait_ms`.
 #[utoipa::path(post, path = "/v1/streams/{stream}/consumers/{name}/fetch", tag = "consumers",
     params(("stream" = String, Path), ("name" = String, Path)), request_body = FetchBody,
-    responses((status = 200, description = "{messages: [envelope + delivery_count + token]}", body = Object),
+    responses((status = 200, description = "deliveries", body = Fetched),
         (status = 404, body = crate::Problem)))]
 pub async fn fetch(
     State(state): State<AppState>,

@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::caller::Caller;
 use crate::problem::ApiResult;
+use crate::schema::{BucketList, History, KeyList, Written};
 
 /// `"<rev>"`.
 pub fn etag(rev: Revision) -> HeaderValue {
@@ -69,11 +70,11 @@ pub fn config_with_name<T: serde::de::DeserializeOwned>(body: &[u8], name: &str)
 }
 
 /// `GET /v1/kv`: all bucket names.
-#[utoipa::path(get, path = "/v1/kv", tag = "kv", responses((status = 200, description = "bucket names", body = Object)))]
+#[utoipa::path(get, path = "/v1/kv", tag = "kv", responses((status = 200, description = "bucket names", body = BucketList)))]
 pub async fn list_buckets(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
     caller.require(&Access::Admin)?;
     let names = state.engine().list_buckets().await?;
-    Ok(Json(json!({ "buckets": names })).into_response())
+    Ok(Json(BucketList { buckets: names }).into_response())
 }
 
 /// `PUT /v1/kv/{bucket}`: create or update a bucket.
@@ -134,7 +135,7 @@ pub struct PrefixQuery {
 
 /// `GET /v1/kv/{bucket}/keys?prefix=`: live keys, sorted.
 #[utoipa::path(get, path = "/v1/kv/{bucket}/keys", tag = "kv", params(("bucket" = String, Path), PrefixQuery),
-    responses((status = 200, description = "keys", body = Object)))]
+    responses((status = 200, description = "keys", body = KeyList)))]
 pub async fn keys(
     State(state): State<AppState>,
     caller: Caller,
@@ -144,7 +145,7 @@ pub async fn keys(
     let name = BucketName::new(bucket)?;
     caller.require(&Access::KvRead { bucket: &name })?;
     let keys = state.engine().kv_keys(&name, &q.prefix).await?;
-    Ok(Json(json!({ "keys": keys })).into_response())
+    Ok(Json(KeyList { keys }).into_response())
 }
 
 async fn get_value(state: &AppState, caller: &Caller, bucket: BucketName, key: &str) -> ApiResult<Response> {
@@ -193,7 +194,7 @@ pub async fn get_default(
         ("If-Match" = Option<String>, Header, description = "quoted revision: update only at it"),
         ("If-None-Match" = Option<String>, Header, description = "`*`: create only")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 200, description = "written", body = Object), (status = 412, body = crate::Problem)))]
+    responses((status = 200, description = "written", body = Written), (status = 412, body = crate::Problem)))]
 pub async fn put_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -213,14 +214,14 @@ pub async fn put_key(
         (None, true) => engine.kv_create(&bucket, &key, body).await?,
         (None, false) => engine.kv_put(&bucket, &key, body).await?,
     };
-    let mut res = Json(json!({ "revision": rev.0 })).into_response();
+    let mut res = Json(Written { revision: rev.0 }).into_response();
     res.headers_mut().insert(header::ETAG, etag(rev));
     Ok(res)
 }
 
 /// `DELETE /v1/kv/{bucket}/{key}`: write a delete marker (404 if no live value).
 #[utoipa::path(delete, path = "/v1/kv/{bucket}/{key}", tag = "kv", params(("bucket" = String, Path), ("key" = String, Path)),
-    responses((status = 200, description = "deleted; the marker's revision", body = Object), (status = 404, body = crate::Problem)))]
+    responses((status = 200, description = "deleted; the marker's revision", body = Written), (status = 404, body = crate::Problem)))]
 pub async fn delete_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -234,14 +235,14 @@ pub async fn delete_key(
         return Err(Error::not_found(format!("key `{key}` not found in bucket `{bucket}`")).into());
     }
     let rev = engine.kv_delete(&bucket, &key).await?;
-    let mut res = Json(json!({ "revision": rev.0 })).into_response();
+    let mut res = Json(Written { revision: rev.0 }).into_response();
     res.headers_mut().insert(header::ETAG, etag(rev));
     Ok(res)
 }
 
 /// `GET /v1/kv/{bucket}/{key}/history`: every kept entry, oldest first.
 #[utoipa::path(get, path = "/v1/kv/{bucket}/{key}/history", tag = "kv", params(("bucket" = String, Path), ("key" = String, Path)),
-    responses((status = 200, description = "entries as envelopes", body = Object), (status = 404, body = crate::Problem)))]
+    responses((status = 200, description = "entries as envelopes", body = History), (status = 404, body = crate::Problem)))]
 pub async fn history(
     State(state): State<AppState>,
     caller: Caller,

@@ -10,8 +10,8 @@
 //! 4. [`kv`], [`streams`], [`consumers`]: the request/response routes;
 //! 5. [`envelope`], [`subscribe`], [`sse`], [`ws`]: subscriptions, from the
 //!    JSON envelope through the bounded per-subscriber queue to the wire;
-//! 6. [`limits`], [`metrics`], [`ops`], [`openapi`]: limits, observability,
-//!    health and the OpenAPI document.
+//! 6. [`limits`], [`metrics`], [`ops`], [`openapi`], [`schema`]: limits,
+//!    observability, health and the OpenAPI document with its response types.
 //!
 //! The gateway holds no state that is not in the engine except connections
 //! and counters, and it never asks which engine it runs on.
@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod ops;
 pub mod problem;
+pub mod schema;
 pub mod sse;
 pub mod state;
 pub mod streams;

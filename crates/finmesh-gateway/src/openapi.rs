@@ -38,7 +38,7 @@ impl Modify for BearerJwt {
         streams::publish, streams::read, sse::events, ws::ws,
         consumers::list, consumers::put, consumers::get, consumers::delete, consumers::fetch, consumers::ack,
     ),
-    components(schemas(crate::Problem, crate::subscribe::SubscriberInfo)),
+    components(schemas(crate::Problem, crate::subscribe::SubscriberInfo, crate::schema::Acks, crate::schema::Envelope)),
     tags((name = "kv"), (name = "streams"), (name = "consumers"), (name = "ops"))
 )]
 pub struct ApiDoc;

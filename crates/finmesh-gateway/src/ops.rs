@@ -7,34 +7,34 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use finmesh_auth::Access;
 use finmesh_core::{BucketName, Error, StreamName};
-use serde_json::json;
 
 use crate::AppState;
 use crate::caller::Caller;
 use crate::problem::{ApiResult, Problem};
+use crate::schema::{RateInfo, Status, SubscriberList};
 
 /// How long `/readyz` waits for the engine.
 const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `GET /healthz`: 200 while the process serves requests.
-#[utoipa::path(get, path = "/healthz", tag = "ops", security(()), responses((status = 200, description = "alive", body = Object)))]
+#[utoipa::path(get, path = "/healthz", tag = "ops", security(()), responses((status = 200, description = "alive", body = Status)))]
 pub async fn healthz() -> Response {
-    Json(json!({ "status": "ok" })).into_response()
+    Json(Status { status: "ok" }).into_response()
 }
 
 /// `GET /readyz`: 200 when the engine answers and the gateway is not draining.
 #[utoipa::path(get, path = "/readyz", tag = "ops", security(()),
-    responses((status = 200, description = "ready", body = Object), (status = 503, body = crate::Problem)))]
+    responses((status = 200, description = "ready", body = Status), (status = 503, body = crate::Problem)))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     if state.is_draining() {
         return Problem::from_error(&Error::unavailable("draining")).into_response();
     }
     match tokio::time::timeout(READY_PROBE_TIMEOUT, state.engine().list_buckets()).await {
-        Ok(Ok(_)) => Json(json!({ "status": "ready" })).into_response(),
+        Ok(Ok(_)) => Json(Status { status: "ready" }).into_response(),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "readiness probe: engine error");
             Problem::from_error(&Error::unavailable(format!("engine not reachable: {}", e.kind()))).into_response()
@@ -53,7 +53,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 /// `GET /v1/subscribers`: who is subscribed to what, how far they got, and
 /// their lag behind the stream (or bucket) head.
 #[utoipa::path(get, path = "/v1/subscribers", tag = "ops",
-    responses((status = 200, description = "{subscribers: [...]}", body = Object)))]
+    responses((status = 200, description = "connected subscribers", body = SubscriberList)))]
 pub async fn subscribers(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
     caller.require(&Access::Admin)?;
     let mut subs = state.inner.subscribers.snapshot();
@@ -79,14 +79,9 @@ pub async fn subscribers(State(state): State<AppState>, caller: Caller) -> ApiRe
     }
     let rate = state.config().limits.rate;
     let overrides = &state.config().limits.rate_overrides;
-    let rows: Vec<_> = subs
-        .into_iter()
-        .map(|s| {
-            let r = overrides.get(&s.identity).copied().or(rate);
-            let mut v = serde_json::to_value(&s).unwrap_or_default();
-            v["rate_limit"] = r.map(|r| json!({ "per_second": r.per_second, "burst": r.burst })).unwrap_or_default();
-            v
-        })
-        .collect();
-    Ok((StatusCode::OK, Json(json!({ "subscribers": rows }))).into_response())
+    for s in &mut subs {
+        let r = overrides.get(&s.identity).copied().or(rate);
+        s.rate_limit = r.map(|r| RateInfo { per_second: r.per_second, burst: r.burst });
+    }
+    Ok(Json(SubscriberList { subscribers: subs }).into_response())
 }

@@ -17,15 +17,16 @@ use axum::response::{IntoResponse, Response};
 use finmesh_auth::Access;
 use finmesh_core::engine::MAX_READ_LIMIT;
 use finmesh_core::{
-    Error, ErrorKind, OutgoingMessage, PubAck, ReadRequest, Seq, StreamConfig, StreamName, Subject, SubjectPattern,
+    Error, ErrorKind, OutgoingMessage, ReadRequest, Seq, StreamConfig, StreamName, Subject, SubjectPattern,
 };
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::AppState;
 use crate::caller::Caller;
 use crate::kv::config_with_name;
 use crate::problem::{ApiError, ApiResult, Problem};
+use crate::schema::{Ack, Acks, StreamList};
 
 /// Header naming a single message's subject (alternative to `?subject=`).
 pub const SUBJECT_HEADER: &str = "Finmesh-Subject";
@@ -35,10 +36,10 @@ pub const MSG_ID_HEADER: &str = "Msg-Id";
 pub const NDJSON: &str = "application/x-ndjson";
 
 /// `GET /v1/streams`: all stream names.
-#[utoipa::path(get, path = "/v1/streams", tag = "streams", responses((status = 200, description = "stream names", body = Object)))]
+#[utoipa::path(get, path = "/v1/streams", tag = "streams", responses((status = 200, description = "stream names", body = StreamList)))]
 pub async fn list_streams(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
     caller.require(&Access::Admin)?;
-    Ok(Json(json!({ "streams": state.engine().list_streams().await? })).into_response())
+    Ok(Json(StreamList { streams: state.engine().list_streams().await? }).into_response())
 }
 
 /// `PUT /v1/streams/{stream}`: create or update.
@@ -150,10 +151,6 @@ fn parse_batch(body: &[u8]) -> Result<Vec<OutgoingMessage>, Box<Problem>> {
     Ok(out)
 }
 
-fn ack_json(ack: &PubAck) -> Value {
-    json!({ "seq": ack.seq.0, "duplicate": ack.duplicate })
-}
-
 /// `POST /v1/streams/{stream}/messages`: publish one message (the body), or a
 /// batch when `Content-Type: application/x-ndjson`.
 #[utoipa::path(post, path = "/v1/streams/{stream}/messages", tag = "streams",
@@ -161,7 +158,7 @@ fn ack_json(ack: &PubAck) -> Value {
         ("Finmesh-Subject" = Option<String>, Header, description = "subject of a single message"),
         ("Msg-Id" = Option<String>, Header, description = "deduplication id of a single message")),
     request_body(content = Vec<u8>, description = "payload, or NDJSON lines {subject, payload, encoding?, headers?, msg_id?}"),
-    responses((status = 200, description = "ack {seq, duplicate} or {acks: [...]}", body = Object),
+    responses((status = 200, description = "one message: Ack; a batch: Acks", body = Ack),
         (status = 400, body = crate::Problem), (status = 413, body = crate::Problem)))]
 pub async fn publish(
     State(state): State<AppState>,
@@ -184,8 +181,7 @@ pub async fn publish(
         }
         let acks = engine.publish_batch(&name, msgs).await?;
         crate::metrics::published(name.as_str(), acks.len());
-        let acks: Vec<Value> = acks.iter().map(ack_json).collect();
-        return Ok(Json(json!({ "acks": acks })).into_response());
+        return Ok(Json(Acks { acks: acks.iter().map(Ack::from).collect() }).into_response());
     }
     let subject = match (q.subject, headers.get(SUBJECT_HEADER)) {
         (Some(s), _) => s,
@@ -201,7 +197,7 @@ pub async fn publish(
     }
     let ack = engine.publish(&name, msg).await?;
     crate::metrics::published(name.as_str(), 1);
-    Ok(Json(ack_json(&ack)).into_response())
+    Ok(Json(Ack::from(&ack)).into_response())
 }
 
 /// `?from_seq=&subject=&limit=` of a range read.

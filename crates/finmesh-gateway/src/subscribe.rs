@@ -137,6 +137,8 @@ pub struct SubscriberInfo {
     pub lagged: bool,
     /// Sequences stored but not yet sent (filled in by the handler).
     pub lag: Option<u64>,
+    /// The identity's rate limit (filled in by the handler).
+    pub rate_limit: Option<crate::schema::RateInfo>,
 }
 
 /// The registry of connected subscribers. Cheap to clone.
@@ -174,6 +176,7 @@ impl Subscribers {
                 queued: e.queued.load(Ordering::Relaxed),
                 lagged: e.lagged.load(Ordering::Relaxed),
                 lag: None,
+                rate_limit: None,
             })
             .collect();
         out.sort_by_key(|s| s.id);
