@@ -1,13 +1,14 @@
 //! One subscriber's bounded queue, and the registry of connected
 //! subscribers behind `GET /v1/subscribers`.
 //!
-//! Shape (the seam a shared fan-out hub will slot into): a *source* is a
-//! stream of ready-encoded [`Frame`]s (today one engine tail or KV watch per
-//! subscriber, see [`Subscription::spawn`]); a *feeder* task moves frames from
-//! the source into the subscriber's bounded queue; the connection (SSE or
-//! WebSocket) reads the queue with [`Subscription::next`]. A hub will replace
-//! the per-subscriber source and feeder by pushing the same shared frames
-//! into many queues; the connection side stays as it is.
+//! Shape (the seam a shared fan-out hub will slot into):
+//! [`Subscription::open`] registers a subscriber and returns its bounded
+//! queue's two ends: the [`Subscription`] the connection (SSE or WebSocket)
+//! reads with [`Subscription::next`], and a [`QueueWriter`] a source fills.
+//! Today [`Subscription::spawn`] gives every subscriber its own source (one
+//! engine tail or KV watch) and a feeder task; a hub will instead keep one
+//! source per (stream, filter) and `try_push` the same shared frames into
+//! many writers. The connection side stays as it is.
 //!
 //! Invariants:
 //! - the queue is bounded ([`SubscriptionConfig::queue_capacity`](crate::SubscriptionConfig)).
@@ -191,15 +192,75 @@ pub struct Subscription {
     entry: Arc<Entry>,
     registry: Subscribers,
     drain: CancellationToken,
-    feeder: tokio::task::JoinHandle<()>,
+    /// The per-subscriber feeder, when [`Subscription::spawn`] started one.
+    feeder: Option<tokio::task::JoinHandle<()>>,
     done: bool,
 }
 
+/// The writing end of one subscriber's queue: what a source holds (the
+/// per-subscriber feeder today, a shared fan-out hub later). Dropping it
+/// without [`finish`](QueueWriter::finish) ends the subscription with `end` (`Finished`).
+pub struct QueueWriter {
+    tx: mpsc::Sender<Frame>,
+    entry: Arc<Entry>,
+}
+
+impl QueueWriter {
+    /// Queue `frame` if there is room now; gives it back when the queue is
+    /// full or the subscriber is gone. A hub calls this and, on a full
+    /// queue, [`lagged`](QueueWriter::lagged).
+    pub fn try_push(&self, frame: Frame) -> Result<(), Frame> {
+        self.entry.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx.try_send(frame).map_err(|e| {
+            self.entry.queued.fetch_sub(1, Ordering::Relaxed);
+            e.into_inner()
+        })
+    }
+
+    /// Queue `frame`, waiting up to `stall` for room. `Ok(false)`: the
+    /// subscriber is gone; `Err(())`: the queue stayed full.
+    pub async fn push(&self, frame: Frame, stall: Duration) -> Result<bool, ()> {
+        match tokio::time::timeout(stall, self.tx.reserve()).await {
+            Ok(Ok(permit)) => {
+                self.entry.queued.fetch_add(1, Ordering::Relaxed);
+                permit.send(frame);
+                Ok(true)
+            }
+            Ok(Err(_closed)) => Ok(false),
+            Err(_elapsed) => Err(()),
+        }
+    }
+
+    /// Whether the subscriber went away.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Resolves when the subscriber goes away.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+
+    /// Cut the subscriber off for falling behind: it gets what is queued,
+    /// then `lagged` with the last sequence it received.
+    pub fn lagged(self) {
+        self.entry.lagged.store(true, Ordering::Relaxed);
+        crate::metrics::lagged();
+        tracing::info!(identity = %self.entry.spec.identity, resource = %self.entry.spec.resource, "subscriber lagged; cut off");
+        self.finish(End::Lagged { last_sent: 0 });
+    }
+
+    /// End the subscription with `end` after what is queued.
+    pub fn finish(self, end: End) {
+        *self.entry.end.lock() = Some(end);
+    }
+}
+
 impl Subscription {
-    /// Register a subscriber and start a feeder that copies `source` into
-    /// its bounded queue. `resume_after` is the sequence the client already
-    /// has (reported as `last_seq` until something newer is sent).
-    pub fn spawn(state: &AppState, spec: SubscriberSpec, resume_after: u64, source: BoxStream<Frame>) -> Self {
+    /// Register a subscriber with an empty bounded queue and return it with
+    /// the queue's writing end. `resume_after` is the sequence the client
+    /// already has (reported as `last_seq` until something newer is sent).
+    pub fn open(state: &AppState, spec: SubscriberSpec, resume_after: u64) -> (Self, QueueWriter) {
         let capacity = state.config().subscriptions.queue_capacity.max(1);
         let (tx, rx) = mpsc::channel(capacity);
         let entry = Arc::new(Entry {
@@ -215,9 +276,25 @@ impl Subscription {
         let id = registry.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         registry.map.lock().insert(id, entry.clone());
         crate::metrics::subscription(entry.spec.kind, 1.0);
+        let sub = Subscription {
+            id,
+            rx,
+            entry: entry.clone(),
+            registry,
+            drain: state.drain_token(),
+            feeder: None,
+            done: false,
+        };
+        (sub, QueueWriter { tx, entry })
+    }
+
+    /// [`open`](Subscription::open) a subscriber and start a feeder task that
+    /// copies its own `source` into the queue (see the module doc for pacing).
+    pub fn spawn(state: &AppState, spec: SubscriberSpec, resume_after: u64, source: BoxStream<Frame>) -> Self {
+        let (mut sub, writer) = Self::open(state, spec, resume_after);
         let stall = state.config().subscriptions.stall_timeout;
-        let feeder = tokio::spawn(feed(source, tx, entry.clone(), stall));
-        Subscription { id, rx, entry, registry, drain: state.drain_token(), feeder, done: false }
+        sub.feeder = Some(tokio::spawn(feed(source, writer, stall)));
+        sub
     }
 
     /// The next frame, or the end (once), then `None`.
@@ -259,39 +336,32 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.feeder.abort();
+        if let Some(feeder) = &self.feeder {
+            feeder.abort();
+        }
         self.registry.map.lock().remove(&self.id);
         crate::metrics::subscription(self.entry.spec.kind, -1.0);
     }
 }
 
 /// Copy `source` into the queue until the subscriber goes, lags, or the source ends.
-async fn feed(mut source: BoxStream<Frame>, tx: mpsc::Sender<Frame>, entry: Arc<Entry>, stall: Duration) {
-    let end = loop {
+async fn feed(mut source: BoxStream<Frame>, writer: QueueWriter, stall: Duration) {
+    loop {
         let item = tokio::select! {
-            () = tx.closed() => return,
+            () = writer.closed() => return,
             item = source.next() => item,
         };
         match item {
-            None => break End::Finished,
+            None => return writer.finish(End::Finished),
             Some(Err(e)) => {
-                tracing::debug!(error = %e, resource = %entry.spec.resource, "subscription source failed");
-                break End::Failed(Box::new(Problem::from_error(&e)));
+                tracing::debug!(error = %e, resource = %writer.entry.spec.resource, "subscription source failed");
+                return writer.finish(End::Failed(Box::new(Problem::from_error(&e))));
             }
-            Some(Ok(frame)) => match tokio::time::timeout(stall, tx.reserve()).await {
-                Ok(Ok(permit)) => {
-                    entry.queued.fetch_add(1, Ordering::Relaxed);
-                    permit.send(frame);
-                }
-                Ok(Err(_closed)) => return,
-                Err(_elapsed) => {
-                    entry.lagged.store(true, Ordering::Relaxed);
-                    crate::metrics::lagged();
-                    tracing::info!(identity = %entry.spec.identity, resource = %entry.spec.resource, "subscriber lagged; cut off");
-                    break End::Lagged { last_sent: 0 };
-                }
+            Some(Ok(frame)) => match writer.push(frame, stall).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(()) => return writer.lagged(),
             },
         }
-    };
-    *entry.end.lock() = Some(end);
+    }
 }

@@ -48,4 +48,37 @@ async fn slow_subscriber_gets_lagged<H: Harness>() {
     assert!(slow.next(WAIT).await.is_none(), "the stream ends after lagged");
 }
 
-per_engine!(slow_subscriber_gets_lagged);
+/// The seam a fan-out hub will use: push without waiting, cut off on a full queue.
+async fn queue_writer_try_push_and_lagged<H: Harness>() {
+    use bytes::Bytes;
+    use finmesh_gateway::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
+    let config = GatewayConfig {
+        subscriptions: SubscriptionConfig { queue_capacity: 4, ..Default::default() },
+        ..Default::default()
+    };
+    let gw = Gw::with_config::<H>(config).await;
+    let spec = SubscriberSpec { kind: "sse", identity: "hub".into(), resource: "MD".into(), filter: None };
+    let (mut sub, writer) = Subscription::open(&gw.state, spec, 10);
+    let frame = |id| Frame::Message { id, data: Bytes::from_static(b"{}") };
+    for id in 11..=14 {
+        assert!(writer.try_push(frame(id)).is_ok());
+    }
+    assert!(writer.try_push(frame(15)).is_err(), "a full queue refuses at once");
+    assert_eq!(gw.state.subscriber_count(), 1);
+    writer.lagged();
+    for want in 11..=14 {
+        match sub.next().await {
+            Some(Item::Frame(Frame::Message { id, .. })) => assert_eq!(id, want),
+            other => panic!("expected message {want}, got {other:?}"),
+        }
+    }
+    match sub.next().await {
+        Some(Item::End(End::Lagged { last_sent })) => assert_eq!(last_sent, 14),
+        other => panic!("expected lagged, got {other:?}"),
+    }
+    assert!(sub.next().await.is_none());
+    drop(sub);
+    assert_eq!(gw.state.subscriber_count(), 0);
+}
+
+per_engine!(slow_subscriber_gets_lagged, queue_writer_try_push_and_lagged);
