@@ -102,7 +102,8 @@ pub struct PublishQuery {
 #[serde(deny_unknown_fields)]
 struct BatchLine {
     subject: String,
-    #[serde(default)]
+    /// Absent = empty payload; `null` is the JSON value `null`.
+    #[serde(default, deserialize_with = "present")]
     payload: Option<Value>,
     #[serde(default)]
     encoding: Option<String>,
@@ -110,6 +111,11 @@ struct BatchLine {
     headers: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default)]
     msg_id: Option<String>,
+}
+
+/// A member that is present, even as `null`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 fn line_problem(line: usize, column: Option<usize>, detail: String) -> Box<Problem> {
@@ -255,5 +261,7 @@ mod tests {
             parse_batch(b"{\"subject\":\"a\",\"payload\":\"AAE=\",\"encoding\":\"base64\",\"msg_id\":\"m1\"}").unwrap();
         assert_eq!(&ok[0].payload[..], &[0, 1]);
         assert_eq!(ok[0].msg_id(), Some("m1"));
+        let nulls = parse_batch(b"{\"subject\":\"a\",\"payload\":null}\n{\"subject\":\"a\"}").unwrap();
+        assert_eq!((&nulls[0].payload[..], &nulls[1].payload[..]), (&b"null"[..], &b""[..]));
     }
 }
