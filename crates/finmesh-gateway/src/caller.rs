@@ -1,0 +1,146 @@
+//! The auth seam: who calls ([`Caller`]) and what each route needs
+//! ([`ROUTE_ACCESS`]).
+//!
+//! The [`authenticate`] middleware runs in front of every API route: it turns
+//! the `Authorization` header into a [`Principal`] through
+//! [`finmesh_auth::Authenticator`] (401 with `WWW-Authenticate: Bearer` when
+//! that fails), applies the caller's rate limit (429), and stores the
+//! principal in the request. Each handler then builds the
+//! [`Access`] its validated parameters describe and
+//! calls [`Caller::require`] (403 when not allowed).
+//!
+//! Invariant: no API handler touches the engine before `require` succeeded;
+//! [`ROUTE_ACCESS`] lists the access of every route, in one place, for docs
+//! and for the auth matrix test.
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use finmesh_auth::{Access, Principal};
+use finmesh_core::{Error, ErrorKind};
+
+use crate::AppState;
+use crate::problem::{ApiError, Problem};
+
+/// The authenticated principal of a request.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Principal);
+
+impl Caller {
+    /// Fail with 403 unless the principal may perform `access`.
+    pub fn require(&self, access: &Access<'_>) -> Result<(), ApiError> {
+        if self.0.allows(access) {
+            Ok(())
+        } else {
+            Err(Error::new(ErrorKind::Forbidden, format!("`{}` may not perform {access:?}", self.0.subject())).into())
+        }
+    }
+
+    /// The token's subject.
+    pub fn subject(&self) -> &str {
+        self.0.subject()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .map(Caller)
+            .ok_or_else(|| Error::new(ErrorKind::Unauthorized, "no credentials").into())
+    }
+}
+
+/// Middleware: authenticate, rate-limit, and remember the principal.
+pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let header = req.headers().get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let principal = match state.inner.auth.authenticate(header) {
+        Ok(p) => p,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    if let Err(wait) = state.inner.rate.check(principal.subject()) {
+        crate::metrics::rate_limited();
+        return Problem::rate_limited(wait.as_secs_f64().ceil() as u64).into_response();
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+/// What a route needs, as written in the scope table of `finmesh-auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// No token needed (health, metrics, OpenAPI).
+    Public,
+    /// `admin`.
+    Admin,
+    /// `kv:read:<bucket>`.
+    KvRead,
+    /// `kv:write:<bucket>`.
+    KvWrite,
+    /// `kv:admin:<bucket>`.
+    KvAdmin,
+    /// `stream:publish:<stream>[:<subject>]`.
+    StreamPublish,
+    /// `stream:subscribe:<stream>[:<filter>]`.
+    StreamSubscribe,
+    /// `stream:consume:<stream>`.
+    StreamConsume,
+    /// `stream:admin:<stream>`.
+    StreamAdmin,
+}
+
+/// Every route with the access it checks: (method, path template, need).
+pub const ROUTE_ACCESS: &[(&str, &str, Need)] = &[
+    ("GET", "/healthz", Need::Public),
+    ("GET", "/readyz", Need::Public),
+    ("GET", "/metrics", Need::Public),
+    ("GET", "/openapi.json", Need::Public),
+    ("GET", "/v1/kv", Need::Admin),
+    ("PUT", "/v1/kv/{bucket}", Need::KvAdmin),
+    ("GET", "/v1/kv/{bucket}", Need::KvRead),
+    ("DELETE", "/v1/kv/{bucket}", Need::KvAdmin),
+    ("GET", "/v1/kv/{bucket}/keys", Need::KvRead),
+    ("GET", "/v1/kv/{bucket}/watch", Need::KvRead),
+    ("GET", "/v1/kv/{bucket}/{key}", Need::KvRead),
+    ("PUT", "/v1/kv/{bucket}/{key}", Need::KvWrite),
+    ("DELETE", "/v1/kv/{bucket}/{key}", Need::KvWrite),
+    ("GET", "/v1/kv/{bucket}/{key}/history", Need::KvRead),
+    ("GET", "/kv/{key}", Need::KvRead),
+    ("GET", "/v1/streams", Need::Admin),
+    ("PUT", "/v1/streams/{stream}", Need::StreamAdmin),
+    ("GET", "/v1/streams/{stream}", Need::StreamSubscribe),
+    ("DELETE", "/v1/streams/{stream}", Need::StreamAdmin),
+    ("POST", "/v1/streams/{stream}/messages", Need::StreamPublish),
+    ("GET", "/v1/streams/{stream}/messages", Need::StreamSubscribe),
+    ("GET", "/v1/streams/{stream}/events", Need::StreamSubscribe),
+    ("GET", "/v1/streams/{stream}/ws", Need::StreamSubscribe),
+    ("GET", "/v1/streams/{stream}/consumers", Need::StreamConsume),
+    ("PUT", "/v1/streams/{stream}/consumers/{name}", Need::StreamAdmin),
+    ("GET", "/v1/streams/{stream}/consumers/{name}", Need::StreamConsume),
+    ("DELETE", "/v1/streams/{stream}/consumers/{name}", Need::StreamAdmin),
+    ("POST", "/v1/streams/{stream}/consumers/{name}/fetch", Need::StreamConsume),
+    ("POST", "/v1/streams/{stream}/consumers/{name}/ack", Need::StreamConsume),
+    ("GET", "/v1/subscribers", Need::Admin),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use finmesh_core::StreamName;
+
+    #[test]
+    fn require_answers_403_without_the_scope() {
+        let stream = StreamName::new("S").unwrap();
+        let access = Access::StreamAdmin { stream: &stream };
+        assert!(Caller(Principal::admin("root")).require(&access).is_ok());
+        let err = Caller(Principal::new("app", vec![])).require(&access).unwrap_err();
+        assert_eq!(err.into_response().status(), StatusCode::FORBIDDEN);
+    }
+}

@@ -1,0 +1,176 @@
+//! Durable consumer routes under `/v1/streams/{stream}/consumers`: create
+//! or update, info, delete, list, `fetch` (batch + wait) and `ack`.
+//!
+//! Invariants: a fetch waits at most [`MAX_FETCH_WAIT`] (well inside the
+//! request timeout) and returns at most [`MAX_FETCH_BATCH`] deliveries; a
+//! delivery's `token` is passed back verbatim to `ack`.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use finmesh_auth::Access;
+use finmesh_core::{AckKind, AckToken, ConsumerConfig, ConsumerName, Error, ErrorKind, FetchRequest, StreamName};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::AppState;
+use crate::caller::Caller;
+use crate::kv::config_with_name;
+use crate::problem::ApiResult;
+use crate::schema::{ConsumerList, Fetched};
+
+/// Longest wait of one fetch.
+pub const MAX_FETCH_WAIT: Duration = Duration::from_secs(20);
+/// Most deliveries of one fetch.
+pub const MAX_FETCH_BATCH: usize = 1000;
+
+fn names(stream: String, consumer: String) -> ApiResult<(StreamName, ConsumerName)> {
+    Ok((StreamName::new(stream)?, ConsumerName::new(consumer)?))
+}
+
+/// `GET /v1/streams/{stream}/consumers`: consumer names.
+#[utoipa::path(get, path = "/v1/streams/{stream}/consumers", tag = "consumers", params(("stream" = String, Path)),
+    responses((status = 200, description = "consumer names", body = ConsumerList)))]
+pub async fn list(State(state): State<AppState>, caller: Caller, Path(stream): Path<String>) -> ApiResult<Response> {
+    let stream = StreamName::new(stream)?;
+    caller.require(&Access::StreamConsume { stream: &stream })?;
+    Ok(Json(ConsumerList { consumers: state.engine().list_consumers(&stream).await? }).into_response())
+}
+
+/// `PUT /v1/streams/{stream}/consumers/{name}`: create or update.
+#[utoipa::path(put, path = "/v1/streams/{stream}/consumers/{name}", tag = "consumers",
+    params(("stream" = String, Path), ("name" = String, Path)),
+    request_body(content = Object, description = "ConsumerConfig without `name`"),
+    responses((status = 200, description = "consumer info", body = Object), (status = 400, body = crate::Problem)))]
+pub async fn put(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((stream, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (stream, name) = names(stream, name)?;
+    caller.require(&Access::StreamAdmin { stream: &stream })?;
+    let config: ConsumerConfig = config_with_name(&body, name.as_str())?;
+    let engine = state.engine();
+    let info = match engine.create_consumer(&stream, config.clone()).await {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => engine.update_consumer(&stream, config).await?,
+        other => other?,
+    };
+    Ok(Json(info).into_response())
+}
+
+/// `GET /v1/streams/{stream}/consumers/{name}`: configuration and position.
+#[utoipa::path(get, path = "/v1/streams/{stream}/consumers/{name}", tag = "consumers",
+    params(("stream" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "consumer info", body = Object), (status = 404, body = crate::Problem)))]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((stream, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let (stream, name) = names(stream, name)?;
+    caller.require(&Access::StreamConsume { stream: &stream })?;
+    Ok(Json(state.engine().consumer_info(&stream, &name).await?).into_response())
+}
+
+/// `DELETE /v1/streams/{stream}/consumers/{name}`.
+#[utoipa::path(delete, path = "/v1/streams/{stream}/consumers/{name}", tag = "consumers",
+    params(("stream" = String, Path), ("name" = String, Path)),
+    responses((status = 204, description = "deleted"), (status = 404, body = crate::Problem)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((stream, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let (stream, name) = names(stream, name)?;
+    caller.require(&Access::StreamAdmin { stream: &stream })?;
+    state.engine().delete_consumer(&stream, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Body of a fetch.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FetchBody {
+    /// Most deliveries (default 1, at most 1000).
+    #[serde(default = "one")]
+    pub batch: usize,
+    /// Milliseconds to wait when nothing is ready (default 0, at most 20000).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], default: &str) -> ApiResult<T> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) { default.as_bytes() } else { body };
+    serde_json::from_slice(body).map_err(|e| Error::invalid(format!("bad JSON body: {e}")).into())
+}
+
+/// `POST .../fetch`: up to `batch` deliveries, waiting up to `wait_ms`.
+#[utoipa::path(post, path = "/v1/streams/{stream}/consumers/{name}/fetch", tag = "consumers",
+    params(("stream" = String, Path), ("name" = String, Path)), request_body = FetchBody,
+    responses((status = 200, description = "deliveries", body = Fetched),
+        (status = 404, body = crate::Problem)))]
+pub async fn fetch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((stream, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (stream, name) = names(stream, name)?;
+    caller.require(&Access::StreamConsume { stream: &stream })?;
+    let req: FetchBody = json_body(&body, "{}")?;
+    if req.batch == 0 || req.batch > MAX_FETCH_BATCH {
+        return Err(Error::invalid(format!("batch must be 1-{MAX_FETCH_BATCH}")).into());
+    }
+    let wait = Duration::from_millis(req.wait_ms);
+    if wait > MAX_FETCH_WAIT {
+        return Err(Error::invalid(format!("wait_ms must be at most {}", MAX_FETCH_WAIT.as_millis())).into());
+    }
+    let deliveries = state.engine().fetch(&stream, &name, FetchRequest { max: req.batch, wait }).await?;
+    let mut out = Vec::from(&b"{\"messages\":["[..]);
+    for (i, d) in deliveries.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let extra = [("delivery_count", json!(d.delivery_count)), ("token", json!(d.token.0))];
+        out.extend_from_slice(&crate::envelope::message_with(&d.message, &extra));
+    }
+    out.extend_from_slice(b"]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+/// Body of an ack: `{"token": "...", "kind": "ack" | "nak" | "term" | "in_progress", "delay": ms}`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct AckBody {
+    /// The delivery's token.
+    pub token: String,
+    /// `ack`, `nak` (with optional `delay` in ms), `term` or `in_progress`.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub kind: AckKind,
+}
+
+/// `POST .../ack`: acknowledge one delivery.
+#[utoipa::path(post, path = "/v1/streams/{stream}/consumers/{name}/ack", tag = "consumers",
+    params(("stream" = String, Path), ("name" = String, Path)), request_body = AckBody,
+    responses((status = 204, description = "acknowledged"), (status = 400, body = crate::Problem)))]
+pub async fn ack(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((stream, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let (stream, name) = names(stream, name)?;
+    caller.require(&Access::StreamConsume { stream: &stream })?;
+    let req: AckBody = json_body(&body, "")?;
+    state.engine().ack(&stream, &name, &AckToken(req.token), req.kind).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

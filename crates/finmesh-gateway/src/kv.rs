@@ -1,0 +1,267 @@
+//! KV routes: buckets (`/v1/kv`, `/v1/kv/{bucket}`), keys
+//! (`/v1/kv/{bucket}/{key}`, history, listing) and the default bucket
+//! (`/kv/{key}`). The watch (SSE) lives in [`crate::sse`].
+//!
+//! Invariants:
+//! - `ETag` is the quoted revision of the value returned or written;
+//! - `If-Match: "<rev>"` makes a put an update at that revision and
+//!   `If-None-Match: *` makes it create-only; a failed precondition answers
+//!   412 `wrong-revision` with the current revision;
+//! - a key that never existed, was deleted or purged answers 404;
+//! - a key is one path segment: a key holding `/` (or named `keys`/`watch`)
+//!   is sent percent-encoded (`a%2Fb`, `%6Beys`).
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use finmesh_auth::Access;
+use finmesh_core::{BucketConfig, BucketName, Error, ErrorKind, Key, Revision};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::caller::Caller;
+use crate::problem::ApiResult;
+use crate::schema::{BucketList, History, KeyList, Written};
+
+/// `"<rev>"`.
+pub fn etag(rev: Revision) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{}\"", rev.0)).unwrap_or(HeaderValue::from_static("\"0\""))
+}
+
+/// Parse `If-Match: "<rev>"` (quotes optional, `W/` refused).
+fn if_match(headers: &HeaderMap) -> ApiResult<Option<Revision>> {
+    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let s = v.to_str().unwrap_or("").trim();
+    let digits = s.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(s);
+    digits
+        .parse::<u64>()
+        .map(|r| Some(Revision(r)))
+        .map_err(|_| Error::invalid(format!("If-Match must be a quoted revision like \"7\", got `{s}`")).into())
+}
+
+fn if_none_match_star(headers: &HeaderMap) -> ApiResult<bool> {
+    match headers.get(header::IF_NONE_MATCH) {
+        None => Ok(false),
+        Some(v) if v.as_bytes().trim_ascii() == b"*" => Ok(true),
+        Some(_) => Err(Error::invalid("If-None-Match supports only `*` (create only)").into()),
+    }
+}
+
+/// A JSON body without a `name`, or with the same name as the path, given
+/// the name from the path. An empty body means all defaults.
+pub fn config_with_name<T: serde::de::DeserializeOwned>(body: &[u8], name: &str) -> ApiResult<T> {
+    let mut v: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(body).map_err(|e| Error::invalid(format!("bad JSON body: {e}")))?
+    };
+    let obj = v.as_object_mut().ok_or_else(|| Error::invalid("the body must be a JSON object"))?;
+    match obj.get("name") {
+        Some(Value::String(n)) if n == name => {}
+        Some(other) => return Err(Error::invalid(format!("body name {other} differs from the path's `{name}`")).into()),
+        None => {
+            obj.insert("name".to_owned(), Value::String(name.to_owned()));
+        }
+    }
+    serde_json::from_value(v).map_err(|e| Error::invalid(format!("bad configuration: {e}")).into())
+}
+
+/// `GET /v1/kv`: all bucket names.
+#[utoipa::path(get, path = "/v1/kv", tag = "kv", responses((status = 200, description = "bucket names", body = BucketList)))]
+pub async fn list_buckets(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
+    caller.require(&Access::Admin)?;
+    let names = state.engine().list_buckets().await?;
+    Ok(Json(BucketList { buckets: names }).into_response())
+}
+
+/// `PUT /v1/kv/{bucket}`: create or update a bucket.
+#[utoipa::path(put, path = "/v1/kv/{bucket}", tag = "kv",
+    params(("bucket" = String, Path)), request_body(content = Object, description = "BucketConfig without `name`"),
+    responses((status = 200, description = "bucket info", body = Object), (status = 400, body = crate::Problem)))]
+pub async fn put_bucket(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(bucket): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let name = BucketName::new(bucket)?;
+    caller.require(&Access::KvAdmin { bucket: &name })?;
+    let config: BucketConfig = config_with_name(&body, name.as_str())?;
+    let engine = state.engine();
+    let info = match engine.create_bucket(config.clone()).await {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => engine.update_bucket(config).await?,
+        other => other?,
+    };
+    Ok(Json(info).into_response())
+}
+
+/// `GET /v1/kv/{bucket}`: bucket info.
+#[utoipa::path(get, path = "/v1/kv/{bucket}", tag = "kv", params(("bucket" = String, Path)),
+    responses((status = 200, description = "bucket info", body = Object), (status = 404, body = crate::Problem)))]
+pub async fn get_bucket(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(bucket): Path<String>,
+) -> ApiResult<Response> {
+    let name = BucketName::new(bucket)?;
+    caller.require(&Access::KvRead { bucket: &name })?;
+    Ok(Json(state.engine().bucket_info(&name).await?).into_response())
+}
+
+/// `DELETE /v1/kv/{bucket}`.
+#[utoipa::path(delete, path = "/v1/kv/{bucket}", tag = "kv", params(("bucket" = String, Path)),
+    responses((status = 204, description = "deleted"), (status = 404, body = crate::Problem)))]
+pub async fn delete_bucket(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(bucket): Path<String>,
+) -> ApiResult<StatusCode> {
+    let name = BucketName::new(bucket)?;
+    caller.require(&Access::KvAdmin { bucket: &name })?;
+    state.engine().delete_bucket(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `?prefix=`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct PrefixQuery {
+    /// Plain string prefix of the keys wanted (default: all).
+    #[serde(default)]
+    pub prefix: String,
+}
+
+/// `GET /v1/kv/{bucket}/keys?prefix=`: live keys, sorted.
+#[utoipa::path(get, path = "/v1/kv/{bucket}/keys", tag = "kv", params(("bucket" = String, Path), PrefixQuery),
+    responses((status = 200, description = "keys", body = KeyList)))]
+pub async fn keys(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(bucket): Path<String>,
+    Query(q): Query<PrefixQuery>,
+) -> ApiResult<Response> {
+    let name = BucketName::new(bucket)?;
+    caller.require(&Access::KvRead { bucket: &name })?;
+    let keys = state.engine().kv_keys(&name, &q.prefix).await?;
+    Ok(Json(KeyList { keys }).into_response())
+}
+
+async fn get_value(state: &AppState, caller: &Caller, bucket: BucketName, key: &str) -> ApiResult<Response> {
+    let key = Key::new(key)?;
+    caller.require(&Access::KvRead { bucket: &bucket })?;
+    match state.engine().kv_get(&bucket, &key).await? {
+        Some(entry) => {
+            let mut res = entry.value.into_response();
+            let h = res.headers_mut();
+            h.insert(header::ETAG, etag(entry.revision));
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            Ok(res)
+        }
+        None => Err(Error::not_found(format!("key `{key}` not found in bucket `{bucket}`")).into()),
+    }
+}
+
+/// `GET /v1/kv/{bucket}/{key}`: the value; `ETag` is its revision.
+#[utoipa::path(get, path = "/v1/kv/{bucket}/{key}", tag = "kv", params(("bucket" = String, Path), ("key" = String, Path)),
+    responses((status = 200, description = "the value", content_type = "application/octet-stream", body = Vec<u8>,
+        headers(("ETag" = String, description = "quoted revision"))), (status = 404, body = crate::Problem)))]
+pub async fn get_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((bucket, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    get_value(&state, &caller, BucketName::new(bucket)?, &key).await
+}
+
+/// `GET /kv/{key}`: a value of the default bucket.
+#[utoipa::path(get, path = "/kv/{key}", tag = "kv", params(("key" = String, Path)),
+    responses((status = 200, description = "the value", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, body = crate::Problem)))]
+pub async fn get_default(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Response> {
+    let bucket = state.config().default_bucket.clone();
+    get_value(&state, &caller, bucket, &key).await
+}
+
+/// `PUT /v1/kv/{bucket}/{key}`: write; `If-Match` / `If-None-Match: *` for CAS.
+#[utoipa::path(put, path = "/v1/kv/{bucket}/{key}", tag = "kv",
+    params(("bucket" = String, Path), ("key" = String, Path),
+        ("If-Match" = Option<String>, Header, description = "quoted revision: update only at it"),
+        ("If-None-Match" = Option<String>, Header, description = "`*`: create only")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "written", body = Written), (status = 412, body = crate::Problem)))]
+pub async fn put_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((bucket, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let bucket = BucketName::new(bucket)?;
+    let key = Key::new(key)?;
+    caller.require(&Access::KvWrite { bucket: &bucket })?;
+    let expected = if_match(&headers)?;
+    let create_only = if_none_match_star(&headers)?;
+    let engine = state.engine();
+    let rev = match (expected, create_only) {
+        (Some(_), true) => return Err(Error::invalid("use If-Match or If-None-Match, not both").into()),
+        (Some(rev), false) => engine.kv_update(&bucket, &key, body, rev).await?,
+        (None, true) => engine.kv_create(&bucket, &key, body).await?,
+        (None, false) => engine.kv_put(&bucket, &key, body).await?,
+    };
+    let mut res = Json(Written { revision: rev.0 }).into_response();
+    res.headers_mut().insert(header::ETAG, etag(rev));
+    Ok(res)
+}
+
+/// `DELETE /v1/kv/{bucket}/{key}`: write a delete marker (404 if no live value).
+#[utoipa::path(delete, path = "/v1/kv/{bucket}/{key}", tag = "kv", params(("bucket" = String, Path), ("key" = String, Path)),
+    responses((status = 200, description = "deleted; the marker's revision", body = Written), (status = 404, body = crate::Problem)))]
+pub async fn delete_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((bucket, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let bucket = BucketName::new(bucket)?;
+    let key = Key::new(key)?;
+    caller.require(&Access::KvWrite { bucket: &bucket })?;
+    let engine = state.engine();
+    if engine.kv_get(&bucket, &key).await?.is_none() {
+        return Err(Error::not_found(format!("key `{key}` not found in bucket `{bucket}`")).into());
+    }
+    let rev = engine.kv_delete(&bucket, &key).await?;
+    let mut res = Json(Written { revision: rev.0 }).into_response();
+    res.headers_mut().insert(header::ETAG, etag(rev));
+    Ok(res)
+}
+
+/// `GET /v1/kv/{bucket}/{key}/history`: every kept entry, oldest first.
+#[utoipa::path(get, path = "/v1/kv/{bucket}/{key}/history", tag = "kv", params(("bucket" = String, Path), ("key" = String, Path)),
+    responses((status = 200, description = "entries as envelopes", body = History), (status = 404, body = crate::Problem)))]
+pub async fn history(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((bucket, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let bucket = BucketName::new(bucket)?;
+    let key = Key::new(key)?;
+    caller.require(&Access::KvRead { bucket: &bucket })?;
+    let entries = state.engine().kv_history(&bucket, &key).await?;
+    if entries.is_empty() {
+        return Err(Error::not_found(format!("key `{key}` has no history in bucket `{bucket}`")).into());
+    }
+    let mut body = Vec::from(&b"{\"entries\":["[..]);
+    for (i, e) in entries.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&crate::envelope::kv_entry(e));
+    }
+    body.extend_from_slice(b"]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}

@@ -1,0 +1,99 @@
+//! finmesh-gateway: the HTTP face of finmesh. [`app`] builds the axum
+//! [`Router`] for an [`AppState`] (an `Arc<dyn Engine>`, an
+//! [`Authenticator`](finmesh_auth::Authenticator) and a [`GatewayConfig`]);
+//! the binary's `serve` binds it to sockets, TLS and signals.
+//!
+//! Read in this order:
+//! 1. [`state`]: the shared state, configuration and the drain signal;
+//! 2. [`problem`]: every error as `application/problem+json`;
+//! 3. [`caller`]: authentication middleware, per-route access, the route table;
+//! 4. [`kv`], [`streams`], [`consumers`]: the request/response routes;
+//! 5. [`envelope`], [`subscribe`], [`sse`], [`ws`]: subscriptions, from the
+//!    JSON envelope through the bounded per-subscriber queue to the wire;
+//! 6. [`limits`], [`metrics`], [`ops`], [`openapi`], [`schema`]: limits,
+//!    observability, health and the OpenAPI document with its response types.
+//!
+//! The gateway holds no state that is not in the engine except connections
+//! and counters, and it never asks which engine it runs on.
+
+pub mod caller;
+pub mod consumers;
+pub mod envelope;
+pub mod kv;
+pub mod limits;
+pub mod metrics;
+pub mod openapi;
+pub mod ops;
+pub mod problem;
+pub mod schema;
+pub mod sse;
+pub mod state;
+pub mod streams;
+pub mod subscribe;
+pub mod ws;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
+use axum::routing::{get, post};
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::catch_panic::CatchPanicLayer;
+
+pub use caller::{Caller, Need, ROUTE_ACCESS};
+pub use problem::{ApiError, PROBLEM_BASE, Problem};
+pub use state::{AppState, GatewayConfig, Limits, Rate, SubscriptionConfig};
+
+/// The whole API as a router (every route of `docs/api.md` but `/oauth/token`).
+pub fn app(state: AppState) -> Router {
+    let limits = state.config().limits.clone();
+
+    // Request/response routes: bounded by the request timeout.
+    let unary = Router::new()
+        .route("/v1/kv", get(kv::list_buckets))
+        .route("/v1/kv/{bucket}", get(kv::get_bucket).put(kv::put_bucket).delete(kv::delete_bucket))
+        .route("/v1/kv/{bucket}/keys", get(kv::keys))
+        .route("/v1/kv/{bucket}/{key}", get(kv::get_key).put(kv::put_key).delete(kv::delete_key))
+        .route("/v1/kv/{bucket}/{key}/history", get(kv::history))
+        .route("/kv/{key}", get(kv::get_default))
+        .route("/v1/streams", get(streams::list_streams))
+        .route("/v1/streams/{stream}", get(streams::get_stream).put(streams::put_stream).delete(streams::delete_stream))
+        .route("/v1/streams/{stream}/messages", get(streams::read).post(streams::publish))
+        .route("/v1/streams/{stream}/consumers", get(consumers::list))
+        .route(
+            "/v1/streams/{stream}/consumers/{name}",
+            get(consumers::get).put(consumers::put).delete(consumers::delete),
+        )
+        .route("/v1/streams/{stream}/consumers/{name}/fetch", post(consumers::fetch))
+        .route("/v1/streams/{stream}/consumers/{name}/ack", post(consumers::ack))
+        .route("/v1/subscribers", get(ops::subscribers))
+        .layer(ServiceBuilder::new().layer(HandleErrorLayer::new(limits::layer_error)).timeout(limits.request_timeout));
+
+    // Subscriptions live as long as the client keeps them: no timeout.
+    let streaming = Router::new()
+        .route("/v1/kv/{bucket}/watch", get(sse::watch))
+        .route("/v1/streams/{stream}/events", get(sse::events))
+        .route("/v1/streams/{stream}/ws", get(ws::ws));
+
+    let api = unary.merge(streaming).route_layer(middleware::from_fn_with_state(state.clone(), caller::authenticate));
+
+    let public = Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(openapi::serve));
+
+    api.merge(public)
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(middleware::from_fn(metrics::track))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(limits::layer_error))
+                .load_shed()
+                .layer(GlobalConcurrencyLimitLayer::new(limits.max_concurrent_requests.max(1))),
+        )
+        .layer(middleware::from_fn(problem::problem_fallback))
+        .layer(CatchPanicLayer::custom(problem::panic_response))
+        .with_state(state)
+}

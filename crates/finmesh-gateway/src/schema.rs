@@ -1,0 +1,152 @@
+//! Response bodies the gateway owns, typed so the OpenAPI document
+//! describes them exactly. Handlers serialize these types (or, for
+//! envelopes built as bytes on hot paths, documents shaped like
+//! [`Envelope`], [`KvEnvelope`] and [`Delivery`]).
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// `{"buckets": [...]}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BucketList {
+    /// Bucket names, sorted.
+    #[schema(value_type = Vec<String>)]
+    pub buckets: Vec<finmesh_core::BucketName>,
+}
+
+/// `{"streams": [...]}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StreamList {
+    /// Stream names, sorted.
+    #[schema(value_type = Vec<String>)]
+    pub streams: Vec<finmesh_core::StreamName>,
+}
+
+/// `{"consumers": [...]}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConsumerList {
+    /// Consumer names, sorted.
+    #[schema(value_type = Vec<String>)]
+    pub consumers: Vec<finmesh_core::ConsumerName>,
+}
+
+/// `{"keys": [...]}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyList {
+    /// Live keys, sorted.
+    #[schema(value_type = Vec<String>)]
+    pub keys: Vec<finmesh_core::Key>,
+}
+
+/// The revision a KV write (or delete marker) got.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Written {
+    /// Bucket-wide revision.
+    pub revision: u64,
+}
+
+/// The ack of one published message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ack {
+    /// Its stream sequence (for a duplicate: the original's).
+    pub seq: u64,
+    /// The message id was seen within the duplicate window; nothing stored.
+    pub duplicate: bool,
+}
+
+impl From<&finmesh_core::PubAck> for Ack {
+    fn from(a: &finmesh_core::PubAck) -> Self {
+        Ack { seq: a.seq.0, duplicate: a.duplicate }
+    }
+}
+
+/// The acks of a batch, in line order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Acks {
+    /// One ack per message.
+    pub acks: Vec<Ack>,
+}
+
+/// `{"status": "ok" | "ready"}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Status {
+    /// `ok` (healthz) or `ready` (readyz).
+    pub status: &'static str,
+}
+
+/// A stream message as sent to clients (see `crate::envelope`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Envelope {
+    /// Stream sequence.
+    pub seq: u64,
+    /// Subject.
+    pub subject: String,
+    /// RFC 3339 UTC time the stream stored it.
+    pub time: String,
+    /// Headers (omitted when none); a repeated name maps to an array.
+    #[schema(value_type = Option<Object>)]
+    pub headers: Option<serde_json::Value>,
+    /// The payload: inline JSON, or a base64 string when `encoding` is set.
+    pub payload: serde_json::Value,
+    /// `base64` when the payload is not JSON.
+    pub encoding: Option<String>,
+}
+
+/// A KV entry as sent by watch and history.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KvEnvelope {
+    /// Bucket-wide revision.
+    pub revision: u64,
+    /// Key.
+    pub key: String,
+    /// `put`, `delete` or `purge`.
+    pub op: String,
+    /// RFC 3339 UTC time of the revision.
+    pub time: String,
+    /// The value (absent on markers): inline JSON or base64.
+    pub payload: Option<serde_json::Value>,
+    /// `base64` when the value is not JSON.
+    pub encoding: Option<String>,
+}
+
+/// `{"entries": [...]}`, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct History {
+    /// Every kept entry of the key, markers included.
+    pub entries: Vec<KvEnvelope>,
+}
+
+/// A delivery of a durable consumer: an envelope plus ack data.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Delivery {
+    /// The message.
+    #[serde(flatten)]
+    pub message: Envelope,
+    /// 1 on first delivery, then 2, 3, …
+    pub delivery_count: u32,
+    /// Pass back to `.../ack`.
+    pub token: String,
+}
+
+/// `{"messages": [...]}` of a fetch.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Fetched {
+    /// Deliveries, due redeliveries first.
+    pub messages: Vec<Delivery>,
+}
+
+/// A rate as reported by `/v1/subscribers`.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+pub struct RateInfo {
+    /// Sustained requests per second.
+    pub per_second: u32,
+    /// Burst allowance.
+    pub burst: u32,
+}
+
+/// `{"subscribers": [...]}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubscriberList {
+    /// Connected subscribers, by id.
+    pub subscribers: Vec<crate::subscribe::SubscriberInfo>,
+}

@@ -1,0 +1,195 @@
+//! Server-Sent Events: `GET /v1/streams/{stream}/events` and
+//! `GET /v1/kv/{bucket}/watch`.
+//!
+//! Wire format (see `docs/api.md`):
+//! - the first event carries only the `retry:` hint;
+//! - a message is `id: <seq>` + `data: <envelope>` (revision for watch);
+//! - `event: gap` (`id:` = last missing sequence) with `{"from","to"}` when
+//!   history the client asked for is gone;
+//! - the last event says why the stream ends: `event: lagged`
+//!   (`{"last_seq"}`, the subscriber fell behind), `event: reconnect`
+//!   (`{"last_seq"}` + `retry:`, the gateway drains), `event: error` (a
+//!   problem document) or `event: end`;
+//! - a comment line (`: heartbeat`) every heartbeat interval while idle.
+//!
+//! Resume rules: `Last-Event-ID: N` resumes *after* N (first sequence sent is
+//! N+1); `from_seq=N` names the *first* sequence wanted (`0` = the first
+//! stored); `Last-Event-ID` wins when both are given; with neither, only new
+//! messages are sent. Watch: `from_revision=N` is the first revision wanted;
+//! with neither, the latest entry of every matching key, then changes.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use finmesh_auth::Access;
+use finmesh_core::{BoxStream, BucketName, Error, Result, Seq, StreamName, SubjectPattern, TailEvent, WatchStart};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::AppState;
+use crate::caller::Caller;
+use crate::problem::ApiResult;
+use crate::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
+
+/// `?subject=&from_seq=` of a subscription.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct SubscribeQuery {
+    /// Subject filter (wildcards allowed; default: every subject).
+    pub subject: Option<String>,
+    /// First sequence wanted (`0` = first stored; default: only new).
+    pub from_seq: Option<u64>,
+}
+
+/// `?prefix=&from_revision=` of a watch.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct WatchQuery {
+    /// Key prefix (default: all keys).
+    #[serde(default)]
+    pub prefix: String,
+    /// First revision wanted (default: latest values, then changes).
+    pub from_revision: Option<u64>,
+}
+
+/// The sequence after `Last-Event-ID`, if the header is present.
+pub fn after_last_event_id(headers: &HeaderMap) -> Result<Option<u64>> {
+    match headers.get("last-event-id") {
+        None => Ok(None),
+        Some(v) => {
+            let s = v.to_str().unwrap_or("").trim();
+            s.parse::<u64>()
+                .map(|n| Some(n.saturating_add(1)))
+                .map_err(|_| Error::invalid(format!("Last-Event-ID must be a sequence number, got `{s}`")))
+        }
+    }
+}
+
+/// Open a stream tail as a frame source; returns the source and the
+/// sequence the client already has.
+pub async fn stream_source(
+    state: &AppState,
+    stream: &StreamName,
+    filter: Option<SubjectPattern>,
+    first: Option<u64>,
+) -> Result<(BoxStream<Frame>, u64)> {
+    let from = match first {
+        Some(s) => Seq(s),
+        None => state.engine().stream_info(stream).await?.state.last_seq.next(),
+    };
+    let tail = state.engine().tail(stream, from, filter).await?;
+    let source = tail
+        .map(|r| {
+            r.map(|ev| match ev {
+                TailEvent::Message(m) => Frame::Message { id: m.seq.0, data: crate::envelope::message(&m) },
+                TailEvent::Gap { from, to } => Frame::Gap { from: from.0, to: to.0 },
+            })
+        })
+        .boxed();
+    Ok((source, from.0.saturating_sub(1)))
+}
+
+/// `GET /v1/streams/{stream}/events`: an SSE subscription.
+#[utoipa::path(get, path = "/v1/streams/{stream}/events", tag = "streams",
+    params(("stream" = String, Path), SubscribeQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "resume after this sequence")),
+    responses((status = 200, description = "SSE: id = sequence, data = envelope", content_type = "text/event-stream", body = String),
+        (status = 404, body = crate::Problem)))]
+pub async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(stream): Path<String>,
+    Query(q): Query<SubscribeQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let name = StreamName::new(stream)?;
+    let filter = q.subject.map(SubjectPattern::new).transpose()?;
+    caller.require(&Access::StreamSubscribe { stream: &name, filter: filter.as_ref() })?;
+    let first = after_last_event_id(&headers)?.or(q.from_seq);
+    let spec = SubscriberSpec {
+        kind: "sse",
+        identity: caller.subject().to_owned(),
+        resource: name.to_string(),
+        filter: filter.as_ref().map(ToString::to_string),
+    };
+    let (source, resume_after) = stream_source(&state, &name, filter, first).await?;
+    Ok(sse_response(&state, Subscription::spawn(&state, spec, resume_after, source)))
+}
+
+/// `GET /v1/kv/{bucket}/watch`: changes of keys as SSE (deletes included).
+#[utoipa::path(get, path = "/v1/kv/{bucket}/watch", tag = "kv",
+    params(("bucket" = String, Path), WatchQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "resume after this revision")),
+    responses((status = 200, description = "SSE: id = revision, data = KV envelope", content_type = "text/event-stream", body = String),
+        (status = 404, body = crate::Problem)))]
+pub async fn watch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(bucket): Path<String>,
+    Query(q): Query<WatchQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let name = BucketName::new(bucket)?;
+    caller.require(&Access::KvRead { bucket: &name })?;
+    let first = after_last_event_id(&headers)?.or(q.from_revision);
+    let start = match first {
+        Some(r) => WatchStart::FromRevision(finmesh_core::Revision(r.max(1))),
+        None => WatchStart::LatestValues,
+    };
+    let watch = state.engine().kv_watch(&name, &q.prefix, start).await?;
+    let source =
+        watch.map(|r| r.map(|e| Frame::Message { id: e.revision.0, data: crate::envelope::kv_entry(&e) })).boxed();
+    let spec = SubscriberSpec {
+        kind: "watch",
+        identity: caller.subject().to_owned(),
+        resource: name.to_string(),
+        filter: (!q.prefix.is_empty()).then(|| q.prefix.clone()),
+    };
+    let resume_after = first.unwrap_or(1).saturating_sub(1);
+    Ok(sse_response(&state, Subscription::spawn(&state, spec, resume_after, source)))
+}
+
+fn text(data: &[u8]) -> &str {
+    // Envelopes are built from serde_json output and validated JSON: UTF-8.
+    std::str::from_utf8(data).unwrap_or("{}")
+}
+
+/// The SSE event for one item.
+fn event(item: &Item, retry: Duration) -> Event {
+    match item {
+        Item::Frame(Frame::Message { id, data }) => Event::default().id(id.to_string()).data(text(data)),
+        Item::Frame(Frame::Gap { from, to }) => {
+            Event::default().event("gap").id(to.to_string()).data(json!({ "from": from, "to": to }).to_string())
+        }
+        Item::End(End::Lagged { last_sent }) => Event::default().event("lagged").data(
+            json!({ "last_seq": last_sent, "reason": "subscriber fell behind; resume from last_seq" }).to_string(),
+        ),
+        Item::End(End::Reconnect { last_sent }) => Event::default()
+            .event("reconnect")
+            .retry(retry)
+            .data(json!({ "last_seq": last_sent, "reason": "gateway draining; reconnect" }).to_string()),
+        Item::End(End::Failed(p)) => Event::default().event("error").data(serde_json::to_string(p).unwrap_or_default()),
+        Item::End(End::Finished) => Event::default().event("end").data("{}"),
+    }
+}
+
+/// Serve a subscription as `text/event-stream`.
+pub fn sse_response(state: &AppState, sub: Subscription) -> Response {
+    let cfg = &state.config().subscriptions;
+    let retry = cfg.retry;
+    let hello = futures::stream::once(async move { Ok::<_, Infallible>(Event::default().retry(retry)) });
+    let items = futures::stream::unfold(Some(sub), move |sub| async move {
+        let mut sub = sub?;
+        let item = sub.next().await?;
+        let ev = event(&item, retry);
+        let next = match item {
+            Item::End(_) => None,
+            Item::Frame(_) => Some(sub),
+        };
+        Some((Ok::<_, Infallible>(ev), next))
+    });
+    Sse::new(hello.chain(items)).keep_alive(KeepAlive::new().interval(cfg.heartbeat).text("heartbeat")).into_response()
+}

@@ -1,0 +1,184 @@
+//! The gateway's shared state ([`AppState`]) and its configuration
+//! ([`GatewayConfig`], [`Limits`], [`SubscriptionConfig`]).
+//!
+//! Invariants:
+//! - the gateway holds an `Arc<dyn Engine>` and never asks which engine it is;
+//! - `AppState` is cheap to clone (one `Arc`); nothing in it is locked across
+//!   an await;
+//! - the drain signal only goes one way: once [`AppState::begin_drain`] is
+//!   called, `/readyz` fails and every subscription ends with a `reconnect`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use finmesh_auth::Authenticator;
+use finmesh_core::{BucketName, Engine};
+use tokio_util::sync::CancellationToken;
+
+use crate::limits::RateLimiter;
+use crate::metrics::Metrics;
+use crate::subscribe::Subscribers;
+
+/// A sustained request rate with a burst allowance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Requests per second, sustained (at least 1).
+    pub per_second: u32,
+    /// Requests allowed at once above the sustained rate (at least 1).
+    pub burst: u32,
+}
+
+/// Request limits, applied as tower layers around the API routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request body accepted (413 above it). Default 9 MiB: an
+    /// 8 MiB value or message plus room for an NDJSON envelope.
+    pub max_body_bytes: usize,
+    /// Deadline of a request that is not a subscription (SSE, WebSocket);
+    /// 504 after it. Default 30 s.
+    pub request_timeout: Duration,
+    /// Requests handled at once; above it requests are shed with 503 and
+    /// `Retry-After` instead of queueing. Default 1024.
+    pub max_concurrent_requests: usize,
+    /// Default per-client rate (keyed by the token's `sub`); `None` = no
+    /// limit. Default 1000/s with a burst of 2000.
+    pub rate: Option<Rate>,
+    /// Per-subject rates that replace the default.
+    pub rate_overrides: HashMap<String, Rate>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 9 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 1024,
+            rate: Some(Rate { per_second: 1000, burst: 2000 }),
+            rate_overrides: HashMap::new(),
+        }
+    }
+}
+
+/// Settings of SSE and WebSocket subscriptions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionConfig {
+    /// A comment line (`:`) or WebSocket ping is sent this often when idle.
+    /// Default 15 s.
+    pub heartbeat: Duration,
+    /// The `retry:` hint sent to SSE clients. Default 2 s.
+    pub retry: Duration,
+    /// Frames buffered per subscriber. Default 1024.
+    pub queue_capacity: usize,
+    /// A subscriber whose queue stays full this long is cut off with
+    /// `lagged`. Default 5 s.
+    pub stall_timeout: Duration,
+}
+
+impl Default for SubscriptionConfig {
+    fn default() -> Self {
+        SubscriptionConfig {
+            heartbeat: Duration::from_secs(15),
+            retry: Duration::from_secs(2),
+            queue_capacity: 1024,
+            stall_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything configurable about the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// The bucket `GET /kv/{key}` serves. Default `default`.
+    pub default_bucket: BucketName,
+    /// Request limits.
+    pub limits: Limits,
+    /// Subscription settings.
+    pub subscriptions: SubscriptionConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            default_bucket: BucketName::new("default").expect("`default` is a valid bucket name"),
+            limits: Limits::default(),
+            subscriptions: SubscriptionConfig::default(),
+        }
+    }
+}
+
+/// The state every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    /// The engine; the gateway never knows which one.
+    pub engine: Arc<dyn Engine>,
+    /// Verifies bearer tokens.
+    pub auth: Authenticator,
+    /// Configuration, fixed for the state's life.
+    pub config: GatewayConfig,
+    /// Cancelled by `begin_drain`; every subscription selects on it.
+    pub drain: CancellationToken,
+    /// Connected SSE/WS subscribers (for `/v1/subscribers`).
+    pub subscribers: Subscribers,
+    /// Per-client rate limits.
+    pub rate: RateLimiter,
+    /// Prometheus handles.
+    pub metrics: Metrics,
+}
+
+impl AppState {
+    /// State for `engine`, verifying tokens with `auth`.
+    pub fn new(engine: Arc<dyn Engine>, auth: Authenticator, config: GatewayConfig) -> Self {
+        let rate = RateLimiter::new(config.limits.rate, &config.limits.rate_overrides);
+        AppState {
+            inner: Arc::new(Inner {
+                engine,
+                auth,
+                config,
+                drain: CancellationToken::new(),
+                subscribers: Subscribers::default(),
+                rate,
+                metrics: Metrics::global(),
+            }),
+        }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.inner.engine
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.inner.config
+    }
+
+    /// Start draining: `/readyz` answers 503 from now on and every SSE/WS
+    /// subscriber receives `reconnect` and its stream ends, so a graceful
+    /// server shutdown can finish. Idempotent.
+    pub fn begin_drain(&self) {
+        if !self.inner.drain.is_cancelled() {
+            tracing::info!("gateway draining: subscribers are told to reconnect");
+        }
+        self.inner.drain.cancel();
+    }
+
+    /// Whether [`begin_drain`](Self::begin_drain) was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.drain.is_cancelled()
+    }
+
+    /// A token cancelled when draining starts (for the server's own shutdown wiring).
+    pub fn drain_token(&self) -> CancellationToken {
+        self.inner.drain.clone()
+    }
+
+    /// Number of connected SSE/WebSocket subscribers.
+    pub fn subscriber_count(&self) -> usize {
+        self.inner.subscribers.len()
+    }
+}

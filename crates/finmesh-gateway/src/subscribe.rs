@@ -1,0 +1,367 @@
+//! One subscriber's bounded queue, and the registry of connected
+//! subscribers behind `GET /v1/subscribers`.
+//!
+//! Shape (the seam a shared fan-out hub will slot into):
+//! [`Subscription::open`] registers a subscriber and returns its bounded
+//! queue's two ends: the [`Subscription`] the connection (SSE or WebSocket)
+//! reads with [`Subscription::next`], and a [`QueueWriter`] a source fills.
+//! Today [`Subscription::spawn`] gives every subscriber its own source (one
+//! engine tail or KV watch) and a feeder task; a hub will instead keep one
+//! source per (stream, filter) and `try_push` the same shared frames into
+//! many writers. The connection side stays as it is.
+//!
+//! Invariants:
+//! - the queue is bounded ([`SubscriptionConfig::queue_capacity`](crate::SubscriptionConfig)).
+//!   The feeder waits for room at most
+//!   [`SubscriptionConfig::stall_timeout`](crate::SubscriptionConfig): a
+//!   reader that keeps moving paces its own engine tail (history replays at
+//!   the reader's speed), one whose queue stays full that long is marked
+//!   `lagged` and its feeder stops. The source is this subscriber's own, so
+//!   waiting never slows anyone else (a shared hub must not wait at all).
+//!   The connection still delivers what is queued, then ends with `lagged`
+//!   and the last sequence it really sent, from which the client resumes;
+//! - drain wins over queued frames: once draining starts, the next item a
+//!   connection reads is the `reconnect` end;
+//! - a subscription is in the registry exactly while its value lives.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use finmesh_core::{BoxStream, Timestamp};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::AppState;
+use crate::problem::Problem;
+
+/// One encoded item for a subscriber.
+#[derive(Debug, Clone)]
+pub enum Frame {
+    /// A message (or KV entry): its sequence (revision) and JSON envelope.
+    Message {
+        /// Sequence or revision: the SSE `id:`.
+        id: u64,
+        /// The envelope (see [`crate::envelope`]).
+        data: Bytes,
+    },
+    /// Sequences `from..=to` are gone and will not be delivered.
+    Gap {
+        /// First missing sequence.
+        from: u64,
+        /// Last missing sequence.
+        to: u64,
+    },
+}
+
+/// Why a subscription ended.
+#[derive(Debug, Clone)]
+pub enum End {
+    /// The subscriber fell `queue_capacity` frames behind.
+    Lagged {
+        /// Last sequence delivered to it.
+        last_sent: u64,
+    },
+    /// The gateway is draining; reconnect (elsewhere) and resume.
+    Reconnect {
+        /// Last sequence delivered to it.
+        last_sent: u64,
+    },
+    /// The source failed (stream deleted, engine unavailable).
+    Failed(Box<Problem>),
+    /// The source ended.
+    Finished,
+}
+
+/// What [`Subscription::next`] yields.
+#[derive(Debug, Clone)]
+pub enum Item {
+    /// Send this frame.
+    Frame(Frame),
+    /// Send the closing event; nothing follows.
+    End(End),
+}
+
+/// Who subscribes to what (for the registry and logs).
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriberSpec {
+    /// `sse`, `ws` or `watch`.
+    pub kind: &'static str,
+    /// The principal's subject.
+    pub identity: String,
+    /// Stream (or bucket, for `watch`) name.
+    pub resource: String,
+    /// Subject filter (key prefix for `watch`), if any.
+    pub filter: Option<String>,
+}
+
+struct Entry {
+    spec: SubscriberSpec,
+    connected: Timestamp,
+    last_sent: AtomicU64,
+    sent: AtomicU64,
+    /// Frames in the queue: +1 by the feeder per frame queued, -1 per frame read.
+    queued: AtomicU64,
+    /// Set by the feeder when it stops on its own (lag, failure, end).
+    end: Mutex<Option<End>>,
+    /// Set when the feeder cut the subscriber off for lagging.
+    lagged: AtomicBool,
+}
+
+/// A snapshot of one subscriber, as `GET /v1/subscribers` reports it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SubscriberInfo {
+    /// Registry id.
+    pub id: u64,
+    /// `sse`, `ws` or `watch`.
+    pub kind: &'static str,
+    /// The principal's subject.
+    pub identity: String,
+    /// Stream or bucket.
+    pub resource: String,
+    /// Subject filter or key prefix.
+    pub filter: Option<String>,
+    /// RFC 3339 time of connection.
+    pub connected: String,
+    /// Last sequence (revision) sent.
+    pub last_seq: u64,
+    /// Frames sent so far.
+    pub sent: u64,
+    /// Frames waiting in its queue.
+    pub queued: u64,
+    /// Cut off for falling behind (it still receives what is queued).
+    pub lagged: bool,
+    /// Sequences stored but not yet sent (filled in by the handler).
+    pub lag: Option<u64>,
+    /// The identity's rate limit (filled in by the handler).
+    pub rate_limit: Option<crate::schema::RateInfo>,
+}
+
+/// The registry of connected subscribers. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Subscribers {
+    next_id: Arc<AtomicU64>,
+    map: Arc<Mutex<HashMap<u64, Arc<Entry>>>>,
+}
+
+impl Subscribers {
+    /// Number of connected subscribers.
+    pub fn len(&self) -> usize {
+        self.map.lock().len()
+    }
+
+    /// Whether nobody is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Snapshots of every subscriber, by id.
+    pub fn snapshot(&self) -> Vec<SubscriberInfo> {
+        let entries: Vec<(u64, Arc<Entry>)> = self.map.lock().iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mut out: Vec<SubscriberInfo> = entries
+            .into_iter()
+            .map(|(id, e)| SubscriberInfo {
+                id,
+                kind: e.spec.kind,
+                identity: e.spec.identity.clone(),
+                resource: e.spec.resource.clone(),
+                filter: e.spec.filter.clone(),
+                connected: crate::envelope::rfc3339(e.connected),
+                last_seq: e.last_sent.load(Ordering::Relaxed),
+                sent: e.sent.load(Ordering::Relaxed),
+                queued: e.queued.load(Ordering::Relaxed),
+                lagged: e.lagged.load(Ordering::Relaxed),
+                lag: None,
+                rate_limit: None,
+            })
+            .collect();
+        out.sort_by_key(|s| s.id);
+        out
+    }
+}
+
+/// One subscriber's end of its queue. Dropping it unregisters it and stops its feeder.
+pub struct Subscription {
+    id: u64,
+    rx: mpsc::Receiver<Frame>,
+    entry: Arc<Entry>,
+    registry: Subscribers,
+    drain: CancellationToken,
+    /// The per-subscriber feeder, when [`Subscription::spawn`] started one.
+    feeder: Option<tokio::task::JoinHandle<()>>,
+    done: bool,
+}
+
+/// The writing end of one subscriber's queue: what a source holds (the
+/// per-subscriber feeder today, a shared fan-out hub later). Dropping it
+/// without [`finish`](QueueWriter::finish) ends the subscription with `end` (`Finished`).
+pub struct QueueWriter {
+    tx: mpsc::Sender<Frame>,
+    entry: Arc<Entry>,
+}
+
+impl QueueWriter {
+    /// Queue `frame` if there is room now; gives it back when the queue is
+    /// full or the subscriber is gone. A hub calls this and, on a full
+    /// queue, [`lagged`](QueueWriter::lagged).
+    pub fn try_push(&self, frame: Frame) -> Result<(), Frame> {
+        self.entry.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx.try_send(frame).map_err(|e| {
+            self.entry.queued.fetch_sub(1, Ordering::Relaxed);
+            e.into_inner()
+        })
+    }
+
+    /// Queue `frame`, waiting up to `stall` for room. `Ok(false)`: the
+    /// subscriber is gone; `Err(())`: the queue stayed full.
+    pub async fn push(&self, frame: Frame, stall: Duration) -> Result<bool, ()> {
+        match tokio::time::timeout(stall, self.tx.reserve()).await {
+            Ok(Ok(permit)) => {
+                self.entry.queued.fetch_add(1, Ordering::Relaxed);
+                permit.send(frame);
+                Ok(true)
+            }
+            Ok(Err(_closed)) => Ok(false),
+            Err(_elapsed) => Err(()),
+        }
+    }
+
+    /// Whether the subscriber went away.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Resolves when the subscriber goes away.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+
+    /// Cut the subscriber off for falling behind: it gets what is queued,
+    /// then `lagged` with the last sequence it received.
+    pub fn lagged(self) {
+        self.entry.lagged.store(true, Ordering::Relaxed);
+        crate::metrics::lagged();
+        tracing::info!(identity = %self.entry.spec.identity, resource = %self.entry.spec.resource, "subscriber lagged; cut off");
+        self.finish(End::Lagged { last_sent: 0 });
+    }
+
+    /// End the subscription with `end` after what is queued.
+    pub fn finish(self, end: End) {
+        *self.entry.end.lock() = Some(end);
+    }
+}
+
+impl Subscription {
+    /// Register a subscriber with an empty bounded queue and return it with
+    /// the queue's writing end. `resume_after` is the sequence the client
+    /// already has (reported as `last_seq` until something newer is sent).
+    pub fn open(state: &AppState, spec: SubscriberSpec, resume_after: u64) -> (Self, QueueWriter) {
+        let capacity = state.config().subscriptions.queue_capacity.max(1);
+        let (tx, rx) = mpsc::channel(capacity);
+        let entry = Arc::new(Entry {
+            spec,
+            connected: Timestamp::now(),
+            last_sent: AtomicU64::new(resume_after),
+            sent: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            end: Mutex::new(None),
+            lagged: AtomicBool::new(false),
+        });
+        let registry = state.inner.subscribers.clone();
+        let id = registry.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        registry.map.lock().insert(id, entry.clone());
+        crate::metrics::subscription(entry.spec.kind, 1.0);
+        let sub = Subscription {
+            id,
+            rx,
+            entry: entry.clone(),
+            registry,
+            drain: state.drain_token(),
+            feeder: None,
+            done: false,
+        };
+        (sub, QueueWriter { tx, entry })
+    }
+
+    /// [`open`](Subscription::open) a subscriber and start a feeder task that
+    /// copies its own `source` into the queue (see the module doc for pacing).
+    pub fn spawn(state: &AppState, spec: SubscriberSpec, resume_after: u64, source: BoxStream<Frame>) -> Self {
+        let (mut sub, writer) = Self::open(state, spec, resume_after);
+        let stall = state.config().subscriptions.stall_timeout;
+        sub.feeder = Some(tokio::spawn(feed(source, writer, stall)));
+        sub
+    }
+
+    /// The next frame, or the end (once), then `None`.
+    pub async fn next(&mut self) -> Option<Item> {
+        if self.done {
+            return None;
+        }
+        let last_sent = || self.entry.last_sent.load(Ordering::Relaxed);
+        tokio::select! {
+            biased;
+            () = self.drain.cancelled() => {
+                self.done = true;
+                Some(Item::End(End::Reconnect { last_sent: last_sent() }))
+            }
+            frame = self.rx.recv() => match frame {
+                Some(frame) => {
+                    let seq = match &frame {
+                        Frame::Message { id, .. } => *id,
+                        Frame::Gap { to, .. } => *to,
+                    };
+                    self.entry.last_sent.store(seq, Ordering::Relaxed);
+                    self.entry.sent.fetch_add(1, Ordering::Relaxed);
+                    self.entry.queued.fetch_sub(1, Ordering::Relaxed);
+                    Some(Item::Frame(frame))
+                }
+                None => {
+                    self.done = true;
+                    let end = match self.entry.end.lock().take() {
+                        Some(End::Lagged { .. }) => End::Lagged { last_sent: last_sent() },
+                        Some(other) => other,
+                        None => End::Finished,
+                    };
+                    Some(Item::End(end))
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(feeder) = &self.feeder {
+            feeder.abort();
+        }
+        self.registry.map.lock().remove(&self.id);
+        crate::metrics::subscription(self.entry.spec.kind, -1.0);
+    }
+}
+
+/// Copy `source` into the queue until the subscriber goes, lags, or the source ends.
+async fn feed(mut source: BoxStream<Frame>, writer: QueueWriter, stall: Duration) {
+    loop {
+        let item = tokio::select! {
+            () = writer.closed() => return,
+            item = source.next() => item,
+        };
+        match item {
+            None => return writer.finish(End::Finished),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, resource = %writer.entry.spec.resource, "subscription source failed");
+                return writer.finish(End::Failed(Box::new(Problem::from_error(&e))));
+            }
+            Some(Ok(frame)) => match writer.push(frame, stall).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(()) => return writer.lagged(),
+            },
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! WebSocket subscription: `GET /v1/streams/{stream}/ws?subject=&from_seq=`.
+//!
+//! Carries the same envelopes as SSE, one per text frame. Control events are
+//! text frames too, tagged with `"event"`: `{"event":"gap","from","to"}`;
+//! the last one before the close is `{"event":"lagged","last_seq"}` (close
+//! code 1013, try again later), `{"event":"reconnect","last_seq"}` (close
+//! code 1012, service restart: the gateway drains) or `{"event":"error",…}`
+//! (close code 1011). `from_seq` names the first sequence wanted; without it
+//! only new messages are sent. Pings go out every heartbeat interval; client
+//! messages other than close are ignored.
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use finmesh_auth::Access;
+use finmesh_core::{StreamName, SubjectPattern};
+use serde_json::json;
+
+use crate::AppState;
+use crate::caller::Caller;
+use crate::problem::ApiResult;
+use crate::sse::{SubscribeQuery, stream_source};
+use crate::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
+
+/// `GET /v1/streams/{stream}/ws`: upgrade to a WebSocket subscription.
+#[utoipa::path(get, path = "/v1/streams/{stream}/ws", tag = "streams", params(("stream" = String, Path), SubscribeQuery),
+    responses((status = 101, description = "WebSocket: text frames carry envelopes"), (status = 404, body = crate::Problem)))]
+pub async fn ws(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(stream): Path<String>,
+    Query(q): Query<SubscribeQuery>,
+    upgrade: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let name = StreamName::new(stream)?;
+    let filter = q.subject.map(SubjectPattern::new).transpose()?;
+    caller.require(&Access::StreamSubscribe { stream: &name, filter: filter.as_ref() })?;
+    let spec = SubscriberSpec {
+        kind: "ws",
+        identity: caller.subject().to_owned(),
+        resource: name.to_string(),
+        filter: filter.as_ref().map(ToString::to_string),
+    };
+    // Open the tail before upgrading so a missing stream is a 404, not a close.
+    let (source, resume_after) = stream_source(&state, &name, filter, q.from_seq).await?;
+    let sub = Subscription::spawn(&state, spec, resume_after, source);
+    let heartbeat = state.config().subscriptions.heartbeat;
+    Ok(upgrade.on_upgrade(move |socket| serve(socket, sub, heartbeat)))
+}
+
+fn close(code: u16, reason: &str) -> WsMessage {
+    WsMessage::Close(Some(CloseFrame { code, reason: reason.into() }))
+}
+
+/// The frames that end a subscription: a final event and a close frame.
+fn ending(end: &End) -> (String, WsMessage) {
+    match end {
+        End::Lagged { last_sent } => {
+            (json!({ "event": "lagged", "last_seq": last_sent }).to_string(), close(1013, "lagged"))
+        }
+        End::Reconnect { last_sent } => {
+            (json!({ "event": "reconnect", "last_seq": last_sent }).to_string(), close(1012, "draining; reconnect"))
+        }
+        End::Failed(p) => (json!({ "event": "error", "problem": p }).to_string(), close(1011, "subscription failed")),
+        End::Finished => (json!({ "event": "end" }).to_string(), close(1000, "end")),
+    }
+}
+
+async fn serve(mut socket: WebSocket, mut sub: Subscription, heartbeat: std::time::Duration) {
+    let mut ping = tokio::time::interval(heartbeat);
+    ping.reset();
+    loop {
+        let item = tokio::select! {
+            item = sub.next() => item,
+            incoming = socket.recv() => match incoming {
+                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => continue,
+            },
+            _ = ping.tick() => {
+                if socket.send(WsMessage::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let sent = match item {
+            Some(Item::Frame(Frame::Message { data, .. })) => {
+                // Envelopes are UTF-8 JSON (see `envelope`): no copy.
+                match Utf8Bytes::try_from(data) {
+                    Ok(text) => socket.send(WsMessage::Text(text)).await,
+                    Err(_) => Ok(()),
+                }
+            }
+            Some(Item::Frame(Frame::Gap { from, to })) => {
+                socket.send(WsMessage::Text(json!({ "event": "gap", "from": from, "to": to }).to_string().into())).await
+            }
+            Some(Item::End(end)) => {
+                let (last, close) = ending(&end);
+                let _ = socket.send(WsMessage::Text(last.into())).await;
+                let _ = socket.send(close).await;
+                return;
+            }
+            None => return,
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}

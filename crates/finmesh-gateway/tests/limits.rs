@@ -1,0 +1,110 @@
+//! Limits as layers: body size (413), per-client rate (429 + Retry-After,
+//! with per-subject overrides), load shedding (503 + Retry-After), request
+//! timeout (504), each answered as problem+json.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use finmesh_gateway::{GatewayConfig, Limits, Rate};
+use serde_json::json;
+use support::{Gw, Harness, eventually};
+
+fn limits(f: impl FnOnce(&mut Limits)) -> GatewayConfig {
+    let mut c = GatewayConfig::default();
+    f(&mut c.limits);
+    c
+}
+
+async fn body_limit_is_413<H: Harness>() {
+    let gw = Gw::with_config::<H>(limits(|l| l.max_body_bytes = 1024)).await;
+    gw.put("/v1/kv/b", "").await;
+    assert_eq!(gw.put("/v1/kv/b/k", vec![b'x'; 1024]).await.status, 200);
+    let p = gw.put("/v1/kv/b/k", vec![b'x'; 1025]).await.assert_problem(413, "too-large");
+    assert!(p["detail"].as_str().unwrap().to_lowercase().contains("length limit"), "{p}");
+    // The engine's own value limit is a 413 too.
+    gw.put("/v1/kv/small", json!({"max_value_size": 10}).to_string()).await;
+    gw.put("/v1/kv/small/k", vec![b'x'; 11]).await.assert_problem(413, "too-large");
+}
+
+async fn rate_limit_is_429_per_subject<H: Harness>() {
+    let gw = Gw::with_config::<H>(limits(|l| l.rate = Some(Rate { per_second: 1, burst: 2 }))).await;
+    assert_eq!(gw.get("/v1/streams").await.status, 200);
+    assert_eq!(gw.get("/v1/streams").await.status, 200);
+    let r = gw.get("/v1/streams").await;
+    let p = r.assert_problem(429, "rate-limited");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(p["retry_after"], 1);
+    // Health and metrics are not rate limited.
+    assert_eq!(gw.get("/healthz").await.status, 200);
+
+    // An override for the caller's subject (`anonymous` without auth) replaces the default.
+    let mut overrides = HashMap::new();
+    overrides.insert("anonymous".to_owned(), Rate { per_second: 1000, burst: 50 });
+    let gw = Gw::with_config::<H>(limits(|l| {
+        l.rate = Some(Rate { per_second: 1, burst: 1 });
+        l.rate_overrides = overrides;
+    }))
+    .await;
+    for _ in 0..20 {
+        assert_eq!(gw.get("/v1/streams").await.status, 200);
+    }
+}
+
+async fn overload_is_shed_with_503<H: Harness>() {
+    let gw = Arc::new(Gw::with_config::<H>(limits(|l| l.max_concurrent_requests = 1)).await);
+    gw.stream("J", json!({"subjects": ["j"]})).await;
+    gw.put("/v1/streams/J/consumers/c", "").await;
+    // One long fetch holds the only slot.
+    let holder = {
+        let gw = gw.clone();
+        tokio::spawn(
+            async move { gw.post("/v1/streams/J/consumers/c/fetch", json!({"wait_ms": 10000}).to_string()).await },
+        )
+    };
+    eventually(Duration::from_secs(10), "a request is shed", || async {
+        let r = gw.get("/healthz").await;
+        if r.status == 503 {
+            let p = r.assert_problem(503, "overloaded");
+            assert_eq!(r.header("retry-after"), Some("1"), "{p}");
+            true
+        } else {
+            false
+        }
+    })
+    .await;
+    // Publishing needs a slot too, so release the holder by dropping it.
+    holder.abort();
+    let _ = holder.await;
+    eventually(Duration::from_secs(10), "the slot is free again", || async { gw.get("/healthz").await.status == 200 })
+        .await;
+}
+
+async fn slow_request_times_out_with_504<H: Harness>() {
+    use finmesh_core::{
+        ConsumerConfig, ConsumerName, OutgoingMessage, StreamConfig, StreamName, Subject, SubjectPattern,
+    };
+    let gw = Gw::with_config::<H>(limits(|l| l.request_timeout = Duration::from_millis(200))).await;
+    // Set up through the engine: a create may itself take longer than 200 ms.
+    let engine = gw.state.engine().clone();
+    let name = StreamName::new("J").unwrap();
+    engine.create_stream(StreamConfig::new(name.clone(), vec![SubjectPattern::new("j").unwrap()])).await.unwrap();
+    engine.create_consumer(&name, ConsumerConfig::new(ConsumerName::new("c").unwrap())).await.unwrap();
+    let r = gw.post("/v1/streams/J/consumers/c/fetch", json!({"wait_ms": 5000}).to_string()).await;
+    r.assert_problem(504, "timeout");
+    // Subscriptions are not cut by the request timeout.
+    let mut sse = support::sse_oneshot(&gw, "/v1/streams/J/events", &[]).await;
+    sse.hello().await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // outlive the timeout, on purpose
+    engine.publish(&name, OutgoingMessage::new(Subject::new("j").unwrap(), "1")).await.unwrap();
+    assert_eq!(sse.next(Duration::from_secs(10)).await.unwrap().seq(), 1);
+}
+
+per_engine!(
+    body_limit_is_413,
+    rate_limit_is_429_per_subject,
+    overload_is_shed_with_503,
+    slow_request_times_out_with_504
+);

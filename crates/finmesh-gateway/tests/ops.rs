@@ -1,0 +1,104 @@
+//! Operations: `/healthz`, `/readyz`, `/metrics` (request counts and
+//! latency per route and status, publishes, subscriptions, engine errors),
+//! `/v1/subscribers` (identity, filter, last sequence, lag), the OpenAPI
+//! document (served, checked in, in sync with the route table).
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use finmesh_gateway::{Need, ROUTE_ACCESS};
+use serde_json::json;
+use support::{Gw, Harness, eventually, sse_oneshot};
+
+async fn health_and_metrics<H: Harness>() {
+    let gw = Gw::start::<H>().await;
+    assert_eq!(gw.get("/healthz").await.json(), json!({"status": "ok"}));
+    assert_eq!(gw.get("/readyz").await.json(), json!({"status": "ready"}));
+    gw.stream("MDM", json!({"subjects": ["mdm.>"]})).await;
+    gw.publish_n("MDM", "mdm.a", 3).await;
+    gw.get("/v1/kv/none/k").await.assert_problem(404, "not-found");
+    let mut sse = sse_oneshot(&gw, "/v1/streams/MDM/events", &[]).await;
+    sse.hello().await;
+    let m = gw.get("/metrics").await;
+    assert_eq!(m.status, 200);
+    assert!(m.header("content-type").unwrap().starts_with("text/plain"));
+    let text = m.text();
+    for want in [
+        "finmesh_http_requests_total{method=\"POST\",route=\"/v1/streams/{stream}/messages\",status=\"200\"}",
+        "finmesh_http_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/kv/{bucket}/{key}\",status=\"404\"",
+        "finmesh_publishes_total{stream=\"MDM\"} 3",
+        "finmesh_engine_errors_total{kind=\"not-found\"}",
+        "finmesh_subscriptions_active{kind=\"sse\"}",
+    ] {
+        assert!(text.contains(want), "missing `{want}` in:\n{text}");
+    }
+}
+
+async fn subscribers_listing<H: Harness>() {
+    let gw = Gw::start::<H>().await;
+    gw.stream("MD", json!({"subjects": ["md.>"]})).await;
+    gw.publish_n("MD", "md.a", 5).await;
+    let mut sse = sse_oneshot(&gw, "/v1/streams/MD/events?from_seq=1&subject=md.a", &[]).await;
+    sse.hello().await;
+    for want in 1..=2 {
+        assert_eq!(sse.next(Duration::from_secs(10)).await.unwrap().seq(), want);
+    }
+    eventually(Duration::from_secs(10), "the listing shows last_seq 2", || async {
+        gw.get("/v1/subscribers").await.json()["subscribers"][0]["last_seq"] == 2
+    })
+    .await;
+    let s = gw.get("/v1/subscribers").await.json()["subscribers"][0].clone();
+    assert_eq!(s["kind"], "sse");
+    assert_eq!(s["identity"], "anonymous");
+    assert_eq!(s["resource"], "MD");
+    assert_eq!(s["filter"], "md.a");
+    assert_eq!(s["lag"], 3, "5 stored, 2 sent: {s}");
+    assert_eq!(s["rate_limit"]["per_second"], 1000);
+    drop(sse);
+    eventually(Duration::from_secs(10), "the subscriber is gone", || async {
+        gw.get("/v1/subscribers").await.json()["subscribers"] == json!([])
+    })
+    .await;
+}
+
+/// Path templates of the OpenAPI document, as `METHOD path`.
+fn openapi_routes(doc: &serde_json::Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            out.insert(format!("{} {path}", method.to_uppercase()));
+        }
+    }
+    out
+}
+
+async fn openapi_matches_docs_and_route_table<H: Harness>() {
+    let gw = Gw::start::<H>().await;
+    let served = gw.get("/openapi.json").await;
+    assert_eq!(served.status, 200);
+    let served = served.json();
+    let generated = finmesh_gateway::openapi::openapi_json();
+    assert_eq!(served, serde_json::from_str::<serde_json::Value>(&generated).unwrap());
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+    if std::env::var_os("FINMESH_UPDATE_OPENAPI").is_some() {
+        std::fs::write(path, format!("{generated}\n")).expect("write docs/openapi.json");
+    }
+    let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        checked_in.trim_end() == generated.trim_end(),
+        "docs/openapi.json is out of date: run `FINMESH_UPDATE_OPENAPI=1 cargo test -p finmesh-gateway --test ops`"
+    );
+    assert_eq!(served["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    // Every route of the access table is documented, and nothing else.
+    let table: BTreeSet<String> = ROUTE_ACCESS
+        .iter()
+        .filter(|(_, path, _)| *path != "/openapi.json")
+        .map(|(m, p, _)| format!("{m} {p}"))
+        .collect();
+    assert_eq!(openapi_routes(&served), table);
+    assert!(ROUTE_ACCESS.iter().filter(|r| r.2 == Need::Public).count() == 4);
+}
+
+per_engine!(health_and_metrics, subscribers_listing, openapi_matches_docs_and_route_table);
