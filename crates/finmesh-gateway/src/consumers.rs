@@ -147,15 +147,43 @@ pub async fn fetch(
     Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
 }
 
-/// Body of an ack: `{"token": "...", "kind": "ack" | "nak" | "term" | "in_progress", "delay": ms}`.
+/// How a delivery is acknowledged.
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AckKindName {
+    /// Done; never deliver it again.
+    Ack,
+    /// Failed; deliver it again after `delay` ms (default 0).
+    Nak,
+    /// Give up on it; never deliver again, no dead letter.
+    Term,
+    /// Still working; restart the ack_wait clock.
+    InProgress,
+}
+
+/// Body of an ack.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct AckBody {
     /// The delivery's token.
     pub token: String,
-    /// `ack`, `nak` (with optional `delay` in ms), `term` or `in_progress`.
-    #[serde(flatten)]
-    #[schema(value_type = Object)]
-    pub kind: AckKind,
+    /// What to do with the delivery.
+    pub kind: AckKindName,
+    /// For `nak`: milliseconds before redelivery.
+    #[serde(default)]
+    pub delay: Option<u64>,
+}
+
+impl AckBody {
+    fn kind(&self) -> ApiResult<AckKind> {
+        match (self.kind, self.delay) {
+            (AckKindName::Nak, delay) => Ok(AckKind::Nak { delay: Duration::from_millis(delay.unwrap_or(0)) }),
+            (_, Some(_)) => Err(Error::invalid("`delay` applies to `nak` only").into()),
+            (AckKindName::Ack, None) => Ok(AckKind::Ack),
+            (AckKindName::Term, None) => Ok(AckKind::Term),
+            (AckKindName::InProgress, None) => Ok(AckKind::InProgress),
+        }
+    }
 }
 
 /// `POST .../ack`: acknowledge one delivery.
@@ -171,6 +199,7 @@ pub async fn ack(
     let (stream, name) = names(stream, name)?;
     caller.require(&Access::StreamConsume { stream: &stream })?;
     let req: AckBody = json_body(&body, "")?;
-    state.engine().ack(&stream, &name, &AckToken(req.token), req.kind).await?;
+    let kind = req.kind()?;
+    state.engine().ack(&stream, &name, &AckToken(req.token), kind).await?;
     Ok(StatusCode::NO_CONTENT)
 }
