@@ -41,6 +41,67 @@ pub enum LogFormat {
     Json,
 }
 
+/// A sustained rate with a burst allowance (`[limits.rate]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateSection {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// Request limits (`[limits]`); defaults are the gateway's.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest request body (413 above).
+    pub max_body_bytes: usize,
+    /// Deadline of a request that is not a subscription (504 after).
+    pub request_timeout_ms: u64,
+    /// Requests in flight before shedding with 503 + Retry-After.
+    pub max_concurrent_requests: usize,
+    /// Default per-client rate, keyed by the token's `sub`; absent = none.
+    pub rate: Option<RateSection>,
+    /// Per-subject rates, e.g. `[limits.rate_overrides.pricing-feed]`.
+    pub rate_overrides: std::collections::BTreeMap<String, RateSection>,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let d = finmesh_gateway::Limits::default();
+        Self {
+            max_body_bytes: d.max_body_bytes,
+            request_timeout_ms: d.request_timeout.as_millis() as u64,
+            max_concurrent_requests: d.max_concurrent_requests,
+            rate: d.rate.map(|r| RateSection { per_second: r.per_second, burst: r.burst }),
+            rate_overrides: Default::default(),
+        }
+    }
+}
+
+/// SSE and WebSocket settings (`[subscriptions]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubscriptionsSection {
+    pub heartbeat_ms: u64,
+    pub retry_ms: u64,
+    pub queue_capacity: usize,
+    /// How long a subscriber's full queue may stay full before it is cut off
+    /// with `lagged`.
+    pub stall_timeout_ms: u64,
+}
+
+impl Default for SubscriptionsSection {
+    fn default() -> Self {
+        let d = finmesh_gateway::SubscriptionConfig::default();
+        Self {
+            heartbeat_ms: d.heartbeat.as_millis() as u64,
+            retry_ms: d.retry.as_millis() as u64,
+            queue_capacity: d.queue_capacity,
+            stall_timeout_ms: d.stall_timeout.as_millis() as u64,
+        }
+    }
+}
+
 /// The whole file. Every field has a default, so an empty file is valid.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -61,6 +122,8 @@ pub struct ServeConfig {
     pub nats: Option<NatsEngineOptions>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    pub limits: LimitsSection,
+    pub subscriptions: SubscriptionsSection,
     /// Token verification, issuance and OAuth clients (docs/auth.md).
     /// Without it the node signs its own tokens with a generated secret.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,6 +141,8 @@ impl Default for ServeConfig {
             drain_timeout_ms: 10_000,
             nats: None,
             tls: None,
+            limits: LimitsSection::default(),
+            subscriptions: SubscriptionsSection::default(),
             auth: None,
         }
     }
@@ -210,6 +275,30 @@ impl ServeConfig {
         {
             problem("nats", e.message().to_owned());
         }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_body_bytes", l.max_body_bytes as u64),
+            ("limits.request_timeout_ms", l.request_timeout_ms),
+            ("limits.max_concurrent_requests", l.max_concurrent_requests as u64),
+            ("subscriptions.heartbeat_ms", self.subscriptions.heartbeat_ms),
+            ("subscriptions.retry_ms", self.subscriptions.retry_ms),
+            ("subscriptions.queue_capacity", self.subscriptions.queue_capacity as u64),
+            ("subscriptions.stall_timeout_ms", self.subscriptions.stall_timeout_ms),
+        ] {
+            if value == 0 {
+                problem(key, "must be at least 1".to_owned());
+            }
+        }
+        for (who, rate) in l
+            .rate
+            .iter()
+            .map(|r| ("limits.rate".to_owned(), r))
+            .chain(l.rate_overrides.iter().map(|(sub, r)| (format!("limits.rate_overrides.{sub}"), r)))
+        {
+            if rate.per_second == 0 || rate.burst == 0 {
+                problem(&who, "per_second and burst must be at least 1".to_owned());
+            }
+        }
         if let Some(auth) = &self.auth {
             for message in auth.problems() {
                 problem("auth", message);
@@ -237,9 +326,29 @@ impl ServeConfig {
             .unwrap_or_else(|| AuthConfig::node_secret(self.data_dir.join(finmesh_auth::DEFAULT_SECRET_FILE)))
     }
 
+    /// The gateway's configuration. Call after [`validate`](Self::validate).
+    pub fn gateway(&self) -> anyhow::Result<finmesh_gateway::GatewayConfig> {
+        use finmesh_gateway::{GatewayConfig, Limits, Rate, SubscriptionConfig};
+        let rate = |r: &RateSection| Rate { per_second: r.per_second, burst: r.burst };
+        Ok(GatewayConfig {
+            default_bucket: BucketName::new(self.default_bucket.clone())?,
+            limits: Limits {
+                max_body_bytes: self.limits.max_body_bytes,
+                request_timeout: Duration::from_millis(self.limits.request_timeout_ms),
+                max_concurrent_requests: self.limits.max_concurrent_requests,
+                rate: self.limits.rate.as_ref().map(rate),
+                rate_overrides: self.limits.rate_overrides.iter().map(|(k, v)| (k.clone(), rate(v))).collect(),
+            },
+            subscriptions: SubscriptionConfig {
+                heartbeat: Duration::from_millis(self.subscriptions.heartbeat_ms),
+                retry: Duration::from_millis(self.subscriptions.retry_ms),
+                queue_capacity: self.subscriptions.queue_capacity,
+                stall_timeout: Duration::from_millis(self.subscriptions.stall_timeout_ms),
+            },
+        })
+    }
+
     /// The drain deadline.
-    #[cfg_attr(test, allow(dead_code))]
-    #[cfg_attr(not(test), expect(dead_code, reason = "`serve` lands with the gateway"))]
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
     }

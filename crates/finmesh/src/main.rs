@@ -14,6 +14,7 @@ mod bench;
 mod client;
 mod config;
 mod demo;
+mod serve;
 mod tls;
 mod tokens;
 
@@ -30,14 +31,17 @@ use tracing_subscriber::EnvFilter;
 #[command(name = "finmesh", version, about)]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info`, `finmesh=debug`.
-    #[arg(long, global = true, env = "FINMESH_LOG", default_value = "warn")]
-    log: String,
+    /// [default: `info` for serve, `warn` otherwise]
+    #[arg(long, global = true, env = "FINMESH_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a node: the HTTP API on the configured engine.
+    Serve(serve::ServeArgs),
     /// Open an embedded engine, publish to a `demo` stream and tail it live until Ctrl-C.
     Demo(demo::DemoArgs),
     /// Benchmark the embedded engine against the disk and nats-server, side by side.
@@ -132,15 +136,21 @@ fn main() -> std::process::ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("warn")))
-        .with_writer(std::io::stderr)
-        .init();
     // One TLS crypto provider for the whole process (see CRATES.md); an
     // error only means one is installed already.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    if let Command::Serve(args) = cli.command {
+        // serve sets up logging itself, in the configured format.
+        return serve::run(args, cli.log.as_deref().unwrap_or("info")).await;
+    }
+    let filter = cli.log.as_deref().unwrap_or("warn");
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_writer(std::io::stderr)
+        .init();
 
     match cli.command {
+        Command::Serve(_) => Ok(()),
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::BenchChild(args) => bench::run_child(args).await,

@@ -30,7 +30,6 @@ pub struct TlsConfig {
 }
 
 /// A rustls server configuration for `config`, with ALPN `h2` and `http/1.1`.
-#[cfg_attr(not(test), expect(dead_code, reason = "`serve` lands with the gateway"))]
 pub fn server_config(config: &TlsConfig) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let certs = load_certs(&config.cert)?;

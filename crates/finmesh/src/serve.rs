@@ -1,0 +1,175 @@
+//! `finmesh serve`: configuration → engine → auth → gateway → sockets,
+//! and the drain on SIGTERM/SIGINT.
+//!
+//! Start-up order: load and validate the configuration (every problem at
+//! once), open the engine, set up authentication, bind the listener, then
+//! print `listening on <url>` on standard output (tests and scripts wait for
+//! that line; with `--listen 127.0.0.1:0` it carries the chosen port).
+//!
+//! Authentication, in order of precedence: `--insecure-no-auth` (off, loud
+//! warning); an `[auth]` section; otherwise the node signs its own tokens
+//! with a secret generated under the data dir, and on the start that creates
+//! it prints an admin token once.
+//!
+//! Drain (invariant: an acked write is never lost): on the first SIGTERM or
+//! SIGINT readiness fails at once, every SSE/WebSocket subscriber gets
+//! `reconnect`, the listener stops accepting, in-flight requests get up to
+//! `drain_timeout_ms` to finish, then the engine is closed (the embedded
+//! engine fsyncs) and the process exits 0. A second signal stops at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use finmesh_auth::Authenticator;
+use finmesh_core::Engine;
+use finmesh_embedded::EmbeddedEngine;
+use finmesh_gateway::AppState;
+use finmesh_nats::NatsEngine;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::{ConfigOverrides, EngineKind, LogFormat, ServeConfig};
+
+/// Lifetime of the admin token printed on first start.
+const ADMIN_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
+
+/// Arguments of `finmesh serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigOverrides,
+    /// Turn authentication off: every request acts as an admin. Local
+    /// experiments only.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+}
+
+/// The engine `serve` opened, kept typed so it can be closed properly.
+enum OpenEngine {
+    Embedded(EmbeddedEngine),
+    Nats(NatsEngine),
+}
+
+impl OpenEngine {
+    async fn open(config: &ServeConfig) -> anyhow::Result<Self> {
+        Ok(match config.engine {
+            EngineKind::Embedded => {
+                let dir = &config.data_dir;
+                let engine = tokio::task::block_in_place(|| EmbeddedEngine::open(dir))
+                    .with_context(|| format!("opening the embedded engine in {}", dir.display()))?;
+                OpenEngine::Embedded(engine)
+            }
+            EngineKind::Nats => {
+                let options = config.nats.clone().context("engine = \"nats\" needs a [nats] section")?;
+                OpenEngine::Nats(NatsEngine::connect(options).await.context("connecting to NATS")?)
+            }
+        })
+    }
+
+    fn shared(&self) -> Arc<dyn Engine> {
+        match self {
+            OpenEngine::Embedded(e) => Arc::new(e.clone()),
+            OpenEngine::Nats(e) => Arc::new(e.clone()),
+        }
+    }
+
+    async fn close(self) -> anyhow::Result<()> {
+        match self {
+            OpenEngine::Embedded(e) => e.close().await.context("closing the embedded engine"),
+            OpenEngine::Nats(e) => e.close().await.context("closing the NATS connection"),
+        }
+    }
+}
+
+/// Install the tracing subscriber in the configured format.
+fn init_logging(filter: &str, format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn authenticator(config: &ServeConfig, insecure_no_auth: bool) -> anyhow::Result<Authenticator> {
+    if insecure_no_auth {
+        tracing::warn!("--insecure-no-auth: authentication is OFF, every request acts as an admin");
+        eprintln!("WARNING: --insecure-no-auth: authentication is OFF, every request acts as an admin");
+        return Ok(Authenticator::disabled());
+    }
+    if let Some(auth) = &config.auth {
+        return Authenticator::from_config(auth).context("setting up authentication from [auth]");
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let secret = config.data_dir.join(finmesh_auth::DEFAULT_SECRET_FILE);
+    let node = finmesh_auth::bootstrap_node_auth(&secret, ADMIN_TOKEN_TTL)
+        .with_context(|| format!("setting up the node secret {}", secret.display()))?;
+    if let Some(token) = &node.admin_token {
+        println!("admin token (shown once, valid 30 days): {}", token.token);
+        println!("issue more with: finmesh token issue --sub <who> --scope <scope>");
+    }
+    Ok(node.authenticator)
+}
+
+pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
+    let config = ServeConfig::load(&args.config)?;
+    init_logging(log_filter, config.log_format);
+    let problems = config.validate();
+    if !problems.is_empty() {
+        let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        anyhow::bail!("the configuration has {} problem(s):\n  {}", list.len(), list.join("\n  "));
+    }
+    let listen: SocketAddr = config.listen.parse().context("listen")?;
+    let tls = config.tls.as_ref().map(crate::tls::server_config).transpose()?;
+    let auth = authenticator(&config, args.insecure_no_auth)?;
+    let engine = OpenEngine::open(&config).await?;
+    let state = AppState::new(engine.shared(), auth, config.gateway()?);
+    let app = finmesh_gateway::app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+
+    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    let handle = axum_server::Handle::new();
+    let drain = tokio::spawn(drain_on_signal(state, handle.clone(), config.drain_timeout()));
+
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("listening on {scheme}://{local}");
+    tracing::info!(%local, engine = ?config.engine, tls = tls.is_some(), "finmesh serving");
+    let served = match tls {
+        Some(tls) => {
+            let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
+            axum_server::tls_rustls::from_tcp_rustls(listener, tls)?.handle(handle).serve(app).await
+        }
+        None => axum_server::from_tcp(listener)?.handle(handle).serve(app).await,
+    };
+    drain.abort();
+    let closed = engine.close().await;
+    served.context("serving")?;
+    closed?;
+    tracing::info!("finmesh stopped");
+    Ok(())
+}
+
+/// Wait for SIGTERM/SIGINT, then drain; a second signal stops at once.
+async fn drain_on_signal(state: AppState, handle: axum_server::Handle<SocketAddr>, deadline: Duration) {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; drain on signal is unavailable");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!(deadline_ms = deadline.as_millis() as u64, "signal received: draining");
+    state.begin_drain();
+    handle.graceful_shutdown(Some(deadline));
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: stopping now");
+    handle.shutdown();
+}
