@@ -10,6 +10,19 @@ use super::{Client, follow, segment};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum KvCommand {
+    /// Create (or update) a bucket.
+    Create {
+        bucket: String,
+        /// Values kept per key (1..=64).
+        #[arg(long, default_value_t = 1)]
+        history: u8,
+        /// Time to live of a value, in milliseconds.
+        #[arg(long)]
+        ttl_ms: Option<u64>,
+        /// Largest value in bytes.
+        #[arg(long)]
+        max_value_size: Option<u32>,
+    },
     /// Print a key's value (raw bytes) or, with --json, its entry.
     Get { bucket: String, key: String },
     /// Write a value: from the argument, or stdin when it is `-`.
@@ -120,7 +133,9 @@ pub enum ConsumerCommand {
     Ack {
         stream: String,
         name: String,
-        token: String,
+        /// The delivery's ack token (from fetch).
+        #[arg(value_name = "ACK_TOKEN")]
+        ack_token: String,
         /// ack | nak | term | in_progress
         #[arg(long, default_value = "ack")]
         kind: String,
@@ -147,6 +162,21 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
 
 pub async fn kv(client: &Client, command: KvCommand) -> anyhow::Result<()> {
     match command {
+        KvCommand::Create { bucket, history, ttl_ms, max_value_size } => {
+            let body = json!({"history": history, "ttl": ttl_ms, "max_value_size": max_value_size});
+            let info =
+                client.json(client.request(Method::PUT, &format!("/v1/kv/{}", segment(&bucket))).json(&body)).await?;
+            if client.json {
+                print_json(&info)
+            } else {
+                println!(
+                    "bucket {} (history {})",
+                    info["config"]["name"].as_str().unwrap_or("?"),
+                    info["config"]["history"]
+                );
+                Ok(())
+            }
+        }
         KvCommand::Get { bucket, key } => {
             let path = format!("/v1/kv/{}/{}", segment(&bucket), segment(&key));
             let response = client.send(client.request(Method::GET, &path)).await?;
@@ -197,7 +227,7 @@ pub async fn kv(client: &Client, command: KvCommand) -> anyhow::Result<()> {
             let path = format!("/v1/kv/{}/{}/history", segment(&bucket), segment(&key));
             let value = client.json(client.request(Method::GET, &path)).await?;
             print_list(client, &value, "entries", |e| {
-                Some(format!("{:>8}  {:<7} {}", e["revision"], e["op"].as_str().unwrap_or("?"), e["value"]))
+                Some(format!("{:>8}  {:<7} {}", e["revision"], e["op"].as_str().unwrap_or("?"), e["payload"]))
             })
         }
         KvCommand::Watch { bucket, prefix, from_revision } => {
@@ -298,9 +328,9 @@ pub async fn consumer(client: &Client, command: ConsumerCommand) -> anyhow::Resu
                 ))
             })
         }
-        ConsumerCommand::Ack { stream, name, token, kind, delay_ms } => {
+        ConsumerCommand::Ack { stream, name, ack_token, kind, delay_ms } => {
             let path = format!("/v1/streams/{}/consumers/{}/ack", segment(&stream), segment(&name));
-            let body = json!({"token": token, "kind": kind, "delay_ms": delay_ms});
+            let body = json!({"token": ack_token, "kind": kind, "delay": delay_ms});
             client.send(client.request(Method::POST, &path).json(&body)).await?;
             if !client.json {
                 println!("{kind} sent");

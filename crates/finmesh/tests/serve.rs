@@ -1,0 +1,329 @@
+//! `finmesh serve` as a real process: first-start admin token, TLS with
+//! HTTP/1.1 and HTTP/2, configuration errors, the CLI client against it, and
+//! the drain on SIGTERM with 20 SSE subscribers under a publish load.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A running `finmesh serve`.
+struct Node {
+    child: Child,
+    url: String,
+    admin_token: Option<String>,
+}
+
+impl Node {
+    /// Start serve on a free port; returns once it printed its URL.
+    fn start(data_dir: &Path, extra: &[&str]) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_finmesh"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env_remove("FINMESH_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start finmesh serve");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut admin_token = None;
+        let url = loop {
+            let line = lines.next().expect("serve exited before listening").unwrap();
+            if let Some(token) = line.strip_prefix("admin token (shown once, valid 30 days): ") {
+                admin_token = Some(token.to_owned());
+            }
+            if let Some(url) = line.strip_prefix("listening on ") {
+                break url.to_owned();
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Node { child, url, admin_token }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own, not yet reaped child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, sig) }, 0);
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "serve did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(WAIT).build().unwrap()
+}
+
+#[tokio::test]
+async fn first_start_prints_an_admin_token_once_and_it_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(dir.path(), &[]);
+    let token = node.admin_token.clone().expect("first start prints an admin token");
+    let client = http();
+    let no_token = client.put(format!("{}/v1/kv/cards", node.url)).json(&json!({})).send().await.unwrap();
+    assert_eq!(no_token.status(), 401);
+    assert_eq!(no_token.headers()["content-type"], "application/problem+json");
+    let created = client.put(format!("{}/v1/kv/cards", node.url)).bearer_auth(&token).json(&json!({})).send().await;
+    assert_eq!(created.unwrap().status(), 200);
+    node.signal(libc::SIGTERM);
+    assert!(node.wait_exit().success());
+
+    // The second start keeps the secret: no new token, the old one still works.
+    let node = Node::start(dir.path(), &[]);
+    assert_eq!(node.admin_token, None);
+    let info = client.get(format!("{}/v1/kv/cards", node.url)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(info.status(), 200);
+}
+
+#[tokio::test]
+async fn tls_serves_http1_and_http2_and_refuses_plain_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let status = Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(["certs", "dev", "--out"])
+        .arg(&certs)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (cert, key) = (certs.join("cert.pem"), certs.join("key.pem"));
+    let node = Node::start(
+        &dir.path().join("data"),
+        &["--insecure-no-auth", "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
+    );
+    assert!(node.url.starts_with("https://127.0.0.1:"), "{}", node.url);
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+    let h2 = reqwest::Client::builder().add_root_certificate(ca.clone()).build().unwrap();
+    let response = h2.get(format!("{}/healthz", node.url)).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_2, "ALPN negotiates h2");
+    let h1 = reqwest::Client::builder().add_root_certificate(ca).http1_only().build().unwrap();
+    let response = h1.get(format!("{}/healthz", node.url)).send().await.unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_11);
+    // An untrusting client fails the handshake; plain HTTP gets no answer.
+    assert!(http().get(format!("{}/healthz", node.url)).send().await.is_err());
+    let plain = node.url.replace("https://", "http://");
+    assert!(http().get(format!("{plain}/healthz")).send().await.is_err());
+}
+
+#[test]
+fn a_bad_configuration_lists_every_problem_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("finmesh.toml");
+    std::fs::write(&config, "listen = \"nowhere\"\nengine = \"nats\"\n[limits]\nmax_body_bytes = 0\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_finmesh")).args(["serve", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in ["listen:", "nats:", "limits.max_body_bytes:"] {
+        assert!(stderr.contains(key), "missing {key} in:\n{stderr}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(["config", "check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("3 problem(s)"));
+}
+
+/// Run the CLI client against `node`; returns stdout, failing on exit != 0.
+fn cli(node: &Node, token: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(args)
+        .env("FINMESH_SERVER", &node.url)
+        .env("FINMESH_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn the_cli_client_round_trips_kv_streams_and_consumers() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]);
+    let token = node.admin_token.clone().unwrap();
+    let t = token.as_str();
+    // A missing bucket: the CLI reports the server's problem and exits 1.
+    let out = Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(["kv", "get", "nobucket", "k"])
+        .env("FINMESH_SERVER", &node.url)
+        .env("FINMESH_TOKEN", t)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(HTTP 404)"));
+
+    assert!(cli(&node, t, &["kv", "create", "cards", "--history", "5"]).contains("cards"));
+    assert!(cli(&node, t, &["kv", "put", "cards", "k1", "v1"]).contains("revision 1"));
+    assert_eq!(cli(&node, t, &["kv", "get", "cards", "k1"]), "v1");
+    let conflict = Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(["kv", "put", "cards", "k1", "v2", "--if-revision", "7"])
+        .env("FINMESH_SERVER", &node.url)
+        .env("FINMESH_TOKEN", t)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&conflict.stderr).contains("(HTTP 412)"));
+    assert!(cli(&node, t, &["kv", "keys", "cards"]).contains("k1"));
+
+    cli(&node, t, &["stream", "create", "orders", "--subjects", "orders.>"]);
+    assert!(cli(&node, t, &["stream", "pub", "orders", "orders.eu", "{\"id\":1}", "--msg-id", "a"]).contains("seq 1"));
+    assert!(
+        cli(&node, t, &["stream", "pub", "orders", "orders.eu", "{\"id\":1}", "--msg-id", "a"]).contains("duplicate")
+    );
+    let read = cli(&node, t, &["stream", "read", "orders", "--json"]);
+    let first: Value = serde_json::from_str(read.lines().next().unwrap()).unwrap();
+    assert_eq!((first["seq"].as_u64(), &first["payload"]), (Some(1), &json!({"id": 1})));
+    let info: Value = serde_json::from_str(&cli(&node, t, &["stream", "info", "orders", "--json"])).unwrap();
+    assert_eq!(info["state"]["messages"], 1);
+
+    cli(&node, t, &["consumer", "create", "orders", "billing"]);
+    let fetched: Value =
+        serde_json::from_str(&cli(&node, t, &["consumer", "fetch", "orders", "billing", "--json"])).unwrap();
+    let token_of_delivery = fetched["messages"][0]["token"].as_str().unwrap().to_owned();
+    cli(&node, t, &["consumer", "ack", "orders", "billing", &token_of_delivery]);
+}
+
+/// Read one SSE subscription until `event: reconnect`; returns the ids seen.
+async fn subscribe_until_reconnect(
+    client: reqwest::Client,
+    url: String,
+    token: String,
+    connected: Arc<AtomicBool>,
+) -> (Vec<u64>, bool) {
+    let response = client.get(url).bearer_auth(token).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    connected.store(true, Ordering::Release);
+    let mut body = response.bytes_stream();
+    let (mut text, mut ids) = (String::new(), Vec::new());
+    while let Some(chunk) = body.next().await {
+        let Ok(chunk) = chunk else { break };
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let frame: String = text.drain(..end + 2).collect();
+            if frame.lines().any(|l| l == "event: reconnect") {
+                return (ids, true);
+            }
+            if let Some(id) = frame.lines().find_map(|l| l.strip_prefix("id: ")) {
+                ids.push(id.parse().unwrap());
+            }
+        }
+    }
+    (ids, false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_20_subscribers_and_loses_no_acked_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(dir.path(), &[]);
+    let token = node.admin_token.clone().unwrap();
+    let client = http();
+    let stream = format!("{}/v1/streams/ticks", node.url);
+    let created = client.put(&stream).bearer_auth(&token).json(&json!({"subjects": ["ticks.>"]})).send().await;
+    assert_eq!(created.unwrap().status(), 200);
+
+    let mut subscribers = Vec::new();
+    let mut flags = Vec::new();
+    for _ in 0..20 {
+        let connected = Arc::new(AtomicBool::new(false));
+        flags.push(connected.clone());
+        let url = format!("{stream}/events?from_seq=1");
+        subscribers.push(tokio::spawn(subscribe_until_reconnect(client.clone(), url, token.clone(), connected)));
+    }
+    let deadline = Instant::now() + WAIT;
+    while !flags.iter().all(|f| f.load(Ordering::Acquire)) {
+        assert!(Instant::now() < deadline, "subscribers did not connect");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Publish load from 4 tasks until the server stops answering.
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut publishers = Vec::new();
+    for task in 0..4 {
+        let (client, url, token, acked) =
+            (client.clone(), format!("{stream}/messages"), token.clone(), acked_tx.clone());
+        publishers.push(tokio::spawn(async move {
+            for i in 0u64.. {
+                let payload = format!("{{\"task\":{task},\"i\":{i}}}");
+                let sent = client.post(&url).query(&[("subject", "ticks.x")]).bearer_auth(&token).body(payload.clone());
+                match sent.send().await {
+                    Ok(r) if r.status() == 200 => {
+                        let ack: Value = r.json().await.unwrap();
+                        acked.send((ack["seq"].as_u64().unwrap(), payload)).unwrap();
+                    }
+                    _ => break,
+                }
+            }
+        }));
+    }
+    drop(acked_tx);
+    let mut acked = Vec::new();
+    while acked.len() < 300 {
+        acked.push(acked_rx.recv().await.expect("publishers stopped early"));
+    }
+
+    node.signal(libc::SIGTERM);
+    for s in subscribers {
+        let (ids, reconnect) = tokio::time::timeout(WAIT, s).await.expect("subscriber ended").unwrap();
+        assert!(reconnect, "a subscriber ended without `reconnect` after {} events", ids.len());
+        assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "events in order, no gap or duplicate");
+    }
+    for p in publishers {
+        tokio::time::timeout(WAIT, p).await.expect("publisher stopped").unwrap();
+    }
+    while let Some(a) = acked_rx.recv().await {
+        acked.push(a);
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let status = node.wait_exit();
+        (status, node)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "serve exits 0 after a drain: {:?}", status.0);
+    drop(status.1);
+
+    // Every acked publish is there after a restart, with its payload.
+    let node = Node::start(dir.path(), &[]);
+    let max = acked.iter().map(|(seq, _)| *seq).max().unwrap();
+    let read = client
+        .get(format!("{}/v1/streams/ticks/messages", node.url))
+        .query(&[("from_seq", "1"), ("limit", &max.to_string())])
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let body = read.text().await.unwrap();
+    let stored: std::collections::HashMap<u64, Value> = body
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|m| (m["seq"].as_u64().unwrap(), m["payload"].clone()))
+        .collect();
+    for (seq, payload) in &acked {
+        let want: Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(stored.get(seq), Some(&want), "acked seq {seq} lost or changed");
+    }
+}
