@@ -359,6 +359,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_in_docs_operations_parses() {
+        let doc = include_str!("../../../docs/operations.md");
+        let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let text = &doc[start..start + doc[start..].find("```").unwrap()];
+        let config = ServeConfig::parse(text, Path::new("docs/operations.md")).unwrap();
+        assert_eq!(config.limits.rate_overrides["pricing-feed"].per_second, 20_000);
+        // Only the example's file paths, which do not exist here, are problems.
+        for p in config.validate() {
+            assert!(p.message.contains("/etc/finmesh/") || p.key == "auth", "{p}");
+        }
+    }
+
+    #[test]
     fn an_empty_file_is_the_defaults_and_valid() {
         let config = ServeConfig::parse("", Path::new("x.toml")).unwrap();
         assert_eq!(config, ServeConfig::default());
