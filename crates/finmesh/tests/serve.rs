@@ -327,3 +327,39 @@ async fn sigterm_drains_20_subscribers_and_loses_no_acked_publish() {
         assert_eq!(stored.get(seq), Some(&want), "acked seq {seq} lost or changed");
     }
 }
+
+#[tokio::test]
+async fn a_client_ca_makes_client_certificates_required() {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    // A server pair for localhost, a client CA, and a client certificate it signed.
+    let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (write("cert.pem", server.cert.pem()), write("key.pem", server.signing_key.serialize_pem()));
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = write("ca.pem", ca_cert.pem());
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(vec!["client.example".to_owned()]).unwrap();
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client_params.signed_by(&client_key, &Issuer::new(ca_params, ca_key)).unwrap();
+
+    let node = Node::start(
+        &dir.path().join("data"),
+        &["--insecure-no-auth", "--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &ca],
+    );
+    let trust = reqwest::Certificate::from_pem(server.cert.pem().as_bytes()).unwrap();
+    let anonymous = reqwest::Client::builder().add_root_certificate(trust.clone()).build().unwrap();
+    assert!(anonymous.get(format!("{}/healthz", node.url)).send().await.is_err(), "no client certificate: refused");
+    let identity =
+        reqwest::Identity::from_pem(format!("{}{}", client_cert.pem(), client_key.serialize_pem()).as_bytes());
+    let client = reqwest::Client::builder().add_root_certificate(trust).identity(identity.unwrap()).build().unwrap();
+    let response = client.get(format!("{}/healthz", node.url)).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
