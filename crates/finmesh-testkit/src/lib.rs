@@ -32,9 +32,11 @@ pub mod nats;
 pub mod ports;
 pub mod probe;
 pub mod process;
+pub mod proxy;
 pub mod redis;
 
 pub use error::{Error, Result};
 pub use nats::{ClusterSpec, NatsCluster, NatsConfig, NatsServer, NatsServerBuilder};
 pub use process::ManagedServer;
+pub use proxy::{DelayProxy, DelayProxyBuilder};
 pub use redis::{RedisServer, RedisServerBuilder};
