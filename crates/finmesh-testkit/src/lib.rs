@@ -12,9 +12,10 @@
 //! 2. [`binary`] — how a server binary is found (`FINMESH_*` env var, then `PATH`);
 //! 3. [`process`] — one child process: log file, SIGTERM/SIGKILL, kill on drop;
 //! 4. [`ports`] and [`probe`] — free ports and readiness probes;
-//! 5. [`nats`] — [`NatsServer`] (and [`NatsCluster`]), with a config generator
-//!    that also covers clusters and hub/leaf set-ups;
-//! 6. [`redis`] — [`RedisServer`].
+//! 5. [`nats`] — [`NatsServer`], [`NatsCluster`] and [`HubAndLeaves`] (a hub
+//!    cluster with leaf sites), with a config generator for all of them;
+//! 6. [`proxy`] — [`DelayProxy`], a TCP link with latency, jitter and cuts;
+//! 7. [`redis`] — [`RedisServer`].
 //!
 //! ```no_run
 //! # async fn f() -> finmesh_testkit::Result<()> {
@@ -32,9 +33,14 @@ pub mod nats;
 pub mod ports;
 pub mod probe;
 pub mod process;
+pub mod proxy;
 pub mod redis;
 
 pub use error::{Error, Result};
-pub use nats::{ClusterSpec, NatsCluster, NatsConfig, NatsServer, NatsServerBuilder};
+pub use nats::{
+    ClusterSpec, HUB_DOMAIN, HubAndLeaves, HubAndLeavesBuilder, LeafSite, NatsCluster, NatsConfig, NatsServer,
+    NatsServerBuilder,
+};
 pub use process::ManagedServer;
+pub use proxy::{DelayProxy, DelayProxyBuilder};
 pub use redis::{RedisServer, RedisServerBuilder};

@@ -33,7 +33,7 @@ fn result<'a>(report: &'a Value, id: &str) -> &'a Value {
 
 #[test]
 fn every_scenario_reports_every_run_and_the_ratios() {
-    let report = bench(&["--runs", "2", "--kv-keys", "3000", "--nats-kv-keys", "1000"]);
+    let report = bench(&["--runs", "2", "--kv-keys", "3000", "--nats-kv-keys", "1000", "--mirror-puts", "50"]);
     assert_eq!(report["runs"], 2);
     assert_eq!(report["publish_payload_bytes"], 128);
     assert_eq!(report["kv_value_bytes"], 256);
@@ -55,6 +55,8 @@ fn every_scenario_reports_every_run_and_the_ratios() {
         "embedded.kv.get.2-tasks",
         "nats.kv.put.async-1000",
         "nats.kv.get.1-conn",
+        "nats.mirror.hub-to-leaf.loopback",
+        "nats.mirror.hub-to-leaf.proxy-40ms",
     ];
     for id in rates {
         let r = result(&report, id);
@@ -93,4 +95,23 @@ fn scenario_filter_runs_only_the_chosen_family() {
     assert_eq!(ids, ["disk.fsync.4k"]);
     assert_eq!(report["scenarios"], serde_json::json!(["fsync"]));
     assert!(report["ratios"].as_array().unwrap().is_empty(), "no ratio without both of its figures");
+}
+
+#[test]
+fn mirror_scenario_times_every_put_on_loopback_and_through_the_40ms_proxy() {
+    let report = bench(&["--runs", "1", "--scenario", "nats-mirror", "--mirror-puts", "50"]);
+    assert_eq!(report["scenarios"], serde_json::json!(["nats-mirror"]));
+    assert_eq!(report["mirror_puts"], 50);
+    let loopback = result(&report, "nats.mirror.hub-to-leaf.loopback");
+    let proxied = result(&report, "nats.mirror.hub-to-leaf.proxy-40ms");
+    for r in [loopback, proxied] {
+        assert_eq!(r["unit"], "µs p99");
+        assert_eq!(r["median"], r["p99_us"], "the value is the p99: {r}");
+        let (p50, p99, max) =
+            (r["p50_us"].as_f64().unwrap(), r["p99_us"].as_f64().unwrap(), r["max_us"].as_f64().unwrap());
+        assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{r}");
+    }
+    // Through the proxy every put waits at least its 40 ms one-way delay.
+    assert!(proxied["p50_us"].as_f64().unwrap() >= 40_000.0, "{proxied}");
+    assert!(loopback["p50_us"].as_f64().unwrap() < 40_000.0, "{loopback}");
 }

@@ -7,7 +7,10 @@
 //! - a hub: `jetstream_domain = Some("hub")` and a `leafnode_port` to accept
 //!   leaf connections;
 //! - a leaf: `jetstream_domain = Some("leaf")` and `leafnode_remotes` pointing
-//!   at the hub's leafnode URL (see NATS-NOTES.md for a tested pair).
+//!   at the hub's leafnode URLs (see NATS-NOTES.md for a tested pair, and
+//!   [`super::HubAndLeaves`] for the whole set-up). A hub does not advertise
+//!   its other nodes' leafnode URLs (`no_advertise`), so a leaf connects
+//!   only where its config says, e.g. through a delaying proxy.
 //!
 //! Every listener binds 127.0.0.1 only.
 
@@ -44,8 +47,10 @@ pub struct NatsConfig {
     pub cluster: Option<ClusterSpec>,
     /// Port on which to accept leafnode connections (a hub).
     pub leafnode_port: Option<u16>,
-    /// Leafnode remotes to connect to, e.g. `nats-leaf://127.0.0.1:7422` (a leaf).
-    pub leafnode_remotes: Vec<String>,
+    /// Leafnode remotes (a leaf): one leaf connection each, with the URLs
+    /// it may use, e.g. `[["nats-leaf://127.0.0.1:7422"]]`, or every node of
+    /// a hub cluster in one remote.
+    pub leafnode_remotes: Vec<Vec<String>>,
     /// Extra top-level lines, written verbatim at the end.
     pub extra: Vec<String>,
 }
@@ -96,10 +101,22 @@ impl NatsConfig {
             let _ = writeln!(s, "leafnodes {{");
             if let Some(p) = self.leafnode_port {
                 let _ = writeln!(s, "  listen: \"127.0.0.1:{p}\"");
+                // Leaves use only the URLs they were given, so a proxy
+                // between leaf and hub cannot be bypassed after a cut.
+                let _ = writeln!(s, "  no_advertise: true");
             }
             if !self.leafnode_remotes.is_empty() {
-                let remotes: Vec<String> =
-                    self.leafnode_remotes.iter().map(|u| format!("{{ url: {} }}", quote(u))).collect();
+                let remotes: Vec<String> = self
+                    .leafnode_remotes
+                    .iter()
+                    .map(|urls| match urls.as_slice() {
+                        [url] => format!("{{ url: {} }}", quote(url)),
+                        urls => {
+                            let urls: Vec<String> = urls.iter().map(|u| quote(u)).collect();
+                            format!("{{ urls: [{}] }}", urls.join(", "))
+                        }
+                    })
+                    .collect();
                 let _ = writeln!(s, "  remotes: [{}]", remotes.join(", "));
             }
             let _ = writeln!(s, "}}");
@@ -140,11 +157,17 @@ mod tests {
         let text = c.render();
         assert!(text.contains("  domain: \"hub\"\n  sync_interval: always\n}"), "{text}");
         assert!(text.contains("routes: [\"nats-route://127.0.0.1:6001\", \"nats-route://127.0.0.1:6003\"]"), "{text}");
-        assert!(text.contains("leafnodes {\n  listen: \"127.0.0.1:7422\"\n}"), "{text}");
+        assert!(text.contains("leafnodes {\n  listen: \"127.0.0.1:7422\"\n  no_advertise: true\n}"), "{text}");
 
         let mut leaf = NatsConfig::single("leaf", 1, 2, PathBuf::from("/s"));
-        leaf.leafnode_remotes.push("nats-leaf://127.0.0.1:7422".into());
+        leaf.leafnode_remotes.push(vec!["nats-leaf://127.0.0.1:7422".into()]);
         assert!(leaf.render().contains("remotes: [{ url: \"nats-leaf://127.0.0.1:7422\" }]"));
+        leaf.leafnode_remotes = vec![vec!["nats-leaf://127.0.0.1:1".into(), "nats-leaf://127.0.0.1:2".into()]];
+        let text = leaf.render();
+        assert!(
+            text.contains("remotes: [{ urls: [\"nats-leaf://127.0.0.1:1\", \"nats-leaf://127.0.0.1:2\"] }]"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -20,9 +20,14 @@
 //! [`NatsServer::restart`] reuses the same ports and store, so clients
 //! reconnect to the same URL and find their streams. Dropping the handle
 //! SIGKILLs the server and deletes the directory.
+//!
+//! Built from it: [`NatsCluster`] (n routed nodes) and [`HubAndLeaves`] (a
+//! hub cluster in JetStream domain `hub` plus leaf servers in their own
+//! domains, optionally behind a [`crate::DelayProxy`] each).
 
 mod cluster;
 mod config;
+mod topology;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,6 +37,7 @@ use tempfile::TempDir;
 
 pub use cluster::NatsCluster;
 pub use config::{ClusterSpec, NatsConfig};
+pub use topology::{HUB_DOMAIN, HubAndLeaves, HubAndLeavesBuilder, LeafSite};
 
 use crate::binary::{NATS_SERVER_ENV, find_binary};
 use crate::ports::{MAX_START_ATTEMPTS, free_ports, is_port_collision};
@@ -51,7 +57,7 @@ pub struct NatsServerBuilder {
     jetstream_domain: Option<String>,
     jetstream_options: Vec<String>,
     leafnode_listen: bool,
-    leafnode_remotes: Vec<String>,
+    leafnode_remotes: Vec<Vec<String>>,
     cluster: Option<ClusterSpec>,
     ports: Option<(u16, u16)>,
     extra: Vec<String>,
@@ -106,7 +112,14 @@ impl NatsServerBuilder {
 
     /// Connect as a leaf to this remote, e.g. a hub's [`NatsServer::leafnode_url`].
     pub fn leafnode_remote(mut self, url: impl Into<String>) -> Self {
-        self.leafnode_remotes.push(url.into());
+        self.leafnode_remotes.push(vec![url.into()]);
+        self
+    }
+
+    /// Connect as a leaf through one connection that may use any of `urls`
+    /// (every node of a hub cluster, say).
+    pub fn leafnode_remote_urls(mut self, urls: impl IntoIterator<Item = String>) -> Self {
+        self.leafnode_remotes.push(urls.into_iter().collect());
         self
     }
 

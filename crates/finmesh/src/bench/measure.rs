@@ -1,7 +1,7 @@
 //! What one benchmark measurement is, and the loops that take them.
 //!
-//! - [`Measurement`]: one figure (a rate, or a memory size) with optional
-//!   latency percentiles, named by a stable `id` that ratios and JSON refer to.
+//! - [`Measurement`]: one figure (a rate, a latency, or a memory size) with
+//!   optional latency percentiles, named by a stable `id` that ratios and JSON refer to.
 //! - [`closed_loop`]: `tasks` tasks each awaiting one operation at a time,
 //!   for a warm-up then a measured window; every operation's latency goes
 //!   into an HDR histogram (nanoseconds, 3 significant digits).
@@ -37,6 +37,9 @@ pub struct Measurement {
     pub p99_us: Option<f64>,
     /// 99.9th percentile latency, µs.
     pub p999_us: Option<f64>,
+    /// Highest latency, µs (latency figures only).
+    #[serde(default)]
+    pub max_us: Option<f64>,
     /// Anything a reader needs to interpret the figure.
     pub note: Option<String>,
 }
@@ -53,6 +56,24 @@ impl Measurement {
             p50_us: sample.percentile_us(50.0),
             p99_us: sample.percentile_us(99.0),
             p999_us: sample.percentile_us(99.9),
+            max_us: None,
+            note: None,
+        }
+    }
+
+    /// A latency figure: its value is the p99 in µs, with p50, p99.9 and max.
+    pub fn latency(id: &str, peer: &str, what: &str, sample: &Sample) -> Measurement {
+        let p99 = sample.percentile_us(99.0);
+        Measurement {
+            id: id.to_owned(),
+            peer: peer.to_owned(),
+            what: what.to_owned(),
+            value: p99.unwrap_or(0.0),
+            unit: "µs p99".to_owned(),
+            p50_us: sample.percentile_us(50.0),
+            p99_us: p99,
+            p999_us: sample.percentile_us(99.9),
+            max_us: (!sample.hist.is_empty()).then(|| sample.hist.max() as f64 / 1000.0),
             note: None,
         }
     }
@@ -68,6 +89,7 @@ impl Measurement {
             p50_us: None,
             p99_us: None,
             p999_us: None,
+            max_us: None,
             note: None,
         }
     }

@@ -13,7 +13,9 @@
 //!   and `interval(100 ms)`, 1 publisher, 16 publishers, batches of 100;
 //! - [`nats_publish`]: JetStream publish on a real nats-server;
 //! - [`embedded_kv`]: KV put/get over N keys and memory (child processes);
-//! - [`nats_kv`]: NATS KV put/get for comparison.
+//! - [`nats_kv`]: NATS KV put/get for comparison;
+//! - [`nats_mirror`]: hub → leaf KV mirror propagation latency, on loopback
+//!   and through a 40 ms delaying proxy.
 //!
 //! Payloads: 128 bytes per published message, 256 bytes per KV value. Every
 //! scenario's data lives in a temporary directory under `--dir` (default
@@ -25,6 +27,7 @@ mod embedded_publish;
 mod fsync;
 mod measure;
 mod nats_kv;
+mod nats_mirror;
 mod nats_publish;
 mod report;
 
@@ -58,11 +61,19 @@ pub enum Scenario {
     EmbeddedKv,
     /// nats-server KV put/get.
     NatsKv,
+    /// Hub → leaf KV mirror propagation latency.
+    NatsMirror,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] =
-        [Scenario::Fsync, Scenario::EmbeddedPublish, Scenario::NatsPublish, Scenario::EmbeddedKv, Scenario::NatsKv];
+    const ALL: [Scenario; 6] = [
+        Scenario::Fsync,
+        Scenario::EmbeddedPublish,
+        Scenario::NatsPublish,
+        Scenario::EmbeddedKv,
+        Scenario::NatsKv,
+        Scenario::NatsMirror,
+    ];
 
     async fn run(self, ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
         match self {
@@ -71,6 +82,7 @@ impl Scenario {
             Scenario::NatsPublish => nats_publish::run(ctx).await,
             Scenario::EmbeddedKv => embedded_kv::run(ctx).await,
             Scenario::NatsKv => nats_kv::run(ctx).await,
+            Scenario::NatsMirror => nats_mirror::run(ctx).await,
         }
     }
 
@@ -81,6 +93,7 @@ impl Scenario {
             Scenario::NatsPublish => "nats-publish",
             Scenario::EmbeddedKv => "embedded-kv",
             Scenario::NatsKv => "nats-kv",
+            Scenario::NatsMirror => "nats-mirror",
         }
     }
 }
@@ -103,6 +116,9 @@ pub struct BenchArgs {
     /// Keys loaded into the NATS KV bucket (fewer: one connection loads them).
     #[arg(long, default_value_t = 50_000)]
     nats_kv_keys: u64,
+    /// Puts timed per leaf by the mirror propagation scenario.
+    #[arg(long, default_value_t = 1_000)]
+    mirror_puts: u64,
     /// Where temporary data goes (default: $TMPDIR, else /tmp).
     #[arg(long, env = "FINMESH_BENCH_DIR")]
     dir: Option<PathBuf>,
@@ -122,6 +138,8 @@ pub struct BenchContext {
     pub kv_keys: u64,
     /// Keys for the NATS KV scenarios.
     pub nats_kv_keys: u64,
+    /// Puts timed per leaf by the mirror scenario.
+    pub mirror_puts: u64,
 }
 
 impl BenchContext {
@@ -159,6 +177,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         duration: Duration::from_secs_f64(args.duration_secs),
         kv_keys: args.kv_keys,
         nats_kv_keys: args.nats_kv_keys,
+        mirror_puts: args.mirror_puts,
     };
     let scenarios: Vec<Scenario> =
         Scenario::ALL.into_iter().filter(|s| args.scenarios.is_empty() || args.scenarios.contains(s)).collect();

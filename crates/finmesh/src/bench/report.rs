@@ -82,6 +82,8 @@ pub struct Aggregate {
     pub p99_us: Option<f64>,
     /// Median over runs of the per-run p99.9 (µs).
     pub p999_us: Option<f64>,
+    /// Highest per-run max latency (µs), for latency figures.
+    pub max_us: Option<f64>,
     /// The first run's note.
     pub note: Option<String>,
 }
@@ -163,6 +165,8 @@ pub struct Report {
     pub kv_keys: u64,
     /// Keys loaded into the NATS KV bucket.
     pub nats_kv_keys: u64,
+    /// Puts timed by the mirror propagation scenario.
+    pub mirror_puts: u64,
     /// Scenario families run.
     pub scenarios: Vec<&'static str>,
     /// Every figure, medians over runs.
@@ -204,6 +208,7 @@ impl Report {
                     p50_us: pick(|m| m.p50_us),
                     p99_us: pick(|m| m.p99_us),
                     p999_us: pick(|m| m.p999_us),
+                    max_us: ms.iter().filter_map(|m| m.max_us).reduce(f64::max),
                     note: ms[0].note.clone(),
                 }
             })
@@ -234,6 +239,7 @@ impl Report {
             kv_value_bytes: KV_VALUE,
             kv_keys: args.kv_keys,
             nats_kv_keys: args.nats_kv_keys,
+            mirror_puts: args.mirror_puts,
             scenarios,
             results,
             ratios,
@@ -264,8 +270,8 @@ impl Report {
         };
         let _ = writeln!(s, "data under {} ({same})\n", m.data_dir);
 
-        let header = ["scenario", "peer", "median", "[min-max]", "unit", "p50 µs", "p99 µs", "p99.9 µs"];
-        let rows: Vec<[String; 8]> = self
+        let header = ["scenario", "peer", "median", "[min-max]", "unit", "p50 µs", "p99 µs", "p99.9 µs", "max µs"];
+        let rows: Vec<[String; 9]> = self
             .results
             .iter()
             .map(|r| {
@@ -278,6 +284,7 @@ impl Report {
                     fmt_us(r.p50_us),
                     fmt_us(r.p99_us),
                     fmt_us(r.p999_us),
+                    fmt_us(r.max_us),
                 ]
             })
             .collect();
@@ -380,6 +387,7 @@ mod tests {
             p50_us: Some(value / 10.0),
             p99_us: None,
             p999_us: None,
+            max_us: None,
             note: None,
         }
     }
