@@ -363,3 +363,24 @@ async fn a_client_ca_makes_client_certificates_required() {
     let response = client.get(format!("{}/healthz", node.url)).send().await.unwrap();
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test]
+async fn serve_runs_on_the_nats_engine() {
+    let nats = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--engine", "nats", "--nats-servers", &nats.url()]);
+    let token = node.admin_token.clone().expect("the node secret lives in the data dir on NATS too");
+    let client = http();
+    let bucket = client.put(format!("{}/v1/kv/cards", node.url)).bearer_auth(&token).json(&json!({"history": 3}));
+    assert_eq!(bucket.send().await.unwrap().status(), 200);
+    let put = client.put(format!("{}/v1/kv/cards/k1", node.url)).bearer_auth(&token).body("v1").send().await.unwrap();
+    assert_eq!((put.status().as_u16(), put.headers()["etag"].to_str().unwrap()), (200, "\"1\""));
+    let get = client.get(format!("{}/v1/kv/cards/k1", node.url)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(get.text().await.unwrap(), "v1");
+    // The value sits in the standard KV bucket, readable by a plain NATS client.
+    let plain = async_nats::connect(nats.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(plain).get_key_value("cards").await.unwrap();
+    assert_eq!(kv.get("k1").await.unwrap().unwrap(), "v1".as_bytes());
+    let ready = client.get(format!("{}/readyz", node.url)).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+}
