@@ -288,7 +288,7 @@ impl Inner {
         msg.headers.insert(dlq::SUBJECT, p.message.subject.as_str())?;
         msg.headers.insert(dlq::DELIVERIES, (p.ack.delivered - 1).to_string())?;
         msg.headers.insert(finmesh_core::message::MSG_ID_HEADER, format!("dlq.{stream}.{c}.{}", p.message.seq))?;
-        self.send_one(&msg).await?;
+        self.send_one(dlq_stream.as_str(), &msg).await?;
         self.ack_subject(&p.reply, "+TERM".into()).await
     }
 

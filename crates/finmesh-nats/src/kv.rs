@@ -219,7 +219,7 @@ impl Inner {
             )));
         }
         let msg = OutgoingMessage { subject: key_subject(b, k)?, headers, payload: value };
-        let ack = self.send_one(&msg).await?;
+        let ack = self.send_one(&stream_name(b), &msg).await?;
         Ok(Revision(ack.sequence))
     }
 

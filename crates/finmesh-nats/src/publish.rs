@@ -14,6 +14,16 @@
 //! moving, the server is restarting) means nothing was stored and is retried
 //! with backoff for any message.
 //!
+//! When the budget is spent without an answer, the engine asks the stream
+//! itself (`STREAM.INFO`, at most [`PROBE_TIMEOUT`] more): if it has no
+//! leader or does not answer either (an election under way, a cluster that
+//! lost its quorum, every server down), the caller gets `Unavailable` saying
+//! so, rather than a bare `Timeout`; if the stream answers with a leader,
+//! the `Timeout` stands. Either way a message that got no ack may or may
+//! not be stored, and the error says so: resending it with the same
+//! `Nats-Msg-Id` stores it once. A failed single publish therefore ends
+//! within `request_timeout` + [`PROBE_TIMEOUT`].
+//!
 //! A batch is sent in order on one connection with at most
 //! `max_in_flight` acks outstanding; acks are collected on one inbox
 //! subscription (`<inbox>.<index>`) and returned in batch order.
@@ -26,9 +36,16 @@ use futures::StreamExt;
 
 use crate::api::{self, decode_reply};
 use crate::{Inner, StreamMeta};
+use async_nats::jetstream::stream::Info;
 
 /// Longest `Nats-Msg-Id` accepted.
 const MAX_MSG_ID_LEN: usize = 256;
+/// Most time spent asking a stream why a publish got no answer.
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What a caller must know about a publish that got no ack.
+const UNKNOWN_OUTCOME: &str =
+    "the message may or may not be stored (resend it with the same Nats-Msg-Id to store it once)";
 
 fn check(stream: &StreamName, meta: &StreamMeta, m: &OutgoingMessage) -> Result<()> {
     if !meta.subjects.iter().any(|p| p.matches(&m.subject)) {
@@ -49,6 +66,32 @@ fn check(stream: &StreamName, meta: &StreamMeta, m: &OutgoingMessage) -> Result<
     Ok(())
 }
 
+/// A replica not heard from for longer than this is counted as gone
+/// (NATS's Raft heartbeats every second).
+const PEER_SILENT: Duration = Duration::from_secs(2);
+
+/// Why a replicated stream cannot take writes, if its info shows it: no
+/// leader, or a leader that has not heard from enough replicas for a
+/// quorum (a leader notices that it lost its quorum only after several
+/// seconds, and answers `STREAM.INFO` until then).
+fn no_quorum(info: &Info) -> Option<String> {
+    let cluster = info.cluster.as_ref()?;
+    let replicas = info.config.num_replicas.max(1);
+    let Some(leader) = &cluster.leader else {
+        return Some(format!(
+            "has no leader: an election is under way, or too few of its {replicas} replicas are up for a quorum"
+        ));
+    };
+    let quorum = replicas / 2 + 1;
+    let heard = cluster.replicas.iter().filter(|p| !p.offline && p.active <= PEER_SILENT).count();
+    (1 + heard < quorum).then(|| {
+        format!(
+            "has lost its quorum: its leader `{leader}` heard from {heard} of its {} other replicas within {PEER_SILENT:?}",
+            replicas - 1
+        )
+    })
+}
+
 fn to_ack(a: PublishAck) -> PubAck {
     PubAck { seq: Seq(a.sequence), duplicate: a.duplicate }
 }
@@ -57,11 +100,12 @@ impl Inner {
     pub(crate) async fn publish(&self, stream: &StreamName, msg: OutgoingMessage) -> Result<PubAck> {
         let meta = self.stream_meta(stream).await?;
         check(stream, &meta, &msg)?;
-        self.send_one(&msg).await.map(to_ack)
+        self.send_one(stream.as_str(), &msg).await.map(to_ack)
     }
 
-    /// One publish with the retry rules of the module doc.
-    pub(crate) async fn send_one(&self, msg: &OutgoingMessage) -> Result<PublishAck> {
+    /// One publish to JetStream stream `stream` with the retry rules of the
+    /// module doc.
+    pub(crate) async fn send_one(&self, stream: &str, msg: &OutgoingMessage) -> Result<PublishAck> {
         let budget = tokio::time::Instant::now() + self.options.request_timeout;
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -78,13 +122,49 @@ impl Inner {
                 ErrorKind::Timeout => msg.msg_id().is_some(),
                 _ => false,
             };
-            if !retry || tokio::time::Instant::now() + backoff >= budget {
+            if !retry {
                 return Err(err);
+            }
+            if tokio::time::Instant::now() + backoff >= budget {
+                return Err(self.unanswered(stream, err).await);
             }
             tracing::debug!(subject = %msg.subject, error = %err, "publish retried");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
         }
+    }
+
+    /// The error for a publish to `stream` that got no ack (`err` is
+    /// `Timeout` or `Unavailable`): `Unavailable` naming the cause when the
+    /// stream has no leader or does not answer, else `err`; both say that
+    /// the message may be stored.
+    async fn unanswered(&self, stream: &str, err: Error) -> Error {
+        let what = format!("stream `{stream}`");
+        let probe = api::request::<Info>(
+            &self.client,
+            &self.prefix,
+            &format!("STREAM.INFO.{stream}"),
+            &serde_json::json!({}),
+            PROBE_TIMEOUT.min(self.options.request_timeout),
+            &what,
+        )
+        .await;
+        let cause = match probe {
+            Ok(info) => match no_quorum(&info) {
+                Some(cause) => format!("{what} {cause}"),
+                None => {
+                    let message = format!("{}; {UNKNOWN_OUTCOME}", err.message());
+                    return Error::new(err.kind(), message).with_source(err);
+                }
+            },
+            Err(e) if e.kind() == ErrorKind::NotFound => return Error::not_found(e.message().to_owned()),
+            Err(e) => format!(
+                "{what} does not answer either ({}): its servers are down or the cluster lost its quorum",
+                e.message()
+            ),
+        };
+        let message = format!("{}; {cause}; {UNKNOWN_OUTCOME}", err.message());
+        Error::unavailable(message).with_source(err)
     }
 
     pub(crate) async fn publish_batch(&self, stream: &StreamName, msgs: Vec<OutgoingMessage>) -> Result<Vec<PubAck>> {
@@ -95,7 +175,7 @@ impl Inner {
         if msgs.len() <= 1 {
             let mut out = Vec::with_capacity(msgs.len());
             for m in &msgs {
-                out.push(to_ack(self.send_one(m).await?));
+                out.push(to_ack(self.send_one(stream.as_str(), m).await?));
             }
             return Ok(out);
         }
@@ -131,10 +211,11 @@ impl Inner {
                     return Err(Error::unavailable(format!("{what}: connection closed; {received} of {n} acked")));
                 }
                 Err(_) => {
-                    return Err(Error::new(
+                    let err = Error::new(
                         ErrorKind::Timeout,
-                        format!("{what}: no ack within {timeout:?}; {received} of {n} acked, the rest unknown"),
-                    ));
+                        format!("{what}: no ack within {timeout:?}; {received} of {n} acked"),
+                    );
+                    return Err(self.unanswered(stream.as_str(), err).await);
                 }
             };
             let Some(i) = reply.subject.rsplit('.').next().and_then(|i| i.parse::<usize>().ok()) else { continue };

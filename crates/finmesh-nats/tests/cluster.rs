@@ -1,0 +1,394 @@
+//! The NATS engine on a real 3-node JetStream cluster (test kit
+//! `NatsCluster`), with replicated (R3) streams and buckets, while nodes are
+//! killed with SIGKILL and restarted on their stores:
+//!
+//! - killing the stream leader during a publish load from several tasks:
+//!   publishing continues after an election, every call ends in an ack or an
+//!   error, and the stream afterwards holds every acked message once, in
+//!   order, without holes;
+//! - killing two of three nodes: writes fail with `Unavailable` within the
+//!   request timeout; one node back and writes resume, nothing acked lost;
+//! - a restarted node catches up (asked directly through its own `/jsz`);
+//! - a KV put acked before a leader kill is read afterwards at its revision.
+//!
+//! No fixed sleeps: every wait polls a condition with a deadline.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use finmesh_core::{
+    BucketConfig, BucketName, ErrorKind, Key, KvEngine, Message, OutgoingMessage, ReadRequest, Seq, StreamConfig,
+    StreamEngine, StreamName, Subject, SubjectPattern,
+};
+use finmesh_nats::{NatsEngine, NatsEngineOptions};
+use finmesh_testkit::probe::http_get;
+use finmesh_testkit::{ManagedServer, NatsCluster};
+use parking_lot::Mutex;
+
+/// Request timeout of the engines in these tests: long enough to ride out
+/// most of an election inside the engine's own retries, short enough that
+/// the two-nodes-down case answers quickly.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Upper bound on any wait in these tests.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn cluster() -> NatsCluster {
+    NatsCluster::start(3).await.expect("start a 3-node nats cluster")
+}
+
+async fn engine_on(urls: Vec<String>) -> NatsEngine {
+    let mut options = NatsEngineOptions::new(urls[0].clone());
+    options.servers = urls;
+    options.request_timeout = REQUEST_TIMEOUT;
+    NatsEngine::connect(options).await.expect("connect the engine")
+}
+
+async fn r3_stream(engine: &NatsEngine, name: &str) -> StreamName {
+    let s = StreamName::new(name).unwrap();
+    let mut config =
+        StreamConfig::new(s.clone(), vec![SubjectPattern::new(format!("{}.>", name.to_lowercase())).unwrap()]);
+    config.replicas = 3;
+    engine.create_stream(config).await.expect("create an R3 stream");
+    s
+}
+
+/// Index in the cluster of the node leading the raw JetStream stream `name`
+/// (`KV_<bucket>` for a bucket), polled until the stream has a leader.
+async fn leader_of(cluster: &NatsCluster, client: &async_nats::Client, name: &str) -> usize {
+    let js = async_nats::jetstream::new(client.clone());
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Ok(mut stream) = js.get_stream(name).await
+            && let Ok(info) = stream.info().await
+            && let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone())
+            && let Some(i) = cluster.nodes().iter().position(|n| n.config().server_name == leader)
+        {
+            return i;
+        }
+        assert!(Instant::now() < deadline, "stream {name} has no leader after {DEADLINE:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The last sequence of stream `name` in node `http_port`'s own store (its
+/// monitoring `/jsz`), whether or not it leads the stream.
+async fn local_last_seq(http_port: u16, name: &str) -> Option<u64> {
+    let (status, body) = http_get(http_port, "/jsz?streams=true").await?;
+    if status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    v["account_details"].as_array()?.iter().find_map(|acc| {
+        acc["stream_detail"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"].as_str() == Some(name))
+            .and_then(|s| s["state"]["last_seq"].as_u64())
+    })
+}
+
+/// Every message of `stream`, read through the engine (retried until the
+/// stream answers, e.g. right after an election).
+async fn read_all(engine: &NatsEngine, stream: &StreamName) -> Vec<Message> {
+    let deadline = Instant::now() + DEADLINE;
+    'again: loop {
+        let mut out: Vec<Message> = Vec::new();
+        loop {
+            let from = out.last().map_or(Seq(1), |m| Seq(m.seq.0 + 1));
+            match engine.read(stream, ReadRequest::from_seq(from, 5_000)).await {
+                Ok(batch) if batch.is_empty() => return out,
+                Ok(batch) => out.extend(batch),
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "reading {stream} kept failing: {e:?}");
+                    continue 'again;
+                }
+            }
+        }
+    }
+}
+
+/// One acked publish of the load: publisher, its counter, the stored seq, when.
+#[derive(Debug, Clone, Copy)]
+struct Acked {
+    task: u64,
+    i: u64,
+    seq: u64,
+    at: Instant,
+}
+
+/// A publish load: `tasks` publishers, each publishing `t<task>-<i>` for
+/// i = 0, 1, … with the message id of the same name, one at a time, retrying
+/// a failed message (same id) until it is acked. Every call must end within
+/// twice the request timeout: an ack or an error, never silence.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<Acked>>>,
+    errors: Arc<Mutex<Vec<(ErrorKind, String)>>>,
+    count: Arc<AtomicU64>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(engine: &NatsEngine, stream: &StreamName, tasks: u64) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicU64::new(0));
+        let subject_root = stream.as_str().to_lowercase();
+        let handles = (0..tasks)
+            .map(|task| {
+                let (engine, stream) = (engine.clone(), stream.clone());
+                let (stop, acked, errors, count) = (stop.clone(), acked.clone(), errors.clone(), count.clone());
+                let subject: Subject = format!("{subject_root}.t{task}").parse().unwrap();
+                tokio::spawn(async move {
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let id = format!("t{task}-{i}");
+                        let msg =
+                            OutgoingMessage::new(subject.clone(), Bytes::from(id.clone())).with_msg_id(&id).unwrap();
+                        let call = tokio::time::timeout(2 * REQUEST_TIMEOUT, engine.publish(&stream, msg)).await;
+                        match call.unwrap_or_else(|_| panic!("publish of {id} neither acked nor failed: silence")) {
+                            Ok(ack) => {
+                                acked.lock().push(Acked { task, i, seq: ack.seq.0, at: Instant::now() });
+                                count.fetch_add(1, Ordering::Relaxed);
+                                i += 1;
+                            }
+                            Err(e) => errors.lock().push((e.kind(), e.to_string())),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, acked, errors, count, handles }
+    }
+
+    /// Wait until `n` more acks than now arrived.
+    async fn wait_acks(&self, n: u64, what: &str) {
+        let target = self.count.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + DEADLINE;
+        while self.count.load(Ordering::Relaxed) < target {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {} of {n} acks in {DEADLINE:?}; errors: {:?}",
+                target - self.count.load(Ordering::Relaxed),
+                self.errors.lock().iter().rev().take(3).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn finish(self) -> (Vec<Acked>, Vec<(ErrorKind, String)>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles {
+            h.await.expect("publisher panicked");
+        }
+        let acked = std::mem::take(&mut *self.acked.lock());
+        let errors = std::mem::take(&mut *self.errors.lock());
+        (acked, errors)
+    }
+}
+
+/// The stream holds sequences 1..=last without holes, every message id
+/// once, each publisher's messages in publish order with none missing, and
+/// every acked message at its acked sequence.
+fn check_stream(stored: &[Message], acked: &[Acked]) {
+    for (k, m) in stored.iter().enumerate() {
+        assert_eq!(m.seq.0, k as u64 + 1, "hole or disorder in the stream before seq {}", m.seq);
+    }
+    let mut by_id: HashMap<&str, u64> = HashMap::new();
+    let mut next_of_task: HashMap<String, u64> = HashMap::new();
+    for m in stored {
+        let id = m.headers.get(finmesh_core::message::MSG_ID_HEADER).expect("every message has an id");
+        assert!(by_id.insert(id, m.seq.0).is_none(), "message {id} stored twice");
+        assert_eq!(&m.payload[..], id.as_bytes());
+        let (task, i) = id.split_once('-').unwrap();
+        let i: u64 = i.parse().unwrap();
+        let next = next_of_task.entry(task.to_owned()).or_default();
+        assert_eq!(i, *next, "publisher {task}: message {i} stored where {next} was due");
+        *next += 1;
+    }
+    for a in acked {
+        let id = format!("t{}-{}", a.task, a.i);
+        assert_eq!(by_id.get(id.as_str()), Some(&a.seq), "acked {id} (seq {}) is not stored at its seq", a.seq);
+    }
+}
+
+/// The longest time between two consecutive acks (of any publisher) after `from`.
+fn longest_gap_after(acked: &[Acked], from: Instant) -> Duration {
+    let mut times: Vec<Instant> = acked.iter().map(|a| a.at).filter(|t| *t >= from).collect();
+    times.sort();
+    let first = times.first().map_or(Duration::MAX, |t| t.duration_since(from));
+    times.windows(2).map(|w| w[1].duration_since(w[0])).fold(first, Duration::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_stream_leader_loses_and_duplicates_nothing() {
+    let mut cluster = cluster().await;
+    let engine = engine_on(cluster.urls()).await;
+    let stream = r3_stream(&engine, "ORDERS").await;
+    let load = Load::start(&engine, &stream, 4);
+    load.wait_acks(200, "before the kill").await;
+
+    let leader = leader_of(&cluster, engine.client(), "ORDERS").await;
+    let killed_at = Instant::now();
+    cluster.node_mut(leader).kill().await.unwrap();
+    load.wait_acks(400, "after killing the leader").await;
+    let (acked, errors) = load.finish().await;
+
+    let stall = longest_gap_after(&acked, killed_at);
+    let new_leader = leader_of(&cluster, engine.client(), "ORDERS").await;
+    eprintln!(
+        "leader n{} killed: longest gap between acks {stall:?}; {} acks, {} errors {:?}; new leader n{}",
+        leader + 1,
+        acked.len(),
+        errors.len(),
+        errors.iter().map(|(k, _)| *k).collect::<HashSet<_>>(),
+        new_leader + 1
+    );
+    assert_ne!(new_leader, leader);
+    assert!(stall < Duration::from_secs(20), "publishing stalled {stall:?}");
+    for (kind, msg) in &errors {
+        assert!(matches!(kind, ErrorKind::Unavailable | ErrorKind::Timeout), "unexpected error {kind}: {msg}");
+    }
+    let stored = read_all(&engine, &stream).await;
+    check_stream(&stored, &acked);
+    assert!(stored.len() >= acked.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_down_is_unavailable_and_writes_resume_with_one_back() {
+    let mut cluster = cluster().await;
+    let engine = engine_on(cluster.urls()).await;
+    let stream = r3_stream(&engine, "PAYMENTS").await;
+    let msg = |i: u64| {
+        OutgoingMessage::new("payments.a".parse().unwrap(), Bytes::from(format!("t0-{i}")))
+            .with_msg_id(format!("t0-{i}"))
+            .unwrap()
+    };
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let ack = engine.publish(&stream, msg(i)).await.unwrap();
+        acked.push(Acked { task: 0, i, seq: ack.seq.0, at: Instant::now() });
+    }
+
+    // Keep the leader: it goes on answering as leader for seconds before it
+    // notices the lost quorum, the harder case to report (the engine may be
+    // connected to a killed node; it fails over).
+    let leader = leader_of(&cluster, engine.client(), "PAYMENTS").await;
+    let (a, b) = ((leader + 1) % 3, (leader + 2) % 3);
+    cluster.node_mut(a).kill().await.unwrap();
+    cluster.node_mut(b).kill().await.unwrap();
+    let started = Instant::now();
+    let err = engine.publish(&stream, msg(20)).await.expect_err("no quorum: the write must fail");
+    let took = started.elapsed();
+    eprintln!("two nodes down: publish failed after {took:?}: {err}");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err:?}");
+    let m = err.message();
+    assert!(m.contains("PAYMENTS") && m.contains("payments.a"), "names what failed: {err}");
+    assert!(m.contains("quorum") && m.contains("may or may not be stored"), "says why and what it means: {err}");
+    // request_timeout, then at most 1 s asking the stream why.
+    assert!(took <= REQUEST_TIMEOUT + Duration::from_millis(1500), "failed only after {took:?}");
+
+    cluster.node_mut(a).restart().await.unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    let resumed_from = Instant::now();
+    // Message 20 may or may not have been stored by the failed call; its id
+    // makes the retry store it once either way.
+    let ack = loop {
+        match engine.publish(&stream, msg(20)).await {
+            Ok(ack) => break ack,
+            Err(e) => assert!(Instant::now() < deadline, "writes did not resume with two nodes up: {e:?}"),
+        }
+    };
+    eprintln!("one node back: writes resumed after {:?}", resumed_from.elapsed());
+    acked.push(Acked { task: 0, i: 20, seq: ack.seq.0, at: Instant::now() });
+    let stored = read_all(&engine, &stream).await;
+    check_stream(&stored, &acked);
+    assert_eq!(stored.len(), 21);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_catches_up() {
+    let mut cluster = cluster().await;
+    let engine = engine_on(cluster.urls()).await;
+    let stream = r3_stream(&engine, "EVENTS").await;
+    let publish_n = |from: u64, n: u64| {
+        let (engine, stream) = (engine.clone(), stream.clone());
+        async move {
+            let msgs = (from..from + n)
+                .map(|i| OutgoingMessage::new("events.a".parse().unwrap(), Bytes::from(format!("t0-{i}"))))
+                .map(|m| {
+                    let id = String::from_utf8(m.payload.to_vec()).unwrap();
+                    m.with_msg_id(id).unwrap()
+                })
+                .collect();
+            engine.publish_batch(&stream, msgs).await.expect("publish with two of three nodes up")
+        }
+    };
+    publish_n(0, 100).await;
+    // Kill a follower, so the stream keeps its leader and quorum.
+    let leader = leader_of(&cluster, engine.client(), "EVENTS").await;
+    let follower = (leader + 1) % 3;
+    cluster.node_mut(follower).kill().await.unwrap();
+    let acks = publish_n(100, 500).await;
+    let last = acks.last().unwrap().seq.0;
+    assert_eq!(last, 600);
+
+    let restarted_at = Instant::now();
+    cluster.node_mut(follower).restart().await.unwrap();
+    let http = cluster.nodes()[follower].config().http_port;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let local = local_last_seq(http, "EVENTS").await;
+        if local == Some(last) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "restarted node stuck at {local:?}, leader at {last}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("restarted node n{} caught up to seq {last} in {:?}", follower + 1, restarted_at.elapsed());
+    // The other nodes agree, and the stream reads whole.
+    for (i, node) in cluster.nodes().iter().enumerate() {
+        assert_eq!(local_last_seq(node.config().http_port, "EVENTS").await, Some(last), "node n{}", i + 1);
+    }
+    assert_eq!(read_all(&engine, &stream).await.len(), 600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_put_acked_before_a_leader_kill_keeps_its_revision() {
+    let mut cluster = cluster().await;
+    let engine = engine_on(cluster.urls()).await;
+    let bucket = BucketName::new("cards").unwrap();
+    engine.create_bucket(BucketConfig { replicas: 3, history: 5, ..BucketConfig::new(bucket.clone()) }).await.unwrap();
+    let mut written = Vec::new();
+    for i in 0..50u64 {
+        let key = Key::new(format!("k{}", i % 10)).unwrap();
+        let value = Bytes::from(format!("v{i}"));
+        let rev = engine.kv_put(&bucket, &key, value.clone()).await.unwrap();
+        written.push((key, value, rev));
+    }
+    let leader = leader_of(&cluster, engine.client(), "KV_cards").await;
+    cluster.node_mut(leader).kill().await.unwrap();
+
+    // The last write of each key is its current value, at the same revision.
+    let latest: HashMap<&Key, (&Bytes, _)> = written.iter().map(|(k, v, r)| (k, (v, *r))).collect();
+    let deadline = Instant::now() + DEADLINE;
+    for (key, (value, rev)) in latest {
+        let entry = loop {
+            match engine.kv_get(&bucket, key).await {
+                Ok(e) => break e.expect("acked key present after the leader kill"),
+                Err(e) => assert!(Instant::now() < deadline, "get {key} kept failing: {e:?}"),
+            }
+        };
+        assert_eq!((&entry.value, entry.revision), (value, rev), "key {key}");
+    }
+    // History survives too, and the bucket takes writes under its new leader.
+    let (key, value, rev) = &written[0];
+    let old = engine.kv_get_revision(&bucket, key, *rev).await.unwrap().expect("old revision kept");
+    assert_eq!(&old.value, value);
+    let next = engine.kv_put(&bucket, key, Bytes::from_static(b"after")).await.unwrap();
+    assert!(next > written.last().unwrap().2, "{next:?}");
+}
