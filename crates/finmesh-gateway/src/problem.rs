@@ -163,8 +163,13 @@ impl IntoResponse for Problem {
         if let Some(secs) = self.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        // RFC 6750 §3: a 401 carries a challenge, a 403 for a missing scope
+        // says so. The auth middleware replaces the 401 challenge with
+        // `error="invalid_token"` when the request had a header.
         if status == StatusCode::UNAUTHORIZED {
-            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(finmesh_auth::BEARER_CHALLENGE));
+        } else if status == StatusCode::FORBIDDEN {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(finmesh_auth::BEARER_INSUFFICIENT_SCOPE));
         }
         res
     }
