@@ -85,7 +85,8 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
 /// What a route needs, as written in the scope table of `finmesh-auth`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
-    /// No token needed (health, metrics, OpenAPI).
+    /// No bearer token needed (health, metrics, OpenAPI, and the OAuth token
+    /// endpoint, which authenticates clients itself).
     Public,
     /// `admin`.
     Admin,
@@ -111,6 +112,7 @@ pub const ROUTE_ACCESS: &[(&str, &str, Need)] = &[
     ("GET", "/readyz", Need::Public),
     ("GET", "/metrics", Need::Public),
     ("GET", "/openapi.json", Need::Public),
+    ("POST", "/oauth/token", Need::Public),
     ("GET", "/v1/kv", Need::Admin),
     ("PUT", "/v1/kv/{bucket}", Need::KvAdmin),
     ("GET", "/v1/kv/{bucket}", Need::KvRead),

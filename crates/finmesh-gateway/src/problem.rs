@@ -2,7 +2,8 @@
 //! a [`finmesh_core::ErrorKind`] to an HTTP status and a stable `type` URI.
 //!
 //! Invariants:
-//! - every error response of the API is problem+json: handler errors go
+//! - every error response of the API is problem+json (but the grant
+//!   outcomes of `POST /oauth/token`, in RFC 6749's format): handler errors go
 //!   through [`ApiError`]; axum's rejections (bad JSON, bad path, wrong
 //!   content type, body too large), 404/405 from the router, timeouts and
 //!   shed load are rewritten by [`problem_fallback`];
@@ -220,6 +221,10 @@ pub async fn problem_fallback(req: Request, next: Next) -> Response {
     let res = next.run(req).await;
     let status = res.status();
     if !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    // OAuth answers in its RFC's own error format.
+    if res.extensions().get::<crate::oauth::RfcBody>().is_some() {
         return res;
     }
     let is_problem = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
