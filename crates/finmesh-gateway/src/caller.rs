@@ -2,23 +2,27 @@
 //! ([`ROUTE_ACCESS`]).
 //!
 //! The [`authenticate`] middleware runs in front of every API route: it turns
-//! the `Authorization` header into a [`Principal`] through
-//! [`finmesh_auth::Authenticator`] (401 with `WWW-Authenticate: Bearer` when
-//! that fails), applies the caller's rate limit (429), and stores the
-//! principal in the request. Each handler then builds the
-//! [`Access`] its validated parameters describe and
-//! calls [`Caller::require`] (403 when not allowed).
+//! the raw `Authorization` header into a [`Principal`] through
+//! [`finmesh_auth::Authenticator::authenticate_bytes`] (401 `unauthorized`
+//! with `WWW-Authenticate` from [`bearer_challenge`] when that fails: a bare
+//! challenge without a header, `error="invalid_token"` with one), applies the
+//! caller's rate limit (429), and stores the principal in the request. Each
+//! handler then builds the [`Access`] its validated parameters describe and
+//! calls [`Caller::require`] (403 `forbidden` with
+//! `WWW-Authenticate: `[`BEARER_INSUFFICIENT_SCOPE`] when not allowed).
 //!
 //! Invariant: no API handler touches the engine before `require` succeeded;
 //! [`ROUTE_ACCESS`] lists the access of every route, in one place, for docs
 //! and for the auth matrix test.
 
 use axum::extract::{FromRequestParts, Request, State};
-use axum::http::header;
 use axum::http::request::Parts;
+use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use finmesh_auth::{Access, Principal};
+#[cfg(doc)]
+use finmesh_auth::BEARER_INSUFFICIENT_SCOPE;
+use finmesh_auth::{Access, Principal, bearer_challenge};
 use finmesh_core::{Error, ErrorKind};
 
 use crate::AppState;
@@ -59,10 +63,16 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 
 /// Middleware: authenticate, rate-limit, and remember the principal.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let header = req.headers().get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or("\u{fffd}"));
-    let principal = match state.inner.auth.authenticate(header) {
+    let header = req.headers().get(header::AUTHORIZATION);
+    let principal = match state.inner.auth.authenticate_bytes(header.map(HeaderValue::as_bytes)) {
         Ok(p) => p,
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => {
+            tracing::debug!(error = %e, "request refused: authentication failed");
+            let mut res = ApiError::from(e).into_response();
+            let challenge = HeaderValue::from_static(bearer_challenge(header.is_some()));
+            res.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+            return res;
+        }
     };
     if let Err(wait) = state.inner.rate.check(principal.subject()) {
         crate::metrics::rate_limited();
@@ -75,7 +85,8 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
 /// What a route needs, as written in the scope table of `finmesh-auth`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
-    /// No token needed (health, metrics, OpenAPI).
+    /// No bearer token needed (health, metrics, OpenAPI, and the OAuth token
+    /// endpoint, which authenticates clients itself).
     Public,
     /// `admin`.
     Admin,
@@ -101,6 +112,7 @@ pub const ROUTE_ACCESS: &[(&str, &str, Need)] = &[
     ("GET", "/readyz", Need::Public),
     ("GET", "/metrics", Need::Public),
     ("GET", "/openapi.json", Need::Public),
+    ("POST", "/oauth/token", Need::Public),
     ("GET", "/v1/kv", Need::Admin),
     ("PUT", "/v1/kv/{bucket}", Need::KvAdmin),
     ("GET", "/v1/kv/{bucket}", Need::KvRead),

@@ -8,6 +8,7 @@
 //! 2. [`problem`]: every error as `application/problem+json`;
 //! 3. [`caller`]: authentication middleware, per-route access, the route table;
 //! 4. [`kv`], [`streams`], [`consumers`]: the request/response routes;
+//!    [`oauth`]: `POST /oauth/token`, the client-credentials grant;
 //! 5. [`envelope`], [`subscribe`], [`sse`], [`ws`]: subscriptions, from the
 //!    JSON envelope through the bounded per-subscriber queue to the wire;
 //! 6. [`limits`], [`metrics`], [`ops`], [`openapi`], [`schema`]: limits,
@@ -22,6 +23,7 @@ pub mod envelope;
 pub mod kv;
 pub mod limits;
 pub mod metrics;
+pub mod oauth;
 pub mod openapi;
 pub mod ops;
 pub mod problem;
@@ -45,7 +47,8 @@ pub use caller::{Caller, Need, ROUTE_ACCESS};
 pub use problem::{ApiError, PROBLEM_BASE, Problem};
 pub use state::{AppState, GatewayConfig, Limits, Rate, SubscriptionConfig};
 
-/// The whole API as a router (every route of `docs/api.md` but `/oauth/token`).
+/// The whole API as a router (every route of `docs/api.md`; `/oauth/token`
+/// answers 404 unless the state was built [`with_oauth`](AppState::with_oauth)).
 pub fn app(state: AppState) -> Router {
     let limits = state.config().limits.clone();
 
@@ -78,13 +81,19 @@ pub fn app(state: AppState) -> Router {
 
     let api = unary.merge(streaming).route_layer(middleware::from_fn_with_state(state.clone(), caller::authenticate));
 
+    // The token endpoint authenticates clients itself; bounded by the timeout.
+    let token = Router::new()
+        .route("/oauth/token", post(oauth::token))
+        .layer(ServiceBuilder::new().layer(HandleErrorLayer::new(limits::layer_error)).timeout(limits.request_timeout));
+
     let public = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(openapi::serve));
 
-    api.merge(public)
+    api.merge(token)
+        .merge(public)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(middleware::from_fn(metrics::track))
         .layer(

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{consumers, kv, ops, sse, streams, ws};
+use crate::{consumers, kv, oauth, ops, sse, streams, ws};
 
 /// Adds the bearer-JWT security scheme and requires it globally.
 struct BearerJwt;
@@ -37,9 +37,10 @@ impl Modify for BearerJwt {
         streams::list_streams, streams::put_stream, streams::get_stream, streams::delete_stream,
         streams::publish, streams::read, sse::events, ws::ws,
         consumers::list, consumers::put, consumers::get, consumers::delete, consumers::fetch, consumers::ack,
+        oauth::token,
     ),
     components(schemas(crate::Problem, crate::subscribe::SubscriberInfo, crate::schema::Acks, crate::schema::Envelope)),
-    tags((name = "kv"), (name = "streams"), (name = "consumers"), (name = "ops"))
+    tags((name = "kv"), (name = "streams"), (name = "consumers"), (name = "ops"), (name = "auth"))
 )]
 pub struct ApiDoc;
 

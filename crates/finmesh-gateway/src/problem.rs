@@ -2,7 +2,8 @@
 //! a [`finmesh_core::ErrorKind`] to an HTTP status and a stable `type` URI.
 //!
 //! Invariants:
-//! - every error response of the API is problem+json: handler errors go
+//! - every error response of the API is problem+json (but the grant
+//!   outcomes of `POST /oauth/token`, in RFC 6749's format): handler errors go
 //!   through [`ApiError`]; axum's rejections (bad JSON, bad path, wrong
 //!   content type, body too large), 404/405 from the router, timeouts and
 //!   shed load are rewritten by [`problem_fallback`];
@@ -163,8 +164,13 @@ impl IntoResponse for Problem {
         if let Some(secs) = self.retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        // RFC 6750 §3: a 401 carries a challenge, a 403 for a missing scope
+        // says so. The auth middleware replaces the 401 challenge with
+        // `error="invalid_token"` when the request had a header.
         if status == StatusCode::UNAUTHORIZED {
-            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(finmesh_auth::BEARER_CHALLENGE));
+        } else if status == StatusCode::FORBIDDEN {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(finmesh_auth::BEARER_INSUFFICIENT_SCOPE));
         }
         res
     }
@@ -215,6 +221,10 @@ pub async fn problem_fallback(req: Request, next: Next) -> Response {
     let res = next.run(req).await;
     let status = res.status();
     if !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    // OAuth answers in its RFC's own error format.
+    if res.extensions().get::<crate::oauth::RfcBody>().is_some() {
         return res;
     }
     let is_problem = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());

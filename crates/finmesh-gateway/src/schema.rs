@@ -150,3 +150,40 @@ pub struct SubscriberList {
     /// Connected subscribers, by id.
     pub subscribers: Vec<crate::subscribe::SubscriberInfo>,
 }
+
+/// The form body of `POST /oauth/token` (`application/x-www-form-urlencoded`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenForm {
+    /// Must be `client_credentials`.
+    pub grant_type: String,
+    /// Space-separated scopes, each within one the client may have; absent =
+    /// all of them.
+    pub scope: Option<String>,
+    /// Form client authentication, when no Basic header is sent.
+    pub client_id: Option<String>,
+    /// Form client authentication, with `client_id`.
+    pub client_secret: Option<String>,
+}
+
+/// A granted token (RFC 6749 §5.1), as `finmesh_auth::TokenResponse` serializes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenGrant {
+    /// The signed JWT.
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Lifetime in seconds.
+    pub expires_in: u64,
+    /// The granted scopes, space-separated.
+    pub scope: String,
+}
+
+/// An OAuth error (RFC 6749 §5.2), as `finmesh_auth::OAuthError` serializes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OAuthErrorBody {
+    /// `invalid_request`, `invalid_client`, `unsupported_grant_type`,
+    /// `invalid_scope` or `server_error`.
+    pub error: String,
+    /// What went wrong; never contains a secret.
+    pub error_description: String,
+}

@@ -5,6 +5,8 @@
 //! - the gateway holds an `Arc<dyn Engine>` and never asks which engine it is;
 //! - `AppState` is cheap to clone (one `Arc`); nothing in it is locked across
 //!   an await;
+//! - `POST /oauth/token` is served only when a [`ClientRegistry`] was given
+//!   with [`AppState::with_oauth`]; without one the route answers 404;
 //! - the drain signal only goes one way: once [`AppState::begin_drain`] is
 //!   called, `/readyz` fails and every subscription ends with a `reconnect`.
 
@@ -12,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use finmesh_auth::Authenticator;
+use finmesh_auth::{Authenticator, ClientRegistry};
 use finmesh_core::{BucketName, Engine};
 use tokio_util::sync::CancellationToken;
 
@@ -113,6 +115,9 @@ pub struct AppState {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// Every field is shared by its clones (`Arc`s, a cancellation token), so
+/// [`AppState::with_oauth`] can copy it without splitting any state.
+#[derive(Clone)]
 pub(crate) struct Inner {
     /// The engine; the gateway never knows which one.
     pub engine: Arc<dyn Engine>,
@@ -124,8 +129,13 @@ pub(crate) struct Inner {
     pub drain: CancellationToken,
     /// Connected SSE/WS subscribers (for `/v1/subscribers`).
     pub subscribers: Subscribers,
-    /// Per-client rate limits.
-    pub rate: RateLimiter,
+    /// Per-client rate limits (keyed by token subject).
+    pub rate: Arc<RateLimiter>,
+    /// OAuth clients for `POST /oauth/token`; `None` = the route answers 404.
+    pub oauth: Option<Arc<ClientRegistry>>,
+    /// Rate limits of `POST /oauth/token`, keyed by client IP (each call
+    /// costs an argon2 verification). Same rate as `rate`, separate keys.
+    pub oauth_rate: Arc<RateLimiter>,
     /// Prometheus handles.
     pub metrics: Metrics,
 }
@@ -133,7 +143,8 @@ pub(crate) struct Inner {
 impl AppState {
     /// State for `engine`, verifying tokens with `auth`.
     pub fn new(engine: Arc<dyn Engine>, auth: Authenticator, config: GatewayConfig) -> Self {
-        let rate = RateLimiter::new(config.limits.rate, &config.limits.rate_overrides);
+        let rate = Arc::new(RateLimiter::new(config.limits.rate, &config.limits.rate_overrides));
+        let oauth_rate = Arc::new(RateLimiter::new(config.limits.rate, &HashMap::new()));
         AppState {
             inner: Arc::new(Inner {
                 engine,
@@ -142,9 +153,25 @@ impl AppState {
                 drain: CancellationToken::new(),
                 subscribers: Subscribers::default(),
                 rate,
+                oauth: None,
+                oauth_rate,
                 metrics: Metrics::global(),
             }),
         }
+    }
+
+    /// Serve `POST /oauth/token` (OAuth 2.0 client credentials) with
+    /// `clients`. Builder style: call it before handing the state to
+    /// [`app`](crate::app); clones made earlier keep answering 404 there
+    /// (they share everything else: drain, subscribers, rate limits).
+    pub fn with_oauth(mut self, clients: Arc<ClientRegistry>) -> Self {
+        Arc::make_mut(&mut self.inner).oauth = Some(clients);
+        self
+    }
+
+    /// The OAuth client registry, when `POST /oauth/token` is served.
+    pub fn oauth(&self) -> Option<&Arc<ClientRegistry>> {
+        self.inner.oauth.as_ref()
     }
 
     /// The engine.

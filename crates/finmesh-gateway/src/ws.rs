@@ -9,9 +9,10 @@
 //! only new messages are sent. Pings go out every heartbeat interval; client
 //! messages other than close are ignored.
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use finmesh_auth::Access;
 use finmesh_core::{StreamName, SubjectPattern};
 use serde_json::json;
@@ -30,11 +31,16 @@ pub async fn ws(
     caller: Caller,
     Path(stream): Path<String>,
     Query(q): Query<SubscribeQuery>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let name = StreamName::new(stream)?;
     let filter = q.subject.map(SubjectPattern::new).transpose()?;
     caller.require(&Access::StreamSubscribe { stream: &name, filter: filter.as_ref() })?;
+    // Authorization first: a caller without the scope learns nothing more.
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(rejection) => return Ok(rejection.into_response()),
+    };
     let spec = SubscriberSpec {
         kind: "ws",
         identity: caller.subject().to_owned(),

@@ -98,7 +98,7 @@ async fn openapi_matches_docs_and_route_table<H: Harness>() {
         .map(|(m, p, _)| format!("{m} {p}"))
         .collect();
     assert_eq!(openapi_routes(&served), table);
-    assert!(ROUTE_ACCESS.iter().filter(|r| r.2 == Need::Public).count() == 4);
+    assert!(ROUTE_ACCESS.iter().filter(|r| r.2 == Need::Public).count() == 5);
 }
 
 per_engine!(health_and_metrics, subscribers_listing, openapi_matches_docs_and_route_table);

@@ -37,7 +37,12 @@ async fn every_kind_maps_to_a_stable_problem<H: Harness>() {
         assert_eq!(res.status().as_u16(), status);
         assert_eq!(res.headers()["content-type"], "application/problem+json");
         let www = res.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_owned());
-        assert_eq!(www.as_deref(), (status == 401).then_some("Bearer"));
+        let want_www = match status {
+            401 => Some(finmesh_auth::BEARER_CHALLENGE),
+            403 => Some(finmesh_auth::BEARER_INSUFFICIENT_SCOPE),
+            _ => None,
+        };
+        assert_eq!(www.as_deref(), want_www);
         assert_eq!(res.headers().contains_key("retry-after"), status == 503);
         let body: serde_json::Value =
             serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();

@@ -22,6 +22,8 @@ fn sample_request(method: &str, path: &str) -> (Method, String, String, u16) {
         ("PUT", _) => ("v".to_owned(), 200),
         ("POST", "/v1/streams/{stream}/messages") => ("1".to_owned(), 200),
         ("POST", "/v1/streams/{stream}/consumers/{name}/fetch") => (json!({"batch": 1}).to_string(), 200),
+        // Served only with an OAuth client registry; this gateway has none.
+        ("POST", "/oauth/token") => ("grant_type=client_credentials".to_owned(), 404),
         // A valid-looking request whose token the engine refuses: routed, checked, answered.
         ("POST", "/v1/streams/{stream}/consumers/{name}/ack") => {
             (json!({"token": "x", "kind": "ack"}).to_string(), 400)
