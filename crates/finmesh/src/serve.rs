@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use finmesh_auth::Authenticator;
+use finmesh_auth::{Authenticator, ClientRegistry, TokenIssuer};
 use finmesh_core::Engine;
 use finmesh_embedded::EmbeddedEngine;
 use finmesh_gateway::AppState;
@@ -93,14 +93,30 @@ fn init_logging(filter: &str, format: LogFormat) {
     }
 }
 
-fn authenticator(config: &ServeConfig, insecure_no_auth: bool) -> anyhow::Result<Authenticator> {
+/// The token verifier, and the OAuth client registry when `[auth]` names a
+/// clients file (then `POST /oauth/token` is served).
+fn authenticator(
+    config: &ServeConfig,
+    insecure_no_auth: bool,
+) -> anyhow::Result<(Authenticator, Option<Arc<ClientRegistry>>)> {
     if insecure_no_auth {
         tracing::warn!("--insecure-no-auth: authentication is OFF, every request acts as an admin");
         eprintln!("WARNING: --insecure-no-auth: authentication is OFF, every request acts as an admin");
-        return Ok(Authenticator::disabled());
+        return Ok((Authenticator::disabled(), None));
     }
     if let Some(auth) = &config.auth {
-        return Authenticator::from_config(auth).context("setting up authentication from [auth]");
+        let verifier = Authenticator::from_config(auth).context("setting up authentication from [auth]")?;
+        let clients = match &auth.clients_file {
+            None => None,
+            Some(path) => {
+                let issuer = TokenIssuer::from_config(auth).context("[auth] clients_file needs [auth.signing]")?;
+                let registry = ClientRegistry::load(path, Arc::new(issuer))
+                    .with_context(|| format!("loading the OAuth clients file {}", path.display()))?;
+                tracing::info!(clients = registry.len(), "POST /oauth/token is served");
+                Some(Arc::new(registry))
+            }
+        };
+        return Ok((verifier, clients));
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
@@ -111,7 +127,7 @@ fn authenticator(config: &ServeConfig, insecure_no_auth: bool) -> anyhow::Result
         println!("admin token (shown once, valid 30 days): {}", token.token);
         println!("issue more with: finmesh token issue --sub <who> --scope <scope>");
     }
-    Ok(node.authenticator)
+    Ok((node.authenticator, None))
 }
 
 pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
@@ -124,9 +140,12 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
     }
     let listen: SocketAddr = config.listen.parse().context("listen")?;
     let tls = config.tls.as_ref().map(crate::tls::server_config).transpose()?;
-    let auth = authenticator(&config, args.insecure_no_auth)?;
+    let (auth, oauth) = authenticator(&config, args.insecure_no_auth)?;
     let engine = OpenEngine::open(&config).await?;
-    let state = AppState::new(engine.shared(), auth, config.gateway()?);
+    let mut state = AppState::new(engine.shared(), auth, config.gateway()?);
+    if let Some(clients) = oauth {
+        state = state.with_oauth(clients);
+    }
     let app = finmesh_gateway::app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
 
     let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;

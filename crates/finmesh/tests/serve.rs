@@ -384,3 +384,52 @@ async fn serve_runs_on_the_nats_engine() {
     let ready = client.get(format!("{}/readyz", node.url)).send().await.unwrap();
     assert_eq!(ready.status(), 200);
 }
+
+#[tokio::test]
+async fn oauth_client_credentials_through_a_configured_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("signing.secret");
+    std::fs::write(&secret_file, "a-signing-secret-of-at-least-32-bytes-long").unwrap();
+    // The operator's path: hash a client secret with the CLI.
+    let mut hash = Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(["oauth", "hash-secret"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(hash.stdin.as_mut().unwrap(), b"client-secret-0123456789\n").unwrap();
+    let out = hash.wait_with_output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let secret_hash = stdout.trim().strip_prefix("secret_hash: ").unwrap().to_owned();
+    let clients = dir.path().join("clients.toml");
+    std::fs::write(
+        &clients,
+        format!("[[client]]\nid = \"feed\"\nsecret_hash = \"{secret_hash}\"\nscopes = [\"kv:read:refdata\"]\n"),
+    )
+    .unwrap();
+    let config = dir.path().join("finmesh.toml");
+    std::fs::write(
+        &config,
+        format!("[auth]\nclients_file = {clients:?}\n[auth.signing]\nalg = \"HS256\"\nsecret_file = {secret_file:?}\n"),
+    )
+    .unwrap();
+    let node = Node::start(&dir.path().join("data"), &["--config", config.to_str().unwrap()]);
+    assert_eq!(node.admin_token, None, "configured auth prints no admin token");
+
+    let client = http();
+    let token_url = format!("{}/oauth/token", node.url);
+    let form = [("grant_type", "client_credentials")];
+    let denied = client.post(&token_url).basic_auth("feed", Some("wrong-secret-0123456789")).form(&form).send();
+    let denied = denied.await.unwrap();
+    assert_eq!(denied.status(), 401);
+    assert_eq!(denied.json::<Value>().await.unwrap()["error"], "invalid_client");
+    let granted = client.post(&token_url).basic_auth("feed", Some("client-secret-0123456789")).form(&form).send();
+    let granted: Value = granted.await.unwrap().json().await.unwrap();
+    let token = granted["access_token"].as_str().expect("an access token");
+    assert_eq!(granted["scope"], "kv:read:refdata");
+    // Its scope reads refdata (404: no such bucket yet) and nothing else (403).
+    let read = client.get(format!("{}/v1/kv/refdata/k", node.url)).bearer_auth(token).send().await.unwrap();
+    assert_eq!(read.status(), 404);
+    let write = client.put(format!("{}/v1/kv/refdata/k", node.url)).bearer_auth(token).body("x").send().await;
+    assert_eq!(write.unwrap().status(), 403);
+}
