@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod auth;
+
 use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, Request, StatusCode};
-use finmesh_auth::Authenticator;
+use finmesh_auth::{Authenticator, ClientRegistry};
 use finmesh_core::Engine;
 use finmesh_gateway::{AppState, GatewayConfig, app};
 use futures::StreamExt;
@@ -112,6 +114,26 @@ impl Gw {
     pub async fn with_config<H: Harness>(config: GatewayConfig) -> Self {
         let (engine, guard) = H::start().await;
         let state = AppState::new(engine, Authenticator::disabled(), config);
+        Gw { app: app(state.clone()), state, _guard: guard }
+    }
+
+    /// A gateway that verifies tokens with `auth`, serving `/oauth/token`
+    /// when `oauth` is given.
+    pub async fn with_auth<H: Harness>(auth: Authenticator, oauth: Option<Arc<ClientRegistry>>) -> Self {
+        Self::build::<H>(auth, GatewayConfig::default(), oauth).await
+    }
+
+    /// The general constructor.
+    pub async fn build<H: Harness>(
+        auth: Authenticator,
+        config: GatewayConfig,
+        oauth: Option<Arc<ClientRegistry>>,
+    ) -> Self {
+        let (engine, guard) = H::start().await;
+        let mut state = AppState::new(engine, auth, config);
+        if let Some(clients) = oauth {
+            state = state.with_oauth(clients);
+        }
         Gw { app: app(state.clone()), state, _guard: guard }
     }
 
