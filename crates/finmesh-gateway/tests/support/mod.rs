@@ -3,6 +3,8 @@
 //! that stamps each case once per engine.
 //!
 //! Adding an engine = one harness type here and one line in `per_engine!`.
+//! Engines: [`Embedded`] (fjall on a temp dir) and [`Nats`] (a fresh
+//! `nats-server` per case from the test kit).
 
 #![allow(dead_code)]
 
@@ -40,12 +42,32 @@ impl Harness for Embedded {
     }
 }
 
+/// The NATS engine on its own `nats-server -js` (test kit: free ports, a
+/// temporary store), one per case.
+pub struct Nats;
+
+/// Keeps the server alive as long as the gateway; the engine connection
+/// (held by the state, dropped first) closes before the server stops.
+struct NatsGuard {
+    _server: finmesh_testkit::NatsServer,
+}
+
+impl Harness for Nats {
+    async fn start() -> (Arc<dyn Engine>, Box<dyn Any + Send + Sync>) {
+        let server = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
+        let options = finmesh_nats::NatsEngineOptions::new(server.url());
+        let engine = finmesh_nats::NatsEngine::connect(options).await.expect("connect the NATS engine");
+        (Arc::new(engine), Box::new(NatsGuard { _server: server }))
+    }
+}
+
 /// Stamp every listed case (an `async fn case<H: Harness>()`) once per
 /// engine: one `stamp_cases!` line per engine.
 #[macro_export]
 macro_rules! per_engine {
     ($($case:ident),* $(,)?) => {
         $crate::stamp_cases!(embedded, Embedded; $($case),*);
+        $crate::stamp_cases!(nats, Nats; $($case),*);
     };
 }
 
