@@ -83,7 +83,11 @@ async fn openapi_matches_docs_and_route_table<H: Harness>() {
     assert_eq!(served, serde_json::from_str::<serde_json::Value>(&generated).unwrap());
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
     if std::env::var_os("FINMESH_UPDATE_OPENAPI").is_some() {
-        std::fs::write(path, format!("{generated}\n")).expect("write docs/openapi.json");
+        // Each engine's case writes it: write-then-rename so a reader never
+        // sees a half-written file.
+        let tmp = format!("{path}.{}.tmp", std::process::id());
+        std::fs::write(&tmp, format!("{generated}\n")).expect("write docs/openapi.json");
+        std::fs::rename(&tmp, path).expect("replace docs/openapi.json");
     }
     let checked_in = std::fs::read_to_string(path).unwrap_or_default();
     assert!(

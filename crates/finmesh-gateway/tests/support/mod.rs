@@ -3,8 +3,12 @@
 //! that stamps each case once per engine.
 //!
 //! Adding an engine = one harness type here and one line in `per_engine!`.
+//! Engines: [`Embedded`] (fjall on a temp dir) and [`Nats`] (a fresh
+//! `nats-server` per case from the test kit).
 
 #![allow(dead_code)]
+
+pub mod auth;
 
 use std::any::Any;
 use std::net::SocketAddr;
@@ -14,7 +18,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, Request, StatusCode};
-use finmesh_auth::Authenticator;
+use finmesh_auth::{Authenticator, ClientRegistry};
 use finmesh_core::Engine;
 use finmesh_gateway::{AppState, GatewayConfig, app};
 use futures::StreamExt;
@@ -38,12 +42,32 @@ impl Harness for Embedded {
     }
 }
 
+/// The NATS engine on its own `nats-server -js` (test kit: free ports, a
+/// temporary store), one per case.
+pub struct Nats;
+
+/// Keeps the server alive as long as the gateway; the engine connection
+/// (held by the state, dropped first) closes before the server stops.
+struct NatsGuard {
+    _server: finmesh_testkit::NatsServer,
+}
+
+impl Harness for Nats {
+    async fn start() -> (Arc<dyn Engine>, Box<dyn Any + Send + Sync>) {
+        let server = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
+        let options = finmesh_nats::NatsEngineOptions::new(server.url());
+        let engine = finmesh_nats::NatsEngine::connect(options).await.expect("connect the NATS engine");
+        (Arc::new(engine), Box::new(NatsGuard { _server: server }))
+    }
+}
+
 /// Stamp every listed case (an `async fn case<H: Harness>()`) once per
 /// engine: one `stamp_cases!` line per engine.
 #[macro_export]
 macro_rules! per_engine {
     ($($case:ident),* $(,)?) => {
         $crate::stamp_cases!(embedded, Embedded; $($case),*);
+        $crate::stamp_cases!(nats, Nats; $($case),*);
     };
 }
 
@@ -112,6 +136,26 @@ impl Gw {
     pub async fn with_config<H: Harness>(config: GatewayConfig) -> Self {
         let (engine, guard) = H::start().await;
         let state = AppState::new(engine, Authenticator::disabled(), config);
+        Gw { app: app(state.clone()), state, _guard: guard }
+    }
+
+    /// A gateway that verifies tokens with `auth`, serving `/oauth/token`
+    /// when `oauth` is given.
+    pub async fn with_auth<H: Harness>(auth: Authenticator, oauth: Option<Arc<ClientRegistry>>) -> Self {
+        Self::build::<H>(auth, GatewayConfig::default(), oauth).await
+    }
+
+    /// The general constructor.
+    pub async fn build<H: Harness>(
+        auth: Authenticator,
+        config: GatewayConfig,
+        oauth: Option<Arc<ClientRegistry>>,
+    ) -> Self {
+        let (engine, guard) = H::start().await;
+        let mut state = AppState::new(engine, auth, config);
+        if let Some(clients) = oauth {
+            state = state.with_oauth(clients);
+        }
         Gw { app: app(state.clone()), state, _guard: guard }
     }
 
