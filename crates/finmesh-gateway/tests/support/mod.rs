@@ -110,8 +110,13 @@ impl Gw {
     }
 
     pub async fn with_config<H: Harness>(config: GatewayConfig) -> Self {
+        Self::with_auth::<H>(Authenticator::disabled(), config).await
+    }
+
+    /// A gateway that verifies tokens with `auth`.
+    pub async fn with_auth<H: Harness>(auth: Authenticator, config: GatewayConfig) -> Self {
         let (engine, guard) = H::start().await;
-        let state = AppState::new(engine, Authenticator::disabled(), config);
+        let state = AppState::new(engine, auth, config);
         Gw { app: app(state.clone()), state, _guard: guard }
     }
 
