@@ -34,7 +34,7 @@ fn names(stream: String, consumer: String) -> ApiResult<(StreamName, ConsumerNam
 
 /// `GET /v1/streams/{stream}/consumers`: consumer names.
 #[utoipa::path(get, path = "/v1/streams/{stream}/consumers", tag = "consumers", params(("stream" = String, Path)),
-    responses((status = 200, description = "consumer names", body = ConsumerList)))]
+    responses((status = 200, description = "consumer names", body = ConsumerList), (status = 404, body = crate::Problem)))]
 pub async fn list(State(state): State<AppState>, caller: Caller, Path(stream): Path<String>) -> ApiResult<Response> {
     let stream = StreamName::new(stream)?;
     caller.require(&Access::StreamConsume { stream: &stream })?;
@@ -45,7 +45,8 @@ pub async fn list(State(state): State<AppState>, caller: Caller, Path(stream): P
 #[utoipa::path(put, path = "/v1/streams/{stream}/consumers/{name}", tag = "consumers",
     params(("stream" = String, Path), ("name" = String, Path)),
     request_body(content = Object, description = "ConsumerConfig without `name`"),
-    responses((status = 200, description = "consumer info", body = Object), (status = 400, body = crate::Problem)))]
+    responses((status = 200, description = "consumer info", body = Object), (status = 400, body = crate::Problem),
+        (status = 404, description = "no such stream", body = crate::Problem)))]
 pub async fn put(
     State(state): State<AppState>,
     caller: Caller,
@@ -189,7 +190,8 @@ impl AckBody {
 /// `POST .../ack`: acknowledge one delivery.
 #[utoipa::path(post, path = "/v1/streams/{stream}/consumers/{name}/ack", tag = "consumers",
     params(("stream" = String, Path), ("name" = String, Path)), request_body = AckBody,
-    responses((status = 204, description = "acknowledged"), (status = 400, body = crate::Problem)))]
+    responses((status = 204, description = "acknowledged"), (status = 400, body = crate::Problem),
+        (status = 404, body = crate::Problem)))]
 pub async fn ack(
     State(state): State<AppState>,
     caller: Caller,

@@ -135,7 +135,7 @@ pub struct PrefixQuery {
 
 /// `GET /v1/kv/{bucket}/keys?prefix=`: live keys, sorted.
 #[utoipa::path(get, path = "/v1/kv/{bucket}/keys", tag = "kv", params(("bucket" = String, Path), PrefixQuery),
-    responses((status = 200, description = "keys", body = KeyList)))]
+    responses((status = 200, description = "keys", body = KeyList), (status = 404, body = crate::Problem)))]
 pub async fn keys(
     State(state): State<AppState>,
     caller: Caller,
@@ -194,7 +194,8 @@ pub async fn get_default(
         ("If-Match" = Option<String>, Header, description = "quoted revision: update only at it"),
         ("If-None-Match" = Option<String>, Header, description = "`*`: create only")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 200, description = "written", body = Written), (status = 412, body = crate::Problem)))]
+    responses((status = 200, description = "written", body = Written), (status = 404, body = crate::Problem),
+        (status = 412, body = crate::Problem)))]
 pub async fn put_key(
     State(state): State<AppState>,
     caller: Caller,

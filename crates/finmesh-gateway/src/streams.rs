@@ -165,7 +165,7 @@ fn parse_batch(body: &[u8]) -> Result<Vec<OutgoingMessage>, Box<Problem>> {
         ("Msg-Id" = Option<String>, Header, description = "deduplication id of a single message")),
     request_body(content = Vec<u8>, description = "payload, or NDJSON lines {subject, payload, encoding?, headers?, msg_id?}"),
     responses((status = 200, description = "one message: Ack; a batch: Acks", body = Ack),
-        (status = 400, body = crate::Problem), (status = 413, body = crate::Problem)))]
+        (status = 400, body = crate::Problem), (status = 404, body = crate::Problem), (status = 413, body = crate::Problem)))]
 pub async fn publish(
     State(state): State<AppState>,
     caller: Caller,

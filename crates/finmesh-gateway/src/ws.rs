@@ -25,7 +25,8 @@ use crate::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
 
 /// `GET /v1/streams/{stream}/ws`: upgrade to a WebSocket subscription.
 #[utoipa::path(get, path = "/v1/streams/{stream}/ws", tag = "streams", params(("stream" = String, Path), SubscribeQuery),
-    responses((status = 101, description = "WebSocket: text frames carry envelopes"), (status = 404, body = crate::Problem)))]
+    responses((status = 101, description = "WebSocket: text frames carry envelopes"), (status = 404, body = crate::Problem),
+        (status = 426, description = "not a WebSocket upgrade", body = crate::Problem)))]
 pub async fn ws(
     State(state): State<AppState>,
     caller: Caller,

@@ -119,10 +119,17 @@ pub(crate) fn opt_ts(t: time::OffsetDateTime) -> Option<Timestamp> {
 }
 
 /// finmesh headers from NATS headers (status pseudo-headers are not part of it).
+///
+/// async-nats keeps headers in a hash map, so the wire order is lost and the
+/// iteration order changes from one read to the next. Names are sorted to
+/// give every read of a message the same `Headers`; the values of one name
+/// keep their order.
 pub(crate) fn headers_from(h: Option<&HeaderMap>) -> Headers {
     let mut out = Headers::new();
     if let Some(h) = h {
-        for (name, values) in h.iter() {
+        let mut names: Vec<_> = h.iter().collect();
+        names.sort_by_key(|(name, _)| name.to_string());
+        for (name, values) in names {
             for v in values {
                 // NATS enforces the same rules on the wire; a header that
                 // breaks ours is skipped rather than failing the read.

@@ -307,8 +307,12 @@ impl Inner {
         token: &AckToken,
         kind: AckKind,
     ) -> Result<()> {
-        let info = api::parse_ack_subject(&token.0)
-            .ok_or_else(|| Error::invalid("ack token is not a delivery of this engine"))?;
+        let Some(info) = api::parse_ack_subject(&token.0) else {
+            // A missing stream or consumer is NotFound, as on the embedded
+            // engine, whatever the token; only then is the token invalid.
+            self.consumer_info(stream, c).await?;
+            return Err(Error::invalid("ack token is not a delivery of this engine"));
+        };
         if info.stream != stream.as_str() || info.consumer != c.as_str() {
             return Err(Error::invalid(format!(
                 "ack token belongs to consumer `{}` of `{}`",

@@ -134,9 +134,7 @@ impl Gw {
     }
 
     pub async fn with_config<H: Harness>(config: GatewayConfig) -> Self {
-        let (engine, guard) = H::start().await;
-        let state = AppState::new(engine, Authenticator::disabled(), config);
-        Gw { app: app(state.clone()), state, _guard: guard }
+        Self::build::<H>(Authenticator::disabled(), config, None).await
     }
 
     /// A gateway that verifies tokens with `auth`, serving `/oauth/token`
