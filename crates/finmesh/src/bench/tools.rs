@@ -26,11 +26,16 @@ pub const WRK_ENV: &str = "FINMESH_WRK";
 /// Path nginx serves its static value at.
 pub const NGINX_PATH: &str = "/v";
 
-/// Find `program` (`$env_var`, else `PATH`); the error names `apt_package`.
+/// Find `program`: `$env_var`, else `PATH`, else `/usr/sbin` (Debian's
+/// nginx, not on a normal user's `PATH`); the error names `apt_package`.
 pub fn find_tool(program: &'static str, env_var: &str, apt_package: &str) -> anyhow::Result<PathBuf> {
     let hint = format!("install the Debian package `{apt_package}` (apt-get install {apt_package}) or set {env_var}");
-    finmesh_testkit::binary::find_binary(program, None, env_var, &hint)
-        .with_context(|| format!("the gateway benchmarks need {program}"))
+    let found = finmesh_testkit::binary::find_binary(program, None, env_var, &hint);
+    let sbin = Path::new("/usr/sbin").join(program);
+    match found {
+        Err(_) if std::env::var_os(env_var).is_none() && sbin.is_file() => Ok(sbin),
+        other => other.with_context(|| format!("the gateway benchmarks need {program}")),
+    }
 }
 
 /// The nginx configuration for a server rooted in `prefix`.
