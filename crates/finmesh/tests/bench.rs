@@ -1,12 +1,18 @@
 //! `finmesh bench` end to end on tiny settings: every scenario family runs
 //! against the real engine and a real nats-server, the JSON report has every
-//! figure for every run, and the ratios the issue asks for.
+//! figure for every run, and the ratios the issue asks for. The gateway
+//! families also run against real nginx and wrk (scripts/test installs
+//! them); without them the harness names the package to install.
 
 use std::process::Command;
 
 use serde_json::Value;
 
-fn bench(args: &[&str]) -> Value {
+/// The engine families (everything but `gateway-*`).
+const ENGINE_FAMILIES: [&str; 6] =
+    ["fsync", "embedded-publish", "nats-publish", "embedded-kv", "nats-kv", "nats-mirror"];
+
+fn run_bench(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_finmesh"))
         .arg("bench")
@@ -14,11 +20,17 @@ fn bench(args: &[&str]) -> Value {
         .arg("--dir")
         .arg(dir.path())
         .args(["--json", "--duration-secs", "0.2"])
+        .envs(env.iter().copied())
         .output()
         .expect("run finmesh bench");
-    assert!(out.status.success(), "bench failed:\n{}", String::from_utf8_lossy(&out.stderr));
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert!(leftovers.is_empty(), "bench left files behind: {leftovers:?}");
+    out
+}
+
+fn bench(args: &[&str]) -> Value {
+    let out = run_bench(args, &[]);
+    assert!(out.status.success(), "bench failed:\n{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("bench --json prints JSON")
 }
 
@@ -32,8 +44,12 @@ fn result<'a>(report: &'a Value, id: &str) -> &'a Value {
 }
 
 #[test]
-fn every_scenario_reports_every_run_and_the_ratios() {
-    let report = bench(&["--runs", "2", "--kv-keys", "3000", "--nats-kv-keys", "1000", "--mirror-puts", "50"]);
+fn every_engine_scenario_reports_every_run_and_the_ratios() {
+    let mut args = vec!["--runs", "2", "--kv-keys", "3000", "--nats-kv-keys", "1000", "--mirror-puts", "50"];
+    for family in ENGINE_FAMILIES {
+        args.extend(["--scenario", family]);
+    }
+    let report = bench(&args);
     assert_eq!(report["runs"], 2);
     assert_eq!(report["publish_payload_bytes"], 128);
     assert_eq!(report["kv_value_bytes"], 256);
@@ -114,4 +130,74 @@ fn mirror_scenario_times_every_put_on_loopback_and_through_the_40ms_proxy() {
     // Through the proxy every put waits at least its 40 ms one-way delay.
     assert!(proxied["p50_us"].as_f64().unwrap() >= 40_000.0, "{proxied}");
     assert!(loopback["p50_us"].as_f64().unwrap() < 40_000.0, "{loopback}");
+}
+
+#[test]
+fn gateway_scenarios_measure_the_gateway_and_its_peers_with_every_ratio() {
+    let report = bench(&["--runs", "1", "--only", "gateway"]);
+    assert_eq!(
+        report["scenarios"],
+        serde_json::json!(["gateway-kv", "gateway-nats-kv", "gateway-publish", "gateway-tls"])
+    );
+    let ids = [
+        ("gateway.kv.get.http", "req/s"),
+        ("nginx.static.http", "req/s"),
+        ("gateway.kv.get.https", "req/s"),
+        ("nginx.static.https", "req/s"),
+        ("gateway.nats.kv.get.http", "req/s"),
+        ("nats.kv.get.64-tasks", "req/s"),
+        ("gateway.publish.ndjson-100", "msgs/s"),
+        ("embedded.publish.batch-100.4-tasks", "msgs/s"),
+        ("gateway.tls.new-conn", "conns/s"),
+        ("nginx.tls.new-conn", "conns/s"),
+    ];
+    for (id, unit) in ids {
+        let r = result(&report, id);
+        assert_eq!(r["unit"], unit, "{id}");
+        assert!(r["median"].as_f64().unwrap() > 0.0, "{id}: {r}");
+        assert!(r["p99_us"].as_f64().unwrap() >= r["p50_us"].as_f64().unwrap(), "{id}: {r}");
+        assert!(r["p50_us"].as_f64().unwrap() > 0.0, "{id}: {r}");
+    }
+    let ratios = report["ratios"].as_array().unwrap();
+    let ratio = |id: &str| {
+        let r = ratios.iter().find(|r| r["id"] == id).unwrap_or_else(|| panic!("no ratio {id} in {ratios:?}"));
+        r["per_run"][0].as_f64().unwrap()
+    };
+    // Each ratio divides the figures of its label, within the run.
+    let value = |id: &str| result(&report, id)["per_run"][0].as_f64().unwrap();
+    let p99 = |id: &str| result(&report, id)["p99_us"].as_f64().unwrap();
+    assert!(
+        (ratio("gateway-kv-vs-nginx-http") - value("gateway.kv.get.http") / value("nginx.static.http")).abs() < 1e-9
+    );
+    assert!(
+        (ratio("gateway-kv-p99-vs-nginx-https") - p99("gateway.kv.get.https") / p99("nginx.static.https")).abs() < 1e-9
+    );
+    for id in [
+        "gateway-kv-vs-nginx-https",
+        "gateway-kv-p99-vs-nginx-http",
+        "gateway-nats-kv-vs-async-nats",
+        "gateway-publish-vs-in-process",
+        "gateway-tls-conns-vs-nginx",
+        "gateway-tls-handshake-p99-vs-nginx",
+    ] {
+        assert!(ratio(id) > 0.0, "{id}");
+    }
+}
+
+#[test]
+fn without_wrk_and_nginx_the_error_names_the_package_and_publish_still_runs() {
+    let missing = [("FINMESH_WRK", "/nonexistent/wrk"), ("FINMESH_NGINX", "/nonexistent/nginx")];
+    let out = run_bench(&["--runs", "1", "--only", "gateway-kv"], &missing);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("apt-get install wrk"), "{stderr}");
+
+    let out = run_bench(&["--runs", "1", "--only", "gateway-tls"], &missing);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("apt-get install nginx"));
+
+    // The publish family needs neither.
+    let out = run_bench(&["--runs", "1", "--only", "gateway-publish"], &missing);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(result(&report, "gateway.publish.ndjson-100")["median"].as_f64().unwrap() > 0.0);
 }

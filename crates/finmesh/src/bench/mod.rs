@@ -16,6 +16,12 @@
 //! - [`nats_kv`]: NATS KV put/get for comparison;
 //! - [`nats_mirror`]: hub → leaf KV mirror propagation latency, on loopback
 //!   and through a 40 ms delaying proxy.
+//! - [`gateway`]: `finmesh serve` (a child process, auth on) under wrk next
+//!   to nginx (`gateway-kv`), on the NATS engine next to async-nats
+//!   (`gateway-nats-kv`), NDJSON publish next to in-process `publish_batch`
+//!   (`gateway-publish`); [`tls_conn`]: new TLS connections per second next
+//!   to nginx (`gateway-tls`). These need `wrk` and `nginx` (Debian
+//!   packages of those names) except `gateway-publish`.
 //!
 //! Payloads: 128 bytes per published message, 256 bytes per KV value. Every
 //! scenario's data lives in a temporary directory under `--dir` (default
@@ -25,11 +31,15 @@
 mod embedded_kv;
 mod embedded_publish;
 mod fsync;
+mod gateway;
 mod measure;
 mod nats_kv;
 mod nats_mirror;
 mod nats_publish;
+mod node;
 mod report;
+mod tls_conn;
+mod tools;
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -63,17 +73,38 @@ pub enum Scenario {
     NatsKv,
     /// Hub → leaf KV mirror propagation latency.
     NatsMirror,
+    /// Gateway KV GET (embedded engine) vs nginx, HTTP and HTTPS, with wrk.
+    GatewayKv,
+    /// Gateway KV GET on the NATS engine vs async-nats KV get.
+    GatewayNatsKv,
+    /// Gateway NDJSON publish vs in-process publish_batch.
+    GatewayPublish,
+    /// New TLS connections per second, gateway vs nginx.
+    GatewayTls,
+    /// All four gateway families.
+    Gateway,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 6] = [
+    const ALL: [Scenario; 10] = [
         Scenario::Fsync,
         Scenario::EmbeddedPublish,
         Scenario::NatsPublish,
         Scenario::EmbeddedKv,
         Scenario::NatsKv,
         Scenario::NatsMirror,
+        Scenario::GatewayKv,
+        Scenario::GatewayNatsKv,
+        Scenario::GatewayPublish,
+        Scenario::GatewayTls,
     ];
+
+    /// Is `self` selected by `chosen` (empty = all)?
+    fn selected_by(self, chosen: &[Scenario]) -> bool {
+        chosen.is_empty()
+            || chosen.contains(&self)
+            || (chosen.contains(&Scenario::Gateway) && self.name().starts_with("gateway-"))
+    }
 
     async fn run(self, ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
         match self {
@@ -83,6 +114,11 @@ impl Scenario {
             Scenario::EmbeddedKv => embedded_kv::run(ctx).await,
             Scenario::NatsKv => nats_kv::run(ctx).await,
             Scenario::NatsMirror => nats_mirror::run(ctx).await,
+            Scenario::GatewayKv => gateway::run_kv(ctx).await,
+            Scenario::GatewayNatsKv => gateway::run_nats_kv(ctx).await,
+            Scenario::GatewayPublish => gateway::run_publish(ctx).await,
+            Scenario::GatewayTls => tls_conn::run(ctx).await,
+            Scenario::Gateway => Ok(Vec::new()),
         }
     }
 
@@ -94,6 +130,11 @@ impl Scenario {
             Scenario::EmbeddedKv => "embedded-kv",
             Scenario::NatsKv => "nats-kv",
             Scenario::NatsMirror => "nats-mirror",
+            Scenario::GatewayKv => "gateway-kv",
+            Scenario::GatewayNatsKv => "gateway-nats-kv",
+            Scenario::GatewayPublish => "gateway-publish",
+            Scenario::GatewayTls => "gateway-tls",
+            Scenario::Gateway => "gateway",
         }
     }
 }
@@ -107,8 +148,9 @@ pub struct BenchArgs {
     /// Length of each measured window, in seconds (after a short warm-up).
     #[arg(long, default_value_t = 2.0)]
     duration_secs: f64,
-    /// Run only these scenario families (repeat the flag; default: all).
-    #[arg(long = "scenario", value_enum)]
+    /// Run only these scenario families (repeat the flag; default: all);
+    /// `gateway` selects the four `gateway-*` families.
+    #[arg(long = "scenario", visible_alias = "only", value_enum)]
     scenarios: Vec<Scenario>,
     /// Keys loaded into the embedded engine's KV bucket.
     #[arg(long, default_value_t = 1_000_000)]
@@ -179,8 +221,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         nats_kv_keys: args.nats_kv_keys,
         mirror_puts: args.mirror_puts,
     };
-    let scenarios: Vec<Scenario> =
-        Scenario::ALL.into_iter().filter(|s| args.scenarios.is_empty() || args.scenarios.contains(s)).collect();
+    let scenarios: Vec<Scenario> = Scenario::ALL.into_iter().filter(|s| s.selected_by(&args.scenarios)).collect();
     let machine = report::Machine::probe(&dir, same_filesystem(&dir, Path::new(".")));
     eprintln!(
         "finmesh bench: {} run(s) of [{}], {} s windows, data under {}",

@@ -12,7 +12,10 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::measure::Measurement;
-use super::{BenchArgs, KV_VALUE, PUBLISH_PAYLOAD, embedded_kv, embedded_publish, fsync, nats_kv, nats_publish};
+use super::{
+    BenchArgs, KV_VALUE, PUBLISH_PAYLOAD, embedded_kv, embedded_publish, fsync, gateway, nats_kv, nats_publish,
+    tls_conn,
+};
 
 /// The machine the figures come from.
 #[derive(Debug, Clone, Serialize)]
@@ -101,8 +104,98 @@ pub struct Ratio {
     pub per_run: Vec<f64>,
 }
 
-/// (id, label, numerator, denominator, factor): ratio = numerator / (factor × denominator).
-fn ratio_definitions() -> Vec<(&'static str, &'static str, String, String, f64)> {
+/// Which field of a figure a ratio divides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    /// The rate (or size).
+    Value,
+    /// The p99 latency.
+    P99,
+}
+
+impl Field {
+    fn of(self, m: &Measurement) -> Option<f64> {
+        match self {
+            Field::Value => Some(m.value),
+            Field::P99 => m.p99_us,
+        }
+    }
+}
+
+/// Ratios of the gateway scenarios: (id, label, numerator, denominator, field).
+fn gateway_ratios() -> Vec<(&'static str, &'static str, &'static str, &'static str, Field)> {
+    use gateway::*;
+    vec![
+        (
+            "gateway-kv-vs-nginx-http",
+            "gateway KV GET / nginx static, req/s, HTTP (target ≥ 0.80)",
+            KV_HTTP,
+            NGINX_HTTP,
+            Field::Value,
+        ),
+        (
+            "gateway-kv-p99-vs-nginx-http",
+            "gateway KV GET p99 / nginx p99, HTTP (target ≤ 1)",
+            KV_HTTP,
+            NGINX_HTTP,
+            Field::P99,
+        ),
+        (
+            "gateway-kv-vs-nginx-https",
+            "gateway KV GET / nginx static, req/s, HTTPS (target ≥ 0.80)",
+            KV_HTTPS,
+            NGINX_HTTPS,
+            Field::Value,
+        ),
+        (
+            "gateway-kv-p99-vs-nginx-https",
+            "gateway KV GET p99 / nginx p99, HTTPS (target ≤ 1)",
+            KV_HTTPS,
+            NGINX_HTTPS,
+            Field::P99,
+        ),
+        (
+            "gateway-nats-kv-vs-async-nats",
+            "gateway KV GET on NATS / async-nats KV get, 64 concurrent",
+            NATS_KV_HTTP,
+            NATS_KV_DIRECT,
+            Field::Value,
+        ),
+        (
+            "gateway-publish-vs-in-process",
+            "gateway NDJSON publish / in-process publish_batch, 4 clients",
+            PUBLISH_HTTP,
+            PUBLISH_IN_PROCESS,
+            Field::Value,
+        ),
+        (
+            "gateway-tls-conns-vs-nginx",
+            "gateway new TLS conns/s / nginx",
+            tls_conn::GATEWAY,
+            tls_conn::NGINX,
+            Field::Value,
+        ),
+        (
+            "gateway-tls-handshake-p99-vs-nginx",
+            "gateway TLS handshake p99 / nginx",
+            tls_conn::GATEWAY,
+            tls_conn::NGINX,
+            Field::P99,
+        ),
+    ]
+}
+
+/// (id, label, numerator, denominator, factor, field): ratio = numerator / (factor × denominator).
+fn ratio_definitions() -> Vec<(&'static str, &'static str, String, String, f64, Field)> {
+    let mut all: Vec<_> = engine_ratios().into_iter().map(|(id, l, n, d, f)| (id, l, n, d, f, Field::Value)).collect();
+    all.extend(
+        gateway_ratios().into_iter().map(|(id, l, n, d, field)| (id, l, n.to_owned(), d.to_owned(), 1.0, field)),
+    );
+    all
+}
+
+/// (id, label, numerator, denominator, factor) of the engine scenarios.
+fn engine_ratios() -> Vec<(&'static str, &'static str, String, String, f64)> {
     let fsync = fsync::ID.to_owned();
     let ep = embedded_publish::id;
     vec![
@@ -215,12 +308,12 @@ impl Report {
             .collect();
         let ratios = ratio_definitions()
             .into_iter()
-            .filter_map(|(id, label, num, den, factor)| {
+            .filter_map(|(id, label, num, den, factor, field)| {
                 let per_run: Vec<f64> = runs
                     .iter()
                     .filter_map(|run| {
-                        let n = run.iter().find(|m| m.id == num)?.value;
-                        let d = run.iter().find(|m| m.id == den)?.value;
+                        let n = field.of(run.iter().find(|m| m.id == num)?)?;
+                        let d = field.of(run.iter().find(|m| m.id == den)?)?;
                         (d > 0.0).then(|| n / (factor * d))
                     })
                     .collect();

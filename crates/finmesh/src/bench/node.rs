@@ -1,0 +1,144 @@
+//! `finmesh serve` as a child process of the benchmark: the same binary
+//! (`std::env::current_exe()`, so a release bench measures a release
+//! gateway), authentication on, as users run it.
+//!
+//! The child's stdout and stderr go to a log file in its directory; start-up
+//! polls that file (with a deadline) for the `listening on <url>` line and
+//! takes the admin token printed on the first start. Its configuration file
+//! raises only the per-client rate limit (default 1000/s, which a load
+//! generator on one token would hit at once) and the concurrency cap; the
+//! limiter itself still runs on every request. The child is SIGKILLed and
+//! reaped on drop, before its directory is removed.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use finmesh_testkit::process::ServerProcess;
+
+/// How long `finmesh serve` may take to print its URL.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The configuration the benchmark runs `serve` with.
+pub const SERVE_CONFIG: &str = "\
+[limits]
+max_concurrent_requests = 4096
+
+[limits.rate]
+per_second = 1000000000
+burst = 1000000000
+";
+
+/// Which engine, and TLS or not.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// `Some(url)`: `--engine nats --nats-servers url`; else embedded.
+    pub nats_url: Option<String>,
+    /// `Some((cert, key))`: serve HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// A running `finmesh serve`.
+#[derive(Debug)]
+pub struct Node {
+    process: ServerProcess,
+    /// `http://127.0.0.1:<port>` or `https://...`.
+    pub url: String,
+    /// The admin token printed at the first start in this data directory.
+    pub token: Option<String>,
+}
+
+impl Node {
+    /// Start `finmesh serve` with its data, config and log under `dir`.
+    /// A second start on the same `dir` keeps the node secret (no new token).
+    pub async fn start(dir: &Path, options: &NodeOptions) -> anyhow::Result<Node> {
+        let exe = std::env::current_exe().context("locating the finmesh binary")?;
+        let config = dir.join("serve.toml");
+        std::fs::write(&config, SERVE_CONFIG)?;
+        let log = dir.join(if options.tls.is_some() { "serve-tls.log" } else { "serve.log" });
+        let mut command = std::process::Command::new(exe);
+        command
+            .args(["--log", "warn", "serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.join("data"));
+        for var in ["FINMESH_LISTEN", "FINMESH_ENGINE", "FINMESH_DATA_DIR", "FINMESH_NATS_SERVERS", "FINMESH_LOG"] {
+            command.env_remove(var);
+        }
+        if let Some(url) = &options.nats_url {
+            command.args(["--engine", "nats", "--nats-servers", url]);
+        }
+        if let Some((cert, key)) = &options.tls {
+            command.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+        let mut process = ServerProcess::spawn("finmesh serve", command, &log)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = process.try_exit_status()? {
+                anyhow::bail!("{}", process.exited_error(status));
+            }
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some((url, token)) = parse_start_lines(&text) {
+                return Ok(Node { process, url, token });
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{}", process.not_ready_error(START_TIMEOUT));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGTERM (the drain), then SIGKILL after a grace period.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.process.stop(finmesh_testkit::process::STOP_GRACE).await.map(drop).context("stopping finmesh serve")
+    }
+}
+
+/// The URL from `listening on <url>` and the admin token, once the URL line
+/// is there.
+fn parse_start_lines(text: &str) -> Option<(String, Option<String>)> {
+    let url = text.lines().find_map(|l| l.strip_prefix("listening on "))?;
+    let token = text
+        .lines()
+        .find(|l| l.starts_with("admin token (shown once"))
+        .and_then(|l| l.split_once("): "))
+        .map(|(_, t)| t.trim().to_owned());
+    Some((url.trim().to_owned(), token))
+}
+
+/// A reqwest client for set-up calls, trusting `cert` when given.
+pub fn http_client(cert: Option<&Path>) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+    if let Some(cert) = cert {
+        let pem = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
+    Ok(builder.build()?)
+}
+
+/// Send a set-up request and fail unless it answers 2xx.
+pub async fn expect_ok(request: reqwest::RequestBuilder, what: &str) -> anyhow::Result<bytes::Bytes> {
+    let response = request.send().await.with_context(|| what.to_owned())?;
+    let status = response.status();
+    let body = response.bytes().await?;
+    anyhow::ensure!(status.is_success(), "{what}: {status}: {}", String::from_utf8_lossy(&body));
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_lines_give_the_url_and_the_token() {
+        let first = "admin token (shown once, valid 30 days): eyJ.a.b\nissue more with: ...\nlistening on http://127.0.0.1:4100\n";
+        assert_eq!(parse_start_lines(first), Some(("http://127.0.0.1:4100".to_owned(), Some("eyJ.a.b".to_owned()))));
+        assert_eq!(parse_start_lines("admin token (shown once, valid 30 days): x\n"), None);
+        assert_eq!(parse_start_lines("listening on https://h:1\n"), Some(("https://h:1".to_owned(), None)));
+    }
+
+    #[test]
+    fn the_serve_config_is_valid_and_lifts_the_rate_limit() {
+        let config = crate::config::ServeConfig::parse(SERVE_CONFIG, Path::new("serve.toml")).unwrap();
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        assert_eq!(config.limits.rate.unwrap().per_second, 1_000_000_000);
+    }
+}
