@@ -13,7 +13,12 @@
 //!   and `interval(100 ms)`, 1 publisher, 16 publishers, batches of 100;
 //! - [`nats_publish`]: JetStream publish on a real nats-server;
 //! - [`embedded_kv`]: KV put/get over N keys and memory (child processes);
-//! - [`nats_kv`]: NATS KV put/get for comparison.
+//! - [`nats_kv`]: NATS KV put/get for comparison;
+//! - [`nats_engine`] (`nats-engine-publish`) and [`nats_engine_kv`]
+//!   (`nats-engine-kv`): every embedded publish and KV scenario through the
+//!   NATS engine and through raw async-nats side by side, on one server
+//!   and on a 3-node R3 cluster; the report gives engine/raw ratios of
+//!   throughput and p99.
 //!
 //! Payloads: 128 bytes per published message, 256 bytes per KV value. Every
 //! scenario's data lives in a temporary directory under `--dir` (default
@@ -24,6 +29,8 @@ mod embedded_kv;
 mod embedded_publish;
 mod fsync;
 mod measure;
+mod nats_engine;
+mod nats_engine_kv;
 mod nats_kv;
 mod nats_publish;
 mod report;
@@ -58,11 +65,22 @@ pub enum Scenario {
     EmbeddedKv,
     /// nats-server KV put/get.
     NatsKv,
+    /// NATS engine vs raw async-nats publish, single server and R3 cluster.
+    NatsEnginePublish,
+    /// NATS engine vs raw async-nats KV, single server and R3 cluster.
+    NatsEngineKv,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] =
-        [Scenario::Fsync, Scenario::EmbeddedPublish, Scenario::NatsPublish, Scenario::EmbeddedKv, Scenario::NatsKv];
+    const ALL: [Scenario; 7] = [
+        Scenario::Fsync,
+        Scenario::EmbeddedPublish,
+        Scenario::NatsPublish,
+        Scenario::EmbeddedKv,
+        Scenario::NatsKv,
+        Scenario::NatsEnginePublish,
+        Scenario::NatsEngineKv,
+    ];
 
     async fn run(self, ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
         match self {
@@ -71,6 +89,8 @@ impl Scenario {
             Scenario::NatsPublish => nats_publish::run(ctx).await,
             Scenario::EmbeddedKv => embedded_kv::run(ctx).await,
             Scenario::NatsKv => nats_kv::run(ctx).await,
+            Scenario::NatsEnginePublish => nats_engine::run_publish(ctx).await,
+            Scenario::NatsEngineKv => nats_engine_kv::run(ctx).await,
         }
     }
 
@@ -81,6 +101,8 @@ impl Scenario {
             Scenario::NatsPublish => "nats-publish",
             Scenario::EmbeddedKv => "embedded-kv",
             Scenario::NatsKv => "nats-kv",
+            Scenario::NatsEnginePublish => "nats-engine-publish",
+            Scenario::NatsEngineKv => "nats-engine-kv",
         }
     }
 }

@@ -12,7 +12,9 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::measure::Measurement;
-use super::{BenchArgs, KV_VALUE, PUBLISH_PAYLOAD, embedded_kv, embedded_publish, fsync, nats_kv, nats_publish};
+use super::{
+    BenchArgs, KV_VALUE, PUBLISH_PAYLOAD, embedded_kv, embedded_publish, fsync, nats_engine, nats_kv, nats_publish,
+};
 
 /// The machine the figures come from.
 #[derive(Debug, Clone, Serialize)]
@@ -90,58 +92,105 @@ pub struct Aggregate {
 #[derive(Debug, Clone, Serialize)]
 pub struct Ratio {
     /// Stable id.
-    pub id: &'static str,
+    pub id: String,
     /// How it is computed, for humans.
-    pub label: &'static str,
+    pub label: String,
     /// Median of the per-run ratios.
     pub median: f64,
     /// Every run's ratio.
     pub per_run: Vec<f64>,
 }
 
-/// (id, label, numerator, denominator, factor): ratio = numerator / (factor × denominator).
-fn ratio_definitions() -> Vec<(&'static str, &'static str, String, String, f64)> {
+/// Which figure of a measurement a ratio divides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Metric {
+    /// The rate (or size).
+    Value,
+    /// The 99th percentile latency.
+    P99,
+}
+
+impl Metric {
+    fn of(self, m: &Measurement) -> Option<f64> {
+        match self {
+            Metric::Value => Some(m.value),
+            Metric::P99 => m.p99_us,
+        }
+    }
+}
+
+/// One ratio: `metric(numerator) / (factor × metric(denominator))`.
+struct RatioDef {
+    id: String,
+    label: String,
+    num: String,
+    den: String,
+    factor: f64,
+    metric: Metric,
+}
+
+fn def(id: &str, label: &str, num: String, den: String, factor: f64) -> RatioDef {
+    RatioDef { id: id.to_owned(), label: label.to_owned(), num, den, factor, metric: Metric::Value }
+}
+
+fn ratio_definitions() -> Vec<RatioDef> {
     let fsync = fsync::ID.to_owned();
     let ep = embedded_publish::id;
-    vec![
-        ("group-commit", "embedded always 16-pub / (16 × fsync/s)", ep("always", "16-pub"), fsync.clone(), 16.0),
-        (
+    let mut defs = vec![
+        def("group-commit", "embedded always 16-pub / (16 × fsync/s)", ep("always", "16-pub"), fsync.clone(), 16.0),
+        def(
             "batch-vs-nats-async",
             "embedded interval batch-100 / NATS async publish",
             ep("interval", "batch-100"),
             nats_publish::ASYNC.to_owned(),
             1.0,
         ),
-        ("always-1-pub-vs-fsync", "embedded always 1-pub / fsync/s", ep("always", "1-pub"), fsync, 1.0),
-        (
+        def("always-1-pub-vs-fsync", "embedded always 1-pub / fsync/s", ep("always", "1-pub"), fsync, 1.0),
+        def(
             "interval-1-pub-vs-nats",
             "embedded interval 1-pub / NATS 1-pub",
             ep("interval", "1-pub"),
             nats_publish::ACK_EACH.to_owned(),
             1.0,
         ),
-        (
+        def(
             "interval-16-pub-vs-nats",
             "embedded interval 16-pub / NATS 16-pub",
             ep("interval", "16-pub"),
             nats_publish::CONCURRENT.to_owned(),
             1.0,
         ),
-        (
+        def(
             "always-16-pub-vs-nats-always",
             "embedded always 16-pub / NATS sync_interval:always 16-pub",
             ep("always", "16-pub"),
             nats_publish::ALWAYS_CONCURRENT.to_owned(),
             1.0,
         ),
-        (
+        def(
             "kv-get-vs-nats",
             "embedded KV get 1 task / NATS KV get 1 connection",
             embedded_kv::GET_1.to_owned(),
             nats_kv::GET_1.to_owned(),
             1.0,
         ),
-    ]
+    ];
+    // The NATS engine over raw async-nats: throughput (target ≥ 0.85) and
+    // p99 (target ≤ 1.20), for every operation and deployment.
+    for (engine, raw) in nats_engine::ratio_pairs() {
+        let op = engine.trim_start_matches("nats-engine.");
+        for (metric, what) in [(Metric::Value, "throughput"), (Metric::P99, "p99")] {
+            defs.push(RatioDef {
+                id: format!("nats-engine-vs-raw.{op}.{what}"),
+                label: format!("NATS engine / raw async-nats {what}, {op}"),
+                num: engine.clone(),
+                den: raw.clone(),
+                factor: 1.0,
+                metric,
+            });
+        }
+    }
+    defs
 }
 
 /// The whole report.
@@ -210,16 +259,16 @@ impl Report {
             .collect();
         let ratios = ratio_definitions()
             .into_iter()
-            .filter_map(|(id, label, num, den, factor)| {
+            .filter_map(|d| {
                 let per_run: Vec<f64> = runs
                     .iter()
                     .filter_map(|run| {
-                        let n = run.iter().find(|m| m.id == num)?.value;
-                        let d = run.iter().find(|m| m.id == den)?.value;
-                        (d > 0.0).then(|| n / (factor * d))
+                        let n = d.metric.of(run.iter().find(|m| m.id == d.num)?)?;
+                        let v = d.metric.of(run.iter().find(|m| m.id == d.den)?)?;
+                        (v > 0.0).then(|| n / (d.factor * v))
                     })
                     .collect();
-                Some(Ratio { id, label, median: median(&per_run)?, per_run })
+                Some(Ratio { id: d.id, label: d.label, median: median(&per_run)?, per_run })
             })
             .collect();
         Report {
