@@ -91,15 +91,19 @@ pub(crate) async fn request<T: DeserializeOwned>(
     let payload = serde_json::to_vec(body).map_err(|e| Error::internal(format!("{what}: encode request: {e}")))?;
     let req = async_nats::Request::new().payload(payload.into()).timeout(Some(timeout));
     let msg = client.send_request(format!("{prefix}.{subject}"), req).await.map_err(|e| map_request_error(e, what))?;
-    decode_reply(&msg.payload, what)
+    decode_reply(&msg.payload, || what)
 }
 
-/// Decode a JSON reply that may be an API error.
-pub(crate) fn decode_reply<T: DeserializeOwned>(payload: &[u8], what: &str) -> Result<T> {
+/// Decode a JSON reply that may be an API error; `what` (made only on an
+/// error) names the request.
+pub(crate) fn decode_reply<T: DeserializeOwned, W: std::fmt::Display>(
+    payload: &[u8],
+    what: impl FnOnce() -> W,
+) -> Result<T> {
     match serde_json::from_slice::<Reply<T>>(payload) {
         Ok(Reply::Ok(v)) => Ok(v),
-        Ok(Reply::Err { error }) => Err(map_api_error(&error, what)),
-        Err(e) => Err(Error::internal(format!("{what}: unexpected reply from NATS: {e}"))),
+        Ok(Reply::Err { error }) => Err(map_api_error(&error, &what().to_string())),
+        Err(e) => Err(Error::internal(format!("{}: unexpected reply from NATS: {e}", what()))),
     }
 }
 
@@ -166,6 +170,39 @@ pub(crate) fn raw_to_message(raw: RawMessage) -> Result<Message> {
         payload: m.payload,
         time: ts(m.time),
     })
+}
+
+/// Headers a direct get adds to describe the stored message.
+const DIRECT_HEADERS: [&str; 4] = ["Nats-Stream", "Nats-Subject", "Nats-Sequence", "Nats-Time-Stamp"];
+
+/// The stored message of a direct get's reply; `None` for status 404.
+pub(crate) fn direct_reply(reply: async_nats::Message) -> Result<Option<Message>> {
+    match reply.status {
+        Some(StatusCode::NOT_FOUND) => return Ok(None),
+        Some(s) if s != StatusCode::OK => {
+            let d = reply.description.unwrap_or_default();
+            return Err(Error::unavailable(format!("direct get: NATS answered {s} {d}")));
+        }
+        _ => {}
+    }
+    let h = reply.headers.as_ref().ok_or_else(|| Error::internal("direct get: reply without headers"))?;
+    let get = |name: &str| {
+        h.get(name).map(|v| v.as_str()).ok_or_else(|| Error::internal(format!("direct get: no {name} header")))
+    };
+    let seq = get("Nats-Sequence")?.parse().map_err(|_| Error::internal("direct get: bad Nats-Sequence"))?;
+    let subject = Subject::new(get("Nats-Subject")?)?;
+    let time = time::OffsetDateTime::parse(get("Nats-Time-Stamp")?, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| Error::internal(format!("direct get: bad Nats-Time-Stamp: {e}")))?;
+    let mut headers = Headers::new();
+    for (name, values) in h.iter() {
+        if DIRECT_HEADERS.iter().any(|d| d.eq_ignore_ascii_case(AsRef::<str>::as_ref(name))) {
+            continue;
+        }
+        for v in values {
+            let _ = headers.append(name.to_string(), v.as_str().to_owned());
+        }
+    }
+    Ok(Some(Message { seq: Seq(seq), subject, headers, payload: reply.payload, time: ts(time) }))
 }
 
 /// What a JetStream delivery's reply subject says

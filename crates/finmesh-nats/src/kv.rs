@@ -15,6 +15,12 @@
 //! `max_value_size` is checked by the engine on the value alone and kept in
 //! the stream metadata `finmesh.max_value_size`; the server's `max_msg_size`
 //! is 256 bytes higher, because NATS counts the compare-and-set headers too.
+//!
+//! Reads of a key's latest entry use a direct get (`DIRECT.GET`, the
+//! message as it is stored, no JSON) when the bucket has one replica, and
+//! `STREAM.MSG.GET` (answered by the leader) when it has more: a direct get
+//! may be answered by a follower that has not applied the latest write yet,
+//! and a read after an acked write must see it.
 
 use bytes::Bytes;
 use finmesh_core::{
@@ -117,18 +123,33 @@ fn not_found(b: &BucketName) -> Error {
     Error::not_found(format!("bucket `{b}` not found"))
 }
 
+/// What reads and writes need to know about a bucket (cached per engine).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BucketMeta {
+    /// Largest value accepted.
+    pub limit: u32,
+    /// Replicas of its stream.
+    pub replicas: u8,
+}
+
 impl Inner {
     fn remember_bucket(&self, info: &BucketInfo) {
-        self.buckets.lock().insert(info.config.name.to_string(), info.config.value_size_limit());
+        let meta = BucketMeta { limit: info.config.value_size_limit(), replicas: info.config.replicas };
+        self.buckets.lock().insert(info.config.name.to_string(), meta);
+    }
+
+    /// The bucket's cached facts; `NotFound` if the bucket does not exist.
+    pub(crate) async fn bucket_meta(&self, b: &BucketName) -> Result<BucketMeta> {
+        if let Some(m) = self.buckets.lock().get(b.as_str()) {
+            return Ok(*m);
+        }
+        let info = self.bucket_info(b).await?;
+        Ok(BucketMeta { limit: info.config.value_size_limit(), replicas: info.config.replicas })
     }
 
     /// The bucket's value size limit; `NotFound` if the bucket does not exist.
     pub(crate) async fn bucket_limit(&self, b: &BucketName) -> Result<u32> {
-        if let Some(l) = self.buckets.lock().get(b.as_str()) {
-            return Ok(*l);
-        }
-        let info = self.bucket_info(b).await?;
-        Ok(info.config.value_size_limit())
+        Ok(self.bucket_meta(b).await?.limit)
     }
 
     pub(crate) async fn create_bucket(&self, config: BucketConfig) -> Result<BucketInfo> {
@@ -186,9 +207,17 @@ impl Inner {
 
     /// The latest entry of `k`, markers included.
     async fn kv_last(&self, b: &BucketName, k: &Key) -> Result<Option<KvEntry>> {
-        self.bucket_limit(b).await?;
+        let meta = self.bucket_meta(b).await?;
         let subject = key_subject(b, k)?;
-        let m = self.msg_get(&stream_name(b), &json!({ "last_by_subj": subject.as_str() })).await?;
+        let stream = stream_name(b);
+        if meta.replicas == 1 {
+            // Any failure (a bucket deleted behind the cache: no responders)
+            // falls through to the API get, which says what is wrong.
+            if let Ok(m) = self.direct_last(&stream, &subject).await {
+                return m.map(|m| entry_from(&subject_prefix(b), m)).transpose();
+            }
+        }
+        let m = self.msg_get(&stream, &json!({ "last_by_subj": subject.as_str() })).await?;
         m.map(|m| entry_from(&subject_prefix(b), m)).transpose()
     }
 

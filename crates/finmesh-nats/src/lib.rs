@@ -87,8 +87,8 @@ pub(crate) struct Inner {
     /// Entries are replaced by this engine's create/update and removed by
     /// its delete; the lock is never held across an await.
     pub streams: Mutex<HashMap<String, Arc<StreamMeta>>>,
-    /// Bucket value size limits, for the same reason.
-    pub buckets: Mutex<HashMap<String, u32>>,
+    /// Bucket value size limits and replicas, for the same reason.
+    pub buckets: Mutex<HashMap<String, kv::BucketMeta>>,
 }
 
 impl Inner {

@@ -114,7 +114,7 @@ impl Inner {
                 .payload(msg.payload.clone())
                 .timeout(Some(self.options.request_timeout));
             let err = match self.client.send_request(msg.subject.as_str().to_owned(), req).await {
-                Ok(reply) => return decode_reply(&reply.payload, &format!("publish to `{}`", msg.subject)),
+                Ok(reply) => return decode_reply(&reply.payload, || format!("publish to `{}`", msg.subject)),
                 Err(e) => api::map_request_error(e, &format!("publish to `{}`", msg.subject)),
             };
             let retry = match err.kind() {
@@ -226,7 +226,7 @@ impl Inner {
                 Some(async_nats::StatusCode::NO_RESPONDERS) => {
                     Err(Error::unavailable(format!("{what}: no responders for message {i}")))
                 }
-                _ => decode_reply(&reply.payload, &what),
+                _ => decode_reply(&reply.payload, || &what),
             };
             acks[i] = Some(r);
             received += 1;

@@ -226,6 +226,20 @@ impl Inner {
         }
     }
 
+    /// The last message on `subject` through a direct get (the stream must
+    /// allow them): the stored message itself, described by the
+    /// `Nats-Sequence`, `Nats-Subject` and `Nats-Time-Stamp` headers, or
+    /// status 404 for none.
+    pub(crate) async fn direct_last(&self, stream: &str, subject: &Subject) -> Result<Option<Message>> {
+        let req = async_nats::Request::new().timeout(Some(self.options.request_timeout));
+        let reply = self
+            .client
+            .send_request(format!("{}.DIRECT.GET.{stream}.{subject}", self.prefix), req)
+            .await
+            .map_err(|e| api::map_request_error(e, &format!("direct get from stream `{stream}`")))?;
+        api::direct_reply(reply)
+    }
+
     pub(crate) async fn get_message(&self, stream: &StreamName, seq: Seq) -> Result<Message> {
         self.stream_meta(stream).await?;
         let missing = || Error::not_found(format!("stream `{stream}` has no message {seq}"));

@@ -19,7 +19,8 @@ fn run_bench(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         .args(args)
         .arg("--dir")
         .arg(dir.path())
-        .args(["--json", "--duration-secs", "0.2"])
+        .arg("--json")
+        .args(if args.contains(&"--duration-secs") { &[][..] } else { &["--duration-secs", "0.2"][..] })
         .envs(env.iter().copied())
         .output()
         .expect("run finmesh bench");
@@ -102,6 +103,50 @@ fn every_engine_scenario_reports_every_run_and_the_ratios() {
     let fsync = &result(&report, "disk.fsync.4k")["per_run"][0];
     let expected = always16.as_f64().unwrap() / (16.0 * fsync.as_f64().unwrap());
     assert!((ratio["per_run"][0].as_f64().unwrap() - expected).abs() < 1e-9);
+}
+
+#[test]
+fn nats_engine_families_report_engine_raw_pairs_and_their_ratios() {
+    let report = bench(&[
+        "--runs",
+        "1",
+        "--scenario",
+        "nats-engine-publish",
+        "--scenario",
+        "nats-engine-kv",
+        "--nats-kv-keys",
+        "500",
+        // Long enough for a batch of 100 fsynced publishes on a busy machine.
+        "--duration-secs",
+        "0.5",
+    ]);
+    assert_eq!(report["scenarios"], serde_json::json!(["nats-engine-publish", "nats-engine-kv"]));
+    let ratios = report["ratios"].as_array().unwrap();
+    for topology in ["single", "r3"] {
+        let ops = ["default", "always"]
+            .iter()
+            .flat_map(|p| ["1-pub", "16-pub", "batch-100"].map(|m| format!("publish.{p}.{m}")))
+            .chain(["kv.put.16-tasks", "kv.get.1-task", "kv.get.2-tasks"].map(str::to_owned));
+        for op in ops {
+            for (side, peer) in [("engine", "finmesh-nats"), ("raw", "async-nats")] {
+                let r = result(&report, &format!("nats-{side}.{topology}.{op}"));
+                assert_eq!(r["peer"], peer);
+                assert!(r["median"].as_f64().unwrap() > 0.0, "{r}");
+                assert!(r["p99_us"].as_f64().unwrap() > 0.0, "{r}");
+            }
+            let engine = result(&report, &format!("nats-engine.{topology}.{op}"));
+            let raw = result(&report, &format!("nats-raw.{topology}.{op}"));
+            for (metric, field) in [("throughput", "median"), ("p99", "p99_us")] {
+                let id = format!("nats-engine-vs-raw.{topology}.{op}.{metric}");
+                let ratio = ratios.iter().find(|r| r["id"] == id.as_str()).unwrap_or_else(|| panic!("no ratio {id}"));
+                let expected = engine[field].as_f64().unwrap() / raw[field].as_f64().unwrap();
+                assert!((ratio["median"].as_f64().unwrap() - expected).abs() < 1e-9, "{id}: {ratio}");
+            }
+        }
+    }
+    // Only these families ran.
+    assert!(report["results"].as_array().unwrap().iter().all(|r| r["id"].as_str().unwrap().starts_with("nats-")));
+    assert!(result(&report, "nats-engine.r3.kv.get.1-task")["note"].as_str().unwrap().contains("R3"));
 }
 
 #[test]

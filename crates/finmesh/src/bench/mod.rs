@@ -22,6 +22,11 @@
 //!   (`gateway-publish`); [`tls_conn`]: new TLS connections per second next
 //!   to nginx (`gateway-tls`). These need `wrk` and `nginx` (Debian
 //!   packages of those names) except `gateway-publish`.
+//! - [`nats_engine`] (`nats-engine-publish`) and [`nats_engine_kv`]
+//!   (`nats-engine-kv`): every embedded publish and KV scenario through the
+//!   NATS engine and through raw async-nats side by side, on one server
+//!   and on a 3-node R3 cluster; the report gives engine/raw ratios of
+//!   throughput and p99.
 //!
 //! Payloads: 128 bytes per published message, 256 bytes per KV value. Every
 //! scenario's data lives in a temporary directory under `--dir` (default
@@ -33,6 +38,8 @@ mod embedded_publish;
 mod fsync;
 mod gateway;
 mod measure;
+mod nats_engine;
+mod nats_engine_kv;
 mod nats_kv;
 mod nats_mirror;
 mod nats_publish;
@@ -83,10 +90,14 @@ pub enum Scenario {
     GatewayTls,
     /// All four gateway families.
     Gateway,
+    /// NATS engine vs raw async-nats publish, single server and R3 cluster.
+    NatsEnginePublish,
+    /// NATS engine vs raw async-nats KV, single server and R3 cluster.
+    NatsEngineKv,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 10] = [
+    const ALL: [Scenario; 12] = [
         Scenario::Fsync,
         Scenario::EmbeddedPublish,
         Scenario::NatsPublish,
@@ -97,6 +108,8 @@ impl Scenario {
         Scenario::GatewayNatsKv,
         Scenario::GatewayPublish,
         Scenario::GatewayTls,
+        Scenario::NatsEnginePublish,
+        Scenario::NatsEngineKv,
     ];
 
     /// Is `self` selected by `chosen` (empty = all)?
@@ -119,6 +132,8 @@ impl Scenario {
             Scenario::GatewayPublish => gateway::run_publish(ctx).await,
             Scenario::GatewayTls => tls_conn::run(ctx).await,
             Scenario::Gateway => Ok(Vec::new()),
+            Scenario::NatsEnginePublish => nats_engine::run_publish(ctx).await,
+            Scenario::NatsEngineKv => nats_engine_kv::run(ctx).await,
         }
     }
 
@@ -135,6 +150,8 @@ impl Scenario {
             Scenario::GatewayPublish => "gateway-publish",
             Scenario::GatewayTls => "gateway-tls",
             Scenario::Gateway => "gateway",
+            Scenario::NatsEnginePublish => "nats-engine-publish",
+            Scenario::NatsEngineKv => "nats-engine-kv",
         }
     }
 }

@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use super::measure::Measurement;
 use super::{
-    BenchArgs, KV_VALUE, PUBLISH_PAYLOAD, embedded_kv, embedded_publish, fsync, gateway, nats_kv, nats_publish,
-    tls_conn,
+    BenchArgs, KV_VALUE, PUBLISH_PAYLOAD, embedded_kv, embedded_publish, fsync, gateway, nats_engine, nats_kv,
+    nats_publish, tls_conn,
 };
 
 /// The machine the figures come from.
@@ -95,9 +95,9 @@ pub struct Aggregate {
 #[derive(Debug, Clone, Serialize)]
 pub struct Ratio {
     /// Stable id.
-    pub id: &'static str,
+    pub id: String,
     /// How it is computed, for humans.
-    pub label: &'static str,
+    pub label: String,
     /// Median of the per-run ratios.
     pub median: f64,
     /// Every run's ratio.
@@ -186,11 +186,26 @@ fn gateway_ratios() -> Vec<(&'static str, &'static str, &'static str, &'static s
 }
 
 /// (id, label, numerator, denominator, factor, field): ratio = numerator / (factor × denominator).
-fn ratio_definitions() -> Vec<(&'static str, &'static str, String, String, f64, Field)> {
-    let mut all: Vec<_> = engine_ratios().into_iter().map(|(id, l, n, d, f)| (id, l, n, d, f, Field::Value)).collect();
+fn ratio_definitions() -> Vec<(String, String, String, String, f64, Field)> {
+    let mut all: Vec<_> = engine_ratios()
+        .into_iter()
+        .map(|(id, l, n, d, f)| (id.to_owned(), l.to_owned(), n, d, f, Field::Value))
+        .collect();
     all.extend(
-        gateway_ratios().into_iter().map(|(id, l, n, d, field)| (id, l, n.to_owned(), d.to_owned(), 1.0, field)),
+        gateway_ratios()
+            .into_iter()
+            .map(|(id, l, n, d, field)| (id.to_owned(), l.to_owned(), n.to_owned(), d.to_owned(), 1.0, field)),
     );
+    // The NATS engine over raw async-nats: throughput (target ≥ 0.85) and
+    // p99 (target ≤ 1.20), for every operation and deployment.
+    for (engine, raw) in nats_engine::ratio_pairs() {
+        let op = engine.trim_start_matches("nats-engine.").to_owned();
+        for (field, what) in [(Field::Value, "throughput"), (Field::P99, "p99")] {
+            let id = format!("nats-engine-vs-raw.{op}.{what}");
+            let label = format!("NATS engine / raw async-nats {what}, {op}");
+            all.push((id, label, engine.clone(), raw.clone(), 1.0, field));
+        }
+    }
     all
 }
 
