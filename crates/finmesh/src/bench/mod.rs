@@ -144,6 +144,9 @@ pub struct BenchContext {
     pub kv_keys: u64,
     /// Keys for the NATS KV scenarios.
     pub nats_kv_keys: u64,
+    /// The current run, from 1; side-by-side scenarios swap which side
+    /// goes first between odd and even runs.
+    pub run: u32,
 }
 
 impl BenchContext {
@@ -176,11 +179,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => std::env::temp_dir(),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ctx = BenchContext {
+    let mut ctx = BenchContext {
         dir: dir.clone(),
         duration: Duration::from_secs_f64(args.duration_secs),
         kv_keys: args.kv_keys,
         nats_kv_keys: args.nats_kv_keys,
+        run: 1,
     };
     let scenarios: Vec<Scenario> =
         Scenario::ALL.into_iter().filter(|s| args.scenarios.is_empty() || args.scenarios.contains(s)).collect();
@@ -195,6 +199,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let mut runs = Vec::new();
     for run in 1..=args.runs {
+        ctx.run = run;
         let mut measurements = Vec::new();
         for scenario in &scenarios {
             eprintln!("run {run}/{}: {} …", args.runs, scenario.name());
