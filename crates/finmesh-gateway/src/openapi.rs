@@ -7,7 +7,7 @@
 //! client (or `scripts/fuzz-api`) can trust the document. Route-specific
 //! answers are in each handler's annotation; the answers of the layers every
 //! route shares (authentication, validation of names and bodies, limits,
-//! timeouts) are added to every operation by [`LayerResponses`], and every
+//! timeouts) are added to every operation by `LayerResponses`, and every
 //! error response is declared as `application/problem+json`.
 
 use axum::Json;

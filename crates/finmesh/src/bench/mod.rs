@@ -199,6 +199,9 @@ pub struct BenchContext {
     pub nats_kv_keys: u64,
     /// Puts timed per leaf by the mirror scenario.
     pub mirror_puts: u64,
+    /// The current run, from 1; side-by-side scenarios swap which side
+    /// goes first between odd and even runs.
+    pub run: u32,
 }
 
 impl BenchContext {
@@ -231,12 +234,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => std::env::temp_dir(),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ctx = BenchContext {
+    let mut ctx = BenchContext {
         dir: dir.clone(),
         duration: Duration::from_secs_f64(args.duration_secs),
         kv_keys: args.kv_keys,
         nats_kv_keys: args.nats_kv_keys,
         mirror_puts: args.mirror_puts,
+        run: 1,
     };
     let scenarios: Vec<Scenario> = Scenario::ALL.into_iter().filter(|s| s.selected_by(&args.scenarios)).collect();
     let machine = report::Machine::probe(&dir, same_filesystem(&dir, Path::new(".")));
@@ -250,6 +254,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let mut runs = Vec::new();
     for run in 1..=args.runs {
+        ctx.run = run;
         let mut measurements = Vec::new();
         for scenario in &scenarios {
             eprintln!("run {run}/{}: {} …", args.runs, scenario.name());
