@@ -5,9 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -54,15 +52,24 @@ impl Node {
         assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, sig) }, 0);
     }
 
+    /// Wait (in a helper thread, so the wait has a deadline) for the exit.
     fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
+        let pid = self.child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            let child = &mut self.child;
+            scope.spawn(move || {
+                let _ = tx.send(child.wait());
+            });
+            match rx.recv_timeout(WAIT) {
+                Ok(status) => status.unwrap(),
+                Err(_) => {
+                    // SAFETY: kill(2) on our own child, which the thread still waits for.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                    panic!("serve did not exit within {WAIT:?}");
+                }
             }
-            assert!(Instant::now() < deadline, "serve did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        })
     }
 }
 
@@ -212,11 +219,11 @@ async fn subscribe_until_reconnect(
     client: reqwest::Client,
     url: String,
     token: String,
-    connected: Arc<AtomicBool>,
+    connected: tokio::sync::mpsc::Sender<()>,
 ) -> (Vec<u64>, bool) {
     let response = client.get(url).bearer_auth(token).send().await.unwrap();
     assert_eq!(response.status(), 200);
-    connected.store(true, Ordering::Release);
+    connected.send(()).await.unwrap();
     let mut body = response.bytes_stream();
     let (mut text, mut ids) = (String::new(), Vec::new());
     while let Some(chunk) = body.next().await {
@@ -246,17 +253,14 @@ async fn sigterm_drains_20_subscribers_and_loses_no_acked_publish() {
     assert_eq!(created.unwrap().status(), 200);
 
     let mut subscribers = Vec::new();
-    let mut flags = Vec::new();
+    let (connected_tx, mut connected) = tokio::sync::mpsc::channel(20);
     for _ in 0..20 {
-        let connected = Arc::new(AtomicBool::new(false));
-        flags.push(connected.clone());
         let url = format!("{stream}/events?from_seq=1");
-        subscribers.push(tokio::spawn(subscribe_until_reconnect(client.clone(), url, token.clone(), connected)));
+        let task = subscribe_until_reconnect(client.clone(), url, token.clone(), connected_tx.clone());
+        subscribers.push(tokio::spawn(task));
     }
-    let deadline = Instant::now() + WAIT;
-    while !flags.iter().all(|f| f.load(Ordering::Acquire)) {
-        assert!(Instant::now() < deadline, "subscribers did not connect");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    for _ in 0..20 {
+        tokio::time::timeout(WAIT, connected.recv()).await.expect("subscribers connect").unwrap();
     }
 
     // Publish load from 4 tasks until the server stops answering.

@@ -263,6 +263,29 @@ impl SseReader {
         tokio::time::timeout(wait, self.next_inner()).await.expect("no SSE event in time")
     }
 
+    /// Read until at least `n` comment lines (heartbeats) have arrived;
+    /// panics if an event arrives instead or after `wait`.
+    pub async fn comments_at_least(&mut self, n: usize, wait: Duration) {
+        let read = async {
+            while self.comments < n {
+                if let Some(end) = self.buf.find("\n\n") {
+                    let block: String = self.buf.drain(..end + 2).collect();
+                    assert!(
+                        block.lines().all(|l| l.is_empty() || l.starts_with(':')),
+                        "an event arrived while idle: {block}"
+                    );
+                    self.comments += block.lines().filter(|l| l.starts_with(':')).count();
+                    continue;
+                }
+                match self.stream.next().await {
+                    Some(Ok(chunk)) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
+                    other => panic!("the event stream ended while waiting for heartbeats: {other:?}"),
+                }
+            }
+        };
+        tokio::time::timeout(wait, read).await.expect("heartbeats in time");
+    }
+
     async fn next_inner(&mut self) -> Option<SseEvent> {
         loop {
             if let Some(end) = self.buf.find("\n\n") {
