@@ -215,9 +215,14 @@ pub async fn put_key(
         (None, true) => engine.kv_create(&bucket, &key, body).await?,
         (None, false) => engine.kv_put(&bucket, &key, body).await?,
     };
+    Ok(written(rev))
+}
+
+/// The answer to a write: the new revision in the body and as the `ETag`.
+fn written(rev: Revision) -> Response {
     let mut res = Json(Written { revision: rev.0 }).into_response();
     res.headers_mut().insert(header::ETAG, etag(rev));
-    Ok(res)
+    res
 }
 
 /// `DELETE /v1/kv/{bucket}/{key}`: write a delete marker (404 if no live value).
@@ -236,9 +241,7 @@ pub async fn delete_key(
         return Err(Error::not_found(format!("key `{key}` not found in bucket `{bucket}`")).into());
     }
     let rev = engine.kv_delete(&bucket, &key).await?;
-    let mut res = Json(Written { revision: rev.0 }).into_response();
-    res.headers_mut().insert(header::ETAG, etag(rev));
-    Ok(res)
+    Ok(written(rev))
 }
 
 /// `GET /v1/kv/{bucket}/{key}/history`: every kept entry, oldest first.
