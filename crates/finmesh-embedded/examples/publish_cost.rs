@@ -7,7 +7,10 @@
 //! ```
 //!
 //! 16 tasks publish 128-byte messages with `sync = never` (no fsync, so the
-//! count is the engine's own work) until `N` messages are acked.
+//! count is the engine's own work) until `N` messages are acked. A second
+//! argument `always` makes every publish wait for its fsync instead, to look
+//! at group commit (`RUST_LOG=finmesh_embedded=debug` prints the syncer's
+//! requests per fsync); the rate is printed at the end.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +30,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let engine = EmbeddedEngine::open(dir.path())?;
     let stream = StreamName::new("cost")?;
     let mut config = StreamConfig::new(stream.clone(), vec![SubjectPattern::new("cost.>")?]);
-    config.sync = SyncPolicy::Never;
+    config.sync = match std::env::args().nth(2).as_deref() {
+        Some("always") => SyncPolicy::Always,
+        _ => SyncPolicy::Never,
+    };
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    }
+    let started = std::time::Instant::now();
     engine.create_stream(config).await?;
     let subject = Subject::new("cost.x")?;
     let payload = Bytes::from(vec![0x5a; 128]);
@@ -46,6 +56,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for t in tasks {
         t.await??;
     }
+    let elapsed = started.elapsed();
+    eprintln!("{total} msgs in {elapsed:.2?}: {:.0} msgs/s", total as f64 / elapsed.as_secs_f64());
     let info = engine.stream_info(&stream).await?;
     assert_eq!(info.state.messages, total);
     engine.close().await?;
