@@ -17,10 +17,17 @@
 //! is 256 bytes higher, because NATS counts the compare-and-set headers too.
 //!
 //! Reads of a key's latest entry use a direct get (`DIRECT.GET`, the
-//! message as it is stored, no JSON) when the bucket has one replica, and
-//! `STREAM.MSG.GET` (answered by the leader) when it has more: a direct get
-//! may be answered by a follower that has not applied the latest write yet,
-//! and a read after an acked write must see it.
+//! message as it is stored, no JSON), which any replica may answer. A
+//! follower may not have applied the latest write yet, and a read after an
+//! acked write must see it: for buckets with more than one replica the
+//! request carries `min_last_seq`, the highest revision this engine has
+//! written or read in the bucket (NATS 2.12+, ADR-53). A replica whose
+//! stream is behind that hands the request to the leader; if the answer is
+//! an error anyway (an older server, a leader election) the read goes to
+//! `STREAM.MSG.GET`, answered by the leader. So reads through one engine
+//! see its own writes and never go back in time; a write made through
+//! another connection is seen once a replica has applied it (eventual,
+//! usually within a millisecond).
 
 use bytes::Bytes;
 use finmesh_core::{
@@ -28,6 +35,8 @@ use finmesh_core::{
     Result, Revision, Subject,
 };
 use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::Inner;
 use crate::streams::KV_PREFIX;
@@ -124,27 +133,51 @@ fn not_found(b: &BucketName) -> Error {
 }
 
 /// What reads and writes need to know about a bucket (cached per engine).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct BucketMeta {
     /// Largest value accepted.
     pub limit: u32,
     /// Replicas of its stream.
     pub replicas: u8,
+    /// Highest revision this engine wrote or read (`min_last_seq` of reads).
+    pub seen: Arc<AtomicU64>,
+}
+
+impl BucketMeta {
+    fn new(info: &BucketInfo) -> Self {
+        BucketMeta {
+            limit: info.config.value_size_limit(),
+            replicas: info.config.replicas,
+            seen: Arc::new(AtomicU64::new(info.last_revision.0)),
+        }
+    }
+
+    /// Note a revision written or read.
+    fn saw(&self, rev: u64) {
+        self.seen.fetch_max(rev, Ordering::AcqRel);
+    }
 }
 
 impl Inner {
     fn remember_bucket(&self, info: &BucketInfo) {
-        let meta = BucketMeta { limit: info.config.value_size_limit(), replicas: info.config.replicas };
-        self.buckets.lock().insert(info.config.name.to_string(), meta);
+        let mut meta = BucketMeta::new(info);
+        let mut buckets = self.buckets.lock();
+        if let Some(known) = buckets.get(info.config.name.as_str()) {
+            // Keep the watermark: a refresh must not weaken later reads.
+            known.saw(meta.seen.load(Ordering::Acquire));
+            meta.seen = known.seen.clone();
+        }
+        buckets.insert(info.config.name.to_string(), meta);
     }
 
     /// The bucket's cached facts; `NotFound` if the bucket does not exist.
     pub(crate) async fn bucket_meta(&self, b: &BucketName) -> Result<BucketMeta> {
         if let Some(m) = self.buckets.lock().get(b.as_str()) {
-            return Ok(*m);
+            return Ok(m.clone());
         }
         let info = self.bucket_info(b).await?;
-        Ok(BucketMeta { limit: info.config.value_size_limit(), replicas: info.config.replicas })
+        self.remember_bucket(&info);
+        Ok(self.buckets.lock().get(b.as_str()).cloned().unwrap_or_else(|| BucketMeta::new(&info)))
     }
 
     /// The bucket's value size limit; `NotFound` if the bucket does not exist.
@@ -210,14 +243,23 @@ impl Inner {
         let meta = self.bucket_meta(b).await?;
         let subject = key_subject(b, k)?;
         let stream = stream_name(b);
-        if meta.replicas == 1 {
-            // Any failure (a bucket deleted behind the cache: no responders)
-            // falls through to the API get, which says what is wrong.
-            if let Ok(m) = self.direct_last(&stream, &subject).await {
-                return m.map(|m| entry_from(&subject_prefix(b), m)).transpose();
-            }
+        // Any failure of the direct get (a bucket deleted behind the cache:
+        // no responders; a replica that cannot catch up in time) falls
+        // through to the API get, which the leader answers or says what is
+        // wrong.
+        let direct = if meta.replicas == 1 {
+            self.direct_last(&stream, &subject).await
+        } else {
+            let min = meta.seen.load(Ordering::Acquire);
+            self.direct_get(&stream, &json!({ "last_by_subj": subject.as_str(), "min_last_seq": min })).await
+        };
+        let m = match direct {
+            Ok(m) => m,
+            Err(_) => self.msg_get(&stream, &json!({ "last_by_subj": subject.as_str() })).await?,
+        };
+        if let Some(m) = &m {
+            meta.saw(m.seq.0);
         }
-        let m = self.msg_get(&stream, &json!({ "last_by_subj": subject.as_str() })).await?;
         m.map(|m| entry_from(&subject_prefix(b), m)).transpose()
     }
 
@@ -231,7 +273,12 @@ impl Inner {
             return Ok(None);
         }
         let subject = key_subject(b, k)?;
-        let m = self.msg_get(&stream_name(b), &json!({ "seq": rev.0 })).await?;
+        let stream = stream_name(b);
+        // Any replica holding `rev` may answer; see `kv_last`.
+        let m = match self.direct_get(&stream, &json!({ "seq": rev.0, "min_last_seq": rev.0 })).await {
+            Ok(m) => m,
+            Err(_) => self.msg_get(&stream, &json!({ "seq": rev.0 })).await?,
+        };
         match m {
             Some(m) if m.subject == subject => entry_from(&subject_prefix(b), m).map(Some),
             _ => Ok(None),
@@ -249,6 +296,9 @@ impl Inner {
         }
         let msg = OutgoingMessage { subject: key_subject(b, k)?, headers, payload: value };
         let ack = self.send_one(&stream_name(b), &msg).await?;
+        if let Some(meta) = self.buckets.lock().get(b.as_str()) {
+            meta.saw(ack.sequence);
+        }
         Ok(Revision(ack.sequence))
     }
 

@@ -240,6 +240,19 @@ impl Inner {
         api::direct_reply(reply)
     }
 
+    /// A direct get with a JSON request (`last_by_subj`, `seq`,
+    /// `min_last_seq`, …); the reply is read like [`Inner::direct_last`]'s.
+    pub(crate) async fn direct_get(&self, stream: &str, body: &Value) -> Result<Option<Message>> {
+        let payload = serde_json::to_vec(body).map_err(|e| Error::internal("encode a direct get").with_source(e))?;
+        let req = async_nats::Request::new().payload(payload.into()).timeout(Some(self.options.request_timeout));
+        let reply = self
+            .client
+            .send_request(format!("{}.DIRECT.GET.{stream}", self.prefix), req)
+            .await
+            .map_err(|e| api::map_request_error(e, &format!("direct get from stream `{stream}`")))?;
+        api::direct_reply(reply)
+    }
+
     pub(crate) async fn get_message(&self, stream: &StreamName, seq: Seq) -> Result<Message> {
         self.stream_meta(stream).await?;
         let missing = || Error::not_found(format!("stream `{stream}` has no message {seq}"));

@@ -9,7 +9,9 @@
 //! - killing two of three nodes: writes fail with `Unavailable` within the
 //!   request timeout; one node back and writes resume, nothing acked lost;
 //! - a restarted node catches up (asked directly through its own `/jsz`);
-//! - a KV put acked before a leader kill is read afterwards at its revision.
+//! - a KV put acked before a leader kill is read afterwards at its revision;
+//! - R3 KV reads through a follower (direct gets with `min_last_seq`) see
+//!   the engine's own writes at once.
 //!
 //! No fixed sleeps: every wait polls a condition with a deadline.
 
@@ -389,6 +391,45 @@ async fn kv_put_acked_before_a_leader_kill_keeps_its_revision() {
     let (key, value, rev) = &written[0];
     let old = engine.kv_get_revision(&bucket, key, *rev).await.unwrap().expect("old revision kept");
     assert_eq!(&old.value, value);
+    // Reads may be answered by a replica before the election ends; writes
+    // need the new leader.
+    let new_leader = leader_of(&cluster, engine.client(), "KV_cards").await;
+    assert_ne!(new_leader, leader);
     let next = engine.kv_put(&bucket, key, Bytes::from_static(b"after")).await.unwrap();
     assert!(next > written.last().unwrap().2, "{next:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r3_kv_reads_through_a_follower_see_their_own_writes() {
+    let cluster = cluster().await;
+    let admin = engine_on(cluster.urls()).await;
+    let bucket = BucketName::new("limits").unwrap();
+    admin.create_bucket(BucketConfig { replicas: 3, ..BucketConfig::new(bucket.clone()) }).await.unwrap();
+    let leader = leader_of(&cluster, admin.client(), "KV_limits").await;
+    // Connected to a follower only: its local replica answers direct gets
+    // first, and it applies each write a little after the leader acks it.
+    let follower = (leader + 1) % 3;
+    let engine = engine_on(vec![cluster.urls()[follower].clone()]).await;
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (engine, bucket) = (engine.clone(), bucket.clone());
+        tasks.push(tokio::spawn(async move {
+            let key = Key::new(format!("card{t}")).unwrap();
+            let mut last_rev = finmesh_core::Revision(0);
+            for i in 0..150u32 {
+                let value = Bytes::from(format!("{t}-{i}"));
+                let rev = engine.kv_put(&bucket, &key, value.clone()).await.unwrap();
+                let got = engine.kv_get(&bucket, &key).await.unwrap().expect("the key just written");
+                assert_eq!((&got.value, got.revision), (&value, rev), "task {t} write {i}");
+                assert!(rev > last_rev);
+                last_rev = rev;
+            }
+            // Deletes are writes too: the key reads as gone at once.
+            engine.kv_delete(&bucket, &key).await.unwrap();
+            assert_eq!(engine.kv_get(&bucket, &key).await.unwrap(), None, "task {t} after delete");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
 }
