@@ -88,7 +88,10 @@ async fn openapi_matches_docs_and_route_table<H: Harness>() {
     let served = served.json();
     let generated = finmesh_gateway::openapi::openapi_json();
     assert_eq!(served, serde_json::from_str::<serde_json::Value>(&generated).unwrap());
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+    // The runtime value (cargo and nextest set it), so that a test binary
+    // reused from a checkout at another path checks this checkout's file.
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned());
+    let path = &format!("{dir}/../../docs/openapi.json");
     if std::env::var_os("FINMESH_UPDATE_OPENAPI").is_some() {
         // Each engine's case writes it: write-then-rename so a reader never
         // sees a half-written file.

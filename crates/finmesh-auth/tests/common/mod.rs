@@ -16,7 +16,11 @@ pub const AUDIENCE: &str = "finmesh-test";
 pub const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
 
 pub fn key(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/keys").join(name)
+    // The runtime value (cargo and nextest set it): a test binary reused
+    // from a checkout at another path must still find this checkout's keys.
+    let dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    dir.join("tests/keys").join(name)
 }
 
 pub fn pem(name: &str) -> Vec<u8> {
