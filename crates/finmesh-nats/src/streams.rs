@@ -231,23 +231,23 @@ impl Inner {
     /// `Nats-Sequence`, `Nats-Subject` and `Nats-Time-Stamp` headers, or
     /// status 404 for none.
     pub(crate) async fn direct_last(&self, stream: &str, subject: &Subject) -> Result<Option<Message>> {
-        let req = async_nats::Request::new().timeout(Some(self.options.request_timeout));
-        let reply = self
-            .client
-            .send_request(format!("{}.DIRECT.GET.{stream}.{subject}", self.prefix), req)
-            .await
-            .map_err(|e| api::map_request_error(e, &format!("direct get from stream `{stream}`")))?;
-        api::direct_reply(reply)
+        let req = async_nats::Request::new();
+        self.direct_request(stream, format!("{}.DIRECT.GET.{stream}.{subject}", self.prefix), req).await
     }
 
     /// A direct get with a JSON request (`last_by_subj`, `seq`,
     /// `min_last_seq`, …); the reply is read like [`Inner::direct_last`]'s.
     pub(crate) async fn direct_get(&self, stream: &str, body: &Value) -> Result<Option<Message>> {
         let payload = serde_json::to_vec(body).map_err(|e| Error::internal("encode a direct get").with_source(e))?;
-        let req = async_nats::Request::new().payload(payload.into()).timeout(Some(self.options.request_timeout));
+        let req = async_nats::Request::new().payload(payload.into());
+        self.direct_request(stream, format!("{}.DIRECT.GET.{stream}", self.prefix), req).await
+    }
+
+    async fn direct_request(&self, stream: &str, subject: String, req: async_nats::Request) -> Result<Option<Message>> {
+        let req = req.timeout(Some(self.options.request_timeout));
         let reply = self
             .client
-            .send_request(format!("{}.DIRECT.GET.{stream}", self.prefix), req)
+            .send_request(subject, req)
             .await
             .map_err(|e| api::map_request_error(e, &format!("direct get from stream `{stream}`")))?;
         api::direct_reply(reply)
