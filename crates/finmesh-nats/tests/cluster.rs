@@ -11,7 +11,8 @@
 //! - a restarted node catches up (asked directly through its own `/jsz`);
 //! - a KV put acked before a leader kill is read afterwards at its revision;
 //! - R3 KV reads through a follower (direct gets with `min_last_seq`) see
-//!   the engine's own writes at once.
+//!   the engine's own writes at once, and every such read asks for at
+//!   least the revision the engine last wrote.
 //!
 //! No fixed sleeps: every wait polls a condition with a deadline.
 
@@ -432,4 +433,49 @@ async fn r3_kv_reads_through_a_follower_see_their_own_writes() {
     for t in tasks {
         t.await.unwrap();
     }
+}
+
+/// The read-after-write guarantee rests on the server refusing to answer
+/// from a replica behind `min_last_seq` (ADR-53); on loopback followers
+/// apply writes too fast for a test to catch one behind. What the engine
+/// must do is send the right `min_last_seq`, so watch the direct-get
+/// requests it sends (a plain subscriber on the API subject gets a copy of
+/// each request; the server's own queue subscription still answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r3_kv_reads_carry_the_revision_last_written_as_min_last_seq() {
+    use futures::StreamExt as _;
+
+    let cluster = cluster().await;
+    let engine = engine_on(cluster.urls()).await;
+    let bucket = BucketName::new("watched").unwrap();
+    engine.create_bucket(BucketConfig { replicas: 3, history: 4, ..BucketConfig::new(bucket.clone()) }).await.unwrap();
+    let mut requests = engine.client().subscribe("$JS.API.DIRECT.GET.KV_watched").await.unwrap();
+    engine.client().flush().await.unwrap();
+    let mut next_request = async || -> serde_json::Value {
+        let m = tokio::time::timeout(DEADLINE, requests.next()).await.expect("a direct get request").unwrap();
+        serde_json::from_slice(&m.payload).expect("a JSON direct get request")
+    };
+    let (a, b) = (Key::new("a").unwrap(), Key::new("b").unwrap());
+    let mut writes = Vec::new();
+    for i in 0..20u32 {
+        let key = if i % 2 == 0 { &a } else { &b };
+        let rev = engine.kv_put(&bucket, key, Bytes::from(format!("v{i}"))).await.unwrap();
+        writes.push((key.clone(), rev));
+        let got = engine.kv_get(&bucket, key).await.unwrap().expect("the key just written");
+        assert_eq!(got.revision, rev);
+        let req = next_request().await;
+        assert_eq!(req["last_by_subj"], format!("$KV.watched.{key}"), "{req}");
+        assert!(req["min_last_seq"].as_u64().is_some_and(|m| m >= rev.0), "get after writing revision {rev}: {req}");
+    }
+    // Reading another key still asks for everything written so far
+    // (monotonic reads), and a read at a revision asks for that revision.
+    let last = writes.last().unwrap().1;
+    engine.kv_get(&bucket, &a).await.unwrap();
+    let req = next_request().await;
+    assert!(req["min_last_seq"].as_u64().is_some_and(|m| m >= last.0), "{req}");
+    let (key, rev) = &writes[16];
+    let old = engine.kv_get_revision(&bucket, key, *rev).await.unwrap().expect("kept by history");
+    assert_eq!(old.revision, *rev);
+    let req = next_request().await;
+    assert_eq!((req["seq"].as_u64(), req["min_last_seq"].as_u64()), (Some(rev.0), Some(rev.0)), "{req}");
 }
