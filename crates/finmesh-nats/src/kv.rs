@@ -24,7 +24,8 @@
 //! written or read in the bucket (NATS 2.12+, ADR-53). A replica whose
 //! stream is behind that hands the request to the leader; if the answer is
 //! an error anyway (an older server, a leader election) the read goes to
-//! `STREAM.MSG.GET`, answered by the leader. So reads through one engine
+//! `STREAM.MSG.GET`, answered by the leader (always, on a server older than
+//! 2.12, which would ignore `min_last_seq`). So reads through one engine
 //! see its own writes and never go back in time; a write made through
 //! another connection is seen once a replica has applied it (eventual,
 //! usually within a millisecond).
@@ -249,6 +250,8 @@ impl Inner {
         // wrong.
         let direct = if meta.replicas == 1 {
             self.direct_last(&stream, &subject).await
+        } else if !self.replica_reads {
+            Err(Error::unavailable("this server cannot read a replica up to a revision"))
         } else {
             let min = meta.seen.load(Ordering::Acquire);
             self.direct_get(&stream, &json!({ "last_by_subj": subject.as_str(), "min_last_seq": min })).await
@@ -275,7 +278,12 @@ impl Inner {
         let subject = key_subject(b, k)?;
         let stream = stream_name(b);
         // Any replica holding `rev` may answer; see `kv_last`.
-        let m = match self.direct_get(&stream, &json!({ "seq": rev.0, "min_last_seq": rev.0 })).await {
+        let direct = if self.replica_reads {
+            self.direct_get(&stream, &json!({ "seq": rev.0, "min_last_seq": rev.0 })).await
+        } else {
+            Err(Error::unavailable("this server cannot read a replica up to a revision"))
+        };
+        let m = match direct {
             Ok(m) => m,
             Err(_) => self.msg_get(&stream, &json!({ "seq": rev.0 })).await?,
         };
