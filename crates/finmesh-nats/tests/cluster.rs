@@ -11,7 +11,11 @@
 //! - a restarted node catches up (asked directly through its own `/jsz`);
 //! - a KV put acked before a leader kill is read afterwards at its revision;
 //! - R3 KV reads through a follower (direct gets with `min_last_seq`) see
-//!   the engine's own writes at once.
+//!   the engine's own writes at once; on loopback the follower is never
+//!   behind, so this passes with or without `min_last_seq`;
+//! - the same through a replica that really lags (a node whose routes pass
+//!   delay proxies): ignored for now, it fails because nats-server 2.15.1
+//!   ignores `min_last_seq` (see the test's doc).
 //!
 //! No fixed sleeps: every wait polls a condition with a deadline.
 
@@ -432,4 +436,118 @@ async fn r3_kv_reads_through_a_follower_see_their_own_writes() {
     for t in tasks {
         t.await.unwrap();
     }
+}
+
+/// One-way delay on every route link of the slow node in the lagging-
+/// replica test, and its jitter; see that test for why both.
+const SLOW_DELAY: Duration = Duration::from_millis(25);
+const SLOW_JITTER: Duration = Duration::from_millis(20);
+
+/// Index of the node leading stream `name`, made a node other than `not`:
+/// while `not` leads, it is asked to step down (the JetStream API) until
+/// another node is elected.
+async fn leader_other_than(cluster: &NatsCluster, client: &async_nats::Client, name: &str, not: usize) -> usize {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let leader = leader_of(cluster, client, name).await;
+        if leader != not {
+            return leader;
+        }
+        assert!(Instant::now() < deadline, "n{} still leads {name} after {DEADLINE:?}", not + 1);
+        // The reply says whether the step-down was accepted; the loop
+        // checks the outcome instead.
+        let _ = client.request(format!("$JS.API.STREAM.LEADER.STEPDOWN.{name}"), Bytes::new()).await;
+        let stepped_from = Instant::now();
+        while leader_of(cluster, client, name).await == not && stepped_from.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The revision a plain direct get (no `min_last_seq`) on `client`'s
+/// server returns for the key's latest entry; `None` if the key is absent
+/// or the request fails (only reported, never asserted).
+async fn raw_direct_last_rev(client: &async_nats::Client, bucket: &str, key: &str) -> Option<u64> {
+    let body = serde_json::to_vec(&serde_json::json!({ "last_by_subj": format!("$KV.{bucket}.{key}") })).ok()?;
+    let reply = client.request(format!("$JS.API.DIRECT.GET.KV_{bucket}"), body.into()).await.ok()?;
+    let headers = reply.headers.as_ref()?;
+    headers.get("Nats-Sequence").and_then(|v| v.as_str().parse().ok())
+}
+
+/// Read-your-writes through a replica that really lags.
+///
+/// n3's routes all pass delay proxies with jitter. Why jitter: a client on
+/// n3 gets its put's ack through n3, over the same links that bring n3 the
+/// write and the leader's commit (a raft heartbeat sent right after the
+/// quorum acked); with a fixed delay they arrive in order and n3 has
+/// applied the write before the client sees the ack, so nothing lags. Raft
+/// traffic and client traffic use different route connections (the system
+/// account has its own), and jitter reorders them: in about half the rounds
+/// the ack overtakes the commit and n3's store is behind the ack (counted
+/// and asserted through n3's `/jsz`).
+///
+/// Ignored: it fails with the engine as it is (12 of 15 runs: a stale value,
+/// or none, within 30 rounds). nats-server 2.15.1 ignores `min_last_seq` (the
+/// read-after-write feature was removed again before 2.12 shipped,
+/// nats-server PR #7285; `JSApiMsgGetRequest` has no such field), so a
+/// direct get answered by n3 returns what n3 has. It passes when the engine
+/// reads R>1 buckets from the leader (3 of 3 runs). Run it with
+/// `cargo nextest run -p finmesh-nats --test cluster --run-ignored all lagging`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "nats-server 2.15.1 ignores min_last_seq: reads through a lagging replica are stale (see the doc)"]
+async fn r3_kv_reads_through_a_lagging_replica_see_their_own_writes() {
+    // n3's routes all pass delay proxies: its replica of the bucket applies
+    // writes up to SLOW_DELAY + SLOW_JITTER after n1 and n2 (the quorum).
+    const SLOW: usize = 2;
+    let cluster = NatsCluster::start_with_slow_node(3, SLOW, SLOW_DELAY).await.expect("start a cluster with a slow n3");
+    for link in cluster.slow_links() {
+        link.set_jitter(SLOW_JITTER);
+    }
+    let admin = engine_on(vec![cluster.urls()[0].clone()]).await;
+    let bucket = BucketName::new("limits").unwrap();
+    admin.create_bucket(BucketConfig { replicas: 3, ..BucketConfig::new(bucket.clone()) }).await.unwrap();
+    let leader = leader_other_than(&cluster, admin.client(), "KV_limits", SLOW).await;
+
+    // An engine connected only to the slow node: direct gets are answered
+    // by its lagging replica first.
+    let slow_url = cluster.urls()[SLOW].clone();
+    let engine = engine_on(vec![slow_url.clone()]).await;
+    let raw = async_nats::connect(slow_url.as_str()).await.unwrap();
+    let slow_http = cluster.nodes()[SLOW].config().http_port;
+    let (mut behind, mut stale_raw) = (0, 0);
+    let rounds = 30u32;
+    let started = Instant::now();
+    for i in 0..rounds {
+        let key = Key::new(format!("card{}", i % 3)).unwrap();
+        let value = Bytes::from(format!("v{i}"));
+        let rev = engine.kv_put(&bucket, &key, value.clone()).await.unwrap();
+        // The slow node's own store right at the ack, and what a plain
+        // direct get through it returns (any replica may answer that).
+        if local_last_seq(slow_http, "KV_limits").await.is_none_or(|s| s < rev.0) {
+            behind += 1;
+        }
+        if raw_direct_last_rev(&raw, "limits", key.as_str()).await.is_none_or(|r| r < rev.0) {
+            stale_raw += 1;
+        }
+        let got = engine.kv_get(&bucket, &key).await.unwrap().expect("the key just written");
+        assert_eq!((&got.value, got.revision), (&value, rev), "round {i}: get after put");
+        let at = engine.kv_get_revision(&bucket, &key, rev).await.unwrap().expect("the revision just written");
+        assert_eq!(at.value, value, "round {i}: get of the revision just written");
+    }
+    // Deletes are writes too: the key reads as gone at once.
+    let key = Key::new("card0").unwrap();
+    let del = engine.kv_delete(&bucket, &key).await.unwrap();
+    let raw_after_delete = raw_direct_last_rev(&raw, "limits", key.as_str()).await;
+    assert_eq!(engine.kv_get(&bucket, &key).await.unwrap(), None, "get after delete");
+    eprintln!(
+        "leader n{}; {rounds} put-then-get rounds through slow n3 in {:?}; n3's store was behind the ack \
+         {behind}/{rounds} times, a plain direct get through n3 right after the put was stale {stale_raw}/{rounds} \
+         times; after the delete (rev {}) it returned rev {raw_after_delete:?}",
+        leader + 1,
+        started.elapsed(),
+        del.0
+    );
+    // The lag is real: n3 often has not applied a write when its ack
+    // reaches the client.
+    assert!(behind >= 3, "n3 was behind only {behind}/{rounds} times: it does not lag");
 }

@@ -165,7 +165,7 @@ mod tests {
         let text = c.render();
         assert!(text.contains("  domain: \"hub\"\n  sync_interval: always\n}"), "{text}");
         assert!(text.contains("routes: [\"nats-route://127.0.0.1:6001\", \"nats-route://127.0.0.1:6003\"]"), "{text}");
-        assert!(!text.contains("advertise"), "{text}");
+        assert!(!text.contains("  advertise:"), "{text}");
         assert!(text.contains("leafnodes {\n  listen: \"127.0.0.1:7422\"\n  no_advertise: true\n}"), "{text}");
 
         let mut leaf = NatsConfig::single("leaf", 1, 2, PathBuf::from("/s"));
