@@ -19,16 +19,21 @@
 //! Reads of a key's latest entry use a direct get (`DIRECT.GET`, the
 //! message as it is stored, no JSON), which any replica may answer. A
 //! follower may not have applied the latest write yet, and a read after an
-//! acked write must see it: for buckets with more than one replica the
-//! request carries `min_last_seq`, the highest revision this engine has
-//! written or read in the bucket (NATS 2.12+, ADR-53). A replica whose
-//! stream is behind that hands the request to the leader; if the answer is
-//! an error anyway (an older server, a leader election) the read goes to
-//! `STREAM.MSG.GET`, answered by the leader (always, on a server older than
-//! 2.12, which would ignore `min_last_seq`). So reads through one engine
-//! see its own writes and never go back in time; a write made through
-//! another connection is seen once a replica has applied it (eventual,
-//! usually within a millisecond).
+//! acked write must see it. nats-server 2.15 offers no way to ask a replica
+//! to be up to date (`min_last_seq` of ADR-53 was removed before 2.12
+//! shipped: the server ignores the field; measured with a lagging node), so
+//! the engine checks the answer itself: per bucket it keeps
+//! [`Watermarks`], the highest revision it wrote or read for each key
+//! (lossy: keys share [`WATERMARK_SLOTS`] slots by hash, so a slot may hold
+//! another key's higher revision, which only costs an extra leader read).
+//! A direct get whose answer is older than the key's watermark (or absent
+//! while the watermark is set) is repeated as `STREAM.MSG.GET`, which the
+//! leader answers. So reads through one engine see its own writes and
+//! never go back in time for a key; a write made through another
+//! connection is seen once the answering replica has applied it
+//! (eventual, usually within a millisecond). A read at a revision is
+//! immutable data: any replica that has it answers, and one that does not
+//! yet sends the read to the leader.
 
 use bytes::Bytes;
 use finmesh_core::{
@@ -140,8 +145,47 @@ pub(crate) struct BucketMeta {
     pub limit: u32,
     /// Replicas of its stream.
     pub replicas: u8,
-    /// Highest revision this engine wrote or read (`min_last_seq` of reads).
-    pub seen: Arc<AtomicU64>,
+    /// Highest revision this engine wrote or read, per key slot.
+    pub seen: Arc<Watermarks>,
+}
+
+/// Slots of a bucket's [`Watermarks`] (8 KiB per bucket).
+pub(crate) const WATERMARK_SLOTS: usize = 1024;
+
+/// The highest revision written or read per key, keys sharing slots by
+/// hash; see the module doc.
+pub(crate) struct Watermarks {
+    hasher: std::hash::RandomState,
+    slots: Box<[AtomicU64]>,
+}
+
+impl std::fmt::Debug for Watermarks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watermarks")
+    }
+}
+
+impl Watermarks {
+    fn new() -> Self {
+        let slots = (0..WATERMARK_SLOTS).map(|_| AtomicU64::new(0)).collect();
+        Watermarks { hasher: std::hash::RandomState::new(), slots }
+    }
+
+    fn slot(&self, key: &Key) -> &AtomicU64 {
+        use std::hash::BuildHasher as _;
+        &self.slots[(self.hasher.hash_one(key.as_str()) as usize) % WATERMARK_SLOTS]
+    }
+
+    /// Note that `key` is at least at `rev` (written or read).
+    fn saw(&self, key: &Key, rev: u64) {
+        self.slot(key).fetch_max(rev, Ordering::AcqRel);
+    }
+
+    /// Whether an answer for `key` at `rev` (`None`: no entry) is at least
+    /// as new as everything this engine wrote or read for it.
+    fn fresh(&self, key: &Key, rev: Option<u64>) -> bool {
+        rev.unwrap_or(0) >= self.slot(key).load(Ordering::Acquire)
+    }
 }
 
 impl BucketMeta {
@@ -149,13 +193,8 @@ impl BucketMeta {
         BucketMeta {
             limit: info.config.value_size_limit(),
             replicas: info.config.replicas,
-            seen: Arc::new(AtomicU64::new(info.last_revision.0)),
+            seen: Arc::new(Watermarks::new()),
         }
-    }
-
-    /// Note a revision written or read.
-    fn saw(&self, rev: u64) {
-        self.seen.fetch_max(rev, Ordering::AcqRel);
     }
 }
 
@@ -164,8 +203,7 @@ impl Inner {
         let mut meta = BucketMeta::new(info);
         let mut buckets = self.buckets.lock();
         if let Some(known) = buckets.get(info.config.name.as_str()) {
-            // Keep the watermark: a refresh must not weaken later reads.
-            known.saw(meta.seen.load(Ordering::Acquire));
+            // Keep the watermarks: a refresh must not weaken later reads.
             meta.seen = known.seen.clone();
         }
         buckets.insert(info.config.name.to_string(), meta);
@@ -245,23 +283,19 @@ impl Inner {
         let subject = key_subject(b, k)?;
         let stream = stream_name(b);
         // Any failure of the direct get (a bucket deleted behind the cache:
-        // no responders; a replica that cannot catch up in time) falls
-        // through to the API get, which the leader answers or says what is
-        // wrong.
-        let direct = if meta.replicas == 1 {
-            self.direct_last(&stream, &subject).await
-        } else if !self.replica_reads {
-            Err(Error::unavailable("this server cannot read a replica up to a revision"))
-        } else {
-            let min = meta.seen.load(Ordering::Acquire);
-            self.direct_get(&stream, &json!({ "last_by_subj": subject.as_str(), "min_last_seq": min })).await
+        // no responders) and any answer older than what this engine wrote
+        // or read for the key falls through to the API get, which the
+        // leader answers (or says what is wrong).
+        let direct = match self.direct_last(&stream, &subject).await {
+            Ok(m) if meta.replicas == 1 || meta.seen.fresh(k, m.as_ref().map(|m| m.seq.0)) => Some(m),
+            _ => None,
         };
         let m = match direct {
-            Ok(m) => m,
-            Err(_) => self.msg_get(&stream, &json!({ "last_by_subj": subject.as_str() })).await?,
+            Some(m) => m,
+            None => self.msg_get(&stream, &json!({ "last_by_subj": subject.as_str() })).await?,
         };
         if let Some(m) = &m {
-            meta.saw(m.seq.0);
+            meta.seen.saw(k, m.seq.0);
         }
         m.map(|m| entry_from(&subject_prefix(b), m)).transpose()
     }
@@ -277,15 +311,11 @@ impl Inner {
         }
         let subject = key_subject(b, k)?;
         let stream = stream_name(b);
-        // Any replica holding `rev` may answer; see `kv_last`.
-        let direct = if self.replica_reads {
-            self.direct_get(&stream, &json!({ "seq": rev.0, "min_last_seq": rev.0 })).await
-        } else {
-            Err(Error::unavailable("this server cannot read a replica up to a revision"))
-        };
-        let m = match direct {
-            Ok(m) => m,
-            Err(_) => self.msg_get(&stream, &json!({ "seq": rev.0 })).await?,
+        // Any replica holding `rev` may answer; one that does not have it
+        // (yet) sends the read to the leader. See the module doc.
+        let m = match self.direct_get(&stream, &json!({ "seq": rev.0 })).await {
+            Ok(Some(m)) => Some(m),
+            _ => self.msg_get(&stream, &json!({ "seq": rev.0 })).await?,
         };
         match m {
             Some(m) if m.subject == subject => entry_from(&subject_prefix(b), m).map(Some),
@@ -305,7 +335,7 @@ impl Inner {
         let msg = OutgoingMessage { subject: key_subject(b, k)?, headers, payload: value };
         let ack = self.send_one(&stream_name(b), &msg).await?;
         if let Some(meta) = self.buckets.lock().get(b.as_str()) {
-            meta.saw(ack.sequence);
+            meta.seen.saw(k, ack.sequence);
         }
         Ok(Revision(ack.sequence))
     }

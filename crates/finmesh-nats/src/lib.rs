@@ -89,9 +89,6 @@ pub(crate) struct Inner {
     pub streams: Mutex<HashMap<String, Arc<StreamMeta>>>,
     /// Bucket value size limits and replicas, for the same reason.
     pub buckets: Mutex<HashMap<String, kv::BucketMeta>>,
-    /// The server honours `min_last_seq` on direct gets (2.12+), so
-    /// replicated buckets can be read from any replica.
-    pub replica_reads: bool,
 }
 
 impl Inner {
@@ -103,14 +100,6 @@ impl Inner {
     ) -> Result<T> {
         api::request(&self.client, &self.prefix, subject, body, self.options.request_timeout, what).await
     }
-}
-
-/// Whether a server of `version` (`2.15.1`, `2.12.0-beta`) honours
-/// `min_last_seq` in direct gets (ADR-53, nats-server 2.12).
-fn supports_min_last_seq(version: &str) -> bool {
-    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (major, minor) >= (2, 12)
 }
 
 impl NatsEngine {
@@ -161,22 +150,8 @@ impl NatsEngine {
             Some(d) => format!("$JS.{d}.API"),
             None => "$JS.API".to_owned(),
         };
-        let version = client.server_info().version;
-        let replica_reads = supports_min_last_seq(&version);
-        if !replica_reads {
-            tracing::warn!(
-                %version,
-                "nats-server older than 2.12: reads of replicated KV buckets go to the stream leader (slower)"
-            );
-        }
-        let inner = Inner {
-            client,
-            prefix,
-            options,
-            streams: Mutex::new(HashMap::new()),
-            buckets: Mutex::new(HashMap::new()),
-            replica_reads,
-        };
+        let inner =
+            Inner { client, prefix, options, streams: Mutex::new(HashMap::new()), buckets: Mutex::new(HashMap::new()) };
         Ok(NatsEngine { inner: Arc::new(inner) })
     }
 
@@ -315,18 +290,5 @@ impl ConsumerEngine for NatsEngine {
     }
     async fn ack(&self, stream: &StreamName, consumer: &ConsumerName, token: &AckToken, kind: AckKind) -> Result<()> {
         self.inner.ack(stream, consumer, token, kind).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn min_last_seq_needs_2_12() {
-        for (v, ok) in [("2.15.1", true), ("2.12.0", true), ("2.12.0-RC.1", true), ("3.0.0", true)] {
-            assert_eq!(super::supports_min_last_seq(v), ok, "{v}");
-        }
-        for v in ["2.9.10", "2.11.4", "", "garbage"] {
-            assert!(!super::supports_min_last_seq(v), "{v}");
-        }
     }
 }

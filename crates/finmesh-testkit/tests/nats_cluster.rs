@@ -1,5 +1,6 @@
 //! `NatsCluster`: three routed JetStream nodes that hold an R3 stream and
-//! keep accepting writes while one node is down.
+//! keep accepting writes while one node is down; and a cluster whose slow
+//! node routes only through delay proxies, so its replica lags the quorum.
 
 use finmesh_testkit::ManagedServer;
 use std::time::Duration;
@@ -52,4 +53,75 @@ async fn three_nodes_replicate_and_survive_one_node_down() {
     let js1 = jetstream::new(async_nats::connect(urls[0].as_str()).await.unwrap());
     let mut stream = js1.get_stream("R").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.last_sequence, 2);
+}
+
+/// The last sequence of stream `name` in the store of the node with
+/// monitoring port `http_port` (its `/jsz`), leader or not.
+async fn local_last_seq(http_port: u16, name: &str) -> Option<u64> {
+    let (status, body) = finmesh_testkit::probe::http_get(http_port, "/jsz?streams=true").await?;
+    if status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    v["account_details"].as_array()?.iter().find_map(|acc| {
+        acc["stream_detail"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name)
+            .and_then(|s| s["state"]["last_seq"].as_u64())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_node_routes_only_through_its_proxies_and_lags() {
+    let delay = Duration::from_millis(40);
+    let cluster = NatsCluster::start_with_slow_node(3, 2, delay).await.expect("start a cluster with a slow n3");
+    assert_eq!(cluster.slow_node(), Some(2));
+    assert_eq!(cluster.slow_links().len(), 3, "one inbound and one outbound proxy per fast node");
+    assert!(cluster.slow_node_isolated().await, "every route of n3 passes a proxy");
+    assert!(cluster.slow_links().iter().map(|p| p.open_connections()).sum::<usize>() > 0);
+
+    // A stream led by a fast node: n3 gets each write a delay after the
+    // quorum (n1 + n2) acked it.
+    let js = jetstream::new(async_nats::connect(cluster.urls()[0].as_str()).await.unwrap());
+    let mut stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "LAG".into(),
+            subjects: vec!["lag.>".into()],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let leader = stream.info().await.unwrap().cluster.as_ref().and_then(|c| c.leader.clone());
+        match leader.as_deref() {
+            Some("n1" | "n2") => break,
+            Some(_) => {
+                let _: serde_json::Value =
+                    js.request("STREAM.LEADER.STEPDOWN.LAG".to_owned(), &serde_json::json!({})).await.unwrap();
+            }
+            None => {}
+        }
+        assert!(std::time::Instant::now() < deadline, "no fast leader for LAG");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let slow_http = cluster.nodes()[2].config().http_port;
+    let mut behind = 0;
+    for i in 0..5 {
+        let seq = js.publish("lag.a", format!("m{i}").into()).await.unwrap().await.unwrap().sequence;
+        let at_ack = local_last_seq(slow_http, "LAG").await;
+        if at_ack.is_some_and(|s| s < seq) {
+            behind += 1;
+        }
+        let started = std::time::Instant::now();
+        while local_last_seq(slow_http, "LAG").await.is_none_or(|s| s < seq) {
+            assert!(started.elapsed() < Duration::from_secs(10), "n3 never applied seq {seq}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        eprintln!("seq {seq}: n3 at {at_ack:?} when acked, applied {:?} after the ack", started.elapsed());
+    }
+    assert_eq!(behind, 5, "n3 must be behind at the moment each write is acked");
 }

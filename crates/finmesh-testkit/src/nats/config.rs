@@ -3,7 +3,8 @@
 //! [`NatsConfig`] is plain data rendered by a pure function, so the shapes
 //! finmesh needs are one struct literal each:
 //! - a single JetStream server (what [`super::NatsServer`] starts by default);
-//! - a cluster node: [`ClusterSpec`] with the other nodes' route ports;
+//! - a cluster node: [`ClusterSpec`] with the other nodes' route ports (and
+//!   the route port it advertises, when it sits behind a proxy);
 //! - a hub: `jetstream_domain = Some("hub")` and a `leafnode_port` to accept
 //!   leaf connections;
 //! - a leaf: `jetstream_domain = Some("leaf")` and `leafnode_remotes` pointing
@@ -26,6 +27,10 @@ pub struct ClusterSpec {
     pub port: u16,
     /// Route ports of the other nodes (this node's own port is skipped if listed).
     pub routes: Vec<u16>,
+    /// Route port announced to the other nodes (`advertise`), which dial it
+    /// when they learn of this node through gossip; `None`: the real port.
+    /// A node behind a [`crate::DelayProxy`] advertises the proxy's port.
+    pub advertise: Option<u16>,
 }
 
 /// Everything the kit writes into a nats-server config file.
@@ -92,6 +97,9 @@ impl NatsConfig {
             let _ = writeln!(s, "cluster {{");
             let _ = writeln!(s, "  name: {}", quote(&c.name));
             let _ = writeln!(s, "  listen: \"127.0.0.1:{}\"", c.port);
+            if let Some(p) = c.advertise {
+                let _ = writeln!(s, "  advertise: \"127.0.0.1:{p}\"");
+            }
             let routes: Vec<String> =
                 c.routes.iter().filter(|&&p| p != c.port).map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
             let _ = writeln!(s, "  routes: [{}]", routes.join(", "));
@@ -150,13 +158,14 @@ mod tests {
     #[test]
     fn renders_cluster_hub_and_leaf_sections() {
         let mut c = NatsConfig::single("n2", 1, 2, PathBuf::from("/s"));
-        c.cluster = Some(ClusterSpec { name: "c".into(), port: 6002, routes: vec![6001, 6002, 6003] });
+        c.cluster = Some(ClusterSpec { name: "c".into(), port: 6002, routes: vec![6001, 6002, 6003], advertise: None });
         c.jetstream_domain = Some("hub".into());
         c.jetstream_options.push("sync_interval: always".into());
         c.leafnode_port = Some(7422);
         let text = c.render();
         assert!(text.contains("  domain: \"hub\"\n  sync_interval: always\n}"), "{text}");
         assert!(text.contains("routes: [\"nats-route://127.0.0.1:6001\", \"nats-route://127.0.0.1:6003\"]"), "{text}");
+        assert!(!text.contains("  advertise:"), "{text}");
         assert!(text.contains("leafnodes {\n  listen: \"127.0.0.1:7422\"\n  no_advertise: true\n}"), "{text}");
 
         let mut leaf = NatsConfig::single("leaf", 1, 2, PathBuf::from("/s"));
@@ -168,6 +177,15 @@ mod tests {
             text.contains("remotes: [{ urls: [\"nats-leaf://127.0.0.1:1\", \"nats-leaf://127.0.0.1:2\"] }]"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn renders_an_advertised_route_port() {
+        let mut c = NatsConfig::single("n3", 1, 2, PathBuf::from("/s"));
+        c.cluster = Some(ClusterSpec { name: "c".into(), port: 6003, routes: vec![7001, 7002], advertise: Some(7003) });
+        let text = c.render();
+        assert!(text.contains("  listen: \"127.0.0.1:6003\"\n  advertise: \"127.0.0.1:7003\"\n"), "{text}");
+        assert!(text.contains("routes: [\"nats-route://127.0.0.1:7001\", \"nats-route://127.0.0.1:7002\"]"), "{text}");
     }
 
     #[test]

@@ -21,7 +21,8 @@
 //! reconnect to the same URL and find their streams. Dropping the handle
 //! SIGKILLs the server and deletes the directory.
 //!
-//! Built from it: [`NatsCluster`] (n routed nodes) and [`HubAndLeaves`] (a
+//! Built from it: [`NatsCluster`] (n routed nodes, optionally one of them
+//! a slow node reached only through [`crate::DelayProxy`]s) and [`HubAndLeaves`] (a
 //! hub cluster in JetStream domain `hub` plus leaf servers in their own
 //! domains, optionally behind a [`crate::DelayProxy`] each).
 
