@@ -24,8 +24,8 @@
 //! shipped: the server ignores the field; measured with a lagging node), so
 //! the engine checks the answer itself: per bucket it keeps
 //! [`Watermarks`], the highest revision it wrote or read for each key
-//! (lossy: keys share [`WATERMARK_SLOTS`] slots by hash, so a slot may hold
-//! another key's higher revision, which only costs an extra leader read).
+//! (by a 64-bit hash of the key: ~32 bytes per distinct key written or
+//! read through this engine; a hash collision only costs a leader read).
 //! A direct get whose answer is older than the key's watermark (or absent
 //! while the watermark is set) is repeated as `STREAM.MSG.GET`, which the
 //! leader answers. So reads through one engine see its own writes and
@@ -41,8 +41,8 @@ use finmesh_core::{
     Result, Revision, Subject,
 };
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::Inner;
 use crate::streams::KV_PREFIX;
@@ -149,14 +149,12 @@ pub(crate) struct BucketMeta {
     pub seen: Arc<Watermarks>,
 }
 
-/// Slots of a bucket's [`Watermarks`] (8 KiB per bucket).
-pub(crate) const WATERMARK_SLOTS: usize = 1024;
-
-/// The highest revision written or read per key, keys sharing slots by
-/// hash; see the module doc.
+/// The highest revision written or read per key, by a 64-bit hash of the
+/// key (two keys with the same hash share an entry, which only costs an
+/// extra leader read); see the module doc. ~32 bytes per distinct key.
 pub(crate) struct Watermarks {
     hasher: std::hash::RandomState,
-    slots: Box<[AtomicU64]>,
+    revs: parking_lot::Mutex<HashMap<u64, u64>>,
 }
 
 impl std::fmt::Debug for Watermarks {
@@ -167,24 +165,27 @@ impl std::fmt::Debug for Watermarks {
 
 impl Watermarks {
     fn new() -> Self {
-        let slots = (0..WATERMARK_SLOTS).map(|_| AtomicU64::new(0)).collect();
-        Watermarks { hasher: std::hash::RandomState::new(), slots }
+        Watermarks { hasher: std::hash::RandomState::new(), revs: parking_lot::Mutex::new(HashMap::new()) }
     }
 
-    fn slot(&self, key: &Key) -> &AtomicU64 {
+    fn hash(&self, key: &Key) -> u64 {
         use std::hash::BuildHasher as _;
-        &self.slots[(self.hasher.hash_one(key.as_str()) as usize) % WATERMARK_SLOTS]
+        self.hasher.hash_one(key.as_str())
     }
 
     /// Note that `key` is at least at `rev` (written or read).
     fn saw(&self, key: &Key, rev: u64) {
-        self.slot(key).fetch_max(rev, Ordering::AcqRel);
+        let h = self.hash(key);
+        let mut revs = self.revs.lock();
+        let e = revs.entry(h).or_insert(0);
+        *e = (*e).max(rev);
     }
 
     /// Whether an answer for `key` at `rev` (`None`: no entry) is at least
     /// as new as everything this engine wrote or read for it.
     fn fresh(&self, key: &Key, rev: Option<u64>) -> bool {
-        rev.unwrap_or(0) >= self.slot(key).load(Ordering::Acquire)
+        let h = self.hash(key);
+        rev.unwrap_or(0) >= self.revs.lock().get(&h).copied().unwrap_or(0)
     }
 }
 
