@@ -30,7 +30,7 @@ use finmesh_core::{
     StreamEngine, StreamName, Subject, SubjectPattern,
 };
 use finmesh_nats::{NatsEngine, NatsEngineOptions};
-use finmesh_testkit::probe::http_get;
+use finmesh_testkit::probe::jsz_last_seq;
 use finmesh_testkit::{ManagedServer, NatsCluster};
 use parking_lot::Mutex;
 
@@ -77,23 +77,6 @@ async fn leader_of(cluster: &NatsCluster, client: &async_nats::Client, name: &st
         assert!(Instant::now() < deadline, "stream {name} has no leader after {DEADLINE:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The last sequence of stream `name` in node `http_port`'s own store (its
-/// monitoring `/jsz`), whether or not it leads the stream.
-async fn local_last_seq(http_port: u16, name: &str) -> Option<u64> {
-    let (status, body) = http_get(http_port, "/jsz?streams=true").await?;
-    if status != 200 {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    v["account_details"].as_array()?.iter().find_map(|acc| {
-        acc["stream_detail"]
-            .as_array()?
-            .iter()
-            .find(|s| s["name"].as_str() == Some(name))
-            .and_then(|s| s["state"]["last_seq"].as_u64())
-    })
 }
 
 /// Every message of `stream`, read through the engine (retried until the
@@ -348,7 +331,7 @@ async fn a_restarted_node_catches_up() {
     let http = cluster.nodes()[follower].config().http_port;
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let local = local_last_seq(http, "EVENTS").await;
+        let local = jsz_last_seq(http, "EVENTS").await;
         if local == Some(last) {
             break;
         }
@@ -358,7 +341,7 @@ async fn a_restarted_node_catches_up() {
     eprintln!("restarted node n{} caught up to seq {last} in {:?}", follower + 1, restarted_at.elapsed());
     // The other nodes agree, and the stream reads whole.
     for (i, node) in cluster.nodes().iter().enumerate() {
-        assert_eq!(local_last_seq(node.config().http_port, "EVENTS").await, Some(last), "node n{}", i + 1);
+        assert_eq!(jsz_last_seq(node.config().http_port, "EVENTS").await, Some(last), "node n{}", i + 1);
     }
     assert_eq!(read_all(&engine, &stream).await.len(), 600);
 }
@@ -520,7 +503,7 @@ async fn r3_kv_reads_through_a_lagging_replica_see_their_own_writes() {
         let rev = engine.kv_put(&bucket, &key, value.clone()).await.unwrap();
         // The slow node's own store right at the ack, and what a plain
         // direct get through it returns (any replica may answer that).
-        if local_last_seq(slow_http, "KV_limits").await.is_none_or(|s| s < rev.0) {
+        if jsz_last_seq(slow_http, "KV_limits").await.is_none_or(|s| s < rev.0) {
             behind += 1;
         }
         if raw_direct_last_rev(&raw, "limits", key.as_str()).await.is_none_or(|r| r < rev.0) {

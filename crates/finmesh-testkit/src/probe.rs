@@ -69,6 +69,25 @@ pub async fn redis_ping(port: u16) -> bool {
     tokio::time::timeout(PROBE_TIMEOUT, ping).await.ok().flatten().unwrap_or(false)
 }
 
+/// The last sequence of JetStream stream `name` in the store of the
+/// nats-server whose monitoring port is `http_port` (its `/jsz`), whether or
+/// not that server leads the stream; `None` if it has no such stream or the
+/// request failed. Shows how far one replica is behind.
+pub async fn jsz_last_seq(http_port: u16, name: &str) -> Option<u64> {
+    let (status, body) = http_get(http_port, "/jsz?streams=true").await?;
+    if status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    v["account_details"].as_array()?.iter().find_map(|acc| {
+        acc["stream_detail"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"].as_str() == Some(name))
+            .and_then(|s| s["state"]["last_seq"].as_u64())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

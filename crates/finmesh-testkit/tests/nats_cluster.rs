@@ -55,23 +55,6 @@ async fn three_nodes_replicate_and_survive_one_node_down() {
     assert_eq!(stream.info().await.unwrap().state.last_sequence, 2);
 }
 
-/// The last sequence of stream `name` in the store of the node with
-/// monitoring port `http_port` (its `/jsz`), leader or not.
-async fn local_last_seq(http_port: u16, name: &str) -> Option<u64> {
-    let (status, body) = finmesh_testkit::probe::http_get(http_port, "/jsz?streams=true").await?;
-    if status != 200 {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    v["account_details"].as_array()?.iter().find_map(|acc| {
-        acc["stream_detail"]
-            .as_array()?
-            .iter()
-            .find(|s| s["name"] == name)
-            .and_then(|s| s["state"]["last_seq"].as_u64())
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_node_routes_only_through_its_proxies_and_lags() {
     let delay = Duration::from_millis(40);
@@ -112,12 +95,12 @@ async fn a_slow_node_routes_only_through_its_proxies_and_lags() {
     let mut behind = 0;
     for i in 0..5 {
         let seq = js.publish("lag.a", format!("m{i}").into()).await.unwrap().await.unwrap().sequence;
-        let at_ack = local_last_seq(slow_http, "LAG").await;
+        let at_ack = finmesh_testkit::probe::jsz_last_seq(slow_http, "LAG").await;
         if at_ack.is_some_and(|s| s < seq) {
             behind += 1;
         }
         let started = std::time::Instant::now();
-        while local_last_seq(slow_http, "LAG").await.is_none_or(|s| s < seq) {
+        while finmesh_testkit::probe::jsz_last_seq(slow_http, "LAG").await.is_none_or(|s| s < seq) {
             assert!(started.elapsed() < Duration::from_secs(10), "n3 never applied seq {seq}");
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
