@@ -20,20 +20,20 @@
 //! message as it is stored, no JSON), which any replica may answer. A
 //! follower may not have applied the latest write yet, and a read after an
 //! acked write must see it. nats-server 2.15 offers no way to ask a replica
-//! to be up to date (`min_last_seq` of ADR-53 was removed before 2.12
-//! shipped: the server ignores the field; measured with a lagging node), so
-//! the engine checks the answer itself: per bucket it keeps
-//! [`Watermarks`], the highest revision it wrote or read for each key
-//! (by a 64-bit hash of the key: ~32 bytes per distinct key written or
-//! read through this engine; a hash collision only costs a leader read).
-//! A direct get whose answer is older than the key's watermark (or absent
-//! while the watermark is set) is repeated as `STREAM.MSG.GET`, which the
-//! leader answers. So reads through one engine see its own writes and
-//! never go back in time for a key; a write made through another
-//! connection is seen once the answering replica has applied it
-//! (eventual, usually within a millisecond). A read at a revision is
-//! immutable data: any replica that has it answers, and one that does not
-//! yet sends the read to the leader.
+//! to be up to date (`min_last_seq`, proposed in nats-architecture-and-design
+//! PR #358, was removed before 2.12 shipped: the server ignores the field;
+//! measured with a lagging node), so the engine checks the answer itself:
+//! per bucket with more than one replica it keeps [`Watermarks`], the
+//! highest revision it wrote or read for each key (by a 64-bit hash of the
+//! key: 16 bytes plus hash-table overhead per key written or read through
+//! this engine; a hash collision only costs a leader read). A direct get
+//! whose answer is older than the key's watermark (or absent while the
+//! watermark is set) is repeated as `STREAM.MSG.GET`, which the leader
+//! answers. So reads through one engine see its own writes and never go
+//! back in time for a key; a write made through another connection is seen
+//! once the answering replica has applied it (eventual, usually within a
+//! millisecond). A read at a revision is immutable data: any replica that
+//! has it answers, and one that does not yet sends the read to the leader.
 
 use bytes::Bytes;
 use finmesh_core::{
@@ -145,13 +145,14 @@ pub(crate) struct BucketMeta {
     pub limit: u32,
     /// Replicas of its stream.
     pub replicas: u8,
-    /// Highest revision this engine wrote or read, per key slot.
+    /// Highest revision this engine wrote or read, per key (kept only for
+    /// buckets with more than one replica).
     pub seen: Arc<Watermarks>,
 }
 
 /// The highest revision written or read per key, by a 64-bit hash of the
 /// key (two keys with the same hash share an entry, which only costs an
-/// extra leader read); see the module doc. ~32 bytes per distinct key.
+/// extra leader read); see the module doc.
 pub(crate) struct Watermarks {
     hasher: std::hash::RandomState,
     revs: parking_lot::Mutex<HashMap<u64, u64>>,
@@ -295,7 +296,9 @@ impl Inner {
             Some(m) => m,
             None => self.msg_get(&stream, &json!({ "last_by_subj": subject.as_str() })).await?,
         };
-        if let Some(m) = &m {
+        if let Some(m) = &m
+            && meta.replicas > 1
+        {
             meta.seen.saw(k, m.seq.0);
         }
         m.map(|m| entry_from(&subject_prefix(b), m)).transpose()
@@ -335,7 +338,9 @@ impl Inner {
         }
         let msg = OutgoingMessage { subject: key_subject(b, k)?, headers, payload: value };
         let ack = self.send_one(&stream_name(b), &msg).await?;
-        if let Some(meta) = self.buckets.lock().get(b.as_str()) {
+        if let Some(meta) = self.buckets.lock().get(b.as_str())
+            && meta.replicas > 1
+        {
             meta.seen.saw(k, ack.sequence);
         }
         Ok(Revision(ack.sequence))
