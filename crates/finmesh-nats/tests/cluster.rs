@@ -64,19 +64,7 @@ async fn r3_stream(engine: &NatsEngine, name: &str) -> StreamName {
 /// Index in the cluster of the node leading the raw JetStream stream `name`
 /// (`KV_<bucket>` for a bucket), polled until the stream has a leader.
 async fn leader_of(cluster: &NatsCluster, client: &async_nats::Client, name: &str) -> usize {
-    let js = async_nats::jetstream::new(client.clone());
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Ok(mut stream) = js.get_stream(name).await
-            && let Ok(info) = stream.info().await
-            && let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone())
-            && let Some(i) = cluster.nodes().iter().position(|n| n.config().server_name == leader)
-        {
-            return i;
-        }
-        assert!(Instant::now() < deadline, "stream {name} has no leader after {DEADLINE:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cluster.stream_leader(client, name, DEADLINE).await.unwrap_or_else(|| panic!("stream {name} has no leader"))
 }
 
 /// Every message of `stream`, read through the engine (retried until the
@@ -426,27 +414,6 @@ async fn r3_kv_reads_through_a_follower_see_their_own_writes() {
 const SLOW_DELAY: Duration = Duration::from_millis(25);
 const SLOW_JITTER: Duration = Duration::from_millis(20);
 
-/// Index of the node leading stream `name`, made a node other than `not`:
-/// while `not` leads, it is asked to step down (the JetStream API) until
-/// another node is elected.
-async fn leader_other_than(cluster: &NatsCluster, client: &async_nats::Client, name: &str, not: usize) -> usize {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let leader = leader_of(cluster, client, name).await;
-        if leader != not {
-            return leader;
-        }
-        assert!(Instant::now() < deadline, "n{} still leads {name} after {DEADLINE:?}", not + 1);
-        // The reply says whether the step-down was accepted; the loop
-        // checks the outcome instead.
-        let _ = client.request(format!("$JS.API.STREAM.LEADER.STEPDOWN.{name}"), Bytes::new()).await;
-        let stepped_from = Instant::now();
-        while leader_of(cluster, client, name).await == not && stepped_from.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
 /// The revision a plain direct get on `client`'s
 /// server returns for the key's latest entry; `None` if the key is absent
 /// or the request fails (only reported, never asserted).
@@ -486,7 +453,10 @@ async fn r3_kv_reads_through_a_lagging_replica_see_their_own_writes() {
     let admin = engine_on(vec![cluster.urls()[0].clone()]).await;
     let bucket = BucketName::new("limits").unwrap();
     admin.create_bucket(BucketConfig { replicas: 3, ..BucketConfig::new(bucket.clone()) }).await.unwrap();
-    let leader = leader_other_than(&cluster, admin.client(), "KV_limits", SLOW).await;
+    let leader = cluster
+        .lead_elsewhere(admin.client(), "KV_limits", SLOW, DEADLINE)
+        .await
+        .expect("a leader other than the slow node");
 
     // An engine connected only to the slow node: direct gets are answered
     // by its lagging replica first.

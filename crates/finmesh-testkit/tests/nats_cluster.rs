@@ -67,29 +67,16 @@ async fn a_slow_node_routes_only_through_its_proxies_and_lags() {
     // A stream led by a fast node: n3 gets each write a delay after the
     // quorum (n1 + n2) acked it.
     let js = jetstream::new(async_nats::connect(cluster.urls()[0].as_str()).await.unwrap());
-    let mut stream = js
-        .create_stream(jetstream::stream::Config {
-            name: "LAG".into(),
-            subjects: vec!["lag.>".into()],
-            num_replicas: 3,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let leader = stream.info().await.unwrap().cluster.as_ref().and_then(|c| c.leader.clone());
-        match leader.as_deref() {
-            Some("n1" | "n2") => break,
-            Some(_) => {
-                let _: serde_json::Value =
-                    js.request("STREAM.LEADER.STEPDOWN.LAG".to_owned(), &serde_json::json!({})).await.unwrap();
-            }
-            None => {}
-        }
-        assert!(std::time::Instant::now() < deadline, "no fast leader for LAG");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    js.create_stream(jetstream::stream::Config {
+        name: "LAG".into(),
+        subjects: vec!["lag.>".into()],
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let leader = cluster.lead_elsewhere(&js.client(), "LAG", 2, Duration::from_secs(20)).await;
+    assert!(matches!(leader, Some(0 | 1)), "no fast leader for LAG: {leader:?}");
 
     let slow_http = cluster.nodes()[2].config().http_port;
     let mut behind = 0;

@@ -39,6 +39,10 @@ use crate::process::{ManagedServer, POLL_INTERVAL};
 use crate::proxy::DelayProxy;
 use crate::{Error, Result};
 
+/// How long [`NatsCluster::lead_elsewhere`] waits for one step-down to
+/// take effect before asking again.
+const STEPDOWN_WAIT: Duration = Duration::from_secs(5);
+
 /// Nodes of a cluster started by [`NatsCluster::start`]; all killed on drop.
 #[derive(Debug)]
 pub struct NatsCluster {
@@ -214,6 +218,57 @@ impl NatsCluster {
     /// One node, to kill or restart it.
     pub fn node_mut(&mut self, index: usize) -> &mut NatsServer {
         &mut self.nodes[index]
+    }
+
+    /// Index of the node leading JetStream stream `name` (`KV_<bucket>` for
+    /// a bucket), asked through `client`; polls until the stream has a
+    /// leader, `None` if it has none within `timeout`.
+    pub async fn stream_leader(&self, client: &async_nats::Client, name: &str, timeout: Duration) -> Option<usize> {
+        let js = async_nats::jetstream::new(client.clone());
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(mut stream) = js.get_stream(name).await
+                && let Ok(info) = stream.info().await
+                && let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone())
+                && let Some(i) = self.nodes.iter().position(|n| n.config().server_name == leader)
+            {
+                return Some(i);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Make a node other than `not` lead stream `name`: while `not` leads,
+    /// ask it to step down (the JetStream API) and wait for the election.
+    /// The new leader's index, `None` if `not` still leads after `timeout`.
+    pub async fn lead_elsewhere(
+        &self,
+        client: &async_nats::Client,
+        name: &str,
+        not: usize,
+        timeout: Duration,
+    ) -> Option<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let leader = self.stream_leader(client, name, left).await?;
+            if leader != not {
+                return Some(leader);
+            }
+            if left.is_zero() {
+                return None;
+            }
+            // The reply says whether the step-down was accepted; the loop
+            // checks the outcome instead.
+            let _ = client.request(format!("$JS.API.STREAM.LEADER.STEPDOWN.{name}"), bytes::Bytes::new()).await;
+            let asked = Instant::now();
+            while self.stream_leader(client, name, left).await == Some(not) && asked.elapsed() < STEPDOWN_WAIT {
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+        }
     }
 
     /// The slow node's index, if the cluster has one.
