@@ -11,6 +11,8 @@
 //! them: tokens from a shared identity provider routinely carry scopes meant
 //! for other services.
 
+use std::sync::Arc;
+
 use finmesh_core::{BucketName, StreamName, Subject, SubjectPattern};
 
 use crate::scope::Scope;
@@ -48,9 +50,16 @@ pub enum Access<'a> {
 }
 
 /// An authenticated caller: the token's subject and its scopes.
+///
+/// Cloning is one reference-count increment: a principal is built once per
+/// verified token and then shared by the token cache and every request that
+/// presents the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    subject: String,
+pub struct Principal(Arc<Parts>);
+
+#[derive(Debug, PartialEq, Eq)]
+struct Parts {
+    subject: Arc<str>,
     /// As written in the token, including strings that are not scopes.
     scopes: Vec<String>,
     /// The parsed, valid ones: what `allows` consults.
@@ -61,7 +70,7 @@ impl Principal {
     /// A principal holding `scopes` (as written in a token).
     /// Malformed or unknown scope strings are kept but grant nothing.
     pub fn new(subject: impl Into<String>, scopes: Vec<String>) -> Self {
-        let subject = subject.into();
+        let subject: Arc<str> = subject.into().into();
         let grants = scopes
             .iter()
             .filter_map(|s| match s.parse::<Scope>() {
@@ -72,7 +81,7 @@ impl Principal {
                 }
             })
             .collect();
-        Self { subject, scopes, grants }
+        Self(Arc::new(Parts { subject, scopes, grants }))
     }
 
     /// A principal that may do everything (auth disabled, or an admin token).
@@ -82,21 +91,26 @@ impl Principal {
 
     /// The token's `sub` claim: used for per-client rate limits and logs.
     pub fn subject(&self) -> &str {
-        &self.subject
+        &self.0.subject
+    }
+
+    /// The subject as a shared string (a cheap key for per-client state).
+    pub fn subject_shared(&self) -> &Arc<str> {
+        &self.0.subject
     }
 
     /// The scopes as written in the token.
     pub fn scopes(&self) -> &[String] {
-        &self.scopes
+        &self.0.scopes
     }
 
     /// The scopes this node understood: the ones that can grant anything.
     pub fn grants(&self) -> &[Scope] {
-        &self.grants
+        &self.0.grants
     }
 
     /// Whether any of the scopes grants `access` (see [`Scope::grants`]).
     pub fn allows(&self, access: &Access<'_>) -> bool {
-        self.grants.iter().any(|g| g.grants(access))
+        self.0.grants.iter().any(|g| g.grants(access))
     }
 }

@@ -179,8 +179,8 @@ pub fn parse_bearer(header: &str) -> Result<&str> {
     if token.is_empty() {
         return Err(unauthorized("empty bearer token"));
     }
-    let token68 = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
-    if !token.chars().all(token68) {
+    let token68 = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=');
+    if !token.bytes().all(token68) {
         return Err(unauthorized("malformed bearer token"));
     }
     Ok(token)

@@ -1,7 +1,7 @@
 //! The auth seam: who calls ([`Caller`]) and what each route needs
 //! ([`ROUTE_ACCESS`]).
 //!
-//! The [`authenticate`] middleware runs in front of every API route: it turns
+//! [`admit`] runs in front of every API route: it turns
 //! the raw `Authorization` header into a [`Principal`] through
 //! [`finmesh_auth::Authenticator::authenticate_bytes`] (401 `unauthorized`
 //! with `WWW-Authenticate` from [`bearer_challenge`] when that fails: a bare
@@ -15,10 +15,9 @@
 //! [`ROUTE_ACCESS`] lists the access of every route, in one place, for docs
 //! and for the auth matrix test.
 
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 #[cfg(doc)]
 use finmesh_auth::BEARER_INSUFFICIENT_SCOPE;
@@ -61,8 +60,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
-/// Middleware: authenticate, rate-limit, and remember the principal.
-pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+/// Authenticate and rate-limit `req`, and remember its principal in it; the
+/// refusal (401 or 429) to send otherwise. The [`Guard`](crate::edge::Guard)
+/// calls this in front of every API route.
+pub fn admit(state: &AppState, req: &mut Request) -> Result<(), Box<Response>> {
     let header = req.headers().get(header::AUTHORIZATION);
     let principal = match state.inner.auth.authenticate_bytes(header.map(HeaderValue::as_bytes)) {
         Ok(p) => p,
@@ -71,15 +72,15 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             let mut res = ApiError::from(e).into_response();
             let challenge = HeaderValue::from_static(bearer_challenge(header.is_some()));
             res.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
-            return res;
+            return Err(Box::new(res));
         }
     };
-    if let Err(wait) = state.inner.rate.check(principal.subject()) {
+    if let Err(wait) = state.inner.rate.check(principal.subject_shared()) {
         crate::metrics::rate_limited();
-        return Problem::rate_limited(wait.as_secs_f64().ceil() as u64).into_response();
+        return Err(Box::new(Problem::rate_limited(wait.as_secs_f64().ceil() as u64).into_response()));
     }
     req.extensions_mut().insert(principal);
-    next.run(req).await
+    Ok(())
 }
 
 /// What a route needs, as written in the scope table of `finmesh-auth`.

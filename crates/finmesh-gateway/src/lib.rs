@@ -6,7 +6,9 @@
 //! Read in this order:
 //! 1. [`state`]: the shared state, configuration and the drain signal;
 //! 2. [`problem`]: every error as `application/problem+json`;
-//! 3. [`caller`]: authentication middleware, per-route access, the route table;
+//! 3. [`caller`]: authentication, per-route access, the route table;
+//!    [`edge`]: the two layers around the routes (shedding, panics, error
+//!    rewriting, metrics; authentication and timeouts);
 //! 4. [`kv`], [`streams`], [`consumers`]: the request/response routes;
 //!    [`oauth`]: `POST /oauth/token`, the client-credentials grant;
 //! 5. [`envelope`], [`subscribe`], [`sse`], [`ws`]: subscriptions, from the
@@ -19,6 +21,7 @@
 
 pub mod caller;
 pub mod consumers;
+pub mod edge;
 pub mod envelope;
 pub mod kv;
 pub mod limits;
@@ -35,13 +38,11 @@ pub mod subscribe;
 pub mod ws;
 
 use axum::Router;
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
-use axum::middleware;
 use axum::routing::{get, post};
 use tower::ServiceBuilder;
-use tower::limit::GlobalConcurrencyLimitLayer;
-use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::edge::{EdgeLayer, GuardLayer};
 
 pub use caller::{Caller, Need, ROUTE_ACCESS};
 pub use problem::{ApiError, PROBLEM_BASE, Problem};
@@ -71,20 +72,19 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/streams/{stream}/consumers/{name}/fetch", post(consumers::fetch))
         .route("/v1/streams/{stream}/consumers/{name}/ack", post(consumers::ack))
         .route("/v1/subscribers", get(ops::subscribers))
-        .layer(ServiceBuilder::new().layer(HandleErrorLayer::new(limits::layer_error)).timeout(limits.request_timeout));
+        .route_layer(GuardLayer::authenticated(state.clone(), Some(limits.request_timeout)));
 
     // Subscriptions live as long as the client keeps them: no timeout.
     let streaming = Router::new()
         .route("/v1/kv/{bucket}/watch", get(sse::watch))
         .route("/v1/streams/{stream}/events", get(sse::events))
-        .route("/v1/streams/{stream}/ws", get(ws::ws));
-
-    let api = unary.merge(streaming).route_layer(middleware::from_fn_with_state(state.clone(), caller::authenticate));
+        .route("/v1/streams/{stream}/ws", get(ws::ws))
+        .route_layer(GuardLayer::authenticated(state.clone(), None));
 
     // The token endpoint authenticates clients itself; bounded by the timeout.
     let token = Router::new()
         .route("/oauth/token", post(oauth::token))
-        .layer(ServiceBuilder::new().layer(HandleErrorLayer::new(limits::layer_error)).timeout(limits.request_timeout));
+        .route_layer(GuardLayer::timeout_only(limits.request_timeout));
 
     let public = Router::new()
         .route("/healthz", get(ops::healthz))
@@ -92,17 +92,9 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(openapi::serve));
 
-    api.merge(token)
-        .merge(public)
-        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
-        .layer(middleware::from_fn(metrics::track))
-        .layer(
-            ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(limits::layer_error))
-                .load_shed()
-                .layer(GlobalConcurrencyLimitLayer::new(limits.max_concurrent_requests.max(1))),
-        )
-        .layer(middleware::from_fn(problem::problem_fallback))
-        .layer(CatchPanicLayer::custom(problem::panic_response))
-        .with_state(state)
+    // One layer application (one boxed route level per request, not two).
+    let outer = ServiceBuilder::new()
+        .layer(EdgeLayer::new(limits.max_concurrent_requests))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes));
+    unary.merge(streaming).merge(token).merge(public).layer(outer).with_state(state)
 }

@@ -1,25 +1,21 @@
-//! Request limits: the per-client rate limiter and the tower layers
-//! (timeout, load shedding, concurrency, panic catching) put around routes.
+//! Per-client rate limits. (The other limits, the request timeout and load
+//! shedding, are enforced by the layers of [`edge`](crate::edge).)
 //!
 //! Invariants:
 //! - rate limits are keyed by the principal's subject (token `sub`); a
 //!   subject listed in [`Limits::rate_overrides`](crate::Limits) gets its own
 //!   bucket with its own rate, everyone else shares the default quota per key;
-//! - the request timeout wraps unary routes only: SSE and WebSocket streams
-//!   live as long as the client keeps them;
-//! - load shedding answers at once (503 + `Retry-After`) instead of queueing.
+//! - the key is shared with the principal (`Arc<str>`): checking a known
+//!   client allocates nothing.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::BoxError;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 
-use crate::problem::Problem;
 use crate::state::Rate;
 
 fn quota(rate: Rate) -> Quota {
@@ -30,7 +26,7 @@ fn quota(rate: Rate) -> Quota {
 
 /// Per-client rate limits (GCRA, from `governor`).
 pub struct RateLimiter {
-    default: Option<DefaultKeyedRateLimiter<String>>,
+    default: Option<DefaultKeyedRateLimiter<Arc<str>>>,
     overrides: HashMap<String, DefaultDirectRateLimiter>,
     clock: DefaultClock,
 }
@@ -49,14 +45,14 @@ impl RateLimiter {
     }
 
     /// Count one request of `subject`; `Err(wait)` when it is over its rate.
-    pub fn check(&self, subject: &str) -> Result<(), Duration> {
+    pub fn check(&self, subject: &Arc<str>) -> Result<(), Duration> {
         let now = self.clock.now();
-        if let Some(limiter) = self.overrides.get(subject) {
+        if let Some(limiter) = self.overrides.get(&**subject) {
             return limiter.check().map_err(|n| n.wait_time_from(now));
         }
         match &self.default {
             Some(limiter) => {
-                let res = limiter.check_key(&subject.to_owned()).map_err(|n| n.wait_time_from(now));
+                let res = limiter.check_key(subject).map_err(|n| n.wait_time_from(now));
                 if limiter.len() > 100_000 {
                     limiter.retain_recent();
                 }
@@ -64,19 +60,6 @@ impl RateLimiter {
             }
             None => Ok(()),
         }
-    }
-}
-
-/// Turn an error of the timeout / load-shed / concurrency layers into a problem.
-pub async fn layer_error(err: BoxError) -> Response {
-    if err.is::<tower::load_shed::error::Overloaded>() {
-        crate::metrics::shed();
-        Problem::overloaded().into_response()
-    } else if err.is::<tower::timeout::error::Elapsed>() {
-        Problem::from_status(StatusCode::GATEWAY_TIMEOUT, "the request took too long".to_owned()).into_response()
-    } else {
-        tracing::error!(error = %err, "request layer failed");
-        Problem::from_status(StatusCode::INTERNAL_SERVER_ERROR, String::new()).into_response()
     }
 }
 
@@ -89,12 +72,13 @@ mod tests {
         let mut o = HashMap::new();
         o.insert("big".to_owned(), Rate { per_second: 1, burst: 5 });
         let rl = RateLimiter::new(Some(Rate { per_second: 1, burst: 1 }), &o);
-        assert!(rl.check("small").is_ok());
-        assert!(rl.check("small").is_err());
+        let (small, big, other): (Arc<str>, Arc<str>, Arc<str>) = ("small".into(), "big".into(), "other".into());
+        assert!(rl.check(&small).is_ok());
+        assert!(rl.check(&small).is_err());
         for _ in 0..5 {
-            assert!(rl.check("big").is_ok());
+            assert!(rl.check(&big).is_ok());
         }
-        assert!(rl.check("big").is_err());
-        assert!(rl.check("other").is_ok(), "keys are independent");
+        assert!(rl.check(&big).is_err());
+        assert!(rl.check(&other).is_ok(), "keys are independent");
     }
 }

@@ -3,8 +3,9 @@
 //! Metric names (all prefixed `finmesh_`):
 //! - `http_requests_total{method,route,status}` and
 //!   `http_request_duration_seconds{method,route,status}` (histogram): one
-//!   sample per request, `route` is the matched path template so cardinality
-//!   stays bounded;
+//!   sample per request (recorded by the [`edge`](crate::edge) through
+//!   [`RequestMetrics`]), `route` is the matched path template and `method`
+//!   a standard method or `other`, so cardinality stays bounded;
 //! - `publishes_total{stream}`: messages acked (duplicates included);
 //! - `subscriptions_active{kind}` (gauge): connected SSE/WS/watch subscribers;
 //! - `subscriptions_lagged_total`: subscribers cut off for falling behind;
@@ -15,14 +16,15 @@
 //! `metrics` facade is global); every [`AppState`](crate::AppState) renders
 //! from it, so several gateways in one test process share counters.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::Duration;
 
-use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::http::{Method, StatusCode};
 use finmesh_core::ErrorKind;
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use parking_lot::RwLock;
 
 /// Latency buckets in seconds (100 µs … 10 s).
 const BUCKETS: &[f64] =
@@ -58,16 +60,72 @@ impl Metrics {
     }
 }
 
-/// Middleware: count and time every request by route and status.
-pub async fn track(req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "other".into());
-    let method = req.method().as_str().to_owned();
-    let res = next.run(req).await;
-    let labels = [("method", method), ("route", route), ("status", res.status().as_u16().to_string())];
-    metrics::counter!("finmesh_http_requests_total", &labels).increment(1);
-    metrics::histogram!("finmesh_http_request_duration_seconds", &labels).record(start.elapsed().as_secs_f64());
-    res
+/// The per-request metrics, `http_requests_total` and
+/// `http_request_duration_seconds`, with their handles cached by route,
+/// method and status: recording a request is a read lock, a short hash of
+/// the route template and two atomic updates, with no allocation after the
+/// first request of each combination. The combinations are bounded: route
+/// templates are fixed, methods outside the standard ones share the label
+/// `other`, statuses are three digits.
+#[derive(Default)]
+pub struct RequestMetrics {
+    by_route: RwLock<HashMap<Box<str>, Vec<Handles>>>,
+}
+
+struct Handles {
+    method: &'static str,
+    status: u16,
+    count: Counter,
+    latency: Histogram,
+}
+
+/// The `method` label: a standard method's name, else `other`.
+fn method_label(method: &Method) -> &'static str {
+    const STANDARD: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    STANDARD.iter().find(|m| *m == method).map_or("other", |m| m.as_str())
+}
+
+impl RequestMetrics {
+    /// One request of `method` on the route template `route` (`None`: no
+    /// route matched, label `other`) answered with `status` after `elapsed`.
+    pub fn record(&self, route: Option<&str>, method: &Method, status: StatusCode, elapsed: Duration) {
+        let (route, method, status) = (route.unwrap_or("other"), method_label(method), status.as_u16());
+        let seconds = elapsed.as_secs_f64();
+        {
+            let by_route = self.by_route.read();
+            let cached =
+                by_route.get(route).and_then(|hs| hs.iter().find(|h| h.method == method && h.status == status));
+            if let Some(h) = cached {
+                h.count.increment(1);
+                h.latency.record(seconds);
+                return;
+            }
+        }
+        let labels = [("method", method.to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
+        let h = Handles {
+            method,
+            status,
+            count: metrics::counter!("finmesh_http_requests_total", &labels),
+            latency: metrics::histogram!("finmesh_http_request_duration_seconds", &labels),
+        };
+        h.count.increment(1);
+        h.latency.record(seconds);
+        let mut by_route = self.by_route.write();
+        let handles = by_route.entry(route.into()).or_default();
+        if !handles.iter().any(|x| x.method == method && x.status == status) {
+            handles.push(h);
+        }
+    }
 }
 
 /// `n` messages acked on `stream`.

@@ -32,15 +32,15 @@ use crate::problem::Problem;
 use crate::schema::{OAuthErrorBody, TokenForm, TokenGrant};
 
 /// Marks a response whose error status and body are final (not rewritten
-/// into problem+json by [`problem_fallback`](crate::problem::problem_fallback)).
+/// into problem+json by the [`edge`](crate::edge)).
 #[derive(Debug, Clone, Copy)]
 pub struct RfcBody;
 
 /// The rate-limit key of a request: its peer IP, or one shared key.
-fn client_key(req: &Request) -> String {
+fn client_key(req: &Request) -> std::sync::Arc<str> {
     match req.extensions().get::<ConnectInfo<SocketAddr>>() {
-        Some(ConnectInfo(addr)) => addr.ip().to_string(),
-        None => "unknown-peer".to_owned(),
+        Some(ConnectInfo(addr)) => addr.ip().to_string().into(),
+        None => "unknown-peer".into(),
     }
 }
 

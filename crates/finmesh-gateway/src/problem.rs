@@ -5,17 +5,15 @@
 //! - every error response of the API is problem+json (but the grant
 //!   outcomes of `POST /oauth/token`, in RFC 6749's format): handler errors go
 //!   through [`ApiError`]; axum's rejections (bad JSON, bad path, wrong
-//!   content type, body too large), 404/405 from the router, timeouts and
-//!   shed load are rewritten by [`problem_fallback`];
+//!   content type, body too large) and 404/405 from the router are rewritten
+//!   by the [`edge`](crate::edge) with [`into_problem`];
 //! - `type` is `https://finmesh.dev/problems/<slug>` with a slug per kind
 //!   (see [`PROBLEM_BASE`] and `docs/api.md`); clients branch on it;
 //! - `detail` is the error's client-safe message; for `Internal` errors it is
 //!   a fixed text and the real cause is logged, never sent.
 
 use axum::body::{Body, to_bytes};
-use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use finmesh_core::{Error, ErrorKind};
 use serde::Serialize;
@@ -215,22 +213,24 @@ pub type ApiResult<T> = Result<T, ApiError>;
 /// Bodies longer than this are not read back when rewriting an error.
 const MAX_REWRITE_BODY: usize = 16 * 1024;
 
-/// Middleware: rewrite every error response that is not problem+json yet
-/// (axum rejections, router 404/405, layer errors) into one.
-pub async fn problem_fallback(req: Request, next: Next) -> Response {
-    let res = next.run(req).await;
+/// Whether `res` is an error answer that is not problem+json yet (axum
+/// rejections, router 404/405): [`into_problem`] must rewrite it. The grant
+/// outcomes of `/oauth/token` ([`RfcBody`](crate::oauth::RfcBody)) keep their format.
+pub fn needs_rewrite(res: &Response) -> bool {
     let status = res.status();
     if !(status.is_client_error() || status.is_server_error()) {
-        return res;
+        return false;
     }
-    // OAuth answers in its RFC's own error format.
     if res.extensions().get::<crate::oauth::RfcBody>().is_some() {
-        return res;
+        return false;
     }
-    let is_problem = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
-    if is_problem {
-        return res;
-    }
+    res.headers().get(header::CONTENT_TYPE).is_none_or(|v| v.as_bytes() != PROBLEM_JSON.as_bytes())
+}
+
+/// The error answer `res` as a problem with the same status: its text body
+/// (up to 16 KiB) becomes the `detail`, `Retry-After` is kept.
+pub async fn into_problem(res: Response) -> Response {
+    let status = res.status();
     let retry_after = res.headers().get(header::RETRY_AFTER).cloned();
     let body = to_bytes(res.into_body(), MAX_REWRITE_BODY).await.unwrap_or_default();
     let detail = String::from_utf8_lossy(&body).trim().to_owned();
@@ -241,7 +241,8 @@ pub async fn problem_fallback(req: Request, next: Next) -> Response {
     out
 }
 
-/// `CatchPanic` handler: a panic becomes a logged 500 problem.
+/// A panic caught in a handler: logged, answered with a 500 problem that does
+/// not repeat the panic message.
 pub fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
     let what = err
         .downcast_ref::<String>()

@@ -95,17 +95,26 @@ async fn boom() -> String {
 async fn a_panic_is_a_500_problem<H: Harness>() {
     use axum::Router;
     use axum::routing::get;
+    use finmesh_gateway::edge::EdgeLayer;
     use tower::ServiceExt;
-    use tower_http::catch_panic::CatchPanicLayer;
-    let app: Router = Router::new()
-        .route("/boom", get(boom))
-        .layer(CatchPanicLayer::custom(finmesh_gateway::problem::panic_response));
-    let req = axum::http::Request::get("/boom").body(axum::body::Body::empty()).unwrap();
-    let res = app.oneshot(req).await.unwrap();
-    assert_eq!(res.status(), 500);
-    assert_eq!(res.headers()["content-type"], "application/problem+json");
-    let body = res.into_body().collect().await.unwrap().to_bytes();
-    assert!(!String::from_utf8_lossy(&body).contains("out of bounds"), "panic messages are logged, not sent");
+    // A service that panics while building its future, not while running it.
+    let panics_in_call = tower::service_fn(
+        |_: axum::extract::Request| -> std::future::Ready<Result<String, std::convert::Infallible>> {
+            let empty: Vec<String> = std::hint::black_box(Vec::new());
+            std::future::ready(Ok(empty[0].clone()))
+        },
+    );
+    // One request in flight at most: a panicked request must free its place.
+    let app: Router =
+        Router::new().route("/boom", get(boom)).route_service("/boom-in-call", panics_in_call).layer(EdgeLayer::new(1));
+    for path in ["/boom", "/boom-in-call", "/boom", "/boom-in-call"] {
+        let req = axum::http::Request::get(path).body(axum::body::Body::empty()).unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 500, "{path}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert!(!String::from_utf8_lossy(&body).contains("out of bounds"), "panic messages are logged, not sent");
+    }
     let _ = Gw::start::<H>().await;
 }
 
