@@ -170,20 +170,28 @@ pub fn parse_bearer(header: &str) -> Result<&str> {
     if header.len() > MAX_AUTHORIZATION_LEN {
         return Err(unauthorized(format!("authorization header is longer than {MAX_AUTHORIZATION_LEN} bytes")));
     }
-    let header = header.trim_matches(|c| c == ' ' || c == '\t');
-    let (scheme, rest) = header.split_once([' ', '\t']).unwrap_or((header, ""));
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    // Byte-wise: every boundary below is an ASCII byte, so the final slice of
+    // `header` falls on character boundaries.
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let bytes = header.as_bytes();
+    let start = bytes.iter().position(|b| !blank(b)).unwrap_or(bytes.len());
+    let end = bytes.iter().rposition(|b| !blank(b)).map_or(start, |i| i + 1);
+    let trimmed = &bytes[start..end];
+    let scheme_len = trimmed.iter().position(blank).unwrap_or(trimmed.len());
+    let (scheme, rest) = trimmed.split_at(scheme_len);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
         return Err(unauthorized("expected the Bearer authorization scheme"));
     }
-    let token = rest.trim_start_matches([' ', '\t']);
+    let gap = rest.iter().position(|b| !blank(b)).unwrap_or(rest.len());
+    let token = &rest[gap..];
     if token.is_empty() {
         return Err(unauthorized("empty bearer token"));
     }
-    let token68 = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=');
-    if !token.bytes().all(token68) {
+    let token68 = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=');
+    if !token.iter().all(token68) {
         return Err(unauthorized("malformed bearer token"));
     }
-    Ok(token)
+    Ok(&header[start + scheme_len + gap..end])
 }
 
 /// The claims this crate reads; the rest are checked by jsonwebtoken or
@@ -301,6 +309,7 @@ mod tests {
         assert_eq!(parse_bearer("Bearer a.b.c").unwrap(), "a.b.c");
         assert_eq!(parse_bearer("bearer  a.b-_c=").unwrap(), "a.b-_c=");
         assert_eq!(parse_bearer(" BEARER\ta.b.c ").unwrap(), "a.b.c");
+        assert_eq!(parse_bearer("\t Bearer \t x.y~+/ \t").unwrap(), "x.y~+/");
     }
 
     #[test]
@@ -312,6 +321,8 @@ mod tests {
             assert!(!e.message().contains("dXNlcjpwdw"), "never echo credentials");
         }
         assert!(parse_bearer("Bearer tökén").is_err());
+        assert!(parse_bearer("ö Bearer a.b.c").is_err());
+        assert!(parse_bearer("Bearer a.b.c ö").is_err());
     }
 
     #[test]

@@ -11,11 +11,17 @@
 //! - memory is bounded: [`SHARDS`] shards of at most `capacity / SHARDS`
 //!   entries, tokens longer than [`MAX_CACHED_TOKEN_LEN`] are not cached; a
 //!   full shard drops its expired entries, and if none expired, all of them;
+//! - lookups hash the token with foldhash (seeded at random per cache and
+//!   per shard; SipHash over a 300-byte token weighed as much in a profile as the rest of the
+//!   lookup): only tokens that verified are ever inserted, so a client cannot
+//!   choose colliding keys to slow a shard down;
 //! - each shard has its own short lock, held only for a lookup or insert
 //!   (no I/O, no verification under it).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::quality::RandomState;
 
 use parking_lot::Mutex;
 
@@ -35,7 +41,7 @@ struct Entry {
 
 #[derive(Debug)]
 pub(crate) struct TokenCache {
-    shards: Vec<Mutex<HashMap<Box<str>, Entry>>>,
+    shards: Vec<Mutex<HashMap<Box<str>, Entry, RandomState>>>,
     per_shard: usize,
     hasher: RandomState,
 }
@@ -45,10 +51,10 @@ impl TokenCache {
     pub(crate) fn new(capacity: usize) -> Self {
         let per_shard = capacity.div_ceil(SHARDS);
         let shards = if capacity == 0 { vec![] } else { (0..SHARDS).map(|_| Mutex::default()).collect() };
-        Self { shards, per_shard, hasher: RandomState::new() }
+        Self { shards, per_shard, hasher: RandomState::default() }
     }
 
-    fn shard(&self, token: &str) -> Option<&Mutex<HashMap<Box<str>, Entry>>> {
+    fn shard(&self, token: &str) -> Option<&Mutex<HashMap<Box<str>, Entry, RandomState>>> {
         if self.shards.is_empty() || token.len() > MAX_CACHED_TOKEN_LEN {
             return None;
         }
