@@ -3,9 +3,9 @@
 //! The checks, in order; the first that fails answers
 //! [`ErrorKind::Unauthorized`] with a message that never echoes the token:
 //!
-//! 1. the header is present, at most [`MAX_AUTHORIZATION_LEN`] bytes, UTF-8,
-//!    of the form `Bearer <token>` (scheme case-insensitive, RFC 9110 §11.1),
-//!    and the token uses only token68 characters;
+//! 1. the header is present, at most [`MAX_AUTHORIZATION_LEN`] bytes, of
+//!    the form `Bearer <token>` (scheme case-insensitive, RFC 9110 §11.1),
+//!    and the token uses only token68 characters (so it is ASCII);
 //! 2. the JOSE header parses, names HS256, EdDSA, RS256 or ES256 (`none`
 //!    and everything else are refused before any key is touched), and has no
 //!    `crit` extensions (RFC 7515 §4.1.11: none is understood here);
@@ -22,7 +22,8 @@
 //!
 //! A token that passed is remembered (see [`crate::cache`]) until
 //! `exp + leeway_secs`, so repeating it costs a map lookup, not a signature
-//! check.
+//! check nor even the character check of step 1: the cache is asked first,
+//! with the token's raw bytes.
 //!
 //! Scopes are read from the `scope` claim (a space-separated string as in
 //! OAuth, RFC 8693 §4.2; an array of strings is accepted too) and from a
@@ -142,41 +143,37 @@ impl Authenticator {
     /// Authenticate a request from its `Authorization` header value, if any.
     /// Errors are [`ErrorKind::Unauthorized`].
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal> {
-        match &self.mode {
-            Mode::Disabled => Ok(Principal::admin("anonymous")),
-            Mode::Jwt(v) => {
-                let header = authorization.ok_or_else(|| unauthorized("missing bearer token"))?;
-                v.verify(parse_bearer(header)?)
-            }
-        }
+        self.authenticate_bytes(authorization.map(str::as_bytes))
     }
 
     /// [`Self::authenticate`] from the raw header bytes (an `http::HeaderValue`
     /// may hold bytes that are not UTF-8: they are refused, not a panic).
     pub fn authenticate_bytes(&self, authorization: Option<&[u8]>) -> Result<Principal> {
-        match authorization {
-            None => self.authenticate(None),
-            Some(raw) => match std::str::from_utf8(raw) {
-                Ok(s) => self.authenticate(Some(s)),
-                Err(_) if self.is_disabled() => self.authenticate(None),
-                Err(_) => Err(unauthorized("authorization header is not valid text")),
-            },
+        match &self.mode {
+            Mode::Disabled => Ok(Principal::admin("anonymous")),
+            Mode::Jwt(v) => {
+                let header = authorization.ok_or_else(|| unauthorized("missing bearer token"))?;
+                v.verify(bearer_token(header)?)
+            }
         }
     }
 }
 
 /// The token of a `Bearer` authorization header value.
 pub fn parse_bearer(header: &str) -> Result<&str> {
+    token68(bearer_token(header.as_bytes())?)
+}
+
+/// The token of a `Bearer` header, its characters not checked yet (see
+/// [`token68`]). Works on bytes: every boundary is an ASCII byte.
+fn bearer_token(header: &[u8]) -> Result<&[u8]> {
     if header.len() > MAX_AUTHORIZATION_LEN {
         return Err(unauthorized(format!("authorization header is longer than {MAX_AUTHORIZATION_LEN} bytes")));
     }
-    // Byte-wise: every boundary below is an ASCII byte, so the final slice of
-    // `header` falls on character boundaries.
     let blank = |b: &u8| *b == b' ' || *b == b'\t';
-    let bytes = header.as_bytes();
-    let start = bytes.iter().position(|b| !blank(b)).unwrap_or(bytes.len());
-    let end = bytes.iter().rposition(|b| !blank(b)).map_or(start, |i| i + 1);
-    let trimmed = &bytes[start..end];
+    let start = header.iter().position(|b| !blank(b)).unwrap_or(header.len());
+    let end = header.iter().rposition(|b| !blank(b)).map_or(start, |i| i + 1);
+    let trimmed = &header[start..end];
     let scheme_len = trimmed.iter().position(blank).unwrap_or(trimmed.len());
     let (scheme, rest) = trimmed.split_at(scheme_len);
     if !scheme.eq_ignore_ascii_case(b"bearer") {
@@ -187,11 +184,17 @@ pub fn parse_bearer(header: &str) -> Result<&str> {
     if token.is_empty() {
         return Err(unauthorized("empty bearer token"));
     }
-    let token68 = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=');
-    if !token.iter().all(token68) {
+    Ok(token)
+}
+
+/// `token` as text if it uses only token68 characters (RFC 9110 §11.2).
+fn token68(token: &[u8]) -> Result<&str> {
+    let allowed = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=');
+    if !token.iter().all(allowed) {
         return Err(unauthorized("malformed bearer token"));
     }
-    Ok(&header[start + scheme_len + gap..end])
+    // All ASCII, hence UTF-8.
+    std::str::from_utf8(token).map_err(|_| unauthorized("malformed bearer token"))
 }
 
 /// The claims this crate reads; the rest are checked by jsonwebtoken or
@@ -225,11 +228,13 @@ impl OneOrMany {
 }
 
 impl Verifier {
-    fn verify(&self, token: &str) -> Result<Principal> {
+    fn verify(&self, token: &[u8]) -> Result<Principal> {
         let now = jsonwebtoken::get_current_timestamp();
+        // A hit means these exact bytes passed every check below before.
         if let Some(p) = self.cache.get(token, now) {
             return Ok(p);
         }
+        let token = token68(token)?;
         let header = decode_header(token)
             .map_err(|_| unauthorized("malformed token header, or an algorithm this node does not accept"))?;
         if header.crit.is_some() {
@@ -266,7 +271,7 @@ impl Verifier {
                     }
                     let principal = Principal::new(data.claims.sub, scopes);
                     let valid_until = data.claims.exp.saturating_add(self.leeway);
-                    self.cache.insert(token, &principal, valid_until, now);
+                    self.cache.insert(token.as_bytes(), &principal, valid_until, now);
                     return Ok(principal);
                 }
                 Err(e) if matches!(e.kind(), JwtError::InvalidSignature) => {

@@ -39,9 +39,12 @@ struct Entry {
     valid_until: u64,
 }
 
+/// Token bytes → entry.
+type Shard = HashMap<Box<[u8]>, Entry, RandomState>;
+
 #[derive(Debug)]
 pub(crate) struct TokenCache {
-    shards: Vec<Mutex<HashMap<Box<str>, Entry, RandomState>>>,
+    shards: Vec<Mutex<Shard>>,
     per_shard: usize,
     hasher: RandomState,
 }
@@ -54,7 +57,7 @@ impl TokenCache {
         Self { shards, per_shard, hasher: RandomState::default() }
     }
 
-    fn shard(&self, token: &str) -> Option<&Mutex<HashMap<Box<str>, Entry, RandomState>>> {
+    fn shard(&self, token: &[u8]) -> Option<&Mutex<Shard>> {
         if self.shards.is_empty() || token.len() > MAX_CACHED_TOKEN_LEN {
             return None;
         }
@@ -63,7 +66,7 @@ impl TokenCache {
     }
 
     /// The principal of a token verified before and still valid at `now`.
-    pub(crate) fn get(&self, token: &str, now: u64) -> Option<Principal> {
+    pub(crate) fn get(&self, token: &[u8], now: u64) -> Option<Principal> {
         let mut shard = self.shard(token)?.lock();
         match shard.get(token) {
             Some(e) if now <= e.valid_until => Some(e.principal.clone()),
@@ -76,7 +79,7 @@ impl TokenCache {
     }
 
     /// Remember a verified token until `valid_until` (Unix seconds).
-    pub(crate) fn insert(&self, token: &str, principal: &Principal, valid_until: u64, now: u64) {
+    pub(crate) fn insert(&self, token: &[u8], principal: &Principal, valid_until: u64, now: u64) {
         let Some(shard) = self.shard(token) else { return };
         let mut shard = shard.lock();
         if shard.len() >= self.per_shard {
@@ -102,10 +105,10 @@ mod tests {
     fn hit_until_valid_until_then_gone() {
         let c = TokenCache::new(64);
         let p = Principal::new("a", vec!["admin".into()]);
-        assert!(c.get("t", 100).is_none());
-        c.insert("t", &p, 110, 100);
-        assert_eq!(c.get("t", 110), Some(p));
-        assert!(c.get("t", 111).is_none());
+        assert!(c.get(b"t", 100).is_none());
+        c.insert(b"t", &p, 110, 100);
+        assert_eq!(c.get(b"t", 110), Some(p));
+        assert!(c.get(b"t", 111).is_none());
         assert_eq!(c.len(), 0, "an expired entry is dropped on lookup");
     }
 
@@ -114,24 +117,25 @@ mod tests {
         let c = TokenCache::new(32);
         let p = Principal::new("a", vec![]);
         for i in 0..10_000 {
-            c.insert(&format!("token-{i}"), &p, 1_000, 0);
+            c.insert(format!("token-{i}").as_bytes(), &p, 1_000, 0);
         }
         assert!(c.len() <= 32, "{}", c.len());
-        c.insert(&"x".repeat(MAX_CACHED_TOKEN_LEN + 1), &p, 1_000, 0);
-        assert!(c.get(&"x".repeat(MAX_CACHED_TOKEN_LEN + 1), 0).is_none());
+        let long = vec![b'x'; MAX_CACHED_TOKEN_LEN + 1];
+        c.insert(&long, &p, 1_000, 0);
+        assert!(c.get(&long, 0).is_none());
         let off = TokenCache::new(0);
-        off.insert("t", &p, 1_000, 0);
-        assert!(off.get("t", 0).is_none());
+        off.insert(b"t", &p, 1_000, 0);
+        assert!(off.get(b"t", 0).is_none());
     }
 
     #[test]
     fn full_shard_drops_expired_entries_first() {
         let c = TokenCache::new(SHARDS); // one entry per shard
         let p = Principal::new("a", vec![]);
-        c.insert("old", &p, 5, 0);
+        c.insert(b"old", &p, 5, 0);
         // Whatever shard "new" lands in, inserting at now = 10 keeps it.
-        c.insert("new", &p, 100, 10);
-        assert!(c.get("new", 10).is_some());
-        assert!(c.get("old", 10).is_none());
+        c.insert(b"new", &p, 100, 10);
+        assert!(c.get(b"new", 10).is_some());
+        assert!(c.get(b"old", 10).is_none());
     }
 }

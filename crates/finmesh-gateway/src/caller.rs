@@ -61,7 +61,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 }
 
 /// Authenticate and rate-limit `req`, and remember its principal in it; the
-/// refusal (401 or 429) to send otherwise. The [`Guard`](crate::edge::Guard)
+/// refusal (401 or 429) to send otherwise. The [`Edge`](crate::edge::Edge)
 /// calls this in front of every API route.
 pub fn admit(state: &AppState, req: &mut Request) -> Result<(), Box<Response>> {
     let header = req.headers().get(header::AUTHORIZATION);

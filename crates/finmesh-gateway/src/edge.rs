@@ -1,31 +1,34 @@
-//! The two tower layers every request passes through, in place of a stack of
-//! generic middleware: [`Edge`] around the whole router, [`Guard`] around
-//! each group of routes.
+//! The one tower layer every request passes through, in place of a stack of
+//! generic middleware: [`Edge`], applied to each group of routes (and the
+//! router's 404 fallback) with that group's settings.
 //!
-//! [`Edge`] (outermost, on every route and the router's 404/405 answers):
-//! - sheds load: a request arriving while `max_concurrent_requests` are in
-//!   flight is answered at once with 503 `overloaded` + `Retry-After`, never
-//!   queued (a request is in flight until its response head is ready);
-//! - catches panics, both while the handler builds its future and while the
-//!   future runs, and answers a logged 500 problem;
-//! - rewrites every error answer that is not problem+json yet (axum
-//!   rejections, router 404/405) with [`problem::into_problem`];
-//! - counts and times every answer, shed and rewritten ones included, by
-//!   route template, method and status ([`RequestMetrics`]).
+//! For every request, in this order:
+//! - load shedding: a request arriving while `max_concurrent_requests` are
+//!   in flight (counted across all groups) is answered at once with 503
+//!   `overloaded` + `Retry-After`, never queued; a request is in flight until
+//!   its response head is ready;
+//! - on API groups, authentication and the per-client rate limit with
+//!   [`caller::admit`] before the handler runs (401 / 429); a wrong method on
+//!   an API path is therefore answered 401 before 405;
+//! - on request/response groups, the request timeout (504 `gateway-timeout`
+//!   problem), counted from the handler's first `Pending`: a handler that
+//!   answers on its first poll (an embedded-engine read) never touches the
+//!   runtime's timer wheel; subscriptions have no timeout;
+//! - panics, both while the handler builds its future and while the future
+//!   runs, become a logged 500 problem;
+//! - every error answer that is not problem+json yet (axum rejections, 405)
+//!   is rewritten with [`problem::into_problem`];
+//! - every answer, shed, refused and rewritten ones included, is counted and
+//!   timed by route template, method and status ([`RequestMetrics`]).
 //!
-//! [`Guard`] (on each group of routes, after routing):
-//! - on API routes, authenticates and rate-limits with [`caller::admit`]
-//!   before the handler runs (401 / 429);
-//! - on request/response routes, bounds the handler by the request timeout
-//!   (504 `gateway-timeout` problem); subscriptions have none.
-//!
-//! Why hand-written: the generic layers cost a boxed service clone and a
-//! boxed future each per request; on small KV reads that was most of the
-//! gateway's own CPU time (see BENCHMARKS.md, "Gateway"). Here the success
-//! path allocates nothing of its own: the in-flight count is one atomic,
-//! metric handles are cached, both futures are plain enums, and the inner
-//! service is called in place (axum's routes are always ready, and tower's
-//! contract is honoured: `poll_ready` is forwarded).
+//! Why hand-written, and why one: each generic layer (`from_fn`,
+//! `HandleError`, `CatchPanic`, `Router::layer` itself) costs a boxed service
+//! clone and a boxed future per request; on small KV reads that was most of
+//! the gateway's own CPU time (see BENCHMARKS.md, "Gateway"). Here the
+//! success path allocates nothing of its own: the in-flight count is one
+//! atomic, metric handles are cached, the future is a plain enum, and the
+//! inner service is called in place (axum's routes are always ready, and
+//! tower's contract is honoured: `poll_ready` is forwarded).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -47,11 +50,13 @@ use crate::metrics::RequestMetrics;
 use crate::problem::{self, Problem};
 use crate::{AppState, caller};
 
-/// Builds [`Edge`] services; clones share one in-flight count and one
-/// metrics cache.
+/// Builds [`Edge`] services. Every layer derived from one
+/// [`EdgeLayer::new`] shares its in-flight count and metrics cache.
 #[derive(Clone)]
 pub struct EdgeLayer {
     shared: Arc<Shared>,
+    auth: Option<AppState>,
+    timeout: Option<Duration>,
 }
 
 struct Shared {
@@ -61,14 +66,26 @@ struct Shared {
 }
 
 impl EdgeLayer {
-    /// An edge admitting at most `max_in_flight` requests at a time (at least one).
+    /// An edge admitting at most `max_in_flight` requests at a time (at
+    /// least one), with no authentication and no timeout.
     pub fn new(max_in_flight: usize) -> Self {
         let shared = Shared {
             in_flight: AtomicUsize::new(0),
             max_in_flight: max_in_flight.max(1),
             metrics: RequestMetrics::default(),
         };
-        EdgeLayer { shared: Arc::new(shared) }
+        EdgeLayer { shared: Arc::new(shared), auth: None, timeout: None }
+    }
+
+    /// The same edge for routes that need a bearer token, authenticated and
+    /// rate-limited against `state`.
+    pub fn authenticated(&self, state: AppState) -> Self {
+        EdgeLayer { auth: Some(state), ..self.clone() }
+    }
+
+    /// The same edge, bounding handlers by `timeout`.
+    pub fn timeout(&self, timeout: Duration) -> Self {
+        EdgeLayer { timeout: Some(timeout), ..self.clone() }
     }
 }
 
@@ -76,7 +93,7 @@ impl<S> Layer<S> for EdgeLayer {
     type Service = Edge<S>;
 
     fn layer(&self, inner: S) -> Edge<S> {
-        Edge { inner, shared: self.shared.clone() }
+        Edge { inner, shared: self.shared.clone(), auth: self.auth.clone(), timeout: self.timeout }
     }
 }
 
@@ -85,6 +102,8 @@ impl<S> Layer<S> for EdgeLayer {
 pub struct Edge<S> {
     inner: S,
     shared: Arc<Shared>,
+    auth: Option<AppState>,
+    timeout: Option<Duration>,
 }
 
 impl<S> Service<Request> for Edge<S>
@@ -99,7 +118,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request) -> Self::Future {
+    fn call(&mut self, mut req: Request) -> Self::Future {
         let shared = self.shared.clone();
         let admitted = shared.in_flight.fetch_add(1, Ordering::AcqRel) < shared.max_in_flight;
         let pass = InFlight {
@@ -108,14 +127,18 @@ where
             route: req.extensions().get::<MatchedPath>().cloned(),
             method: req.method().clone(),
         };
-        let state = if !admitted {
+        let refused = if !admitted {
             crate::metrics::shed();
-            EdgeState::Done { res: Some(Problem::overloaded().into_response()) }
+            Some(Problem::overloaded().into_response())
         } else {
-            match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
-                Ok(fut) => EdgeState::Running { fut },
+            self.auth.as_ref().and_then(|state| caller::admit(state, &mut req).err().map(|res| *res))
+        };
+        let state = match refused {
+            Some(res) => EdgeState::Done { res: Some(res) },
+            None => match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
+                Ok(fut) => EdgeState::Running { fut, limit: self.timeout, timer: None },
                 Err(panic) => EdgeState::Done { res: Some(problem::panic_response(panic)) },
-            }
+            },
         };
         EdgeFuture { state, pass: Some(pass) }
     }
@@ -155,7 +178,12 @@ pin_project! {
 pin_project! {
     #[project = EdgeStateProj]
     enum EdgeState<F> {
-        Running { #[pin] fut: F },
+        Running {
+            #[pin] fut: F,
+            limit: Option<Duration>,
+            // Armed at the first `Pending` (see the module documentation).
+            timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        },
         Rewriting { fut: BoxFuture<'static, Response> },
         Done { res: Option<Response> },
     }
@@ -171,11 +199,16 @@ where
         let mut this = self.project();
         loop {
             let (res, rewritten) = match this.state.as_mut().project() {
-                EdgeStateProj::Running { fut } => match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
-                    Ok(Poll::Pending) => return Poll::Pending,
+                EdgeStateProj::Running { fut, limit, timer } => match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
                     Ok(Poll::Ready(Ok(res))) => (res, false),
                     Ok(Poll::Ready(Err(never))) => match never {},
                     Err(panic) => (problem::panic_response(panic), true),
+                    Ok(Poll::Pending) => {
+                        let Some(limit) = *limit else { return Poll::Pending };
+                        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                        ready!(timer.as_mut().poll(cx));
+                        (timed_out(), true)
+                    }
                 },
                 EdgeStateProj::Rewriting { fut } => (ready!(fut.as_mut().poll(cx)), true),
                 EdgeStateProj::Done { res } => (res.take().expect("EdgeFuture polled after completion"), false),
@@ -188,96 +221,6 @@ where
                 pass.answered(res.status());
             }
             return Poll::Ready(Ok(res));
-        }
-    }
-}
-
-/// Builds [`Guard`] services.
-#[derive(Clone)]
-pub struct GuardLayer {
-    auth: Option<AppState>,
-    timeout: Option<Duration>,
-}
-
-impl GuardLayer {
-    /// Routes that need a bearer token (authenticated and rate-limited
-    /// against `state`), bounded by `timeout` if given.
-    pub fn authenticated(state: AppState, timeout: Option<Duration>) -> Self {
-        GuardLayer { auth: Some(state), timeout }
-    }
-
-    /// Routes that authenticate their callers themselves, bounded by `timeout`.
-    pub fn timeout_only(timeout: Duration) -> Self {
-        GuardLayer { auth: None, timeout: Some(timeout) }
-    }
-}
-
-impl<S> Layer<S> for GuardLayer {
-    type Service = Guard<S>;
-
-    fn layer(&self, inner: S) -> Guard<S> {
-        Guard { inner, auth: self.auth.clone(), timeout: self.timeout }
-    }
-}
-
-/// See the [module documentation](self).
-#[derive(Clone)]
-pub struct Guard<S> {
-    inner: S,
-    auth: Option<AppState>,
-    timeout: Option<Duration>,
-}
-
-impl<S> Service<Request> for Guard<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible>,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = GuardFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request) -> Self::Future {
-        if let Some(state) = &self.auth
-            && let Err(refusal) = caller::admit(state, &mut req)
-        {
-            return GuardFuture::Refused { res: Some(*refusal) };
-        }
-        let fut = self.inner.call(req);
-        match self.timeout {
-            Some(limit) => GuardFuture::Timed { fut: tokio::time::timeout(limit, fut) },
-            None => GuardFuture::Untimed { fut },
-        }
-    }
-}
-
-pin_project! {
-    /// The response future of [`Guard`].
-    #[project = GuardProj]
-    pub enum GuardFuture<F> {
-        Refused { res: Option<Response> },
-        Untimed { #[pin] fut: F },
-        Timed { #[pin] fut: tokio::time::Timeout<F> },
-    }
-}
-
-impl<F> Future for GuardFuture<F>
-where
-    F: Future<Output = Result<Response, Infallible>>,
-{
-    type Output = Result<Response, Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            GuardProj::Refused { res } => Poll::Ready(Ok(res.take().expect("GuardFuture polled after completion"))),
-            GuardProj::Untimed { fut } => fut.poll(cx),
-            GuardProj::Timed { fut } => Poll::Ready(match ready!(fut.poll(cx)) {
-                Ok(answer) => answer,
-                Err(_elapsed) => Ok(timed_out()),
-            }),
         }
     }
 }

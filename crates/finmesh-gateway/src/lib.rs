@@ -7,8 +7,8 @@
 //! 1. [`state`]: the shared state, configuration and the drain signal;
 //! 2. [`problem`]: every error as `application/problem+json`;
 //! 3. [`caller`]: authentication, per-route access, the route table;
-//!    [`edge`]: the two layers around the routes (shedding, panics, error
-//!    rewriting, metrics; authentication and timeouts);
+//!    [`edge`]: the one layer around the routes (shedding, authentication,
+//!    timeouts, panics, error rewriting, metrics);
 //! 4. [`kv`], [`streams`], [`consumers`]: the request/response routes;
 //!    [`oauth`]: `POST /oauth/token`, the client-credentials grant;
 //! 5. [`envelope`], [`subscribe`], [`sse`], [`ws`]: subscriptions, from the
@@ -39,10 +39,11 @@ pub mod ws;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use tower::ServiceBuilder;
 
-use crate::edge::{EdgeLayer, GuardLayer};
+use crate::edge::EdgeLayer;
 
 pub use caller::{Caller, Need, ROUTE_ACCESS};
 pub use problem::{ApiError, PROBLEM_BASE, Problem};
@@ -52,6 +53,12 @@ pub use state::{AppState, GatewayConfig, Limits, Rate, SubscriptionConfig};
 /// answers 404 unless the state was built [`with_oauth`](AppState::with_oauth)).
 pub fn app(state: AppState) -> Router {
     let limits = state.config().limits.clone();
+    let edge = EdgeLayer::new(limits.max_concurrent_requests);
+    // Each group gets exactly one layer application: axum boxes every
+    // application per request (see `edge`).
+    let around =
+        |edge: EdgeLayer| ServiceBuilder::new().layer(edge).layer(DefaultBodyLimit::max(limits.max_body_bytes));
+    let api = edge.authenticated(state.clone());
 
     // Request/response routes: bounded by the request timeout.
     let unary = Router::new()
@@ -72,29 +79,29 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/streams/{stream}/consumers/{name}/fetch", post(consumers::fetch))
         .route("/v1/streams/{stream}/consumers/{name}/ack", post(consumers::ack))
         .route("/v1/subscribers", get(ops::subscribers))
-        .route_layer(GuardLayer::authenticated(state.clone(), Some(limits.request_timeout)));
+        .layer(around(api.timeout(limits.request_timeout)));
 
     // Subscriptions live as long as the client keeps them: no timeout.
     let streaming = Router::new()
         .route("/v1/kv/{bucket}/watch", get(sse::watch))
         .route("/v1/streams/{stream}/events", get(sse::events))
         .route("/v1/streams/{stream}/ws", get(ws::ws))
-        .route_layer(GuardLayer::authenticated(state.clone(), None));
+        .layer(around(api));
 
     // The token endpoint authenticates clients itself; bounded by the timeout.
-    let token = Router::new()
-        .route("/oauth/token", post(oauth::token))
-        .route_layer(GuardLayer::timeout_only(limits.request_timeout));
+    let token =
+        Router::new().route("/oauth/token", post(oauth::token)).layer(around(edge.timeout(limits.request_timeout)));
 
     let public = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .route("/openapi.json", get(openapi::serve));
+        .route("/openapi.json", get(openapi::serve))
+        .layer(around(edge.clone()));
 
-    // One layer application (one boxed route level per request, not two).
-    let outer = ServiceBuilder::new()
-        .layer(EdgeLayer::new(limits.max_concurrent_requests))
-        .layer(DefaultBodyLimit::max(limits.max_body_bytes));
-    unary.merge(streaming).merge(token).merge(public).layer(outer).with_state(state)
+    // Paths no route matches: a 404 problem, through the edge like the rest.
+    let not_found = around(edge).service(tower::service_fn(|_: axum::extract::Request| {
+        std::future::ready(Ok::<_, std::convert::Infallible>(axum::http::StatusCode::NOT_FOUND.into_response()))
+    }));
+    unary.merge(streaming).merge(token).merge(public).fallback_service(not_found).with_state(state)
 }

@@ -8,6 +8,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use axum::http::Method;
 use finmesh_gateway::{Need, ROUTE_ACCESS};
 use serde_json::json;
 use support::{Gw, Harness, eventually, sse_oneshot};
@@ -26,6 +27,8 @@ async fn health_and_metrics<H: Harness>() {
     gw.stream("MDM", json!({"subjects": ["mdm.>"]})).await;
     gw.publish_n("MDM", "mdm.a", 3).await;
     gw.get("/v1/kv/none/k").await.assert_problem(404, "not-found");
+    gw.get("/no/such/path").await.assert_problem(404, "not-found");
+    gw.send(Method::from_bytes(b"BREW").unwrap(), "/healthz", &[], "").await.assert_problem(405, "method-not-allowed");
     let mut sse = sse_oneshot(&gw, "/v1/streams/MDM/events", &[]).await;
     sse.hello().await;
     let m = gw.get("/metrics").await;
@@ -36,6 +39,9 @@ async fn health_and_metrics<H: Harness>() {
         "finmesh_http_requests_total{method=\"POST\",route=\"/v1/streams/{stream}/messages\",status=\"200\"}",
         "finmesh_http_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/kv/{bucket}/{key}\",status=\"404\"",
         "finmesh_engine_errors_total{kind=\"not-found\"}",
+        // No route matched; a method outside the standard ones.
+        "finmesh_http_requests_total{method=\"GET\",route=\"other\",status=\"404\"}",
+        "finmesh_http_requests_total{method=\"other\",route=\"/healthz\",status=\"405\"}",
         "finmesh_subscriptions_active{kind=\"sse\"}",
     ] {
         assert!(text.contains(want), "missing `{want}` in:\n{text}");
