@@ -161,10 +161,10 @@ pub async fn keys(
     Ok(Json(KeyList { keys }).into_response())
 }
 
-async fn get_value(state: &AppState, caller: &Caller, bucket: BucketName, key: &str) -> ApiResult<Response> {
+async fn get_value(state: &AppState, caller: &Caller, bucket: &BucketName, key: &str) -> ApiResult<Response> {
     let key = Key::new(key)?;
-    caller.require(&Access::KvRead { bucket: &bucket })?;
-    match state.engine().kv_get(&bucket, &key).await? {
+    caller.require(&Access::KvRead { bucket })?;
+    match state.engine().kv_get(bucket, &key).await? {
         Some(entry) => {
             let mut res = entry.value.into_response();
             let h = res.headers_mut();
@@ -185,7 +185,7 @@ pub async fn get_key(
     caller: Caller,
     Path((bucket, key)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    get_value(&state, &caller, BucketName::new(bucket)?, &key).await
+    get_value(&state, &caller, &BucketName::new(bucket)?, &key).await
 }
 
 /// `GET /kv/{key}`: a value of the default bucket.
@@ -197,8 +197,7 @@ pub async fn get_default(
     caller: Caller,
     Path(key): Path<String>,
 ) -> ApiResult<Response> {
-    let bucket = state.config().default_bucket.clone();
-    get_value(&state, &caller, bucket, &key).await
+    get_value(&state, &caller, &state.config().default_bucket, &key).await
 }
 
 /// `PUT /v1/kv/{bucket}/{key}`: write; `If-Match` / `If-None-Match: *` for CAS.

@@ -69,7 +69,7 @@ impl Metrics {
 /// `other`, statuses are three digits.
 #[derive(Default)]
 pub struct RequestMetrics {
-    by_route: RwLock<HashMap<Box<str>, Vec<Handles>>>,
+    by_route: RwLock<HashMap<Box<str>, Vec<Handles>, foldhash::quality::RandomState>>,
 }
 
 struct Handles {
