@@ -10,7 +10,7 @@
 //! - on API groups, authentication and the per-client rate limit with
 //!   [`caller::admit`] before the handler runs (401 / 429); a wrong method on
 //!   an API path is therefore answered 401 before 405;
-//! - on request/response groups, the request timeout (504 `gateway-timeout`
+//! - on request/response groups, the request timeout (504 `timeout`
 //!   problem), counted from the handler's first `Pending`: a handler that
 //!   answers on its first poll (an embedded-engine read) never touches the
 //!   runtime's timer wheel; subscriptions have no timeout;
