@@ -48,6 +48,10 @@ pub struct Limits {
     pub rate: Option<Rate>,
     /// Per-subject rates that replace the default.
     pub rate_overrides: HashMap<String, Rate>,
+    /// Rate of `POST /oauth/token` per client IP; `None` = no limit. Every
+    /// call costs an argon2 verification (tens of milliseconds of CPU), so
+    /// the default is low: 10/s with a burst of 20.
+    pub token_rate: Option<Rate>,
 }
 
 impl Default for Limits {
@@ -58,6 +62,7 @@ impl Default for Limits {
             max_concurrent_requests: 1024,
             rate: Some(Rate { per_second: 1000, burst: 2000 }),
             rate_overrides: HashMap::new(),
+            token_rate: Some(Rate { per_second: 10, burst: 20 }),
         }
     }
 }
@@ -134,7 +139,7 @@ pub(crate) struct Inner {
     /// OAuth clients for `POST /oauth/token`; `None` = the route answers 404.
     pub oauth: Option<Arc<ClientRegistry>>,
     /// Rate limits of `POST /oauth/token`, keyed by client IP (each call
-    /// costs an argon2 verification). Same rate as `rate`, separate keys.
+    /// costs an argon2 verification), at [`Limits::token_rate`].
     pub oauth_rate: Arc<RateLimiter>,
     /// Prometheus handles.
     pub metrics: Metrics,
@@ -144,7 +149,7 @@ impl AppState {
     /// State for `engine`, verifying tokens with `auth`.
     pub fn new(engine: Arc<dyn Engine>, auth: Authenticator, config: GatewayConfig) -> Self {
         let rate = Arc::new(RateLimiter::new(config.limits.rate, &config.limits.rate_overrides));
-        let oauth_rate = Arc::new(RateLimiter::new(config.limits.rate, &HashMap::new()));
+        let oauth_rate = Arc::new(RateLimiter::new(config.limits.token_rate, &HashMap::new()));
         AppState {
             inner: Arc::new(Inner {
                 engine,

@@ -130,12 +130,14 @@ async fn no_registry_is_404<H: Harness>() {
     r.assert_problem(404, "not-found");
 }
 
-/// The rate limit is per client IP: one IP over its burst gets 429 while
-/// another still gets answers.
+/// The token endpoint has its own rate per client IP (`token_rate`, not the
+/// per-subject `rate`): one IP over its burst gets 429 while another still
+/// gets answers.
 async fn rate_limited_per_client_ip<H: Harness>() {
     let kit = AuthKit::new();
     let mut config = GatewayConfig::default();
-    config.limits.rate = Some(Rate { per_second: 1, burst: 2 });
+    config.limits.rate = Some(Rate { per_second: 1_000_000, burst: 1_000_000 });
+    config.limits.token_rate = Some(Rate { per_second: 1, burst: 2 });
     let gw = Gw::build::<H>(kit.auth.clone(), config, Some(kit.clients())).await;
     let from = |ip: [u8; 4]| {
         let app = gw.app.clone();

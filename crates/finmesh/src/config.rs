@@ -63,6 +63,8 @@ pub struct LimitsSection {
     pub rate: Option<RateSection>,
     /// Per-subject rates, e.g. `[limits.rate_overrides.pricing-feed]`.
     pub rate_overrides: std::collections::BTreeMap<String, RateSection>,
+    /// `POST /oauth/token` calls per client IP; absent = none.
+    pub token_rate: Option<RateSection>,
 }
 
 impl Default for LimitsSection {
@@ -74,6 +76,7 @@ impl Default for LimitsSection {
             max_concurrent_requests: d.max_concurrent_requests,
             rate: d.rate.map(|r| RateSection { per_second: r.per_second, burst: r.burst }),
             rate_overrides: Default::default(),
+            token_rate: d.token_rate.map(|r| RateSection { per_second: r.per_second, burst: r.burst }),
         }
     }
 }
@@ -293,6 +296,7 @@ impl ServeConfig {
             .rate
             .iter()
             .map(|r| ("limits.rate".to_owned(), r))
+            .chain(l.token_rate.iter().map(|r| ("limits.token_rate".to_owned(), r)))
             .chain(l.rate_overrides.iter().map(|(sub, r)| (format!("limits.rate_overrides.{sub}"), r)))
         {
             if rate.per_second == 0 || rate.burst == 0 {
@@ -338,6 +342,7 @@ impl ServeConfig {
                 max_concurrent_requests: self.limits.max_concurrent_requests,
                 rate: self.limits.rate.as_ref().map(rate),
                 rate_overrides: self.limits.rate_overrides.iter().map(|(k, v)| (k.clone(), rate(v))).collect(),
+                token_rate: self.limits.token_rate.as_ref().map(rate),
             },
             subscriptions: SubscriptionConfig {
                 heartbeat: Duration::from_millis(self.subscriptions.heartbeat_ms),
@@ -365,6 +370,7 @@ mod tests {
         let text = &doc[start..start + doc[start..].find("```").unwrap()];
         let config = ServeConfig::parse(text, Path::new("docs/operations.md")).unwrap();
         assert_eq!(config.limits.rate_overrides["pricing-feed"].per_second, 20_000);
+        assert_eq!(config.limits.token_rate, Some(RateSection { per_second: 10, burst: 20 }));
         // Only the example's file paths, which do not exist here, are problems.
         for p in config.validate() {
             assert!(p.message.contains("/etc/finmesh/") || p.key == "auth", "{p}");
@@ -395,6 +401,8 @@ mod tests {
             engine = "nats"
             default_bucket = "no spaces"
             drain_timeout_ms = 0
+            [limits]
+            token_rate = { per_second = 0, burst = 5 }
             [nats]
             servers = ["http://x"]
             [tls]
@@ -403,7 +411,10 @@ mod tests {
         "#;
         let config = ServeConfig::parse(text, Path::new("x.toml")).unwrap();
         let keys: Vec<String> = config.validate().into_iter().map(|p| p.key).collect();
-        assert_eq!(keys, ["listen", "default_bucket", "drain_timeout_ms", "nats", "tls.cert", "tls.key"]);
+        assert_eq!(
+            keys,
+            ["listen", "default_bucket", "drain_timeout_ms", "nats", "limits.token_rate", "tls.cert", "tls.key"]
+        );
     }
 
     #[test]
