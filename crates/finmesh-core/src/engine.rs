@@ -244,6 +244,11 @@ pub trait KvEngine: Send + Sync + 'static {
     /// Write a delete marker; returns its revision.
     async fn kv_delete(&self, bucket: &BucketName, key: &Key) -> Result<Revision>;
 
+    /// Write a delete marker only if the key's latest revision is `expected`
+    /// (as [`kv_update`](Self::kv_update)); else `WrongRevision` with the
+    /// current one. A delete that must not race a concurrent write or delete.
+    async fn kv_delete_if(&self, bucket: &BucketName, key: &Key, expected: Revision) -> Result<Revision>;
+
     /// Remove the key's history and write a purge marker; returns its revision.
     async fn kv_purge(&self, bucket: &BucketName, key: &Key) -> Result<Revision>;
 

@@ -425,6 +425,10 @@ impl KvEngine for EmbeddedEngine {
         self.kv_write(bucket, key, Bytes::new(), KvOp::Delete, Cond::None).await
     }
 
+    async fn kv_delete_if(&self, bucket: &BucketName, key: &Key, expected: Revision) -> Result<Revision> {
+        self.kv_write(bucket, key, Bytes::new(), KvOp::Delete, Cond::LastSubjectSeq(expected)).await
+    }
+
     async fn kv_purge(&self, bucket: &BucketName, key: &Key) -> Result<Revision> {
         self.kv_write(bucket, key, Bytes::new(), KvOp::Purge, Cond::Rollup).await
     }

@@ -237,23 +237,45 @@ fn written(rev: Revision) -> Response {
     res
 }
 
-/// `DELETE /v1/kv/{bucket}/{key}`: write a delete marker (404 if no live value).
-#[utoipa::path(delete, path = "/v1/kv/{bucket}/{key}", tag = "kv", params(("bucket" = String, Path), ("key" = String, Path)),
-    responses((status = 200, description = "deleted; the marker's revision", body = Written), (status = 404, body = crate::Problem)))]
+/// Times a plain `DELETE` re-reads a key that keeps changing under it.
+const DELETE_ATTEMPTS: usize = 8;
+
+/// `DELETE /v1/kv/{bucket}/{key}`: write a delete marker (404 if no live
+/// value); `If-Match` deletes only at that revision (412 otherwise).
+///
+/// Without `If-Match` the marker is written conditionally on the revision
+/// just read, so of two concurrent deletes one answers 404, and a write
+/// that lands between the read and the delete is read again rather than
+/// deleted unseen.
+#[utoipa::path(delete, path = "/v1/kv/{bucket}/{key}", tag = "kv",
+    params(("bucket" = String, Path), ("key" = String, Path),
+        ("If-Match" = Option<String>, Header, description = "quoted revision: delete only at it")),
+    responses((status = 200, description = "deleted; the marker's revision", body = Written), (status = 404, body = crate::Problem),
+        (status = 412, body = crate::Problem)))]
 pub async fn delete_key(
     State(state): State<AppState>,
     caller: Caller,
     Path((bucket, key)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     let bucket = BucketName::new(bucket)?;
     let key = Key::new(key)?;
     caller.require(&Access::KvWrite { bucket: &bucket })?;
     let engine = state.engine();
-    if engine.kv_get(&bucket, &key).await?.is_none() {
-        return Err(Error::not_found(format!("key `{key}` not found in bucket `{bucket}`")).into());
+    if let Some(expected) = if_match(&headers)? {
+        return Ok(written(engine.kv_delete_if(&bucket, &key, expected).await?));
     }
-    let rev = engine.kv_delete(&bucket, &key).await?;
-    Ok(written(rev))
+    for _ in 0..DELETE_ATTEMPTS {
+        let Some(live) = engine.kv_get(&bucket, &key).await? else {
+            return Err(Error::not_found(format!("key `{key}` not found in bucket `{bucket}`")).into());
+        };
+        match engine.kv_delete_if(&bucket, &key, live.revision).await {
+            Ok(rev) => return Ok(written(rev)),
+            Err(e) if e.kind() == ErrorKind::WrongRevision => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::unavailable(format!("key `{key}` changed {DELETE_ATTEMPTS} times during the delete; retry")).into())
 }
 
 /// `GET /v1/kv/{bucket}/{key}/history`: every kept entry, oldest first.

@@ -81,6 +81,33 @@ async fn missing_and_deleted_are_404<H: Harness>() {
     gw.get("/v1/kv/b/a..b").await.assert_problem(400, "invalid");
 }
 
+/// `DELETE` with `If-Match` deletes only at that revision; concurrent plain
+/// deletes of one value write one marker: one answers 200, the others 404.
+async fn conditional_and_concurrent_deletes<H: Harness>() {
+    let gw = Gw::start::<H>().await;
+    gw.put("/v1/kv/b", json!({"history": 64}).to_string()).await;
+    let rev1 = gw.put("/v1/kv/b/k", "v1").await.json()["revision"].as_u64().unwrap();
+    let rev2 = gw.put("/v1/kv/b/k", "v2").await.json()["revision"].as_u64().unwrap();
+    let stale = format!("\"{rev1}\"");
+    let r = gw.send(axum::http::Method::DELETE, "/v1/kv/b/k", &[("if-match", &stale)], "").await;
+    assert_eq!(r.assert_problem(412, "wrong-revision")["current_revision"], rev2);
+    assert_eq!(&gw.get("/v1/kv/b/k").await.body[..], b"v2", "a refused delete changes nothing");
+    let r = gw.send(axum::http::Method::DELETE, "/v1/kv/b/k", &[("if-match", &format!("\"{rev2}\""))], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    gw.get("/v1/kv/b/k").await.assert_problem(404, "not-found");
+
+    for round in 0..10 {
+        gw.put("/v1/kv/b/k", format!("round {round}")).await;
+        let deletes = (0..4).map(|_| gw.delete("/v1/kv/b/k"));
+        let statuses: Vec<u16> = futures::future::join_all(deletes).await.iter().map(|r| r.status.as_u16()).collect();
+        assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1, "round {round}: {statuses:?}");
+        assert_eq!(statuses.iter().filter(|s| **s == 404).count(), 3, "round {round}: {statuses:?}");
+    }
+    let h = gw.get("/v1/kv/b/k/history").await.json();
+    let markers = h["entries"].as_array().unwrap().iter().filter(|e| e["op"] == "delete").count();
+    assert_eq!(markers, 11, "one marker per deleted value");
+}
+
 async fn keys_history_and_default_bucket<H: Harness>() {
     let gw = Gw::start::<H>().await;
     gw.put("/v1/kv/b", json!({"history": 3}).to_string()).await;
@@ -108,4 +135,10 @@ async fn keys_history_and_default_bucket<H: Harness>() {
     assert!(r.header("etag").is_some());
 }
 
-per_engine!(bucket_lifecycle, etag_and_cas, missing_and_deleted_are_404, keys_history_and_default_bucket);
+per_engine!(
+    bucket_lifecycle,
+    etag_and_cas,
+    missing_and_deleted_are_404,
+    conditional_and_concurrent_deletes,
+    keys_history_and_default_bucket
+);

@@ -384,11 +384,21 @@ impl Inner {
         }
     }
 
-    pub(crate) async fn kv_marker(&self, b: &BucketName, k: &Key, purge: bool) -> Result<Revision> {
+    /// A delete (or purge) marker, only at the `expected` latest revision if given.
+    pub(crate) async fn kv_marker(
+        &self,
+        b: &BucketName,
+        k: &Key,
+        purge: bool,
+        expected: Option<Revision>,
+    ) -> Result<Revision> {
         let mut h = Headers::new();
         h.insert(OP_HEADER, if purge { "PURGE" } else { "DEL" })?;
         if purge {
             h.insert("Nats-Rollup", "sub")?;
+        }
+        if let Some(expected) = expected {
+            h.insert(EXPECTED_HEADER, expected.0.to_string())?;
         }
         self.kv_write(b, k, Bytes::new(), h).await
     }

@@ -247,10 +247,13 @@ impl KvEngine for NatsEngine {
         self.inner.kv_update(bucket, key, value, expected).await
     }
     async fn kv_delete(&self, bucket: &BucketName, key: &Key) -> Result<Revision> {
-        self.inner.kv_marker(bucket, key, false).await
+        self.inner.kv_marker(bucket, key, false, None).await
+    }
+    async fn kv_delete_if(&self, bucket: &BucketName, key: &Key, expected: Revision) -> Result<Revision> {
+        self.inner.kv_marker(bucket, key, false, Some(expected)).await
     }
     async fn kv_purge(&self, bucket: &BucketName, key: &Key) -> Result<Revision> {
-        self.inner.kv_marker(bucket, key, true).await
+        self.inner.kv_marker(bucket, key, true, None).await
     }
     async fn kv_keys(&self, bucket: &BucketName, prefix: &str) -> Result<Vec<Key>> {
         self.inner.kv_keys(bucket, prefix).await

@@ -49,6 +49,24 @@ pub async fn create_after_delete_or_purge_succeeds<H: Harness>() {
     assert_eq!(e.kv_get(&b, &a).await.unwrap().unwrap().value, "3");
 }
 
+/// A conditional delete writes its marker only at the key's latest
+/// revision; two deletes at the same revision cannot both succeed.
+pub async fn delete_if_checks_the_latest_revision<H: Harness>() {
+    let h = H::start().await;
+    let e = h.engine();
+    let b = bucket_with_history(&*e, 5).await;
+    let (a, c) = (key("a"), key("c"));
+    e.kv_put(&b, &a, Bytes::from("1")).await.unwrap();
+    e.kv_put(&b, &a, Bytes::from("2")).await.unwrap();
+    conflict(e.kv_delete_if(&b, &a, Revision(1)).await, 2);
+    assert_eq!(e.kv_get(&b, &a).await.unwrap().unwrap().value, "2", "a refused delete changes nothing");
+    assert_eq!(e.kv_delete_if(&b, &a, Revision(2)).await.unwrap(), Revision(3));
+    assert_eq!(e.kv_get(&b, &a).await.unwrap(), None);
+    conflict(e.kv_delete_if(&b, &a, Revision(2)).await, 3);
+    conflict(e.kv_delete_if(&b, &c, Revision(1)).await, 0);
+    assert_eq!(e.kv_history(&b, &a).await.unwrap().len(), 3, "one marker, not two");
+}
+
 /// Update succeeds only at the key's latest revision (`Revision(0)`: the key
 /// has no entry); a conflict names the current revision (0 if none).
 pub async fn update_checks_the_latest_revision<H: Harness>() {

@@ -248,6 +248,7 @@ macro_rules! engine_conformance_tests {
                 create_only_if_absent,
                 create_after_delete_or_purge_succeeds,
                 update_checks_the_latest_revision,
+                delete_if_checks_the_latest_revision,
                 update_of_deleted_key_needs_the_marker_revision,
                 value_too_large_writes_nothing,
                 ttl_expires_values,
