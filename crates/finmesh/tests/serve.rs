@@ -195,6 +195,15 @@ fn the_cli_client_round_trips_kv_streams_and_consumers() {
         .unwrap();
     assert!(String::from_utf8_lossy(&conflict.stderr).contains("(HTTP 412)"));
     assert!(cli(&node, t, &["kv", "keys", "cards"]).contains("k1"));
+    cli(&node, t, &["kv", "put", "cards", "gone", "x"]);
+    let stale = Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(["kv", "del", "cards", "gone", "--if-revision", "1"])
+        .env("FINMESH_SERVER", &node.url)
+        .env("FINMESH_TOKEN", t)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&stale.stderr).contains("(HTTP 412)"));
+    assert!(cli(&node, t, &["kv", "del", "cards", "gone", "--if-revision", "2"]).contains("revision 3"));
 
     cli(&node, t, &["stream", "create", "orders", "--subjects", "orders.>"]);
     assert!(cli(&node, t, &["stream", "pub", "orders", "orders.eu", "{\"id\":1}", "--msg-id", "a"]).contains("seq 1"));

@@ -38,7 +38,13 @@ pub enum KvCommand {
         create: bool,
     },
     /// Delete a key (a tombstone; history is kept).
-    Del { bucket: String, key: String },
+    Del {
+        bucket: String,
+        key: String,
+        /// Only if the key is at this revision.
+        #[arg(long)]
+        if_revision: Option<u64>,
+    },
     /// List keys, optionally by prefix.
     Keys {
         bucket: String,
@@ -207,9 +213,13 @@ pub async fn kv(client: &Client, command: KvCommand) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        KvCommand::Del { bucket, key } => {
+        KvCommand::Del { bucket, key, if_revision } => {
             let path = format!("/v1/kv/{}/{}", segment(&bucket), segment(&key));
-            let response = client.send(client.request(Method::DELETE, &path)).await?;
+            let mut request = client.request(Method::DELETE, &path);
+            if let Some(rev) = if_revision {
+                request = request.header("if-match", format!("\"{rev}\""));
+            }
+            let response = client.send(request).await?;
             let revision = etag(&response);
             if client.json {
                 print_json(&json!({"key": key, "revision": revision}))
