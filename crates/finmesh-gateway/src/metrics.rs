@@ -36,6 +36,9 @@ const BUCKETS: &[f64] =
 /// How often histogram samples are folded into their buckets.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The upkeep thread, once started.
+static UPKEEP: OnceLock<std::thread::JoinHandle<()>> = OnceLock::new();
+
 /// The exporter keeps every histogram sample until upkeep folds it into the
 /// buckets (a scrape does too); without this thread a node nobody scrapes
 /// would grow by 8 bytes per request, forever.
@@ -46,8 +49,11 @@ fn spawn_upkeep(handle: PrometheusHandle) {
             handle.run_upkeep();
         }
     });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start metrics upkeep; histograms are folded only when scraped");
+    match spawned {
+        Ok(thread) => {
+            let _ = UPKEEP.set(thread);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot start metrics upkeep; histograms are folded only when scraped"),
     }
 }
 
@@ -186,19 +192,12 @@ pub fn shed() {
 mod tests {
     use super::*;
 
-    /// Names of this process's threads.
-    fn threads() -> Vec<String> {
-        let tasks = std::fs::read_dir("/proc/self/task").expect("procfs");
-        tasks
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .map(|c| c.trim().to_owned())
-            .collect()
-    }
-
     #[test]
     fn installing_the_recorder_starts_upkeep() {
         assert!(Metrics::global().handle.is_some(), "the recorder installs in a fresh process");
-        assert!(threads().iter().any(|t| t == "finmesh-metrics"), "{:?}", threads());
+        let upkeep = UPKEEP.get().expect("the upkeep thread started");
+        assert_eq!(upkeep.thread().name(), Some("finmesh-metrics"));
+        assert!(!upkeep.is_finished(), "upkeep runs for the life of the process");
     }
 
     #[test]
