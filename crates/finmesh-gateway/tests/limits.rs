@@ -57,25 +57,37 @@ async fn overload_is_shed_with_503<H: Harness>() {
     let gw = Arc::new(Gw::with_config::<H>(limits(|l| l.max_concurrent_requests = 1)).await);
     gw.stream("J", json!({"subjects": ["j"]})).await;
     gw.put("/v1/streams/J/consumers/c", "").await;
-    // One long fetch holds the only slot.
-    let holder = {
-        let gw = gw.clone();
+    // One long fetch holds the only slot. If a probe takes the slot first,
+    // the fetch is the one shed (and finishes at once): start another.
+    let hold = |gw: Arc<Gw>| {
         tokio::spawn(
             async move { gw.post("/v1/streams/J/consumers/c/fetch", json!({"wait_ms": 10000}).to_string()).await },
         )
     };
-    eventually(Duration::from_secs(10), "a request is shed", || async {
-        let r = gw.get("/healthz").await;
-        if r.status == 503 {
-            let p = r.assert_problem(503, "overloaded");
-            assert_eq!(r.header("retry-after"), Some("1"), "{p}");
-            true
-        } else {
-            false
+    let holder = Arc::new(std::sync::Mutex::new(hold(gw.clone())));
+    eventually(Duration::from_secs(10), "a request is shed", || {
+        let (gw, holder) = (gw.clone(), holder.clone());
+        async move {
+            {
+                let mut h = holder.lock().unwrap();
+                if h.is_finished() {
+                    *h = hold(gw.clone());
+                }
+            }
+            let r = gw.get("/healthz").await;
+            if r.status == 503 {
+                let p = r.assert_problem(503, "overloaded");
+                assert_eq!(r.header("retry-after"), Some("1"), "{p}");
+                true
+            } else {
+                false
+            }
         }
     })
     .await;
-    // Publishing needs a slot too, so release the holder by dropping it.
+    // Release the slot by dropping the holder.
+    let Ok(holder) = Arc::try_unwrap(holder) else { panic!("the probes are done") };
+    let holder = holder.into_inner().unwrap();
     holder.abort();
     let _ = holder.await;
     eventually(Duration::from_secs(10), "the slot is free again", || async { gw.get("/healthz").await.status == 200 })
