@@ -166,10 +166,9 @@ async fn get_value(state: &AppState, caller: &Caller, bucket: &BucketName, key: 
     caller.require(&Access::KvRead { bucket })?;
     match state.engine().kv_get(bucket, &key).await? {
         Some(entry) => {
+            // `Bytes` answers as application/octet-stream already.
             let mut res = entry.value.into_response();
-            let h = res.headers_mut();
-            h.insert(header::ETAG, etag(entry.revision));
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            res.headers_mut().insert(header::ETAG, etag(entry.revision));
             Ok(res)
         }
         None => Err(Error::not_found(format!("key `{key}` not found in bucket `{bucket}`")).into()),
