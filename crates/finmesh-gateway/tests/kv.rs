@@ -33,6 +33,7 @@ async fn etag_and_cas<H: Harness>() {
 
     let r = gw.get("/v1/kv/b/k1").await;
     assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"v1"[..]));
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
     assert_eq!(r.header("etag"), Some(format!("\"{rev1}\"").as_str()));
 
     // Update at the right revision.
