@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::tls::TlsConfig;
 
+/// Most serving threads `serve_threads` accepts.
+pub const MAX_SERVE_THREADS: usize = 1024;
+
 /// Which engine the gateway runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -119,6 +122,10 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_timeout_ms: u64,
+    /// Threads that serve connections, each owning the connections it is
+    /// handed (see `serving`); absent = one per core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serve_threads: Option<usize>,
     /// The NATS engine's connection settings (`engine = "nats"`); the
     /// fields of [`NatsEngineOptions`], durations in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -142,6 +149,7 @@ impl Default for ServeConfig {
             default_bucket: "default".to_owned(),
             log_format: LogFormat::Text,
             drain_timeout_ms: 10_000,
+            serve_threads: None,
             nats: None,
             tls: None,
             limits: LimitsSection::default(),
@@ -196,6 +204,9 @@ pub struct ConfigOverrides {
     /// Log format [default: text].
     #[arg(long, env = "FINMESH_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Threads that serve connections [default: one per core].
+    #[arg(long, env = "FINMESH_SERVE_THREADS")]
+    pub serve_threads: Option<usize>,
 }
 
 impl ServeConfig {
@@ -238,6 +249,9 @@ impl ServeConfig {
         if let Some(v) = o.log_format {
             self.log_format = v;
         }
+        if let Some(v) = o.serve_threads {
+            self.serve_threads = Some(v);
+        }
         if o.tls_cert.is_some() || o.tls_key.is_some() || o.tls_client_ca.is_some() {
             let base =
                 self.tls.clone().unwrap_or(TlsConfig { cert: PathBuf::new(), key: PathBuf::new(), client_ca: None });
@@ -261,6 +275,11 @@ impl ServeConfig {
         }
         if self.drain_timeout_ms == 0 {
             problem("drain_timeout_ms", "must be at least 1".to_owned());
+        }
+        if let Some(n) = self.serve_threads
+            && !(1..=MAX_SERVE_THREADS).contains(&n)
+        {
+            problem("serve_threads", format!("must be 1 to {MAX_SERVE_THREADS}, not {n}"));
         }
         match self.engine {
             EngineKind::Embedded => {
@@ -357,6 +376,12 @@ impl ServeConfig {
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
     }
+
+    /// Serving threads: the configured number, or one per core.
+    pub fn serve_threads(&self) -> usize {
+        self.serve_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+    }
 }
 
 #[cfg(test)]
@@ -401,6 +426,7 @@ mod tests {
             engine = "nats"
             default_bucket = "no spaces"
             drain_timeout_ms = 0
+            serve_threads = 0
             [limits]
             token_rate = { per_second = 0, burst = 5 }
             [nats]
@@ -413,7 +439,16 @@ mod tests {
         let keys: Vec<String> = config.validate().into_iter().map(|p| p.key).collect();
         assert_eq!(
             keys,
-            ["listen", "default_bucket", "drain_timeout_ms", "nats", "limits.token_rate", "tls.cert", "tls.key"]
+            [
+                "listen",
+                "default_bucket",
+                "drain_timeout_ms",
+                "serve_threads",
+                "nats",
+                "limits.token_rate",
+                "tls.cert",
+                "tls.key"
+            ]
         );
     }
 

@@ -15,6 +15,7 @@ mod client;
 mod config;
 mod demo;
 mod serve;
+mod serving;
 mod tls;
 mod tokens;
 

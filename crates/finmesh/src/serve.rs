@@ -2,9 +2,10 @@
 //! and the drain on SIGTERM/SIGINT.
 //!
 //! Start-up order: load and validate the configuration (every problem at
-//! once), open the engine, set up authentication, bind the listener, then
-//! print `listening on <url>` on standard output (tests and scripts wait for
-//! that line; with `--listen 127.0.0.1:0` it carries the chosen port).
+//! once), open the engine, set up authentication, bind the listener, start
+//! the serving threads ([`crate::serving`]), then print `listening on <url>`
+//! on standard output (tests and scripts wait for that line; with
+//! `--listen 127.0.0.1:0` it carries the chosen port).
 //!
 //! Authentication, in order of precedence: `--insecure-no-auth` (off, loud
 //! warning); an `[auth]` section; otherwise the node signs its own tokens
@@ -14,8 +15,9 @@
 //! Drain (invariant: an acked write is never lost): on the first SIGTERM or
 //! SIGINT readiness fails at once, every SSE/WebSocket subscriber gets
 //! `reconnect`, the listener stops accepting, in-flight requests get up to
-//! `drain_timeout_ms` to finish, then the engine is closed (the embedded
-//! engine fsyncs) and the process exits 0. A second signal stops at once.
+//! `drain_timeout_ms` to finish (connections still open then are dropped),
+//! then the engine is closed (the embedded engine fsyncs) and the process
+//! exits 0. A second signal stops at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,8 +30,10 @@ use finmesh_embedded::EmbeddedEngine;
 use finmesh_gateway::AppState;
 use finmesh_nats::NatsEngine;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 
 use crate::config::{ConfigOverrides, EngineKind, LogFormat, ServeConfig};
+use crate::serving::{self, Phase};
 
 /// Lifetime of the admin token printed on first start.
 const ADMIN_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
@@ -146,34 +150,30 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
     if let Some(clients) = oauth {
         state = state.with_oauth(clients);
     }
-    let app = finmesh_gateway::app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let app = finmesh_gateway::app(state.clone());
 
     let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
-    let handle = axum_server::Handle::new();
-    let drain = tokio::spawn(drain_on_signal(state, handle.clone(), config.drain_timeout()));
+    let threads = config.serve_threads();
+    let (phase, phase_rx) = watch::channel(Phase::Serving);
+    let secure = tls.is_some();
+    let servers = serving::start(listener, tls.map(Arc::new), app, threads, phase_rx)?;
+    let drain = tokio::spawn(drain_on_signal(state, phase, config.drain_timeout()));
 
-    let scheme = if tls.is_some() { "https" } else { "http" };
+    let scheme = if secure { "https" } else { "http" };
     println!("listening on {scheme}://{local}");
-    tracing::info!(%local, engine = ?config.engine, tls = tls.is_some(), "finmesh serving");
-    let served = match tls {
-        Some(tls) => {
-            let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
-            axum_server::tls_rustls::from_tcp_rustls(listener, tls)?.handle(handle).serve(app).await
-        }
-        None => axum_server::from_tcp(listener)?.handle(handle).serve(app).await,
-    };
+    tracing::info!(%local, engine = ?config.engine, tls = secure, threads, "finmesh serving");
+    servers.wait().await;
     drain.abort();
-    let closed = engine.close().await;
-    served.context("serving")?;
-    closed?;
+    engine.close().await?;
     tracing::info!("finmesh stopped");
     Ok(())
 }
 
-/// Wait for SIGTERM/SIGINT, then drain; a second signal stops at once.
-async fn drain_on_signal(state: AppState, handle: axum_server::Handle<SocketAddr>, deadline: Duration) {
+/// Wait for SIGTERM/SIGINT, then drain; after the deadline, or a second
+/// signal, stop at once.
+async fn drain_on_signal(state: AppState, phase: watch::Sender<Phase>, deadline: Duration) {
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; drain on signal is unavailable");
         return;
@@ -184,11 +184,11 @@ async fn drain_on_signal(state: AppState, handle: axum_server::Handle<SocketAddr
     }
     tracing::info!(deadline_ms = deadline.as_millis() as u64, "signal received: draining");
     state.begin_drain();
-    handle.graceful_shutdown(Some(deadline));
+    let _ = phase.send(Phase::Draining);
     tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+        _ = term.recv() => tracing::warn!("second signal: stopping now"),
+        _ = int.recv() => tracing::warn!("second signal: stopping now"),
+        _ = tokio::time::sleep(deadline) => tracing::warn!("drain deadline passed: closing the remaining connections"),
     }
-    tracing::warn!("second signal: stopping now");
-    handle.shutdown();
+    let _ = phase.send(Phase::Stop);
 }

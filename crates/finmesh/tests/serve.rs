@@ -117,11 +117,14 @@ async fn tls_serves_http1_and_http2_and_refuses_plain_http() {
         .unwrap();
     assert!(status.success());
     let (cert, key) = (certs.join("cert.pem"), certs.join("key.pem"));
+    let (cert_arg, key_arg) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    // One serving thread: the stalled handshake below must not hold up the rest.
     let node = Node::start(
         &dir.path().join("data"),
-        &["--insecure-no-auth", "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
+        &["--insecure-no-auth", "--serve-threads", "1", "--tls-cert", cert_arg, "--tls-key", key_arg],
     );
     assert!(node.url.starts_with("https://127.0.0.1:"), "{}", node.url);
+    let _stalled = std::net::TcpStream::connect(node.url.trim_start_matches("https://")).unwrap();
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
     let h2 = reqwest::Client::builder().add_root_certificate(ca.clone()).build().unwrap();
     let response = h2.get(format!("{}/healthz", node.url)).send().await.unwrap();
@@ -134,6 +137,74 @@ async fn tls_serves_http1_and_http2_and_refuses_plain_http() {
     assert!(http().get(format!("{}/healthz", node.url)).send().await.is_err());
     let plain = node.url.replace("https://", "http://");
     assert!(http().get(format!("{plain}/healthz")).send().await.is_err());
+}
+
+/// Open a connection and finish one request on it, keeping it open.
+fn open_connection(url: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(WAIT)).unwrap();
+    conn.write_all(format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes()).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before answering");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&seen));
+    conn
+}
+
+#[tokio::test]
+async fn connections_are_handed_to_the_serving_threads_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--insecure-no-auth", "--serve-threads", "2"]);
+    let open: Vec<_> = (0..4).map(|_| open_connection(&node.url)).collect();
+    // The scrape is the fifth connection: threads 0, 1, 0, 1, 0.
+    let text = http().get(format!("{}/metrics", node.url)).send().await.unwrap().text().await.unwrap();
+    let count = |thread: &str| {
+        let prefix = format!("finmesh_connections_accepted_total{{thread=\"{thread}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().parse::<u64>().unwrap())
+    };
+    assert_eq!((count("0"), count("1")), (Some(3), Some(2)), "{text}");
+    drop(open);
+}
+
+#[tokio::test]
+async fn the_drain_deadline_ends_requests_that_would_outlast_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("finmesh.toml");
+    // One request at a time: while the fetch holds the place, others get 503.
+    std::fs::write(&config, "drain_timeout_ms = 300\n[limits]\nmax_concurrent_requests = 1\n").unwrap();
+    let mut node = Node::start(&dir.path().join("data"), &["--config", config.to_str().unwrap()]);
+    let token = node.admin_token.clone().unwrap();
+    let client = http();
+    let stream = format!("{}/v1/streams/quiet", node.url);
+    let created = client.put(&stream).bearer_auth(&token).json(&json!({"subjects": ["quiet.>"]})).send().await;
+    assert_eq!(created.unwrap().status(), 200);
+    let consumer = client.put(format!("{stream}/consumers/c")).bearer_auth(&token).json(&json!({})).send().await;
+    assert_eq!(consumer.unwrap().status(), 200);
+    // A fetch on an empty stream waits its full 20 s: far past the drain deadline.
+    let fetch = client
+        .post(format!("{stream}/consumers/c/fetch"))
+        .bearer_auth(&token)
+        .json(&json!({"batch": 1, "wait_ms": 20_000}))
+        .send();
+    let fetch = tokio::spawn(fetch);
+    let deadline = std::time::Instant::now() + WAIT;
+    while client.get(format!("{}/healthz", node.url)).send().await.unwrap().status() != 503 {
+        assert!(std::time::Instant::now() < deadline, "the fetch never took the only place");
+    }
+    let signalled = std::time::Instant::now();
+    node.signal(libc::SIGTERM);
+    let (status, node) = tokio::task::spawn_blocking(move || (node.wait_exit(), node)).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(15), "exit took {:?}", signalled.elapsed());
+    let answer = tokio::time::timeout(WAIT, fetch).await.unwrap().unwrap();
+    assert!(answer.is_err(), "the cut request has no answer: {answer:?}");
+    drop(node);
 }
 
 #[test]
