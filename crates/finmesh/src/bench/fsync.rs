@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use super::measure::{Measurement, Sample, warmup_for};
+use super::measure::{Measurement, Sample, Window};
 
 /// Id of the fsync measurement (ratios refer to it).
 pub const ID: &str = "disk.fsync.4k";
@@ -35,20 +35,19 @@ fn append_and_sync(dir: &Path, duration: Duration) -> anyhow::Result<Sample> {
         .with_context(|| format!("creating a file in {}", dir.display()))?;
     let block = [0x5au8; 4096];
     let mut sample = Sample::new();
-    let measure_from = Instant::now() + warmup_for(duration);
-    let end = measure_from + duration;
+    let window = Window::after_warmup(duration);
     loop {
         let started = Instant::now();
-        if started >= end {
+        if !window.keep_going(started, sample.msgs > 0) {
             break;
         }
         file.write_all(&block).context("appending 4 KiB")?;
         file.as_file().sync_data().context("sync_data")?;
-        if started >= measure_from {
+        if window.counts(started) {
             sample.record(started.elapsed());
             sample.msgs += 1;
         }
     }
-    sample.elapsed = Instant::now().saturating_duration_since(measure_from);
+    sample.elapsed = window.elapsed();
     Ok(sample)
 }

@@ -150,6 +150,46 @@ pub fn warmup_for(duration: Duration) -> Duration {
     (duration / 4).min(Duration::from_millis(500))
 }
 
+/// A measured window after a warm-up: operations that start inside it are
+/// counted. A loop keeps starting operations until the window has ended
+/// *and* it has counted at least one: on a loaded machine a single operation
+/// (an fsync stalled behind other I/O) can outlast warm-up and window
+/// together, and a window with nothing in it would report a rate of 0.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// Operations that start at or after this are counted.
+    pub measure_from: Instant,
+    /// No operation starts after this, once one was counted.
+    pub end: Instant,
+    duration: Duration,
+}
+
+impl Window {
+    /// A window of `duration` starting after [`warmup_for`]`(duration)` from now.
+    pub fn after_warmup(duration: Duration) -> Window {
+        let measure_from = Instant::now() + warmup_for(duration);
+        Window { measure_from, end: measure_from + duration, duration }
+    }
+
+    /// Should an operation starting at `started` run, given whether this
+    /// loop has `counted` one yet?
+    pub fn keep_going(&self, started: Instant, counted: bool) -> bool {
+        started < self.end || !counted
+    }
+
+    /// Is an operation that started at `started` inside the window?
+    pub fn counts(&self, started: Instant) -> bool {
+        started >= self.measure_from
+    }
+
+    /// The window's length as measured now: from its start until now, at
+    /// least its nominal duration (operations started before `end` may
+    /// finish a little after it).
+    pub fn elapsed(&self) -> Duration {
+        Instant::now().saturating_duration_since(self.measure_from).max(self.duration)
+    }
+}
+
 /// Run `tasks` concurrent tasks, each calling `op(state, i)` and awaiting it
 /// before the next call, for a warm-up and then `duration`. Each task gets
 /// its own `state(task)` behind its own `Arc`, so the per-call clone touches
@@ -165,8 +205,7 @@ where
     Fut: Future<Output = anyhow::Result<u64>> + Send,
 {
     let op = Arc::new(op);
-    let measure_from = Instant::now() + warmup_for(duration);
-    let end = measure_from + duration;
+    let window = Window::after_warmup(duration);
     let mut handles = Vec::with_capacity(tasks);
     for task in 0..tasks {
         let op = op.clone();
@@ -176,12 +215,12 @@ where
             let mut i = 0u64;
             loop {
                 let started = Instant::now();
-                if started >= end {
+                if !window.keep_going(started, !sample.hist.is_empty()) {
                     break;
                 }
                 let msgs = op(state.clone(), i).await?;
                 i += 1;
-                if started >= measure_from {
+                if window.counts(started) {
                     sample.record(started.elapsed());
                     sample.msgs += msgs;
                 }
@@ -195,8 +234,7 @@ where
         total.msgs += s.msgs;
         total.hist.add(&s.hist).context("merging histograms")?;
     }
-    // Operations started before `end` may finish a little after it.
-    total.elapsed = Instant::now().saturating_duration_since(measure_from).max(duration);
+    total.elapsed = window.elapsed();
     Ok(total)
 }
 
@@ -244,6 +282,29 @@ mod tests {
         assert_eq!(parse_vm_rss(status), Some(2048 * 1024));
         assert_eq!(parse_vm_rss("Name: x\n"), None);
         assert!(vm_rss_bytes("self").unwrap() > 0);
+    }
+
+    /// Every operation outlasts warm-up and window together (as one stalled
+    /// fsync can on a loaded machine): the window still counts one.
+    #[tokio::test]
+    async fn a_window_counts_at_least_one_operation() {
+        let window = Duration::from_millis(40);
+        let slow = window * 3;
+        let sample = closed_loop(
+            2,
+            window,
+            |_| (),
+            move |_, _| async move {
+                tokio::time::sleep(slow).await;
+                Ok(1)
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(sample.msgs, 2, "one per task");
+        assert!(sample.rate() > 0.0);
+        assert!(sample.elapsed >= slow, "{:?}", sample.elapsed);
+        assert!(sample.percentile_us(50.0).unwrap() >= slow.as_micros() as f64 * 0.99);
     }
 
     #[test]

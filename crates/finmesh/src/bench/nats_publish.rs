@@ -23,7 +23,7 @@ use async_nats::jetstream::{self, context::PublishAckFuture};
 use bytes::Bytes;
 use finmesh_testkit::NatsServer;
 
-use super::measure::{Measurement, Sample, closed_loop, warmup_for};
+use super::measure::{Measurement, Sample, Window, closed_loop};
 use super::{BenchContext, CONCURRENCY, PUBLISH_PAYLOAD, start_nats};
 
 /// (a) one publisher awaiting each ack.
@@ -51,10 +51,16 @@ pub async fn run(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
     let mut out = awaited(ctx, &js, [ACK_EACH, CONCURRENT], &note).await?;
 
     let (name, subject) = fresh_stream(&js, ASYNC).await?;
-    let measure_from = Instant::now() + warmup_for(ctx.duration);
-    let end = measure_from + ctx.duration;
-    let sample =
-        pipelined(&js, measure_from, |_| (Instant::now() < end).then(|| (subject.clone(), payload.clone()))).await?;
+    let window = Window::after_warmup(ctx.duration);
+    let mut counted = false;
+    let sample = pipelined(&js, window.measure_from, |_| {
+        let now = Instant::now();
+        window.keep_going(now, counted).then(|| {
+            counted |= window.counts(now);
+            (subject.clone(), payload.clone())
+        })
+    })
+    .await?;
     js.delete_stream(&name).await?;
     out.push(
         Measurement::rate(ASYNC, PEER, "JetStream publish, ≤1000 acks in flight", "msgs/s", &sample)

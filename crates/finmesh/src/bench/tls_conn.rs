@@ -25,7 +25,7 @@ use tokio_rustls::TlsConnector;
 use super::BenchContext;
 use super::embedded_kv::key_name;
 use super::gateway::{BUCKET, dev_cert, setup_kv};
-use super::measure::{Measurement, Sample, warmup_for};
+use super::measure::{Measurement, Sample, Window};
 use super::node::{Node, NodeOptions, http_client};
 use super::tools::{NGINX_ENV, NGINX_PATH, Nginx, find_tool};
 
@@ -86,8 +86,7 @@ async fn measure(
     connector: TlsConnector,
     request: Arc<Vec<u8>>,
 ) -> anyhow::Result<Connections> {
-    let measure_from = Instant::now() + warmup_for(duration);
-    let end = measure_from + duration;
+    let window = Window::after_warmup(duration);
     let mut handles = Vec::new();
     for _ in 0..TASKS {
         let (connector, request) = (connector.clone(), request.clone());
@@ -95,7 +94,7 @@ async fn measure(
             let mut c = Connections { handshake: Sample::new(), total: Sample::new() };
             loop {
                 let started = Instant::now();
-                if started >= end {
+                if !window.keep_going(started, c.handshake.msgs > 0) {
                     break;
                 }
                 let tcp = TcpStream::connect(addr).await?;
@@ -109,7 +108,7 @@ async fn measure(
                 // client's ports do not pile up in TIME_WAIT.
                 let mut rest = [0u8; 256];
                 while matches!(tls.read(&mut rest).await, Ok(n) if n > 0) {}
-                if started >= measure_from {
+                if window.counts(started) {
                     c.handshake.record(handshake);
                     c.total.record(started.elapsed());
                     c.handshake.msgs += 1;
@@ -125,7 +124,7 @@ async fn measure(
         all.handshake.hist.add(&c.handshake.hist)?;
         all.total.hist.add(&c.total.hist)?;
     }
-    all.handshake.elapsed = Instant::now().saturating_duration_since(measure_from).max(duration);
+    all.handshake.elapsed = window.elapsed();
     Ok(all)
 }
 
