@@ -120,10 +120,13 @@ pub async fn ack_token_survives_restart<H: Harness>() {
     publish_n(&*e, &s, "orders.a", 2).await;
     let c = cname("c");
     e.create_consumer(&s, consumer_config("c", Duration::from_millis(300))).await.unwrap();
-    let ds = fetch(&*e, &s, &c, 2, Duration::ZERO).await;
+    let ds = fetch_exactly(&*e, &s, &c, 2).await;
+    assert_eq!(delivered_seqs(&ds), vec![1, 2]);
     drop(e);
     h.restart().await;
     let e = h.engine();
+    let info = e.consumer_info(&s, &c).await.unwrap();
+    assert_eq!((info.delivered, info.num_ack_pending), (Seq(2), 2), "delivery state lost in the restart");
     e.ack(&s, &c, &ds[0].token, AckKind::Ack).await.unwrap();
     let again = fetch_exactly(&*e, &s, &c, 1).await;
     assert_eq!((again[0].message.seq, again[0].delivery_count), (Seq(2), 2));
