@@ -32,7 +32,7 @@ use fjall::{Database, Keyspace, PersistMode};
 use tokio::sync::oneshot;
 
 use crate::consumers::{ConsumerOp, Consumers};
-use crate::journal_sync::JournalSync;
+use crate::journal_sync::{JournalSync, JournalZeroer};
 use crate::store::{self, Registry, StreamHandle, StreamKind, StreamRecord, storage};
 use crate::txn::Txn;
 
@@ -223,7 +223,13 @@ pub(crate) struct Writer {
     deferred_requests: usize,
     /// When the next `sync = interval` fsync is due, if anything waits for one.
     interval_due: Option<Instant>,
+    /// Keeps the journal zeroed ahead of its data, every [`ZERO_EVERY`] rounds.
+    zeroer: JournalZeroer,
+    rounds: u64,
 }
+
+/// Rounds between two checks of the journal's zeroed space.
+const ZERO_EVERY: u64 = 8;
 
 impl Writer {
     pub fn new(
@@ -252,6 +258,8 @@ impl Writer {
             syncer: Some(syncer),
             deferred_requests: 0,
             interval_due: None,
+            zeroer: JournalZeroer::new(dir),
+            rounds: 0,
         }
     }
 
@@ -319,6 +327,12 @@ impl Writer {
                 for done in deferred {
                     done(Err(Error::unavailable("the syncer thread is gone")));
                 }
+            }
+            // Between commits (so none runs concurrently), while the
+            // syncer's fsync of this round is under way.
+            self.rounds += 1;
+            if self.rounds.is_multiple_of(ZERO_EVERY) {
+                self.zeroer.maintain();
             }
         }
         // Let the syncer finish what it has, then make everything durable.
