@@ -31,8 +31,9 @@
 //! allocates blocks, so each `fdatasync` that reaches new blocks also
 //! commits the filesystem's metadata journal — measured here at ~1.4× the
 //! time of an fdatasync that overwrites allocated blocks (a 3 KB write plus
-//! fdatasync: ~4,000/s into a hole, ~5,600/s over zeros). So the writer
-//! keeps the next [`ZERO_AHEAD`] bytes past the journal's data physically
+//! fdatasync: ~4,000/s into a hole, ~5,600/s over zeros). So while writes
+//! that wait for their fsync flow (`sync = always`, stream and consumer
+//! changes), the writer keeps the next [`ZERO_AHEAD`] bytes past the journal's data physically
 //! zeroed, a [`ZERO_CHUNK`] at a time. Safety: it finds the data's end with
 //! `lseek(SEEK_HOLE)` (the first hole is at or after the last byte fjall
 //! wrote) and only writes at least [`CANARY`] bytes past that hole. Every
