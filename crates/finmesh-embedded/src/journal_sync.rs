@@ -29,22 +29,25 @@
 //!
 //! **Zeroing ahead** ([`JournalZeroer`], writer thread): writing into a hole
 //! allocates blocks, so each `fdatasync` that reaches new blocks also
-//! commits the filesystem's metadata journal — measured here at ~1.4× the
-//! time of an fdatasync that overwrites allocated blocks (a 3 KB write plus
-//! fdatasync: ~4,000/s into a hole, ~5,600/s over zeros). So while writes
-//! that wait for their fsync flow (`sync = always`, stream and consumer
-//! changes), the writer keeps the next [`ZERO_AHEAD`] bytes past the journal's data physically
-//! zeroed, a [`ZERO_CHUNK`] at a time. Safety: it finds the data's end with
-//! `lseek(SEEK_HOLE)` (the first hole is at or after the last byte fjall
-//! wrote) and only writes at least [`CANARY`] bytes past that hole. Every
-//! chunk is preceded by a [`CANARY`]-sized hole it leaves alone, so the
-//! first hole always marks where the data has got to, and [`CANARY`] is
-//! larger than anything fjall may still hold unwritten. The writer thread
-//! is the only one that commits, so no commit runs while it zeroes; writes
-//! from other threads (the syncer's flush, a rotation's final flush) are at
-//! most fjall's buffer, inside the canary. The file never grows: zeros only
-//! go below its length, and a journal opened in append mode after a
-//! recovery (no hole left) is never touched.
+//! writes the filesystem's allocation metadata — measured here at ~1.4×
+//! the time of an fdatasync that overwrites allocated blocks (a 3 KB write
+//! plus fdatasync: ~4,000/s into a hole, ~5,600/s over zeros). So while
+//! writes that wait for their fsync flow (`sync = always`, stream and
+//! consumer changes), the writer keeps the next [`ZERO_AHEAD`] bytes past
+//! the journal's data physically zeroed, a [`ZERO_CHUNK`] at a time.
+//!
+//! Safety: it finds the data's end with `lseek(SEEK_HOLE)` (the first hole
+//! is at or after the last byte fjall wrote) and only writes at least
+//! [`CANARY`] bytes past that hole. Every chunk is preceded by a
+//! [`CANARY`]-sized hole it leaves alone, so the first hole always marks
+//! where the data has got to, and [`CANARY`] is larger than anything fjall
+//! may still hold unwritten. The writer thread is the only one that
+//! commits, so no commit runs while it zeroes; writes from other threads
+//! (the syncer's flush, a rotation's final flush) are at most fjall's
+//! buffer, inside the canary. The file never grows: zeros only go below its
+//! length, and a journal with no hole (opened in append mode after a
+//! recovery, or on a filesystem without `SEEK_HOLE`) is never touched.
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
