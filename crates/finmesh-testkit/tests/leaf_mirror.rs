@@ -13,6 +13,15 @@ use finmesh_testkit::{HUB_DOMAIN, HubAndLeaves};
 /// Generous: NATS retries mirrors every 10–20 s after a failure.
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(60);
 
+/// JetStream API requests may wait this long. async-nats's default (5 s)
+/// was once too short for creating the R3 bucket while the whole suite
+/// loaded the 2 cores; this test is about mirrors, not API latency.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+async fn connect(url: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::new().request_timeout(Some(REQUEST_TIMEOUT)).connect(url).await.expect("connect")
+}
+
 fn hub_api() -> stream::External {
     stream::External { api_prefix: format!("$JS.{HUB_DOMAIN}.API"), delivery_prefix: None }
 }
@@ -90,8 +99,8 @@ async fn assert_same_entries(hub: &kv::Store, leaf: &kv::Store, keys: &[String])
 #[tokio::test]
 async fn leaf_mirrors_match_the_hub_and_catch_up_after_a_cut_link() {
     let mut sites = HubAndLeaves::builder().proxied_leaf(Duration::from_millis(5)).start().await.unwrap();
-    let hub = jetstream::new(async_nats::connect(sites.hub().urls()[0].as_str()).await.unwrap());
-    let leaf = jetstream::new(async_nats::connect(sites.leaf(0).url()).await.unwrap());
+    let hub = jetstream::new(connect(sites.hub().urls()[0].as_str()).await);
+    let leaf = jetstream::new(connect(&sites.leaf(0).url()).await);
 
     // Origin: an R3 bucket and an R3 stream on the hub.
     let prices = hub
