@@ -22,6 +22,50 @@ async fn connect(url: &str) -> async_nats::Client {
     async_nats::ConnectOptions::new().request_timeout(Some(REQUEST_TIMEOUT)).connect(url).await.expect("connect")
 }
 
+/// Did the write fail with "no responders" (the stream's subjects not yet
+/// known to this server, e.g. right after an R3 create)? Then nothing was
+/// stored and sending it again is safe.
+fn no_responders(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(p) = e.downcast_ref::<jetstream::context::PublishError>() {
+            return p.kind() == jetstream::context::PublishErrorKind::StreamNotFound;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// Retry `write` while it fails with "no responders", up to [`REQUEST_TIMEOUT`].
+async fn retry_unrouted<T, E, F>(what: &str, mut write: impl FnMut() -> F) -> T
+where
+    E: std::error::Error + 'static,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let started = Instant::now();
+    loop {
+        match write().await {
+            Ok(v) => return v,
+            Err(e) if no_responders(&e) && started.elapsed() < REQUEST_TIMEOUT => {
+                // Backoff before sending again, not synchronisation.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+async fn put(kv: &kv::Store, key: &str, value: String) -> u64 {
+    retry_unrouted(&format!("put {key}"), || kv.put(key, value.clone().into())).await
+}
+
+async fn publish(js: &jetstream::Context, subject: String, payload: String) {
+    retry_unrouted(&format!("publish to {subject}"), || async {
+        js.publish(subject.clone(), payload.clone().into()).await?.await
+    })
+    .await;
+}
+
 fn hub_api() -> stream::External {
     stream::External { api_prefix: format!("$JS.{HUB_DOMAIN}.API"), delivery_prefix: None }
 }
@@ -119,8 +163,8 @@ async fn leaf_mirrors_match_the_hub_and_catch_up_after_a_cut_link() {
     let keys: Vec<String> = (0..5).map(|k| format!("k{k}")).collect();
     let mut expected_revision = 0;
     for i in 0..20u64 {
-        expected_revision = prices.put(&keys[i as usize % 5], format!("v{i}").into()).await.unwrap();
-        hub.publish(format!("orders.{}", i % 3), format!("order {i}").into()).await.unwrap().await.unwrap();
+        expected_revision = put(&prices, &keys[i as usize % 5], format!("v{i}")).await;
+        publish(&hub, format!("orders.{}", i % 3), format!("order {i}")).await;
     }
     assert_eq!(expected_revision, 20);
 
@@ -154,7 +198,7 @@ async fn leaf_mirrors_match_the_hub_and_catch_up_after_a_cut_link() {
     assert_same_entries(&prices, &leaf_prices, &keys).await;
 
     // Steady state: a new put shows up on the leaf with the same revision.
-    let rev = prices.put("k0", "fresh".into()).await.unwrap();
+    let rev = put(&prices, "k0", "fresh".into()).await;
     let started = Instant::now();
     loop {
         if let Some(e) = leaf_prices.entry("k0").await.unwrap()
@@ -174,8 +218,8 @@ async fn leaf_mirrors_match_the_hub_and_catch_up_after_a_cut_link() {
     sites.leaf(0).wait_link_down(Duration::from_secs(10)).await.unwrap();
     let mirrored_before = last_sequence(&mut prices_mirror).await;
     for i in 0..50u64 {
-        prices.put(&keys[i as usize % 5], format!("during cut {i}").into()).await.unwrap();
-        hub.publish(format!("orders.{}", i % 3), format!("cut order {i}").into()).await.unwrap().await.unwrap();
+        put(&prices, &keys[i as usize % 5], format!("during cut {i}")).await;
+        publish(&hub, format!("orders.{}", i % 3), format!("cut order {i}")).await;
     }
     prices.delete("k4").await.unwrap();
     assert_eq!(last_sequence(&mut prices_mirror).await, mirrored_before, "the mirror advanced over a cut link");
