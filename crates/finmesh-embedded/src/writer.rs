@@ -127,13 +127,19 @@ const MAX_LINGER: Duration = Duration::from_micros(200);
 /// committing meanwhile), so fsyncs do not alternate between full and
 /// nearly empty.
 fn run_syncer(db: &Database, journal: &mut JournalSync, rx: &flume::Receiver<SyncJob>, poison: &Poison) {
-    let (mut fsyncs, mut requests, mut busy) = (0u64, 0u64, Duration::ZERO);
+    let mut stats = SyncerStats::default();
     let (mut last_requests, mut last_fsync) = (0usize, Duration::ZERO);
+    let mut acked = None::<Instant>;
     while let Ok((mut waiting, mut count)) = rx.recv() {
+        let arrived = Instant::now();
+        if let Some(acked) = acked {
+            stats.idle += arrived - acked;
+        }
         while let Ok((more, n)) = rx.try_recv() {
             waiting.extend(more);
             count += n;
         }
+        stats.first += count as u64;
         if count < last_requests {
             let deadline = Instant::now() + (last_fsync / 2).min(MAX_LINGER);
             while count < last_requests {
@@ -147,6 +153,7 @@ fn run_syncer(db: &Database, journal: &mut JournalSync, rx: &flume::Receiver<Syn
             }
         }
         let started = Instant::now();
+        stats.linger += started - arrived;
         let res = match poison.get() {
             Some(p) => Err(p),
             None => journal.sync(db).map_err(|e| {
@@ -157,21 +164,52 @@ fn run_syncer(db: &Database, journal: &mut JournalSync, rx: &flume::Receiver<Syn
             }),
         };
         last_fsync = started.elapsed();
-        busy += last_fsync;
-        fsyncs += 1;
-        requests += count as u64;
+        stats.fsync += last_fsync;
+        stats.fsyncs += 1;
+        stats.requests += count as u64;
         last_requests = count;
         for done in waiting {
             done(res.clone().map_err(Error::unavailable));
         }
+        let now = Instant::now();
+        stats.acks += now - started - last_fsync;
+        acked = Some(now);
     }
-    tracing::debug!(
-        fsyncs,
-        requests,
-        requests_per_fsync = requests as f64 / fsyncs.max(1) as f64,
-        mean_fsync_us = busy.as_micros() as u64 / fsyncs.max(1),
-        "syncer stopped"
-    );
+    stats.log();
+}
+
+/// Where the syncer's time goes, logged at debug level when it stops: per
+/// fsync, the mean wait for work (`idle`: from the last acks to the next
+/// write, i.e. the publishers' return trip and the writer's round), the
+/// mean wait for the rest of a burst (`linger`), the fsync, and sending
+/// the acks.
+#[derive(Default)]
+struct SyncerStats {
+    fsyncs: u64,
+    requests: u64,
+    /// Requests already there when the syncer woke.
+    first: u64,
+    idle: Duration,
+    linger: Duration,
+    fsync: Duration,
+    acks: Duration,
+}
+
+impl SyncerStats {
+    fn log(&self) {
+        let n = self.fsyncs.max(1);
+        let us = |d: Duration| d.as_micros() as u64 / n;
+        tracing::debug!(
+            fsyncs = self.fsyncs,
+            requests_per_fsync = self.requests as f64 / n as f64,
+            first_per_fsync = self.first as f64 / n as f64,
+            mean_idle_us = us(self.idle),
+            mean_linger_us = us(self.linger),
+            mean_fsync_us = us(self.fsync),
+            mean_acks_us = us(self.acks),
+            "syncer stopped"
+        );
+    }
 }
 
 /// Publishes of one round to one stream, staged in one batch.
@@ -227,6 +265,8 @@ pub(crate) struct Writer {
     /// [`ZERO_EVERY`] rounds that wait for an fsync.
     zeroer: JournalZeroer,
     synced_rounds: u64,
+    /// Time those rounds took, from the first request to the hand-off.
+    synced_busy: Duration,
 }
 
 /// Rounds waiting for an fsync between two checks of the journal's zeroed
@@ -264,6 +304,7 @@ impl Writer {
             interval_due: None,
             zeroer: JournalZeroer::new(dir),
             synced_rounds: 0,
+            synced_busy: Duration::ZERO,
         }
     }
 
@@ -272,6 +313,7 @@ impl Writer {
         let mut close_reply = None;
         while close_reply.is_none() {
             let Ok(first) = rx.recv() else { break };
+            let round_started = Instant::now();
             let mut ops = vec![first];
             while ops.len() < MAX_ROUND {
                 match rx.try_recv() {
@@ -326,6 +368,7 @@ impl Writer {
             if deferred.is_empty() {
                 continue;
             }
+            self.synced_busy += round_started.elapsed();
             if let Some(tx) = &self.sync_tx
                 && let Err(flume::SendError((deferred, _))) =
                     tx.send((deferred, std::mem::take(&mut self.deferred_requests)))
@@ -341,6 +384,11 @@ impl Writer {
                 self.zeroer.maintain();
             }
         }
+        tracing::debug!(
+            rounds = self.synced_rounds,
+            mean_round_us = self.synced_busy.as_micros() as u64 / self.synced_rounds.max(1),
+            "writer: rounds that waited for an fsync"
+        );
         // Let the syncer finish what it has, then make everything durable.
         drop(self.sync_tx.take());
         if let Some(t) = self.syncer.take() {
