@@ -10,6 +10,9 @@
 //! round, so the disk's flush and the CPU work of the next requests overlap,
 //! and each fsync covers every write committed while the previous one ran
 //! (the fsync does not hold fjall's journal lock: see `journal_sync`).
+//! After every few rounds that wait for an fsync, the writer also keeps the
+//! journal zeroed ahead of its data, so those fsyncs allocate no blocks
+//! (`journal_sync` again; it must run here, between commits).
 //!
 //! Invariants:
 //! - no ack of a `sync = always` write is sent before an fsync that started
