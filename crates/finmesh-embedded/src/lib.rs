@@ -36,11 +36,14 @@
 //! On reopen, fjall replays its journal and cuts a torn last batch (a batch
 //! is all or nothing); damage before the last batch makes `open` fail with
 //! `Internal` rather than drop acknowledged writes (`tests/journal_recovery.rs`).
+//! A directory left by a creation that was killed before it held any data
+//! is created again (`interrupted.rs`).
 //! A record that fails to decode when read is an `Internal` error, never
 //! skipped.
 
 mod codec;
 mod consumers;
+mod interrupted;
 mod journal_sync;
 mod kv;
 mod kvindex;
@@ -132,6 +135,8 @@ impl EmbeddedEngine {
     /// Open (or create) an engine in `dir`.
     pub fn open_with(dir: impl AsRef<Path>, options: EmbeddedOptions) -> Result<Self> {
         let dir = dir.as_ref();
+        interrupted::finish_interrupted_create(dir)
+            .map_err(|e| Error::unavailable(format!("cannot check the store at {}", dir.display())).with_source(e))?;
         let db = fjall::Database::builder(dir)
             .cache_size(options.cache_bytes)
             .max_journaling_size(options.journal_bytes.max(MIN_JOURNAL_BYTES))
