@@ -131,40 +131,47 @@ mod tests {
         }
     }
 
+    /// Names of everything under `dir`, recursively.
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            names.push(path.display().to_string());
+            if path.is_dir() {
+                names.extend(listing(&path));
+            }
+        }
+        names.sort();
+        names
+    }
+
+    /// An interrupted creation (with or without `marker`) changed by
+    /// `change` is not cleared, and not a file of it is removed.
+    fn assert_left_alone(what: &str, marker: bool, change: impl FnOnce(&Path)) {
+        let dir = tempfile::tempdir().unwrap();
+        interrupted(dir.path(), marker);
+        change(dir.path());
+        let before = listing(dir.path());
+        assert!(!finish_interrupted_create(dir.path()).unwrap(), "{what}: cleared");
+        assert_eq!(listing(dir.path()), before, "{what}: files removed");
+    }
+
     #[test]
     fn anything_that_may_hold_data_is_left_alone() {
-        // A journal with data.
-        let dir = tempfile::tempdir().unwrap();
-        interrupted(dir.path(), true);
-        std::fs::write(dir.path().join("0.jnl"), b"batch").unwrap();
-        assert!(!finish_interrupted_create(dir.path()).unwrap());
-        assert!(dir.path().join("0.jnl").exists());
-        // A keyspace.
-        let dir = tempfile::tempdir().unwrap();
-        interrupted(dir.path(), true);
-        std::fs::create_dir(dir.path().join(KEYSPACES).join("0")).unwrap();
-        assert!(!finish_interrupted_create(dir.path()).unwrap());
-        // A written marker: a real store.
-        let dir = tempfile::tempdir().unwrap();
-        interrupted(dir.path(), false);
-        std::fs::write(dir.path().join(VERSION_MARKER), b"FJL\x03").unwrap();
-        assert!(!finish_interrupted_create(dir.path()).unwrap());
-        // Someone else's file.
-        let dir = tempfile::tempdir().unwrap();
-        interrupted(dir.path(), true);
-        std::fs::write(dir.path().join("notes.txt"), b"mine").unwrap();
-        assert!(!finish_interrupted_create(dir.path()).unwrap());
-        assert!(dir.path().join("0.jnl").exists());
-        // A store in use by another opener (fjall's lock held).
-        let dir = tempfile::tempdir().unwrap();
-        interrupted(dir.path(), true);
-        let held = File::open(dir.path().join(LOCK_FILE)).unwrap();
-        held.lock().unwrap();
-        assert!(!finish_interrupted_create(dir.path()).unwrap());
-        assert!(dir.path().join("0.jnl").exists());
-        // A complete store.
+        assert_left_alone("a journal with data", true, |d| std::fs::write(d.join("0.jnl"), b"batch").unwrap());
+        assert_left_alone("a keyspace", true, |d| std::fs::create_dir(d.join(KEYSPACES).join("0")).unwrap());
+        assert_left_alone("a written marker", false, |d| std::fs::write(d.join(VERSION_MARKER), b"FJL\x03").unwrap());
+        assert_left_alone("someone else's file", true, |d| std::fs::write(d.join("notes.txt"), b"mine").unwrap());
+        let mut held = None;
+        assert_left_alone("a held lock", true, |d| {
+            let f = File::open(d.join(LOCK_FILE)).unwrap();
+            f.lock().unwrap();
+            held = Some(f);
+        });
         let dir = tempfile::tempdir().unwrap();
         drop(fjall::Database::builder(dir.path()).open().unwrap());
-        assert!(!finish_interrupted_create(dir.path()).unwrap());
+        let before = listing(dir.path());
+        assert!(!finish_interrupted_create(dir.path()).unwrap(), "a complete store: cleared");
+        assert_eq!(listing(dir.path()), before);
     }
 }
