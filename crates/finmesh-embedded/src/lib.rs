@@ -52,6 +52,8 @@ mod tail;
 mod txn;
 mod writer;
 
+pub use writer::SyncStats;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,6 +112,7 @@ struct Inner {
     registry: Arc<Registry>,
     consumers: Consumers,
     tx: flume::Sender<Op>,
+    sync: Arc<writer::SyncShared>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -156,6 +159,7 @@ impl EmbeddedEngine {
         let consumers = Consumers::load(&meta)?;
         let (tx, rx) = flume::bounded(QUEUE);
         let writer = Writer::new(db, dir, meta, registry.clone(), consumers.clone());
+        let sync = writer.sync_shared();
         let writer_thread = std::thread::Builder::new()
             .name("finmesh-writer".into())
             .spawn(move || writer.run(rx))
@@ -175,8 +179,15 @@ impl EmbeddedEngine {
             .map_err(|e| Error::internal("cannot start the ticker thread").with_source(e))?;
         tracing::info!(dir = %dir.display(), streams = registry.all().len(), "embedded engine open");
         Ok(EmbeddedEngine {
-            inner: Arc::new(Inner { registry, consumers, tx, threads: Mutex::new(vec![writer_thread, ticker]) }),
+            inner: Arc::new(Inner { registry, consumers, tx, sync, threads: Mutex::new(vec![writer_thread, ticker]) }),
         })
+    }
+
+    /// How writes that wait for their fsync were made durable so far:
+    /// fsyncs, and requests answered, which shows how well group commit
+    /// shares them.
+    pub fn sync_stats(&self) -> SyncStats {
+        self.inner.sync.stats()
     }
 
     /// Stop the writer after everything queued so far, fsync, and close the

@@ -4,15 +4,31 @@
 //! A round drains every queued request and applies them in order; the
 //! publishes of a round to one stream are staged in one atomic fjall batch
 //! (one journal write, handed to the OS page cache). Acks of writes that
-//! need no fsync go out at once. Writes of `sync = always` streams go to the
-//! syncer thread, which fsyncs once for everything handed to it so far and
-//! then acks all of it. While an fsync runs the writer goes on with the next
-//! round, so the disk's flush and the CPU work of the next requests overlap,
-//! and each fsync covers every write committed while the previous one ran
-//! (the fsync does not hold fjall's journal lock: see `journal_sync`).
-//! After every few rounds that wait for an fsync, the writer also keeps the
-//! journal zeroed ahead of its data, so those fsyncs allocate no blocks
-//! (`journal_sync` again; it must run here, between commits).
+//! need no fsync go out at once. Writes that wait for an fsync (`sync =
+//! always` streams, stream and consumer changes) are made durable by one
+//! fsync for everything committed so far, then acked together; the fsync
+//! does not hold fjall's journal lock (see `journal_sync`).
+//!
+//! Who runs that fsync depends on the load:
+//! - **The syncer thread**, while requests keep coming: the writer hands
+//!   the round over and goes on with the next one, so the disk's flush and
+//!   the CPU work of the next requests overlap, and each fsync covers every
+//!   write committed while the previous one ran.
+//! - **The writer itself**, when nothing else is queued and the syncer is
+//!   idle, i.e. when every client is waiting for this fsync (publishers
+//!   that each await their ack). Handing over would then only add a
+//!   thread's wake-up to every round trip. Having acked the burst itself,
+//!   the writer knows it is coming back, and waits (yielding the CPU to the
+//!   returning publishers, at most half an fsync) until as many requests
+//!   are queued as the fsync answered, so the whole burst is committed in
+//!   one round.
+//!
+//! Either way, if fewer requests are waiting than the last fsync answered,
+//! the fsync waits up to half an fsync ([`MAX_LINGER`] at most) for the
+//! rest of the burst, so fsyncs do not alternate between full and nearly
+//! empty. After every few rounds that wait for an fsync, the writer also
+//! keeps the journal zeroed ahead of its data, so those fsyncs allocate no
+//! blocks (`journal_sync` again; it must run here, between commits).
 //!
 //! Invariants:
 //! - no ack of a `sync = always` write is sent before an fsync that started
@@ -20,12 +36,15 @@
 //! - after a failed commit or fsync the writer is poisoned: every later write
 //!   fails with `Unavailable`, and writes waiting for that fsync get the error;
 //! - live notifications (tails) of a write are sent after its ack condition
-//!   holds, in sequence order per stream.
+//!   holds, in sequence order per stream: the writer runs an fsync itself
+//!   only while the syncer has no job left ([`SyncShared::queued`]), so
+//!   completions never overtake each other.
 
 use std::collections::VecDeque;
 
 use hashbrown::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use finmesh_core::{
@@ -120,6 +139,86 @@ pub(crate) type SyncJob = (Vec<Completion>, usize);
 /// fraction of the last fsync's duration (and never more than [`MAX_LINGER`]).
 const MAX_LINGER: Duration = Duration::from_micros(200);
 
+/// What the writer and the syncer thread share to make writes durable.
+pub(crate) struct SyncShared {
+    db: Database,
+    journal: parking_lot::Mutex<JournalSync>,
+    poison: Arc<Poison>,
+    /// Jobs handed to the syncer thread whose completions have not all run.
+    /// While it is zero the writer may fsync a round itself: no ack of an
+    /// earlier round can then be overtaken.
+    queued: AtomicUsize,
+    /// Requests the last fsync answered and how long it took (µs), whoever
+    /// ran it: the size of burst worth waiting for, and how long to wait.
+    last_requests: AtomicUsize,
+    last_fsync_us: AtomicU64,
+    /// Totals for [`SyncStats`].
+    fsyncs: AtomicU64,
+    writer_fsyncs: AtomicU64,
+    requests: AtomicU64,
+}
+
+/// How writes that wait for their fsync (`sync = always`, stream and
+/// consumer changes) have been made durable since the engine opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SyncStats {
+    /// fsyncs of the journal that answered waiting writes.
+    pub fsyncs: u64,
+    /// How many of those the writer thread ran itself (see the `writer`
+    /// module doc); the rest ran on the syncer thread.
+    pub writer_fsyncs: u64,
+    /// Requests answered by those fsyncs (a publish batch counts once).
+    pub requests: u64,
+}
+
+impl SyncShared {
+    /// One fsync that covers every write committed before the call, then
+    /// the completions of `waiting` with its outcome; a failure poisons
+    /// the store.
+    fn sync_and_complete(&self, waiting: Vec<Completion>, count: usize, stats: &mut SyncerStats) {
+        let started = Instant::now();
+        let res = match self.poison.get() {
+            Some(p) => Err(p),
+            None => self.journal.lock().sync(&self.db).map_err(|e| {
+                let msg = format!("{e}; the store refuses writes until restarted");
+                tracing::error!("{msg}");
+                self.poison.set(msg.clone());
+                msg
+            }),
+        };
+        let fsync = started.elapsed();
+        // Counted before the acks, so that whoever got an ack sees its fsync.
+        self.last_requests.store(count, Ordering::Relaxed);
+        self.last_fsync_us.store(fsync.as_micros() as u64, Ordering::Relaxed);
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(count as u64, Ordering::Relaxed);
+        for done in waiting {
+            done(res.clone().map_err(Error::unavailable));
+        }
+        stats.fsync += fsync;
+        stats.fsyncs += 1;
+        stats.requests += count as u64;
+        stats.acks += started.elapsed() - fsync;
+    }
+
+    pub(crate) fn stats(&self) -> SyncStats {
+        SyncStats {
+            fsyncs: self.fsyncs.load(Ordering::Relaxed),
+            writer_fsyncs: self.writer_fsyncs.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+        }
+    }
+
+    /// How long to wait for the rest of a burst, from the last fsync.
+    fn linger(&self) -> Duration {
+        (Duration::from_micros(self.last_fsync_us.load(Ordering::Relaxed)) / 2).min(MAX_LINGER)
+    }
+
+    fn burst(&self) -> usize {
+        self.last_requests.load(Ordering::Relaxed)
+    }
+}
+
 /// The syncer thread: one fsync for every write handed over since the last
 /// one started, then their acks. Every write it receives was committed
 /// before it was sent here, so the fsync that follows covers it.
@@ -129,56 +228,41 @@ const MAX_LINGER: Duration = Duration::from_micros(200);
 /// waits up to half an fsync for the rest of the burst (the writer keeps
 /// committing meanwhile), so fsyncs do not alternate between full and
 /// nearly empty.
-fn run_syncer(db: &Database, journal: &mut JournalSync, rx: &flume::Receiver<SyncJob>, poison: &Poison) {
+fn run_syncer(shared: &SyncShared, rx: &flume::Receiver<SyncJob>) {
     let mut stats = SyncerStats::default();
-    let (mut last_requests, mut last_fsync) = (0usize, Duration::ZERO);
     let mut acked = None::<Instant>;
     while let Ok((mut waiting, mut count)) = rx.recv() {
         let arrived = Instant::now();
         if let Some(acked) = acked {
             stats.idle += arrived - acked;
         }
+        let mut jobs = 1;
         while let Ok((more, n)) = rx.try_recv() {
             waiting.extend(more);
             count += n;
+            jobs += 1;
         }
         stats.first += count as u64;
-        if count < last_requests {
-            let deadline = Instant::now() + (last_fsync / 2).min(MAX_LINGER);
-            while count < last_requests {
+        let burst = shared.burst();
+        if count < burst {
+            let deadline = Instant::now() + shared.linger();
+            while count < burst {
                 match rx.recv_deadline(deadline) {
                     Ok((more, n)) => {
                         waiting.extend(more);
                         count += n;
+                        jobs += 1;
                     }
                     Err(_) => break,
                 }
             }
         }
-        let started = Instant::now();
-        stats.linger += started - arrived;
-        let res = match poison.get() {
-            Some(p) => Err(p),
-            None => journal.sync(db).map_err(|e| {
-                let msg = format!("{e}; the store refuses writes until restarted");
-                tracing::error!("{msg}");
-                poison.set(msg.clone());
-                msg
-            }),
-        };
-        last_fsync = started.elapsed();
-        stats.fsync += last_fsync;
-        stats.fsyncs += 1;
-        stats.requests += count as u64;
-        last_requests = count;
-        for done in waiting {
-            done(res.clone().map_err(Error::unavailable));
-        }
-        let now = Instant::now();
-        stats.acks += now - started - last_fsync;
-        acked = Some(now);
+        stats.linger += arrived.elapsed();
+        shared.sync_and_complete(waiting, count, &mut stats);
+        shared.queued.fetch_sub(jobs, Ordering::Release);
+        acked = Some(Instant::now());
     }
-    stats.log();
+    stats.log("syncer stopped");
 }
 
 /// Where the syncer's time goes, logged at debug level when it stops: per
@@ -199,7 +283,7 @@ struct SyncerStats {
 }
 
 impl SyncerStats {
-    fn log(&self) {
+    fn log(&self, what: &str) {
         let n = self.fsyncs.max(1);
         let us = |d: Duration| d.as_micros() as u64 / n;
         tracing::debug!(
@@ -210,7 +294,7 @@ impl SyncerStats {
             mean_linger_us = us(self.linger),
             mean_fsync_us = us(self.fsync),
             mean_acks_us = us(self.acks),
-            "syncer stopped"
+            "{what}"
         );
     }
 }
@@ -257,11 +341,18 @@ pub(crate) struct Writer {
     pub consumers: Consumers,
     dedup: HashMap<StreamName, Dedup>,
     poison: Arc<Poison>,
+    /// The journal's fsync, shared with the syncer thread.
+    sync: Arc<SyncShared>,
     /// Writes waiting for an fsync, handed to the syncer thread.
     sync_tx: Option<flume::Sender<SyncJob>>,
     syncer: Option<std::thread::JoinHandle<()>>,
     /// Requests answered by this round's deferred completions.
     deferred_requests: usize,
+    /// Committed writes waiting for an fsync the writer will run itself,
+    /// the requests they answer, and until when it waits for more.
+    pending: Vec<Completion>,
+    pending_requests: usize,
+    pending_until: Option<Instant>,
     /// When the next `sync = interval` fsync is due, if anything waits for one.
     interval_due: Option<Instant>,
     /// Keeps the journal zeroed ahead of its data, checked every
@@ -270,6 +361,13 @@ pub(crate) struct Writer {
     synced_rounds: u64,
     /// Time those rounds took, from the first request to the hand-off.
     synced_busy: Duration,
+    /// The writer's own fsyncs (rounds it did not hand to the syncer),
+    /// and when the last one's acks were out.
+    inline: SyncerStats,
+    inline_acked: Option<Instant>,
+    /// The writer has just acked a burst itself: gather it before the next round.
+    gather_burst: bool,
+    pending_since: Option<Instant>,
 }
 
 /// Rounds waiting for an fsync between two checks of the journal's zeroed
@@ -288,11 +386,21 @@ impl Writer {
     ) -> Self {
         let poison = Arc::new(Poison::default());
         let (sync_tx, sync_rx) = flume::unbounded();
-        let (sdb, spoison) = (db.clone(), poison.clone());
-        let mut journal = JournalSync::new(dir);
+        let sync = Arc::new(SyncShared {
+            db: db.clone(),
+            journal: parking_lot::Mutex::new(JournalSync::new(dir)),
+            poison: poison.clone(),
+            queued: AtomicUsize::new(0),
+            last_requests: AtomicUsize::new(0),
+            last_fsync_us: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            writer_fsyncs: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        });
+        let shared = sync.clone();
         let syncer = std::thread::Builder::new()
             .name("finmesh-syncer".into())
-            .spawn(move || run_syncer(&sdb, &mut journal, &sync_rx, &spoison))
+            .spawn(move || run_syncer(&shared, &sync_rx))
             .expect("spawn the syncer thread");
         Writer {
             db,
@@ -301,22 +409,49 @@ impl Writer {
             consumers,
             dedup: HashMap::new(),
             poison,
+            sync,
             sync_tx: Some(sync_tx),
             syncer: Some(syncer),
             deferred_requests: 0,
+            pending: Vec::new(),
+            pending_requests: 0,
+            pending_until: None,
             interval_due: None,
             zeroer: JournalZeroer::new(dir),
             synced_rounds: 0,
             synced_busy: Duration::ZERO,
+            inline: SyncerStats::default(),
+            inline_acked: None,
+            gather_burst: false,
+            pending_since: None,
         }
+    }
+
+    /// The fsync counters, readable while the writer runs.
+    pub fn sync_shared(&self) -> Arc<SyncShared> {
+        self.sync.clone()
     }
 
     /// The writer thread's loop; returns when closed or every sender is gone.
     pub fn run(mut self, rx: flume::Receiver<Op>) {
         let mut close_reply = None;
         while close_reply.is_none() {
-            let Ok(first) = rx.recv() else { break };
+            let first = match self.pending_until {
+                None => rx.recv(),
+                Some(until) => match rx.recv_deadline(until) {
+                    Err(flume::RecvTimeoutError::Timeout) => {
+                        self.sync_pending();
+                        continue;
+                    }
+                    r => r.map_err(|_| flume::RecvError::Disconnected),
+                },
+            };
+            let Ok(first) = first else { break };
             let round_started = Instant::now();
+            if self.gather_burst {
+                self.gather_burst = false;
+                self.gather(&rx, round_started);
+            }
             let mut ops = vec![first];
             while ops.len() < MAX_ROUND {
                 match rx.try_recv() {
@@ -368,30 +503,29 @@ impl Writer {
                 }
             }
             self.flush(&mut staged, &mut deferred);
-            if deferred.is_empty() {
+            if deferred.is_empty() && self.pending.is_empty() {
                 continue;
             }
-            self.synced_busy += round_started.elapsed();
-            if let Some(tx) = &self.sync_tx
-                && let Err(flume::SendError((deferred, _))) =
-                    tx.send((deferred, std::mem::take(&mut self.deferred_requests)))
-            {
-                for done in deferred {
-                    done(Err(Error::unavailable("the syncer thread is gone")));
-                }
+            if !deferred.is_empty() {
+                self.synced_busy += round_started.elapsed();
+                self.synced_rounds += 1;
             }
+            self.pending.extend(deferred);
+            self.pending_requests += std::mem::take(&mut self.deferred_requests);
+            self.hand_over(&rx);
             // Between commits (so none runs concurrently), while the
-            // syncer's fsync of this round is under way.
-            self.synced_rounds += 1;
+            // syncer's fsync is under way or the publishers come back.
             if self.synced_rounds.is_multiple_of(ZERO_EVERY) {
                 self.zeroer.maintain();
             }
         }
+        self.sync_pending();
         tracing::debug!(
             rounds = self.synced_rounds,
             mean_round_us = self.synced_busy.as_micros() as u64 / self.synced_rounds.max(1),
             "writer: rounds that waited for an fsync"
         );
+        self.inline.log("writer's own fsyncs");
         // Let the syncer finish what it has, then make everything durable.
         drop(self.sync_tx.take());
         if let Some(t) = self.syncer.take() {
@@ -404,6 +538,77 @@ impl Writer {
         if let Some(reply) = close_reply {
             let _ = reply.send(res);
         }
+    }
+
+    /// Get the pending writes fsynced: by the writer itself while the
+    /// syncer is idle, once every publisher of the last burst is in (or it
+    /// waited long enough); by the syncer thread while it is busy, or when
+    /// more requests keep coming (then the writer goes on committing them
+    /// during the fsync).
+    ///
+    /// The writer's own fsync saves the syncer's wake-up on every round
+    /// trip of publishers that await their acks; it only happens while the
+    /// syncer has nothing queued, so acks keep their commit order.
+    fn hand_over(&mut self, rx: &flume::Receiver<Op>) {
+        if self.sync.queued.load(Ordering::Acquire) == 0 {
+            let now = Instant::now();
+            let until = *self.pending_until.get_or_insert_with(|| now + self.sync.linger());
+            self.pending_since.get_or_insert(now);
+            let more_coming = !rx.is_empty();
+            if now < until && (more_coming || self.pending_requests < self.sync.burst()) {
+                return;
+            }
+            if !more_coming {
+                return self.sync_pending();
+            }
+        }
+        self.pending_until = None;
+        self.pending_since = None;
+        let (pending, requests) = (std::mem::take(&mut self.pending), std::mem::take(&mut self.pending_requests));
+        if let Some(tx) = &self.sync_tx {
+            self.sync.queued.fetch_add(1, Ordering::Release);
+            if let Err(flume::SendError((pending, _))) = tx.send((pending, requests)) {
+                self.sync.queued.fetch_sub(1, Ordering::Release);
+                for done in pending {
+                    done(Err(Error::unavailable("the syncer thread is gone")));
+                }
+            }
+        }
+    }
+
+    /// The publishers the writer's own fsync acked come back in a burst:
+    /// before committing the first of them, wait until as many requests
+    /// are queued as that fsync answered, for at most the linger of
+    /// [`SyncShared::linger`] (which then also bounds the wait after the
+    /// round). The wait yields the CPU to the publishers rather than
+    /// sleeping: on few cores they need it to come back, and one round
+    /// for the whole burst costs less than several for its parts.
+    fn gather(&mut self, rx: &flume::Receiver<Op>, arrived: Instant) {
+        let (burst, until) = (self.sync.burst(), arrived + self.sync.linger());
+        self.pending_until = Some(until);
+        while rx.len() + 1 < burst && Instant::now() < until {
+            std::thread::yield_now();
+        }
+    }
+
+    /// fsync on the writer thread for everything pending.
+    fn sync_pending(&mut self) {
+        self.pending_until = None;
+        if self.pending.is_empty() {
+            return;
+        }
+        let (pending, requests) = (std::mem::take(&mut self.pending), std::mem::take(&mut self.pending_requests));
+        let now = Instant::now();
+        if let Some(since) = self.pending_since.take() {
+            self.inline.linger += now - since;
+        }
+        if let Some(acked) = self.inline_acked {
+            self.inline.idle += now - acked;
+        }
+        self.sync.writer_fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.sync.sync_and_complete(pending, requests, &mut self.inline);
+        self.inline_acked = Some(Instant::now());
+        self.gather_burst = true;
     }
 
     /// An fsync from the writer itself (`sync = interval`).
