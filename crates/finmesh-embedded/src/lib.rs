@@ -269,7 +269,7 @@ impl StreamEngine for EmbeddedEngine {
             return Err(Error::invalid("the embedded engine keeps one copy: replicas must be 1"));
         }
         let record = StreamRecord { config, kind: StreamKind::User };
-        let h = self.call(|reply| Op::CreateStream { record, reply }).await?;
+        let h = self.call(|reply| Op::CreateStream { record: Box::new(record), reply }).await?;
         Ok(info_of(&h))
     }
 
@@ -277,7 +277,7 @@ impl StreamEngine for EmbeddedEngine {
         config.validate()?;
         self.stream(&config.name)?;
         let record = StreamRecord { config, kind: StreamKind::User };
-        let h = self.call(|reply| Op::UpdateStream { record, reply }).await?;
+        let h = self.call(|reply| Op::UpdateStream { record: Box::new(record), reply }).await?;
         Ok(info_of(&h))
     }
 
@@ -359,7 +359,7 @@ impl KvEngine for EmbeddedEngine {
             return Err(Error::invalid("the embedded engine keeps one copy: replicas must be 1"));
         }
         let record = StreamRecord { config: kv::stream_config(&config), kind: StreamKind::Kv(config.clone()) };
-        let h = self.call(|reply| Op::CreateStream { record, reply }).await.map_err(|e| {
+        let h = self.call(|reply| Op::CreateStream { record: Box::new(record), reply }).await.map_err(|e| {
             if e.kind() == finmesh_core::ErrorKind::AlreadyExists {
                 Error::new(e.kind(), format!("bucket `{}` exists with a different configuration", config.name))
             } else {
@@ -373,7 +373,7 @@ impl KvEngine for EmbeddedEngine {
         config.validate()?;
         self.bucket(&config.name)?;
         let record = StreamRecord { config: kv::stream_config(&config), kind: StreamKind::Kv(config.clone()) };
-        let h = self.call(|reply| Op::UpdateStream { record, reply }).await?;
+        let h = self.call(|reply| Op::UpdateStream { record: Box::new(record), reply }).await?;
         Ok(kv::info(config, &h.state()))
     }
 
@@ -521,13 +521,13 @@ impl ConsumerEngine for EmbeddedEngine {
     async fn create_consumer(&self, stream: &StreamName, config: ConsumerConfig) -> Result<ConsumerInfo> {
         config.validate()?;
         let h = self.stream(stream)?;
-        self.call(|reply| Op::Consumer(ConsumerOp::Create { stream: h, config, update: false, reply })).await
+        self.call(|reply| Op::Consumer(Box::new(ConsumerOp::Create { stream: h, config, update: false, reply }))).await
     }
 
     async fn update_consumer(&self, stream: &StreamName, config: ConsumerConfig) -> Result<ConsumerInfo> {
         config.validate()?;
         let h = self.stream(stream)?;
-        self.call(|reply| Op::Consumer(ConsumerOp::Create { stream: h, config, update: true, reply })).await
+        self.call(|reply| Op::Consumer(Box::new(ConsumerOp::Create { stream: h, config, update: true, reply }))).await
     }
 
     async fn consumer_info(&self, stream: &StreamName, consumer: &ConsumerName) -> Result<ConsumerInfo> {
@@ -543,7 +543,7 @@ impl ConsumerEngine for EmbeddedEngine {
     async fn delete_consumer(&self, stream: &StreamName, consumer: &ConsumerName) -> Result<()> {
         let h = self.stream(stream)?;
         let name = consumer.clone();
-        self.call(|reply| Op::Consumer(ConsumerOp::Delete { stream: h, name, reply })).await
+        self.call(|reply| Op::Consumer(Box::new(ConsumerOp::Delete { stream: h, name, reply }))).await
     }
 
     async fn fetch(
@@ -562,7 +562,7 @@ impl ConsumerEngine for EmbeddedEngine {
         loop {
             let (name, hh) = (consumer.clone(), h.clone());
             let outcome = self
-                .call(|reply| Op::Consumer(ConsumerOp::Fetch { stream: hh, name, max: request.max, reply }))
+                .call(|reply| Op::Consumer(Box::new(ConsumerOp::Fetch { stream: hh, name, max: request.max, reply })))
                 .await?;
             if !outcome.deliveries.is_empty() || Timestamp::now() >= deadline {
                 return Ok(outcome.deliveries);
@@ -582,6 +582,6 @@ impl ConsumerEngine for EmbeddedEngine {
     async fn ack(&self, stream: &StreamName, consumer: &ConsumerName, token: &AckToken, kind: AckKind) -> Result<()> {
         let h = self.stream(stream)?;
         let (name, token) = (consumer.clone(), token.clone());
-        self.call(|reply| Op::Consumer(ConsumerOp::Ack { stream: h, name, token, kind, reply })).await
+        self.call(|reply| Op::Consumer(Box::new(ConsumerOp::Ack { stream: h, name, token, kind, reply }))).await
     }
 }

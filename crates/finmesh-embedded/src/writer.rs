@@ -77,13 +77,15 @@ pub(crate) enum Cond {
     Rollup,
 }
 
+/// A request to the writer. Kept small (rare, large requests are boxed):
+/// every publish moves one through the channel.
 pub(crate) enum Op {
-    CreateStream { record: StreamRecord, reply: Reply<Arc<StreamHandle>> },
-    UpdateStream { record: StreamRecord, reply: Reply<Arc<StreamHandle>> },
+    CreateStream { record: Box<StreamRecord>, reply: Reply<Arc<StreamHandle>> },
+    UpdateStream { record: Box<StreamRecord>, reply: Reply<Arc<StreamHandle>> },
     DeleteStream { name: StreamName, kind: StreamKindTag, reply: Reply<()> },
     PurgeStream { stream: Arc<StreamHandle>, reply: Reply<u64> },
     Publish { stream: Arc<StreamHandle>, msgs: Vec<OutgoingMessage>, cond: Cond, reply: Reply<Vec<PubAck>> },
-    Consumer(ConsumerOp),
+    Consumer(Box<ConsumerOp>),
     Tick,
     Close { reply: Reply<()> },
 }
@@ -664,17 +666,17 @@ impl Writer {
                 Op::DeleteStream { reply, .. } => complete(reply, Err(e)),
                 Op::PurgeStream { reply, .. } => complete(reply, Err(e)),
                 Op::Publish { reply, .. } => complete(reply, Err(e)),
-                Op::Consumer(op) => op.fail(e),
+                Op::Consumer(op) => (*op).fail(e),
                 Op::Tick | Op::Close { .. } => Box::new(|_| {}),
             };
         }
         match op {
             Op::CreateStream { record, reply } => {
-                let r = self.create_stream(record);
+                let r = self.create_stream(*record);
                 complete(reply, r)
             }
             Op::UpdateStream { record, reply } => {
-                let r = self.update_stream(record);
+                let r = self.update_stream(*record);
                 complete(reply, r)
             }
             Op::DeleteStream { name, kind, reply } => {
@@ -686,7 +688,7 @@ impl Writer {
                 complete(reply, r)
             }
             Op::Publish { reply, .. } => complete(reply, Err(Error::internal("publishes are staged, not applied"))),
-            Op::Consumer(op) => op.apply(self),
+            Op::Consumer(op) => (*op).apply(self),
             Op::Tick | Op::Close { .. } => Box::new(|_| {}),
         }
     }
