@@ -18,10 +18,10 @@
 //!   idle, i.e. when every client is waiting for this fsync (publishers
 //!   that each await their ack). Handing over would then only add a
 //!   thread's wake-up to every round trip. Having acked the burst itself,
-//!   the writer knows it is coming back, and waits (yielding the CPU to the
-//!   returning publishers, at most half an fsync) until as many requests
-//!   are queued as the fsync answered, so the whole burst is committed in
-//!   one round.
+//!   the writer knows it is coming back: the next round stages requests as
+//!   they arrive (yielding the CPU to the returning publishers while none
+//!   is queued, for at most half an fsync) until it has as many as the
+//!   fsync answered, and commits the whole burst at once.
 //!
 //! Either way, if fewer requests are waiting than the last fsync answered,
 //! the fsync waits up to half an fsync ([`MAX_LINGER`] at most) for the
@@ -450,20 +450,22 @@ impl Writer {
             };
             let Ok(first) = first else { break };
             let round_started = Instant::now();
-            if self.gather_burst {
-                self.gather_burst = false;
-                self.gather(&rx, round_started);
-            }
-            let mut ops = vec![first];
-            while ops.len() < MAX_ROUND {
-                match rx.try_recv() {
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
-                }
-            }
+            let gather = std::mem::take(&mut self.gather_burst).then(|| self.gather_window(round_started));
             let mut deferred: Vec<Completion> = Vec::new();
             let mut staged: Vec<Staged> = Vec::new();
-            for op in ops {
+            let (mut next, mut taken) = (Some(first), 0);
+            while taken < MAX_ROUND {
+                let op = match next.take().or_else(|| rx.try_recv().ok()) {
+                    Some(op) => op,
+                    None => match gather {
+                        Some((burst, until)) if taken < burst && Instant::now() < until => {
+                            std::thread::yield_now();
+                            continue;
+                        }
+                        _ => break,
+                    },
+                };
+                taken += 1;
                 match op {
                     Op::Close { reply } => close_reply = Some(reply),
                     Op::Publish { stream, msgs, cond, reply } => {
@@ -579,18 +581,17 @@ impl Writer {
     }
 
     /// The publishers the writer's own fsync acked come back in a burst:
-    /// before committing the first of them, wait until as many requests
-    /// are queued as that fsync answered, for at most the linger of
+    /// the round that starts with the first of them takes requests as they
+    /// arrive until it has as many as that fsync answered, for at most
     /// [`SyncShared::linger`] (which then also bounds the wait after the
-    /// round). The wait yields the CPU to the publishers rather than
-    /// sleeping: on few cores they need it to come back, and one round
-    /// for the whole burst costs less than several for its parts.
-    fn gather(&mut self, rx: &flume::Receiver<Op>, arrived: Instant) {
-        let (burst, until) = (self.sync.burst(), arrived + self.sync.linger());
+    /// round), and commits them together. While the queue is empty it
+    /// yields the CPU to the publishers rather than sleeping: on few cores
+    /// they need it to come back, and one commit for the whole burst costs
+    /// less than several for its parts. Returns (burst, deadline).
+    fn gather_window(&mut self, arrived: Instant) -> (usize, Instant) {
+        let until = arrived + self.sync.linger();
         self.pending_until = Some(until);
-        while rx.len() + 1 < burst && Instant::now() < until {
-            std::thread::yield_now();
-        }
+        (self.sync.burst(), until)
     }
 
     /// fsync on the writer thread for everything pending.
