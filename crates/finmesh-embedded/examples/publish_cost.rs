@@ -9,8 +9,9 @@
 //! 16 tasks publish 128-byte messages with `sync = never` (no fsync, so the
 //! count is the engine's own work) until `N` messages are acked. A second
 //! argument `always` makes every publish wait for its fsync instead, to look
-//! at group commit (`RUST_LOG=finmesh_embedded=debug` prints the syncer's
-//! requests per fsync); the rate is printed at the end.
+//! at group commit (`RUST_LOG=finmesh_embedded=debug` prints, for the
+//! writer's own fsyncs and the syncer's, requests per fsync and where each
+//! cycle went); the rate is printed at the end.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -20,7 +20,8 @@
 //!    written from offset 0 on; recovery stops at the first invalid entry,
 //!    so zero bytes after the data read exactly like the hole they replace.
 //!
-//! **Sync** ([`JournalSync`], syncer thread): flush under the lock
+//! **Sync** ([`JournalSync`]; the syncer thread, or the writer thread when
+//! it runs the fsync itself, never both at once): flush under the lock
 //! (`persist(Buffer)`, no disk wait), then `fdatasync` the newest journal
 //! through our own descriptor. A write committed before the call is either
 //! in that file, or in an older journal that rotation already made durable.
