@@ -363,12 +363,13 @@ pub(crate) struct Writer {
     synced_rounds: u64,
     /// Time those rounds took, from the first request to the hand-off.
     synced_busy: Duration,
-    /// The writer's own fsyncs (rounds it did not hand to the syncer),
-    /// and when the last one's acks were out.
+    /// The writer has just acked a burst itself: gather it in the next round.
+    gather_burst: bool,
+    /// Debug statistics of the writer's own fsyncs (rounds it did not hand
+    /// to the syncer): when the last one's acks were out, and since when
+    /// the current pending writes wait.
     inline: SyncerStats,
     inline_acked: Option<Instant>,
-    /// The writer has just acked a burst itself: gather it before the next round.
-    gather_burst: bool,
     pending_since: Option<Instant>,
 }
 
@@ -422,9 +423,9 @@ impl Writer {
             zeroer: JournalZeroer::new(dir),
             synced_rounds: 0,
             synced_busy: Duration::ZERO,
+            gather_burst: false,
             inline: SyncerStats::default(),
             inline_acked: None,
-            gather_burst: false,
             pending_since: None,
         }
     }
@@ -608,6 +609,7 @@ impl Writer {
         if let Some(acked) = self.inline_acked {
             self.inline.idle += now - acked;
         }
+        self.inline.first += requests as u64;
         self.sync.writer_fsyncs.fetch_add(1, Ordering::Relaxed);
         self.sync.sync_and_complete(pending, requests, &mut self.inline);
         self.inline_acked = Some(Instant::now());
