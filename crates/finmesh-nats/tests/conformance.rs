@@ -39,7 +39,11 @@ impl Harness for NatsHarness {
     }
 
     fn differences() -> &'static [Difference] {
-        &[Difference::StoredBytesIncludeOverhead, Difference::ServerWideSync(NATS_DEFAULT_SYNC)]
+        &[
+            Difference::StoredBytesIncludeOverhead,
+            Difference::ServerWideSync(NATS_DEFAULT_SYNC),
+            Difference::ConsumerStateMayLagRestart,
+        ]
     }
 }
 

@@ -109,6 +109,11 @@ pub enum Difference {
     /// The fsync policy is server-wide: `info` reports this policy for
     /// every stream and bucket.
     ServerWideSync(crate::SyncPolicy),
+    /// A restart can lose a consumer's newest unacked delivery: it is then
+    /// delivered again as if for the first time. (nats-server's consumer
+    /// file store, stopped while its background state write runs, skips its
+    /// final write, so the older state on disk wins.)
+    ConsumerStateMayLagRestart,
 }
 
 /// Does harness `H` declare difference `d`?

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::testsuite::Harness;
 use crate::testsuite::support::*;
+use crate::testsuite::{Difference, Harness, differs};
 use crate::{AckKind, BucketConfig, KvOp, PubAck, Revision, Seq};
 
 /// Messages, configuration and state survive; sequences continue.
@@ -122,14 +122,26 @@ pub async fn ack_token_survives_restart<H: Harness>() {
     e.create_consumer(&s, consumer_config("c", Duration::from_millis(300))).await.unwrap();
     let ds = fetch_exactly(&*e, &s, &c, 2).await;
     assert_eq!(delivered_seqs(&ds), vec![1, 2]);
+    // Restart only once the engine reports both deliveries, so the restart
+    // tests what was recorded rather than racing the recording.
+    eventually("both deliveries recorded", Duration::from_secs(5), || async {
+        e.consumer_info(&s, &c).await.unwrap().delivered == Seq(2)
+    })
+    .await;
     drop(e);
     h.restart().await;
     let e = h.engine();
     let info = e.consumer_info(&s, &c).await.unwrap();
-    assert_eq!((info.delivered, info.num_ack_pending), (Seq(2), 2), "delivery state lost in the restart");
+    // Only the newest delivery may be lost, and only where the engine says so.
+    let lost =
+        differs::<H>(Difference::ConsumerStateMayLagRestart) && (info.delivered, info.num_ack_pending) == (Seq(1), 1);
+    if !lost {
+        assert_eq!((info.delivered, info.num_ack_pending), (Seq(2), 2), "delivery state lost in the restart");
+    }
     e.ack(&s, &c, &ds[0].token, AckKind::Ack).await.unwrap();
     let again = fetch_exactly(&*e, &s, &c, 1).await;
-    assert_eq!((again[0].message.seq, again[0].delivery_count), (Seq(2), 2));
+    let count = if lost { 1 } else { 2 };
+    assert_eq!((again[0].message.seq, again[0].delivery_count), (Seq(2), count));
     e.ack(&s, &c, &again[0].token, AckKind::Ack).await.unwrap();
     assert!(fetch(&*e, &s, &c, 10, Duration::from_millis(600)).await.is_empty(), "an acked message came back");
     let info = e.consumer_info(&s, &c).await.unwrap();
