@@ -141,11 +141,15 @@ impl NatsCluster {
                 .await?;
             nodes.push(node);
         }
-        for node in &mut nodes {
-            node.wait_ready().await?;
+        for i in 0..size {
+            if let Err(e) = nodes[i].wait_ready().await {
+                return Err(sibling_exit(nodes.iter_mut(), e));
+            }
         }
         let mut cluster = NatsCluster { nodes, slow: None };
-        cluster.wait_healthy(template.startup_timeout).await?;
+        if let Err(e) = cluster.wait_healthy(template.startup_timeout).await {
+            return Err(sibling_exit(cluster.nodes.iter_mut(), e));
+        }
         Ok(cluster)
     }
 
@@ -184,28 +188,44 @@ impl NatsCluster {
         let deadline = Instant::now() + template.startup_timeout;
         for &i in &fast {
             let Some(n) = nodes[i].as_mut() else { continue };
-            n.wait_ready().await?;
             let others: Vec<String> = fast_names.iter().filter(|&m| *m != format!("n{}", i + 1)).cloned().collect();
-            let saved = std::mem::replace(&mut n.startup_timeout, deadline.saturating_duration_since(Instant::now()));
-            let res = n
-                .wait_until(|port| {
-                    let others = others.clone();
-                    async move {
-                        let names = route_names(port).await.unwrap_or_default();
-                        others.iter().all(|o| names.contains(o))
-                    }
-                })
-                .await;
-            n.startup_timeout = saved;
-            res?;
+            let res = match n.wait_ready().await {
+                Ok(()) => {
+                    let saved =
+                        std::mem::replace(&mut n.startup_timeout, deadline.saturating_duration_since(Instant::now()));
+                    let res = n
+                        .wait_until(|port| {
+                            let others = others.clone();
+                            async move {
+                                let names = route_names(port).await.unwrap_or_default();
+                                others.iter().all(|o| names.contains(o))
+                            }
+                        })
+                        .await;
+                    n.startup_timeout = saved;
+                    res
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                return Err(sibling_exit(nodes.iter_mut().flatten(), e));
+            }
         }
         let slow_routes = outbound.iter().map(DelayProxy::port).collect();
-        let mut slow_node = node(slow, spec(slow, slow_routes, Some(inbound.port()))).await?;
-        slow_node.wait_ready().await?;
-        nodes[slow] = Some(slow_node);
-        let nodes = nodes.into_iter().flatten().collect();
+        nodes[slow] = Some(node(slow, spec(slow, slow_routes, Some(inbound.port()))).await?);
+        let nodes: Vec<NatsServer> = nodes.into_iter().flatten().collect();
         let mut cluster = NatsCluster { nodes, slow: Some(SlowLinks { index: slow, inbound, outbound }) };
-        cluster.wait_healthy(template.startup_timeout).await?;
+        let slow_index = cluster.nodes.iter().position(|n| n.config().server_name == format!("n{}", slow + 1));
+        let mut ready = match slow_index {
+            Some(k) => cluster.nodes[k].wait_ready().await,
+            None => Ok(()),
+        };
+        if ready.is_ok() {
+            ready = cluster.wait_healthy(template.startup_timeout).await;
+        }
+        if let Err(e) = ready {
+            return Err(sibling_exit(cluster.nodes.iter_mut(), e));
+        }
         cluster.wait_slow_node_isolated(deadline.saturating_duration_since(Instant::now())).await?;
         Ok(cluster)
     }
@@ -458,4 +478,15 @@ async fn meta_cluster(http_port: u16) -> Option<serde_json::Value> {
     }
     let mut v: serde_json::Value = serde_json::from_slice(&body).ok()?;
     Some(v.get_mut("meta_cluster")?.take())
+}
+
+/// A node that is not ready may only be waiting for another that died, e.g.
+/// one whose port another process took between [`free_ports`] and its bind:
+/// report that exit instead (the start is then retried with fresh ports),
+/// else `err` as it was.
+fn sibling_exit<'a>(nodes: impl Iterator<Item = &'a mut NatsServer>, err: Error) -> Error {
+    if matches!(err, Error::Exited { .. }) {
+        return err;
+    }
+    nodes.filter_map(NatsServer::exit_error).next().unwrap_or(err)
 }

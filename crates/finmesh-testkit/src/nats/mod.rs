@@ -327,6 +327,15 @@ impl NatsServer {
         }
     }
 
+    /// The error for this server's exit, if its process has exited.
+    pub(crate) fn exit_error(&mut self) -> Option<Error> {
+        let process = self.process.as_mut()?;
+        let status = process.try_exit_status().ok()??;
+        let err = process.exited_error(status);
+        self.process = None;
+        Some(err)
+    }
+
     fn logged_ready(&self) -> bool {
         let Ok(log) = std::fs::read(self.log_path()) else { return false };
         let since = log.get(self.log_offset as usize..).unwrap_or_default();
