@@ -15,6 +15,7 @@
 //! |---|---|---|
 //! | `meta` | `stream/<name>` | JSON `{config, kind}` (kind: `user` or `kv` with the bucket config) |
 //! | `meta` | `state/<name>` | counters `messages, bytes, first_seq, last_seq` (4 × u64 BE), written in the same batch as the messages |
+//! | `meta` | `index/<name>` | the same counters as of the last commit of the stream's `x` changes; differs from `state/<name>` only after a crash between a write and its index batch (then `open` repairs `x`) |
 //! | `meta` | `consumer/<stream>/<name>` | JSON `{config, delivered, initial, pending}` |
 //! | `s.<name>.m` | `seq` (u64 BE) | message record (see `codec.rs`) |
 //! | `s.<name>.x` | `subject 0x00 seq` | empty (per-subject index) |
@@ -26,7 +27,8 @@
 //!
 //! Every request is applied atomically: all of it or nothing survives a
 //! crash (the publishes of one writer round to one stream share one fjall
-//! batch). A batch is written to the journal and handed to the OS before its
+//! batch; their per-subject index changes follow in a second batch, which
+//! `open` rebuilds from the messages if a crash lost it, see `txn.rs`). A batch is written to the journal and handed to the OS before its
 //! ack: it survives a process crash. With `sync = always` the ack also waits
 //! for an fsync of the journal that started after the commit (one fsync for
 //! every write waiting, see `writer.rs`): it survives power loss. With

@@ -89,6 +89,12 @@ pub(crate) fn stream_meta_key(name: &StreamName) -> String {
 pub(crate) fn state_meta_key(name: &StreamName) -> String {
     format!("state/{name}")
 }
+/// The counters as of the last commit whose subject index changes are
+/// stored: differs from `state/<name>` only after a crash between a write
+/// and its index changes (see [`crate::txn::IndexBatch`]).
+pub(crate) fn index_meta_key(name: &StreamName) -> String {
+    format!("index/{name}")
+}
 
 /// One open stream.
 pub(crate) struct StreamHandle {
@@ -289,7 +295,15 @@ fn data_options() -> KeyspaceCreateOptions {
 }
 
 /// Open (or create) the keyspaces of a stream and build its handle.
-pub(crate) fn open_handle(db: &Database, record: StreamRecord, counters: Counters) -> Result<Arc<StreamHandle>> {
+///
+/// `index_current` says whether the subject index matches the messages
+/// (see `txn.rs`); if not, it is rebuilt from them.
+pub(crate) fn open_handle(
+    db: &Database,
+    record: StreamRecord,
+    counters: Counters,
+    index_current: bool,
+) -> Result<Arc<StreamHandle>> {
     let name = record.config.name.clone();
     let ks = |p| db.keyspace(&ks_name(&name, p), data_options).map_err(storage);
     let (msgs, index, last) = (ks('m')?, ks('x')?, ks('l')?);
@@ -323,13 +337,13 @@ pub(crate) fn open_handle(db: &Database, record: StreamRecord, counters: Counter
         live: broadcast::channel(LIVE_CAPACITY).0,
         deleted: AtomicBool::new(false),
     };
-    handle.recover()?;
+    handle.recover(db, index_current)?;
     Ok(Arc::new(handle))
 }
 
 impl StreamHandle {
     /// Bring keyspaces and counters into agreement after open.
-    fn recover(&self) -> Result<()> {
+    fn recover(&self, db: &Database, index_current: bool) -> Result<()> {
         let mut st = self.state.lock();
         // Remainder of a purge interrupted by a crash: the counters (written
         // first) say empty, the keyspaces still hold messages.
@@ -338,6 +352,9 @@ impl StreamHandle {
             for ks in [&self.msgs, &self.index, &self.last] {
                 ks.clear().map_err(storage)?;
             }
+        }
+        if !index_current {
+            self.repair_index(db)?;
         }
         if let Some(kv) = self.msgs.first_key_value() {
             let (k, v) = kv.into_inner().map_err(storage)?;
@@ -370,6 +387,75 @@ impl StreamHandle {
         Ok(())
     }
 }
+
+impl StreamHandle {
+    /// Bring the subject index back in line with the messages after a crash
+    /// between a write and its index changes (see `txn.rs`): drop entries
+    /// whose message is gone, add the missing ones. Two key scans and a
+    /// bitmap over the sequence range; only the differences are written and
+    /// only the messages missing from the index are decoded.
+    fn repair_index(&self, db: &Database) -> Result<()> {
+        let started = std::time::Instant::now();
+        let first_last = |kv: Option<fjall::KvPair>| -> Result<Option<u64>> {
+            kv.map(|(k, _)| codec::key_seq(&k).map(|s| s.0)).transpose()
+        };
+        let first = first_last(self.msgs.first_key_value().map(|g| g.into_inner()).transpose().map_err(storage)?)?;
+        let last = first_last(self.msgs.last_key_value().map(|g| g.into_inner()).transpose().map_err(storage)?)?;
+        let (first, last) = match (first, last) {
+            (Some(f), Some(l)) => (f, l),
+            _ => (1, 0),
+        };
+        let span = (last + 1).saturating_sub(first) as usize;
+        let bit = |seq: u64| (seq >= first && seq <= last).then(|| (seq - first) as usize);
+        let mut stored = vec![0u64; span.div_ceil(64)];
+        for kv in self.msgs.iter() {
+            let k = kv.key().map_err(storage)?;
+            if let Some(i) = bit(codec::key_seq(&k)?.0) {
+                stored[i / 64] |= 1 << (i % 64);
+            }
+        }
+        let mut indexed = vec![0u64; span.div_ceil(64)];
+        let (mut batch, mut removed, mut added) = (db.batch(), 0u64, 0u64);
+        for kv in self.index.iter() {
+            let k = kv.key().map_err(storage)?;
+            match bit(codec::index_key_seq(&k)?.0) {
+                Some(i) if stored[i / 64] & (1 << (i % 64)) != 0 && indexed[i / 64] & (1 << (i % 64)) == 0 => {
+                    indexed[i / 64] |= 1 << (i % 64);
+                }
+                _ => {
+                    batch.remove(&self.index, k);
+                    removed += 1;
+                }
+            }
+            if batch.len() >= REPAIR_BATCH {
+                std::mem::replace(&mut batch, db.batch()).commit().map_err(storage)?;
+            }
+        }
+        for i in 0..span {
+            if stored[i / 64] & (1 << (i % 64)) != 0 && indexed[i / 64] & (1 << (i % 64)) == 0 {
+                let seq = Seq(first + i as u64);
+                let m = self.get(seq)?.ok_or_else(|| Error::internal(format!("message {seq} vanished")))?;
+                batch.insert(&self.index, codec::index_key(m.subject.as_str(), seq), []);
+                added += 1;
+                if batch.len() >= REPAIR_BATCH {
+                    std::mem::replace(&mut batch, db.batch()).commit().map_err(storage)?;
+                }
+            }
+        }
+        batch.commit().map_err(storage)?;
+        tracing::warn!(
+            stream = %self.name,
+            removed,
+            added,
+            took = ?started.elapsed(),
+            "repaired the subject index: the last writes before a crash had not stored their index changes"
+        );
+        Ok(())
+    }
+}
+
+/// Index changes per batch when repairing an index.
+const REPAIR_BATCH: usize = 10_000;
 
 /// Every open stream by name. KV buckets' streams are here too (as `KV_<bucket>`).
 #[derive(Default)]
@@ -437,12 +523,18 @@ pub(crate) fn load_all(db: &Database, meta: &Keyspace, registry: &Registry) -> R
         let record: StreamRecord = serde_json::from_slice(&v).map_err(|e| {
             Error::internal(format!("corrupt meta record `{}`", String::from_utf8_lossy(&k))).with_source(e)
         })?;
-        let counters = match meta.get(state_meta_key(&record.config.name)).map_err(storage)? {
-            Some(v) => Counters::decode(&v)
-                .ok_or_else(|| Error::internal(format!("corrupt counters of `{}`", record.config.name)))?,
+        let name = record.config.name.clone();
+        let counters = match meta.get(state_meta_key(&name)).map_err(storage)? {
+            Some(v) => Counters::decode(&v).ok_or_else(|| Error::internal(format!("corrupt counters of `{name}`")))?,
             None => Counters::default(),
         };
-        registry.insert(open_handle(db, record, counters)?);
+        // No marker: nothing was ever written with the index deferred.
+        let marker = meta.get(index_meta_key(&name)).map_err(storage)?;
+        let index_current = marker.is_none_or(|m| *m == counters.encode());
+        registry.insert(open_handle(db, record, counters, index_current)?);
+        if !index_current {
+            meta.insert(index_meta_key(&name), counters.encode()).map_err(storage)?;
+        }
     }
     Ok(())
 }

@@ -4,6 +4,18 @@
 //!
 //! Invariant: nothing here touches storage or the stream's shared state
 //! until [`Txn::commit`]; a write that fails validation leaves no trace.
+//!
+//! A write is committed as two fjall batches: the messages, the `l`
+//! entries and the counters first, then the per-subject index (`x`)
+//! changes ([`IndexBatch`]). The index is derived data: it can always be
+//! rebuilt from the messages, so it need not share the first batch's
+//! atomicity. The writer commits the index batch before anything reads
+//! the index and before the write is acknowledged — for `sync = always`
+//! writes while the journal's fsync is under way, which takes that work off
+//! the acknowledgement's critical path. The index batch records the
+//! counters it matches (`index/<name>` in `meta`); after a crash between
+//! the two batches the counters differ and `open` rebuilds the stream's
+//! index from its messages.
 
 use std::collections::BTreeMap;
 
@@ -16,11 +28,13 @@ use finmesh_core::{KvOp, Message, Result, Seq, StreamState, Subject, Timestamp};
 use fjall::{Database, OwnedWriteBatch as WriteBatch};
 
 use crate::codec;
-use crate::store::{Counters, StreamHandle, state_meta_key, storage};
+use crate::store::{Counters, StreamHandle, index_meta_key, state_meta_key, storage};
 
 pub(crate) struct Txn {
     pub h: Arc<StreamHandle>,
     batch: WriteBatch,
+    /// The index changes, committed after `batch` (see the module doc).
+    index: WriteBatch,
     /// `l` entries changed by this write: subject -> (last seq, count).
     lasts: HashMap<String, (Seq, u64)>,
     /// Messages this write added: seq -> (subject, size, KV operation).
@@ -38,6 +52,9 @@ impl Txn {
         Txn {
             h: h.clone(),
             batch: db.batch(),
+            // Not handed to the OS at commit: the next write or fsync does,
+            // and a crash before it only costs an index rebuild at open.
+            index: db.batch().durability(None),
             lasts: HashMap::new(),
             added: BTreeMap::new(),
             removed: HashSet::new(),
@@ -61,7 +78,7 @@ impl Txn {
         let size = msg.size() as u64;
         let raw = codec::encode_message(time, &msg.subject, &msg.headers, &msg.payload);
         self.batch.insert(&self.h.msgs, codec::seq_key(seq), raw);
-        self.batch.insert(&self.h.index, codec::index_key(msg.subject.as_str(), seq), []);
+        self.index.insert(&self.h.index, codec::index_key(msg.subject.as_str(), seq), []);
         let count = self.last_of(msg.subject.as_str())?.map_or(0, |(_, c)| c);
         self.set_last(msg.subject.as_str(), seq, count + 1);
         let op = crate::kv::op_of_headers(&msg.headers);
@@ -106,7 +123,7 @@ impl Txn {
     /// Remove a stored message, keeping indexes and counters right.
     fn remove(&mut self, seq: Seq, subject: &Subject, size: u64) -> Result<()> {
         self.batch.remove(&self.h.msgs, codec::seq_key(seq).to_vec());
-        self.batch.remove(&self.h.index, codec::index_key(subject.as_str(), seq));
+        self.index.remove(&self.h.index, codec::index_key(subject.as_str(), seq));
         if let Some((last, count)) = self.last_of(subject.as_str())? {
             debug_assert!(count >= 1);
             self.set_last(subject.as_str(), last, count - 1);
@@ -212,9 +229,18 @@ impl Txn {
         Ok(())
     }
 
-    /// Write the counters and commit atomically; returns the new state and
+    /// Commit the write and its index changes; returns the new state and
     /// the messages removed, for [`StreamHandle::after_commit`].
-    pub fn commit(mut self, meta: &fjall::Keyspace) -> Result<(StreamState, Vec<(Seq, Subject)>)> {
+    pub fn commit(self, meta: &fjall::Keyspace) -> Result<Committed> {
+        let (st, removed, index) = self.commit_deferring_index(meta)?;
+        index.commit()?;
+        Ok((st, removed))
+    }
+
+    /// Commit the write atomically, except for its index changes, which
+    /// the caller must commit before anything reads the index or the write
+    /// is acknowledged.
+    pub fn commit_deferring_index(mut self, meta: &fjall::Keyspace) -> Result<(StreamState, Removed, IndexBatch)> {
         for (subject, (seq, count)) in self.lasts.drain() {
             if count == 0 {
                 self.batch.remove(&self.h.last, subject.into_bytes());
@@ -230,6 +256,24 @@ impl Txn {
         };
         self.batch.insert(meta, state_meta_key(&self.h.name), c.encode());
         self.batch.commit().map_err(storage)?;
-        Ok((self.st, self.removed_list))
+        let mut index = self.index;
+        if !index.is_empty() {
+            index.insert(meta, index_meta_key(&self.h.name), c.encode());
+        }
+        Ok((self.st, self.removed_list, IndexBatch(index)))
+    }
+}
+
+/// Messages a write removed, with their subjects, in removal order.
+pub(crate) type Removed = Vec<(Seq, Subject)>;
+/// A committed write's new stream state and the messages it removed.
+pub(crate) type Committed = (StreamState, Removed);
+
+/// The subject index changes of a committed write (possibly none).
+pub(crate) struct IndexBatch(WriteBatch);
+
+impl IndexBatch {
+    pub fn commit(self) -> Result<()> {
+        self.0.commit().map_err(storage)
     }
 }

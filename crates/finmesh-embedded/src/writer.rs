@@ -21,7 +21,10 @@
 //!   the writer knows it is coming back: the next round stages requests as
 //!   they arrive (yielding the CPU to the returning publishers while none
 //!   is queued, for at most half an fsync) until it has as many as the
-//!   fsync answered, and commits the whole burst at once.
+//!   fsync answered, and commits the whole burst at once. Its fsync starts
+//!   the journal's writeback, commits the round's subject-index changes
+//!   while the disk writes (see `txn.rs`: the index is derived data, in a
+//!   batch of its own), then waits for the disk.
 //!
 //! Either way, if fewer requests are waiting than the last fsync answered,
 //! the fsync waits up to half an fsync ([`MAX_LINGER`] at most) for the
@@ -33,6 +36,9 @@
 //! Invariants:
 //! - no ack of a `sync = always` write is sent before an fsync that started
 //!   after its commit has returned successfully;
+//! - the index changes of a round ([`Writer::index_pending`]) are committed
+//!   before any other request is applied, before the next round and before
+//!   the round's acks: nothing reads the index without them;
 //! - after a failed commit or fsync the writer is poisoned: every later write
 //!   fails with `Unavailable`, and writes waiting for that fsync get the error;
 //! - live notifications (tails) of a write are sent after its ack condition
@@ -56,7 +62,7 @@ use tokio::sync::oneshot;
 use crate::consumers::{ConsumerOp, Consumers};
 use crate::journal_sync::{JournalSync, JournalZeroer};
 use crate::store::{self, Registry, StreamHandle, StreamKind, StreamRecord, storage};
-use crate::txn::Txn;
+use crate::txn::{IndexBatch, Txn};
 
 /// Most requests applied in one round.
 const MAX_ROUND: usize = 4096;
@@ -177,11 +183,20 @@ impl SyncShared {
     /// One fsync that covers every write committed before the call, then
     /// the completions of `waiting` with its outcome; a failure poisons
     /// the store.
-    fn sync_and_complete(&self, waiting: Vec<Completion>, count: usize, stats: &mut SyncerStats) {
+    ///
+    /// `meanwhile` runs once the journal's pages are on their way to the
+    /// disk, before the fsync waits for them; its failure fails the fsync.
+    fn sync_and_complete(
+        &self,
+        waiting: Vec<Completion>,
+        count: usize,
+        stats: &mut SyncerStats,
+        meanwhile: impl FnOnce() -> std::result::Result<(), String>,
+    ) {
         let started = Instant::now();
         let res = match self.poison.get() {
             Some(p) => Err(p),
-            None => self.journal.lock().sync(&self.db).map_err(|e| {
+            None => self.journal.lock().sync(&self.db, meanwhile).map_err(|e| {
                 let msg = format!("{e}; the store refuses writes until restarted");
                 tracing::error!("{msg}");
                 self.poison.set(msg.clone());
@@ -260,7 +275,7 @@ fn run_syncer(shared: &SyncShared, rx: &flume::Receiver<SyncJob>) {
             }
         }
         stats.linger += arrived.elapsed();
-        shared.sync_and_complete(waiting, count, &mut stats);
+        shared.sync_and_complete(waiting, count, &mut stats, || Ok(()));
         shared.queued.fetch_sub(jobs, Ordering::Release);
         acked = Some(Instant::now());
     }
@@ -355,6 +370,11 @@ pub(crate) struct Writer {
     pending: Vec<Completion>,
     pending_requests: usize,
     pending_until: Option<Instant>,
+    /// Index changes of this round's `sync = always` writes, committed
+    /// before anything reads the index and before those writes are acked:
+    /// by the writer's own fsync while the disk writes, otherwise at once
+    /// ([`Writer::commit_index`]).
+    index_pending: Vec<IndexBatch>,
     /// When the next `sync = interval` fsync is due, if anything waits for one.
     interval_due: Option<Instant>,
     /// Keeps the journal zeroed ahead of its data, checked every
@@ -419,6 +439,7 @@ impl Writer {
             pending: Vec::new(),
             pending_requests: 0,
             pending_until: None,
+            index_pending: Vec::new(),
             interval_due: None,
             zeroer: JournalZeroer::new(dir),
             synced_rounds: 0,
@@ -491,11 +512,13 @@ impl Writer {
                     }
                     Op::Tick => {
                         self.flush(&mut staged, &mut deferred);
+                        self.commit_index();
                         self.housekeeping();
                     }
                     op => {
                         // Other requests see every publish before them committed.
                         self.flush(&mut staged, &mut deferred);
+                        self.commit_index();
                         let sync = self.needs_sync(&op);
                         let done = self.apply(op);
                         if sync {
@@ -561,12 +584,14 @@ impl Writer {
             self.pending_since.get_or_insert(now);
             let more_coming = !rx.is_empty();
             if now < until && (more_coming || self.pending_requests < self.sync.burst()) {
-                return;
+                return self.commit_index();
             }
             if !more_coming {
                 return self.sync_pending();
             }
         }
+        // The syncer may ack as soon as its fsync returns.
+        self.commit_index();
         self.pending_until = None;
         self.pending_since = None;
         let (pending, requests) = (std::mem::take(&mut self.pending), std::mem::take(&mut self.pending_requests));
@@ -611,9 +636,22 @@ impl Writer {
         }
         self.inline.first += requests as u64;
         self.sync.writer_fsyncs.fetch_add(1, Ordering::Relaxed);
-        self.sync.sync_and_complete(pending, requests, &mut self.inline);
+        // The index changes of these writes go in while the disk writes.
+        let index = std::mem::take(&mut self.index_pending);
+        let commit_index = || index.into_iter().try_for_each(IndexBatch::commit).map_err(|e| format!("{e}"));
+        self.sync.sync_and_complete(pending, requests, &mut self.inline, commit_index);
         self.inline_acked = Some(Instant::now());
         self.gather_burst = true;
+    }
+
+    /// Commit the index changes of this round's `sync = always` writes.
+    fn commit_index(&mut self) {
+        for index in std::mem::take(&mut self.index_pending) {
+            let r = index.commit();
+            if self.poison_on_err(r).is_err() {
+                break;
+            }
+        }
     }
 
     /// An fsync from the writer itself (`sync = interval`).
@@ -730,7 +768,7 @@ impl Writer {
         }
         self.check_subjects(&record)?;
         self.persist_record(&record)?;
-        let h = store::open_handle(&self.db, record, store::Counters::default());
+        let h = store::open_handle(&self.db, record, store::Counters::default(), true);
         let h = self.poison_on_err(h)?;
         self.registry.insert(h.clone());
         Ok(h)
@@ -770,6 +808,7 @@ impl Writer {
         let mut batch = self.db.batch();
         batch.remove(&self.meta, store::stream_meta_key(name));
         batch.remove(&self.meta, store::state_meta_key(name));
+        batch.remove(&self.meta, store::index_meta_key(name));
         self.consumers.remove_stream(&mut batch, &self.meta, name)?;
         let r = batch.commit().map_err(storage);
         self.poison_on_err(r)?;
@@ -796,7 +835,10 @@ impl Writer {
         st.first_time = None;
         // Counters first: a crash before the clears is finished at open.
         let c = store::Counters { messages: 0, bytes: 0, first_seq: st.first_seq.0, last_seq: st.last_seq.0 };
-        let r = self.meta.insert(store::state_meta_key(&h.name), c.encode()).map_err(storage);
+        let mut batch = self.db.batch();
+        batch.insert(&self.meta, store::state_meta_key(&h.name), c.encode());
+        batch.insert(&self.meta, store::index_meta_key(&h.name), c.encode());
+        let r = batch.commit().map_err(storage);
         self.poison_on_err(r)?;
         for ks in [&h.msgs, &h.index, &h.last] {
             let r = ks.clear().map_err(storage);
@@ -910,7 +952,16 @@ impl Writer {
                 }
                 continue;
             }
-            let r = self.check_poison().and_then(|_| txn.commit(&self.meta));
+            let always = config.sync == SyncPolicy::Always;
+            let r = self.check_poison().and_then(|_| txn.commit_deferring_index(&self.meta));
+            let r = match r {
+                Ok((st, removed, index)) if always => {
+                    self.index_pending.push(index);
+                    Ok((st, removed))
+                }
+                Ok((st, removed, index)) => index.commit().map(|()| (st, removed)),
+                Err(e) => Err(e),
+            };
             match self.poison_on_err(r) {
                 Ok((st, removed)) => {
                     h.after_commit(st, &stored, &removed);
@@ -927,7 +978,7 @@ impl Writer {
                             let _ = h.live.send(stored.into());
                         }
                     });
-                    if config.sync == SyncPolicy::Always {
+                    if always {
                         self.deferred_requests += n_replies;
                         deferred.push(done)
                     } else {

@@ -2,16 +2,17 @@
 //! opens with every earlier write; damage before the last batch refuses to
 //! open (`Internal`) instead of silently dropping acknowledged writes.
 //!
-//! Each test writes through the engine with `sync = always` (one journal
-//! batch per publish, each awaited), closes it, damages the newest journal
-//! file (`<dir>/<id>.jnl`, zero-padded after its data), and reopens.
+//! Each test writes through the engine with `sync = always` (each publish
+//! awaited: one journal batch for its message, then one for its subject
+//! index changes), closes it, damages the newest journal file
+//! (`<dir>/<id>.jnl`, zero-padded after its data), and reopens.
 
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use finmesh_core::{
-    ErrorKind, OutgoingMessage, ReadRequest, Seq, StreamConfig, StreamEngine, StreamName, Subject, SubjectPattern,
-    SyncPolicy,
+    ConsumerConfig, ConsumerEngine, ConsumerName, DeliverPolicy, ErrorKind, OutgoingMessage, ReadRequest, Seq,
+    StreamConfig, StreamEngine, StreamName, Subject, SubjectPattern, SyncPolicy,
 };
 use finmesh_embedded::EmbeddedEngine;
 
@@ -63,8 +64,11 @@ async fn torn_last_batch_is_cut_and_earlier_writes_survive() {
     let mut bytes = std::fs::read(&journal).unwrap();
     let end = data_end(&bytes);
     assert!(end > 64, "the journal holds the writes");
-    // A crash in the middle of writing the last batch: its tail never reached the disk.
-    for b in &mut bytes[end - 24..] {
+    // A crash in the middle of writing the last message's batch: from inside
+    // its payload on, nothing reached the disk (nor its index batch).
+    let needle = format!("message-{MESSAGES:04}-");
+    let at = bytes[..end].windows(needle.len()).position(|w| w == needle.as_bytes()).expect("payload in journal");
+    for b in &mut bytes[at + 4..] {
         *b = 0;
     }
     std::fs::write(&journal, &bytes).unwrap();
@@ -83,6 +87,74 @@ async fn torn_last_batch_is_cut_and_earlier_writes_survive() {
     // The stream goes on from there.
     let ack = engine.publish(&stream(), OutgoingMessage::new(Subject::new("j.x").unwrap(), payload(0))).await;
     assert_eq!(ack.unwrap().seq, Seq(MESSAGES));
+    engine.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_index_batch_is_rebuilt_from_the_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = write_and_close(dir.path()).await;
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let end = data_end(&bytes);
+    // The crash came while the last batch, the last message's index
+    // changes, was written: its tail never reached the disk.
+    for b in &mut bytes[end - 24..] {
+        *b = 0;
+    }
+    std::fs::write(&journal, &bytes).unwrap();
+
+    let engine = EmbeddedEngine::open(dir.path()).unwrap();
+    let info = engine.stream_info(&stream()).await.unwrap();
+    assert_eq!(info.state.messages, MESSAGES, "every message survives: {:?}", info.state);
+    // The subject index counts every message again (it would miss the last
+    // one without the rebuild): a filtered consumer sees all of them.
+    let mut c = ConsumerConfig::new(ConsumerName::new("all").unwrap());
+    c.filter = Some(SubjectPattern::new("j.x").unwrap());
+    let c = engine.create_consumer(&stream(), c).await.unwrap();
+    assert_eq!(c.num_pending, MESSAGES);
+    engine.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_index_batch_that_removed_is_repaired() {
+    // One message per subject (`max_msgs_per_subject = 1`): the third
+    // publish, on `j.a` again, stores seq 3 and removes seq 2 with its
+    // index entry.
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EmbeddedEngine::open(dir.path()).unwrap();
+    let mut config = StreamConfig::new(stream(), vec![SubjectPattern::new("j.>").unwrap()]);
+    config.sync = SyncPolicy::Always;
+    config.max_msgs_per_subject = Some(1);
+    engine.create_stream(config).await.unwrap();
+    for (i, subject) in [(1, "j.b"), (2, "j.a"), (3, "j.a")] {
+        let ack = engine.publish(&stream(), OutgoingMessage::new(Subject::new(subject).unwrap(), payload(i))).await;
+        assert_eq!(ack.unwrap().seq, Seq(i));
+    }
+    engine.close().await.unwrap();
+    // Lose the last batch: the index changes of the third publish.
+    let journal = newest_journal(dir.path());
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let end = data_end(&bytes);
+    for b in &mut bytes[end - 24..] {
+        *b = 0;
+    }
+    std::fs::write(&journal, &bytes).unwrap();
+
+    let engine = EmbeddedEngine::open(dir.path()).unwrap();
+    let info = engine.stream_info(&stream()).await.unwrap();
+    assert_eq!((info.state.first_seq, info.state.last_seq, info.state.messages), (Seq(1), Seq(3), 2));
+    // Filtered consumers count through the index: `j.a` holds seq 3 (missing
+    // without the repair) and not seq 2 (still there without it).
+    let from_3 = DeliverPolicy::FromSeq { seq: Seq(3) };
+    for (name, filter, deliver) in
+        [("a_all", "j.a", DeliverPolicy::All), ("a_new", "j.a", from_3), ("b", "j.b", DeliverPolicy::All)]
+    {
+        let mut c = ConsumerConfig::new(ConsumerName::new(name).unwrap());
+        c.filter = Some(SubjectPattern::new(filter).unwrap());
+        c.deliver = deliver;
+        let c = engine.create_consumer(&stream(), c).await.unwrap();
+        assert_eq!(c.num_pending, 1, "consumer {name}");
+    }
     engine.close().await.unwrap();
 }
 
