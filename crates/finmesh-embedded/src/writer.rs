@@ -624,7 +624,7 @@ impl Writer {
     fn sync_pending(&mut self) {
         self.pending_until = None;
         if self.pending.is_empty() {
-            return;
+            return self.commit_index();
         }
         let (pending, requests) = (std::mem::take(&mut self.pending), std::mem::take(&mut self.pending_requests));
         let now = Instant::now();

@@ -52,6 +52,24 @@ fn newest_journal(dir: &Path) -> PathBuf {
         .expect("a journal file")
 }
 
+/// Zero the tail of the newest journal's last batch, as if the process had
+/// died while writing it.
+fn lose_last_batch(dir: &Path) {
+    let journal = newest_journal(dir);
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let end = data_end(&bytes);
+    bytes[end - 24..end].fill(0);
+    std::fs::write(&journal, &bytes).unwrap();
+}
+
+/// `num_pending` of a new consumer on `filter`: counted through the subject index.
+async fn pending_through_index(engine: &EmbeddedEngine, name: &str, filter: &str, deliver: DeliverPolicy) -> u64 {
+    let mut c = ConsumerConfig::new(ConsumerName::new(name).unwrap());
+    c.filter = Some(SubjectPattern::new(filter).unwrap());
+    c.deliver = deliver;
+    engine.create_consumer(&stream(), c).await.unwrap().num_pending
+}
+
 /// Offset just past the last non-zero byte (the journal is preallocated with zeros).
 fn data_end(bytes: &[u8]) -> usize {
     bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1)
@@ -93,25 +111,17 @@ async fn torn_last_batch_is_cut_and_earlier_writes_survive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_index_batch_is_rebuilt_from_the_messages() {
     let dir = tempfile::tempdir().unwrap();
-    let journal = write_and_close(dir.path()).await;
-    let mut bytes = std::fs::read(&journal).unwrap();
-    let end = data_end(&bytes);
+    write_and_close(dir.path()).await;
     // The crash came while the last batch, the last message's index
     // changes, was written: its tail never reached the disk.
-    for b in &mut bytes[end - 24..] {
-        *b = 0;
-    }
-    std::fs::write(&journal, &bytes).unwrap();
+    lose_last_batch(dir.path());
 
     let engine = EmbeddedEngine::open(dir.path()).unwrap();
     let info = engine.stream_info(&stream()).await.unwrap();
     assert_eq!(info.state.messages, MESSAGES, "every message survives: {:?}", info.state);
     // The subject index counts every message again (it would miss the last
     // one without the rebuild): a filtered consumer sees all of them.
-    let mut c = ConsumerConfig::new(ConsumerName::new("all").unwrap());
-    c.filter = Some(SubjectPattern::new("j.x").unwrap());
-    let c = engine.create_consumer(&stream(), c).await.unwrap();
-    assert_eq!(c.num_pending, MESSAGES);
+    assert_eq!(pending_through_index(&engine, "all", "j.x", DeliverPolicy::All).await, MESSAGES);
     engine.close().await.unwrap();
 }
 
@@ -132,13 +142,7 @@ async fn a_lost_index_batch_that_removed_is_repaired() {
     }
     engine.close().await.unwrap();
     // Lose the last batch: the index changes of the third publish.
-    let journal = newest_journal(dir.path());
-    let mut bytes = std::fs::read(&journal).unwrap();
-    let end = data_end(&bytes);
-    for b in &mut bytes[end - 24..] {
-        *b = 0;
-    }
-    std::fs::write(&journal, &bytes).unwrap();
+    lose_last_batch(dir.path());
 
     let engine = EmbeddedEngine::open(dir.path()).unwrap();
     let info = engine.stream_info(&stream()).await.unwrap();
@@ -149,11 +153,7 @@ async fn a_lost_index_batch_that_removed_is_repaired() {
     for (name, filter, deliver) in
         [("a_all", "j.a", DeliverPolicy::All), ("a_new", "j.a", from_3), ("b", "j.b", DeliverPolicy::All)]
     {
-        let mut c = ConsumerConfig::new(ConsumerName::new(name).unwrap());
-        c.filter = Some(SubjectPattern::new(filter).unwrap());
-        c.deliver = deliver;
-        let c = engine.create_consumer(&stream(), c).await.unwrap();
-        assert_eq!(c.num_pending, 1, "consumer {name}");
+        assert_eq!(pending_through_index(&engine, name, filter, deliver).await, 1, "consumer {name}");
     }
     engine.close().await.unwrap();
 }
