@@ -297,7 +297,7 @@ fn data_options() -> KeyspaceCreateOptions {
 /// Open (or create) the keyspaces of a stream and build its handle.
 ///
 /// `index_current` says whether the subject index matches the messages
-/// (see `txn.rs`); if not, it is rebuilt from them.
+/// (see `txn.rs`); if not, it is repaired from them.
 pub(crate) fn open_handle(
     db: &Database,
     record: StreamRecord,
