@@ -16,6 +16,7 @@
 //! - readers may observe a committed write before a `sync = always` ack is
 //!   sent (the ack waits for the fsync, visibility does not).
 
+use fixedbitset::FixedBitSet;
 use hashbrown::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -406,22 +407,22 @@ impl StreamHandle {
             _ => (1, 0),
         };
         let span = (last + 1).saturating_sub(first) as usize;
+        // Bit i stands for sequence first + i.
         let bit = |seq: u64| (seq >= first && seq <= last).then(|| (seq - first) as usize);
-        let mut stored = vec![0u64; span.div_ceil(64)];
+        let mut stored = FixedBitSet::with_capacity(span);
         for kv in self.msgs.iter() {
-            let k = kv.key().map_err(storage)?;
-            if let Some(i) = bit(codec::key_seq(&k)?.0) {
-                stored[i / 64] |= 1 << (i % 64);
+            if let Some(i) = bit(codec::key_seq(&kv.key().map_err(storage)?)?.0) {
+                stored.insert(i);
             }
         }
-        let mut indexed = vec![0u64; span.div_ceil(64)];
+        let mut indexed = FixedBitSet::with_capacity(span);
         let (mut batch, mut removed, mut added) = (db.batch(), 0u64, 0u64);
         for kv in self.index.iter() {
             let k = kv.key().map_err(storage)?;
             match bit(codec::index_key_seq(&k)?.0) {
-                Some(i) if stored[i / 64] & (1 << (i % 64)) != 0 && indexed[i / 64] & (1 << (i % 64)) == 0 => {
-                    indexed[i / 64] |= 1 << (i % 64);
-                }
+                // The first entry of a stored message: keep it.
+                Some(i) if stored.contains(i) && !indexed.put(i) => {}
+                // Dangling (message gone), or a second entry for one message.
                 _ => {
                     batch.remove(&self.index, k);
                     removed += 1;
@@ -431,15 +432,14 @@ impl StreamHandle {
                 std::mem::replace(&mut batch, db.batch()).commit().map_err(storage)?;
             }
         }
-        for i in 0..span {
-            if stored[i / 64] & (1 << (i % 64)) != 0 && indexed[i / 64] & (1 << (i % 64)) == 0 {
-                let seq = Seq(first + i as u64);
-                let m = self.get(seq)?.ok_or_else(|| Error::internal(format!("message {seq} vanished")))?;
-                batch.insert(&self.index, codec::index_key(m.subject.as_str(), seq), []);
-                added += 1;
-                if batch.len() >= REPAIR_BATCH {
-                    std::mem::replace(&mut batch, db.batch()).commit().map_err(storage)?;
-                }
+        stored.difference_with(&indexed);
+        for i in stored.ones() {
+            let seq = Seq(first + i as u64);
+            let m = self.get(seq)?.ok_or_else(|| Error::internal(format!("message {seq} vanished")))?;
+            batch.insert(&self.index, codec::index_key(m.subject.as_str(), seq), []);
+            added += 1;
+            if batch.len() >= REPAIR_BATCH {
+                std::mem::replace(&mut batch, db.batch()).commit().map_err(storage)?;
             }
         }
         batch.commit().map_err(storage)?;
