@@ -10,7 +10,8 @@
 //! What we rely on from fjall 3.1 (checked by the tests below, so an upgrade
 //! that changes them fails loudly):
 //! 1. journals are the files `<db dir>/<id>.jnl`; the one with the highest
-//!    id is the active one, and a rotation creates the next id (`id + 1`);
+//!    id is the active one, a rotation creates the next id (`id + 1`), and
+//!    fully flushed journals are deleted oldest first;
 //! 2. a commit hands its journal bytes to the OS before it returns
 //!    (`PersistMode::Buffer`, fjall's default when journal persistence is not
 //!    manual), and `persist(Buffer)` flushes any user-space remainder (at
@@ -77,8 +78,9 @@ struct Active {
 struct Current {
     id: u64,
     file: File,
-    /// The journal directory, opened once: looking up one name relative to
-    /// it is cheaper than resolving the whole path on every fsync.
+    /// The journal directory, opened with the first journal and kept:
+    /// looking up one name relative to it is cheaper than resolving the
+    /// whole path on every fsync.
     dir: File,
     /// `<id + 1>.jnl`, the name a rotation creates next.
     next: std::ffi::CString,
@@ -89,27 +91,28 @@ impl Active {
         Active { dir: dir.to_path_buf(), write, current: None }
     }
 
-    /// The newest journal (`None` if there is none): listed once, then
-    /// followed through rotations by looking up the next id's name in the
-    /// directory, one `faccessat` instead of a listing.
+    /// The newest journal (`None` if there is none): listed once, and
+    /// listed again only after a rotation, which costs one `faccessat` and
+    /// one `fstat` per call to notice. A rotation creates `<id + 1>.jnl`;
+    /// if that is already gone as well, this journal was deleted before it
+    /// (fjall deletes flushed journals oldest first), so its link count is
+    /// zero.
     fn refresh(&mut self) -> std::io::Result<Option<(u64, &File)>> {
-        let newest = match &self.current {
-            None => newest_journal(&self.dir)?,
-            Some(cur) if !exists_in(&cur.dir, &cur.next)? => None,
-            Some(cur) => {
-                let mut id = cur.id + 1;
-                while self.dir.join(journal_name(id + 1)).try_exists()? {
-                    id += 1;
-                }
-                Some(id)
-            }
+        use std::os::unix::fs::MetadataExt;
+        let rotated = match &self.current {
+            None => true,
+            Some(cur) => exists_in(&cur.dir, &cur.next)? || cur.file.metadata()?.nlink() == 0,
         };
-        if let Some(id) = newest {
-            let file =
-                std::fs::OpenOptions::new().read(true).write(self.write).open(self.dir.join(journal_name(id)))?;
-            let dir = File::open(&self.dir)?;
-            let next = std::ffi::CString::new(journal_name(id + 1)).expect("no NUL in a journal name");
-            self.current = Some(Current { id, file, dir, next });
+        if rotated {
+            let dir = match self.current.take() {
+                Some(cur) => cur.dir,
+                None => File::open(&self.dir)?,
+            };
+            if let Some(id) = newest_journal(&self.dir)? {
+                let file =
+                    std::fs::OpenOptions::new().read(true).write(self.write).open(self.dir.join(journal_name(id)))?;
+                self.current = Some(Current { id, file, dir, next: journal_cname(id + 1) });
+            }
         }
         Ok(self.current.as_ref().map(|c| (c.id, &c.file)))
     }
@@ -117,6 +120,10 @@ impl Active {
 
 fn journal_name(id: u64) -> String {
     format!("{id}.jnl")
+}
+
+fn journal_cname(id: u64) -> std::ffi::CString {
+    std::ffi::CString::new(journal_name(id)).expect("no NUL in a journal name")
 }
 
 /// Whether `name` exists in the directory `dir`.
@@ -318,17 +325,11 @@ mod tests {
         assert!(js.active.current.is_some(), "sync went to the fallback");
     }
 
-    /// Pins property 1's rotation half: after fjall rotates to `<id + 1>.jnl`
-    /// (past 64 MB of journal, at its next memtable flush), the sync finds
-    /// and fsyncs the new journal, and a later rotation again.
-    #[test]
-    fn sync_follows_journal_rotations() {
-        let dir = tempfile::tempdir().unwrap();
-        let (db, ks) = open(dir.path());
-        let mut js = JournalSync::new(dir.path());
-        ks.insert("a", "b").unwrap();
-        js.sync(&db, || Ok(())).unwrap();
-        let first = js.active.current.as_ref().map(|c| c.id).expect("a journal");
+    /// Write past fjall's 64 MB journal limit into `ks` and flush its
+    /// memtable, which makes fjall rotate to the next journal; returns that
+    /// journal's id.
+    fn rotate_journal(dir: &Path, ks: &fjall::Keyspace, tag: &str) -> u64 {
+        let before = newest_journal(dir).unwrap().expect("a journal");
         // Incompressible, in case the journal is compressed.
         let mut x = 0x9e37_79b9_7f4a_7c15_u64;
         let value: Vec<u8> = (0..256 << 10)
@@ -339,16 +340,55 @@ mod tests {
                 x as u8
             })
             .collect();
-        for rotation in 1..=2 {
-            for i in 0..260 {
-                ks.insert(format!("r{rotation}-{i:04}"), &value).unwrap();
-            }
-            ks.rotate_memtable_and_wait().unwrap();
-            assert_eq!(newest_journal(dir.path()).unwrap(), Some(first + rotation), "fjall did not rotate");
-            ks.insert(format!("after-{rotation}"), "x").unwrap();
-            js.sync(&db, || Ok(())).unwrap();
-            assert_eq!(js.active.current.as_ref().map(|c| c.id), Some(first + rotation), "sync missed the rotation");
+        for i in 0..260 {
+            ks.insert(format!("{tag}-{i:04}"), &value).unwrap();
         }
+        ks.rotate_memtable_and_wait().unwrap();
+        let after = newest_journal(dir).unwrap().expect("a journal");
+        assert_eq!(after, before + 1, "fjall did not rotate");
+        after
+    }
+
+    fn synced_id(js: &JournalSync) -> Option<u64> {
+        js.active.current.as_ref().map(|c| c.id)
+    }
+
+    /// Pins property 1's rotation half while the old journal stays (another
+    /// keyspace still has unflushed writes in it): the sync finds the new
+    /// `<id + 1>.jnl` and fsyncs that.
+    #[test]
+    fn sync_follows_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, ks) = open(dir.path());
+        let other = db.keyspace("other", fjall::KeyspaceCreateOptions::default).unwrap();
+        let mut js = JournalSync::new(dir.path());
+        other.insert("keeps the journal", "x").unwrap();
+        js.sync(&db, || Ok(())).unwrap();
+        let first = synced_id(&js).expect("a journal");
+        let next = rotate_journal(dir.path(), &ks, "r");
+        assert!(dir.path().join(journal_name(first)).exists(), "the old journal is still needed");
+        ks.insert("after", "x").unwrap();
+        js.sync(&db, || Ok(())).unwrap();
+        assert_eq!(synced_id(&js), Some(next), "sync missed the rotation");
+    }
+
+    /// Pins property 1's deletion half: after two rotations between two
+    /// syncs, fjall has already deleted the journal in between (and the
+    /// one the sync held), and the sync still finds the newest.
+    #[test]
+    fn sync_follows_rotations_past_a_deleted_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, ks) = open(dir.path());
+        let mut js = JournalSync::new(dir.path());
+        ks.insert("a", "b").unwrap();
+        js.sync(&db, || Ok(())).unwrap();
+        let first = synced_id(&js).expect("a journal");
+        rotate_journal(dir.path(), &ks, "r1");
+        let newest = rotate_journal(dir.path(), &ks, "r2");
+        assert!(!dir.path().join(journal_name(first + 1)).exists(), "fjall kept the journal in between");
+        ks.insert("after", "x").unwrap();
+        js.sync(&db, || Ok(())).unwrap();
+        assert_eq!(synced_id(&js), Some(newest), "sync missed the rotations");
     }
 
     /// Zeros go ahead of the data with a hole before each chunk, the file
