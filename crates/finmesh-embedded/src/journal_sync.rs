@@ -82,6 +82,8 @@ struct Current {
     /// looking up one name relative to it is cheaper than resolving the
     /// whole path on every fsync.
     dir: File,
+    /// `<id>.jnl`: gone once fjall deleted this journal (ids are never reused).
+    name: std::ffi::CString,
     /// `<id + 1>.jnl`, the name a rotation creates next.
     next: std::ffi::CString,
 }
@@ -92,16 +94,16 @@ impl Active {
     }
 
     /// The newest journal (`None` if there is none): listed once, and
-    /// listed again only after a rotation, which costs one `faccessat` and
-    /// one `fstat` per call to notice. A rotation creates `<id + 1>.jnl`;
-    /// if that is already gone as well, this journal was deleted before it
-    /// (fjall deletes flushed journals oldest first), so its link count is
-    /// zero.
+    /// listed again only after a rotation, noticed by two name lookups in
+    /// the directory per call. A rotation creates `<id + 1>.jnl`; if that
+    /// is already gone as well, this journal was deleted before it (fjall
+    /// deletes flushed journals oldest first), so `<id>.jnl` is gone too.
+    /// (Asking the held descriptor for its link count instead, an `fstat`,
+    /// cost ~10 % of `sync = always` throughput with 16 publishers here.)
     fn refresh(&mut self) -> std::io::Result<Option<(u64, &File)>> {
-        use std::os::unix::fs::MetadataExt;
         let rotated = match &self.current {
             None => true,
-            Some(cur) => exists_in(&cur.dir, &cur.next)? || cur.file.metadata()?.nlink() == 0,
+            Some(cur) => exists_in(&cur.dir, &cur.next)? || !exists_in(&cur.dir, &cur.name)?,
         };
         if rotated {
             let dir = match self.current.take() {
@@ -111,7 +113,7 @@ impl Active {
             if let Some(id) = newest_journal(&self.dir)? {
                 let file =
                     std::fs::OpenOptions::new().read(true).write(self.write).open(self.dir.join(journal_name(id)))?;
-                self.current = Some(Current { id, file, dir, next: journal_cname(id + 1) });
+                self.current = Some(Current { id, file, dir, name: journal_cname(id), next: journal_cname(id + 1) });
             }
         }
         Ok(self.current.as_ref().map(|c| (c.id, &c.file)))
