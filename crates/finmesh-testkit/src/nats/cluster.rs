@@ -4,9 +4,12 @@
 //! ports, and routes to all the others. The cluster is ready when every node
 //! is ready on its own (see [`super::NatsServer::wait_ready`]) and every
 //! node's full `/healthz` answers 200 (the node sees a JetStream meta
-//! leader), and the meta leader's `/jsz` lists every other node as a
-//! current peer, so an R3 stream can be created right away (without that
-//! last check, a stream created early fails with "insufficient resources").
+//! leader), the meta leader's `/jsz` lists every other node as a current
+//! peer, and the leader can place a stream on every node (a probe stream
+//! with one replica per node, created and deleted), so an R3 stream can be
+//! created right away (without the last two checks, a stream created early
+//! fails with "insufficient resources" or "no suitable peers for
+//! placement, peer offline").
 //!
 //! **A slow node** ([`NatsCluster::start_with_slow_node`]): one node whose
 //! every route connection passes through a [`DelayProxy`], so its replicas
@@ -405,13 +408,15 @@ impl NatsCluster {
                 res?;
             }
         }
-        let running: Vec<(String, u16)> = self
-            .nodes
-            .iter_mut()
-            .filter_map(|n| n.is_running().then(|| (n.config().server_name.clone(), n.config().http_port)))
-            .collect();
+        let (mut running, mut urls) = (Vec::new(), Vec::new());
+        for n in &mut self.nodes {
+            if n.is_running() {
+                running.push((n.config().server_name.clone(), n.config().http_port));
+                urls.push(n.url());
+            }
+        }
         loop {
-            if meta_group_complete(&running).await {
+            if meta_group_complete(&running).await && can_place_on_all(&urls).await {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -425,7 +430,8 @@ impl NatsCluster {
                     timeout,
                     log_path: node.log_path(),
                     log_tail: format!(
-                        "the JetStream meta leader does not see all {} running nodes as current\n{}",
+                        "the JetStream meta leader does not see all {} running nodes as current, or cannot \
+                         place a stream on all of them yet\n{}",
                         running.len(),
                         crate::process::log_tail(&node.log_path(), 20)
                     ),
@@ -435,6 +441,33 @@ impl NatsCluster {
         }
     }
 }
+
+/// Can the meta leader place a stream on every running node? It skips a
+/// peer it has not had a STATSZ report from yet ("no suitable peers for
+/// placement, peer offline"), which `/jsz` does not show, and on a loaded
+/// machine that report can come after the peer is current in the meta
+/// group. So ask it: create a memory stream with one replica per running
+/// node (at most 5) and delete it again.
+async fn can_place_on_all(urls: &[String]) -> bool {
+    const PROBE: &str = "_finmesh_ready";
+    let Some(url) = urls.first() else { return true };
+    let Ok(client) = async_nats::ConnectOptions::new().request_timeout(Some(POLL_TIMEOUT)).connect(url.as_str()).await
+    else {
+        return false;
+    };
+    let js = async_nats::jetstream::new(client);
+    let config = async_nats::jetstream::stream::Config {
+        name: PROBE.into(),
+        subjects: vec![format!("{PROBE}.probe")],
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        num_replicas: urls.len().min(5),
+        ..Default::default()
+    };
+    js.create_stream(config).await.is_ok() && js.delete_stream(PROBE).await.is_ok()
+}
+
+/// How long one placement probe's API request may take.
+const POLL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Does the meta leader (asked through its own `/jsz`) list every other
 /// running node as a current peer?
