@@ -128,6 +128,18 @@ impl ServerProcess {
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
+        // A failing test drops its servers while it unwinds, just before
+        // their temporary directories go: show what they logged, so a
+        // failure in CI can be read without reproducing it.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} (pid {}), last lines of {}:\n{}\n---",
+                self.program,
+                self.child.id(),
+                self.log_path.display(),
+                self.log_tail()
+            );
+        }
         if let Ok(None) = self.child.try_wait() {
             // SIGKILL cannot be ignored, so the blocking wait is short.
             let _ = self.child.kill();

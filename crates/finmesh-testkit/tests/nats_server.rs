@@ -1,6 +1,6 @@
 //! `NatsServer` against a real nats-server: readiness means JetStream
 //! answers, kill is a crash, restart keeps the port and the store, drop
-//! kills the process.
+//! kills the process, and a test that panics shows the server's log.
 
 use finmesh_testkit::ManagedServer;
 use std::path::Path;
@@ -128,4 +128,27 @@ async fn hub_and_leaf_with_jetstream_domains() {
         }
     };
     assert_eq!(account.domain.as_deref(), Some("hub"));
+}
+
+/// Run by `a_failing_test_shows_the_server_log` in a child process.
+#[tokio::test]
+#[ignore = "run by a_failing_test_shows_the_server_log"]
+async fn panics_holding_a_server() {
+    let _nats = NatsServer::start().await.expect("start nats-server");
+    panic!("the test failed");
+}
+
+/// A test that panics while it holds a server prints the server's log on
+/// stderr as it unwinds (before the log's directory is deleted), so a
+/// failure in CI shows what the server saw.
+#[test]
+fn a_failing_test_shows_the_server_log() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["panics_holding_a_server", "--exact", "--ignored", "--nocapture"])
+        .output()
+        .expect("run the child test");
+    assert!(!out.status.success(), "the child test panics");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--- nats-server (pid"), "no log header in:\n{stderr}");
+    assert!(stderr.contains("Server is ready"), "the log's tail is not shown:\n{stderr}");
 }
