@@ -76,6 +76,9 @@ pub struct NatsEngine {
 pub(crate) struct StreamMeta {
     pub subjects: Vec<SubjectPattern>,
     pub max_msg_size: u32,
+    /// More than one replica: reads check a short answer with the leader
+    /// (see `Inner::read`).
+    pub replicated: bool,
 }
 
 pub(crate) struct Inner {

@@ -126,7 +126,11 @@ impl Inner {
     }
 
     pub(crate) fn remember(&self, c: &StreamConfig) -> Arc<StreamMeta> {
-        let meta = Arc::new(StreamMeta { subjects: c.subjects.clone(), max_msg_size: c.msg_size_limit() });
+        let meta = Arc::new(StreamMeta {
+            subjects: c.subjects.clone(),
+            max_msg_size: c.msg_size_limit(),
+            replicated: c.replicas > 1,
+        });
         self.streams.lock().insert(c.name.as_str().to_owned(), meta.clone());
         meta
     }
@@ -269,14 +273,59 @@ impl Inner {
             .ok_or_else(|| Error::not_found(format!("stream `{stream}` has no message on `{subject}`")))
     }
 
+    /// A range of messages, read through an ephemeral consumer (see
+    /// `snapshot.rs`). On a replicated stream NATS puts that consumer on a
+    /// replica of its choosing, which may still be catching up (after a
+    /// restart, say) and then answers with an older prefix of the stream.
+    /// A full answer is right anyway (a replica's log is a prefix of the
+    /// leader's); a short one is checked with the leader (`STREAM.MSG.GET`
+    /// of the next matching message), and when the leader has one, that
+    /// message is taken from it and the rest read again. So a read sees
+    /// every message stored before it began, like on a single server.
     pub(crate) async fn read(&self, stream: &StreamName, request: ReadRequest) -> Result<Vec<Message>> {
-        self.stream_meta(stream).await?;
+        let meta = self.stream_meta(stream).await?;
         let limit = request.limit.min(finmesh_core::engine::MAX_READ_LIMIT);
         if limit == 0 || request.end.is_some_and(|e| e.0 == 0) {
             return Ok(Vec::new());
         }
+        let in_range = |m: &Message| request.end.is_none_or(|end| m.seq <= end);
+        let mut msgs = self.read_range(stream, request.start, request.filter.as_ref(), limit).await?;
+        msgs.retain(in_range);
+        while meta.replicated && msgs.len() < limit && msgs.last().is_none_or(in_range) {
+            let filter = request.filter.as_ref().map_or(">", |f| f.as_str());
+            let next = match (msgs.last(), request.start) {
+                (Some(m), _) => json!({ "seq": m.seq.0 + 1, "next_by_subj": filter }),
+                (None, ReadStart::Seq(s)) => json!({ "seq": s.0.max(1), "next_by_subj": filter }),
+                (None, ReadStart::Time(t)) => json!({ "start_time": rfc3339(t)?, "next_by_subj": filter }),
+            };
+            let Some(m) = self.msg_get(stream.as_str(), &next).await? else { break };
+            if !in_range(&m) {
+                break;
+            }
+            let from = Seq(m.seq.0 + 1);
+            msgs.push(m);
+            let rest =
+                self.read_range(stream, ReadStart::Seq(from), request.filter.as_ref(), limit - msgs.len()).await?;
+            msgs.extend(rest.into_iter().filter(in_range));
+        }
+        msgs.truncate(limit);
+        Ok(msgs)
+    }
+
+    /// Up to `limit` messages from `start` matching `filter`, as the
+    /// snapshot consumer's replica has them.
+    async fn read_range(
+        &self,
+        stream: &StreamName,
+        start: ReadStart,
+        filter: Option<&SubjectPattern>,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let mut cfg = json!({});
-        match request.start {
+        match start {
             ReadStart::Seq(Seq(0)) => cfg["deliver_policy"] = json!("all"),
             ReadStart::Seq(s) => {
                 cfg["deliver_policy"] = json!("by_start_sequence");
@@ -287,14 +336,10 @@ impl Inner {
                 cfg["opt_start_time"] = json!(rfc3339(t)?);
             }
         }
-        if let Some(f) = &request.filter {
+        if let Some(f) = filter {
             cfg["filter_subject"] = json!(f.as_str());
         }
-        let mut msgs = self.snapshot(stream.as_str(), cfg, limit).await?;
-        if let Some(end) = request.end {
-            msgs.retain(|m| m.seq <= end);
-        }
-        Ok(msgs)
+        self.snapshot(stream.as_str(), cfg, limit).await
     }
 
     pub(crate) async fn last_per_subject(

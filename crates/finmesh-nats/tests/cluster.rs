@@ -15,7 +15,8 @@
 //!   behind, so this one alone does not prove much);
 //! - the same through a replica that really lags (a node whose routes pass
 //!   delay proxies with jitter): reads must never return a revision older
-//!   than the one just written.
+//!   than the one just written, and stream range reads right after an ack
+//!   must include it.
 //!
 //! No fixed sleeps: every wait polls a condition with a deadline.
 
@@ -500,4 +501,42 @@ async fn r3_kv_reads_through_a_lagging_replica_see_their_own_writes() {
     // The lag is real: n3 often has not applied a write when its ack
     // reaches the client.
     assert!(behind >= 3, "n3 was behind only {behind}/{rounds} times: it does not lag");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r3_stream_reads_through_a_lagging_replica_see_every_acked_message() {
+    // As above: n3's replica applies writes up to SLOW_DELAY + SLOW_JITTER
+    // late. A read goes through an ephemeral consumer that NATS places on
+    // any replica, n3 included.
+    const SLOW: usize = 2;
+    let cluster = NatsCluster::start_with_slow_node(3, SLOW, SLOW_DELAY).await.expect("start a cluster with a slow n3");
+    for link in cluster.slow_links() {
+        link.set_jitter(SLOW_JITTER);
+    }
+    let engine = engine_on(vec![cluster.urls()[0].clone()]).await;
+    let stream = r3_stream(&engine, "LEDGER").await;
+    cluster.lead_elsewhere(engine.client(), "LEDGER", SLOW, DEADLINE).await.expect("a leader other than the slow node");
+    let rounds = 30u64;
+    for i in 0..rounds {
+        let subject = Subject::new(format!("ledger.{}", i % 3)).unwrap();
+        let ack = engine.publish(&stream, OutgoingMessage::new(subject, Bytes::from(format!("m{i}")))).await.unwrap();
+        assert_eq!(ack.seq, Seq(i + 1));
+        // Right after the ack: from the message itself, from the start, and
+        // filtered to its subject.
+        let from_it = engine.read(&stream, ReadRequest::from_seq(ack.seq, 10)).await.unwrap();
+        assert_eq!(from_it.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![ack.seq], "round {i}: read from the ack");
+        let all = engine.read(&stream, ReadRequest::from_seq(Seq(1), 1_000)).await.unwrap();
+        assert_eq!(all.len() as u64, i + 1, "round {i}: read of the whole stream");
+        assert!(all.iter().enumerate().all(|(k, m)| m.seq.0 == k as u64 + 1 && m.payload == format!("m{k}")));
+        let mut filtered = ReadRequest::from_seq(Seq(1), 1_000);
+        filtered.filter = Some(SubjectPattern::new(format!("ledger.{}", i % 3)).unwrap());
+        let mine = engine.read(&stream, filtered).await.unwrap();
+        assert_eq!(mine.last().map(|m| m.seq), Some(ack.seq), "round {i}: filtered read");
+        assert_eq!(mine.len() as u64, i / 3 + 1, "round {i}: filtered read");
+    }
+    // A bounded range still ends at its end.
+    let mut bounded = ReadRequest::from_seq(Seq(5), 1_000);
+    bounded.end = Some(Seq(9));
+    let got: Vec<u64> = engine.read(&stream, bounded).await.unwrap().iter().map(|m| m.seq.0).collect();
+    assert_eq!(got, (5..=9).collect::<Vec<_>>());
 }
