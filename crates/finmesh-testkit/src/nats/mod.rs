@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-pub use cluster::NatsCluster;
+pub use cluster::{NatsCluster, until_placed};
 pub use config::{ClusterSpec, NatsConfig};
 pub use topology::{HUB_DOMAIN, HubAndLeaves, HubAndLeavesBuilder, LeafSite};
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use bytes::{BufMut as _, Bytes, BytesMut};
-use finmesh_testkit::{HUB_DOMAIN, HubAndLeaves, NatsServer};
+use finmesh_testkit::{HUB_DOMAIN, HubAndLeaves, NatsServer, until_placed};
 use futures::StreamExt as _;
 
 use super::measure::{Measurement, Sample};
@@ -41,6 +41,8 @@ pub const PUT_INTERVAL: Duration = Duration::from_millis(2);
 const KEYS: u64 = 100;
 /// How long to wait for every put to show up on the leaf.
 const OBSERVE_DEADLINE: Duration = Duration::from_secs(60);
+/// How long the hub may refuse to place the bucket (see [`until_placed`]).
+const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 const BUCKET: &str = "mirror_bench";
 const PEER: &str = "nats-server";
 
@@ -58,8 +60,8 @@ pub async fn run(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
     let client = async_nats::connect(sites.hub().urls()[0].as_str()).await?;
     let version = client.server_info().version;
     let hub = jetstream::new(client);
-    let origin = hub
-        .create_key_value(kv::Config { bucket: BUCKET.into(), history: 1, num_replicas: 3, ..Default::default() })
+    let config = kv::Config { bucket: BUCKET.into(), history: 1, num_replicas: 3, ..Default::default() };
+    let origin = until_placed(PLACEMENT_TIMEOUT, || hub.create_key_value(config.clone()))
         .await
         .context("creating the hub's R3 bucket")?;
 
