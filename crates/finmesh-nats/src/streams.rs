@@ -291,7 +291,7 @@ impl Inner {
         let in_range = |m: &Message| request.end.is_none_or(|end| m.seq <= end);
         let mut msgs = self.read_range(stream, request.start, request.filter.as_ref(), limit).await?;
         msgs.retain(in_range);
-        while meta.replicated && msgs.len() < limit && msgs.last().is_none_or(in_range) {
+        while meta.replicated && msgs.len() < limit {
             let filter = request.filter.as_ref().map_or(">", |f| f.as_str());
             let next = match (msgs.last(), request.start) {
                 (Some(m), _) => json!({ "seq": m.seq.0 + 1, "next_by_subj": filter }),
@@ -308,7 +308,6 @@ impl Inner {
                 self.read_range(stream, ReadStart::Seq(from), request.filter.as_ref(), limit - msgs.len()).await?;
             msgs.extend(rest.into_iter().filter(in_range));
         }
-        msgs.truncate(limit);
         Ok(msgs)
     }
 
