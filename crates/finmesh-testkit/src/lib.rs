@@ -39,7 +39,7 @@ pub mod redis;
 pub use error::{Error, Result};
 pub use nats::{
     ClusterSpec, HUB_DOMAIN, HubAndLeaves, HubAndLeavesBuilder, LeafSite, NatsCluster, NatsConfig, NatsServer,
-    NatsServerBuilder, until_placed,
+    NatsServerBuilder, until_placed, until_routed,
 };
 pub use process::ManagedServer;
 pub use proxy::{DelayProxy, DelayProxyBuilder};

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv, stream};
-use finmesh_testkit::{HUB_DOMAIN, HubAndLeaves};
+use finmesh_testkit::{HUB_DOMAIN, HubAndLeaves, until_routed};
 
 /// Generous: NATS retries mirrors every 10–20 s after a failure.
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(60);
@@ -22,48 +22,16 @@ async fn connect(url: &str) -> async_nats::Client {
     async_nats::ConnectOptions::new().request_timeout(Some(REQUEST_TIMEOUT)).connect(url).await.expect("connect")
 }
 
-/// Did the write fail with "no responders" (the stream's subjects not yet
-/// known to this server, e.g. right after an R3 create)? Then nothing was
-/// stored and sending it again is safe.
-fn no_responders(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(e) = cur {
-        if let Some(p) = e.downcast_ref::<jetstream::context::PublishError>() {
-            return p.kind() == jetstream::context::PublishErrorKind::StreamNotFound;
-        }
-        cur = e.source();
-    }
-    false
-}
-
-/// Retry `write` while it fails with "no responders", up to [`REQUEST_TIMEOUT`].
-async fn retry_unrouted<T, E, F>(what: &str, mut write: impl FnMut() -> F) -> T
-where
-    E: std::error::Error + 'static,
-    F: std::future::Future<Output = Result<T, E>>,
-{
-    let started = Instant::now();
-    loop {
-        match write().await {
-            Ok(v) => return v,
-            Err(e) if no_responders(&e) && started.elapsed() < REQUEST_TIMEOUT => {
-                // Backoff before sending again, not synchronisation.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("{what}: {e}"),
-        }
-    }
-}
-
 async fn put(kv: &kv::Store, key: &str, value: String) -> u64 {
-    retry_unrouted(&format!("put {key}"), || kv.put(key, value.clone().into())).await
+    until_routed(REQUEST_TIMEOUT, || kv.put(key, value.clone().into()))
+        .await
+        .unwrap_or_else(|e| panic!("put {key}: {e}"))
 }
 
 async fn publish(js: &jetstream::Context, subject: String, payload: String) {
-    retry_unrouted(&format!("publish to {subject}"), || async {
-        js.publish(subject.clone(), payload.clone().into()).await?.await
-    })
-    .await;
+    until_routed(REQUEST_TIMEOUT, || async { js.publish(subject.clone(), payload.clone().into()).await?.await })
+        .await
+        .unwrap_or_else(|e| panic!("publish to {subject}: {e}"));
 }
 
 fn hub_api() -> stream::External {

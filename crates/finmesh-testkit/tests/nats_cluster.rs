@@ -6,7 +6,7 @@ use finmesh_testkit::ManagedServer;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use finmesh_testkit::NatsCluster;
+use finmesh_testkit::{NatsCluster, until_routed};
 
 #[tokio::test]
 async fn three_nodes_replicate_and_survive_one_node_down() {
@@ -25,7 +25,8 @@ async fn three_nodes_replicate_and_survive_one_node_down() {
         .await
         .expect("ready cluster accepts an R3 stream at once");
     assert_eq!(stream.cached_info().config.num_replicas, 3);
-    assert_eq!(js.publish("r.1", "a".into()).await.unwrap().await.unwrap().sequence, 1);
+    let first = until_routed(Duration::from_secs(10), || async { js.publish("r.1", "a".into()).await?.await }).await;
+    assert_eq!(first.expect("publish to R").sequence, 1);
 
     // Kill the first node; a client on the third still publishes (2 of 3
     // replicas form a quorum). Leader election may take a moment: retry
@@ -81,7 +82,14 @@ async fn a_slow_node_routes_only_through_its_proxies_and_lags() {
     let slow_http = cluster.nodes()[2].config().http_port;
     let mut behind = 0;
     for i in 0..5 {
-        let seq = js.publish("lag.a", format!("m{i}").into()).await.unwrap().await.unwrap().sequence;
+        // The stream may have just changed leader: its subjects reach n1
+        // over the routes a moment after the election.
+        let seq = until_routed(Duration::from_secs(10), || async {
+            js.publish("lag.a", format!("m{i}").into()).await?.await
+        })
+        .await
+        .expect("publish to LAG")
+        .sequence;
         let at_ack = finmesh_testkit::probe::jsz_last_seq(slow_http, "LAG").await;
         if at_ack.is_some_and(|s| s < seq) {
             behind += 1;

@@ -442,56 +442,6 @@ impl NatsCluster {
     }
 }
 
-/// Run `create` (a replicated stream or bucket create) until it is not
-/// refused for want of placeable peers, for at most `timeout`. nats-server
-/// answers 10005 ("no suitable peers for placement, peer offline") or 10023
-/// ("insufficient resources") while its meta leader lacks a peer's STATSZ
-/// report, which a loaded machine can delay even after the cluster was
-/// ready (seen in the bench harness during full test runs). Any other
-/// result is returned at once.
-pub async fn until_placed<T, E, F, Fut>(timeout: Duration, mut create: F) -> std::result::Result<T, E>
-where
-    E: std::error::Error + 'static,
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<T, E>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match create().await {
-            Err(e) if Instant::now() < deadline && placement_refused(&e) => {
-                tracing::debug!(error = %e, "no placement yet; retrying");
-                tokio::time::sleep(POLL_INTERVAL).await;
-            }
-            r => return r,
-        }
-    }
-}
-
-/// Is a JetStream error with code 10005 or 10023 anywhere in `e`'s chain?
-fn placement_refused(e: &(dyn std::error::Error + 'static)) -> bool {
-    use async_nats::jetstream::context::{CreateStreamError, CreateStreamErrorKind};
-    use async_nats::jetstream::{Error as JsError, ErrorCode};
-    let refused =
-        |js: &JsError| matches!(js.error_code(), ErrorCode::CLUSTER_NO_PEERS | ErrorCode::INSUFFICIENT_RESOURCES);
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(js) = err.downcast_ref::<JsError>()
-            && refused(js)
-        {
-            return true;
-        }
-        // A stream create carries the server's error in its kind, not as a source.
-        if let Some(c) = err.downcast_ref::<CreateStreamError>()
-            && let CreateStreamErrorKind::JetStream(js) = c.kind()
-            && refused(&js)
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
 /// Can the meta leader place a stream on every running node? It skips a
 /// peer it has not had a STATSZ report from yet ("no suitable peers for
 /// placement, peer offline"), which `/jsz` does not show, and on a loaded
@@ -572,59 +522,4 @@ fn sibling_exit<'a>(nodes: impl Iterator<Item = &'a mut NatsServer>, err: Error)
         return err;
     }
     nodes.filter_map(NatsServer::exit_error).next().unwrap_or(err)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use async_nats::jetstream::context::{
-        CreateKeyValueError, CreateKeyValueErrorKind, CreateStreamError, CreateStreamErrorKind,
-    };
-
-    fn server_error(code: u64) -> async_nats::jetstream::Error {
-        serde_json::from_value(serde_json::json!({ "code": 400, "err_code": code, "description": "from the server" }))
-            .unwrap()
-    }
-
-    /// A KV create as async-nats reports it: the stream create's error as
-    /// the source, the server's error inside its kind.
-    fn kv_create_error(code: u64) -> CreateKeyValueError {
-        let stream = CreateStreamError::new(CreateStreamErrorKind::JetStream(server_error(code)));
-        CreateKeyValueError::with_source(CreateKeyValueErrorKind::BucketCreate, stream)
-    }
-
-    #[test]
-    fn placement_refusals_are_found_where_async_nats_puts_them() {
-        assert!(placement_refused(&kv_create_error(10005)));
-        assert!(placement_refused(&kv_create_error(10023)));
-        assert!(placement_refused(&server_error(10005)));
-        assert!(!placement_refused(&kv_create_error(10058)), "stream name already in use is final");
-        assert!(!placement_refused(&CreateKeyValueError::new(CreateKeyValueErrorKind::TimedOut)));
-    }
-
-    #[tokio::test]
-    async fn until_placed_retries_only_placement_refusals() {
-        let mut calls = 0;
-        let r: std::result::Result<u32, CreateKeyValueError> = until_placed(Duration::from_secs(10), || {
-            calls += 1;
-            let n = calls;
-            async move { if n < 3 { Err(kv_create_error(10005)) } else { Ok(n) } }
-        })
-        .await;
-        assert_eq!(r.unwrap(), 3);
-
-        let mut calls = 0;
-        let r: std::result::Result<u32, CreateKeyValueError> = until_placed(Duration::from_secs(10), || {
-            calls += 1;
-            async { Err(kv_create_error(10058)) }
-        })
-        .await;
-        assert!(r.is_err());
-        assert_eq!(calls, 1, "another error is returned at once");
-
-        let started = Instant::now();
-        let r: std::result::Result<u32, CreateKeyValueError> =
-            until_placed(Duration::from_millis(300), || async { Err(kv_create_error(10005)) }).await;
-        assert!(r.is_err() && started.elapsed() >= Duration::from_millis(300), "gives up at the timeout");
-    }
 }

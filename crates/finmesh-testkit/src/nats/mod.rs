@@ -28,6 +28,7 @@
 
 mod cluster;
 mod config;
+mod retry;
 mod topology;
 
 use std::path::{Path, PathBuf};
@@ -36,8 +37,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-pub use cluster::{NatsCluster, until_placed};
+pub use cluster::NatsCluster;
 pub use config::{ClusterSpec, NatsConfig};
+pub use retry::{until_placed, until_routed};
 pub use topology::{HUB_DOMAIN, HubAndLeaves, HubAndLeavesBuilder, LeafSite};
 
 use crate::binary::{NATS_SERVER_ENV, find_binary};

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use bytes::{BufMut as _, Bytes, BytesMut};
-use finmesh_testkit::{HUB_DOMAIN, HubAndLeaves, NatsServer, until_placed};
+use finmesh_testkit::{HUB_DOMAIN, HubAndLeaves, NatsServer, until_placed, until_routed};
 use futures::StreamExt as _;
 
 use super::measure::{Measurement, Sample};
@@ -112,8 +112,9 @@ async fn measure(
         .messages()
         .await?;
 
-    // Warm-up: the mirror is live once a fresh put arrives through it.
-    origin.put("warmup", value(u64::MAX)).await?;
+    // Warm-up: the mirror is live once a fresh put arrives through it. The
+    // bucket is new, so the hub server may not know its leader's subjects yet.
+    until_routed(PLACEMENT_TIMEOUT, || origin.put("warmup", value(u64::MAX))).await.context("the warm-up put")?;
     loop {
         let msg = tokio::time::timeout(OBSERVE_DEADLINE, arrivals.next())
             .await
