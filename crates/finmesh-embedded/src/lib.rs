@@ -15,7 +15,7 @@
 //! |---|---|---|
 //! | `meta` | `stream/<name>` | JSON `{config, kind}` (kind: `user` or `kv` with the bucket config) |
 //! | `meta` | `state/<name>` | counters `messages, bytes, first_seq, last_seq` (4 × u64 BE), written in the same batch as the messages |
-//! | `meta` | `index/<name>` | the same counters as of the last commit of the stream's `x` changes; differs from `state/<name>` only after a crash between a write and its index batch (then `open` repairs `x`) |
+//! | `meta` | `index/<name>` | the same counters as of the last commit of the stream's `x` changes; differs from `state/<name>`, or is missing while `state/<name>` counts a write, only after a crash between a write and its index batch (then `open` repairs `x`) |
 //! | `meta` | `consumer/<stream>/<name>` | JSON `{config, delivered, initial, pending}` |
 //! | `s.<name>.m` | `seq` (u64 BE) | message record (see `codec.rs`) |
 //! | `s.<name>.x` | `subject 0x00 seq` | empty (per-subject index) |

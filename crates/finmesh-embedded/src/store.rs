@@ -91,8 +91,9 @@ pub(crate) fn state_meta_key(name: &StreamName) -> String {
     format!("state/{name}")
 }
 /// The counters as of the last commit whose subject index changes are
-/// stored: differs from `state/<name>` only after a crash between a write
-/// and its index changes (see [`crate::txn::IndexBatch`]).
+/// stored: differs from `state/<name>` (or is missing while that counts a
+/// write: the first index batch writes it) only after a crash between a
+/// write and its index changes (see [`crate::txn::IndexBatch`]).
 pub(crate) fn index_meta_key(name: &StreamName) -> String {
     format!("index/{name}")
 }
@@ -528,9 +529,14 @@ pub(crate) fn load_all(db: &Database, meta: &Keyspace, registry: &Registry) -> R
             Some(v) => Counters::decode(&v).ok_or_else(|| Error::internal(format!("corrupt counters of `{name}`")))?,
             None => Counters::default(),
         };
-        // No marker: nothing was ever written with the index deferred.
+        // The marker is first written by the index batch of the stream's
+        // first write, so none is current only for a stream never written
+        // to; a stream with messages and no marker lost that first batch.
         let marker = meta.get(index_meta_key(&name)).map_err(storage)?;
-        let index_current = marker.is_none_or(|m| *m == counters.encode());
+        let index_current = match marker {
+            Some(m) => *m == counters.encode(),
+            None => counters.last_seq == 0,
+        };
         registry.insert(open_handle(db, record, counters, index_current)?);
         if !index_current {
             meta.insert(index_meta_key(&name), counters.encode()).map_err(storage)?;

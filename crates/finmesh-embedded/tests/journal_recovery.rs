@@ -126,6 +126,28 @@ async fn a_lost_index_batch_is_rebuilt_from_the_messages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_first_index_batch_is_rebuilt() {
+    // The stream's very first write: its index batch is also the first to
+    // write the stream's index marker, so after the crash there is none.
+    // (Found by the crash test: a child killed between the two batches of
+    // its first group commit left 16 messages and an empty index.)
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EmbeddedEngine::open(dir.path()).unwrap();
+    let mut config = StreamConfig::new(stream(), vec![SubjectPattern::new("j.>").unwrap()]);
+    config.sync = SyncPolicy::Always;
+    engine.create_stream(config).await.unwrap();
+    let ack = engine.publish(&stream(), OutgoingMessage::new(Subject::new("j.x").unwrap(), payload(1))).await;
+    assert_eq!(ack.unwrap().seq, Seq(1));
+    engine.close().await.unwrap();
+    lose_last_batch(dir.path());
+
+    let engine = EmbeddedEngine::open(dir.path()).unwrap();
+    assert_eq!(engine.stream_info(&stream()).await.unwrap().state.messages, 1);
+    assert_eq!(pending_through_index(&engine, "all", "j.x", DeliverPolicy::All).await, 1);
+    engine.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_index_batch_that_removed_is_repaired() {
     // One message per subject (`max_msgs_per_subject = 1`): the third
     // publish, on `j.a` again, stores seq 3 and removes seq 2 with its
