@@ -1,7 +1,17 @@
 //! A 3-node (or n-node) JetStream cluster on loopback.
 //!
 //! Every node gets its own temporary directory, client, monitoring and route
-//! ports, and routes to all the others. The cluster is ready when every node
+//! ports. Nodes start one after the other, each ready before the next, and
+//! each is configured with routes to the nodes started before it (and to
+//! itself, which nats-server drops, because a JetStream cluster node must
+//! have a configured route): a route
+//! dialed before its target listens fails, nats-server dials it again a
+//! second later, and by then the target has connected the other way, so
+//! the second dial opens duplicate route connections that are closed again
+//! — churn that once cost a KV put its reply (an at-most-once request lost
+//! in flight) well after the cluster looked ready. Configured routes are
+//! redialed for ever, so a restarted node is dialed again by the nodes
+//! started after it and dials those started before it. The cluster is ready when every node
 //! is ready on its own (see [`super::NatsServer::wait_ready`]) and every
 //! node's full `/healthz` answers 200 (the node sees a JetStream meta
 //! leader), the meta leader's `/jsz` lists every other node as a current
@@ -128,7 +138,7 @@ impl NatsCluster {
     async fn try_start(size: usize, template: &NatsServerBuilder) -> Result<NatsCluster> {
         let ports = free_ports(3 * size)?;
         let route_ports: Vec<u16> = ports[2 * size..].to_vec();
-        let mut nodes = Vec::with_capacity(size);
+        let mut nodes: Vec<NatsServer> = Vec::with_capacity(size);
         for i in 0..size {
             let node = template
                 .clone()
@@ -137,14 +147,13 @@ impl NatsCluster {
                 .cluster(ClusterSpec {
                     name: "finmesh".into(),
                     port: route_ports[i],
-                    routes: route_ports.clone(),
+                    routes: route_ports[..=i].to_vec(),
                     advertise: None,
                 })
                 .spawn()
                 .await?;
             nodes.push(node);
-        }
-        for i in 0..size {
+            // Listening before the next node dials it (see the module doc).
             if let Err(e) = nodes[i].wait_ready().await {
                 return Err(sibling_exit(nodes.iter_mut(), e));
             }
@@ -183,33 +192,33 @@ impl NatsCluster {
         // The fast nodes first, routed to each other, so that none is new
         // (and gossiped at its real URL) when the slow node joins.
         let mut nodes: Vec<Option<NatsServer>> = (0..size).map(|_| None).collect();
-        let fast_routes: Vec<u16> = fast.iter().map(|&i| route_ports[i]).collect();
-        for &i in &fast {
-            nodes[i] = Some(node(i, spec(i, fast_routes.clone(), None)).await?);
+        // Each routed to the fast nodes before it (and itself), and ready
+        // before the next starts (see the module doc).
+        for (k, &i) in fast.iter().enumerate() {
+            let earlier = fast[..=k].iter().map(|&j| route_ports[j]).collect();
+            let mut n = node(i, spec(i, earlier, None)).await?;
+            if let Err(e) = n.wait_ready().await {
+                let started = nodes.iter_mut().flatten().chain(std::iter::once(&mut n));
+                return Err(sibling_exit(started, e));
+            }
+            nodes[i] = Some(n);
         }
         let fast_names: Vec<String> = fast.iter().map(|i| format!("n{}", i + 1)).collect();
         let deadline = Instant::now() + template.startup_timeout;
         for &i in &fast {
             let Some(n) = nodes[i].as_mut() else { continue };
             let others: Vec<String> = fast_names.iter().filter(|&m| *m != format!("n{}", i + 1)).cloned().collect();
-            let res = match n.wait_ready().await {
-                Ok(()) => {
-                    let saved =
-                        std::mem::replace(&mut n.startup_timeout, deadline.saturating_duration_since(Instant::now()));
-                    let res = n
-                        .wait_until(|port| {
-                            let others = others.clone();
-                            async move {
-                                let names = route_names(port).await.unwrap_or_default();
-                                others.iter().all(|o| names.contains(o))
-                            }
-                        })
-                        .await;
-                    n.startup_timeout = saved;
-                    res
-                }
-                Err(e) => Err(e),
-            };
+            let saved = std::mem::replace(&mut n.startup_timeout, deadline.saturating_duration_since(Instant::now()));
+            let res = n
+                .wait_until(|port| {
+                    let others = others.clone();
+                    async move {
+                        let names = route_names(port).await.unwrap_or_default();
+                        others.iter().all(|o| names.contains(o))
+                    }
+                })
+                .await;
+            n.startup_timeout = saved;
             if let Err(e) = res {
                 return Err(sibling_exit(nodes.iter_mut().flatten(), e));
             }

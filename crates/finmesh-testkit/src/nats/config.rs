@@ -25,7 +25,10 @@ pub struct ClusterSpec {
     pub name: String,
     /// This node's route port.
     pub port: u16,
-    /// Route ports of the other nodes (this node's own port is skipped if listed).
+    /// Route ports this node dials. Its own may be listed: nats-server
+    /// notices a route to itself and drops it, and a JetStream cluster node
+    /// needs at least one configured route, so a cluster's first node lists
+    /// only itself.
     pub routes: Vec<u16>,
     /// Route port announced to the other nodes (`advertise`), which dial it
     /// when they learn of this node through gossip; `None`: the real port.
@@ -100,8 +103,7 @@ impl NatsConfig {
             if let Some(p) = c.advertise {
                 let _ = writeln!(s, "  advertise: \"127.0.0.1:{p}\"");
             }
-            let routes: Vec<String> =
-                c.routes.iter().filter(|&&p| p != c.port).map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
+            let routes: Vec<String> = c.routes.iter().map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
             let _ = writeln!(s, "  routes: [{}]", routes.join(", "));
             let _ = writeln!(s, "}}");
         }
@@ -164,7 +166,12 @@ mod tests {
         c.leafnode_port = Some(7422);
         let text = c.render();
         assert!(text.contains("  domain: \"hub\"\n  sync_interval: always\n}"), "{text}");
-        assert!(text.contains("routes: [\"nats-route://127.0.0.1:6001\", \"nats-route://127.0.0.1:6003\"]"), "{text}");
+        assert!(
+            text.contains(
+                "routes: [\"nats-route://127.0.0.1:6001\", \"nats-route://127.0.0.1:6002\", \"nats-route://127.0.0.1:6003\"]"
+            ),
+            "{text}"
+        );
         assert!(!text.contains("  advertise:"), "{text}");
         assert!(text.contains("leafnodes {\n  listen: \"127.0.0.1:7422\"\n  no_advertise: true\n}"), "{text}");
 
