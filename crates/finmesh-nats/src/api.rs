@@ -259,7 +259,12 @@ struct NextRequest {
 pub(crate) enum PullEnd {
     /// Batch filled, expired, or nothing (more) available.
     Done,
-    /// The consumer or stream is gone, or no server answered.
+    /// "No responders": no server took the request. Right after a consumer
+    /// was created in a cluster this is a moment in which its server's
+    /// interest has not reached the client's server over the routes yet;
+    /// later it means the consumer is gone.
+    Unrouted,
+    /// The server ended the pull because the consumer was deleted.
     Gone,
 }
 
@@ -302,7 +307,7 @@ pub(crate) async fn pull(
             match status {
                 StatusCode::IDLE_HEARTBEAT => continue,
                 StatusCode::NOT_FOUND | StatusCode::TIMEOUT => return Ok(PullEnd::Done),
-                StatusCode::NO_RESPONDERS => return Ok(PullEnd::Gone),
+                StatusCode::NO_RESPONDERS => return Ok(PullEnd::Unrouted),
                 StatusCode::REQUEST_TERMINATED => {
                     let d = msg.description.unwrap_or_default().to_ascii_lowercase();
                     if d.contains("deleted") {

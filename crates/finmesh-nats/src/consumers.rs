@@ -238,7 +238,7 @@ impl Inner {
                     .await?;
                 }
             }
-            if matches!(end, PullEnd::Gone) && pulled.is_empty() && out.is_empty() {
+            if matches!(end, PullEnd::Gone | PullEnd::Unrouted) && pulled.is_empty() && out.is_empty() {
                 self.consumer_info(stream, c).await?;
             }
             let got_any = !pulled.is_empty();

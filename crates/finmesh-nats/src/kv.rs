@@ -38,7 +38,7 @@
 use bytes::Bytes;
 use finmesh_core::{
     BucketConfig, BucketInfo, BucketName, Error, ErrorKind, Headers, Key, KvEntry, KvOp, Message, OutgoingMessage,
-    Result, Revision, Subject,
+    Result, Revision, Seq, Subject, SubjectPattern,
 };
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -403,13 +403,16 @@ impl Inner {
         self.kv_write(b, k, Bytes::new(), h).await
     }
 
+    /// Keys whose latest entry is a put, read as the last entry per key
+    /// (through [`Inner::last_per_subject_checked`], so a lagging replica
+    /// is brought up to date by the leader on a replicated bucket).
     pub(crate) async fn kv_keys(&self, b: &BucketName, prefix: &str) -> Result<Vec<Key>> {
-        self.bucket_limit(b).await?;
+        let meta = self.bucket_meta(b).await?;
         let sp = subject_prefix(b);
-        let cfg =
-            json!({ "deliver_policy": "last_per_subject", "filter_subject": format!("{sp}>"), "headers_only": true });
+        let filter = SubjectPattern::new(format!("{sp}>"))?;
+        let cfg = json!({ "headers_only": true });
         let mut keys = Vec::new();
-        for m in self.snapshot(&stream_name(b), cfg, usize::MAX).await? {
+        for m in self.last_per_subject_checked(&stream_name(b), meta.replicas > 1, &filter, cfg).await? {
             let e = entry_from(&sp, m)?;
             if e.op == KvOp::Put && e.key.as_str().starts_with(prefix) {
                 keys.push(e.key);
@@ -419,11 +422,86 @@ impl Inner {
         Ok(keys)
     }
 
+    /// Every entry the bucket keeps for a key, oldest first. On a
+    /// replicated bucket the consumer's replica may lag, so the entries the
+    /// leader has after its newest are read from the leader
+    /// ([`Inner::read_after`]) and appended; the leader has then applied
+    /// what the replica had not yet: a purge removed every entry before it,
+    /// and the bucket's `history` keeps only the newest entries.
     pub(crate) async fn kv_history(&self, b: &BucketName, k: &Key) -> Result<Vec<KvEntry>> {
-        self.bucket_limit(b).await?;
+        let meta = self.bucket_meta(b).await?;
         let subject = key_subject(b, k)?;
+        let stream = stream_name(b);
         let cfg = json!({ "deliver_policy": "all", "filter_subject": subject.as_str() });
+        let mut msgs = self.snapshot(&stream, cfg, usize::MAX).await?;
+        let newest = msgs.last().map_or(Seq(0), |m| m.seq);
+        let newer = if meta.replicas > 1 {
+            self.read_after(&stream, newest, &SubjectPattern::new(subject.as_str())?).await?
+        } else {
+            Vec::new()
+        };
+        let caught_up = !newer.is_empty();
+        msgs.extend(newer);
         let sp = subject_prefix(b);
-        self.snapshot(&stream_name(b), cfg, usize::MAX).await?.into_iter().map(|m| entry_from(&sp, m)).collect()
+        let entries = msgs.into_iter().map(|m| entry_from(&sp, m)).collect::<Result<Vec<_>>>()?;
+        if !caught_up {
+            return Ok(entries);
+        }
+        // The history setting as the bucket has it now (rare path: one more
+        // request rather than trusting a cached config).
+        let history = self.bucket_info(b).await?.config.history;
+        Ok(as_the_leader_keeps(entries, history))
+    }
+}
+
+/// A key's entries (oldest first; a lagging replica's followed by the
+/// leader's newer ones) as the leader keeps them: nothing before the last
+/// purge (its rollup removed it), and only the newest `history`.
+fn as_the_leader_keeps(mut entries: Vec<KvEntry>, history: u8) -> Vec<KvEntry> {
+    if let Some(purge) = entries.iter().rposition(|e| e.op == KvOp::Purge) {
+        entries.drain(..purge);
+    }
+    entries.drain(..entries.len().saturating_sub(usize::from(history)));
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(revision: u64, op: KvOp) -> KvEntry {
+        KvEntry {
+            key: Key::new("k").unwrap(),
+            value: Bytes::new(),
+            revision: Revision(revision),
+            created: finmesh_core::Timestamp(0),
+            op,
+        }
+    }
+
+    fn revisions(entries: &[KvEntry]) -> Vec<u64> {
+        entries.iter().map(|e| e.revision.0).collect()
+    }
+
+    #[test]
+    fn a_caught_up_history_drops_what_a_purge_removed_and_keeps_the_newest() {
+        let put = |r| entry(r, KvOp::Put);
+        // Four from the replica and two newer from the leader, history 5.
+        let kept = as_the_leader_keeps((1..=6).map(put).collect(), 5);
+        assert_eq!(revisions(&kept), vec![2, 3, 4, 5, 6]);
+        // A purge among the newer ones: only it and what follows.
+        let mut entries: Vec<KvEntry> = (1..=3).map(put).collect();
+        entries.push(entry(4, KvOp::Purge));
+        entries.push(put(5));
+        assert_eq!(revisions(&as_the_leader_keeps(entries, 5)), vec![4, 5]);
+        // Deletes are entries like puts.
+        let entries = vec![put(1), entry(2, KvOp::Delete), put(3)];
+        assert_eq!(revisions(&as_the_leader_keeps(entries, 2)), vec![2, 3]);
+    }
+
+    #[test]
+    fn as_the_leader_keeps_leaves_a_short_history_alone() {
+        let entries = vec![entry(7, KvOp::Put), entry(9, KvOp::Delete)];
+        assert_eq!(revisions(&as_the_leader_keeps(entries, 64)), vec![7, 9]);
     }
 }

@@ -6,12 +6,26 @@
 //! messages match (`num_pending`), so the read asks for exactly
 //! `min(limit, num_pending)` messages with `no_wait` and never waits for
 //! messages that are not there.
+//!
+//! In a cluster NATS may put the consumer on another server than the
+//! client's, and the create reply can arrive before that server's interest
+//! in the consumer's pull subject has reached the client's server: a pull
+//! sent then is answered "no responders". That is not the end of the data:
+//! the pull is repeated (backoff 2 ms doubling to 50 ms) for up to the
+//! request timeout, then the read fails with `Unavailable`. A read never
+//! returns fewer messages than it counted because a pull was not routed.
 
-use finmesh_core::{Message, Result};
+use std::time::{Duration, Instant};
+
+use finmesh_core::{Error, Message, Result};
 use serde_json::{Value, json};
 
 use crate::Inner;
-use crate::api;
+use crate::api::{self, PullEnd};
+
+/// Backoff between pulls the server answered with "no responders".
+const FIRST_BACKOFF: Duration = Duration::from_millis(2);
+const MAX_BACKOFF: Duration = Duration::from_millis(50);
 
 #[derive(serde::Deserialize)]
 struct Created {
@@ -34,11 +48,31 @@ impl Inner {
         let want = (created.num_pending.min(usize::MAX as u64) as usize).min(limit);
         let mut pulled = Vec::with_capacity(want.min(10_000));
         let mut result = Ok(());
+        let started = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
         while pulled.len() < want {
             let before = pulled.len();
             match api::pull(&self.client, &self.prefix, stream, &created.name, want - before, None, &mut pulled).await {
-                Ok(api::PullEnd::Done) if pulled.len() > before => {}
-                Ok(_) => break,
+                Ok(PullEnd::Done) if pulled.len() > before => {}
+                // Fewer than counted: removed meanwhile (limits, a purge).
+                Ok(PullEnd::Done) => break,
+                Ok(PullEnd::Unrouted) if started.elapsed() < self.options.request_timeout => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Ok(PullEnd::Unrouted) => {
+                    result = Err(Error::unavailable(format!(
+                        "read stream `{stream}`: no server answered for its reading consumer within {:?}",
+                        self.options.request_timeout
+                    )));
+                    break;
+                }
+                Ok(PullEnd::Gone) => {
+                    result = Err(Error::unavailable(format!(
+                        "read stream `{stream}`: its reading consumer was deleted during the read"
+                    )));
+                    break;
+                }
                 Err(e) => {
                     result = Err(e);
                     break;

@@ -19,6 +19,7 @@
 use std::sync::Arc;
 
 use async_nats::jetstream::stream::Info;
+use finmesh_core::engine::MAX_READ_LIMIT;
 use finmesh_core::{
     Error, ErrorKind, Message, ReadRequest, ReadStart, Result, Seq, StreamConfig, StreamInfo, StreamName, StreamState,
     Subject, SubjectPattern,
@@ -274,31 +275,42 @@ impl Inner {
     }
 
     /// A range of messages, read through an ephemeral consumer (see
-    /// `snapshot.rs`). On a replicated stream NATS puts that consumer on a
-    /// replica of its choosing, which may still be catching up (after a
-    /// restart, say) and then answers with an older prefix of the stream.
-    /// A full answer is right anyway (a replica's log is a prefix of the
-    /// leader's); a short one is checked with the leader (`STREAM.MSG.GET`
-    /// of the next matching message), and when the leader has one, that
-    /// message is taken from it and the rest read again. So a read sees
-    /// every message stored before it began, like on a single server.
+    /// `snapshot.rs`); see [`Inner::read_checked`].
     pub(crate) async fn read(&self, stream: &StreamName, request: ReadRequest) -> Result<Vec<Message>> {
         let meta = self.stream_meta(stream).await?;
-        let limit = request.limit.min(finmesh_core::engine::MAX_READ_LIMIT);
+        self.read_checked(stream.as_str(), meta.replicated, &request).await
+    }
+
+    /// A range of messages of JetStream stream `stream`. On a replicated
+    /// stream NATS puts the reading consumer on a replica of its choosing,
+    /// which may still be catching up (after a restart, say) and then
+    /// answers with an older prefix of the stream. A full answer is right
+    /// anyway (a replica's log is a prefix of the leader's); a short one is
+    /// checked with the leader (`STREAM.MSG.GET` of the next matching
+    /// message), and when the leader has one, that message is taken from it
+    /// and the rest read again. So a read sees every message stored before
+    /// it began, like on a single server.
+    pub(crate) async fn read_checked(
+        &self,
+        stream: &str,
+        replicated: bool,
+        request: &ReadRequest,
+    ) -> Result<Vec<Message>> {
+        let limit = request.limit.min(MAX_READ_LIMIT);
         if limit == 0 || request.end.is_some_and(|e| e.0 == 0) {
             return Ok(Vec::new());
         }
         let in_range = |m: &Message| request.end.is_none_or(|end| m.seq <= end);
         let mut msgs = self.read_range(stream, request.start, request.filter.as_ref(), limit).await?;
         msgs.retain(in_range);
-        while meta.replicated && msgs.len() < limit {
+        while replicated && msgs.len() < limit {
             let filter = request.filter.as_ref().map_or(">", |f| f.as_str());
             let next = match (msgs.last(), request.start) {
                 (Some(m), _) => json!({ "seq": m.seq.0 + 1, "next_by_subj": filter }),
                 (None, ReadStart::Seq(s)) => json!({ "seq": s.0.max(1), "next_by_subj": filter }),
                 (None, ReadStart::Time(t)) => json!({ "start_time": rfc3339(t)?, "next_by_subj": filter }),
             };
-            let Some(m) = self.msg_get(stream.as_str(), &next).await? else { break };
+            let Some(m) = self.msg_get(stream, &next).await? else { break };
             if !in_range(&m) {
                 break;
             }
@@ -315,7 +327,7 @@ impl Inner {
     /// snapshot consumer's replica has them.
     async fn read_range(
         &self,
-        stream: &StreamName,
+        stream: &str,
         start: ReadStart,
         filter: Option<&SubjectPattern>,
         limit: usize,
@@ -338,7 +350,51 @@ impl Inner {
         if let Some(f) = filter {
             cfg["filter_subject"] = json!(f.as_str());
         }
-        self.snapshot(stream.as_str(), cfg, limit).await
+        self.snapshot(stream, cfg, limit).await
+    }
+
+    /// Every message matching `filter` stored after `after`, as the
+    /// replicated stream's leader has them, in order: one leader request
+    /// when there is none (the usual answer), else a read from the first.
+    pub(crate) async fn read_after(&self, stream: &str, after: Seq, filter: &SubjectPattern) -> Result<Vec<Message>> {
+        let next = json!({ "seq": after.0 + 1, "next_by_subj": filter.as_str() });
+        let Some(first) = self.msg_get(stream, &next).await? else { return Ok(Vec::new()) };
+        let mut out = vec![first];
+        loop {
+            let from = out.last().map_or(after, |m| m.seq);
+            let request = ReadRequest::from_seq(Seq(from.0 + 1), MAX_READ_LIMIT).filter(filter.clone());
+            let page = self.read_checked(stream, true, &request).await?;
+            let full = page.len() == MAX_READ_LIMIT;
+            out.extend(page);
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The last message per subject matching `filter`, read through an
+    /// ephemeral consumer. On a replicated stream its replica may lag: its
+    /// answer is a last-per-subject view of an older prefix, so every
+    /// matching message the leader has after the newest of them
+    /// ([`Inner::read_after`]) is folded in. (A message on the lagging
+    /// replica after that newest one cannot match, or it would have been
+    /// the last of its subject.)
+    pub(crate) async fn last_per_subject_checked(
+        &self,
+        stream: &str,
+        replicated: bool,
+        filter: &SubjectPattern,
+        mut cfg: Value,
+    ) -> Result<Vec<Message>> {
+        cfg["deliver_policy"] = json!("last_per_subject");
+        cfg["filter_subject"] = json!(filter.as_str());
+        let last = self.snapshot(stream, cfg, usize::MAX).await?;
+        if !replicated {
+            return Ok(last);
+        }
+        let newest = last.iter().map(|m| m.seq).max().unwrap_or(Seq(0));
+        let newer = self.read_after(stream, newest, filter).await?;
+        Ok(fold_last_per_subject(last, newer))
     }
 
     pub(crate) async fn last_per_subject(
@@ -346,13 +402,24 @@ impl Inner {
         stream: &StreamName,
         filter: Option<&SubjectPattern>,
     ) -> Result<Vec<Message>> {
-        self.stream_meta(stream).await?;
-        let cfg = json!({
-            "deliver_policy": "last_per_subject",
-            "filter_subject": filter.map_or(">", |f| f.as_str()),
-        });
-        self.snapshot(stream.as_str(), cfg, usize::MAX).await
+        let meta = self.stream_meta(stream).await?;
+        let all = SubjectPattern::new(">")?;
+        self.last_per_subject_checked(stream.as_str(), meta.replicated, filter.unwrap_or(&all), json!({})).await
     }
+}
+
+/// `last` (one message per subject, in sequence order) updated by `newer`
+/// (later messages, in sequence order): the last message of each subject,
+/// in sequence order.
+fn fold_last_per_subject(last: Vec<Message>, newer: Vec<Message>) -> Vec<Message> {
+    if newer.is_empty() {
+        return last;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<Message> =
+        last.into_iter().chain(newer).rev().filter(|m| seen.insert(m.subject.clone())).collect();
+    out.reverse();
+    out
 }
 
 /// RFC 3339 with nanoseconds, as NATS expects times.
@@ -360,4 +427,29 @@ pub(crate) fn rfc3339(t: finmesh_core::Timestamp) -> Result<String> {
     api::datetime(t)
         .format(&time::format_description::well_known::Rfc3339)
         .map_err(|e| Error::internal(format!("format a time: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(seq: u64, subject: &str) -> Message {
+        Message {
+            seq: Seq(seq),
+            subject: Subject::new(subject).unwrap(),
+            headers: Default::default(),
+            payload: bytes::Bytes::new(),
+            time: finmesh_core::Timestamp(0),
+        }
+    }
+
+    #[test]
+    fn newer_messages_replace_their_subjects_entry_in_sequence_order() {
+        let last = vec![msg(2, "a"), msg(5, "b"), msg(7, "c")];
+        let newer = vec![msg(8, "a"), msg(9, "d"), msg(10, "a")];
+        let got: Vec<(u64, String)> =
+            fold_last_per_subject(last, newer).into_iter().map(|m| (m.seq.0, m.subject.to_string())).collect();
+        assert_eq!(got, vec![(5, "b".into()), (7, "c".into()), (9, "d".into()), (10, "a".into())]);
+        assert_eq!(fold_last_per_subject(vec![msg(1, "a")], Vec::new()).len(), 1);
+    }
 }

@@ -15,8 +15,9 @@
 //!   behind, so this one alone does not prove much);
 //! - the same through a replica that really lags (a node whose routes pass
 //!   delay proxies with jitter): reads must never return a revision older
-//!   than the one just written, and stream range reads right after an ack
-//!   must include it.
+//!   than the one just written, KV keys and history must include it, and
+//!   stream range and last-per-subject reads right after an ack must
+//!   include it.
 //!
 //! No fixed sleeps: every wait polls a condition with a deadline.
 
@@ -27,8 +28,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use finmesh_core::{
-    BucketConfig, BucketName, ErrorKind, Key, KvEngine, Message, OutgoingMessage, ReadRequest, Seq, StreamConfig,
-    StreamEngine, StreamName, Subject, SubjectPattern,
+    BucketConfig, BucketName, ConsumerConfig, ConsumerEngine, ConsumerName, ErrorKind, FetchRequest, Key, KvEngine,
+    KvOp, Message, OutgoingMessage, ReadRequest, Revision, Seq, StreamConfig, StreamEngine, StreamName, Subject,
+    SubjectPattern,
 };
 use finmesh_nats::{NatsEngine, NatsEngineOptions};
 use finmesh_testkit::probe::jsz_last_seq;
@@ -414,6 +416,9 @@ async fn r3_kv_reads_through_a_follower_see_their_own_writes() {
 /// replica test, and its jitter; see that test for why both.
 const SLOW_DELAY: Duration = Duration::from_millis(25);
 const SLOW_JITTER: Duration = Duration::from_millis(20);
+/// History of the lagging-replica test's bucket: fewer than the puts per
+/// key, so the leader has dropped revisions a lagging replica still holds.
+const HISTORY: u8 = 5;
 
 /// The revision a plain direct get on `client`'s
 /// server returns for the key's latest entry; `None` if the key is absent
@@ -453,7 +458,10 @@ async fn r3_kv_reads_through_a_lagging_replica_see_their_own_writes() {
     }
     let admin = engine_on(vec![cluster.urls()[0].clone()]).await;
     let bucket = BucketName::new("limits").unwrap();
-    admin.create_bucket(BucketConfig { replicas: 3, ..BucketConfig::new(bucket.clone()) }).await.unwrap();
+    admin
+        .create_bucket(BucketConfig { replicas: 3, history: HISTORY, ..BucketConfig::new(bucket.clone()) })
+        .await
+        .unwrap();
     let leader = cluster
         .lead_elsewhere(admin.client(), "KV_limits", SLOW, DEADLINE)
         .await
@@ -484,12 +492,28 @@ async fn r3_kv_reads_through_a_lagging_replica_see_their_own_writes() {
         assert_eq!((&got.value, got.revision), (&value, rev), "round {i}: get after put");
         let at = engine.kv_get_revision(&bucket, &key, rev).await.unwrap().expect("the revision just written");
         assert_eq!(at.value, value, "round {i}: get of the revision just written");
+        // Keys and history read through a consumer on any replica.
+        let keys = engine.kv_keys(&bucket, "").await.unwrap();
+        assert_eq!(keys.len() as u32, (i + 1).min(3), "round {i}: keys {keys:?}");
+        let history = engine.kv_history(&bucket, &key).await.unwrap();
+        let revs: Vec<Revision> = history.iter().map(|e| e.revision).collect();
+        assert_eq!(revs.last(), Some(&rev), "round {i}: history of {key}");
+        assert_eq!(history.len() as u32, (i / 3 + 1).min(HISTORY.into()), "round {i}: history of {key}: {revs:?}");
     }
     // Deletes are writes too: the key reads as gone at once.
     let key = Key::new("card0").unwrap();
     let del = engine.kv_delete(&bucket, &key).await.unwrap();
     let raw_after_delete = raw_direct_last_rev(&raw, "limits", key.as_str()).await;
     assert_eq!(engine.kv_get(&bucket, &key).await.unwrap(), None, "get after delete");
+    assert!(!engine.kv_keys(&bucket, "").await.unwrap().contains(&key), "keys after delete");
+    let history = engine.kv_history(&bucket, &key).await.unwrap();
+    assert_eq!(history.last().map(|e| (e.op, e.revision)), Some((KvOp::Delete, del)), "history after delete");
+    // A purge leaves only its marker.
+    let key = Key::new("card1").unwrap();
+    let purge = engine.kv_purge(&bucket, &key).await.unwrap();
+    let history = engine.kv_history(&bucket, &key).await.unwrap();
+    let got: Vec<(KvOp, Revision)> = history.iter().map(|e| (e.op, e.revision)).collect();
+    assert_eq!(got, vec![(KvOp::Purge, purge)], "history after purge");
     eprintln!(
         "leader n{}; {rounds} put-then-get rounds through slow n3 in {:?}; n3's store was behind the ack \
          {behind}/{rounds} times, a plain direct get through n3 right after the put was stale {stale_raw}/{rounds} \
@@ -533,10 +557,53 @@ async fn r3_stream_reads_through_a_lagging_replica_see_every_acked_message() {
         let mine = engine.read(&stream, filtered).await.unwrap();
         assert_eq!(mine.last().map(|m| m.seq), Some(ack.seq), "round {i}: filtered read");
         assert_eq!(mine.len() as u64, i / 3 + 1, "round {i}: filtered read");
+        // The last message per subject: this one for its subject, the
+        // previous rounds' for the other two.
+        let last: Vec<u64> = engine.last_per_subject(&stream, None).await.unwrap().iter().map(|m| m.seq.0).collect();
+        assert_eq!(last, (i.saturating_sub(2) + 1..=i + 1).collect::<Vec<_>>(), "round {i}: last per subject");
     }
     // A bounded range still ends at its end.
     let mut bounded = ReadRequest::from_seq(Seq(5), 1_000);
     bounded.end = Some(Seq(9));
     let got: Vec<u64> = engine.read(&stream, bounded).await.unwrap().iter().map(|m| m.seq.0).collect();
     assert_eq!(got, (5..=9).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_through_a_consumer_on_another_server_return_every_message() {
+    // A read's consumer lives where NATS puts it (for an R1 stream: on the
+    // stream's server), and its create reply can reach the client before
+    // that server's interest in the consumer's pull subject does. Across
+    // the jittery slow node's links that window is wide: each round's R1
+    // stream is read by a client on the other side of a slow link (on n1
+    // if the stream is on the slow n3, else on n3). A pull sent into the
+    // window gets "no responders"; the reads must not come back short.
+    const SLOW: usize = 2;
+    let cluster = NatsCluster::start_with_slow_node(3, SLOW, SLOW_DELAY).await.expect("start a cluster with a slow n3");
+    for link in cluster.slow_links() {
+        link.set_jitter(SLOW_JITTER);
+    }
+    let fast_client = engine_on(vec![cluster.urls()[0].clone()]).await;
+    let slow_client = engine_on(vec![cluster.urls()[SLOW].clone()]).await;
+    for round in 0..12 {
+        let stream = StreamName::new(format!("R1_{round}")).unwrap();
+        let pattern = SubjectPattern::new(format!("r1.{round}.>")).unwrap();
+        fast_client.create_stream(StreamConfig::new(stream.clone(), vec![pattern])).await.unwrap();
+        let on_slow = leader_of(&cluster, fast_client.client(), stream.as_str()).await == SLOW;
+        let engine = if on_slow { &fast_client } else { &slow_client };
+        for i in 0..3 {
+            let subject = Subject::new(format!("r1.{round}.{i}")).unwrap();
+            engine.publish(&stream, OutgoingMessage::new(subject, Bytes::from(format!("m{i}")))).await.unwrap();
+        }
+        let all = engine.read(&stream, ReadRequest::from_seq(Seq(1), 100)).await.unwrap();
+        assert_eq!(all.len(), 3, "round {round} (stream on the slow node: {on_slow}): range read");
+        let last = engine.last_per_subject(&stream, None).await.unwrap();
+        assert_eq!(last.len(), 3, "round {round} (stream on the slow node: {on_slow}): last per subject");
+        let consumer = ConsumerName::new("c").unwrap();
+        engine.create_consumer(&stream, ConsumerConfig::new(consumer.clone())).await.unwrap();
+        // (A durable consumer's fetch asks for the consumer's info first,
+        // which gives its interest the time to arrive.)
+        let fetched = engine.fetch(&stream, &consumer, FetchRequest { max: 10, wait: DEADLINE }).await.unwrap();
+        assert_eq!(fetched.len(), 3, "round {round} (stream on the slow node: {on_slow}): fetch from a new consumer");
+    }
 }
