@@ -416,6 +416,19 @@ async fn r3_kv_reads_through_a_follower_see_their_own_writes() {
 /// replica test, and its jitter; see that test for why both.
 const SLOW_DELAY: Duration = Duration::from_millis(25);
 const SLOW_JITTER: Duration = Duration::from_millis(20);
+/// The lagging node of [`lagging_cluster`].
+const SLOW: usize = 2;
+
+/// A 3-node cluster whose n3 routes only through delay proxies with
+/// jitter (see `r3_kv_reads_through_a_lagging_replica_see_their_own_writes`).
+async fn lagging_cluster() -> NatsCluster {
+    let cluster = NatsCluster::start_with_slow_node(3, SLOW, SLOW_DELAY).await.expect("start a cluster with a slow n3");
+    for link in cluster.slow_links() {
+        link.set_jitter(SLOW_JITTER);
+    }
+    cluster
+}
+
 /// History of the lagging-replica test's bucket: fewer than the puts per
 /// key, so the leader has dropped revisions a lagging replica still holds.
 const HISTORY: u8 = 5;
@@ -451,11 +464,7 @@ async fn raw_direct_last_rev(client: &async_nats::Client, bucket: &str, key: &st
 async fn r3_kv_reads_through_a_lagging_replica_see_their_own_writes() {
     // n3's routes all pass delay proxies: its replica of the bucket applies
     // writes up to SLOW_DELAY + SLOW_JITTER after n1 and n2 (the quorum).
-    const SLOW: usize = 2;
-    let cluster = NatsCluster::start_with_slow_node(3, SLOW, SLOW_DELAY).await.expect("start a cluster with a slow n3");
-    for link in cluster.slow_links() {
-        link.set_jitter(SLOW_JITTER);
-    }
+    let cluster = lagging_cluster().await;
     let admin = engine_on(vec![cluster.urls()[0].clone()]).await;
     let bucket = BucketName::new("limits").unwrap();
     admin
@@ -532,11 +541,7 @@ async fn r3_stream_reads_through_a_lagging_replica_see_every_acked_message() {
     // As above: n3's replica applies writes up to SLOW_DELAY + SLOW_JITTER
     // late. A read goes through an ephemeral consumer that NATS places on
     // any replica, n3 included.
-    const SLOW: usize = 2;
-    let cluster = NatsCluster::start_with_slow_node(3, SLOW, SLOW_DELAY).await.expect("start a cluster with a slow n3");
-    for link in cluster.slow_links() {
-        link.set_jitter(SLOW_JITTER);
-    }
+    let cluster = lagging_cluster().await;
     let engine = engine_on(vec![cluster.urls()[0].clone()]).await;
     let stream = r3_stream(&engine, "LEDGER").await;
     cluster.lead_elsewhere(engine.client(), "LEDGER", SLOW, DEADLINE).await.expect("a leader other than the slow node");
@@ -578,11 +583,7 @@ async fn reads_through_a_consumer_on_another_server_return_every_message() {
     // stream is read by a client on the other side of a slow link (on n1
     // if the stream is on the slow n3, else on n3). A pull sent into the
     // window gets "no responders"; the reads must not come back short.
-    const SLOW: usize = 2;
-    let cluster = NatsCluster::start_with_slow_node(3, SLOW, SLOW_DELAY).await.expect("start a cluster with a slow n3");
-    for link in cluster.slow_links() {
-        link.set_jitter(SLOW_JITTER);
-    }
+    let cluster = lagging_cluster().await;
     let fast_client = engine_on(vec![cluster.urls()[0].clone()]).await;
     let slow_client = engine_on(vec![cluster.urls()[SLOW].clone()]).await;
     for round in 0..12 {
