@@ -26,12 +26,18 @@ fn payload(i: u64) -> Bytes {
     Bytes::from(format!("message-{i:04}-").repeat(8))
 }
 
+/// The test stream on `j.>`, `sync = always`, with an optional per-subject limit.
+async fn create_stream(engine: &EmbeddedEngine, max_msgs_per_subject: Option<u64>) {
+    let mut config = StreamConfig::new(stream(), vec![SubjectPattern::new("j.>").unwrap()]);
+    config.sync = SyncPolicy::Always;
+    config.max_msgs_per_subject = max_msgs_per_subject;
+    engine.create_stream(config).await.unwrap();
+}
+
 /// Publish `MESSAGES` messages one by one and close; return the newest journal.
 async fn write_and_close(dir: &Path) -> PathBuf {
     let engine = EmbeddedEngine::open(dir).unwrap();
-    let mut config = StreamConfig::new(stream(), vec![SubjectPattern::new("j.>").unwrap()]);
-    config.sync = SyncPolicy::Always;
-    engine.create_stream(config).await.unwrap();
+    create_stream(&engine, None).await;
     for i in 1..=MESSAGES {
         let ack = engine.publish(&stream(), OutgoingMessage::new(Subject::new("j.x").unwrap(), payload(i))).await;
         assert_eq!(ack.unwrap().seq, Seq(i));
@@ -133,9 +139,7 @@ async fn a_lost_first_index_batch_is_rebuilt() {
     // its first group commit left 16 messages and an empty index.)
     let dir = tempfile::tempdir().unwrap();
     let engine = EmbeddedEngine::open(dir.path()).unwrap();
-    let mut config = StreamConfig::new(stream(), vec![SubjectPattern::new("j.>").unwrap()]);
-    config.sync = SyncPolicy::Always;
-    engine.create_stream(config).await.unwrap();
+    create_stream(&engine, None).await;
     let ack = engine.publish(&stream(), OutgoingMessage::new(Subject::new("j.x").unwrap(), payload(1))).await;
     assert_eq!(ack.unwrap().seq, Seq(1));
     engine.close().await.unwrap();
@@ -154,10 +158,7 @@ async fn a_lost_index_batch_that_removed_is_repaired() {
     // index entry.
     let dir = tempfile::tempdir().unwrap();
     let engine = EmbeddedEngine::open(dir.path()).unwrap();
-    let mut config = StreamConfig::new(stream(), vec![SubjectPattern::new("j.>").unwrap()]);
-    config.sync = SyncPolicy::Always;
-    config.max_msgs_per_subject = Some(1);
-    engine.create_stream(config).await.unwrap();
+    create_stream(&engine, Some(1)).await;
     for (i, subject) in [(1, "j.b"), (2, "j.a"), (3, "j.a")] {
         let ack = engine.publish(&stream(), OutgoingMessage::new(Subject::new(subject).unwrap(), payload(i))).await;
         assert_eq!(ack.unwrap().seq, Seq(i));
