@@ -10,11 +10,13 @@
 //! ```
 //!
 //! Invariants:
-//! - `payload` is inline exactly when the bytes are valid JSON; otherwise it
-//!   is a base64 (standard alphabet, padded) string and `"encoding":"base64"`
-//!   is present. Inline JSON is the payload's bytes with any CR/LF removed
-//!   (valid JSON can only hold them as whitespace), so a client that
-//!   re-serializes it gets an equal JSON value;
+//! - payloads are bytes and are never rewritten: `payload` is inline exactly
+//!   when the bytes are one JSON value with no whitespace before or after it
+//!   and no CR or LF anywhere (an envelope is one line), and then it is those
+//!   bytes unchanged, so a client that takes the member's raw text (for
+//!   example `serde_json::value::RawValue`) gets the published bytes back.
+//!   Any other payload is a base64 (standard alphabet, padded) string and
+//!   `"encoding":"base64"` is present;
 //! - `headers` is omitted when empty; a header repeated under one name
 //!   becomes an array of its values, in order;
 //! - `time` is RFC 3339 in UTC with nanoseconds.
@@ -23,6 +25,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use finmesh_core::{Headers, KvEntry, KvOp, Message, Timestamp};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// RFC 3339 text of a timestamp.
@@ -36,13 +39,26 @@ pub fn rfc3339(t: Timestamp) -> String {
 /// Append `,"payload":…` (and the encoding member when needed) to `out`.
 fn push_payload(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(b",\"payload\":");
-    if serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
-        out.extend(payload.iter().filter(|b| !matches!(b, b'\n' | b'\r')));
+    if is_inline_json(payload) {
+        out.extend_from_slice(payload);
     } else {
         out.push(b'"');
         out.extend_from_slice(B64.encode(payload).as_bytes());
         out.extend_from_slice(b"\",\"encoding\":\"base64\"");
     }
+}
+
+/// Whether `payload` can stand inline in a one-line envelope unchanged: one
+/// JSON value, nothing around it, no CR or LF (which JSON allows only as
+/// whitespace between tokens, and which a one-line envelope cannot carry).
+fn is_inline_json(payload: &[u8]) -> bool {
+    let (Some(first), Some(last)) = (payload.first(), payload.last()) else {
+        return false;
+    };
+    !first.is_ascii_whitespace()
+        && !last.is_ascii_whitespace()
+        && !payload.iter().any(|b| matches!(b, b'\n' | b'\r'))
+        && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
 }
 
 fn headers_json(headers: &Headers) -> Value {
@@ -121,17 +137,19 @@ pub fn kv_entry(e: &KvEntry) -> Bytes {
     Bytes::from(out)
 }
 
-/// Payload bytes of an NDJSON batch line: the JSON value itself, or the
-/// decoded base64 string when `encoding` is `base64`.
-pub fn decode_payload(payload: Option<&Value>, encoding: Option<&str>) -> Result<Bytes, String> {
+/// Payload bytes of an NDJSON batch line: the JSON value's exact bytes as
+/// they stand in the line, or the decoded base64 string when `encoding` is
+/// `base64`.
+pub fn decode_payload(payload: Option<&RawValue>, encoding: Option<&str>) -> Result<Bytes, String> {
     match (payload, encoding) {
         (None, _) => Ok(Bytes::new()),
-        (Some(Value::String(s)), Some("base64")) => {
-            B64.decode(s).map(Bytes::from).map_err(|e| format!("payload is not valid base64: {e}"))
+        (Some(raw), Some("base64")) => {
+            let text: String =
+                serde_json::from_str(raw.get()).map_err(|_| "a base64 payload must be a string".to_owned())?;
+            B64.decode(text).map(Bytes::from).map_err(|e| format!("payload is not valid base64: {e}"))
         }
-        (Some(_), Some("base64")) => Err("a base64 payload must be a string".to_owned()),
         (Some(_), Some(other)) => Err(format!("unknown encoding `{other}`; only `base64` is known")),
-        (Some(v), None) => serde_json::to_vec(v).map(Bytes::from).map_err(|e| e.to_string()),
+        (Some(raw), None) => Ok(Bytes::copy_from_slice(raw.get().as_bytes())),
     }
 }
 
@@ -153,23 +171,51 @@ mod tests {
         }
     }
 
+    #[derive(serde::Deserialize)]
+    struct Raw<'a> {
+        #[serde(borrow)]
+        payload: &'a RawValue,
+        encoding: Option<&'a str>,
+    }
+
     #[test]
-    fn json_payload_is_inline_and_compact() {
-        let v: Value = serde_json::from_slice(&message(&msg(b"{\n \"px\": 1.5\r\n}"))).unwrap();
-        assert_eq!(v["payload"]["px"], 1.5);
+    fn json_payload_is_inline_and_unchanged() {
+        let payload = b"{\"b\": 1.50,\"a\":[1e2, 12345678901234567890123]}";
+        let bytes = message(&msg(payload));
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
         assert!(v.get("encoding").is_none());
         assert_eq!(v["seq"], 3);
         assert_eq!(v["headers"]["a"], serde_json::json!(["1", "2"]));
         assert_eq!(v["time"], "1970-01-01T00:00:01.5Z");
+        let raw: Raw = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(raw.payload.get().as_bytes(), payload);
+    }
+
+    #[test]
+    fn json_with_line_breaks_or_outer_whitespace_is_base64() {
+        for payload in [&b"{\n \"px\": 1.5\r\n}"[..], b" 1", b"1 ", b"\t{}", b""] {
+            let bytes = message(&msg(payload));
+            assert!(!bytes.contains(&b'\n'));
+            let raw: Raw = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(raw.encoding, Some("base64"), "{payload:?}");
+            assert_eq!(&decode_payload(Some(raw.payload), raw.encoding).unwrap()[..], payload);
+        }
+    }
+
+    #[test]
+    fn a_batch_payload_keeps_its_bytes() {
+        let line = br#"{"payload": {"z":1,"a":1.50}  }"#;
+        let raw: Raw = serde_json::from_slice(line).unwrap();
+        assert_eq!(&decode_payload(Some(raw.payload), None).unwrap()[..], br#"{"z":1,"a":1.50}"#);
     }
 
     #[test]
     fn binary_payload_is_base64() {
         let bytes = message(&msg(b"\x00\x01not json"));
         assert!(!bytes.contains(&b'\n'));
-        let v: Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(v["encoding"], "base64");
-        let back = decode_payload(Some(&v["payload"]), Some("base64")).unwrap();
+        let raw: Raw = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(raw.encoding, Some("base64"));
+        let back = decode_payload(Some(raw.payload), raw.encoding).unwrap();
         assert_eq!(&back[..], b"\x00\x01not json");
     }
 }

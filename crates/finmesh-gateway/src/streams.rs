@@ -20,7 +20,7 @@ use finmesh_core::{
     Error, ErrorKind, OutgoingMessage, ReadRequest, Seq, StreamConfig, StreamName, Subject, SubjectPattern,
 };
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::AppState;
 use crate::caller::Caller;
@@ -102,9 +102,10 @@ pub struct PublishQuery {
 #[serde(deny_unknown_fields)]
 struct BatchLine {
     subject: String,
-    /// Absent = empty payload; `null` is the JSON value `null`.
+    /// Absent = empty payload; `null` is the JSON value `null`. Kept as the
+    /// exact bytes of the line: a payload is never re-serialized.
     #[serde(default, deserialize_with = "present")]
-    payload: Option<Value>,
+    payload: Option<Box<RawValue>>,
     #[serde(default)]
     encoding: Option<String>,
     #[serde(default)]
@@ -114,8 +115,8 @@ struct BatchLine {
 }
 
 /// A member that is present, even as `null`.
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 fn line_problem(line: usize, column: Option<usize>, detail: String) -> Box<Problem> {
@@ -140,7 +141,7 @@ fn parse_batch(body: &[u8]) -> Result<Vec<OutgoingMessage>, Box<Problem>> {
             serde_json::from_slice(raw).map_err(|e| line_problem(line_no, Some(e.column()), e.to_string()))?;
         let bad = |e: Error| line_problem(line_no, None, e.message().to_owned());
         let subject = Subject::new(line.subject).map_err(bad)?;
-        let payload = crate::envelope::decode_payload(line.payload.as_ref(), line.encoding.as_deref())
+        let payload = crate::envelope::decode_payload(line.payload.as_deref(), line.encoding.as_deref())
             .map_err(|e| line_problem(line_no, None, e))?;
         let mut msg = OutgoingMessage::new(subject, payload);
         for (k, v) in line.headers.unwrap_or_default() {

@@ -298,14 +298,22 @@ fn the_cli_client_round_trips_kv_streams_and_consumers() {
     let read = cli(&node, t, &["stream", "read", "orders", "--json"]);
     let first: Value = serde_json::from_str(read.lines().next().unwrap()).unwrap();
     assert_eq!((first["seq"].as_u64(), &first["payload"]), (Some(1), &json!({"id": 1})));
+    // Payloads are shown as published, never re-serialized.
+    let exact = r#"{"px":1.50,"id":2,"big":12345678901234567890123}"#;
+    cli(&node, t, &["stream", "pub", "orders", "orders.eu", exact]);
+    let read = cli(&node, t, &["stream", "read", "orders"]);
+    assert!(read.lines().nth(1).is_some_and(|l| l.ends_with(exact)), "{read}");
     let info: Value = serde_json::from_str(&cli(&node, t, &["stream", "info", "orders", "--json"])).unwrap();
-    assert_eq!(info["state"]["messages"], 1);
+    assert_eq!(info["state"]["messages"], 2);
 
     cli(&node, t, &["consumer", "create", "orders", "billing"]);
     let fetched: Value =
-        serde_json::from_str(&cli(&node, t, &["consumer", "fetch", "orders", "billing", "--json"])).unwrap();
+        serde_json::from_str(&cli(&node, t, &["consumer", "fetch", "orders", "billing", "--batch", "1", "--json"]))
+            .unwrap();
     let token_of_delivery = fetched["messages"][0]["token"].as_str().unwrap().to_owned();
     cli(&node, t, &["consumer", "ack", "orders", "billing", &token_of_delivery]);
+    let human = cli(&node, t, &["consumer", "fetch", "orders", "billing"]);
+    assert!(human.contains(exact) && human.contains("token=\""), "{human}");
 }
 
 /// Read one SSE subscription until `event: reconnect`; returns the ids seen.

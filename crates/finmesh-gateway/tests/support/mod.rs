@@ -244,6 +244,8 @@ impl SseEvent {
 pub struct SseReader {
     stream: futures::stream::BoxStream<'static, Result<Bytes, String>>,
     buf: String,
+    /// Bytes of a character split across chunks, not yet in `buf`.
+    pending: Vec<u8>,
     /// Comment lines seen (heartbeats).
     pub comments: usize,
 }
@@ -254,7 +256,25 @@ impl SseReader {
         S: futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: std::fmt::Display,
     {
-        SseReader { stream: stream.map(|r| r.map_err(|e| e.to_string())).boxed(), buf: String::new(), comments: 0 }
+        SseReader {
+            stream: stream.map(|r| r.map_err(|e| e.to_string())).boxed(),
+            buf: String::new(),
+            pending: Vec::new(),
+            comments: 0,
+        }
+    }
+
+    /// Append a chunk to `buf`, keeping a UTF-8 character that a chunk
+    /// boundary split until its remaining bytes arrive.
+    fn push_chunk(&mut self, chunk: &[u8]) {
+        self.pending.extend_from_slice(chunk);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(s) => s.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(e) => panic!("the event stream is not UTF-8: {e}"),
+        };
+        self.buf.push_str(std::str::from_utf8(&self.pending[..valid]).expect("checked"));
+        self.pending.drain(..valid);
     }
 
     /// The next event (skipping comments), `None` at the end of the stream;
@@ -278,7 +298,7 @@ impl SseReader {
                     continue;
                 }
                 match self.stream.next().await {
-                    Some(Ok(chunk)) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
+                    Some(Ok(chunk)) => self.push_chunk(&chunk),
                     other => panic!("the event stream ended while waiting for heartbeats: {other:?}"),
                 }
             }
@@ -323,7 +343,7 @@ impl SseReader {
                     if std::env::var("SSE_DEBUG").is_ok() {
                         eprintln!("CHUNK {:?}", String::from_utf8_lossy(&chunk));
                     }
-                    self.buf.push_str(&String::from_utf8_lossy(&chunk))
+                    self.push_chunk(&chunk)
                 }
                 Some(Err(e)) => panic!("SSE stream failed: {e}"),
                 None => return None,

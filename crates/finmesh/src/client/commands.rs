@@ -235,9 +235,9 @@ pub async fn kv(client: &Client, command: KvCommand) -> anyhow::Result<()> {
         }
         KvCommand::History { bucket, key } => {
             let path = format!("/v1/kv/{}/{}/history", segment(&bucket), segment(&key));
-            let value = client.json(client.request(Method::GET, &path)).await?;
-            print_list(client, &value, "entries", |e| {
-                Some(format!("{:>8}  {:<7} {}", e["revision"], e["op"].as_str().unwrap_or("?"), e["payload"]))
+            let body = client.send(client.request(Method::GET, &path)).await?.text().await?;
+            print_envelopes(client, &body, "entries", |e, payload| {
+                format!("{:>8}  {:<7} {payload}", e["revision"], e["op"].as_str().unwrap_or("?"))
             })
         }
         KvCommand::Watch { bucket, prefix, from_revision } => {
@@ -291,8 +291,8 @@ pub async fn stream(client: &Client, command: StreamCommand) -> anyhow::Result<(
                 if client.json {
                     println!("{line}");
                 } else {
-                    let m: Value = serde_json::from_str(line).context("the server sent a line that is not JSON")?;
-                    println!("{:>8}  {}  {}", m["seq"], m["subject"].as_str().unwrap_or("?"), m["payload"]);
+                    let (m, payload) = envelope(line)?;
+                    println!("{:>8}  {}  {payload}", m["seq"], m["subject"].as_str().unwrap_or("?"));
                 }
             }
             Ok(())
@@ -325,17 +325,10 @@ pub async fn consumer(client: &Client, command: ConsumerCommand) -> anyhow::Resu
         }
         ConsumerCommand::Fetch { stream, name, batch, wait_ms } => {
             let path = format!("/v1/streams/{}/consumers/{}/fetch", segment(&stream), segment(&name));
-            let value = client
-                .json(client.request(Method::POST, &path).json(&json!({"batch": batch, "wait_ms": wait_ms})))
-                .await?;
-            print_list(client, &value, "messages", |d| {
-                Some(format!(
-                    "{:>8}  {}  {}  ack={}",
-                    d["seq"],
-                    d["subject"].as_str().unwrap_or("?"),
-                    d["payload"],
-                    d["ack_token"]
-                ))
+            let request = client.request(Method::POST, &path).json(&json!({"batch": batch, "wait_ms": wait_ms}));
+            let body = client.send(request).await?.text().await?;
+            print_envelopes(client, &body, "messages", |d, payload| {
+                format!("{:>8}  {}  {payload}  token={}", d["seq"], d["subject"].as_str().unwrap_or("?"), d["token"])
             })
         }
         ConsumerCommand::Ack { stream, name, ack_token, kind, delay_ms } => {
@@ -368,6 +361,45 @@ fn print_list(
     let items = value.as_array().or_else(|| value[field].as_array());
     for item in items.into_iter().flatten() {
         println!("{}", line(item).unwrap_or_else(|| item.to_string()));
+    }
+    Ok(())
+}
+
+/// An envelope's members and its payload's raw text: payloads are shown as
+/// the bytes the server sent, never re-serialized (`1.50` stays `1.50`).
+fn envelope(text: &str) -> anyhow::Result<(Value, String)> {
+    #[derive(serde::Deserialize)]
+    struct Payload<'a> {
+        #[serde(borrow)]
+        payload: Option<&'a serde_json::value::RawValue>,
+    }
+    let members: Value = serde_json::from_str(text).context("the server sent an envelope that is not JSON")?;
+    let payload: Payload = serde_json::from_str(text).context("the server sent an envelope that is not JSON")?;
+    Ok((members, payload.payload.map_or_else(String::new, |p| p.get().to_owned())))
+}
+
+/// Print the envelopes under `field` of a JSON answer, one line each, or with
+/// `--json` the answer exactly as the server sent it.
+fn print_envelopes(
+    client: &Client,
+    body: &str,
+    field: &str,
+    line: impl Fn(&Value, &str) -> String,
+) -> anyhow::Result<()> {
+    if client.json {
+        println!("{body}");
+        return Ok(());
+    }
+    use serde_json::value::RawValue;
+    let answer: std::collections::HashMap<String, &RawValue> =
+        serde_json::from_str(body).context("the server's answer is not JSON")?;
+    let items: Vec<&RawValue> = match answer.get(field) {
+        Some(list) => serde_json::from_str(list.get()).context("the server's answer is not a list")?,
+        None => Vec::new(),
+    };
+    for item in items {
+        let (members, payload) = envelope(item.get())?;
+        println!("{}", line(&members, &payload));
     }
     Ok(())
 }
