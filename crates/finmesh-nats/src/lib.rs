@@ -87,8 +87,9 @@ pub(crate) struct Inner {
     pub prefix: String,
     pub options: NatsEngineOptions,
     /// Subjects and size limits of streams, so a publish needs no lookup.
-    /// Entries are replaced by this engine's create/update and removed by
-    /// its delete; the lock is never held across an await.
+    /// Entries are replaced by this engine's create/update, removed by its
+    /// delete and by JetStream's stream advisories (changes made elsewhere);
+    /// the lock is never held across an await.
     pub streams: Mutex<HashMap<String, Arc<StreamMeta>>>,
     /// Bucket value size limits and replicas, for the same reason.
     pub buckets: Mutex<HashMap<String, kv::BucketMeta>>,
@@ -153,9 +154,15 @@ impl NatsEngine {
             Some(d) => format!("$JS.{d}.API"),
             None => "$JS.API".to_owned(),
         };
-        let inner =
-            Inner { client, prefix, options, streams: Mutex::new(HashMap::new()), buckets: Mutex::new(HashMap::new()) };
-        Ok(NatsEngine { inner: Arc::new(inner) })
+        let inner = Arc::new(Inner {
+            client,
+            prefix,
+            options,
+            streams: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+        });
+        Inner::follow_stream_advisories(&inner).await;
+        Ok(NatsEngine { inner })
     }
 
     /// The underlying async-nats client (for tools and tests).

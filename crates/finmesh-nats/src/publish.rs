@@ -47,7 +47,7 @@ pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const UNKNOWN_OUTCOME: &str =
     "the message may or may not be stored (resend it with the same Nats-Msg-Id to store it once)";
 
-fn check(stream: &StreamName, meta: &StreamMeta, m: &OutgoingMessage) -> Result<()> {
+pub(crate) fn check(stream: &StreamName, meta: &StreamMeta, m: &OutgoingMessage) -> Result<()> {
     if !meta.subjects.iter().any(|p| p.matches(&m.subject)) {
         return Err(Error::invalid(format!("stream `{stream}` does not capture subject `{}`", m.subject)));
     }
@@ -98,9 +98,23 @@ fn to_ack(a: PublishAck) -> PubAck {
 
 impl Inner {
     pub(crate) async fn publish(&self, stream: &StreamName, msg: OutgoingMessage) -> Result<PubAck> {
-        let meta = self.stream_meta(stream).await?;
-        check(stream, &meta, &msg)?;
-        self.send_one(stream.as_str(), &msg).await.map(to_ack)
+        self.checked_meta(stream, std::slice::from_ref(&msg)).await?;
+        let ack = self.send_one(stream.as_str(), &msg).await.inspect_err(|_| self.forget(stream.as_str()))?;
+        self.landed(stream, &msg, ack)
+    }
+
+    /// The ack of a message meant for `stream`, or `Invalid` if another
+    /// stream stored it: the subject was moved to that stream after this
+    /// engine last checked (see the module doc of `streams`).
+    fn landed(&self, stream: &StreamName, msg: &OutgoingMessage, ack: PublishAck) -> Result<PubAck> {
+        if ack.stream == stream.as_str() {
+            return Ok(to_ack(ack));
+        }
+        self.forget(stream.as_str());
+        Err(Error::invalid(format!(
+            "stream `{stream}` no longer captures subject `{}`: it was changed elsewhere, and stream `{}` stored the message as sequence {}",
+            msg.subject, ack.stream, ack.sequence
+        )))
     }
 
     /// One publish to JetStream stream `stream` with the retry rules of the
@@ -108,6 +122,7 @@ impl Inner {
     pub(crate) async fn send_one(&self, stream: &str, msg: &OutgoingMessage) -> Result<PublishAck> {
         let budget = tokio::time::Instant::now() + self.options.request_timeout;
         let mut backoff = Duration::from_millis(20);
+        let mut first = true;
         loop {
             let req = async_nats::Request::new()
                 .headers(api::headers_to(&msg.headers))
@@ -124,6 +139,16 @@ impl Inner {
             };
             if !retry {
                 return Err(err);
+            }
+            // No responders at the first try: a stream deleted elsewhere
+            // answers NotFound now rather than after the whole budget.
+            if first && err.kind() == ErrorKind::Unavailable {
+                first = false;
+                if let Err(e) = self.raw_stream_info(stream).await
+                    && e.kind() == ErrorKind::NotFound
+                {
+                    return Err(e);
+                }
             }
             if tokio::time::Instant::now() + backoff >= budget {
                 return Err(self.unanswered(stream, err).await);
@@ -168,14 +193,17 @@ impl Inner {
     }
 
     pub(crate) async fn publish_batch(&self, stream: &StreamName, msgs: Vec<OutgoingMessage>) -> Result<Vec<PubAck>> {
-        let meta = self.stream_meta(stream).await?;
-        for m in &msgs {
-            check(stream, &meta, m)?;
-        }
+        self.checked_meta(stream, &msgs).await?;
+        let acks = self.send_batch(stream, &msgs).await.inspect_err(|_| self.forget(stream.as_str()))?;
+        msgs.iter().zip(acks).map(|(m, ack)| self.landed(stream, m, ack)).collect()
+    }
+
+    /// Send a checked batch in order with pipelined acks.
+    async fn send_batch(&self, stream: &StreamName, msgs: &[OutgoingMessage]) -> Result<Vec<PublishAck>> {
         if msgs.len() <= 1 {
             let mut out = Vec::with_capacity(msgs.len());
-            for m in &msgs {
-                out.push(to_ack(self.send_one(stream.as_str(), m).await?));
+            for m in msgs {
+                out.push(self.send_one(stream.as_str(), m).await?);
             }
             return Ok(out);
         }
@@ -231,6 +259,6 @@ impl Inner {
             acks[i] = Some(r);
             received += 1;
         }
-        acks.into_iter().map(|a| a.unwrap_or_else(|| Err(Error::internal("missing ack"))).map(to_ack)).collect()
+        acks.into_iter().map(|a| a.unwrap_or_else(|| Err(Error::internal("missing ack")))).collect()
     }
 }

@@ -13,8 +13,14 @@
 //!
 //! Streams named `KV_*` are KV buckets and are hidden from the stream calls.
 //! Publishing checks the subject against the stream's subjects (cached per
-//! engine, refreshed by this engine's create/update/delete) so a message
-//! never lands in another stream that happens to capture it.
+//! engine) so a message never lands in another stream that happens to
+//! capture it. The cache follows changes made elsewhere (another gateway,
+//! any NATS client): JetStream's stream advisories evict an entry as soon
+//! as the change is announced; a publish refused by a cached entry is
+//! checked again with fresh facts; any publish error evicts the entry; and
+//! an ack from a stream other than the one named (the subject moved to
+//! another stream between an advisory and the publish) is reported as an
+//! `Invalid` error naming where the message went, never as a success.
 
 use std::sync::Arc;
 
@@ -33,6 +39,8 @@ use crate::{Inner, StreamMeta};
 pub(crate) const META_MAX_MSG_SIZE: &str = "finmesh.max_msg_size";
 /// Prefix of the streams that back KV buckets.
 pub(crate) const KV_PREFIX: &str = "KV_";
+/// JetStream's advisories of stream changes: `…STREAM.<CREATED|UPDATED|DELETED>.<stream>`.
+const STREAM_ADVISORIES: &str = "$JS.EVENT.ADVISORY.STREAM.*.*";
 /// Bytes NATS counts for a header block's framing beyond finmesh's count.
 const HEADER_FRAMING: u32 = 12;
 
@@ -138,6 +146,57 @@ impl Inner {
 
     pub(crate) fn forget(&self, name: &str) {
         self.streams.lock().remove(name);
+    }
+
+    /// The cached facts of `stream` if every message of `msgs` passes the
+    /// publish checks against them. A refusal from a cached copy is checked
+    /// once more against fresh facts, since another gateway may have widened
+    /// the stream's subjects or size limit since this engine cached them.
+    pub(crate) async fn checked_meta(
+        &self,
+        stream: &StreamName,
+        msgs: &[finmesh_core::OutgoingMessage],
+    ) -> Result<Arc<StreamMeta>> {
+        let meta = self.stream_meta(stream).await?;
+        if msgs.iter().all(|m| crate::publish::check(stream, &meta, m).is_ok()) {
+            return Ok(meta);
+        }
+        self.forget(stream.as_str());
+        let meta = self.stream_meta(stream).await?;
+        for m in msgs {
+            crate::publish::check(stream, &meta, m)?;
+        }
+        Ok(meta)
+    }
+
+    /// Follow JetStream's stream advisories, so a stream created, updated or
+    /// deleted through another gateway (or any NATS client) drops out of
+    /// this engine's cache at once; and a deleted `KV_` stream drops its
+    /// bucket's facts. The task ends with the engine or the connection.
+    pub(crate) async fn follow_stream_advisories(inner: &Arc<Inner>) {
+        let sub = match inner.client.subscribe(STREAM_ADVISORIES).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow stream advisories; cached stream facts are checked on use only");
+                return;
+            }
+        };
+        let weak = Arc::downgrade(inner);
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut sub = sub;
+            while let Some(advisory) = sub.next().await {
+                let Some(inner) = weak.upgrade() else { return };
+                let mut tokens = advisory.subject.as_str().rsplit('.');
+                let (Some(stream), Some(event)) = (tokens.next(), tokens.next()) else { continue };
+                inner.forget(stream);
+                if event == "DELETED"
+                    && let Some(bucket) = stream.strip_prefix(KV_PREFIX)
+                {
+                    inner.buckets.lock().remove(bucket);
+                }
+            }
+        });
     }
 
     pub(crate) async fn create_stream(&self, config: StreamConfig) -> Result<StreamInfo> {

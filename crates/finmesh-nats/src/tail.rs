@@ -14,7 +14,10 @@
 //! Gaps: a tail from sequence `n > 0` that starts (or resumes) below the
 //! stream's first sequence yields `Gap { n, first - 1 }`. Without a filter,
 //! a jump in delivered sequences is a gap too (every sequence matches); with
-//! a filter a jump is normal and only the start/resume check applies.
+//! a filter a jump is normal and only the start/resume check applies. A
+//! message stored by a foreign client on a subject finmesh cannot represent
+//! (a [`Subject`] is printable ASCII) is a one-message gap of its own, and
+//! skipped by watches.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -155,9 +158,17 @@ impl Follower {
                     return;
                 }
             };
+            let (before, since) = (last_delivered, tokio::time::Instant::now());
             match self.follow(&name, &mut next, &mut last_delivered).await {
                 Ok(()) => return,
                 Err(e) => tracing::debug!(error = %e, "tail: consumer lost; resuming"),
+            }
+            // Back off while consumers keep failing at once, delivering nothing.
+            if last_delivered == before && since.elapsed() < PULL_EXPIRES {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            } else {
+                pause = Duration::from_millis(50);
             }
             let _ = self
                 .inner
@@ -227,9 +238,24 @@ impl Follower {
                 {
                     return Ok(());
                 }
+                let subject = match Subject::new(msg.subject.as_str()) {
+                    Ok(subject) => subject,
+                    Err(e) => {
+                        // A foreign client's message on a subject finmesh
+                        // cannot represent (e.g. non-ASCII): a one-message
+                        // gap, never a consumer re-created on it for ever.
+                        tracing::warn!(stream = %self.stream, seq, error = %e, "tail: skipping a message whose subject finmesh cannot represent");
+                        *last = Some(seq);
+                        *next = seq + 1;
+                        if self.gaps && self.tx.send(Ok(Item::Gap(seq, seq))).await.is_err() {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                };
                 let m = Message {
                     seq: Seq(seq),
-                    subject: Subject::new(msg.subject.as_str())?,
+                    subject,
                     headers: headers_from(msg.headers.as_ref()),
                     payload: msg.payload,
                     time: ack.time,

@@ -108,3 +108,76 @@ async fn publish_to_a_stopped_server_errors_and_dedup_survives_a_restart() {
     assert!(ack.duplicate && ack.seq == Seq(1), "{ack:?}");
     assert_eq!(engine.stream_info(&s).await.unwrap().state.messages, 1);
 }
+
+/// Regression: a message a foreign client stored on a subject finmesh cannot
+/// represent (non-ASCII) made the tail re-create its consumer on it for ever;
+/// now it is a one-message gap and the tail goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_passes_a_foreign_subject_as_a_one_message_gap() {
+    use finmesh_core::TailEvent;
+    use futures::StreamExt;
+    let (_server, engine, plain) = setup().await;
+    let s = StreamName::new("MD").unwrap();
+    engine.create_stream(StreamConfig::new(s.clone(), vec![SubjectPattern::new("md.>").unwrap()])).await.unwrap();
+    let js = jetstream::new(plain);
+    for subject in ["md.a", "md.é", "md.b"] {
+        js.publish(subject, Bytes::from_static(b"x")).await.unwrap().await.unwrap();
+    }
+    for filter in [None, Some(SubjectPattern::new("md.>").unwrap())] {
+        let mut tail = engine.tail(&s, Seq(1), filter.clone()).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let ev = tokio::time::timeout(Duration::from_secs(10), tail.next())
+                .await
+                .unwrap_or_else(|_| panic!("filter {filter:?}: the tail is stuck after {got:?}"))
+                .expect("open")
+                .expect("no error");
+            got.push(match ev {
+                TailEvent::Message(m) => format!("msg {} {}", m.seq.0, m.subject),
+                TailEvent::Gap { from, to } => format!("gap {}..{}", from.0, to.0),
+            });
+        }
+        assert_eq!(got, ["msg 1 md.a", "gap 2..2", "msg 3 md.b"], "filter {filter:?}");
+    }
+}
+
+/// Two engines (two gateways) on one server: a stream changed or deleted
+/// through one is noticed by the other's publish cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_cache_follows_changes_made_through_another_engine() {
+    use finmesh_core::OutgoingMessage;
+    let (server, a, _plain) = setup().await;
+    let b = NatsEngine::connect(NatsEngineOptions::new(server.url())).await.expect("second engine");
+    let s1 = StreamName::new("S1").unwrap();
+    let msg =
+        |subject: &str| OutgoingMessage::new(finmesh_core::Subject::new(subject).unwrap(), Bytes::from_static(b"x"));
+    let pattern = |p: &str| vec![SubjectPattern::new(p).unwrap()];
+    a.create_stream(StreamConfig::new(s1.clone(), pattern("a.>"))).await.unwrap();
+    assert_eq!(b.publish(&s1, msg("a.x")).await.unwrap().seq, Seq(1), "b caches S1 = a.>");
+
+    // Widened elsewhere: b's cached subjects would refuse `w.x`.
+    a.update_stream(StreamConfig::new(
+        s1.clone(),
+        vec![SubjectPattern::new("a.>").unwrap(), SubjectPattern::new("w.>").unwrap()],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(b.publish(&s1, msg("w.x")).await.unwrap().seq, Seq(2));
+
+    // Narrowed elsewhere and the subject moved to another stream: b never
+    // reports success for a message that S1 did not store.
+    a.update_stream(StreamConfig::new(s1.clone(), pattern("w.>"))).await.unwrap();
+    let s2 = StreamName::new("S2").unwrap();
+    a.create_stream(StreamConfig::new(s2.clone(), pattern("a.>"))).await.unwrap();
+    let err = b.publish(&s1, msg("a.y")).await.expect_err("S1 no longer captures a.y");
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    let err = b.publish_batch(&s1, vec![msg("a.z")]).await.expect_err("nor in a batch");
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+
+    // Deleted elsewhere: NotFound, well before the request timeout.
+    a.delete_stream(&s1).await.unwrap();
+    let started = Instant::now();
+    let err = b.publish(&s1, msg("w.y")).await.expect_err("S1 is gone");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+}
