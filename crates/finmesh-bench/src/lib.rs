@@ -10,22 +10,22 @@
 //! and each ratio is computed within a run and then its median taken.
 //!
 //! Scenario families (one file each, `--scenario` selects):
-//! - [`fsync`]: the disk's append + fsync ceiling;
-//! - [`embedded_publish`]: the embedded engine's publish, `sync = always`
+//! - `fsync`: the disk's append + fsync ceiling;
+//! - `embedded_publish`: the embedded engine's publish, `sync = always`
 //!   and `interval(100 ms)`, 1 publisher, 16 publishers, batches of 100;
-//! - [`nats_publish`]: JetStream publish on a real nats-server;
-//! - [`embedded_kv`]: KV put/get over N keys and memory (child processes);
-//! - [`nats_kv`]: NATS KV put/get for comparison;
-//! - [`nats_mirror`]: hub → leaf KV mirror propagation latency, on loopback
+//! - `nats_publish`: JetStream publish on a real nats-server;
+//! - `embedded_kv`: KV put/get over N keys and memory (child processes);
+//! - `nats_kv`: NATS KV put/get for comparison;
+//! - `nats_mirror`: hub → leaf KV mirror propagation latency, on loopback
 //!   and through a 40 ms delaying proxy.
-//! - [`gateway`]: `finmesh serve` (a child process of the real `finmesh`
-//!   binary, auth on; see [`node`] for which binary) under wrk next
+//! - `gateway`: `finmesh serve` (a child process of the real `finmesh`
+//!   binary, auth on; [`finmesh_binary`] says which) under wrk next
 //!   to nginx (`gateway-kv`), on the NATS engine next to async-nats
 //!   (`gateway-nats-kv`), NDJSON publish next to in-process `publish_batch`
-//!   (`gateway-publish`); [`tls_conn`]: new TLS connections per second next
+//!   (`gateway-publish`); `tls_conn`: new TLS connections per second next
 //!   to nginx (`gateway-tls`). These need `wrk` and `nginx` (Debian
 //!   packages of those names) except `gateway-publish`.
-//! - [`nats_engine`] (`nats-engine-publish`) and [`nats_engine_kv`]
+//! - `nats_engine` (`nats-engine-publish`) and `nats_engine_kv`
 //!   (`nats-engine-kv`): every embedded publish and KV scenario through the
 //!   NATS engine and through raw async-nats side by side, on one server
 //!   and on a 3-node R3 cluster; the report gives engine/raw ratios of
