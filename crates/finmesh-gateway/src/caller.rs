@@ -11,9 +11,11 @@
 //! calls [`Caller::require`] (403 `forbidden` with
 //! `WWW-Authenticate: `[`BEARER_INSUFFICIENT_SCOPE`] when not allowed).
 //!
-//! Invariant: no API handler touches the engine before `require` succeeded;
-//! [`ROUTE_ACCESS`] lists the access of every route, in one place, for docs
-//! and for the auth matrix test.
+//! Invariants: no API handler touches the engine before `require` succeeded;
+//! [`ROUTE_ACCESS`] is the one source of the route list, with the access of
+//! every route. The router ([`app`](crate::app)), the OpenAPI document and
+//! `docs/api.md` are checked against it (`tests/routes.rs`), and the auth
+//! matrix test walks it.
 
 use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -108,6 +110,9 @@ pub enum Need {
 }
 
 /// Every route with the access it checks: (method, path template, need).
+/// Adding a route means a line here, its `.route` in [`app`](crate::app),
+/// its `#[utoipa::path]` in [`openapi`](crate::openapi) and its row in
+/// `docs/api.md`; `tests/routes.rs` fails until all four agree.
 pub const ROUTE_ACCESS: &[(&str, &str, Need)] = &[
     ("GET", "/healthz", Need::Public),
     ("GET", "/readyz", Need::Public),

@@ -93,15 +93,20 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Body of a fetch.
+/// Body of a fetch. The schema's bounds are [`MAX_FETCH_BATCH`] and
+/// [`MAX_FETCH_WAIT`] (utoipa takes only literals; a unit test keeps them
+/// equal), so that a client or fuzzer that keeps to the document never
+/// waits longer than the server allows.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FetchBody {
     /// Most deliveries (default 1, at most 1000).
     #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 1000)]
     pub batch: usize,
     /// Milliseconds to wait when nothing is ready (default 0, at most 20000).
     #[serde(default)]
+    #[schema(maximum = 20000)]
     pub wait_ms: u64,
 }
 
@@ -204,4 +209,23 @@ pub async fn ack(
     let kind = req.kind()?;
     state.engine().ack(&stream, &name, &AckToken(req.token), kind).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use utoipa::OpenApi;
+
+    /// The document's bounds of a fetch body are the ones `fetch` enforces,
+    /// and a fetch's longest wait fits in the default request timeout.
+    #[test]
+    fn fetch_body_schema_bounds_are_the_enforced_limits() {
+        let doc = serde_json::to_value(crate::openapi::ApiDoc::openapi()).unwrap();
+        let props = &doc["components"]["schemas"]["FetchBody"]["properties"];
+        assert_eq!(props["batch"]["minimum"], 1);
+        assert_eq!(props["batch"]["maximum"], MAX_FETCH_BATCH);
+        assert_eq!(props["wait_ms"]["minimum"], 0);
+        assert_eq!(props["wait_ms"]["maximum"], MAX_FETCH_WAIT.as_millis() as u64);
+        assert!(MAX_FETCH_WAIT < crate::Limits::default().request_timeout);
+    }
 }

@@ -202,8 +202,9 @@ pub async fn get_default(
 /// `PUT /v1/kv/{bucket}/{key}`: write; `If-Match` / `If-None-Match: *` for CAS.
 #[utoipa::path(put, path = "/v1/kv/{bucket}/{key}", tag = "kv",
     params(("bucket" = String, Path), ("key" = String, Path),
-        ("If-Match" = Option<String>, Header, description = "quoted revision: update only at it"),
-        ("If-None-Match" = Option<String>, Header, description = "`*`: create only")),
+        ("If-Match" = Option<String>, Header, description = "quoted revision: update only at it",
+            pattern = r#"^("[0-9]{1,19}"|[0-9]{1,19})$"#),
+        ("If-None-Match" = Option<String>, Header, description = "`*`: create only", pattern = r"^\*$")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, description = "written", body = Written), (status = 404, body = crate::Problem),
         (status = 412, body = crate::Problem)))]
@@ -248,7 +249,8 @@ const DELETE_ATTEMPTS: usize = 8;
 /// deleted unseen.
 #[utoipa::path(delete, path = "/v1/kv/{bucket}/{key}", tag = "kv",
     params(("bucket" = String, Path), ("key" = String, Path),
-        ("If-Match" = Option<String>, Header, description = "quoted revision: delete only at it")),
+        ("If-Match" = Option<String>, Header, description = "quoted revision: delete only at it",
+            pattern = r#"^("[0-9]{1,19}"|[0-9]{1,19})$"#)),
     responses((status = 200, description = "deleted; the marker's revision", body = Written), (status = 404, body = crate::Problem),
         (status = 412, body = crate::Problem)))]
 pub async fn delete_key(

@@ -105,7 +105,7 @@ impl Modify for LayerResponses {
     info(title = "finmesh", description = "finmesh HTTP API (v1). Errors are application/problem+json (RFC 9457)."),
     modifiers(&BearerJwt, &LayerResponses),
     paths(
-        ops::healthz, ops::readyz, ops::metrics, ops::subscribers,
+        ops::healthz, ops::readyz, ops::metrics, ops::subscribers, serve,
         kv::list_buckets, kv::put_bucket, kv::get_bucket, kv::delete_bucket, kv::keys, sse::watch,
         kv::get_key, kv::put_key, kv::delete_key, kv::history, kv::get_default,
         streams::list_streams, streams::put_stream, streams::get_stream, streams::delete_stream,
@@ -123,7 +123,9 @@ pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_default()
 }
 
-/// `GET /openapi.json`.
+/// `GET /openapi.json`: this document.
+#[utoipa::path(get, path = "/openapi.json", tag = "ops", security(()),
+    responses((status = 200, description = "the OpenAPI 3.1 document of this API", body = Object)))]
 pub async fn serve() -> Response {
     Json(ApiDoc::openapi()).into_response()
 }

@@ -1,7 +1,9 @@
 //! Response bodies the gateway owns, typed so the OpenAPI document
 //! describes them exactly. Handlers serialize these types (or, for
 //! envelopes built as bytes on hot paths, documents shaped like
-//! [`Envelope`], [`KvEnvelope`] and [`Delivery`]).
+//! [`Envelope`], [`KvEnvelope`] and [`Delivery`]). Also request bodies
+//! whose Rust type lives in `finmesh-core` without a schema
+//! ([`StreamConfigBody`]); a test keeps each in step with its core type.
 
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -36,6 +38,62 @@ pub struct KeyList {
     /// Live keys, sorted.
     #[schema(value_type = Vec<String>)]
     pub keys: Vec<finmesh_core::Key>,
+}
+
+/// The body of `PUT /v1/streams/{stream}`: `finmesh_core::StreamConfig`
+/// as JSON (durations in milliseconds), its `name` optional (the path's).
+/// Only documents the body; the handler parses a `StreamConfig`, and
+/// `stream_config_body_documents_every_stream_config_field` keeps the two
+/// alike.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfigBody {
+    /// The stream's name; when given, the same as the path's.
+    pub name: Option<String>,
+    /// Subject patterns the stream captures (`*` one token, `>` the rest);
+    /// none may overlap another, nor another stream's.
+    #[schema(min_items = 1)]
+    pub subjects: Vec<String>,
+    /// Keep at most this many messages (absent: no limit).
+    #[schema(minimum = 1)]
+    pub max_msgs: Option<u64>,
+    /// Keep at most this many bytes (absent: no limit).
+    #[schema(minimum = 1)]
+    pub max_bytes: Option<u64>,
+    /// Drop messages older than this many milliseconds (absent: never).
+    #[schema(minimum = 1)]
+    pub max_age: Option<u64>,
+    /// Keep at most this many messages per subject (absent: no limit).
+    #[schema(minimum = 1)]
+    pub max_msgs_per_subject: Option<u64>,
+    /// Refuse larger messages (default and maximum 8 MiB).
+    #[schema(minimum = 1, maximum = 8388608)]
+    pub max_msg_size: Option<u32>,
+    /// Milliseconds in which a repeated `Msg-Id` is a duplicate (default
+    /// 120000; at most `max_age`).
+    pub duplicate_window: Option<u64>,
+    /// Durability of acks (default `never`).
+    pub sync: Option<SyncBody>,
+    /// Copies kept by a clustered engine, 1-5 (default 1).
+    #[schema(minimum = 1, maximum = 5)]
+    pub replicas: Option<u8>,
+}
+
+/// `finmesh_core::SyncPolicy` as JSON: `"always"`, `"never"` or
+/// `{"interval": {"ms": n}}`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncBody {
+    /// Ack after fsync: survives power loss.
+    Always,
+    /// Ack once the OS has the write, fsync at least every `ms`.
+    Interval {
+        /// Milliseconds between fsyncs.
+        #[schema(minimum = 1)]
+        ms: u64,
+    },
+    /// Ack once the OS has the write; fsync when the OS decides.
+    Never,
 }
 
 /// The revision a KV write (or delete marker) got.
@@ -186,4 +244,44 @@ pub struct OAuthErrorBody {
     pub error: String,
     /// What went wrong; never contains a secret.
     pub error_description: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use finmesh_core::{StreamConfig, StreamName, SubjectPattern};
+    use utoipa::OpenApi;
+
+    /// The documented stream body has exactly the fields of `StreamConfig`,
+    /// and the bounds it documents are the ones `StreamConfig` validates.
+    #[test]
+    fn stream_config_body_documents_every_stream_config_field() {
+        let name = StreamName::new("S").unwrap();
+        let config = StreamConfig::new(name, vec![SubjectPattern::new("s.>").unwrap()]);
+        let fields: BTreeSet<String> =
+            serde_json::to_value(&config).unwrap().as_object().unwrap().keys().cloned().collect();
+        let doc = serde_json::to_value(crate::openapi::ApiDoc::openapi()).unwrap();
+        let schema = &doc["components"]["schemas"]["StreamConfigBody"];
+        let documented: BTreeSet<String> = schema["properties"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(documented, fields);
+        assert_eq!(schema["additionalProperties"], false);
+        assert_eq!(schema["required"], serde_json::json!(["subjects"]));
+        let max_size = schema["properties"]["max_msg_size"]["maximum"].as_u64().unwrap();
+        assert_eq!(max_size, u64::from(finmesh_core::config::MAX_PAYLOAD_LIMIT));
+        let parse = |v: serde_json::Value| serde_json::from_value::<StreamConfig>(v).unwrap().validate();
+        let max = serde_json::json!({"name": "S", "subjects": ["s.>"], "max_msg_size": max_size, "replicas": 5});
+        assert!(parse(max).is_ok());
+        let over = serde_json::json!({"name": "S", "subjects": ["s.>"], "max_msg_size": max_size + 1});
+        assert!(parse(over).is_err());
+        assert!(parse(serde_json::json!({"name": "S", "subjects": ["s.>"], "replicas": 6})).is_err());
+        use finmesh_core::SyncPolicy;
+        for (core, doc) in [
+            (SyncPolicy::Always, super::SyncBody::Always),
+            (SyncPolicy::Never, super::SyncBody::Never),
+            (SyncPolicy::Interval { ms: 7 }, super::SyncBody::Interval { ms: 7 }),
+        ] {
+            assert_eq!(serde_json::to_value(core).unwrap(), serde_json::to_value(doc).unwrap());
+        }
+    }
 }

@@ -26,7 +26,7 @@ use crate::AppState;
 use crate::caller::Caller;
 use crate::kv::config_with_name;
 use crate::problem::{ApiError, ApiResult, Problem};
-use crate::schema::{Ack, Acks, StreamList};
+use crate::schema::{Ack, Acks, StreamConfigBody, StreamList};
 
 /// Header naming a single message's subject (alternative to `?subject=`).
 pub const SUBJECT_HEADER: &str = "Finmesh-Subject";
@@ -44,7 +44,7 @@ pub async fn list_streams(State(state): State<AppState>, caller: Caller) -> ApiR
 
 /// `PUT /v1/streams/{stream}`: create or update.
 #[utoipa::path(put, path = "/v1/streams/{stream}", tag = "streams", params(("stream" = String, Path)),
-    request_body(content = Object, description = "StreamConfig without `name`"),
+    request_body(content = StreamConfigBody, description = "StreamConfig without `name`"),
     responses((status = 200, description = "stream info", body = Object), (status = 400, body = crate::Problem)))]
 pub async fn put_stream(
     State(state): State<AppState>,
@@ -215,6 +215,7 @@ pub struct ReadQuery {
     /// Subject filter (wildcards allowed).
     pub subject: Option<String>,
     /// Most messages returned (default 100, at most 10000).
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<usize>,
 }
 
@@ -249,6 +250,17 @@ pub async fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use utoipa::OpenApi;
+
+    /// The document's bounds of `?limit=` are the ones `read` enforces.
+    #[test]
+    fn read_limit_schema_bounds_are_the_enforced_limits() {
+        let doc = serde_json::to_value(crate::openapi::ApiDoc::openapi()).unwrap();
+        let params = doc["paths"]["/v1/streams/{stream}/messages"]["get"]["parameters"].as_array().unwrap();
+        let limit = params.iter().find(|p| p["name"] == "limit").unwrap();
+        assert_eq!(limit["schema"]["minimum"], 1);
+        assert_eq!(limit["schema"]["maximum"], MAX_READ_LIMIT);
+    }
 
     #[test]
     fn batch_errors_name_line_and_column() {

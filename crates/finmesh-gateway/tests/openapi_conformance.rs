@@ -190,7 +190,83 @@ async fn bad_body_and_header_400_was_undocumented<H: Harness>() {
     assert_documented(&doc, "PUT", "/v1/kv/{bucket}/{key}", &res);
 }
 
+/// The `maximum` of a schema property or parameter, from the document.
+fn maximum(schema: &Value, what: &str) -> u64 {
+    schema["maximum"].as_u64().unwrap_or_else(|| panic!("{what} has no maximum in the document: {schema}"))
+}
+
+/// `scripts/fuzz-api` once sent `wait_ms: 12233` (the document allowed any
+/// u64) and timed out after its own 10 s. The document now bounds the fetch
+/// body and the read limit with exactly what the server enforces: the
+/// maxima are accepted, one more is 400 (and 0 where the minimum is 1).
+async fn fetch_wait_ms_had_no_maximum_in_the_document<H: Harness>() {
+    let gw = Gw::start::<H>().await;
+    gw.stream("fuzz", json!({"subjects": ["fuzz.>"]})).await;
+    gw.put("/v1/streams/fuzz/consumers/fuzz", "").await;
+    let doc = doc();
+    let fetch = &doc["components"]["schemas"]["FetchBody"]["properties"];
+    let (max_wait, max_batch) = (maximum(&fetch["wait_ms"], "wait_ms"), maximum(&fetch["batch"], "batch"));
+    let uri = "/v1/streams/fuzz/consumers/fuzz/fetch";
+    let template = "/v1/streams/{stream}/consumers/{name}/fetch";
+    // A ready message makes the longest allowed wait return at once.
+    gw.publish_n("fuzz", "fuzz.a", 1).await;
+    let res = gw.post(uri, json!({"batch": max_batch, "wait_ms": max_wait}).to_string()).await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    assert_eq!(res.json()["messages"].as_array().map(Vec::len), Some(1));
+    assert_documented(&doc, "POST", template, &res);
+    for body in [json!({"wait_ms": max_wait + 1}), json!({"batch": max_batch + 1}), json!({"batch": 0})] {
+        let res = gw.post(uri, body.to_string()).await;
+        res.assert_problem(400, "invalid");
+        assert_documented(&doc, "POST", template, &res);
+    }
+
+    let params = doc["paths"]["/v1/streams/{stream}/messages"]["get"]["parameters"].as_array().expect("params");
+    let limit = params.iter().find(|p| p["name"] == "limit").expect("limit parameter");
+    let max_limit = maximum(&limit["schema"], "limit");
+    let res = gw.get(&format!("/v1/streams/fuzz/messages?limit={max_limit}")).await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    for bad in [max_limit + 1, 0] {
+        let res = gw.get(&format!("/v1/streams/fuzz/messages?limit={bad}")).await;
+        res.assert_problem(400, "invalid");
+        assert_documented(&doc, "GET", "/v1/streams/{stream}/messages", &res);
+    }
+}
+
+/// `If-Match` was any string in the document, so the fuzzer's values were
+/// nearly all 400. The document now gives the form the server parses (a
+/// revision, quoted or not); values of that form are parsed (200 or 412),
+/// others are 400, and `If-None-Match` is `*` only.
+async fn if_match_had_no_pattern_in_the_document<H: Harness>() {
+    let gw = Gw::start::<H>().await;
+    gw.put("/v1/kv/fuzz", "").await;
+    let rev = gw.put("/v1/kv/fuzz/k", "v").await.json()["revision"].as_u64().expect("revision");
+    let doc = doc();
+    let header = |method: &str, name: &str| {
+        let params = doc["paths"]["/v1/kv/{bucket}/{key}"][method]["parameters"].as_array().expect("params").clone();
+        let p = params.into_iter().find(|p| p["name"] == name).expect("header parameter");
+        p["schema"]["pattern"].as_str().expect("a pattern").to_owned()
+    };
+    let revision = r#"^("[0-9]{1,19}"|[0-9]{1,19})$"#;
+    assert_eq!(header("put", "If-Match"), revision);
+    assert_eq!(header("delete", "If-Match"), revision);
+    assert_eq!(header("put", "If-None-Match"), r"^\*$");
+    let stale = (rev + 100).to_string();
+    for value in [format!("\"{stale}\""), stale] {
+        let res = gw.send(Method::PUT, "/v1/kv/fuzz/k", &[("if-match", &value)], "v").await;
+        res.assert_problem(412, "wrong-revision");
+    }
+    let res = gw.send(Method::PUT, "/v1/kv/fuzz/k", &[("if-match", &format!("W/\"{rev}\""))], "v").await;
+    res.assert_problem(400, "invalid");
+    let res = gw.send(Method::PUT, "/v1/kv/fuzz/new", &[("if-none-match", "*")], "v").await;
+    assert_eq!(res.status, 200, "{}", res.text());
+    let res = gw.send(Method::DELETE, "/v1/kv/fuzz/new", &[("if-match", "\"1\"")], "").await;
+    res.assert_problem(412, "wrong-revision");
+    assert_documented(&doc, "DELETE", "/v1/kv/{bucket}/{key}", &res);
+}
+
 per_engine!(
+    if_match_had_no_pattern_in_the_document,
+    fetch_wait_ms_had_no_maximum_in_the_document,
     auth_401_and_403_were_undocumented,
     invalid_name_400_was_undocumented,
     missing_parent_404_was_undocumented,

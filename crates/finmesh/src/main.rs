@@ -3,14 +3,14 @@
 //! Subcommands:
 //! - `finmesh demo`: open an embedded engine under `./finmesh-data`, create
 //!   a `demo` stream and KV bucket, and tail the stream live while a
-//!   background task publishes once a second, until Ctrl-C ([`demo`]);
-//! - `finmesh bench`: the embedded engine side by side with the disk's fsync
-//!   ceiling and a real nats-server, in one run ([`mod@bench`]).
+//!   background task publishes once a second, until Ctrl-C ([`demo`]).
+//!
+//! The benchmark harness is a binary of its own (`finmesh-bench`, crate
+//! `finmesh-bench`), so that this one links no benchmark or test-kit code.
 //!
 //! `finmesh serve` (the gateway) comes with a later issue. Errors here are
 //! `anyhow`; the libraries below have typed errors.
 
-mod bench;
 mod client;
 mod config;
 mod demo;
@@ -45,11 +45,6 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Open an embedded engine, publish to a `demo` stream and tail it live until Ctrl-C.
     Demo(demo::DemoArgs),
-    /// Benchmark the embedded engine against the disk and nats-server, side by side.
-    Bench(bench::BenchArgs),
-    /// Internal: one phase of a benchmark in a fresh process (clean memory figures).
-    #[command(name = "__bench-child", hide = true)]
-    BenchChild(bench::ChildArgs),
     /// Check a configuration file and explain every problem in it.
     Config {
         #[command(subcommand)]
@@ -153,8 +148,6 @@ async fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(_) => Ok(()),
         Command::Demo(args) => demo::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
-        Command::BenchChild(args) => bench::run_child(args).await,
         Command::Config { command: ConfigCommand::Check(overrides) } => config_check(&overrides),
         Command::Certs { command: CertsCommand::Dev(args) } => {
             let written = tls::write_dev_pair(&args)?;

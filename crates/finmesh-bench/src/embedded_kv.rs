@@ -2,7 +2,7 @@
 //! (default 1,000,000), and the memory it takes.
 //!
 //! Memory is the process's resident set (`VmRSS`), so each phase runs in a
-//! fresh child process (`finmesh __bench-child`) whose RSS holds nothing
+//! fresh child process (`finmesh-bench __bench-child`) whose RSS holds nothing
 //! but the runtime and the engine:
 //! - **load** (child 1): open the engine, put N keys from 16 tasks (each
 //!   awaiting its put), read VmRSS, then get random keys from 1 task

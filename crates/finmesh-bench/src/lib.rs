@@ -1,5 +1,7 @@
-//! `finmesh bench`: the embedded engine side by side with its peers, in one
-//! run, on this machine.
+//! finmesh-bench: the embedded engine, the NATS engine and the gateway side
+//! by side with their peers, in one run, on this machine. The binary of the
+//! same name is the command line (`finmesh-bench --help`); the shipped
+//! `finmesh` binary carries none of this code and no test kit.
 //!
 //! This machine's speed drifts by up to 2× between runs (NATS-NOTES.md), so
 //! a figure is only worth something next to its peer measured in the same
@@ -8,21 +10,22 @@
 //! and each ratio is computed within a run and then its median taken.
 //!
 //! Scenario families (one file each, `--scenario` selects):
-//! - [`fsync`]: the disk's append + fsync ceiling;
-//! - [`embedded_publish`]: the embedded engine's publish, `sync = always`
+//! - `fsync`: the disk's append + fsync ceiling;
+//! - `embedded_publish`: the embedded engine's publish, `sync = always`
 //!   and `interval(100 ms)`, 1 publisher, 16 publishers, batches of 100;
-//! - [`nats_publish`]: JetStream publish on a real nats-server;
-//! - [`embedded_kv`]: KV put/get over N keys and memory (child processes);
-//! - [`nats_kv`]: NATS KV put/get for comparison;
-//! - [`nats_mirror`]: hub → leaf KV mirror propagation latency, on loopback
+//! - `nats_publish`: JetStream publish on a real nats-server;
+//! - `embedded_kv`: KV put/get over N keys and memory (child processes);
+//! - `nats_kv`: NATS KV put/get for comparison;
+//! - `nats_mirror`: hub → leaf KV mirror propagation latency, on loopback
 //!   and through a 40 ms delaying proxy.
-//! - [`gateway`]: `finmesh serve` (a child process, auth on) under wrk next
+//! - `gateway`: `finmesh serve` (a child process of the real `finmesh`
+//!   binary, auth on; [`finmesh_binary`] says which) under wrk next
 //!   to nginx (`gateway-kv`), on the NATS engine next to async-nats
 //!   (`gateway-nats-kv`), NDJSON publish next to in-process `publish_batch`
-//!   (`gateway-publish`); [`tls_conn`]: new TLS connections per second next
+//!   (`gateway-publish`); `tls_conn`: new TLS connections per second next
 //!   to nginx (`gateway-tls`). These need `wrk` and `nginx` (Debian
 //!   packages of those names) except `gateway-publish`.
-//! - [`nats_engine`] (`nats-engine-publish`) and [`nats_engine_kv`]
+//! - `nats_engine` (`nats-engine-publish`) and `nats_engine_kv`
 //!   (`nats-engine-kv`): every embedded publish and KV scenario through the
 //!   NATS engine and through raw async-nats side by side, on one server
 //!   and on a 3-node R3 cluster; the report gives engine/raw ratios of
@@ -56,6 +59,7 @@ use anyhow::Context as _;
 use finmesh_testkit::NatsServer;
 
 use measure::Measurement;
+pub use node::{FINMESH_BIN_ENV, SERVE_CONFIG, finmesh_binary};
 
 /// Bytes per published message.
 pub const PUBLISH_PAYLOAD: usize = 128;
@@ -156,7 +160,7 @@ impl Scenario {
     }
 }
 
-/// Arguments of `finmesh bench`.
+/// Arguments of `finmesh-bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Runs of every selected scenario; the report shows medians.
@@ -245,7 +249,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let scenarios: Vec<Scenario> = Scenario::ALL.into_iter().filter(|s| s.selected_by(&args.scenarios)).collect();
     let machine = report::Machine::probe(&dir, same_filesystem(&dir, Path::new(".")));
     eprintln!(
-        "finmesh bench: {} run(s) of [{}], {} s windows, data under {}",
+        "finmesh-bench: {} run(s) of [{}], {} s windows, data under {}",
         args.runs,
         scenarios.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
         args.duration_secs,
@@ -288,7 +292,7 @@ pub enum ChildPhase {
     KvReopen,
 }
 
-/// Arguments of the hidden `finmesh __bench-child`.
+/// Arguments of the hidden `finmesh-bench __bench-child`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChildArgs {
     /// The phase to run.
@@ -317,9 +321,10 @@ pub async fn run_child(args: ChildArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Run `finmesh __bench-child` with `args` and parse its measurements.
+/// Run `finmesh-bench __bench-child` (this executable) with `args` and
+/// parse its measurements.
 async fn child_measurements(args: &ChildArgs) -> anyhow::Result<Vec<Measurement>> {
-    let exe = std::env::current_exe().context("locating the finmesh binary")?;
+    let exe = std::env::current_exe().context("locating the finmesh-bench binary")?;
     let phase = match args.phase {
         ChildPhase::KvLoad => "kv-load",
         ChildPhase::KvReopen => "kv-reopen",

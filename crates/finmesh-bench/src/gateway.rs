@@ -53,15 +53,17 @@ pub const NATS_KV_DIRECT: &str = "nats.kv.get.64-tasks";
 pub const PUBLISH_HTTP: &str = "gateway.publish.ndjson-100";
 pub const PUBLISH_IN_PROCESS: &str = "embedded.publish.batch-100.4-tasks";
 
-/// Write the dev certificate pair under `dir`.
+/// Write a self-signed certificate for `localhost` and `127.0.0.1` and its
+/// key under `dir/certs` (what `finmesh certs dev` writes).
 pub fn dev_cert(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let args = crate::tls::DevCertArgs {
-        out: dir.join("certs"),
-        names: vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
-        force: true,
-    };
-    let written = crate::tls::write_dev_pair(&args)?;
-    Ok((written.cert, written.key))
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let pair = rcgen::generate_simple_self_signed(names).context("generating a self-signed certificate")?;
+    let out = dir.join("certs");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let (cert, key) = (out.join("cert.pem"), out.join("key.pem"));
+    std::fs::write(&cert, pair.cert.pem()).with_context(|| format!("writing {}", cert.display()))?;
+    std::fs::write(&key, pair.signing_key.serialize_pem()).with_context(|| format!("writing {}", key.display()))?;
+    Ok((cert, key))
 }
 
 /// Create the bucket and put the benchmark's key; check that it reads back.

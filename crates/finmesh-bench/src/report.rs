@@ -360,7 +360,7 @@ impl Report {
         let m = &self.machine;
         let _ = writeln!(
             s,
-            "finmesh bench: {} run(s), median [min-max]; {} s windows; {} B messages, {} B KV values",
+            "finmesh-bench: {} run(s), median [min-max]; {} s windows; {} B messages, {} B KV values",
             self.runs, self.duration_secs, self.publish_payload_bytes, self.kv_value_bytes
         );
         let _ = writeln!(

@@ -1,12 +1,42 @@
-//! `finmesh bench` end to end on tiny settings: every scenario family runs
+//! `finmesh-bench` end to end on tiny settings: every scenario family runs
 //! against the real engine and a real nats-server, the JSON report has every
 //! figure for every run, and the ratios the issue asks for. The gateway
-//! families also run against real nginx and wrk (scripts/test installs
-//! them); without them the harness names the package to install.
+//! families start the real `finmesh` binary ([`finmesh_bin`]) and also run
+//! against real nginx and wrk (scripts/test installs them); without them
+//! the harness names the package to install.
 
+use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 
 use serde_json::Value;
+
+/// The `finmesh` binary the gateway scenarios start: `$FINMESH_BIN` (as
+/// scripts/test sets it, after building the workspace), else built here with
+/// `cargo build -p finmesh` (a no-op when fresh), so that these tests never
+/// measure a stale or missing binary.
+fn finmesh_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os(finmesh_bench::FINMESH_BIN_ENV) {
+            return bin.into();
+        }
+        let out = Command::new(env!("CARGO"))
+            .args(["build", "-p", "finmesh", "--message-format=json-render-diagnostics"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run cargo build -p finmesh");
+        assert!(out.status.success(), "cargo build -p finmesh failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "finmesh")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo build -p finmesh names the finmesh executable")
+    })
+    .clone()
+}
 
 /// The engine families (everything but `gateway-*`).
 const ENGINE_FAMILIES: [&str; 6] =
@@ -14,16 +44,16 @@ const ENGINE_FAMILIES: [&str; 6] =
 
 fn run_bench(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_finmesh"))
-        .arg("bench")
+    let out = Command::new(env!("CARGO_BIN_EXE_finmesh-bench"))
         .args(args)
         .arg("--dir")
         .arg(dir.path())
         .arg("--json")
         .args(if args.contains(&"--duration-secs") { &[][..] } else { &["--duration-secs", "0.2"][..] })
+        .env(finmesh_bench::FINMESH_BIN_ENV, finmesh_bin())
         .envs(env.iter().copied())
         .output()
-        .expect("run finmesh bench");
+        .expect("run finmesh-bench");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert!(leftovers.is_empty(), "bench left files behind: {leftovers:?}");
     out
@@ -245,4 +275,26 @@ fn without_wrk_and_nginx_the_error_names_the_package_and_publish_still_runs() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(result(&report, "gateway.publish.ndjson-100")["median"].as_f64().unwrap() > 0.0);
+}
+
+/// The configuration the gateway scenarios start `finmesh serve` with is one
+/// that the shipped binary accepts.
+#[test]
+fn the_serve_config_passes_finmesh_config_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(&config, finmesh_bench::SERVE_CONFIG).unwrap();
+    let out = Command::new(finmesh_bin()).args(["config", "check", "--config"]).arg(&config).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration is valid"));
+}
+
+/// Without a `finmesh` to measure, the gateway families say how to get one.
+#[test]
+fn without_a_finmesh_binary_the_error_says_how_to_build_one() {
+    let missing = std::env::temp_dir().join("no-such-finmesh-binary");
+    let out = run_bench(&["--runs", "1", "--only", "gateway-publish"], &[("FINMESH_BIN", missing.to_str().unwrap())]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("FINMESH_BIN") && stderr.contains("is not a file"), "{stderr}");
 }
