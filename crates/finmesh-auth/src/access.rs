@@ -84,6 +84,29 @@ impl Principal {
         Self(Arc::new(Parts { subject, scopes, grants }))
     }
 
+    /// A principal holding `scopes` (as written in a token) capped by
+    /// `ceiling`: a scope that no ceiling entry includes grants nothing
+    /// (it is kept in [`Self::scopes`] for logs and logged at debug level).
+    pub fn within(subject: impl Into<String>, scopes: Vec<String>, ceiling: &[Scope]) -> Self {
+        let p = Self::new(subject, scopes);
+        let grants: Vec<Scope> =
+            p.0.grants
+                .iter()
+                .filter(|g| {
+                    let kept = ceiling.iter().any(|c| c.includes(g));
+                    if !kept {
+                        tracing::debug!(subject = %p.0.subject, scope = %g, "dropping a scope above its key's ceiling");
+                    }
+                    kept
+                })
+                .cloned()
+                .collect();
+        if grants.len() == p.0.grants.len() {
+            return p;
+        }
+        Self(Arc::new(Parts { subject: p.0.subject.clone(), scopes: p.0.scopes.clone(), grants }))
+    }
+
     /// A principal that may do everything (auth disabled, or an admin token).
     pub fn admin(subject: impl Into<String>) -> Self {
         Self::new(subject, vec!["admin".to_owned()])

@@ -16,9 +16,14 @@
 //!    checked against HS256 secrets only (algorithm confusion);
 //! 4. the signature verifies with one of the selected keys;
 //! 5. `exp` is present and not past, `nbf` (when present) is not in the
-//!    future, both with `leeway_secs` of skew; `sub` is a non-empty string; `iss` equals
-//!    the configured issuer and one `aud` equals the configured audience, when
-//!    those are configured (a token's `aud` is ignored when no audience is).
+//!    future, both with `leeway_secs` of skew; `sub` is a non-empty string; `iss`
+//!    equals the issuer of the key that verified it (each key speaks for one
+//!    issuer, see [`crate::config`]), and one `aud` equals the configured
+//!    audience when one is configured (a token's `aud` is ignored otherwise);
+//! 6. the token's scopes are capped by the key's ceiling (`max_scope`):
+//!    a scope that no ceiling entry includes is dropped (logged at debug
+//!    level), so a partner's key cannot mint `admin` or reach another
+//!    tenant's streams. The node's own signing key has no ceiling.
 //!
 //! A token that passed is remembered (see [`crate::cache`]) until
 //! `exp + leeway_secs`, so repeating it costs a map lookup, not a signature
@@ -92,16 +97,13 @@ pub(crate) fn install_jwt_provider() {
     });
 }
 
-fn validation(cfg: &AuthConfig, alg: KeyAlgorithm) -> Validation {
+fn validation(cfg: &AuthConfig, alg: KeyAlgorithm, issuer: &str) -> Validation {
     let mut v = Validation::new(alg.jwt());
     v.leeway = cfg.leeway_secs;
     v.validate_exp = true;
     v.validate_nbf = true;
-    let mut required = vec!["exp", "sub"];
-    if let Some(iss) = &cfg.issuer {
-        v.set_issuer(&[iss]);
-        required.push("iss");
-    }
+    let mut required = vec!["exp", "sub", "iss"];
+    v.set_issuer(&[issuer]);
     match &cfg.audience {
         Some(aud) => {
             v.set_audience(&[aud]);
@@ -127,7 +129,7 @@ impl Authenticator {
     pub fn from_config(cfg: &AuthConfig) -> Result<Self> {
         install_jwt_provider();
         let keys = load_keys(cfg)?.into_iter().map(|k| {
-            let v = validation(cfg, k.alg);
+            let v = validation(cfg, k.alg, &k.trust.issuer);
             (k, v)
         });
         let keys = keys.collect();
@@ -269,7 +271,10 @@ impl Verifier {
                     if let Some(s) = data.claims.scopes {
                         s.into_vec(&mut scopes);
                     }
-                    let principal = Principal::new(data.claims.sub, scopes);
+                    let principal = match &key.trust.ceiling {
+                        None => Principal::new(data.claims.sub, scopes),
+                        Some(ceiling) => Principal::within(data.claims.sub, scopes, ceiling),
+                    };
                     let valid_until = data.claims.exp.saturating_add(self.leeway);
                     self.cache.insert(token.as_bytes(), &principal, valid_until, now);
                     return Ok(principal);

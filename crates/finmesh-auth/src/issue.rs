@@ -5,7 +5,8 @@
 //! An issued token's header is `{"alg": <HS256|EdDSA>, "typ": "JWT"}` plus
 //! `kid` when configured; its claims are exactly
 //! `sub`, `scope` (canonical scopes joined by one space), `iat`, `exp`,
-//! `iss`, `aud` (both default `finmesh`) and `jti` (128 random bits,
+//! `iss` (the node's own issuer, `signing.issuer`), `aud` (`audience`; both
+//! default `finmesh`) and `jti` (128 random bits,
 //! base64url). Invariants: every scope in a token parsed as a [`Scope`]
 //! before signing; `0 < exp - iat <= max_ttl_secs`; a token this issuer signs
 //! is accepted by an [`crate::Authenticator`] built from the same
@@ -90,7 +91,7 @@ impl TokenIssuer {
         Ok(Self {
             key,
             header,
-            issuer: cfg.issuer.clone().unwrap_or_else(|| DEFAULT_ISSUER.to_owned()),
+            issuer: s.issuer().to_owned(),
             audience: cfg.audience.clone().unwrap_or_else(|| DEFAULT_ISSUER.to_owned()),
             default_ttl: Duration::from_secs(s.default_ttl_secs),
             max_ttl: Duration::from_secs(s.max_ttl_secs),

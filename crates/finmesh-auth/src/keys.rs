@@ -10,33 +10,61 @@
 //!   key is an error;
 //! - the signing key: its `alg`; it verifies the tokens this node issues.
 //!
+//! Every key also carries whom it speaks for: the one issuer whose tokens it
+//! verifies and the scope ceiling of those tokens ([`Trust`]): the key's (or
+//! its JWKS file's) `issuer` and `max_scope`, or for the signing key the
+//! node's own issuer and no ceiling.
+//!
 //! Files are read once, at build time; a key rotation restarts the node (or
 //! rebuilds the [`crate::Authenticator`]).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use finmesh_core::{Error, Result};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm as JwkAlg, PublicKeyUse};
 use jsonwebtoken::{AlgorithmFamily, DecodingKey, EncodingKey};
 
 use crate::config::{AuthConfig, KeyAlgorithm, SigningConfig};
+use crate::scope::Scope;
 use crate::secret::{MIN_SECRET_LEN, read_secret};
 
 /// Largest key or JWKS file read, in bytes.
 const MAX_KEY_FILE: u64 = 1024 * 1024;
 
-/// A key that verifies signatures of one algorithm.
+/// Whom a key speaks for.
+#[derive(Debug, Clone)]
+pub(crate) struct Trust {
+    /// The only `iss` the key verifies.
+    pub issuer: String,
+    /// The most its tokens grant; `None` for the node's own key.
+    pub ceiling: Option<Arc<[Scope]>>,
+}
+
+impl Trust {
+    fn external(issuer: &str, max_scope: &[String]) -> Result<Self> {
+        let ceiling = max_scope.iter().map(|s| s.parse()).collect::<Result<Vec<Scope>>>()?;
+        Ok(Trust { issuer: issuer.to_owned(), ceiling: Some(ceiling.into()) })
+    }
+}
+
+/// A key that verifies signatures of one algorithm, for one issuer.
 #[derive(Clone)]
 pub(crate) struct VerifyingKey {
     pub kid: Option<String>,
     pub alg: KeyAlgorithm,
     pub key: DecodingKey,
+    pub trust: Trust,
 }
 
 impl std::fmt::Debug for VerifyingKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print key material (an HS256 key is the secret itself).
-        f.debug_struct("VerifyingKey").field("kid", &self.kid).field("alg", &self.alg).finish_non_exhaustive()
+        f.debug_struct("VerifyingKey")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .field("trust", &self.trust)
+            .finish_non_exhaustive()
     }
 }
 
@@ -113,14 +141,21 @@ pub(crate) fn load_keys(cfg: &AuthConfig) -> Result<Vec<VerifyingKey>> {
             (None, Some(public)) => public_key(public, k.alg)?,
             (None, None) => return Err(Error::invalid("auth.keys: a key has no file; run validate() first")),
         };
-        keys.push(VerifyingKey { kid: k.kid.clone(), alg: k.alg, key });
+        keys.push(VerifyingKey {
+            kid: k.kid.clone(),
+            alg: k.alg,
+            key,
+            trust: Trust::external(&k.issuer, &k.max_scope)?,
+        });
     }
-    for path in &cfg.jwks_files {
-        keys.extend(load_jwks(path)?);
+    for j in &cfg.jwks {
+        let trust = Trust::external(&j.issuer, &j.max_scope)?;
+        keys.extend(load_jwks(&j.file, &trust)?);
     }
     if let Some(s) = &cfg.signing {
         let (_, key) = signing_key(s)?;
-        keys.push(VerifyingKey { kid: s.kid.clone(), alg: s.alg, key });
+        let trust = Trust { issuer: s.issuer().to_owned(), ceiling: None };
+        keys.push(VerifyingKey { kid: s.kid.clone(), alg: s.alg, key, trust });
     }
     let mut kids = std::collections::HashSet::new();
     if let Some(dup) = keys.iter().filter_map(|k| k.kid.as_deref()).find(|kid| !kids.insert(*kid)) {
@@ -129,14 +164,14 @@ pub(crate) fn load_keys(cfg: &AuthConfig) -> Result<Vec<VerifyingKey>> {
     Ok(keys)
 }
 
-/// The usable keys of one JWKS file.
-pub(crate) fn load_jwks(path: &Path) -> Result<Vec<VerifyingKey>> {
+/// The usable keys of one JWKS file, each speaking for `trust`.
+pub(crate) fn load_jwks(path: &Path, trust: &Trust) -> Result<Vec<VerifyingKey>> {
     let bytes = read_key_file(path)?;
     let set: JwkSet = serde_json::from_slice(&bytes)
         .map_err(|e| Error::invalid(format!("{} is not a JWKS document: {e}", path.display())).with_source(e))?;
     let mut keys = vec![];
     for (i, jwk) in set.keys.iter().enumerate() {
-        match jwk_key(jwk) {
+        match jwk_key(jwk, trust) {
             Ok(k) => keys.push(k),
             Err(why) => {
                 tracing::warn!(path = %path.display(), index = i, kid = ?jwk.common.key_id, "skipping JWK: {why}")
@@ -149,7 +184,7 @@ pub(crate) fn load_jwks(path: &Path) -> Result<Vec<VerifyingKey>> {
     Ok(keys)
 }
 
-fn jwk_key(jwk: &Jwk) -> std::result::Result<VerifyingKey, String> {
+fn jwk_key(jwk: &Jwk, trust: &Trust) -> std::result::Result<VerifyingKey, String> {
     if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
         return Err("its use is encryption".into());
     }
@@ -178,5 +213,5 @@ fn jwk_key(jwk: &Jwk) -> std::result::Result<VerifyingKey, String> {
     if alg == KeyAlgorithm::HS256 && key.try_get_as_bytes().map_or(0, <[u8]>::len) < MIN_SECRET_LEN {
         return Err(format!("an HS256 key needs at least {MIN_SECRET_LEN} bytes"));
     }
-    Ok(VerifyingKey { kid: jwk.common.key_id.clone(), alg, key })
+    Ok(VerifyingKey { kid: jwk.common.key_id.clone(), alg, key, trust: trust.clone() })
 }

@@ -85,7 +85,7 @@ pub use access::{Access, Principal};
 pub use authenticator::{
     Authenticator, BEARER_CHALLENGE, BEARER_INSUFFICIENT_SCOPE, BEARER_INVALID_TOKEN, bearer_challenge, parse_bearer,
 };
-pub use config::{AuthConfig, KeyAlgorithm, KeyConfig, SigningConfig};
+pub use config::{AuthConfig, JwksConfig, KeyAlgorithm, KeyConfig, SigningConfig};
 pub use issue::{IssuedToken, NodeAuth, TokenIssuer, bootstrap_node_auth, issue_token, parse_ttl};
 pub use oauth::{
     ClientConfig, ClientRegistry, OAuthError, OAuthErrorCode, TokenRequest, TokenResponse, generate_client_secret,

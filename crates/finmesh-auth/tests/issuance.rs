@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::*;
 use finmesh_auth::{
-    Access, AuthConfig, Authenticator, KeyAlgorithm, KeyConfig, Scope, SigningConfig, TokenIssuer, issue_token,
-    load_or_create_secret,
+    Access, AuthConfig, Authenticator, JwksConfig, KeyAlgorithm, KeyConfig, Scope, SigningConfig, TokenIssuer,
+    issue_token, load_or_create_secret,
 };
 use finmesh_core::{ErrorKind, StreamName, Subject};
 use serde_json::Value;
@@ -71,7 +71,6 @@ fn jti_is_unique_and_another_nodes_secret_refuses_the_token() {
 #[test]
 fn eddsa_issuer_tokens_verify_with_the_public_key_alone() {
     let cfg = AuthConfig {
-        issuer: Some(ISSUER.into()),
         audience: Some(AUDIENCE.into()),
         signing: Some(SigningConfig {
             kid: Some("node-ed".into()),
@@ -80,6 +79,7 @@ fn eddsa_issuer_tokens_verify_with_the_public_key_alone() {
             private_key_file: Some(key("ed.pem")),
             default_ttl_secs: 60,
             max_ttl_secs: 120,
+            issuer: Some(ISSUER.into()),
         }),
         ..AuthConfig::default()
     };
@@ -91,13 +91,10 @@ fn eddsa_issuer_tokens_verify_with_the_public_key_alone() {
     assert!(Authenticator::from_config(&cfg).unwrap().authenticate(Some(&bearer(&issued.token))).is_ok());
     // A peer that only has the public key verifies them too.
     let peer = AuthConfig {
-        issuer: Some(ISSUER.into()),
         audience: Some(AUDIENCE.into()),
         keys: vec![KeyConfig {
             kid: Some("node-ed".into()),
-            alg: KeyAlgorithm::EdDSA,
-            secret_file: None,
-            public_key_file: Some(key("ed.pub.pem")),
+            ..KeyConfig::new(KeyAlgorithm::EdDSA, key("ed.pub.pem"), ISSUER, &["admin"])
         }],
         ..AuthConfig::default()
     };
@@ -125,6 +122,7 @@ fn issuing_refuses_bad_requests() {
         let e = issue_token(&cfg, sub, scopes, ttl).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Invalid, "{sub:?} {scopes:?} {ttl:?}");
     }
-    let no_signing = AuthConfig { signing: None, jwks_files: vec!["j.json".into()], ..cfg };
+    let jwks = JwksConfig { file: "j.json".into(), issuer: ISSUER.into(), max_scope: vec!["admin".into()] };
+    let no_signing = AuthConfig { signing: None, jwks: vec![jwks], ..cfg };
     assert_eq!(issue_token(&no_signing, "svc", &ok, None).unwrap_err().kind(), ErrorKind::Invalid);
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use finmesh_auth::{Access, AuthConfig, Authenticator, KeyAlgorithm, KeyConfig};
+use finmesh_auth::{Access, AuthConfig, Authenticator, JwksConfig, KeyAlgorithm, KeyConfig};
 use finmesh_core::{BucketName, ErrorKind};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::json;
@@ -138,11 +138,11 @@ fn issuer_audience_and_subject_are_checked() {
     refused(&a, &with("sub", json!(42)), "sub not a string");
     refused(&a, &with("sub", json!(" ")), "empty sub");
 
-    // Without issuer/audience configured, neither is checked.
-    let open = AuthConfig { issuer: None, audience: None, ..f.config.clone() };
+    // Without an audience configured, `aud` is not checked; `iss` always is.
+    let open = AuthConfig { audience: None, ..f.config.clone() };
     let a = Authenticator::from_config(&open).unwrap();
-    assert!(a.authenticate(Some(&with("iss", json!("https://anyone/")))).is_ok());
     assert!(a.authenticate(Some(&with("aud", json!("anything")))).is_ok());
+    assert_eq!(a.authenticate(Some(&with("iss", json!("https://anyone/")))).unwrap_err().message(), "wrong issuer");
 }
 
 #[test]
@@ -253,7 +253,8 @@ fn jwks_file_keys_are_pinned_and_selected_by_kid() {
     };
     let path = dir.path().join("jwks.json");
     std::fs::write(&path, serde_json::to_vec(&set).unwrap()).unwrap();
-    let cfg = AuthConfig { jwks_files: vec![path.clone()], audience: Some(AUDIENCE.into()), ..AuthConfig::default() };
+    let jwks = JwksConfig { file: path.clone(), issuer: ISSUER.into(), max_scope: vec!["admin".into()] };
+    let cfg = AuthConfig { jwks: vec![jwks], audience: Some(AUDIENCE.into()), ..AuthConfig::default() };
     let a = Authenticator::from_config(&cfg).unwrap();
     for (alg, kid) in [(Algorithm::RS256, "k-rsa"), (Algorithm::ES256, "k-ec"), (Algorithm::EdDSA, "k-ed")] {
         let t = sign(alg, Some(kid), &claims("admin"), &signing_key(alg));
@@ -281,7 +282,7 @@ fn jwks_file_keys_are_pinned_and_selected_by_kid() {
 fn from_config_reports_bad_key_files() {
     let f = Fixture::new();
     let with_key = |k: KeyConfig| AuthConfig { keys: vec![k], ..AuthConfig::default() };
-    let public = |alg, path| KeyConfig { kid: None, alg, secret_file: None, public_key_file: Some(path) };
+    let public = |alg, path| KeyConfig::new(alg, path, ISSUER, &["admin"]);
     let e = Authenticator::from_config(&with_key(public(KeyAlgorithm::RS256, key("missing.pem")))).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Internal);
     let e = Authenticator::from_config(&with_key(public(KeyAlgorithm::RS256, key("ec.pub.pem")))).unwrap_err();
@@ -290,7 +291,7 @@ fn from_config_reports_bad_key_files() {
     assert_eq!(e.kind(), ErrorKind::Invalid);
     let short = f.dir.path().join("short");
     std::fs::write(&short, "too-short").unwrap();
-    let hs = KeyConfig { kid: None, alg: KeyAlgorithm::HS256, secret_file: Some(short), public_key_file: None };
+    let hs = KeyConfig::new(KeyAlgorithm::HS256, short, ISSUER, &["admin"]);
     assert_eq!(Authenticator::from_config(&with_key(hs)).unwrap_err().kind(), ErrorKind::Invalid);
     assert_eq!(Authenticator::from_config(&AuthConfig::default()).unwrap_err().kind(), ErrorKind::Invalid);
 }

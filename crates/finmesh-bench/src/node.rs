@@ -6,7 +6,7 @@
 //!
 //! The child's stdout and stderr go to a log file in its directory; start-up
 //! polls that file (with a deadline) for the `listening on <url>` line and
-//! takes the admin token printed on the first start. Its configuration file
+//! takes the admin token written on the first start (its file's path is printed). Its configuration file
 //! raises only the per-client rate limit (default 1000/s, which a load
 //! generator on one token would hit at once) and the concurrency cap; the
 //! limiter itself still runs on every request. The child is SIGKILLed and
@@ -66,7 +66,7 @@ pub struct Node {
     process: ServerProcess,
     /// `http://127.0.0.1:<port>` or `https://...`.
     pub url: String,
-    /// The admin token printed at the first start in this data directory.
+    /// The admin token written at the first start in this data directory.
     pub token: Option<String>,
 }
 
@@ -100,7 +100,16 @@ impl Node {
                 anyhow::bail!("{}", process.exited_error(status));
             }
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some((url, token)) = parse_start_lines(&text) {
+            if let Some((url, token_file)) = parse_start_lines(&text) {
+                let token = match token_file {
+                    Some(path) => Some(
+                        std::fs::read_to_string(&path)
+                            .with_context(|| format!("reading the admin token in {path}"))?
+                            .trim()
+                            .to_owned(),
+                    ),
+                    None => None,
+                };
                 return Ok(Node { process, url, token });
             }
             anyhow::ensure!(Instant::now() < deadline, "{}", process.not_ready_error(START_TIMEOUT));
@@ -114,16 +123,16 @@ impl Node {
     }
 }
 
-/// The URL from `listening on <url>` and the admin token, once the URL line
-/// is there.
+/// The URL from `listening on <url>` and the path of the admin token file,
+/// once the URL line is there.
 fn parse_start_lines(text: &str) -> Option<(String, Option<String>)> {
     let url = text.lines().find_map(|l| l.strip_prefix("listening on "))?;
-    let token = text
+    let token_file = text
         .lines()
-        .find(|l| l.starts_with("admin token (shown once"))
-        .and_then(|l| l.split_once("): "))
-        .map(|(_, t)| t.trim().to_owned());
-    Some((url.trim().to_owned(), token))
+        .find(|l| l.starts_with("admin token ("))
+        .and_then(|l| l.split_once(") written to "))
+        .map(|(_, path)| path.trim().to_owned());
+    Some((url.trim().to_owned(), token_file))
 }
 
 /// A reqwest client for set-up calls, trusting `cert` when given.
@@ -150,10 +159,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn start_lines_give_the_url_and_the_token() {
-        let first = "admin token (shown once, valid 30 days): eyJ.a.b\nissue more with: ...\nlistening on http://127.0.0.1:4100\n";
-        assert_eq!(parse_start_lines(first), Some(("http://127.0.0.1:4100".to_owned(), Some("eyJ.a.b".to_owned()))));
-        assert_eq!(parse_start_lines("admin token (shown once, valid 30 days): x\n"), None);
+    fn start_lines_give_the_url_and_the_token_file() {
+        let first = "admin token (valid 30 days) written to /d/admin-token\nissue more with: ...\nlistening on http://127.0.0.1:4100\n";
+        assert_eq!(
+            parse_start_lines(first),
+            Some(("http://127.0.0.1:4100".to_owned(), Some("/d/admin-token".to_owned())))
+        );
+        assert_eq!(parse_start_lines("admin token (valid 30 days) written to /d/admin-token\n"), None);
         assert_eq!(parse_start_lines("listening on https://h:1\n"), Some(("https://h:1".to_owned(), None)));
     }
 }

@@ -6,6 +6,14 @@
 //! [`ErrorKind::Invalid`](crate::ErrorKind::Invalid) error, problems joined
 //! by `; `. Engines call `validate()` before anything reaches storage.
 //! Durations are serialized as milliseconds.
+//!
+//! Invariant: a user stream never captures the engines' own subjects. A
+//! subject pattern of a [`StreamConfig`] must start with a literal token that
+//! neither starts with `$` (`$KV.…` holds KV values, `$JS.…` the JetStream
+//! API and acks, `$SYS.…` the server's events) nor with `_INBOX` (replies);
+//! a wildcard first token (`*`, `>`) is refused too, since it would match
+//! them. The engines build their own streams (KV buckets' `$KV.<b>.>`)
+//! without this check.
 
 use std::time::Duration;
 
@@ -143,6 +151,11 @@ impl StreamConfig {
         if self.subjects.is_empty() {
             p.push("subjects must not be empty".to_owned());
         }
+        for s in &self.subjects {
+            if let Some(why) = reserved_subject(s) {
+                p.push(format!("subject `{s}` {why}"));
+            }
+        }
         for (i, a) in self.subjects.iter().enumerate() {
             for b in &self.subjects[i + 1..] {
                 if a.overlaps(b) {
@@ -185,6 +198,20 @@ impl StreamConfig {
             p.push(format!("replicas must be 1-5, got {}", self.replicas));
         }
         finish(p, "stream config")
+    }
+}
+
+/// Why a stream may not capture `pattern`, if it may not (see the module doc).
+pub fn reserved_subject(pattern: &SubjectPattern) -> Option<&'static str> {
+    let first = pattern.as_str().split('.').next().unwrap_or_default();
+    if first == "*" || first == ">" {
+        Some("starts with a wildcard, which would capture the reserved `$…` and `_INBOX…` subjects")
+    } else if first.starts_with('$') {
+        Some("starts with `$`; subjects starting with `$` are reserved for KV, the JetStream API and the system")
+    } else if first.starts_with("_INBOX") {
+        Some("starts with `_INBOX`; those subjects carry other clients' replies")
+    } else {
+        None
     }
 }
 
@@ -472,6 +499,20 @@ mod tests {
         }
         assert!(StreamConfig::new(sn("S"), vec![sp("a.*")]).validate().is_ok());
         assert!(StreamConfig::new(sn("S"), vec![]).validate().is_err());
+    }
+
+    /// Regression (issue 21): a stream capturing `_INBOX.>`, `$KV.other.>`,
+    /// `$JS.API.>` or `$SYS.>` would read other tenants' replies and values.
+    #[test]
+    fn reserved_subjects_are_refused() {
+        for bad in ["_INBOX.>", "_INBOX", "_INBOXES.x", "$KV.other.>", "$JS.API.>", "$SYS.>", "$x", ">", "*.b", "*.>"] {
+            let e = StreamConfig::new(sn("S"), vec![sp("ok.x"), sp(bad)]).validate().unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Invalid);
+            assert!(e.message().contains(&format!("subject `{bad}`")), "{bad}: {e}");
+        }
+        for good in ["a.$x", "orders.>", "a._INBOX.>", "x.*", "INBOX.>", "KV.a"] {
+            assert!(StreamConfig::new(sn("S"), vec![sp(good)]).validate().is_ok(), "{good}");
+        }
     }
 
     #[test]

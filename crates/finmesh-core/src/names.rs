@@ -6,8 +6,15 @@
 //! so every name is also valid on the NATS engine:
 //! - stream, bucket and consumer names: 1–64 characters of `A–Z a–z 0–9 _ -`
 //!   (bucket names 1–61, since the NATS engine stores bucket `b` as stream `KV_b`);
-//! - keys: 1–1024 characters of `A–Z a–z 0–9 - / _ = .`, not starting or
-//!   ending with `.`, no empty `..` token, not starting with `_kv` (reserved).
+//! - keys: 1–[`MAX_KEY_LEN`] (958) characters of `A–Z a–z 0–9 - / _ = .`,
+//!   not starting or ending with `.`, no empty `..` token, not starting with
+//!   `_kv` (reserved).
+//!
+//! The limits fit together: both engines store key `k` of bucket `b` under
+//! the subject `$KV.b.k`, which must stay within
+//! [`MAX_SUBJECT_LEN`](crate::subject::MAX_SUBJECT_LEN) (1024) for the
+//! longest bucket name, so `MAX_KEY_LEN = 1024 - len("$KV.") - 61 - len(".")`;
+//! and bucket `b`'s stream `KV_b` fits the 64-character stream name limit.
 
 use std::fmt;
 use std::str::FromStr;
@@ -101,21 +108,30 @@ macro_rules! name_type {
     };
 }
 
+/// Longest stream name, in bytes.
+pub const MAX_STREAM_NAME_LEN: usize = 64;
+/// Longest bucket name, in bytes: the NATS engine's backing stream `KV_<b>`
+/// must be a valid stream name.
+pub const MAX_BUCKET_NAME_LEN: usize = MAX_STREAM_NAME_LEN - "KV_".len();
+/// Longest consumer name, in bytes.
+pub const MAX_CONSUMER_NAME_LEN: usize = 64;
+
 name_type!(
     /// The name of a stream: 1–64 characters of `A–Z a–z 0–9 _ -`.
-    StreamName, "stream name", 64
+    StreamName, "stream name", MAX_STREAM_NAME_LEN
 );
 name_type!(
     /// The name of a KV bucket: 1–61 characters of `A–Z a–z 0–9 _ -`.
-    BucketName, "bucket name", 61
+    BucketName, "bucket name", MAX_BUCKET_NAME_LEN
 );
 name_type!(
     /// The name of a durable consumer: 1–64 characters of `A–Z a–z 0–9 _ -`.
-    ConsumerName, "consumer name", 64
+    ConsumerName, "consumer name", MAX_CONSUMER_NAME_LEN
 );
 
-/// Longest key accepted, in bytes.
-pub const MAX_KEY_LEN: usize = 1024;
+/// Longest key accepted, in bytes: the subject `$KV.<bucket>.<key>` of the
+/// longest bucket name must stay within the subject limit.
+pub const MAX_KEY_LEN: usize = crate::subject::MAX_SUBJECT_LEN - "$KV.".len() - MAX_BUCKET_NAME_LEN - ".".len();
 
 /// A KV key, following the JetStream KV key rules (see the module doc).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -223,7 +239,8 @@ mod tests {
 
     #[test]
     fn keys_follow_jetstream_rules() {
-        for ok in ["a", "card.4111", "a/b=c_d-e", "A.B.C", "x".repeat(1024).as_str()] {
+        assert_eq!(MAX_KEY_LEN, 958);
+        for ok in ["a", "card.4111", "a/b=c_d-e", "A.B.C", "x".repeat(MAX_KEY_LEN).as_str()] {
             assert!(Key::new(ok).is_ok(), "{ok}");
         }
         let cases = [
@@ -241,7 +258,19 @@ mod tests {
             assert_eq!(e.kind(), ErrorKind::Invalid);
             assert!(e.message().contains(why), "{bad}: {e}");
         }
-        assert!(Key::new("x".repeat(1025)).unwrap_err().message().contains("limit is 1024"));
+        assert!(Key::new("x".repeat(959)).unwrap_err().message().contains("limit is 958"));
+    }
+
+    /// Regression (issue 17): a key of 1,020–1,024 bytes was valid, but its
+    /// subject `$KV.<bucket>.<key>` was not, and the embedded engine panicked.
+    /// Every valid key of the longest bucket name makes a valid subject.
+    #[test]
+    fn longest_key_of_longest_bucket_is_a_valid_subject() {
+        let bucket = BucketName::new("b".repeat(MAX_BUCKET_NAME_LEN)).unwrap();
+        let key = Key::new("k".repeat(MAX_KEY_LEN)).unwrap();
+        let subject = crate::Subject::new(format!("$KV.{bucket}.{key}")).unwrap();
+        assert_eq!(subject.as_str().len(), crate::subject::MAX_SUBJECT_LEN);
+        assert!(StreamName::new(format!("KV_{bucket}")).is_ok());
     }
 
     #[test]

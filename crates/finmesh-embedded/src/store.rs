@@ -274,15 +274,43 @@ fn literal_prefix(p: &SubjectPattern) -> String {
     out
 }
 
-/// Map a fjall error: a poisoned database is `Unavailable`, anything else `Internal`.
+/// Map a fjall error: a poisoned database, and a resource that ran out
+/// (disk space, quota, file descriptors, memory: see [`exhausted`]), are
+/// `Unavailable` (retrying once the operator freed some may succeed);
+/// anything else is `Internal`.
 pub(crate) fn storage(e: impl Into<fjall::Error>) -> Error {
     let e: fjall::Error = e.into();
-    match e {
-        fjall::Error::Poisoned => {
-            Error::unavailable("store is poisoned after a failed write or fsync; restart the node").with_source(e)
-        }
-        e => Error::internal("storage error").with_source(e),
+    if let fjall::Error::Poisoned = e {
+        return Error::unavailable("store is poisoned after a failed write or fsync; restart the node").with_source(e);
     }
+    match exhausted(&e) {
+        Some(what) => {
+            Error::unavailable(format!("the store is out of {what}; retry once some is freed")).with_source(e)
+        }
+        None => Error::internal("storage error").with_source(e),
+    }
+}
+
+/// The resource `e` (or an I/O error in its source chain) says ran out, if any.
+pub(crate) fn exhausted(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            let what = match (io.kind(), io.raw_os_error()) {
+                (K::StorageFull, _) | (_, Some(libc::ENOSPC)) => Some("disk space"),
+                (K::QuotaExceeded, _) | (_, Some(libc::EDQUOT)) => Some("disk quota"),
+                (_, Some(libc::EMFILE | libc::ENFILE)) => Some("file descriptors"),
+                (K::OutOfMemory, _) | (_, Some(libc::ENOMEM)) => Some("memory"),
+                _ => None,
+            };
+            if what.is_some() {
+                return what;
+            }
+        }
+        next = e.source();
+    }
+    None
 }
 
 fn ks_name(name: &StreamName, part: char) -> String {
@@ -543,4 +571,41 @@ pub(crate) fn load_all(db: &Database, meta: &Keyspace, registry: &Registry) -> R
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use finmesh_core::ErrorKind;
+
+    use super::storage;
+
+    fn os(errno: i32) -> std::io::Error {
+        std::io::Error::from_raw_os_error(errno)
+    }
+
+    /// Regression (issue 17): a full disk or exhausted descriptors were
+    /// `Internal` (500, not retryable); they are `Unavailable` (503).
+    #[test]
+    fn resource_exhaustion_is_unavailable() {
+        for (errno, what) in [
+            (libc::ENOSPC, "disk space"),
+            (libc::EDQUOT, "disk quota"),
+            (libc::EMFILE, "file descriptors"),
+            (libc::ENFILE, "file descriptors"),
+            (libc::ENOMEM, "memory"),
+        ] {
+            let e = storage(fjall::Error::Io(os(errno)));
+            assert_eq!(e.kind(), ErrorKind::Unavailable, "errno {errno}");
+            assert!(e.message().contains(what), "{e}");
+            // Also when the I/O error comes through the LSM tree.
+            let e = storage(fjall::Error::Storage(fjall::LsmError::Io(os(errno))));
+            assert_eq!(e.kind(), ErrorKind::Unavailable, "errno {errno} via lsm-tree");
+        }
+        let e = storage(fjall::Error::Io(std::io::ErrorKind::StorageFull.into()));
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert_eq!(storage(fjall::Error::Poisoned).kind(), ErrorKind::Unavailable);
+        for other in [fjall::Error::Io(os(libc::EIO)), fjall::Error::InvalidTrailer, fjall::Error::Unrecoverable] {
+            assert_eq!(storage(other).kind(), ErrorKind::Internal);
+        }
+    }
 }

@@ -872,15 +872,27 @@ impl Writer {
         Ok(removed)
     }
 
+    /// Rebuild a stream's dedup state from its newest messages inside the
+    /// window, once per stream. A record that does not decode is skipped with
+    /// a warning (its id, if it had one, no longer deduplicates): one bad
+    /// record must not fail every publish, and the error would poison the
+    /// writer for every stream.
     fn load_dedup(&mut self, h: &StreamHandle, window: Duration) -> Result<()> {
         if !self.dedup.contains_key(&h.name) {
-            // Rebuild from the newest messages inside the window.
             let mut d = Dedup::default();
             let cutoff = Timestamp::now().saturating_sub(window);
             let mut found = Vec::new();
             for kv in h.msgs.iter().rev() {
                 let (k, v) = kv.into_inner().map_err(storage)?;
-                let m = crate::codec::decode_message(crate::codec::key_seq(&k)?, v.into())?;
+                let m = match crate::codec::key_seq(&k).and_then(|seq| crate::codec::decode_message(seq, v.into())) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let seq = crate::codec::key_seq(&k).ok().map(|s| s.0);
+                        tracing::warn!(stream = %h.name, seq = ?seq, error = %e,
+                            "skipping a corrupt record while rebuilding the dedup state");
+                        continue;
+                    }
+                };
                 if m.time < cutoff {
                     break;
                 }

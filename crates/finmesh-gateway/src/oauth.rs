@@ -8,16 +8,23 @@
 //!   ([`AppState::with_oauth`]); otherwise it answers 404 `not-found`;
 //! - it takes no bearer token; it is rate-limited per client IP (the
 //!   `ConnectInfo<SocketAddr>` of the connection; requests without one, as
-//!   in-process tests, share one key) before the body is read;
+//!   in-process tests, share one key) and then by a global rate over all
+//!   clients (so many addresses cannot add up to unbounded argon2 work),
+//!   both before the body is read (429);
 //! - the body is read up to [`MAX_FORM_LEN`] bytes; argon2 runs on a
-//!   blocking thread, never on the runtime;
+//!   blocking thread, never on the runtime, and at most
+//!   `max_concurrent_token_grants` run at once: a request finding them all
+//!   busy is answered 503 `overloaded` with `Retry-After` at once, never
+//!   queued (a queue of argon2 work only adds latency to an overload);
 //! - grant outcomes (success and every RFC error) are `application/json` in
 //!   the RFC's format, with `Cache-Control: no-store` and `Pragma: no-cache`,
 //!   and `WWW-Authenticate` on `invalid_client`; they are marked so that the
 //!   problem+json fallback leaves them alone. Transport answers that are not
 //!   grant outcomes (404 without a registry, 429) stay problem+json.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::to_bytes;
@@ -27,17 +34,52 @@ use axum::response::{IntoResponse, Response};
 use finmesh_auth::oauth::MAX_FORM_LEN;
 use finmesh_auth::{ClientRegistry, OAuthError, OAuthErrorCode, TokenRequest};
 
-use crate::AppState;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::limits::RateLimiter;
 use crate::problem::Problem;
 use crate::schema::{OAuthErrorBody, TokenForm, TokenGrant};
+use crate::{AppState, Limits};
 
 /// Marks a response whose error status and body are final (not rewritten
 /// into problem+json by the [`edge`](crate::edge)).
 #[derive(Debug, Clone, Copy)]
 pub struct RfcBody;
 
+/// Admission to the argon2 work of the endpoint, next to the per-IP rate:
+/// a global rate and a cap on verifications running at once.
+pub(crate) struct TokenAdmission {
+    /// One bucket for every client (a keyed limiter with a single key).
+    global: RateLimiter,
+    /// One permit per verification allowed to run.
+    grants: Arc<Semaphore>,
+    /// The number of permits.
+    max: usize,
+}
+
+impl TokenAdmission {
+    pub(crate) fn new(limits: &Limits) -> Self {
+        let max = limits.max_concurrent_token_grants;
+        TokenAdmission {
+            global: RateLimiter::new(limits.token_rate_global, &HashMap::new()),
+            grants: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    fn check_global(&self) -> Result<(), std::time::Duration> {
+        static KEY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "all-clients".into());
+        self.global.check(&KEY)
+    }
+
+    /// Verifications running now.
+    pub(crate) fn running(&self) -> usize {
+        self.max - self.grants.available_permits()
+    }
+}
+
 /// The rate-limit key of a request: its peer IP, or one shared key.
-fn client_key(req: &Request) -> std::sync::Arc<str> {
+fn client_key(req: &Request) -> Arc<str> {
     match req.extensions().get::<ConnectInfo<SocketAddr>>() {
         Some(ConnectInfo(addr)) => addr.ip().to_string().into(),
         None => "unknown-peer".into(),
@@ -59,7 +101,8 @@ fn oauth_error(error: OAuthErrorCode, description: &str) -> OAuthError {
         (status = 400, description = "`invalid_request`, `unsupported_grant_type`, `invalid_scope`", body = OAuthErrorBody),
         (status = 401, description = "`invalid_client`, with `WWW-Authenticate: Basic`", body = OAuthErrorBody),
         (status = 404, description = "no OAuth clients configured", body = crate::Problem),
-        (status = 429, description = "this IP's request rate is over its limit", body = crate::Problem),
+        (status = 429, description = "this IP's, or all clients', request rate is over its limit", body = crate::Problem),
+        (status = 503, description = "`overloaded`: every argon2 verification slot is busy; `Retry-After`", body = crate::Problem),
         (status = 500, description = "`server_error`: the token could not be signed", body = OAuthErrorBody),
     ))]
 pub async fn token(State(state): State<AppState>, req: Request) -> Response {
@@ -67,7 +110,8 @@ pub async fn token(State(state): State<AppState>, req: Request) -> Response {
         return Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found", "this node has no OAuth clients")
             .into_response();
     };
-    if let Err(wait) = state.inner.oauth_rate.check(&client_key(&req)) {
+    let admission = &state.inner.oauth_admission;
+    if let Err(wait) = state.inner.oauth_rate.check(&client_key(&req)).and_then(|()| admission.check_global()) {
         crate::metrics::rate_limited();
         return Problem::rate_limited(wait.as_secs_f64().ceil() as u64).into_response();
     }
@@ -81,7 +125,13 @@ pub async fn token(State(state): State<AppState>, req: Request) -> Response {
             let content_type = parts.headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes);
             let authorization = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
             match TokenRequest::from_form(content_type, &body, authorization) {
-                Ok(req) => grant(clients, req).await,
+                Ok(req) => {
+                    let Ok(permit) = admission.grants.clone().try_acquire_owned() else {
+                        tracing::debug!("oauth token request shed: every argon2 slot is busy");
+                        return Problem::overloaded().into_response();
+                    };
+                    grant(clients, req, permit).await
+                }
                 Err(e) => Err(e),
             }
         }
@@ -89,12 +139,19 @@ pub async fn token(State(state): State<AppState>, req: Request) -> Response {
     respond(result)
 }
 
-/// Run the grant (argon2) on a blocking thread.
+/// Run the grant (argon2) on a blocking thread, holding `permit` until it
+/// is done (even if the request is dropped meanwhile).
 async fn grant(
-    clients: std::sync::Arc<ClientRegistry>,
+    clients: Arc<ClientRegistry>,
     req: TokenRequest,
+    permit: OwnedSemaphorePermit,
 ) -> Result<finmesh_auth::TokenResponse, OAuthError> {
-    match tokio::task::spawn_blocking(move || clients.grant(&req)).await {
+    let work = move || {
+        let result = clients.grant(&req);
+        drop(permit);
+        result
+    };
+    match tokio::task::spawn_blocking(work).await {
         Ok(result) => result,
         Err(e) => {
             tracing::error!(error = %e, "oauth grant task failed");

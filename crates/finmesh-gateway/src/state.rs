@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
+use crate::oauth::TokenAdmission;
 use crate::subscribe::Subscribers;
 
 /// A sustained request rate with a burst allowance.
@@ -52,6 +53,15 @@ pub struct Limits {
     /// call costs an argon2 verification (tens of milliseconds of CPU), so
     /// the default is low: 10/s with a burst of 20.
     pub token_rate: Option<Rate>,
+    /// Rate of `POST /oauth/token` over all clients together, checked after
+    /// the per-IP [`token_rate`](Self::token_rate): many addresses cannot
+    /// add up to more argon2 work than this. `None` = no limit. Default 50/s
+    /// with a burst of 100.
+    pub token_rate_global: Option<Rate>,
+    /// argon2 verifications of `POST /oauth/token` running at once; a request
+    /// that finds them all busy is answered 503 `overloaded` at once instead
+    /// of queueing. Default 4.
+    pub max_concurrent_token_grants: usize,
 }
 
 impl Default for Limits {
@@ -63,6 +73,8 @@ impl Default for Limits {
             rate: Some(Rate { per_second: 1000, burst: 2000 }),
             rate_overrides: HashMap::new(),
             token_rate: Some(Rate { per_second: 10, burst: 20 }),
+            token_rate_global: Some(Rate { per_second: 50, burst: 100 }),
+            max_concurrent_token_grants: 4,
         }
     }
 }
@@ -141,6 +153,9 @@ pub(crate) struct Inner {
     /// Rate limits of `POST /oauth/token`, keyed by client IP (each call
     /// costs an argon2 verification), at [`Limits::token_rate`].
     pub oauth_rate: Arc<RateLimiter>,
+    /// The global rate and the cap on argon2 verifications running at once
+    /// of `POST /oauth/token`.
+    pub oauth_admission: Arc<TokenAdmission>,
     /// Prometheus handles.
     pub metrics: Metrics,
 }
@@ -150,6 +165,7 @@ impl AppState {
     pub fn new(engine: Arc<dyn Engine>, auth: Authenticator, config: GatewayConfig) -> Self {
         let rate = Arc::new(RateLimiter::new(config.limits.rate, &config.limits.rate_overrides));
         let oauth_rate = Arc::new(RateLimiter::new(config.limits.token_rate, &HashMap::new()));
+        let oauth_admission = Arc::new(TokenAdmission::new(&config.limits));
         AppState {
             inner: Arc::new(Inner {
                 engine,
@@ -160,6 +176,7 @@ impl AppState {
                 rate,
                 oauth: None,
                 oauth_rate,
+                oauth_admission,
                 metrics: Metrics::global(),
             }),
         }
@@ -207,6 +224,12 @@ impl AppState {
     /// A token cancelled when draining starts (for the server's own shutdown wiring).
     pub fn drain_token(&self) -> CancellationToken {
         self.inner.drain.clone()
+    }
+
+    /// argon2 verifications of `POST /oauth/token` running now (at most
+    /// [`Limits::max_concurrent_token_grants`]).
+    pub fn token_grants_running(&self) -> usize {
+        self.inner.oauth_admission.running()
     }
 
     /// Number of connected SSE/WebSocket subscribers.

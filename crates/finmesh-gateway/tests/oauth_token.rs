@@ -2,15 +2,22 @@
 //! routes its scope grants (and only those), Basic and form client
 //! authentication, the RFC 6749 errors (`invalid_client` with its
 //! challenge, `invalid_scope`, `unsupported_grant_type`, `invalid_request`),
-//! 404 without a client registry, and the per-IP rate limit.
+//! 404 without a client registry, the per-IP and the global rate limits, and
+//! the cap on argon2 verifications running at once.
 
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use argon2::Params;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Method, Request};
+use finmesh_auth::oauth::hash_client_secret_with;
+use finmesh_auth::{ClientConfig, ClientRegistry};
 use finmesh_gateway::{GatewayConfig, Rate};
 use http_body_util::BodyExt;
 use serde_json::json;
@@ -130,6 +137,96 @@ async fn no_registry_is_404<H: Harness>() {
     r.assert_problem(404, "not-found");
 }
 
+/// A client-credentials request for `id`/`secret` from `ip`: (status, has Retry-After).
+fn from_ip(gw: &Gw, ip: [u8; 4], id: &str, secret: &str) -> impl std::future::Future<Output = (u16, bool)> + use<> {
+    let app = gw.app.clone();
+    let auth = basic(id, secret);
+    async move {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri("/oauth/token")
+            .header("content-type", FORM)
+            .header("authorization", auth)
+            .body(Body::from("grant_type=client_credentials"))
+            .unwrap();
+        req.extensions_mut().insert(ConnectInfo(SocketAddr::from((ip, 40_000))));
+        let res = app.oneshot(req).await.unwrap();
+        let status = res.status().as_u16();
+        let retry = res.headers().get("retry-after").is_some();
+        let _ = res.into_body().collect().await;
+        (status, retry)
+    }
+}
+
+/// Regression (issue 21): the per-IP rate alone let many addresses add up
+/// to unbounded argon2 work. A global rate (`token_rate_global`) caps all
+/// clients together: an IP well within its own quota gets 429 once the
+/// others used the global one.
+async fn global_rate_spans_client_ips<H: Harness>() {
+    let kit = AuthKit::new();
+    let mut config = GatewayConfig::default();
+    config.limits.token_rate = Some(Rate { per_second: 1, burst: 2 });
+    config.limits.token_rate_global = Some(Rate { per_second: 1, burst: 3 });
+    let gw = Gw::build::<H>(kit.auth.clone(), config, Some(kit.clients())).await;
+    let from = |ip: [u8; 4]| from_ip(&gw, ip, "feed", "feed-secret");
+    assert_eq!(from([10, 0, 0, 1]).await.0, 200);
+    assert_eq!(from([10, 0, 0, 1]).await.0, 200);
+    assert_eq!(from([10, 0, 0, 2]).await.0, 200);
+    assert_eq!(from([10, 0, 0, 2]).await, (429, true), "10.0.0.2 has used 1 of its 2, but all clients used 3 of 3");
+    assert_eq!(from([10, 0, 0, 3]).await, (429, true));
+}
+
+/// Regression (issue 21): argon2 verifications were not capped, so a burst
+/// of token requests could occupy every blocking thread. With one slot, a
+/// request arriving while a (slow) verification runs is answered 503
+/// `overloaded` with `Retry-After` at once; the running one still succeeds
+/// and frees its slot.
+async fn argon2_verifications_are_capped<H: Harness>() {
+    let kit = AuthKit::new();
+    let mut config = GatewayConfig::default();
+    config.limits.max_concurrent_token_grants = 1;
+    let slow = Params::new(64 * 1024, 12, 1, None).expect("argon2 params");
+    let clients = vec![
+        ClientConfig {
+            id: "slow".into(),
+            secret_hash: hash_client_secret_with("slow-secret", slow).expect("hash"),
+            scopes: vec!["stream:subscribe:S".into()],
+            ttl_secs: Some(60),
+        },
+        ClientConfig {
+            id: "feed".into(),
+            secret_hash: hash_client_secret_with("feed-secret", Params::new(1024, 1, 1, None).unwrap()).unwrap(),
+            scopes: vec!["stream:subscribe:S".into()],
+            ttl_secs: Some(60),
+        },
+    ];
+    let registry = Arc::new(ClientRegistry::new(clients, kit.issuer.clone()).expect("registry"));
+    let gw = Gw::build::<H>(kit.auth.clone(), config, Some(registry)).await;
+    let slow = tokio::spawn(from_ip(&gw, [10, 0, 0, 1], "slow", "slow-secret"));
+    let state = gw.state.clone();
+    support::eventually(Duration::from_secs(10), "the slow verification runs", || {
+        let running = state.token_grants_running();
+        async move { running == 1 }
+    })
+    .await;
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri("/oauth/token")
+        .header("content-type", FORM)
+        .header("authorization", basic("feed", "feed-secret"))
+        .body(Body::from("grant_type=client_credentials"))
+        .unwrap();
+    req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([10, 0, 0, 2], 40_000))));
+    let res = gw.app.clone().oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let shed = Res { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() };
+    shed.assert_problem(503, "overloaded");
+    assert!(shed.header("retry-after").is_some());
+    assert_eq!(slow.await.unwrap().0, 200, "the running verification finishes");
+    assert_eq!(gw.state.token_grants_running(), 0);
+    assert_eq!(from_ip(&gw, [10, 0, 0, 2], "feed", "feed-secret").await.0, 200, "its slot is free again");
+}
+
 /// The token endpoint has its own rate per client IP (`token_rate`, not the
 /// per-subject `rate`): one IP over its burst gets 429 while another still
 /// gets answers.
@@ -139,25 +236,7 @@ async fn rate_limited_per_client_ip<H: Harness>() {
     config.limits.rate = Some(Rate { per_second: 1_000_000, burst: 1_000_000 });
     config.limits.token_rate = Some(Rate { per_second: 1, burst: 2 });
     let gw = Gw::build::<H>(kit.auth.clone(), config, Some(kit.clients())).await;
-    let from = |ip: [u8; 4]| {
-        let app = gw.app.clone();
-        let feed = basic("feed", "feed-secret");
-        async move {
-            let mut req = Request::builder()
-                .method(Method::POST)
-                .uri("/oauth/token")
-                .header("content-type", FORM)
-                .header("authorization", feed)
-                .body(Body::from("grant_type=client_credentials"))
-                .unwrap();
-            req.extensions_mut().insert(ConnectInfo(SocketAddr::from((ip, 40_000))));
-            let res = app.oneshot(req).await.unwrap();
-            let status = res.status().as_u16();
-            let retry = res.headers().get("retry-after").is_some();
-            let _ = res.into_body().collect().await;
-            (status, retry)
-        }
-    };
+    let from = |ip: [u8; 4]| from_ip(&gw, ip, "feed", "feed-secret");
     assert_eq!(from([10, 0, 0, 1]).await.0, 200);
     assert_eq!(from([10, 0, 0, 1]).await.0, 200);
     assert_eq!(from([10, 0, 0, 1]).await, (429, true));
@@ -168,5 +247,7 @@ per_engine!(
     granted_token_is_accepted_within_its_scope,
     grant_errors_follow_rfc_6749,
     no_registry_is_404,
-    rate_limited_per_client_ip
+    rate_limited_per_client_ip,
+    global_rate_spans_client_ips,
+    argon2_verifications_are_capped
 );

@@ -10,14 +10,19 @@
 //! | 10058 stream name in use with another config, 10148/10105 consumer exists | `AlreadyExists` |
 //! | 10071 wrong last sequence | `WrongRevision` (current revision parsed from the description) |
 //! | 10054 message exceeds maximum | `TooLarge` |
-//! | 10008/10005/10004/10023, 503, no responders | `Unavailable` |
-//! | 10065 subjects overlap, 10052 subjects overlap the JetStream API | `Invalid` |
+//! | 10008/10005/10004/10023/10002, 10047/10028 storage/memory exhausted, 503, no responders | `Unavailable` |
+//! | 10065 subjects overlap, 10052 subjects overlap the JetStream API, 10074 replicas > 1 on one server | `Invalid` |
 //! | request timed out | `Timeout` |
 //! | other 400s (10065 subject overlap, …) | `Invalid` |
 //! | anything else | `Internal` |
+//!
+//! Callers that must tell one "not found" from another (no such message vs.
+//! no such stream) get the API error itself ([`request_api`]) and branch on
+//! its code ([`absent_on`]), never on the text of a message.
 
 use std::time::Duration;
 
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::stream::RawMessage;
 use async_nats::{HeaderMap, StatusCode};
 use finmesh_core::{Error, ErrorKind, Headers, Message, Result, Revision, Seq, Subject, Timestamp};
@@ -42,25 +47,76 @@ enum Reply<T> {
     Ok(T),
 }
 
+impl ApiError {
+    /// The JetStream error code.
+    pub fn code(&self) -> ErrorCode {
+        ErrorCode(self.err_code)
+    }
+}
+
 /// Map an API error to a finmesh error; `what` names the object for the message.
 pub(crate) fn map_api_error(e: &ApiError, what: &str) -> Error {
     let msg = format!("{what}: {} (NATS error {})", e.description, e.err_code);
-    let kind = match (e.err_code, e.code) {
-        (10059 | 10014 | 10037, _) => ErrorKind::NotFound,
-        (10058 | 10148 | 10105 | 10013, _) => ErrorKind::AlreadyExists,
-        (10071, _) => {
+    let kind = match (e.code(), e.code) {
+        (ErrorCode::STREAM_NOT_FOUND | ErrorCode::CONSUMER_NOT_FOUND | ErrorCode::NO_MESSAGE_FOUND, _) => {
+            ErrorKind::NotFound
+        }
+        (ErrorCode::STREAM_NAME_EXIST | ErrorCode::CONSUMER_NAME_EXIST | ErrorCode(10148 | 10105), _) => {
+            ErrorKind::AlreadyExists
+        }
+        (ErrorCode::STREAM_WRONG_LAST_SEQUENCE, _) => {
             let current = e.description.rsplit(':').next().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
             return Error::wrong_revision(Revision(current), msg);
         }
-        (10054, _) => ErrorKind::TooLarge,
-        (10008 | 10005 | 10004 | 10023 | 10002, _) | (_, 503) => ErrorKind::Unavailable,
-        (10052 | 10065, _) => ErrorKind::Invalid,
+        (ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM, _) => ErrorKind::TooLarge,
+        (
+            ErrorCode::CLUSTER_NOT_AVAILABLE
+            | ErrorCode::CLUSTER_NO_PEERS
+            | ErrorCode::CLUSTER_INCOMPLETE
+            | ErrorCode::INSUFFICIENT_RESOURCES
+            | ErrorCode::ACCOUNT_RESOURCES_EXCEEDED
+            | ErrorCode::STORAGE_RESOURCES_EXCEEDED
+            | ErrorCode::MEMORY_RESOURCES_EXCEEDED,
+            _,
+        )
+        | (_, 503) => ErrorKind::Unavailable,
+        (ErrorCode(10052) | ErrorCode::STREAM_SUBJECT_OVERLAP | ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED, _) => {
+            ErrorKind::Invalid
+        }
         (_, 404) => ErrorKind::NotFound,
         (_, 408) => ErrorKind::Timeout,
         (_, 400) => ErrorKind::Invalid,
         _ => ErrorKind::Internal,
     };
     Error::new(kind, msg)
+}
+
+/// Map the API error of a stream (or bucket) create or update: a `max_bytes`
+/// the server cannot reserve (10047/10028) is a configuration this server
+/// cannot take, `Invalid`, not a passing shortage; the rest as
+/// [`map_api_error`].
+pub(crate) fn map_config_error(e: &ApiError, what: &str) -> Error {
+    match e.code() {
+        ErrorCode::STORAGE_RESOURCES_EXCEEDED | ErrorCode::MEMORY_RESOURCES_EXCEEDED => Error::invalid(format!(
+            "{what}: the server cannot reserve this much storage ({}; NATS error {}): lower max_bytes",
+            e.description, e.err_code
+        )),
+        _ => map_api_error(e, what),
+    }
+}
+
+/// `Ok(None)` when `reply` is the API error `absent` (e.g.
+/// [`ErrorCode::NO_MESSAGE_FOUND`]); any other API error mapped as usual.
+pub(crate) fn absent_on<T>(
+    reply: std::result::Result<T, ApiError>,
+    absent: ErrorCode,
+    what: &str,
+) -> Result<Option<T>> {
+    match reply {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.code() == absent => Ok(None),
+        Err(e) => Err(map_api_error(&e, what)),
+    }
 }
 
 /// Map a failed request (no reply) to a finmesh error.
@@ -88,10 +144,35 @@ pub(crate) async fn request<T: DeserializeOwned>(
     timeout: Duration,
     what: &str,
 ) -> Result<T> {
+    request_api(client, prefix, subject, body, timeout, what).await?.map_err(|e| map_api_error(&e, what))
+}
+
+/// [`request`], with an API error returned as sent (the outer error is the
+/// transport's, or an undecodable reply), so the caller can branch on its code.
+pub(crate) async fn request_api<T: DeserializeOwned>(
+    client: &async_nats::Client,
+    prefix: &str,
+    subject: &str,
+    body: &impl Serialize,
+    timeout: Duration,
+    what: &str,
+) -> Result<std::result::Result<T, ApiError>> {
     let payload = serde_json::to_vec(body).map_err(|e| Error::internal(format!("{what}: encode request: {e}")))?;
     let req = async_nats::Request::new().payload(payload.into()).timeout(Some(timeout));
     let msg = client.send_request(format!("{prefix}.{subject}"), req).await.map_err(|e| map_request_error(e, what))?;
-    decode_reply(&msg.payload, || what)
+    decode_api_reply(&msg.payload, || what)
+}
+
+/// Decode a JSON reply, keeping an API error as sent.
+pub(crate) fn decode_api_reply<T: DeserializeOwned, W: std::fmt::Display>(
+    payload: &[u8],
+    what: impl FnOnce() -> W,
+) -> Result<std::result::Result<T, ApiError>> {
+    match serde_json::from_slice::<Reply<T>>(payload) {
+        Ok(Reply::Ok(v)) => Ok(Ok(v)),
+        Ok(Reply::Err { error }) => Ok(Err(error)),
+        Err(e) => Err(Error::internal(format!("{}: unexpected reply from NATS: {e}", what()))),
+    }
 }
 
 /// Decode a JSON reply that may be an API error; `what` (made only on an
@@ -359,5 +440,49 @@ mod tests {
         assert_eq!((err.kind(), err.current_revision()), (ErrorKind::WrongRevision, Some(Revision(42))));
         let nf = ApiError { code: 404, err_code: 10059, description: "stream not found".into() };
         assert_eq!(map_api_error(&nf, "x").kind(), ErrorKind::NotFound);
+    }
+
+    /// Regression (issue 17): "no such message" was told from other "not
+    /// found"s by searching the error text for `10037`, so a stream whose
+    /// name holds those digits (`KV_b10037`, a bucket deleted meanwhile) read
+    /// as "no message" instead of "no stream". The code decides now.
+    #[test]
+    fn no_message_is_decided_by_the_error_code() {
+        let reply = |err_code, description: &str| -> std::result::Result<(), ApiError> {
+            decode_api_reply::<(), _>(
+                serde_json::json!({"error": {"code": 404, "err_code": err_code, "description": description}})
+                    .to_string()
+                    .as_bytes(),
+                || "x",
+            )
+            .unwrap()
+        };
+        let what = "stream `KV_b10037`";
+        let gone = absent_on(reply(10059, "stream not found"), ErrorCode::NO_MESSAGE_FOUND, what).unwrap_err();
+        assert_eq!(gone.kind(), ErrorKind::NotFound);
+        assert!(gone.message().contains("stream not found"), "{gone}");
+        assert_eq!(absent_on(reply(10037, "no message found"), ErrorCode::NO_MESSAGE_FOUND, what).unwrap(), None);
+        // The description does not matter, only the code.
+        assert_eq!(absent_on(reply(10037, "stream not found"), ErrorCode::NO_MESSAGE_FOUND, "s").unwrap(), None);
+        assert_eq!(
+            absent_on(reply(10014, "no message found"), ErrorCode::NO_MESSAGE_FOUND, "s").unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(absent_on::<()>(Ok(()), ErrorCode::NO_MESSAGE_FOUND, "s").unwrap(), Some(()));
+    }
+
+    /// Found by the limits sweep (issue 17): a `max_bytes` the server cannot
+    /// reserve, or replicas on a single server, answered 500 (`Internal`).
+    /// In a config request they are `Invalid`; storage running out
+    /// elsewhere is `Unavailable`.
+    #[test]
+    fn config_errors_are_the_callers_and_exhaustion_is_unavailable() {
+        let storage = ApiError { code: 500, err_code: 10047, description: "insufficient storage resources".into() };
+        assert_eq!(map_config_error(&storage, "create stream `S`").kind(), ErrorKind::Invalid);
+        assert_eq!(map_api_error(&storage, "publish").kind(), ErrorKind::Unavailable);
+        let replicas = ApiError { code: 500, err_code: 10074, description: "replicas > 1 not supported".into() };
+        assert_eq!(map_config_error(&replicas, "create stream `S`").kind(), ErrorKind::Invalid);
+        let other = ApiError { code: 500, err_code: 10049, description: "stream create failed".into() };
+        assert_eq!(map_config_error(&other, "create stream `S`").kind(), ErrorKind::Internal);
     }
 }

@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 
 use crate::Inner;
 use crate::api::{self, PullEnd, Pulled};
-use crate::streams::rfc3339;
+use crate::streams::{nanos, rfc3339};
 
 const META_MAX_DELIVER: &str = "finmesh.max_deliver";
 const META_DEAD_LETTER: &str = "finmesh.dead_letter";
@@ -43,7 +43,7 @@ fn nats_config(c: &ConsumerConfig) -> Result<Value> {
     let mut v = json!({
         "durable_name": c.name.as_str(),
         "ack_policy": "explicit",
-        "ack_wait": c.ack_wait.as_nanos() as u64,
+        "ack_wait": nanos(c.ack_wait),
         "max_ack_pending": c.max_ack_pending,
         "max_waiting": 512,
     });
@@ -322,7 +322,7 @@ impl Inner {
         let body = match kind {
             AckKind::Ack => "+ACK".to_owned(),
             AckKind::Nak { delay } if delay.is_zero() => "-NAK".to_owned(),
-            AckKind::Nak { delay } => format!("-NAK {}", json!({ "delay": delay.as_nanos() as u64 })),
+            AckKind::Nak { delay } => format!("-NAK {}", json!({ "delay": nanos(delay) })),
             AckKind::Term => "+TERM".to_owned(),
             AckKind::InProgress => "+WPI".to_owned(),
         };

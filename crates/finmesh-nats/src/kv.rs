@@ -95,8 +95,8 @@ fn nats_config(c: &BucketConfig) -> Value {
         "max_msgs": -1,
         "max_bytes": c.max_bytes.map_or(-1, |n| n.min(i64::MAX as u64) as i64),
         "max_msgs_per_subject": c.history,
-        "max_age": c.ttl.map_or(0, |t| t.as_nanos() as u64),
-        "duplicate_window": window.as_nanos() as u64,
+        "max_age": c.ttl.map_or(0, crate::streams::nanos),
+        "duplicate_window": crate::streams::nanos(window),
         "num_replicas": c.replicas,
         "allow_rollup_hdrs": true,
         "deny_delete": true,
@@ -230,7 +230,7 @@ impl Inner {
         config.validate()?;
         let name = stream_name(&config.name);
         let what = format!("create bucket `{}`", config.name);
-        let info = self.request(&format!("STREAM.CREATE.{name}"), &nats_config(&config), &what).await?;
+        let info = self.config_request(&format!("STREAM.CREATE.{name}"), &nats_config(&config), &what).await?;
         let info = bucket_info(self, &info)?;
         self.remember_bucket(&info);
         Ok(info)
@@ -240,7 +240,7 @@ impl Inner {
         config.validate()?;
         let name = stream_name(&config.name);
         let what = format!("update bucket `{}`", config.name);
-        let info = self.request(&format!("STREAM.UPDATE.{name}"), &nats_config(&config), &what).await;
+        let info = self.config_request(&format!("STREAM.UPDATE.{name}"), &nats_config(&config), &what).await;
         let info = bucket_info(
             self,
             &info.map_err(|e| if e.kind() == ErrorKind::NotFound { not_found(&config.name) } else { e })?,

@@ -104,6 +104,19 @@ impl Inner {
     ) -> Result<T> {
         api::request(&self.client, &self.prefix, subject, body, self.options.request_timeout, what).await
     }
+
+    /// A stream (or bucket) create or update: errors mapped by
+    /// [`api::map_config_error`].
+    pub(crate) async fn config_request<T: DeserializeOwned>(
+        &self,
+        subject: &str,
+        body: &impl Serialize,
+        what: &str,
+    ) -> Result<T> {
+        api::request_api(&self.client, &self.prefix, subject, body, self.options.request_timeout, what)
+            .await?
+            .map_err(|e| api::map_config_error(&e, what))
+    }
 }
 
 impl NatsEngine {

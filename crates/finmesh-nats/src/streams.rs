@@ -27,8 +27,8 @@ use std::sync::Arc;
 use async_nats::jetstream::stream::Info;
 use finmesh_core::engine::MAX_READ_LIMIT;
 use finmesh_core::{
-    Error, ErrorKind, Message, ReadRequest, ReadStart, Result, Seq, StreamConfig, StreamInfo, StreamName, StreamState,
-    Subject, SubjectPattern,
+    Error, Message, ReadRequest, ReadStart, Result, Seq, StreamConfig, StreamInfo, StreamName, StreamState, Subject,
+    SubjectPattern,
 };
 use serde_json::{Value, json};
 
@@ -44,7 +44,8 @@ const STREAM_ADVISORIES: &str = "$JS.EVENT.ADVISORY.STREAM.*.*";
 /// Bytes NATS counts for a header block's framing beyond finmesh's count.
 const HEADER_FRAMING: u32 = 12;
 
-fn nanos(d: std::time::Duration) -> u64 {
+/// A duration as NATS's nanoseconds (a Go `int64`), saturating.
+pub(crate) fn nanos(d: std::time::Duration) -> u64 {
     d.as_nanos().min(i64::MAX as u128) as u64
 }
 
@@ -203,7 +204,8 @@ impl Inner {
         config.validate()?;
         not_kv(&config.name)?;
         let what = format!("create stream `{}`", config.name);
-        let info: Info = self.request(&format!("STREAM.CREATE.{}", config.name), &nats_config(&config), &what).await?;
+        let info: Info =
+            self.config_request(&format!("STREAM.CREATE.{}", config.name), &nats_config(&config), &what).await?;
         let info = stream_info(self, &info)?;
         self.remember(&info.config);
         Ok(info)
@@ -214,7 +216,8 @@ impl Inner {
         not_kv(&config.name)?;
         let what = format!("update stream `{}`", config.name);
         self.forget(config.name.as_str());
-        let info: Info = self.request(&format!("STREAM.UPDATE.{}", config.name), &nats_config(&config), &what).await?;
+        let info: Info =
+            self.config_request(&format!("STREAM.UPDATE.{}", config.name), &nats_config(&config), &what).await?;
         let info = stream_info(self, &info)?;
         self.remember(&info.config);
         Ok(info)
@@ -281,12 +284,19 @@ impl Inner {
 
     /// `STREAM.MSG.GET` with `body`; `Ok(None)` when there is no such message.
     pub(crate) async fn msg_get(&self, stream: &str, body: &Value) -> Result<Option<Message>> {
-        let r: Result<GetMsg> =
-            self.request(&format!("STREAM.MSG.GET.{stream}"), body, &format!("stream `{stream}`")).await;
-        match r {
-            Ok(m) => api::raw_to_message(m.message).map(Some),
-            Err(e) if e.kind() == ErrorKind::NotFound && e.message().contains("10037") => Ok(None),
-            Err(e) => Err(e),
+        let what = format!("stream `{stream}`");
+        let reply = api::request_api::<GetMsg>(
+            &self.client,
+            &self.prefix,
+            &format!("STREAM.MSG.GET.{stream}"),
+            body,
+            self.options.request_timeout,
+            &what,
+        )
+        .await?;
+        match api::absent_on(reply, async_nats::jetstream::ErrorCode::NO_MESSAGE_FOUND, &what)? {
+            Some(m) => api::raw_to_message(m.message).map(Some),
+            None => Ok(None),
         }
     }
 

@@ -68,6 +68,10 @@ pub struct LimitsSection {
     pub rate_overrides: std::collections::BTreeMap<String, RateSection>,
     /// `POST /oauth/token` calls per client IP; absent = none.
     pub token_rate: Option<RateSection>,
+    /// `POST /oauth/token` calls over all clients together; absent = none.
+    pub token_rate_global: Option<RateSection>,
+    /// argon2 verifications of `POST /oauth/token` at once (503 above).
+    pub max_concurrent_token_grants: usize,
 }
 
 impl Default for LimitsSection {
@@ -80,6 +84,8 @@ impl Default for LimitsSection {
             rate: d.rate.map(|r| RateSection { per_second: r.per_second, burst: r.burst }),
             rate_overrides: Default::default(),
             token_rate: d.token_rate.map(|r| RateSection { per_second: r.per_second, burst: r.burst }),
+            token_rate_global: d.token_rate_global.map(|r| RateSection { per_second: r.per_second, burst: r.burst }),
+            max_concurrent_token_grants: d.max_concurrent_token_grants,
         }
     }
 }
@@ -302,6 +308,7 @@ impl ServeConfig {
             ("limits.max_body_bytes", l.max_body_bytes as u64),
             ("limits.request_timeout_ms", l.request_timeout_ms),
             ("limits.max_concurrent_requests", l.max_concurrent_requests as u64),
+            ("limits.max_concurrent_token_grants", l.max_concurrent_token_grants as u64),
             ("subscriptions.heartbeat_ms", self.subscriptions.heartbeat_ms),
             ("subscriptions.retry_ms", self.subscriptions.retry_ms),
             ("subscriptions.queue_capacity", self.subscriptions.queue_capacity as u64),
@@ -316,6 +323,7 @@ impl ServeConfig {
             .iter()
             .map(|r| ("limits.rate".to_owned(), r))
             .chain(l.token_rate.iter().map(|r| ("limits.token_rate".to_owned(), r)))
+            .chain(l.token_rate_global.iter().map(|r| ("limits.token_rate_global".to_owned(), r)))
             .chain(l.rate_overrides.iter().map(|(sub, r)| (format!("limits.rate_overrides.{sub}"), r)))
         {
             if rate.per_second == 0 || rate.burst == 0 {
@@ -362,6 +370,8 @@ impl ServeConfig {
                 rate: self.limits.rate.as_ref().map(rate),
                 rate_overrides: self.limits.rate_overrides.iter().map(|(k, v)| (k.clone(), rate(v))).collect(),
                 token_rate: self.limits.token_rate.as_ref().map(rate),
+                token_rate_global: self.limits.token_rate_global.as_ref().map(rate),
+                max_concurrent_token_grants: self.limits.max_concurrent_token_grants,
             },
             subscriptions: SubscriptionConfig {
                 heartbeat: Duration::from_millis(self.subscriptions.heartbeat_ms),

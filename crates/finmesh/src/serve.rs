@@ -10,7 +10,14 @@
 //! Authentication, in order of precedence: `--insecure-no-auth` (off, loud
 //! warning); an `[auth]` section; otherwise the node signs its own tokens
 //! with a secret generated under the data dir, and on the start that creates
-//! it prints an admin token once.
+//! it writes an admin token to `<data dir>/admin-token` (mode 0600) and
+//! prints that file's path, never the token (standard output ends up in
+//! logs).
+//!
+//! Exposure ([`exposure`]), checked before anything is opened: a listener
+//! that is not loopback without TLS starts with a warning; with
+//! `--insecure-no-auth` it does not start at all, unless TLS is on or
+//! `--insecure-no-auth-on-public-address` says so explicitly.
 //!
 //! Drain (invariant: an acked write is never lost): on the first SIGTERM or
 //! SIGINT readiness fails at once, every SSE/WebSocket subscriber gets
@@ -44,9 +51,32 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub config: ConfigOverrides,
     /// Turn authentication off: every request acts as an admin. Local
-    /// experiments only.
+    /// experiments only: refused on a non-loopback address without TLS
+    /// unless `--insecure-no-auth-on-public-address` is given too.
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// With `--insecure-no-auth`: start even on a non-loopback address
+    /// without TLS, where anyone who reaches the port is an admin.
+    #[arg(long, requires = "insecure_no_auth")]
+    pub insecure_no_auth_on_public_address: bool,
+}
+
+/// Whether `listen` may serve as asked; `Ok(Some(warning))` to start with a
+/// warning. Pure, so the rules are unit-tested.
+pub fn exposure(listen: SocketAddr, tls: bool, args: &ServeArgs) -> anyhow::Result<Option<String>> {
+    if listen.ip().is_loopback() || tls {
+        return Ok(None);
+    }
+    if args.insecure_no_auth && !args.insecure_no_auth_on_public_address {
+        anyhow::bail!(
+            "--insecure-no-auth on {listen}, which is not a loopback address, without TLS: anyone who reaches \
+             it would be an admin. Listen on 127.0.0.1, turn TLS on, or add --insecure-no-auth-on-public-address"
+        );
+    }
+    Ok(Some(format!(
+        "listening on {listen} without TLS: tokens and data cross the network in clear; configure [tls] \
+         (or --tls-cert/--tls-key)"
+    )))
 }
 
 /// The engine `serve` opened, kept typed so it can be closed properly.
@@ -128,7 +158,8 @@ fn authenticator(
     let node = finmesh_auth::bootstrap_node_auth(&secret, ADMIN_TOKEN_TTL)
         .with_context(|| format!("setting up the node secret {}", secret.display()))?;
     if let Some(token) = &node.admin_token {
-        println!("admin token (shown once, valid 30 days): {}", token.token);
+        let path = crate::tokens::write_admin_token(&config.data_dir, &token.token)?;
+        println!("admin token (valid 30 days) written to {}", path.display());
         println!("issue more with: finmesh token issue --sub <who> --scope <scope>");
     }
     Ok((node.authenticator, None))
@@ -144,6 +175,10 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
     }
     let listen: SocketAddr = config.listen.parse().context("listen")?;
     let tls = config.tls.as_ref().map(crate::tls::server_config).transpose()?;
+    if let Some(warning) = exposure(listen, tls.is_some(), &args)? {
+        tracing::warn!("{warning}");
+        eprintln!("WARNING: {warning}");
+    }
     let (auth, oauth) = authenticator(&config, args.insecure_no_auth)?;
     let engine = OpenEngine::open(&config).await?;
     let mut state = AppState::new(engine.shared(), auth, config.gateway()?);
@@ -191,4 +226,30 @@ async fn drain_on_signal(state: AppState, phase: watch::Sender<Phase>, deadline:
         _ = tokio::time::sleep(deadline) => tracing::warn!("drain deadline passed: closing the remaining connections"),
     }
     let _ = phase.send(Phase::Stop);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(insecure_no_auth: bool, public: bool) -> ServeArgs {
+        ServeArgs { config: ConfigOverrides::default(), insecure_no_auth, insecure_no_auth_on_public_address: public }
+    }
+
+    #[test]
+    fn exposure_rules() {
+        let loopback: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let v6_loopback: SocketAddr = "[::1]:8080".parse().unwrap();
+        let public: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        for addr in [loopback, v6_loopback] {
+            assert!(exposure(addr, false, &args(true, false)).unwrap().is_none(), "{addr}");
+        }
+        assert!(exposure(public, true, &args(true, false)).unwrap().is_none(), "TLS on: allowed, no warning");
+        let e = exposure(public, false, &args(true, false)).unwrap_err().to_string();
+        assert!(e.contains("--insecure-no-auth-on-public-address"), "{e}");
+        let w = exposure(public, false, &args(true, true)).unwrap().expect("a warning");
+        assert!(w.contains("without TLS"), "{w}");
+        let w = exposure(public, false, &args(false, false)).unwrap().expect("a warning with auth on too");
+        assert!(w.contains("without TLS"), "{w}");
+    }
 }

@@ -1,10 +1,12 @@
 //! Operator commands for credentials: `finmesh token issue` and
-//! `finmesh oauth hash-secret` (docs/auth.md).
+//! `finmesh oauth hash-secret` (docs/auth.md), and the admin token file that
+//! `serve` writes on first start ([`write_admin_token`]).
 //!
 //! Both read the same configuration as `serve` (file, `FINMESH_*`, flags),
 //! so a token is signed with exactly the key the node verifies with.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -60,6 +62,33 @@ pub fn issue(args: &IssueArgs) -> anyhow::Result<()> {
         println!("{}", token.token);
     }
     Ok(())
+}
+
+/// Name of the file, under the data dir, holding the admin token of the
+/// first start.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// Write `token` to `<data_dir>/admin-token`, readable by its owner only
+/// (created with mode 0600, never through an existing file or symlink: an
+/// older file, from a secret since deleted, is removed first). Returns the path.
+pub fn write_admin_token(data_dir: &Path, token: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the old {}", path.display())),
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(format!("{token}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 pub fn hash_secret(args: &HashSecretArgs) -> anyhow::Result<()> {

@@ -33,15 +33,22 @@ impl Node {
             .expect("start finmesh serve");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut admin_token = None;
+        let mut printed = String::new();
         let url = loop {
             let line = lines.next().expect("serve exited before listening").unwrap();
-            if let Some(token) = line.strip_prefix("admin token (shown once, valid 30 days): ") {
-                admin_token = Some(token.to_owned());
+            printed.push_str(&line);
+            if let Some(path) = line.strip_prefix("admin token (valid 30 days) written to ") {
+                assert_eq!(Path::new(path), data_dir.join("admin-token"));
+                let token = std::fs::read_to_string(path).expect("read the admin token file");
+                admin_token = Some(token.trim_end().to_owned());
             }
             if let Some(url) = line.strip_prefix("listening on ") {
                 break url.to_owned();
             }
         };
+        if let Some(token) = &admin_token {
+            assert!(!printed.contains(token.as_str()), "the admin token is never printed: {printed}");
+        }
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
         Node { child, url, admin_token }
@@ -86,9 +93,12 @@ fn http() -> reqwest::Client {
 
 #[tokio::test]
 async fn first_start_prints_an_admin_token_once_and_it_works() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let mut node = Node::start(dir.path(), &[]);
-    let token = node.admin_token.clone().expect("first start prints an admin token");
+    let token = node.admin_token.clone().expect("first start writes an admin token");
+    let mode = std::fs::metadata(dir.path().join("admin-token")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the admin token file is readable by its owner only");
     let client = http();
     let no_token = client.put(format!("{}/v1/kv/cards", node.url)).json(&json!({})).send().await.unwrap();
     assert_eq!(no_token.status(), 401);
@@ -219,6 +229,43 @@ async fn the_drain_deadline_ends_requests_that_would_outlast_it() {
     let answer = tokio::time::timeout(WAIT, fetch).await.unwrap().unwrap();
     assert!(answer.is_err(), "the cut request has no answer: {answer:?}");
     drop(node);
+}
+
+/// Issue 21: `--insecure-no-auth` on a non-loopback address without TLS
+/// refuses to start (exit 1, naming the flag that would allow it); with the
+/// second, explicit flag it starts, warning that it serves without TLS.
+#[test]
+fn insecure_no_auth_on_a_public_address_needs_a_second_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_finmesh"));
+        c.args(["serve", "--listen", "0.0.0.0:0", "--insecure-no-auth", "--data-dir"])
+            .arg(dir.path())
+            .args(extra)
+            .env_remove("FINMESH_CONFIG");
+        c
+    };
+    let out = serve(&[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--insecure-no-auth-on-public-address"), "{stderr}");
+
+    let mut child =
+        serve(&["--insecure-no-auth-on-public-address"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || stdout.lines().map_while(Result::ok).for_each(|l| drop(tx.send(l))));
+    std::thread::spawn(move || stderr.lines().map_while(Result::ok).for_each(|l| drop(tx2.send(l))));
+    let (mut warned, mut listening) = (false, false);
+    while !(warned && listening) {
+        let line = rx.recv_timeout(WAIT).expect("serve printed the warning and its URL");
+        warned |= line.contains("WARNING: listening on 0.0.0.0:0 without TLS");
+        listening |= line.starts_with("listening on http://0.0.0.0:");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]

@@ -32,7 +32,8 @@ pub fn now() -> u64 {
 }
 
 /// A temp dir with the HS256 secret, and a config with one key of each
-/// algorithm (kids `hs`, `ed`, `rsa`, `ec`), issuer and audience set.
+/// algorithm (kids `hs`, `ed`, `rsa`, `ec`), all for issuer [`ISSUER`] with
+/// the ceiling `admin`, and the audience set.
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub config: AuthConfig,
@@ -45,20 +46,12 @@ impl Fixture {
         std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
         let public = |kid: &str, alg, file: &str| KeyConfig {
             kid: Some(kid.into()),
-            alg,
-            secret_file: None,
-            public_key_file: Some(key(file)),
+            ..KeyConfig::new(alg, key(file), ISSUER, &["admin"])
         };
         let config = AuthConfig {
-            issuer: Some(ISSUER.into()),
             audience: Some(AUDIENCE.into()),
             keys: vec![
-                KeyConfig {
-                    kid: Some("hs".into()),
-                    alg: KeyAlgorithm::HS256,
-                    secret_file: Some(secret),
-                    public_key_file: None,
-                },
+                KeyConfig { kid: Some("hs".into()), ..KeyConfig::new(KeyAlgorithm::HS256, secret, ISSUER, &["admin"]) },
                 public("ed", KeyAlgorithm::EdDSA, "ed.pub.pem"),
                 public("rsa", KeyAlgorithm::RS256, "rsa.pub.pem"),
                 public("ec", KeyAlgorithm::ES256, "ec.pub.pem"),

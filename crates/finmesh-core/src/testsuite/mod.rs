@@ -186,6 +186,7 @@ macro_rules! engine_conformance_tests {
                 create_stream_with_other_config_is_already_exists,
                 create_stream_with_overlapping_subjects_is_invalid,
                 create_stream_with_invalid_config_is_invalid,
+                create_stream_with_reserved_subjects_is_invalid,
                 missing_stream_is_not_found,
                 update_stream_applies_retention_at_once,
                 update_stream_changes_subjects,

@@ -74,6 +74,29 @@ pub async fn create_stream_with_invalid_config_is_invalid<H: Harness>() {
     assert!(e.list_streams().await.unwrap().is_empty());
 }
 
+/// Regression (issue 21): a stream may not capture the engines' own
+/// subjects (`$KV.…` values of other buckets, `$JS.…`, `$SYS.…`, `_INBOX.…`
+/// replies), by a literal or a leading wildcard, at creation or by an
+/// update: `Invalid`, nothing created or changed, and the bucket still works.
+pub async fn create_stream_with_reserved_subjects_is_invalid<H: Harness>() {
+    let h = H::start().await;
+    let e = h.engine();
+    e.create_bucket(BucketConfig::new(bucket("other"))).await.unwrap();
+    let s = orders(&*e).await;
+    for bad in ["_INBOX.>", "$KV.other.>", "$KV.>", "$JS.API.>", "$SYS.>", ">", "*.>", "*.*.*"] {
+        expect_kind(e.create_stream(stream_config("SPY", &[bad])).await, ErrorKind::Invalid);
+        expect_kind(e.update_stream(stream_config("ORDERS", &["orders.>", bad])).await, ErrorKind::Invalid);
+    }
+    expect_kind(e.stream_info(&sn("SPY")).await, ErrorKind::NotFound);
+    assert_eq!(e.list_streams().await.unwrap(), vec![s.clone()]);
+    assert_eq!(
+        e.stream_info(&s).await.unwrap().config,
+        as_reported_stream::<H>(stream_config("ORDERS", &["orders.>"]))
+    );
+    let rev = e.kv_put(&bucket("other"), &key("k"), "v".into()).await.unwrap();
+    assert_eq!(e.kv_get(&bucket("other"), &key("k")).await.unwrap().unwrap().revision, rev);
+}
+
 /// Every stream operation on a stream that does not exist is `NotFound`.
 pub async fn missing_stream_is_not_found<H: Harness>() {
     let h = H::start().await;
