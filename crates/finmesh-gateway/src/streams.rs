@@ -7,7 +7,9 @@
 //!   written; the engine's `publish_batch` then checks subjects and sizes
 //!   for all messages before writing any;
 //! - acks come back in the order of the lines;
-//! - a publish needs `stream:publish` for every subject it writes.
+//! - a publish needs `stream:publish` for every subject it writes;
+//! - a batch of N messages counts as N requests against the caller's rate
+//!   limit (429 before anything is written when it is over).
 
 use axum::Json;
 use axum::body::Bytes;
@@ -23,7 +25,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::AppState;
-use crate::caller::Caller;
+use crate::caller::{Caller, Peer};
 use crate::kv::config_with_name;
 use crate::problem::{ApiError, ApiResult, Problem};
 use crate::schema::{Ack, Acks, StreamList};
@@ -169,6 +171,7 @@ fn parse_batch(body: &[u8]) -> Result<Vec<OutgoingMessage>, Box<Problem>> {
 pub async fn publish(
     State(state): State<AppState>,
     caller: Caller,
+    peer: Peer,
     Path(stream): Path<String>,
     Query(q): Query<PublishQuery>,
     headers: HeaderMap,
@@ -185,6 +188,8 @@ pub async fn publish(
         for m in &msgs {
             caller.require(&Access::StreamPublish { stream: &name, subject: &m.subject })?;
         }
+        // The request was counted once on admission; each further message counts too.
+        crate::caller::charge(&state, &caller, &peer, msgs.len() - 1)?;
         let acks = engine.publish_batch(&name, msgs).await?;
         crate::metrics::published(name.as_str(), acks.len());
         return Ok(Json(Acks { acks: acks.iter().map(Ack::from).collect() }).into_response());
