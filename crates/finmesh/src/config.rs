@@ -537,6 +537,10 @@ mod tests {
             serve_threads = 0
             [limits]
             token_rate = { per_second = 0, burst = 5 }
+            [subscriptions]
+            queue_max_bytes = 0
+            [connections]
+            header_timeout_ms = 0
             [nats]
             servers = ["http://x"]
             [tls]
@@ -553,6 +557,8 @@ mod tests {
                 "drain_timeout_ms",
                 "serve_threads",
                 "nats",
+                "subscriptions.queue_max_bytes",
+                "connections.header_timeout_ms",
                 "limits.token_rate",
                 "tls.cert",
                 "tls.key"
@@ -569,10 +575,16 @@ mod tests {
             config: Some(path),
             listen: Some("127.0.0.1:2".into()),
             tls_key: Some("c.pem".into()),
+            lame_duck_ms: Some(0),
+            max_connections: Some(7),
+            rate_per_second: Some(5),
             ..Default::default()
         };
         let config = ServeConfig::load(&overrides).unwrap();
         assert_eq!(config.listen, "127.0.0.1:2");
+        assert_eq!((config.lame_duck_ms, config.connections.max), (0, 7));
+        assert_eq!(config.limits.rate, Some(RateSection { per_second: 5, burst: 2000 }), "the burst stays");
+        assert_eq!(config.connection_limits().max_connections, 7);
         let tls = config.tls.unwrap();
         assert_eq!((tls.cert.to_str().unwrap(), tls.key.to_str().unwrap()), ("a.pem", "c.pem"));
     }

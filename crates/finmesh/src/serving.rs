@@ -495,9 +495,9 @@ impl<T> Watched<T> {
     /// The inner write returned `Pending`: arm the deadline on the first
     /// wait, and fail once it passes.
     fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
-        let deadline = Instant::now() + self.write_timeout;
         if !self.write_waiting {
             self.write_waiting = true;
+            let deadline = Instant::now() + self.write_timeout;
             match &mut self.write_deadline {
                 Some(sleep) => sleep.as_mut().reset(deadline),
                 None => self.write_deadline = Some(Box::pin(tokio::time::sleep_until(deadline))),
