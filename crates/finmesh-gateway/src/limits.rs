@@ -11,7 +11,13 @@
 //! - a refusal ([`Refusal`]) names the rate that refused and the setting
 //!   that raises it, for the 429 problem's detail;
 //! - the key is shared with the principal (`Arc<str>`) or is an address:
-//!   checking a known client allocates nothing.
+//!   checking a known client allocates nothing;
+//! - a range read or fetch asks the engine for pages ([`Paging`]) that
+//!   cannot hold more than the byte budget ([`Limits::max_read_bytes`](crate::Limits))
+//!   and stops once it is spent: in all, at most the budget plus one
+//!   message. A page holds at most `(budget - used) / largest` messages,
+//!   `largest` being the stream's message size limit or its stored bytes if
+//!   fewer; a stream that stores less than the budget is read in one call.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,6 +29,8 @@ use foldhash::quality::RandomState;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+
+use finmesh_core::{Message, StreamInfo};
 
 use crate::problem::Problem;
 use crate::state::Rate;
@@ -174,6 +182,52 @@ impl RateLimiter {
                 }
             }
         }
+    }
+}
+
+/// Room for a message's subject and headers on top of its payload limit.
+const MESSAGE_OVERHEAD: u64 = 64 * 1024;
+
+/// The pages of one range read or fetch, bounded in bytes (see the module
+/// documentation).
+#[derive(Debug, Clone, Copy)]
+pub struct Paging {
+    budget: u64,
+    used: u64,
+    largest: u64,
+    whole: bool,
+}
+
+impl Paging {
+    /// Pages within `budget` bytes of `stream`'s messages.
+    pub fn new(budget: usize, stream: &StreamInfo) -> Self {
+        let stored = stream.state.bytes;
+        let largest = (u64::from(stream.config.msg_size_limit()) + MESSAGE_OVERHEAD).min(stored).max(1);
+        let budget = budget as u64;
+        Paging { budget, used: 0, largest, whole: stored <= budget }
+    }
+
+    /// Messages the next engine call may return when `wanted` more are
+    /// wanted; 0 when done.
+    pub fn next(&self, wanted: usize) -> usize {
+        if wanted == 0 || self.spent() {
+            return 0;
+        }
+        if self.whole {
+            return wanted;
+        }
+        let fit = (self.budget - self.used) / self.largest;
+        usize::try_from(fit).unwrap_or(usize::MAX).clamp(1, wanted)
+    }
+
+    /// Count a message the engine returned.
+    pub fn add(&mut self, msg: &Message) {
+        self.used += msg.size() as u64;
+    }
+
+    /// Whether the budget is used up.
+    pub fn spent(&self) -> bool {
+        self.used >= self.budget
     }
 }
 

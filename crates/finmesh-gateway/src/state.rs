@@ -42,6 +42,10 @@ pub struct Limits {
     /// Deadline of a request that is not a subscription (SSE, WebSocket);
     /// 504 after it. Default 30 s.
     pub request_timeout: Duration,
+    /// Bytes of messages one range read or consumer fetch returns (plus at
+    /// most one message); fewer messages than asked come back when it is
+    /// reached. Default 32 MiB.
+    pub max_read_bytes: usize,
     /// Requests handled at once; above it requests are shed with 503 and
     /// `Retry-After` instead of queueing. Default 1024.
     pub max_concurrent_requests: usize,
@@ -63,6 +67,7 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 9 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            max_read_bytes: 32 * 1024 * 1024,
             max_concurrent_requests: 1024,
             rate: Some(Rate { per_second: 1000, burst: 2000 }),
             rate_overrides: HashMap::new(),

@@ -27,6 +27,7 @@ use serde_json::Value;
 use crate::AppState;
 use crate::caller::{Caller, Peer};
 use crate::kv::config_with_name;
+use crate::limits::Paging;
 use crate::problem::{ApiError, ApiResult, Problem};
 use crate::schema::{Ack, Acks, StreamList};
 
@@ -218,7 +219,8 @@ pub struct ReadQuery {
     pub from_seq: Option<u64>,
     /// Subject filter (wildcards allowed).
     pub subject: Option<String>,
-    /// Most messages returned (default 100, at most 10000).
+    /// Most messages returned (default 100, at most 10000); fewer when
+    /// `max_read_bytes` is reached first.
     pub limit: Option<usize>,
 }
 
@@ -239,13 +241,27 @@ pub async fn read(
     if limit == 0 || limit > MAX_READ_LIMIT {
         return Err(Error::invalid(format!("limit must be 1-{MAX_READ_LIMIT}")).into());
     }
-    let mut request = ReadRequest::from_seq(Seq(q.from_seq.unwrap_or(0)), limit);
-    request.filter = filter;
-    let msgs = state.engine().read(&name, request).await?;
-    let mut body = Vec::new();
-    for m in &msgs {
-        body.extend_from_slice(&crate::envelope::message(m));
-        body.push(b'\n');
+    let engine = state.engine();
+    let mut paging = Paging::new(state.config().limits.max_read_bytes, &engine.stream_info(&name).await?);
+    let (mut from, mut remaining, mut body) = (Seq(q.from_seq.unwrap_or(0)), limit, Vec::new());
+    loop {
+        let page = paging.next(remaining);
+        if page == 0 {
+            break;
+        }
+        let mut request = ReadRequest::from_seq(from, page);
+        request.filter = filter.clone();
+        let msgs = engine.read(&name, request).await?;
+        for m in &msgs {
+            body.extend_from_slice(&crate::envelope::message(m));
+            body.push(b'\n');
+            paging.add(m);
+        }
+        remaining -= msgs.len().min(remaining);
+        match msgs.last() {
+            Some(last) if msgs.len() == page => from = last.seq.next(),
+            _ => break,
+        }
     }
     Ok(([(header::CONTENT_TYPE, NDJSON)], body).into_response())
 }

@@ -116,6 +116,38 @@ async fn without_auth_the_rate_is_per_client_address<H: Harness>() {
     server.abort();
 }
 
+/// A range read and a consumer fetch return at most `max_read_bytes` of
+/// messages (plus one): fewer messages than asked, and the rest on the
+/// next call; a fetch hands out every delivery it took from the engine.
+async fn reads_and_fetches_are_bounded_in_bytes<H: Harness>() {
+    let gw = Gw::with_config::<H>(limits(|l| l.max_read_bytes = 100 * 1024)).await;
+    gw.stream("R", json!({"subjects": ["r"]})).await;
+    gw.put("/v1/streams/R/consumers/c", "").await;
+    // 20 messages of a little over 16 KiB: 320 KiB stored, 100 KiB per answer.
+    let payload = format!("\"{}\"", "x".repeat(16 * 1024 - 2));
+    for _ in 0..20 {
+        assert_eq!(gw.post("/v1/streams/R/messages?subject=r", payload.clone()).await.status, 200);
+    }
+    let seqs = |text: String| -> Vec<u64> {
+        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"].as_u64().unwrap()).collect()
+    };
+    // Seven messages reach 100 KiB: the seventh is the one over.
+    let first = seqs(gw.get("/v1/streams/R/messages?from_seq=1&limit=20").await.text());
+    assert_eq!(first, (1..=7).collect::<Vec<_>>());
+    let next = seqs(gw.get("/v1/streams/R/messages?from_seq=8&limit=20").await.text());
+    assert_eq!(next, (8..=14).collect::<Vec<_>>());
+    let fetched = gw.post("/v1/streams/R/consumers/c/fetch", json!({"batch": 20}).to_string()).await.json();
+    assert_eq!(fetched["messages"].as_array().unwrap().len(), 7, "{}", fetched["messages"].as_array().unwrap().len());
+    let fetched = gw.post("/v1/streams/R/consumers/c/fetch", json!({"batch": 20}).to_string()).await.json();
+    assert_eq!(fetched["messages"][0]["seq"], 8, "the next fetch goes on where the last stopped");
+
+    // A stream that stores less than the budget is read whole.
+    gw.stream("SMALL", json!({"subjects": ["small"]})).await;
+    gw.publish_n("SMALL", "small", 50).await;
+    let all = seqs(gw.get("/v1/streams/SMALL/messages?from_seq=1&limit=100").await.text());
+    assert_eq!(all, (1..=50).collect::<Vec<_>>());
+}
+
 async fn overload_is_shed_with_503<H: Harness>() {
     let gw = Arc::new(Gw::with_config::<H>(limits(|l| l.max_concurrent_requests = 1)).await);
     gw.stream("J", json!({"subjects": ["j"]})).await;
@@ -186,6 +218,7 @@ per_engine!(
     rate_limit_is_429_per_subject,
     a_batch_counts_each_message_against_the_rate,
     without_auth_the_rate_is_per_client_address,
+    reads_and_fetches_are_bounded_in_bytes,
     overload_is_shed_with_503,
     slow_request_times_out_with_504
 );

@@ -60,6 +60,8 @@ pub struct LimitsSection {
     pub max_body_bytes: usize,
     /// Deadline of a request that is not a subscription (504 after).
     pub request_timeout_ms: u64,
+    /// Bytes of messages one range read or fetch returns (plus one message).
+    pub max_read_bytes: usize,
     /// Requests in flight before shedding with 503 + Retry-After.
     pub max_concurrent_requests: usize,
     /// Default per-client rate, keyed by the token's `sub`; absent = none.
@@ -106,6 +108,7 @@ impl Default for LimitsSection {
         Self {
             max_body_bytes: d.max_body_bytes,
             request_timeout_ms: d.request_timeout.as_millis() as u64,
+            max_read_bytes: d.max_read_bytes,
             max_concurrent_requests: d.max_concurrent_requests,
             rate: d.rate.map(|r| RateSection { per_second: r.per_second, burst: r.burst }),
             rate_overrides: Default::default(),
@@ -377,6 +380,7 @@ impl ServeConfig {
         for (key, value) in [
             ("limits.max_body_bytes", l.max_body_bytes as u64),
             ("limits.request_timeout_ms", l.request_timeout_ms),
+            ("limits.max_read_bytes", l.max_read_bytes as u64),
             ("limits.max_concurrent_requests", l.max_concurrent_requests as u64),
             ("subscriptions.heartbeat_ms", self.subscriptions.heartbeat_ms),
             ("subscriptions.retry_ms", self.subscriptions.retry_ms),
@@ -445,6 +449,7 @@ impl ServeConfig {
             limits: Limits {
                 max_body_bytes: self.limits.max_body_bytes,
                 request_timeout: Duration::from_millis(self.limits.request_timeout_ms),
+                max_read_bytes: self.limits.max_read_bytes,
                 max_concurrent_requests: self.limits.max_concurrent_requests,
                 rate: self.limits.rate.as_ref().map(rate),
                 rate_overrides: self.limits.rate_overrides.iter().map(|(k, v)| (k.clone(), rate(v))).collect(),
