@@ -31,7 +31,9 @@
 //!   reading (an SSE or WebSocket subscriber included) is cut. Each cut is
 //!   counted in `finmesh_connections_cut_total{reason}`;
 //! - nothing here allocates, locks or arms a timer per request: a request
-//!   costs two atomic counts on its connection;
+//!   costs a few uncontended atomic operations on its connection's
+//!   [`Activity`] (the write deadline's timer is armed only while a write
+//!   waits, and allocated once per connection);
 //! - [`Phase::Draining`]: the acceptor stops (new connections are refused by
 //!   the kernel once the listener is closed) and every connection finishes
 //!   its in-flight request, then closes (hyper's graceful shutdown; HTTP/2
@@ -229,10 +231,11 @@ async fn accept(
                 continue;
             }
         };
+        // Counted before the handoff, so a request on this connection sees it.
+        accepted_by[next].increment(1);
         if threads[next].send((stream, peer, pass)).await.is_err() {
             return; // that thread has stopped: so is the server
         }
-        accepted_by[next].increment(1);
         next = (next + 1) % threads.len();
     }
 }
@@ -379,7 +382,15 @@ where
     let mut watchdog = Watchdog::new(&activity);
     let tick = tokio::time::sleep(limits.tick());
     tokio::pin!(tick);
-    let mut graceful = false;
+    // A connection handed over just as the drain began finishes at once.
+    let mut graceful = match *phase.borrow_and_update() {
+        Phase::Serving => false,
+        Phase::Draining => {
+            conn.as_mut().graceful_shutdown();
+            true
+        }
+        Phase::Stop => return,
+    };
     loop {
         tokio::select! {
             res = conn.as_mut() => {
