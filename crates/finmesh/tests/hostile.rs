@@ -1,8 +1,8 @@
 //! Hostile clients against `finmesh serve` as a real process, on real
 //! sockets, each bounded in time: half-open connections that never finish
 //! their headers, idle keep-alive connections, connection floods from one
-//! address, an SSE subscriber that stops reading while large messages are
-//! published, and the lame duck period after SIGTERM.
+//! address, an SSE or WebSocket subscriber that stops reading while large
+//! messages are published, and the lame duck period after SIGTERM.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -240,6 +240,48 @@ async fn a_stalled_sse_reader_is_cut_and_its_queue_stays_bounded() {
     let cut = node.metric("finmesh_connections_cut_total{reason=\"write_timeout\"} ").await;
     assert!(cut >= 1.0, "cut by the write timeout: {cut}");
     assert_eq!(node.metric("finmesh_subscriber_queued_bytes ").await, 0.0, "nothing stays queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_websocket_reader_is_cut_by_the_write_timeout() {
+    let node = Node::start("[connections]\nwrite_timeout_ms = 1000\n[subscriptions]\nstall_timeout_ms = 60000\n", &[]);
+    let client = http();
+    let created = client.put(node.url("/v1/streams/big")).json(&json!({"subjects": ["big"]})).send().await;
+    assert_eq!(created.unwrap().status(), 200);
+    // Upgrade by hand, read the 101, then never read again.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(node.addr).await.unwrap();
+    let upgrade = "GET /v1/streams/big/ws?from_seq=1 HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\n\
+                   upgrade: websocket\r\nsec-websocket-version: 13\r\n\
+                   sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    stalled.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(tokio::time::timeout(WAIT, stalled.read(&mut byte)).await.expect("an answer").unwrap(), 1);
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let payload = "x".repeat(128 * 1024);
+    let url = node.url("/v1/streams/big/messages?subject=big");
+    let publisher = tokio::spawn(async move {
+        for _ in 0..100 {
+            assert_eq!(client.post(&url).body(payload.clone()).send().await.unwrap().status(), 200);
+        }
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let list: Value = http().get(node.url("/v1/subscribers")).send().await.unwrap().json().await.unwrap();
+        if list["subscribers"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the stalled WebSocket was never cut: {list}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::timeout(WAIT, publisher).await.expect("publishing finished").unwrap();
+    let cut = node.metric("finmesh_connections_cut_total{reason=\"write_timeout\"} ").await;
+    assert!(cut >= 1.0, "cut by the write timeout: {cut}");
 }
 
 #[tokio::test]
