@@ -33,7 +33,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::AppState;
-use crate::caller::Caller;
+use crate::caller::{Caller, Peer};
 use crate::problem::ApiResult;
 use crate::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
 
@@ -102,6 +102,7 @@ pub async fn stream_source(
 pub async fn events(
     State(state): State<AppState>,
     caller: Caller,
+    peer: Peer,
     Path(stream): Path<String>,
     Query(q): Query<SubscribeQuery>,
     headers: HeaderMap,
@@ -116,7 +117,7 @@ pub async fn events(
         resource: name.to_string(),
         filter: filter.as_ref().map(ToString::to_string),
     };
-    let spec = Subscription::admit(&state, spec)?;
+    let spec = Subscription::admit_from(&state, spec, &peer)?;
     let (source, resume_after) = stream_source(&state, &name, filter, first).await?;
     Ok(sse_response(&state, Subscription::spawn(&state, spec, resume_after, source)))
 }
@@ -130,6 +131,7 @@ pub async fn events(
 pub async fn watch(
     State(state): State<AppState>,
     caller: Caller,
+    peer: Peer,
     Path(bucket): Path<String>,
     Query(q): Query<WatchQuery>,
     headers: HeaderMap,
@@ -147,7 +149,7 @@ pub async fn watch(
         resource: name.to_string(),
         filter: (!q.prefix.is_empty()).then(|| q.prefix.clone()),
     };
-    let spec = Subscription::admit(&state, spec)?;
+    let spec = Subscription::admit_from(&state, spec, &peer)?;
     let watch = state.engine().kv_watch(&name, &q.prefix, start).await?;
     let source =
         watch.map(|r| r.map(|e| Frame::Message { id: e.revision.0, data: crate::envelope::kv_entry(&e) })).boxed();

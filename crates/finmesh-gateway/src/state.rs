@@ -96,8 +96,9 @@ pub struct SubscriptionConfig {
     /// A subscriber whose queue stays full this long is cut off with
     /// `lagged`. Default 5 s.
     pub stall_timeout: Duration,
-    /// Subscriptions open at once per principal (token `sub`); above it a
-    /// new one is refused with 429. Default 1,000.
+    /// Subscriptions open at once per principal (token `sub`; per client
+    /// address when authentication is off); above it a new one is refused
+    /// with 429. Default 1,000.
     pub max_per_principal: usize,
     /// Subscriptions open at once on the node; above it a new one is
     /// refused with 503. Default 10,000.

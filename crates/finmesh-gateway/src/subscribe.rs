@@ -13,7 +13,8 @@
 //!
 //! Invariants:
 //! - at most [`SubscriptionConfig::max_per_principal`](crate::SubscriptionConfig)
-//!   subscriptions per principal (429 `too-many-subscriptions` above) and
+//!   subscriptions per principal (per client address when authentication
+//!   is off; 429 `too-many-subscriptions` above) and
 //!   [`SubscriptionConfig::max_total`](crate::SubscriptionConfig) on the node
 //!   (503) are admitted; an [`Admitted`] holds its place until its
 //!   subscription ends;
@@ -47,6 +48,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
+use crate::caller::Peer;
 use crate::problem::{ApiError, Problem, RETRY_AFTER_SECS};
 
 /// One encoded item for a subscriber.
@@ -191,6 +193,9 @@ struct Places {
 /// (or the subscription opened from it) gives its place back.
 pub struct Admitted {
     spec: SubscriberSpec,
+    /// Whose place this is: the principal, or the client address without
+    /// token identities.
+    holder: String,
     registry: Subscribers,
 }
 
@@ -198,10 +203,10 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         let mut places = self.registry.admitted.lock();
         places.total -= 1;
-        if let Some(n) = places.by_principal.get_mut(&self.spec.identity) {
+        if let Some(n) = places.by_principal.get_mut(&self.holder) {
             *n -= 1;
             if *n == 0 {
-                places.by_principal.remove(&self.spec.identity);
+                places.by_principal.remove(&self.holder);
             }
         }
     }
@@ -357,6 +362,17 @@ impl Subscription {
     /// has `max_per_principal` open, 503 when the node has `max_total`.
     /// Call before opening its source.
     pub fn admit(state: &AppState, spec: SubscriberSpec) -> Result<Admitted, ApiError> {
+        Self::admit_from(state, spec, &Peer(None))
+    }
+
+    /// [`admit`](Self::admit), counting per client address instead of per
+    /// principal when authentication is off (every request then has the
+    /// same principal), as the rate limit does.
+    pub fn admit_from(state: &AppState, spec: SubscriberSpec, peer: &Peer) -> Result<Admitted, ApiError> {
+        let holder = match peer.0 {
+            Some(addr) if state.inner.auth.is_disabled() => format!("client address {}", addr.ip().to_canonical()),
+            _ => format!("`{}`", spec.identity),
+        };
         let cfg = &state.config().subscriptions;
         let registry = state.inner.subscribers.clone();
         {
@@ -370,20 +386,19 @@ impl Subscription {
                 );
                 return Err(too_many(StatusCode::SERVICE_UNAVAILABLE, detail));
             }
-            let mine = places.by_principal.get(&spec.identity).copied().unwrap_or(0);
+            let mine = places.by_principal.get(&holder).copied().unwrap_or(0);
             if mine >= cfg.max_per_principal {
                 crate::metrics::subscription_refused("principal");
                 let detail = format!(
-                    "`{}` has {mine} subscriptions open, the most `subscriptions.max_per_principal` allows; \
-                     close one or raise the setting",
-                    spec.identity
+                    "{holder} has {mine} subscriptions open, the most `subscriptions.max_per_principal` allows; \
+                     close one or raise the setting"
                 );
                 return Err(too_many(StatusCode::TOO_MANY_REQUESTS, detail));
             }
             places.total += 1;
-            *places.by_principal.entry(spec.identity.clone()).or_insert(0) += 1;
+            *places.by_principal.entry(holder.clone()).or_insert(0) += 1;
         }
-        Ok(Admitted { spec, registry })
+        Ok(Admitted { spec, holder, registry })
     }
 
     /// Register an admitted subscriber with an empty bounded queue and

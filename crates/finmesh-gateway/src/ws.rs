@@ -19,7 +19,7 @@ use finmesh_core::{StreamName, SubjectPattern};
 use serde_json::json;
 
 use crate::AppState;
-use crate::caller::Caller;
+use crate::caller::{Caller, Peer};
 use crate::problem::ApiResult;
 use crate::sse::{SubscribeQuery, stream_source};
 use crate::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
@@ -31,6 +31,7 @@ use crate::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
 pub async fn ws(
     State(state): State<AppState>,
     caller: Caller,
+    peer: Peer,
     Path(stream): Path<String>,
     Query(q): Query<SubscribeQuery>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -49,7 +50,7 @@ pub async fn ws(
         resource: name.to_string(),
         filter: filter.as_ref().map(ToString::to_string),
     };
-    let spec = Subscription::admit(&state, spec)?;
+    let spec = Subscription::admit_from(&state, spec, &peer)?;
     // Open the tail before upgrading so a missing stream is a 404, not a close.
     let (source, resume_after) = stream_source(&state, &name, filter, q.from_seq).await?;
     let sub = Subscription::spawn(&state, spec, resume_after, source);

@@ -48,6 +48,37 @@ async fn subscriptions_are_capped_per_principal_and_per_node<H: Harness>() {
     }
 }
 
+/// Without token identities (auth off) the per-principal cap counts per
+/// client address, as the rate limit does.
+async fn without_auth_subscriptions_are_capped_per_client_address<H: Harness>() {
+    let config = GatewayConfig {
+        subscriptions: SubscriptionConfig { max_per_principal: 1, ..Default::default() },
+        ..Default::default()
+    };
+    let gw = Gw::with_config::<H>(config).await;
+    gw.stream("MD", json!({"subjects": ["md.>"]})).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = gw.app.clone().into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let from = |ip: &str| {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        reqwest::Client::builder().local_address(ip.parse::<std::net::IpAddr>().unwrap()).build().unwrap()
+    };
+    let url = format!("http://{addr}/v1/streams/MD/events");
+    let (one, two) = (from("127.0.0.1"), from("127.0.0.2"));
+    let first = one.get(&url).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let refused = one.get(&url).send().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let p: serde_json::Value = refused.json().await.unwrap();
+    assert!(p["detail"].as_str().unwrap().contains("client address 127.0.0.1"), "{p}");
+    let other = two.get(&url).send().await.unwrap();
+    assert_eq!(other.status(), 200, "another address has its own place");
+    drop((first, other));
+    server.abort();
+}
+
 async fn a_subscriber_queue_is_bounded_in_bytes<H: Harness>() {
     let config = GatewayConfig {
         subscriptions: SubscriptionConfig {
@@ -85,4 +116,8 @@ async fn a_subscriber_queue_is_bounded_in_bytes<H: Harness>() {
     }
 }
 
-per_engine!(subscriptions_are_capped_per_principal_and_per_node, a_subscriber_queue_is_bounded_in_bytes);
+per_engine!(
+    subscriptions_are_capped_per_principal_and_per_node,
+    without_auth_subscriptions_are_capped_per_client_address,
+    a_subscriber_queue_is_bounded_in_bytes
+);
