@@ -17,7 +17,10 @@
 //! `docs/api.md` are checked against it (`tests/routes.rs`), and the auth
 //! matrix test walks it.
 
-use axum::extract::{FromRequestParts, Request};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -27,7 +30,8 @@ use finmesh_auth::{Access, Principal, bearer_challenge};
 use finmesh_core::{Error, ErrorKind};
 
 use crate::AppState;
-use crate::problem::{ApiError, Problem};
+use crate::limits::Client;
+use crate::problem::ApiError;
 
 /// The authenticated principal of a request.
 #[derive(Debug, Clone)]
@@ -77,12 +81,52 @@ pub fn admit(state: &AppState, req: &mut Request) -> Result<(), Box<Response>> {
             return Err(Box::new(res));
         }
     };
-    if let Err(wait) = state.inner.rate.check(principal.subject_shared()) {
+    let peer = || req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    if let Err(refusal) = state.inner.rate.check_n(rate_client(state, &principal, peer), NonZeroU32::MIN) {
         crate::metrics::rate_limited();
-        return Err(Box::new(Problem::rate_limited(wait.as_secs_f64().ceil() as u64).into_response()));
+        return Err(Box::new(refusal.problem().into_response()));
     }
     req.extensions_mut().insert(principal);
     Ok(())
+}
+
+/// Whose rate limit a request counts against: its token's subject, or its
+/// client address when authentication is off (every request then has the
+/// same principal). `peer` is asked only in the second case.
+pub fn rate_client<'a>(
+    state: &AppState,
+    principal: &'a Principal,
+    peer: impl FnOnce() -> Option<SocketAddr>,
+) -> Client<'a> {
+    if state.inner.auth.is_disabled()
+        && let Some(addr) = peer()
+    {
+        return Client::Address(addr.ip().to_canonical());
+    }
+    Client::Subject(principal.subject_shared())
+}
+
+/// Count `n` more requests against the caller's rate limit (each message of
+/// a batch after the first, which [`admit`] counted); 429 when over it.
+pub fn charge(state: &AppState, caller: &Caller, peer: &Peer, n: usize) -> Result<(), ApiError> {
+    let Some(more) = NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)) else { return Ok(()) };
+    state.inner.rate.check_n(rate_client(state, &caller.0, || peer.0), more).map_err(|mut refusal| {
+        crate::metrics::rate_limited();
+        refusal.cost = refusal.cost.saturating_add(1);
+        ApiError::from(refusal.problem())
+    })
+}
+
+/// The client's address (`ConnectInfo`), when the server recorded it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub Option<SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)))
+    }
 }
 
 /// What a route needs, as written in the scope table of `finmesh-auth`.

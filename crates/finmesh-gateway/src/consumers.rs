@@ -2,8 +2,10 @@
 //! or update, info, delete, list, `fetch` (batch + wait) and `ack`.
 //!
 //! Invariants: a fetch waits at most [`MAX_FETCH_WAIT`] (well inside the
-//! request timeout) and returns at most [`MAX_FETCH_BATCH`] deliveries; a
-//! delivery's `token` is passed back verbatim to `ack`.
+//! request timeout) and returns at most [`MAX_FETCH_BATCH`] deliveries and
+//! at most `max_read_bytes` of messages plus one (fetched in pages, see
+//! [`Paging`]: every delivery fetched is returned); a delivery's `token` is
+//! passed back verbatim to `ack`.
 
 use std::time::Duration;
 
@@ -13,13 +15,16 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use finmesh_auth::Access;
-use finmesh_core::{AckKind, AckToken, ConsumerConfig, ConsumerName, Error, ErrorKind, FetchRequest, StreamName};
+use finmesh_core::{
+    AckKind, AckToken, ConsumerConfig, ConsumerName, Delivery, Error, ErrorKind, FetchRequest, StreamName,
+};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::AppState;
 use crate::caller::Caller;
 use crate::kv::config_with_name;
+use crate::limits::Paging;
 use crate::problem::ApiResult;
 use crate::schema::{ConsumerList, Fetched};
 
@@ -140,7 +145,7 @@ pub async fn fetch(
     if wait > MAX_FETCH_WAIT {
         return Err(Error::invalid(format!("wait_ms must be at most {}", MAX_FETCH_WAIT.as_millis())).into());
     }
-    let deliveries = state.engine().fetch(&stream, &name, FetchRequest { max: req.batch, wait }).await?;
+    let deliveries = fetch_within_budget(&state, &stream, &name, req.batch, wait).await?;
     let mut out = Vec::from(&b"{\"messages\":["[..]);
     for (i, d) in deliveries.iter().enumerate() {
         if i > 0 {
@@ -151,6 +156,41 @@ pub async fn fetch(
     }
     out.extend_from_slice(b"]}");
     Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+/// Up to `batch` deliveries within `max_read_bytes` (see [`Paging`]): only
+/// the first engine fetch waits; a short page or a spent budget ends it.
+async fn fetch_within_budget(
+    state: &AppState,
+    stream: &StreamName,
+    name: &ConsumerName,
+    batch: usize,
+    wait: Duration,
+) -> ApiResult<Vec<Delivery>> {
+    let engine = state.engine();
+    if batch == 1 {
+        // One message is within any budget: no need to look at the stream.
+        return Ok(engine.fetch(stream, name, FetchRequest { max: 1, wait }).await?);
+    }
+    let mut paging = Paging::new(state.config().limits.max_read_bytes, &engine.stream_info(stream).await?);
+    let (mut deliveries, mut wait) = (Vec::new(), wait);
+    loop {
+        let page = paging.next(batch - deliveries.len());
+        if page == 0 {
+            break;
+        }
+        let got = engine.fetch(stream, name, FetchRequest { max: page, wait }).await?;
+        wait = Duration::ZERO;
+        let short = got.len() < page;
+        for d in &got {
+            paging.add(&d.message);
+        }
+        deliveries.extend(got);
+        if short {
+            break;
+        }
+    }
+    Ok(deliveries)
 }
 
 /// How a delivery is acknowledged.

@@ -6,7 +6,9 @@
 //! - load shedding: a request arriving while `max_concurrent_requests` are
 //!   in flight (counted across all groups) is answered at once with 503
 //!   `overloaded` + `Retry-After`, never queued; a request is in flight until
-//!   its response head is ready;
+//!   its response head is ready. Health probes (`/healthz`, `/readyz`,
+//!   built with [`EdgeLayer::unshed`]) are counted but never shed, so an
+//!   overloaded node still answers its load balancer;
 //! - on API groups, authentication and the per-client rate limit with
 //!   [`caller::admit`] before the handler runs (401 / 429); a wrong method on
 //!   an API path is therefore answered 401 before 405;
@@ -57,6 +59,7 @@ pub struct EdgeLayer {
     shared: Arc<Shared>,
     auth: Option<AppState>,
     timeout: Option<Duration>,
+    shed: bool,
 }
 
 struct Shared {
@@ -74,7 +77,7 @@ impl EdgeLayer {
             max_in_flight: max_in_flight.max(1),
             metrics: RequestMetrics::default(),
         };
-        EdgeLayer { shared: Arc::new(shared), auth: None, timeout: None }
+        EdgeLayer { shared: Arc::new(shared), auth: None, timeout: None, shed: true }
     }
 
     /// The same edge for routes that need a bearer token, authenticated and
@@ -87,13 +90,18 @@ impl EdgeLayer {
     pub fn timeout(&self, timeout: Duration) -> Self {
         EdgeLayer { timeout: Some(timeout), ..self.clone() }
     }
+
+    /// The same edge, never shedding (health probes).
+    pub fn unshed(&self) -> Self {
+        EdgeLayer { shed: false, ..self.clone() }
+    }
 }
 
 impl<S> Layer<S> for EdgeLayer {
     type Service = Edge<S>;
 
     fn layer(&self, inner: S) -> Edge<S> {
-        Edge { inner, shared: self.shared.clone(), auth: self.auth.clone(), timeout: self.timeout }
+        Edge { inner, shared: self.shared.clone(), auth: self.auth.clone(), timeout: self.timeout, shed: self.shed }
     }
 }
 
@@ -104,6 +112,7 @@ pub struct Edge<S> {
     shared: Arc<Shared>,
     auth: Option<AppState>,
     timeout: Option<Duration>,
+    shed: bool,
 }
 
 impl<S> Service<Request> for Edge<S>
@@ -120,7 +129,7 @@ where
 
     fn call(&mut self, mut req: Request) -> Self::Future {
         let shared = self.shared.clone();
-        let admitted = shared.in_flight.fetch_add(1, Ordering::AcqRel) < shared.max_in_flight;
+        let admitted = shared.in_flight.fetch_add(1, Ordering::AcqRel) < shared.max_in_flight || !self.shed;
         let pass = InFlight {
             shared,
             start: Instant::now(),

@@ -92,9 +92,13 @@ pub fn app(state: AppState) -> Router {
     let token =
         Router::new().route("/oauth/token", post(oauth::token)).layer(around(edge.timeout(limits.request_timeout)));
 
-    let public = Router::new()
+    // Health probes answer even while requests are shed.
+    let probes = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
+        .layer(around(edge.unshed()));
+
+    let public = Router::new()
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(openapi::serve))
         .layer(around(edge.clone()));
@@ -103,5 +107,5 @@ pub fn app(state: AppState) -> Router {
     let not_found = around(edge).service(tower::service_fn(|_: axum::extract::Request| {
         std::future::ready(Ok::<_, std::convert::Infallible>(axum::http::StatusCode::NOT_FOUND.into_response()))
     }));
-    unary.merge(streaming).merge(token).merge(public).fallback_service(not_found).with_state(state)
+    unary.merge(streaming).merge(token).merge(probes).merge(public).fallback_service(not_found).with_state(state)
 }

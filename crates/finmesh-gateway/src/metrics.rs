@@ -9,6 +9,10 @@
 //! - `publishes_total{stream}`: messages acked (duplicates included);
 //! - `subscriptions_active{kind}` (gauge): connected SSE/WS/watch subscribers;
 //! - `subscriptions_lagged_total`: subscribers cut off for falling behind;
+//! - `subscriptions_refused_total{reason}`: subscriptions refused by the
+//!   caps (`principal`: 429, `node`: 503);
+//! - `subscriber_queued_bytes` (gauge): bytes of frames waiting in every
+//!   subscriber's queue;
 //! - `engine_errors_total{kind}`: error answers by error kind;
 //! - `rate_limited_total`, `shed_total`: requests refused by the limits.
 //!
@@ -171,6 +175,16 @@ pub fn engine_error(kind: ErrorKind) {
 /// A subscription of `kind` started (`+1`) or ended (`-1`).
 pub fn subscription(kind: &'static str, delta: f64) {
     metrics::gauge!("finmesh_subscriptions_active", "kind" => kind).increment(delta);
+}
+
+/// A subscription refused by a cap (`principal` or `node`).
+pub fn subscription_refused(reason: &'static str) {
+    metrics::counter!("finmesh_subscriptions_refused_total", "reason" => reason).increment(1);
+}
+
+/// The gauge of bytes queued for all subscribers.
+pub fn queued_bytes() -> metrics::Gauge {
+    metrics::gauge!("finmesh_subscriber_queued_bytes")
 }
 
 /// A subscriber was cut off for lagging.

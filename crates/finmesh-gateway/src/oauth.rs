@@ -61,7 +61,7 @@ impl TokenAdmission {
     pub(crate) fn new(limits: &Limits) -> Self {
         let max = limits.max_concurrent_token_grants;
         TokenAdmission {
-            global: RateLimiter::new(limits.token_rate_global, &HashMap::new()),
+            global: RateLimiter::new(limits.token_rate_global, &HashMap::new(), "limits.token_rate_global"),
             grants: Arc::new(Semaphore::new(max)),
             max,
         }

@@ -30,7 +30,7 @@ pub async fn healthz() -> Response {
 #[utoipa::path(get, path = "/readyz", tag = "ops", security(()),
     responses((status = 200, description = "ready", body = Status), (status = 503, body = crate::Problem)))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    if state.is_draining() {
+    if state.is_unready() {
         return Problem::from_error(&Error::unavailable("draining")).into_response();
     }
     match tokio::time::timeout(READY_PROBE_TIMEOUT, state.engine().list_buckets()).await {

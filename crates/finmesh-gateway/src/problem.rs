@@ -104,12 +104,12 @@ impl Problem {
 
     /// `429 rate-limited`, retry after `secs`.
     pub fn rate_limited(secs: u64) -> Self {
-        let mut p = Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
-            "Too many requests",
-            "this client's request rate is over its limit",
-        );
+        Self::rate_limited_with(secs, "this client's request rate is over its limit")
+    }
+
+    /// `429 rate-limited` with a `detail` naming the limit, retry after `secs`.
+    pub fn rate_limited_with(secs: u64, detail: impl Into<String>) -> Self {
+        let mut p = Problem::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests", detail);
         p.retry_after = Some(secs.max(1));
         p
     }

@@ -8,7 +8,8 @@
 //!   history the client asked for is gone;
 //! - the last event says why the stream ends: `event: lagged`
 //!   (`{"last_seq"}`, the subscriber fell behind), `event: reconnect`
-//!   (`{"last_seq"}` + `retry:`, the gateway drains), `event: error` (a
+//!   (`{"last_seq"}` + `retry:` = `retry_ms` plus a random part up to
+//!   `retry_jitter_ms`, the gateway drains), `event: error` (a
 //!   problem document) or `event: end`;
 //! - a comment line (`: heartbeat`) every heartbeat interval while idle.
 //!
@@ -32,7 +33,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::AppState;
-use crate::caller::Caller;
+use crate::caller::{Caller, Peer};
 use crate::problem::ApiResult;
 use crate::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
 
@@ -101,6 +102,7 @@ pub async fn stream_source(
 pub async fn events(
     State(state): State<AppState>,
     caller: Caller,
+    peer: Peer,
     Path(stream): Path<String>,
     Query(q): Query<SubscribeQuery>,
     headers: HeaderMap,
@@ -115,6 +117,7 @@ pub async fn events(
         resource: name.to_string(),
         filter: filter.as_ref().map(ToString::to_string),
     };
+    let spec = Subscription::admit_from(&state, spec, &peer)?;
     let (source, resume_after) = stream_source(&state, &name, filter, first).await?;
     Ok(sse_response(&state, Subscription::spawn(&state, spec, resume_after, source)))
 }
@@ -128,6 +131,7 @@ pub async fn events(
 pub async fn watch(
     State(state): State<AppState>,
     caller: Caller,
+    peer: Peer,
     Path(bucket): Path<String>,
     Query(q): Query<WatchQuery>,
     headers: HeaderMap,
@@ -139,15 +143,16 @@ pub async fn watch(
         Some(r) => WatchStart::FromRevision(finmesh_core::Revision(r.max(1))),
         None => WatchStart::LatestValues,
     };
-    let watch = state.engine().kv_watch(&name, &q.prefix, start).await?;
-    let source =
-        watch.map(|r| r.map(|e| Frame::Message { id: e.revision.0, data: crate::envelope::kv_entry(&e) })).boxed();
     let spec = SubscriberSpec {
         kind: "watch",
         identity: caller.subject().to_owned(),
         resource: name.to_string(),
         filter: (!q.prefix.is_empty()).then(|| q.prefix.clone()),
     };
+    let spec = Subscription::admit_from(&state, spec, &peer)?;
+    let watch = state.engine().kv_watch(&name, &q.prefix, start).await?;
+    let source =
+        watch.map(|r| r.map(|e| Frame::Message { id: e.revision.0, data: crate::envelope::kv_entry(&e) })).boxed();
     let resume_after = first.unwrap_or(1).saturating_sub(1);
     Ok(sse_response(&state, Subscription::spawn(&state, spec, resume_after, source)))
 }
@@ -157,8 +162,15 @@ fn text(data: &[u8]) -> &str {
     std::str::from_utf8(data).unwrap_or("{}")
 }
 
-/// The SSE event for one item.
-fn event(item: &Item, retry: Duration) -> Event {
+/// The retry hint of a `reconnect`: `retry` plus a random part up to
+/// `jitter`, so subscribers told together come back spread out.
+pub fn reconnect_retry(retry: Duration, jitter: Duration) -> Duration {
+    let jitter_ms = u64::try_from(jitter.as_millis()).unwrap_or(u64::MAX);
+    retry + Duration::from_millis(fastrand::u64(0..=jitter_ms))
+}
+
+/// The SSE event for one item (`jitter`: see [`reconnect_retry`]).
+fn event(item: &Item, retry: Duration, jitter: Duration) -> Event {
     match item {
         Item::Frame(Frame::Message { id, data }) => Event::default().id(id.to_string()).data(text(data)),
         Item::Frame(Frame::Gap { from, to }) => {
@@ -169,7 +181,7 @@ fn event(item: &Item, retry: Duration) -> Event {
         ),
         Item::End(End::Reconnect { last_sent }) => Event::default()
             .event("reconnect")
-            .retry(retry)
+            .retry(retry + jitter)
             .data(json!({ "last_seq": last_sent, "reason": "gateway draining; reconnect" }).to_string()),
         Item::End(End::Failed(p)) => Event::default().event("error").data(serde_json::to_string(p).unwrap_or_default()),
         Item::End(End::Finished) => Event::default().event("end").data("{}"),
@@ -179,12 +191,16 @@ fn event(item: &Item, retry: Duration) -> Event {
 /// Serve a subscription as `text/event-stream`.
 pub fn sse_response(state: &AppState, sub: Subscription) -> Response {
     let cfg = &state.config().subscriptions;
-    let retry = cfg.retry;
+    let (retry, jitter) = (cfg.retry, cfg.retry_jitter);
     let hello = futures::stream::once(async move { Ok::<_, Infallible>(Event::default().retry(retry)) });
     let items = futures::stream::unfold(Some(sub), move |sub| async move {
         let mut sub = sub?;
         let item = sub.next().await?;
-        let ev = event(&item, retry);
+        let extra = match item {
+            Item::End(End::Reconnect { .. }) => reconnect_retry(Duration::ZERO, jitter),
+            _ => Duration::ZERO,
+        };
+        let ev = event(&item, retry, extra);
         let next = match item {
             Item::End(_) => None,
             Item::Frame(_) => Some(sub),

@@ -8,7 +8,9 @@
 //! - `POST /oauth/token` is served only when a [`ClientRegistry`] was given
 //!   with [`AppState::with_oauth`]; without one the route answers 404;
 //! - the drain signal only goes one way: once [`AppState::begin_drain`] is
-//!   called, `/readyz` fails and every subscription ends with a `reconnect`.
+//!   called, `/readyz` fails and every subscription ends with a `reconnect`;
+//!   [`AppState::withdraw_readiness`] (the lame duck period before it) only
+//!   fails `/readyz`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,11 +43,17 @@ pub struct Limits {
     /// Deadline of a request that is not a subscription (SSE, WebSocket);
     /// 504 after it. Default 30 s.
     pub request_timeout: Duration,
+    /// Bytes of messages one range read or consumer fetch returns (plus at
+    /// most one message); fewer messages than asked come back when it is
+    /// reached. Default 32 MiB.
+    pub max_read_bytes: usize,
     /// Requests handled at once; above it requests are shed with 503 and
     /// `Retry-After` instead of queueing. Default 1024.
     pub max_concurrent_requests: usize,
-    /// Default per-client rate (keyed by the token's `sub`); `None` = no
-    /// limit. Default 1000/s with a burst of 2000.
+    /// Default per-client rate (keyed by the token's `sub`; by the client's
+    /// IP address when authentication is off, since every request then has
+    /// the same identity); `None` = no limit. Default 1000/s with a burst of
+    /// 2000. A batch publish counts as one request per message.
     pub rate: Option<Rate>,
     /// Per-subject rates that replace the default.
     pub rate_overrides: HashMap<String, Rate>,
@@ -69,6 +77,7 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 9 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            max_read_bytes: 32 * 1024 * 1024,
             max_concurrent_requests: 1024,
             rate: Some(Rate { per_second: 1000, burst: 2000 }),
             rate_overrides: HashMap::new(),
@@ -87,11 +96,25 @@ pub struct SubscriptionConfig {
     pub heartbeat: Duration,
     /// The `retry:` hint sent to SSE clients. Default 2 s.
     pub retry: Duration,
+    /// The hint of a `reconnect` event (drain) is `retry` plus a random
+    /// part up to this, so that subscribers told together do not all come
+    /// back in the same millisecond. Default 3 s.
+    pub retry_jitter: Duration,
     /// Frames buffered per subscriber. Default 1024.
     pub queue_capacity: usize,
+    /// Bytes of frames buffered per subscriber (a frame larger than this
+    /// is queued alone). Default 8 MiB.
+    pub queue_max_bytes: usize,
     /// A subscriber whose queue stays full this long is cut off with
     /// `lagged`. Default 5 s.
     pub stall_timeout: Duration,
+    /// Subscriptions open at once per principal (token `sub`; per client
+    /// address when authentication is off); above it a new one is refused
+    /// with 429. Default 1,000.
+    pub max_per_principal: usize,
+    /// Subscriptions open at once on the node; above it a new one is
+    /// refused with 503. Default 10,000.
+    pub max_total: usize,
 }
 
 impl Default for SubscriptionConfig {
@@ -99,8 +122,12 @@ impl Default for SubscriptionConfig {
         SubscriptionConfig {
             heartbeat: Duration::from_secs(15),
             retry: Duration::from_secs(2),
+            retry_jitter: Duration::from_secs(3),
             queue_capacity: 1024,
+            queue_max_bytes: 8 * 1024 * 1024,
             stall_timeout: Duration::from_secs(5),
+            max_per_principal: 1_000,
+            max_total: 10_000,
         }
     }
 }
@@ -144,6 +171,8 @@ pub(crate) struct Inner {
     pub config: GatewayConfig,
     /// Cancelled by `begin_drain`; every subscription selects on it.
     pub drain: CancellationToken,
+    /// Cancelled by `withdraw_readiness` (and `begin_drain`): `/readyz` fails.
+    pub unready: CancellationToken,
     /// Connected SSE/WS subscribers (for `/v1/subscribers`).
     pub subscribers: Subscribers,
     /// Per-client rate limits (keyed by token subject).
@@ -163,8 +192,8 @@ pub(crate) struct Inner {
 impl AppState {
     /// State for `engine`, verifying tokens with `auth`.
     pub fn new(engine: Arc<dyn Engine>, auth: Authenticator, config: GatewayConfig) -> Self {
-        let rate = Arc::new(RateLimiter::new(config.limits.rate, &config.limits.rate_overrides));
-        let oauth_rate = Arc::new(RateLimiter::new(config.limits.token_rate, &HashMap::new()));
+        let rate = Arc::new(RateLimiter::new(config.limits.rate, &config.limits.rate_overrides, "limits.rate"));
+        let oauth_rate = Arc::new(RateLimiter::new(config.limits.token_rate, &HashMap::new(), "limits.token_rate"));
         let oauth_admission = Arc::new(TokenAdmission::new(&config.limits));
         AppState {
             inner: Arc::new(Inner {
@@ -172,6 +201,7 @@ impl AppState {
                 auth,
                 config,
                 drain: CancellationToken::new(),
+                unready: CancellationToken::new(),
                 subscribers: Subscribers::default(),
                 rate,
                 oauth: None,
@@ -213,12 +243,25 @@ impl AppState {
         if !self.inner.drain.is_cancelled() {
             tracing::info!("gateway draining: subscribers are told to reconnect");
         }
+        self.inner.unready.cancel();
         self.inner.drain.cancel();
+    }
+
+    /// Fail `/readyz` from now on, but keep serving everything else (the
+    /// lame duck period before [`begin_drain`](Self::begin_drain), so load
+    /// balancers stop sending before connections are refused). Idempotent.
+    pub fn withdraw_readiness(&self) {
+        self.inner.unready.cancel();
     }
 
     /// Whether [`begin_drain`](Self::begin_drain) was called.
     pub fn is_draining(&self) -> bool {
         self.inner.drain.is_cancelled()
+    }
+
+    /// Whether `/readyz` fails for good (readiness withdrawn or draining).
+    pub fn is_unready(&self) -> bool {
+        self.inner.unready.is_cancelled()
     }
 
     /// A token cancelled when draining starts (for the server's own shutdown wiring).

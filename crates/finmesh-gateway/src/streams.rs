@@ -7,7 +7,9 @@
 //!   written; the engine's `publish_batch` then checks subjects and sizes
 //!   for all messages before writing any;
 //! - acks come back in the order of the lines;
-//! - a publish needs `stream:publish` for every subject it writes.
+//! - a publish needs `stream:publish` for every subject it writes;
+//! - a batch of N messages counts as N requests against the caller's rate
+//!   limit (429 before anything is written when it is over).
 
 use axum::Json;
 use axum::body::Bytes;
@@ -23,8 +25,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::AppState;
-use crate::caller::Caller;
+use crate::caller::{Caller, Peer};
 use crate::kv::config_with_name;
+use crate::limits::Paging;
 use crate::problem::{ApiError, ApiResult, Problem};
 use crate::schema::{Ack, Acks, StreamConfigBody, StreamList};
 
@@ -170,6 +173,7 @@ fn parse_batch(body: &[u8]) -> Result<Vec<OutgoingMessage>, Box<Problem>> {
 pub async fn publish(
     State(state): State<AppState>,
     caller: Caller,
+    peer: Peer,
     Path(stream): Path<String>,
     Query(q): Query<PublishQuery>,
     headers: HeaderMap,
@@ -186,6 +190,8 @@ pub async fn publish(
         for m in &msgs {
             caller.require(&Access::StreamPublish { stream: &name, subject: &m.subject })?;
         }
+        // The request was counted once on admission; each further message counts too.
+        crate::caller::charge(&state, &caller, &peer, msgs.len() - 1)?;
         let acks = engine.publish_batch(&name, msgs).await?;
         crate::metrics::published(name.as_str(), acks.len());
         return Ok(Json(Acks { acks: acks.iter().map(Ack::from).collect() }).into_response());
@@ -214,7 +220,8 @@ pub struct ReadQuery {
     pub from_seq: Option<u64>,
     /// Subject filter (wildcards allowed).
     pub subject: Option<String>,
-    /// Most messages returned (default 100, at most 10000).
+    /// Most messages returned (default 100, at most 10000); fewer when
+    /// `max_read_bytes` is reached first.
     #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<usize>,
 }
@@ -236,13 +243,27 @@ pub async fn read(
     if limit == 0 || limit > MAX_READ_LIMIT {
         return Err(Error::invalid(format!("limit must be 1-{MAX_READ_LIMIT}")).into());
     }
-    let mut request = ReadRequest::from_seq(Seq(q.from_seq.unwrap_or(0)), limit);
-    request.filter = filter;
-    let msgs = state.engine().read(&name, request).await?;
-    let mut body = Vec::new();
-    for m in &msgs {
-        body.extend_from_slice(&crate::envelope::message(m));
-        body.push(b'\n');
+    let engine = state.engine();
+    let mut paging = Paging::new(state.config().limits.max_read_bytes, &engine.stream_info(&name).await?);
+    let (mut from, mut remaining, mut body) = (Seq(q.from_seq.unwrap_or(0)), limit, Vec::new());
+    loop {
+        let page = paging.next(remaining);
+        if page == 0 {
+            break;
+        }
+        let mut request = ReadRequest::from_seq(from, page);
+        request.filter = filter.clone();
+        let msgs = engine.read(&name, request).await?;
+        for m in &msgs {
+            body.extend_from_slice(&crate::envelope::message(m));
+            body.push(b'\n');
+            paging.add(m);
+        }
+        remaining -= msgs.len().min(remaining);
+        match msgs.last() {
+            Some(last) if msgs.len() == page => from = last.seq.next(),
+            _ => break,
+        }
     }
     Ok(([(header::CONTENT_TYPE, NDJSON)], body).into_response())
 }

@@ -2,7 +2,8 @@
 //! subscribers behind `GET /v1/subscribers`.
 //!
 //! Shape (the seam a shared fan-out hub will slot into):
-//! [`Subscription::open`] registers a subscriber and returns its bounded
+//! [`Subscription::admit`] counts a new subscriber against the caps, then
+//! [`Subscription::open`] registers it and returns its bounded
 //! queue's two ends: the [`Subscription`] the connection (SSE or WebSocket)
 //! reads with [`Subscription::next`], and a [`QueueWriter`] a source fills.
 //! Today [`Subscription::spawn`] gives every subscriber its own source (one
@@ -11,7 +12,15 @@
 //! many writers. The connection side stays as it is.
 //!
 //! Invariants:
-//! - the queue is bounded ([`SubscriptionConfig::queue_capacity`](crate::SubscriptionConfig)).
+//! - at most [`SubscriptionConfig::max_per_principal`](crate::SubscriptionConfig)
+//!   subscriptions per principal (per client address when authentication
+//!   is off; 429 `too-many-subscriptions` above) and
+//!   [`SubscriptionConfig::max_total`](crate::SubscriptionConfig) on the node
+//!   (503) are admitted; an [`Admitted`] holds its place until its
+//!   subscription ends;
+//! - the queue is bounded in frames ([`SubscriptionConfig::queue_capacity`](crate::SubscriptionConfig))
+//!   and in bytes ([`SubscriptionConfig::queue_max_bytes`](crate::SubscriptionConfig);
+//!   a larger frame waits for the queue to empty and then goes alone).
 //!   The feeder waits for room at most
 //!   [`SubscriptionConfig::stall_timeout`](crate::SubscriptionConfig): a
 //!   reader that keeps moving paces its own engine tail (history replays at
@@ -29,16 +38,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use bytes::Bytes;
 use finmesh_core::{BoxStream, Timestamp};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::problem::Problem;
+use crate::caller::Peer;
+use crate::problem::{ApiError, Problem, RETRY_AFTER_SECS};
 
 /// One encoded item for a subscriber.
 #[derive(Debug, Clone)]
@@ -78,6 +89,16 @@ pub enum End {
     Finished,
 }
 
+impl Frame {
+    /// Bytes this frame takes in a queue.
+    fn bytes(&self) -> usize {
+        match self {
+            Frame::Message { data, .. } => data.len(),
+            Frame::Gap { .. } => 0,
+        }
+    }
+}
+
 /// What [`Subscription::next`] yields.
 #[derive(Debug, Clone)]
 pub enum Item {
@@ -107,6 +128,14 @@ struct Entry {
     sent: AtomicU64,
     /// Frames in the queue: +1 by the feeder per frame queued, -1 per frame read.
     queued: AtomicU64,
+    /// Bytes of the frames in the queue, counted the same way.
+    queued_bytes: AtomicU64,
+    /// Room left in the queue, in bytes (permits), given back per frame read.
+    room: Semaphore,
+    /// Most bytes one frame takes of `room` (the queue's byte bound).
+    max_bytes: usize,
+    /// `finmesh_subscriber_queued_bytes`, kept with `queued_bytes`.
+    gauge: metrics::Gauge,
     /// Set by the feeder when it stops on its own (lag, failure, end).
     end: Mutex<Option<End>>,
     /// Set when the feeder cut the subscriber off for lagging.
@@ -134,6 +163,8 @@ pub struct SubscriberInfo {
     pub sent: u64,
     /// Frames waiting in its queue.
     pub queued: u64,
+    /// Bytes of the frames waiting in its queue.
+    pub queued_bytes: u64,
     /// Cut off for falling behind (it still receives what is queued).
     pub lagged: bool,
     /// Sequences stored but not yet sent (filled in by the handler).
@@ -147,6 +178,44 @@ pub struct SubscriberInfo {
 pub struct Subscribers {
     next_id: Arc<AtomicU64>,
     map: Arc<Mutex<HashMap<u64, Arc<Entry>>>>,
+    admitted: Arc<Mutex<Places>>,
+}
+
+/// Admitted subscriptions, for the caps.
+#[derive(Default)]
+struct Places {
+    total: usize,
+    by_principal: HashMap<String, usize>,
+}
+
+/// A subscriber counted against the caps, not yet opened: what
+/// [`Subscription::open`] and [`Subscription::spawn`] take. Dropping it
+/// (or the subscription opened from it) gives its place back.
+pub struct Admitted {
+    spec: SubscriberSpec,
+    /// Whose place this is: the principal, or the client address without
+    /// token identities.
+    holder: String,
+    registry: Subscribers,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut places = self.registry.admitted.lock();
+        places.total -= 1;
+        if let Some(n) = places.by_principal.get_mut(&self.holder) {
+            *n -= 1;
+            if *n == 0 {
+                places.by_principal.remove(&self.holder);
+            }
+        }
+    }
+}
+
+fn too_many(status: StatusCode, detail: String) -> ApiError {
+    let mut p = Problem::new(status, "too-many-subscriptions", "Too many subscriptions", detail);
+    p.retry_after = Some(RETRY_AFTER_SECS);
+    p.into()
 }
 
 impl Subscribers {
@@ -175,6 +244,7 @@ impl Subscribers {
                 last_seq: e.last_sent.load(Ordering::Relaxed),
                 sent: e.sent.load(Ordering::Relaxed),
                 queued: e.queued.load(Ordering::Relaxed),
+                queued_bytes: e.queued_bytes.load(Ordering::Relaxed),
                 lagged: e.lagged.load(Ordering::Relaxed),
                 lag: None,
                 rate_limit: None,
@@ -188,6 +258,7 @@ impl Subscribers {
 /// One subscriber's end of its queue. Dropping it unregisters it and stops its feeder.
 pub struct Subscription {
     id: u64,
+    _admitted: Admitted,
     rx: mpsc::Receiver<Frame>,
     entry: Arc<Entry>,
     registry: Subscribers,
@@ -210,23 +281,31 @@ impl QueueWriter {
     /// full or the subscriber is gone. A hub calls this and, on a full
     /// queue, [`lagged`](QueueWriter::lagged).
     pub fn try_push(&self, frame: Frame) -> Result<(), Frame> {
-        self.entry.queued.fetch_add(1, Ordering::Relaxed);
-        self.tx.try_send(frame).map_err(|e| {
-            self.entry.queued.fetch_sub(1, Ordering::Relaxed);
-            e.into_inner()
-        })
+        let Ok(room) = self.entry.room.try_acquire_many(self.entry.cost(&frame)) else { return Err(frame) };
+        let Ok(slot) = self.tx.try_reserve() else { return Err(frame) };
+        room.forget();
+        self.entry.queued_one(&frame);
+        slot.send(frame);
+        Ok(())
     }
 
-    /// Queue `frame`, waiting up to `stall` for room. `Ok(false)`: the
-    /// subscriber is gone; `Err(())`: the queue stayed full.
+    /// Queue `frame`, waiting up to `stall` for room (in frames and in
+    /// bytes). `Ok(false)`: the subscriber is gone; `Err(())`: the queue
+    /// stayed full.
     pub async fn push(&self, frame: Frame, stall: Duration) -> Result<bool, ()> {
-        match tokio::time::timeout(stall, self.tx.reserve()).await {
-            Ok(Ok(permit)) => {
-                self.entry.queued.fetch_add(1, Ordering::Relaxed);
-                permit.send(frame);
+        let room = async {
+            let room = self.entry.room.acquire_many(self.entry.cost(&frame)).await.ok()?;
+            let slot = self.tx.reserve().await.ok()?;
+            Some((room, slot))
+        };
+        match tokio::time::timeout(stall, room).await {
+            Ok(Some((room, slot))) => {
+                room.forget();
+                self.entry.queued_one(&frame);
+                slot.send(frame);
                 Ok(true)
             }
-            Ok(Err(_closed)) => Ok(false),
+            Ok(None) => Ok(false),
             Err(_elapsed) => Err(()),
         }
     }
@@ -256,19 +335,90 @@ impl QueueWriter {
     }
 }
 
+impl Entry {
+    /// Permits of `room` that `frame` takes.
+    fn cost(&self, frame: &Frame) -> u32 {
+        frame.bytes().min(self.max_bytes) as u32
+    }
+
+    fn queued_one(&self, frame: &Frame) {
+        let bytes = frame.bytes() as u64;
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.gauge.increment(bytes as f64);
+    }
+
+    fn read_one(&self, frame: &Frame) {
+        let bytes = frame.bytes() as u64;
+        self.room.add_permits(self.cost(frame) as usize);
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.gauge.decrement(bytes as f64);
+    }
+}
+
 impl Subscription {
-    /// Register a subscriber with an empty bounded queue and return it with
-    /// the queue's writing end. `resume_after` is the sequence the client
-    /// already has (reported as `last_seq` until something newer is sent).
-    pub fn open(state: &AppState, spec: SubscriberSpec, resume_after: u64) -> (Self, QueueWriter) {
-        let capacity = state.config().subscriptions.queue_capacity.max(1);
-        let (tx, rx) = mpsc::channel(capacity);
+    /// Count a new subscriber against the caps: 429 when its principal
+    /// has `max_per_principal` open, 503 when the node has `max_total`.
+    /// Call before opening its source.
+    pub fn admit(state: &AppState, spec: SubscriberSpec) -> Result<Admitted, ApiError> {
+        Self::admit_from(state, spec, &Peer(None))
+    }
+
+    /// [`admit`](Self::admit), counting per client address instead of per
+    /// principal when authentication is off (every request then has the
+    /// same principal), as the rate limit does.
+    pub fn admit_from(state: &AppState, spec: SubscriberSpec, peer: &Peer) -> Result<Admitted, ApiError> {
+        let holder = match peer.0 {
+            Some(addr) if state.inner.auth.is_disabled() => format!("client address {}", addr.ip().to_canonical()),
+            _ => format!("`{}`", spec.identity),
+        };
+        let cfg = &state.config().subscriptions;
+        let registry = state.inner.subscribers.clone();
+        {
+            let mut places = registry.admitted.lock();
+            if places.total >= cfg.max_total {
+                crate::metrics::subscription_refused("node");
+                let detail = format!(
+                    "this node has {} subscriptions open, the most `subscriptions.max_total` allows; \
+                     retry shortly or on another node",
+                    places.total
+                );
+                return Err(too_many(StatusCode::SERVICE_UNAVAILABLE, detail));
+            }
+            let mine = places.by_principal.get(&holder).copied().unwrap_or(0);
+            if mine >= cfg.max_per_principal {
+                crate::metrics::subscription_refused("principal");
+                let detail = format!(
+                    "{holder} has {mine} subscriptions open, the most `subscriptions.max_per_principal` allows; \
+                     close one or raise the setting"
+                );
+                return Err(too_many(StatusCode::TOO_MANY_REQUESTS, detail));
+            }
+            places.total += 1;
+            *places.by_principal.entry(holder.clone()).or_insert(0) += 1;
+        }
+        Ok(Admitted { spec, holder, registry })
+    }
+
+    /// Register an admitted subscriber with an empty bounded queue and
+    /// return it with the queue's writing end. `resume_after` is the
+    /// sequence the client already has (reported as `last_seq` until
+    /// something newer is sent).
+    pub fn open(state: &AppState, admitted: Admitted, resume_after: u64) -> (Self, QueueWriter) {
+        let cfg = &state.config().subscriptions;
+        let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
+        let max_bytes = cfg.queue_max_bytes.clamp(1, u32::MAX as usize);
         let entry = Arc::new(Entry {
-            spec,
+            spec: admitted.spec.clone(),
             connected: Timestamp::now(),
             last_sent: AtomicU64::new(resume_after),
             sent: AtomicU64::new(0),
             queued: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
+            room: Semaphore::new(max_bytes),
+            max_bytes,
+            gauge: crate::metrics::queued_bytes(),
             end: Mutex::new(None),
             lagged: AtomicBool::new(false),
         });
@@ -278,6 +428,7 @@ impl Subscription {
         crate::metrics::subscription(entry.spec.kind, 1.0);
         let sub = Subscription {
             id,
+            _admitted: admitted,
             rx,
             entry: entry.clone(),
             registry,
@@ -290,8 +441,8 @@ impl Subscription {
 
     /// [`open`](Subscription::open) a subscriber and start a feeder task that
     /// copies its own `source` into the queue (see the module doc for pacing).
-    pub fn spawn(state: &AppState, spec: SubscriberSpec, resume_after: u64, source: BoxStream<Frame>) -> Self {
-        let (mut sub, writer) = Self::open(state, spec, resume_after);
+    pub fn spawn(state: &AppState, admitted: Admitted, resume_after: u64, source: BoxStream<Frame>) -> Self {
+        let (mut sub, writer) = Self::open(state, admitted, resume_after);
         let stall = state.config().subscriptions.stall_timeout;
         sub.feeder = Some(tokio::spawn(feed(source, writer, stall)));
         sub
@@ -317,7 +468,7 @@ impl Subscription {
                     };
                     self.entry.last_sent.store(seq, Ordering::Relaxed);
                     self.entry.sent.fetch_add(1, Ordering::Relaxed);
-                    self.entry.queued.fetch_sub(1, Ordering::Relaxed);
+                    self.entry.read_one(&frame);
                     Some(Item::Frame(frame))
                 }
                 None => {
@@ -341,6 +492,11 @@ impl Drop for Subscription {
         }
         self.registry.map.lock().remove(&self.id);
         crate::metrics::subscription(self.entry.spec.kind, -1.0);
+        // Frames still queued go with the queue (none can be added once closed).
+        self.rx.close();
+        while let Ok(frame) = self.rx.try_recv() {
+            self.entry.read_one(&frame);
+        }
     }
 }
 

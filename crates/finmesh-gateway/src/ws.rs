@@ -3,8 +3,9 @@
 //! Carries the same envelopes as SSE, one per text frame. Control events are
 //! text frames too, tagged with `"event"`: `{"event":"gap","from","to"}`;
 //! the last one before the close is `{"event":"lagged","last_seq"}` (close
-//! code 1013, try again later), `{"event":"reconnect","last_seq"}` (close
-//! code 1012, service restart: the gateway drains) or `{"event":"error",…}`
+//! code 1013, try again later), `{"event":"reconnect","last_seq","retry_ms"}`
+//! (close code 1012, service restart: the gateway drains; `retry_ms` is
+//! jittered as SSE's `retry:`) or `{"event":"error",…}`
 //! (close code 1011). `from_seq` names the first sequence wanted; without it
 //! only new messages are sent. Pings go out every heartbeat interval; client
 //! messages other than close are ignored.
@@ -18,7 +19,7 @@ use finmesh_core::{StreamName, SubjectPattern};
 use serde_json::json;
 
 use crate::AppState;
-use crate::caller::Caller;
+use crate::caller::{Caller, Peer};
 use crate::problem::ApiResult;
 use crate::sse::{SubscribeQuery, stream_source};
 use crate::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
@@ -30,6 +31,7 @@ use crate::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
 pub async fn ws(
     State(state): State<AppState>,
     caller: Caller,
+    peer: Peer,
     Path(stream): Path<String>,
     Query(q): Query<SubscribeQuery>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -48,11 +50,13 @@ pub async fn ws(
         resource: name.to_string(),
         filter: filter.as_ref().map(ToString::to_string),
     };
+    let spec = Subscription::admit_from(&state, spec, &peer)?;
     // Open the tail before upgrading so a missing stream is a 404, not a close.
     let (source, resume_after) = stream_source(&state, &name, filter, q.from_seq).await?;
     let sub = Subscription::spawn(&state, spec, resume_after, source);
-    let heartbeat = state.config().subscriptions.heartbeat;
-    Ok(upgrade.on_upgrade(move |socket| serve(socket, sub, heartbeat)))
+    let cfg = &state.config().subscriptions;
+    let (heartbeat, retry) = (cfg.heartbeat, crate::sse::reconnect_retry(cfg.retry, cfg.retry_jitter));
+    Ok(upgrade.on_upgrade(move |socket| serve(socket, sub, heartbeat, retry)))
 }
 
 fn close(code: u16, reason: &str) -> WsMessage {
@@ -60,20 +64,26 @@ fn close(code: u16, reason: &str) -> WsMessage {
 }
 
 /// The frames that end a subscription: a final event and a close frame.
-fn ending(end: &End) -> (String, WsMessage) {
+fn ending(end: &End, retry: std::time::Duration) -> (String, WsMessage) {
     match end {
         End::Lagged { last_sent } => {
             (json!({ "event": "lagged", "last_seq": last_sent }).to_string(), close(1013, "lagged"))
         }
-        End::Reconnect { last_sent } => {
-            (json!({ "event": "reconnect", "last_seq": last_sent }).to_string(), close(1012, "draining; reconnect"))
-        }
+        End::Reconnect { last_sent } => (
+            json!({ "event": "reconnect", "last_seq": last_sent, "retry_ms": retry.as_millis() as u64 }).to_string(),
+            close(1012, "draining; reconnect"),
+        ),
         End::Failed(p) => (json!({ "event": "error", "problem": p }).to_string(), close(1011, "subscription failed")),
         End::Finished => (json!({ "event": "end" }).to_string(), close(1000, "end")),
     }
 }
 
-async fn serve(mut socket: WebSocket, mut sub: Subscription, heartbeat: std::time::Duration) {
+async fn serve(
+    mut socket: WebSocket,
+    mut sub: Subscription,
+    heartbeat: std::time::Duration,
+    retry: std::time::Duration,
+) {
     let mut ping = tokio::time::interval(heartbeat);
     ping.reset();
     loop {
@@ -102,7 +112,7 @@ async fn serve(mut socket: WebSocket, mut sub: Subscription, heartbeat: std::tim
                 socket.send(WsMessage::Text(json!({ "event": "gap", "from": from, "to": to }).to_string().into())).await
             }
             Some(Item::End(end)) => {
-                let (last, close) = ending(&end);
+                let (last, close) = ending(&end, retry);
                 let _ = socket.send(WsMessage::Text(last.into())).await;
                 let _ = socket.send(close).await;
                 return;

@@ -1,6 +1,6 @@
 //! Drain: `begin_drain` flips `/readyz` to 503 at once, every SSE
 //! subscriber (streams and watches) receives `event: reconnect` with a
-//! `retry:` hint and its stream ends, and the server's graceful shutdown
+//! jittered `retry:` hint and its stream ends, and the server's graceful shutdown
 //! completes.
 
 mod support;
@@ -50,13 +50,19 @@ async fn subscribers_get_reconnect_and_readyz_flips<H: Harness>() {
     gw.state.begin_drain();
     let r = gw.get("/readyz").await;
     r.assert_problem(503, "unavailable");
+    let mut retries = std::collections::BTreeSet::new();
     for (is_stream, sse) in &mut subs {
         let ev = sse.next(WAIT).await.expect("reconnect event");
         assert_eq!(ev.event.as_deref(), Some("reconnect"), "{ev:?}");
-        assert_eq!(ev.retry, Some(2000));
+        // `retry_ms` (2 s) plus up to `retry_jitter_ms` (3 s) at random.
+        let retry = ev.retry.expect("a retry hint");
+        assert!((2000..=5000).contains(&retry), "{ev:?}");
+        retries.insert(retry);
         assert_eq!(ev.json()["last_seq"], if *is_stream { 3 } else { 0 });
         assert!(sse.next(WAIT).await.is_none(), "the stream ends after reconnect");
     }
+    // Ten draws from 3,001 values: all equal only if there is no jitter.
+    assert!(retries.len() > 1, "every subscriber got the same retry hint: {retries:?}");
     // With every subscriber gone, graceful shutdown finishes.
     tokio::time::timeout(WAIT, server).await.expect("server shut down").unwrap().unwrap();
     assert_eq!(gw.state.subscriber_count(), 0);

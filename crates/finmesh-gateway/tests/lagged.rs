@@ -58,7 +58,8 @@ async fn queue_writer_try_push_and_lagged<H: Harness>() {
     };
     let gw = Gw::with_config::<H>(config).await;
     let spec = SubscriberSpec { kind: "sse", identity: "hub".into(), resource: "MD".into(), filter: None };
-    let (mut sub, writer) = Subscription::open(&gw.state, spec, 10);
+    let admitted = Subscription::admit(&gw.state, spec).expect("under the caps");
+    let (mut sub, writer) = Subscription::open(&gw.state, admitted, 10);
     let frame = |id| Frame::Message { id, data: Bytes::from_static(b"{}") };
     for id in 11..=14 {
         assert!(writer.try_push(frame(id)).is_ok());

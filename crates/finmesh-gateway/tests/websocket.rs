@@ -48,7 +48,9 @@ async fn subscribe_history_then_live<H: Harness>() {
     // Drain: a final reconnect event, then a close frame with code 1012.
     gw.state.begin_drain();
     let last = next_text(&mut ws).await;
-    assert_eq!(last, json!({"event": "reconnect", "last_seq": 10}));
+    assert_eq!((&last["event"], &last["last_seq"]), (&json!("reconnect"), &json!(10)), "{last}");
+    // The retry hint: `retry_ms` (2 s) plus up to `retry_jitter_ms` (3 s).
+    assert!(last["retry_ms"].as_u64().is_some_and(|r| (2000..=5000).contains(&r)), "{last}");
     let close = tokio::time::timeout(WAIT, ws.next()).await.expect("close in time").expect("frame").expect("ok");
     match close {
         Message::Close(Some(frame)) => {

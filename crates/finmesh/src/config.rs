@@ -60,6 +60,8 @@ pub struct LimitsSection {
     pub max_body_bytes: usize,
     /// Deadline of a request that is not a subscription (504 after).
     pub request_timeout_ms: u64,
+    /// Bytes of messages one range read or fetch returns (plus one message).
+    pub max_read_bytes: usize,
     /// Requests in flight before shedding with 503 + Retry-After.
     pub max_concurrent_requests: usize,
     /// Default per-client rate, keyed by the token's `sub`; absent = none.
@@ -74,12 +76,43 @@ pub struct LimitsSection {
     pub max_concurrent_token_grants: usize,
 }
 
+/// Connection caps and timeouts (`[connections]`); defaults are
+/// [`ConnectionLimits::default`](crate::serving::ConnectionLimits).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionsSection {
+    /// Connections open at once on the node.
+    pub max: usize,
+    /// Connections open at once from one client IP address.
+    pub max_per_address: usize,
+    /// Longest time to receive a whole request head.
+    pub header_timeout_ms: u64,
+    /// Longest a connection may stay open with nothing in flight or received.
+    pub idle_timeout_ms: u64,
+    /// Longest a write may wait for the client to read.
+    pub write_timeout_ms: u64,
+}
+
+impl Default for ConnectionsSection {
+    fn default() -> Self {
+        let d = crate::serving::ConnectionLimits::default();
+        Self {
+            max: d.max_connections,
+            max_per_address: d.max_connections_per_address,
+            header_timeout_ms: d.header_timeout.as_millis() as u64,
+            idle_timeout_ms: d.idle_timeout.as_millis() as u64,
+            write_timeout_ms: d.write_timeout.as_millis() as u64,
+        }
+    }
+}
+
 impl Default for LimitsSection {
     fn default() -> Self {
         let d = finmesh_gateway::Limits::default();
         Self {
             max_body_bytes: d.max_body_bytes,
             request_timeout_ms: d.request_timeout.as_millis() as u64,
+            max_read_bytes: d.max_read_bytes,
             max_concurrent_requests: d.max_concurrent_requests,
             rate: d.rate.map(|r| RateSection { per_second: r.per_second, burst: r.burst }),
             rate_overrides: Default::default(),
@@ -96,10 +129,18 @@ impl Default for LimitsSection {
 pub struct SubscriptionsSection {
     pub heartbeat_ms: u64,
     pub retry_ms: u64,
+    /// Most added at random to `retry_ms` in a `reconnect` event's hint.
+    pub retry_jitter_ms: u64,
     pub queue_capacity: usize,
+    /// Bytes of frames queued per subscriber.
+    pub queue_max_bytes: usize,
     /// How long a subscriber's full queue may stay full before it is cut off
     /// with `lagged`.
     pub stall_timeout_ms: u64,
+    /// Subscriptions open at once per principal (token `sub`).
+    pub max_per_principal: usize,
+    /// Subscriptions open at once on the node.
+    pub max_total: usize,
 }
 
 impl Default for SubscriptionsSection {
@@ -108,8 +149,12 @@ impl Default for SubscriptionsSection {
         Self {
             heartbeat_ms: d.heartbeat.as_millis() as u64,
             retry_ms: d.retry.as_millis() as u64,
+            retry_jitter_ms: d.retry_jitter.as_millis() as u64,
             queue_capacity: d.queue_capacity,
+            queue_max_bytes: d.queue_max_bytes,
             stall_timeout_ms: d.stall_timeout.as_millis() as u64,
+            max_per_principal: d.max_per_principal,
+            max_total: d.max_total,
         }
     }
 }
@@ -128,6 +173,10 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_timeout_ms: u64,
+    /// After SIGTERM, how long the node keeps accepting with `/readyz`
+    /// failing, so load balancers stop sending before connections are
+    /// refused; 0 = none.
+    pub lame_duck_ms: u64,
     /// Threads that serve connections, each owning the connections it is
     /// handed (see `serving`); absent = one per core.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -139,6 +188,7 @@ pub struct ServeConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
     pub limits: LimitsSection,
+    pub connections: ConnectionsSection,
     pub subscriptions: SubscriptionsSection,
     /// Token verification, issuance and OAuth clients (docs/auth.md).
     /// Without it the node signs its own tokens with a generated secret.
@@ -155,10 +205,12 @@ impl Default for ServeConfig {
             default_bucket: "default".to_owned(),
             log_format: LogFormat::Text,
             drain_timeout_ms: 10_000,
+            lame_duck_ms: 3_000,
             serve_threads: None,
             nats: None,
             tls: None,
             limits: LimitsSection::default(),
+            connections: ConnectionsSection::default(),
             subscriptions: SubscriptionsSection::default(),
             auth: None,
         }
@@ -213,6 +265,20 @@ pub struct ConfigOverrides {
     /// Threads that serve connections [default: one per core].
     #[arg(long, env = "FINMESH_SERVE_THREADS")]
     pub serve_threads: Option<usize>,
+    /// Milliseconds the node keeps accepting, not ready, after SIGTERM
+    /// (`lame_duck_ms`) [default: 3000].
+    #[arg(long, env = "FINMESH_LAME_DUCK_MS")]
+    pub lame_duck_ms: Option<u64>,
+    /// Connections open at once on the node (`connections.max`) [default: 10000].
+    #[arg(long, env = "FINMESH_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Requests per second per client (`limits.rate.per_second`) [default: 1000].
+    #[arg(long, env = "FINMESH_RATE_PER_SECOND")]
+    pub rate_per_second: Option<u32>,
+    /// Requests a client may send at once above its rate (`limits.rate.burst`)
+    /// [default: 2000].
+    #[arg(long, env = "FINMESH_RATE_BURST")]
+    pub rate_burst: Option<u32>,
 }
 
 impl ServeConfig {
@@ -257,6 +323,19 @@ impl ServeConfig {
         }
         if let Some(v) = o.serve_threads {
             self.serve_threads = Some(v);
+        }
+        if let Some(v) = o.lame_duck_ms {
+            self.lame_duck_ms = v;
+        }
+        if let Some(v) = o.max_connections {
+            self.connections.max = v;
+        }
+        if o.rate_per_second.is_some() || o.rate_burst.is_some() {
+            let base = self.limits.rate.unwrap_or(RateSection { per_second: 1000, burst: 2000 });
+            self.limits.rate = Some(RateSection {
+                per_second: o.rate_per_second.unwrap_or(base.per_second),
+                burst: o.rate_burst.unwrap_or(base.burst),
+            });
         }
         if o.tls_cert.is_some() || o.tls_key.is_some() || o.tls_client_ca.is_some() {
             let base =
@@ -307,16 +386,28 @@ impl ServeConfig {
         for (key, value) in [
             ("limits.max_body_bytes", l.max_body_bytes as u64),
             ("limits.request_timeout_ms", l.request_timeout_ms),
+            ("limits.max_read_bytes", l.max_read_bytes as u64),
             ("limits.max_concurrent_requests", l.max_concurrent_requests as u64),
             ("limits.max_concurrent_token_grants", l.max_concurrent_token_grants as u64),
             ("subscriptions.heartbeat_ms", self.subscriptions.heartbeat_ms),
             ("subscriptions.retry_ms", self.subscriptions.retry_ms),
             ("subscriptions.queue_capacity", self.subscriptions.queue_capacity as u64),
+            ("subscriptions.queue_max_bytes", self.subscriptions.queue_max_bytes as u64),
             ("subscriptions.stall_timeout_ms", self.subscriptions.stall_timeout_ms),
+            ("subscriptions.max_per_principal", self.subscriptions.max_per_principal as u64),
+            ("subscriptions.max_total", self.subscriptions.max_total as u64),
+            ("connections.max", self.connections.max as u64),
+            ("connections.max_per_address", self.connections.max_per_address as u64),
+            ("connections.header_timeout_ms", self.connections.header_timeout_ms),
+            ("connections.idle_timeout_ms", self.connections.idle_timeout_ms),
+            ("connections.write_timeout_ms", self.connections.write_timeout_ms),
         ] {
             if value == 0 {
                 problem(key, "must be at least 1".to_owned());
             }
+        }
+        if self.subscriptions.queue_max_bytes > u32::MAX as usize {
+            problem("subscriptions.queue_max_bytes", format!("must be at most {}", u32::MAX));
         }
         for (who, rate) in l
             .rate
@@ -366,6 +457,7 @@ impl ServeConfig {
             limits: Limits {
                 max_body_bytes: self.limits.max_body_bytes,
                 request_timeout: Duration::from_millis(self.limits.request_timeout_ms),
+                max_read_bytes: self.limits.max_read_bytes,
                 max_concurrent_requests: self.limits.max_concurrent_requests,
                 rate: self.limits.rate.as_ref().map(rate),
                 rate_overrides: self.limits.rate_overrides.iter().map(|(k, v)| (k.clone(), rate(v))).collect(),
@@ -376,8 +468,12 @@ impl ServeConfig {
             subscriptions: SubscriptionConfig {
                 heartbeat: Duration::from_millis(self.subscriptions.heartbeat_ms),
                 retry: Duration::from_millis(self.subscriptions.retry_ms),
+                retry_jitter: Duration::from_millis(self.subscriptions.retry_jitter_ms),
                 queue_capacity: self.subscriptions.queue_capacity,
+                queue_max_bytes: self.subscriptions.queue_max_bytes,
                 stall_timeout: Duration::from_millis(self.subscriptions.stall_timeout_ms),
+                max_per_principal: self.subscriptions.max_per_principal,
+                max_total: self.subscriptions.max_total,
             },
         })
     }
@@ -385,6 +481,23 @@ impl ServeConfig {
     /// The drain deadline.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    /// How long the node keeps accepting, not ready, after SIGTERM.
+    pub fn lame_duck(&self) -> Duration {
+        Duration::from_millis(self.lame_duck_ms)
+    }
+
+    /// The serving threads' connection caps and timeouts.
+    pub fn connection_limits(&self) -> crate::serving::ConnectionLimits {
+        let c = &self.connections;
+        crate::serving::ConnectionLimits {
+            max_connections: c.max,
+            max_connections_per_address: c.max_per_address,
+            header_timeout: Duration::from_millis(c.header_timeout_ms),
+            idle_timeout: Duration::from_millis(c.idle_timeout_ms),
+            write_timeout: Duration::from_millis(c.write_timeout_ms),
+        }
     }
 
     /// Serving threads: the configured number, or one per core.
@@ -439,6 +552,10 @@ mod tests {
             serve_threads = 0
             [limits]
             token_rate = { per_second = 0, burst = 5 }
+            [subscriptions]
+            queue_max_bytes = 0
+            [connections]
+            header_timeout_ms = 0
             [nats]
             servers = ["http://x"]
             [tls]
@@ -455,6 +572,8 @@ mod tests {
                 "drain_timeout_ms",
                 "serve_threads",
                 "nats",
+                "subscriptions.queue_max_bytes",
+                "connections.header_timeout_ms",
                 "limits.token_rate",
                 "tls.cert",
                 "tls.key"
@@ -471,10 +590,16 @@ mod tests {
             config: Some(path),
             listen: Some("127.0.0.1:2".into()),
             tls_key: Some("c.pem".into()),
+            lame_duck_ms: Some(0),
+            max_connections: Some(7),
+            rate_per_second: Some(5),
             ..Default::default()
         };
         let config = ServeConfig::load(&overrides).unwrap();
         assert_eq!(config.listen, "127.0.0.1:2");
+        assert_eq!((config.lame_duck_ms, config.connections.max), (0, 7));
+        assert_eq!(config.limits.rate, Some(RateSection { per_second: 5, burst: 2000 }), "the burst stays");
+        assert_eq!(config.connection_limits().max_connections, 7);
         let tls = config.tls.unwrap();
         assert_eq!((tls.cert.to_str().unwrap(), tls.key.to_str().unwrap()), ("a.pem", "c.pem"));
     }

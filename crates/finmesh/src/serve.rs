@@ -20,11 +20,14 @@
 //! `--insecure-no-auth-on-public-address` says so explicitly.
 //!
 //! Drain (invariant: an acked write is never lost): on the first SIGTERM or
-//! SIGINT readiness fails at once, every SSE/WebSocket subscriber gets
-//! `reconnect`, the listener stops accepting, in-flight requests get up to
-//! `drain_timeout_ms` to finish (connections still open then are dropped),
-//! then the engine is closed (the embedded engine fsyncs) and the process
-//! exits 0. A second signal stops at once.
+//! SIGINT readiness fails at once, but the node keeps accepting and serving
+//! for `lame_duck_ms` (so load balancers see the probe fail before
+//! connections are refused); then every SSE/WebSocket subscriber gets
+//! `reconnect` (with a jittered retry hint), the listener stops accepting,
+//! in-flight requests get up to `drain_timeout_ms` to finish (connections
+//! still open then are dropped), then the engine is closed (the embedded
+//! engine fsyncs) and the process exits 0. A second signal, during the lame
+//! duck period or the drain, stops at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -193,8 +196,9 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
     let threads = config.serve_threads();
     let (phase, phase_rx) = watch::channel(Phase::Serving);
     let secure = tls.is_some();
-    let servers = serving::start(listener, tls.map(Arc::new), app, threads, phase_rx)?;
-    let drain = tokio::spawn(drain_on_signal(state, phase, config.drain_timeout()));
+    let limits = config.connection_limits();
+    let servers = serving::start(listener, tls.map(Arc::new), app, threads, limits, phase_rx)?;
+    let drain = tokio::spawn(drain_on_signal(state, phase, config.lame_duck(), config.drain_timeout()));
 
     let scheme = if secure { "https" } else { "http" };
     println!("listening on {scheme}://{local}");
@@ -206,9 +210,9 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Wait for SIGTERM/SIGINT, then drain; after the deadline, or a second
-/// signal, stop at once.
-async fn drain_on_signal(state: AppState, phase: watch::Sender<Phase>, deadline: Duration) {
+/// Wait for SIGTERM/SIGINT, then fail readiness for the lame duck period,
+/// then drain; after the deadline, or a second signal, stop at once.
+async fn drain_on_signal(state: AppState, phase: watch::Sender<Phase>, lame_duck: Duration, deadline: Duration) {
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; drain on signal is unavailable");
         return;
@@ -217,7 +221,14 @@ async fn drain_on_signal(state: AppState, phase: watch::Sender<Phase>, deadline:
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    tracing::info!(deadline_ms = deadline.as_millis() as u64, "signal received: draining");
+    tracing::info!(lame_duck_ms = lame_duck.as_millis() as u64, "signal received: not ready, still accepting");
+    state.withdraw_readiness();
+    tokio::select! {
+        _ = term.recv() => return stop_now(&phase),
+        _ = int.recv() => return stop_now(&phase),
+        _ = tokio::time::sleep(lame_duck) => {}
+    }
+    tracing::info!(deadline_ms = deadline.as_millis() as u64, "draining");
     state.begin_drain();
     let _ = phase.send(Phase::Draining);
     tokio::select! {
@@ -225,6 +236,12 @@ async fn drain_on_signal(state: AppState, phase: watch::Sender<Phase>, deadline:
         _ = int.recv() => tracing::warn!("second signal: stopping now"),
         _ = tokio::time::sleep(deadline) => tracing::warn!("drain deadline passed: closing the remaining connections"),
     }
+    let _ = phase.send(Phase::Stop);
+}
+
+/// A second signal: drop every connection now.
+fn stop_now(phase: &watch::Sender<Phase>) {
+    tracing::warn!("second signal: stopping now");
     let _ = phase.send(Phase::Stop);
 }
 
