@@ -102,7 +102,7 @@ fn oauth_error(error: OAuthErrorCode, description: &str) -> OAuthError {
         (status = 401, description = "`invalid_client`, with `WWW-Authenticate: Basic`", body = OAuthErrorBody),
         (status = 404, description = "no OAuth clients configured", body = crate::Problem),
         (status = 429, description = "this IP's, or all clients', request rate is over its limit", body = crate::Problem),
-        (status = 503, description = "`overloaded`: every argon2 verification slot is busy; `Retry-After`", body = crate::Problem),
+        (status = 503, description = "`overloaded` (too many requests in flight, or every argon2 verification slot busy), draining or engine unavailable; `Retry-After`", body = crate::Problem),
         (status = 500, description = "`server_error`: the token could not be signed", body = OAuthErrorBody),
     ))]
 pub async fn token(State(state): State<AppState>, req: Request) -> Response {
