@@ -215,6 +215,18 @@ pub struct StreamInfo {
     pub config: StreamConfig,
     /// Current contents.
     pub state: StreamState,
+    /// Names the stream's history: sequences mean the same messages only
+    /// within one epoch. It changes when the stream is created again
+    /// (deleted and recreated) or recovered with possible loss (the
+    /// embedded engine reopened after a crash, for a stream whose policy is
+    /// not `always`: a reader may have seen writes the crash took back, and
+    /// their sequences will be reused). A subscriber that resumes under
+    /// another epoch must drop what it has past the stream's `last_seq`.
+    /// Engines derive it from a time (nanoseconds since the Unix epoch):
+    /// the embedded engine from the creation or the lossy recovery, NATS
+    /// from the stream's `created` time. `0` = unknown.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Configuration of a KV bucket.
