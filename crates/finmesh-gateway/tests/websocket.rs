@@ -34,7 +34,8 @@ async fn subscribe_history_then_live<H: Harness>() {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/streams/MD/ws?from_seq=2&subject=md.a"))
         .await
         .expect("connect");
-    assert_eq!(next_text(&mut ws).await, json!({"event": "gap", "from": 2, "to": 3}));
+    let epoch = gw.get("/v1/streams/MD").await.json()["epoch"].clone();
+    assert_eq!(next_text(&mut ws).await, json!({"event": "gap", "from": 2, "to": 3, "epoch": epoch}));
     for want in 4..=8 {
         let env = next_text(&mut ws).await;
         assert_eq!(env["seq"], want);
