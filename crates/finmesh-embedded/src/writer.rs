@@ -44,7 +44,9 @@
 //! Invariants:
 //! - no ack of a `sync = always` write is sent before an fsync that started
 //!   after its commit has returned successfully; nor the ack of a
-//!   duplicate whose original is such a write;
+//!   duplicate whose original is such a write, nor the refusal of a
+//!   conditional write (KV create/update/delete-if) that may have seen
+//!   one (the revision it names would not be visible yet);
 //! - a commit is revealed to readers ([`StreamHandle::reveal`]) only once
 //!   its ack condition holds, before its acks, in commit order per stream:
 //!   a commit that does not wait for an fsync is revealed at once only
@@ -385,6 +387,14 @@ impl Staged {
     fn new(db: &Database, h: &Arc<StreamHandle>) -> Self {
         Staged { txn: Txn::new(db, h), config: h.config(), stored: Vec::new(), replies: Vec::new() }
     }
+
+    /// Whether a failed condition may have seen a write that readers do
+    /// not see yet: one of this round (for `always`), or one still waiting
+    /// for its fsync. Refusing at once would name a revision that a read
+    /// right after does not show.
+    fn conflict_may_be_unsynced(&self) -> bool {
+        self.txn.h.has_unsynced() || (self.config.sync == SyncPolicy::Always && !self.txn.is_empty())
+    }
 }
 
 /// Message ids seen within a stream's duplicate window.
@@ -436,6 +446,11 @@ pub(crate) struct Writer {
     /// one, and since when the oldest write it covers waits.
     interval_due: Option<Instant>,
     interval_since: Option<Instant>,
+    /// Conditional writes refused because of writes not visible yet (see
+    /// [`Staged::conflict_may_be_unsynced`]): answered after the next fsync,
+    /// behind the completions of those writes ([`Writer::flush`] appends
+    /// them last).
+    conflicts: Vec<Completion>,
     /// Reveals (see [`Writer::reveal`]) that wait for the next fsync,
     /// queued by requests applied outside a publish round's staging
     /// (updates, purges, retention, dead letters); the round moves them to
@@ -511,6 +526,7 @@ impl Writer {
             index_pending: Vec::new(),
             interval_due: None,
             interval_since: None,
+            conflicts: Vec::new(),
             reveals: Vec::new(),
             zeroer: JournalZeroer::new(dir),
             synced_rounds: 0,
@@ -599,6 +615,12 @@ impl Writer {
                         let r = self.stage(&mut staged[i], msgs, cond);
                         match self.poison_on_err(r) {
                             Ok(acks) => staged[i].replies.push((reply, acks)),
+                            Err(e) if e.kind() == ErrorKind::WrongRevision && staged[i].conflict_may_be_unsynced() => {
+                                // The revision it names may not be visible
+                                // yet: answer once it is (see `flush`).
+                                self.deferred_requests += 1;
+                                self.conflicts.push(complete(reply, Err(e)));
+                            }
                             Err(e) => {
                                 let _ = reply.send(Err(e));
                             }
@@ -1159,6 +1181,8 @@ impl Writer {
                 }
             }
         }
+        // After the writes they conflicted with: a reader then sees those.
+        deferred.append(&mut self.conflicts);
     }
 
     /// Publish and commit at once (internal writes, e.g. dead letters).

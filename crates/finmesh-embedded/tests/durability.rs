@@ -181,6 +181,40 @@ async fn always_kv_writes_are_invisible_until_their_fsync() {
     assert_eq!(engine.kv_keys(&b, "").await.unwrap(), vec![j.clone(), k.clone()]);
 }
 
+/// A conditional write refused because of a write that still waits for its
+/// fsync is answered once that write is visible: a client that reads after
+/// the refusal sees the revision that beat it (instead of the old one, then
+/// the same refusal again).
+#[tokio::test]
+async fn a_refused_conditional_write_waits_until_its_cause_is_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine_with_streams(dir.path()).await;
+    let b = BucketName::new("reg").unwrap();
+    engine.create_bucket(BucketConfig::new(b.clone())).await.unwrap();
+    let k = Key::new("k").unwrap();
+    assert_eq!(engine.kv_put(&b, &k, Bytes::from_static(b"v1")).await.unwrap(), Revision(1));
+
+    let hold = engine.hold_fsyncs();
+    let mut delete = pin!(engine.kv_delete_if(&b, &k, Revision(1)));
+    assert!(futures::poll!(delete.as_mut()).is_pending());
+    barrier(&engine).await;
+    // A concurrent delete read revision 1 (all a reader can see) and tries.
+    let mut second = pin!(engine.kv_delete_if(&b, &k, Revision(1)));
+    assert!(futures::poll!(second.as_mut()).is_pending());
+    barrier(&engine).await;
+    assert!(futures::poll!(second.as_mut()).is_pending(), "refused with a revision no reader can see yet");
+    assert_eq!(engine.kv_get(&b, &k).await.unwrap().unwrap().revision, Revision(1));
+    drop(hold);
+    assert_eq!(delete.await.unwrap(), Revision(2));
+    assert_eq!(second.await.unwrap_err().kind(), ErrorKind::WrongRevision);
+    assert_eq!(engine.kv_get(&b, &k).await.unwrap(), None, "the refusal's cause is visible");
+
+    // With nothing waiting for an fsync, a refusal is immediate.
+    let _hold = engine.hold_fsyncs();
+    let refused = engine.kv_delete_if(&b, &k, Revision(1)).await.unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::WrongRevision);
+}
+
 /// A stream's epoch survives a clean close; after an unclean stop (what a
 /// crash leaves: a store without the marker a clean close writes after its
 /// last fsync) it changes for streams whose readers may have seen writes
