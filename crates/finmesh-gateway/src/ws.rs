@@ -50,10 +50,12 @@ pub async fn ws(
         filter: filter.as_ref().map(ToString::to_string),
     };
     // Open the tail before upgrading so a missing stream is a 404, not a close.
-    let (source, resume_after, _epoch) = stream_source(&state, &name, filter, q.from_seq, q.epoch).await?;
+    let (source, resume_after, epoch) = stream_source(&state, &name, filter, q.from_seq, q.epoch).await?;
     let sub = Subscription::spawn(&state, spec, resume_after, source);
     let heartbeat = state.config().subscriptions.heartbeat;
-    Ok(upgrade.on_upgrade(move |socket| serve(socket, sub, heartbeat)))
+    let mut response = upgrade.on_upgrade(move |socket| serve(socket, sub, heartbeat));
+    response.headers_mut().insert(crate::sse::EPOCH_HEADER, epoch.into());
+    Ok(response)
 }
 
 fn close(code: u16, reason: &str) -> WsMessage {
