@@ -5,29 +5,35 @@
 //! fresh child process (`finmesh-bench __bench-child`) whose RSS holds nothing
 //! but the runtime and the engine:
 //! - **load** (child 1): open the engine, put N keys from 16 tasks (each
-//!   awaiting its put), read VmRSS, then get random keys from 1 task
-//!   (throughput and p50/p99/p999) and from 2 tasks (throughput), close;
+//!   awaiting its put) into a `sync = interval(100 ms)` bucket, read VmRSS,
+//!   then get random keys from 1 task (throughput and p50/p99/p999) and
+//!   from 2 tasks (throughput), then put for the run's duration from 16
+//!   tasks into a bucket with the default `sync = always`, close;
 //! - **reopen** (child 2): open the loaded directory, read VmRSS, do 10,000
 //!   random gets, close.
 //!
 //! Every get is checked: the value must be the one put for that key (its
 //! first 8 bytes are the key's index), so a fast wrong answer fails the run.
-//! The bucket has the default `sync = never`: a put is acked once it reached
-//! the OS (survives a process crash, not power loss).
+//! The loaded bucket is `sync = interval(100 ms)`: a put is acked once it
+//! reached the OS (survives a process crash; a power loss loses at most the
+//! last 100 ms). The default, `always`, acks after the fsync: measured as
+//! `embedded.kv.put.16-tasks`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use finmesh_core::{BucketConfig, BucketName, Key, KvEngine};
+use finmesh_core::{BucketConfig, BucketName, Key, KvEngine, SyncPolicy};
 use finmesh_embedded::EmbeddedEngine;
 
 use super::measure::{KeyPicker, Measurement, Sample, closed_loop, new_histogram, vm_rss_bytes};
 use super::{BenchContext, CONCURRENCY, ChildArgs, ChildPhase, KV_VALUE, child_measurements};
 
-/// Bucket used by the benchmark.
+/// Bucket loaded by the benchmark (`sync = interval(100 ms)`).
 const BUCKET: &str = "bench";
+/// Bucket of the `sync = always` puts.
+const BUCKET_ALWAYS: &str = "bench-always";
 /// Random gets done after reopening.
 const REOPEN_GETS: u64 = 10_000;
 
@@ -74,7 +80,9 @@ pub async fn load_phase(dir: PathBuf, keys: u64, duration: Duration) -> anyhow::
     let baseline = vm_rss_bytes("self")?;
     let engine = EmbeddedEngine::open(&dir)?;
     let bucket = BucketName::new(BUCKET)?;
-    engine.create_bucket(BucketConfig::new(bucket.clone())).await?;
+    let mut config = BucketConfig::new(bucket.clone());
+    config.sync = SyncPolicy::Interval { ms: 100 };
+    engine.create_bucket(config).await?;
     let peer = "finmesh-embedded";
     let mut out = Vec::new();
 
@@ -106,13 +114,13 @@ pub async fn load_phase(dir: PathBuf, keys: u64, duration: Duration) -> anyhow::
     put.elapsed = started.elapsed();
     out.push(
         Measurement::rate(
-            "embedded.kv.put.16-tasks",
+            "embedded.kv.put.16-tasks.interval",
             peer,
             &format!("KV put 256 B, {CONCURRENCY} tasks awaiting, loading {keys} keys"),
             "puts/s",
             &put,
         )
-        .note("sync=never (acked at the OS write)"),
+        .note("sync=interval(100ms) (acked at the OS write)"),
     );
     let loaded = vm_rss_bytes("self")?;
     out.push(
@@ -135,6 +143,29 @@ pub async fn load_phase(dir: PathBuf, keys: u64, duration: Duration) -> anyhow::
         let what = format!("KV get, {tasks} task{}, random keys of {keys}", if tasks == 1 { "" } else { "s" });
         out.push(Measurement::rate(id, peer, &what, "gets/s", &sample));
     }
+
+    // The default policy: puts acked after their (shared) fsync.
+    let always = BucketName::new(BUCKET_ALWAYS)?;
+    engine.create_bucket(BucketConfig::new(always.clone())).await?;
+    let engine2 = engine.clone();
+    let state = move |task: usize| (engine2.clone(), always.clone(), task as u64);
+    let sample = closed_loop(CONCURRENCY, duration, state, move |st, n| async move {
+        let (engine, bucket, task) = &*st;
+        let i = (n * CONCURRENCY as u64 + task) % keys;
+        engine.kv_put(bucket, &Key::new(key_name(i))?, value_for(i)).await?;
+        Ok(1)
+    })
+    .await?;
+    out.push(
+        Measurement::rate(
+            "embedded.kv.put.16-tasks",
+            peer,
+            &format!("KV put 256 B, {CONCURRENCY} tasks awaiting, keys of {keys}"),
+            "puts/s",
+            &sample,
+        )
+        .note("sync=always, the default (acked after the fsync)"),
+    );
     engine.close().await?;
     Ok(out)
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream;
 use bytes::Bytes;
-use finmesh_core::{OutgoingMessage, StreamConfig, StreamEngine, StreamName, Subject, SubjectPattern};
+use finmesh_core::{OutgoingMessage, StreamConfig, StreamEngine, StreamName, Subject, SubjectPattern, SyncPolicy};
 use finmesh_embedded::EmbeddedEngine;
 
 use super::embedded_kv::{check_value, key_name, value_for};
@@ -52,6 +52,14 @@ pub const NATS_KV_HTTP: &str = "gateway.nats.kv.get.http";
 pub const NATS_KV_DIRECT: &str = "nats.kv.get.64-tasks";
 pub const PUBLISH_HTTP: &str = "gateway.publish.ndjson-100";
 pub const PUBLISH_IN_PROCESS: &str = "embedded.publish.batch-100.4-tasks";
+pub const PUBLISH_HTTP_INTERVAL: &str = "gateway.publish.ndjson-100.interval";
+pub const PUBLISH_IN_PROCESS_INTERVAL: &str = "embedded.publish.batch-100.4-tasks.interval";
+/// The stream policies `gateway-publish` measures: the default (`always`)
+/// and `interval(100 ms)`, with the ids of (HTTP, in-process) for each.
+const PUBLISH_POLICIES: [(&str, SyncPolicy, &str, &str); 2] = [
+    ("sync = always (the default)", SyncPolicy::Always, PUBLISH_HTTP, PUBLISH_IN_PROCESS),
+    ("sync = interval(100 ms)", SyncPolicy::Interval { ms: 100 }, PUBLISH_HTTP_INTERVAL, PUBLISH_IN_PROCESS_INTERVAL),
+];
 
 /// Write a self-signed certificate for `localhost` and `127.0.0.1` and its
 /// key under `dir/certs` (what `finmesh certs dev` writes).
@@ -194,8 +202,10 @@ pub fn ndjson_batch() -> Bytes {
     Bytes::from(line.repeat(PUBLISH_BATCH))
 }
 
-fn stream_config() -> anyhow::Result<StreamConfig> {
-    Ok(StreamConfig::new(StreamName::new("bench")?, vec![SubjectPattern::new("bench.>")?]))
+fn stream_config(sync: SyncPolicy) -> anyhow::Result<StreamConfig> {
+    let mut config = StreamConfig::new(StreamName::new("bench")?, vec![SubjectPattern::new("bench.>")?]);
+    config.sync = sync;
+    Ok(config)
 }
 
 #[derive(serde::Deserialize)]
@@ -203,12 +213,27 @@ struct Acks {
     acks: Vec<serde::de::IgnoredAny>,
 }
 
-/// `gateway-publish`: NDJSON over HTTP vs in-process `publish_batch`.
+/// `gateway-publish`: NDJSON over HTTP vs in-process `publish_batch`, for
+/// each of [`PUBLISH_POLICIES`].
 pub async fn run_publish(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
+    let mut out = Vec::new();
+    for (policy_note, sync, http_id, in_process_id) in PUBLISH_POLICIES {
+        out.extend(publish_with(ctx, sync, policy_note, http_id, in_process_id).await?);
+    }
+    Ok(out)
+}
+
+async fn publish_with(
+    ctx: &BenchContext,
+    sync: SyncPolicy,
+    policy_note: &str,
+    http_id: &str,
+    in_process_id: &str,
+) -> anyhow::Result<Vec<Measurement>> {
     let dir = ctx.tempdir("gateway-publish")?;
     let node = Node::start(dir.path(), &NodeOptions::default()).await?;
     let token = token_of(&node, None)?;
-    let config = stream_config()?;
+    let config = stream_config(sync)?;
     let mut body = serde_json::to_value(&config)?;
     body.as_object_mut().context("stream config is an object")?.remove("name");
     let client = http_client(None)?;
@@ -240,10 +265,10 @@ pub async fn run_publish(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>>
     )
     .await?;
     node.stop().await?;
-    let stream_note = "stream defaults (sync = never), latency per batch";
+    let stream_note = format!("{policy_note}, latency per batch");
     let mut out = vec![
         Measurement::rate(
-            PUBLISH_HTTP,
+            http_id,
             "finmesh-gateway",
             &format!(
                 "POST NDJSON batches of {PUBLISH_BATCH} × {PUBLISH_PAYLOAD} B, {PUBLISH_CLIENTS} reqwest clients, embedded engine, auth on"
@@ -251,12 +276,12 @@ pub async fn run_publish(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>>
             "msgs/s",
             &sample,
         )
-        .note(stream_note),
+        .note(stream_note.as_str()),
     ];
 
     let engine_dir = ctx.tempdir("gateway-publish-engine")?;
     let engine = EmbeddedEngine::open(engine_dir.path())?;
-    engine.create_stream(stream_config()?).await?;
+    engine.create_stream(stream_config(sync)?).await?;
     let (stream, subject) = (StreamName::new("bench")?, Subject::new("bench.x")?);
     let payload = Bytes::from(vec![b'x'; PUBLISH_PAYLOAD]);
     let e = engine.clone();
@@ -276,7 +301,7 @@ pub async fn run_publish(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>>
     engine.close().await?;
     out.push(
         Measurement::rate(
-            PUBLISH_IN_PROCESS,
+            in_process_id,
             "finmesh-embedded",
             &format!("in-process publish_batch of {PUBLISH_BATCH} × {PUBLISH_PAYLOAD} B, {PUBLISH_CLIENTS} tasks"),
             "msgs/s",

@@ -163,9 +163,16 @@ fn gateway_ratios() -> Vec<(&'static str, &'static str, &'static str, &'static s
         ),
         (
             "gateway-publish-vs-in-process",
-            "gateway NDJSON publish / in-process publish_batch, 4 clients",
+            "gateway NDJSON publish / in-process publish_batch, 4 clients, sync = always",
             PUBLISH_HTTP,
             PUBLISH_IN_PROCESS,
+            Field::Value,
+        ),
+        (
+            "gateway-publish-vs-in-process-interval",
+            "gateway NDJSON publish / in-process publish_batch, 4 clients, sync = interval",
+            PUBLISH_HTTP_INTERVAL,
+            PUBLISH_IN_PROCESS_INTERVAL,
             Field::Value,
         ),
         (

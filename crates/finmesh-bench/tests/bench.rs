@@ -98,6 +98,7 @@ fn every_engine_scenario_reports_every_run_and_the_ratios() {
         "nats.publish.always.1-pub",
         "nats.publish.always.16-pub",
         "embedded.kv.put.16-tasks",
+        "embedded.kv.put.16-tasks.interval",
         "embedded.kv.get.1-task",
         "embedded.kv.get.2-tasks",
         "nats.kv.put.async-1000",
@@ -223,6 +224,8 @@ fn gateway_scenarios_measure_the_gateway_and_its_peers_with_every_ratio() {
         ("nats.kv.get.64-tasks", "req/s"),
         ("gateway.publish.ndjson-100", "msgs/s"),
         ("embedded.publish.batch-100.4-tasks", "msgs/s"),
+        ("gateway.publish.ndjson-100.interval", "msgs/s"),
+        ("embedded.publish.batch-100.4-tasks.interval", "msgs/s"),
         ("gateway.tls.new-conn", "conns/s"),
         ("nginx.tls.new-conn", "conns/s"),
     ];
@@ -252,6 +255,7 @@ fn gateway_scenarios_measure_the_gateway_and_its_peers_with_every_ratio() {
         "gateway-kv-p99-vs-nginx-http",
         "gateway-nats-kv-vs-async-nats",
         "gateway-publish-vs-in-process",
+        "gateway-publish-vs-in-process-interval",
         "gateway-tls-conns-vs-nginx",
         "gateway-tls-handshake-p99-vs-nginx",
     ] {

@@ -21,11 +21,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ConsumerName, Error, Result, Seq, StreamName, SubjectPattern, Timestamp};
 
-/// How a stream's (or bucket's) writes are made durable before the ack.
+/// How a stream's (or bucket's) writes are made durable before the ack,
+/// and when readers see them (see `docs/embedded.md`). The default is
+/// `Always`: an acked write is never lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum SyncPolicy {
-    /// Ack only after the write is fsynced: survives power loss.
+    /// Ack only after the write is fsynced: survives power loss. Readers
+    /// see the write only then too.
+    #[default]
     Always,
     /// Ack after the write reached the OS; fsync at least every `ms`
     /// milliseconds: survives a process crash, and a power loss loses at most
@@ -36,7 +40,6 @@ pub enum SyncPolicy {
     },
     /// Ack after the write reached the OS; fsync when the OS decides:
     /// survives a process crash only.
-    #[default]
     Never,
 }
 
@@ -124,7 +127,7 @@ fn one() -> u8 {
 }
 
 impl StreamConfig {
-    /// A stream with defaults: no limits, 2-minute duplicate window, `sync = never`.
+    /// A stream with defaults: no limits, 2-minute duplicate window, `sync = always`.
     pub fn new(name: StreamName, subjects: Vec<SubjectPattern>) -> Self {
         StreamConfig {
             name,
@@ -239,6 +242,18 @@ pub struct StreamInfo {
     pub config: StreamConfig,
     /// Current contents.
     pub state: StreamState,
+    /// Names the stream's history: sequences mean the same messages only
+    /// within one epoch. It changes when the stream is created again
+    /// (deleted and recreated) or recovered with possible loss (the
+    /// embedded engine reopened after a crash, for a stream whose policy is
+    /// not `always`: a reader may have seen writes the crash took back, and
+    /// their sequences will be reused). A subscriber that resumes under
+    /// another epoch must drop what it has past the stream's `last_seq`.
+    /// Engines derive it from a time (nanoseconds since the Unix epoch):
+    /// the embedded engine from the creation or the lossy recovery, NATS
+    /// from the stream's `created` time. `0` = unknown.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Configuration of a KV bucket.
@@ -271,7 +286,7 @@ pub struct BucketConfig {
 pub const MAX_HISTORY: u8 = 64;
 
 impl BucketConfig {
-    /// A bucket with defaults: history 1, no TTL, `sync = never`.
+    /// A bucket with defaults: history 1, no TTL, `sync = always`.
     pub fn new(name: crate::BucketName) -> Self {
         BucketConfig {
             name,
@@ -537,6 +552,20 @@ mod tests {
             serde_json::from_str(r#"{"name":"S","subjects":["a"],"sync":{"interval":{"ms":100}}}"#).unwrap();
         assert_eq!(min.sync, SyncPolicy::Interval { ms: 100 });
         assert_eq!(min.duplicate_window, DEFAULT_DUPLICATE_WINDOW);
+    }
+
+    /// An acked write is never lost unless the config says otherwise.
+    #[test]
+    fn streams_and_buckets_default_to_sync_always() {
+        assert_eq!(SyncPolicy::default(), SyncPolicy::Always);
+        assert_eq!(StreamConfig::new(sn("S"), vec![sp("a")]).sync, SyncPolicy::Always);
+        assert_eq!(BucketConfig::new(crate::BucketName::new("b").unwrap()).sync, SyncPolicy::Always);
+        let parsed: StreamConfig = serde_json::from_str(r#"{"name":"S","subjects":["a"]}"#).unwrap();
+        assert_eq!(parsed.sync, SyncPolicy::Always);
+        let parsed: BucketConfig = serde_json::from_str(r#"{"name":"b"}"#).unwrap();
+        assert_eq!(parsed.sync, SyncPolicy::Always);
+        let never: StreamConfig = serde_json::from_str(r#"{"name":"S","subjects":["a"],"sync":"never"}"#).unwrap();
+        assert_eq!(never.sync, SyncPolicy::Never);
     }
 
     #[test]

@@ -7,25 +7,38 @@
 //! arrives during an fsync can only be covered by the one after it. Measured
 //! here: 16 publishers with `sync = always` waited ~2.8 fsyncs each.
 //!
-//! What we rely on from fjall 3.1 (checked by the tests below, so an upgrade
-//! that changes them fails loudly):
+//! What we rely on from fjall 3.1 (pinned to one exact version in the
+//! workspace `Cargo.toml`; each is checked by the test named, so an upgrade
+//! that changes one fails loudly):
 //! 1. journals are the files `<db dir>/<id>.jnl`; the one with the highest
 //!    id is the active one, a rotation creates the next id (`id + 1`), and
-//!    fully flushed journals are deleted oldest first;
+//!    fully flushed journals are deleted oldest first
+//!    (`fjall_keeps_sparse_journals_where_we_look`, `sync_follows_a_rotation`,
+//!    `sync_follows_rotations_past_a_deleted_journal`);
 //! 2. a commit hands its journal bytes to the OS before it returns
 //!    (`PersistMode::Buffer`, fjall's default when journal persistence is not
 //!    manual), and `persist(Buffer)` flushes any user-space remainder (at
-//!    most its 8 KiB write buffer);
-//! 3. rotating to a new journal first fsyncs the old one (`SyncAll`);
+//!    most its 8 KiB write buffer), a batch committed with `durability(None)`
+//!    included (`fjall_hands_commits_to_the_os`);
+//! 3. *not relied on*: fjall 3.1.13 fsyncs a journal when it rotates away
+//!    from it, but we cannot observe an fsync from a test, so a sync that
+//!    finds the journal rotated fsyncs every older journal still present
+//!    (their data may postdate our last fsync) and the directory (the new
+//!    journal's entry) itself (`sync_covers_journals_sealed_since_the_last_sync`).
+//!    A journal already deleted had its data flushed into tables, which
+//!    fjall fsyncs before it deletes the journal (its own crash safety);
 //! 4. a new journal is created with `set_len` to 64 MiB (a sparse file) and
 //!    written from offset 0 on; recovery stops at the first invalid entry,
-//!    so zero bytes after the data read exactly like the hole they replace.
+//!    so zero bytes after the data read exactly like the hole they replace
+//!    (`fjall_keeps_sparse_journals_where_we_look`,
+//!    `zeroing_ahead_keeps_every_write_and_never_grows_the_journal`).
 //!
 //! **Sync** ([`JournalSync`]; the syncer thread, or the writer thread when
 //! it runs the fsync itself, never both at once): flush under the lock
 //! (`persist(Buffer)`, no disk wait), then `fdatasync` the newest journal
 //! through our own descriptor. A write committed before the call is either
-//! in that file, or in an older journal that rotation already made durable.
+//! in that file, or in an older journal: the first sync after a rotation
+//! fsyncs those too (see 3 above), later ones know they are durable.
 //! If no journal file is found the fallback is fjall's own
 //! `persist(SyncData)`. Between the flush and the `fdatasync`, the sync
 //! starts the file's writeback (`sync_file_range`) and runs the caller's
@@ -144,11 +157,43 @@ fn exists_in(dir: &File, name: &std::ffi::CStr) -> std::io::Result<bool> {
 
 pub(crate) struct JournalSync {
     active: Active,
+    /// The journal the last sync fsynced as the active one: every older
+    /// journal was durable by then.
+    synced: Option<u64>,
+    /// Older journals fsynced after rotations (see the module doc, 3).
+    sealed_synced: u64,
 }
 
 impl JournalSync {
     pub fn new(dir: &Path) -> Self {
-        JournalSync { active: Active::new(dir, false) }
+        JournalSync { active: Active::new(dir, false), synced: None, sealed_synced: 0 }
+    }
+
+    /// fsync the journals older than `active` that may hold writes made
+    /// since the last sync (those from the one it fsynced on), and the
+    /// directory, so a rotation needs no fsync of fjall's to be covered.
+    fn sync_sealed(&mut self, active: u64) -> std::io::Result<()> {
+        let from = self.synced.unwrap_or(0);
+        for entry in std::fs::read_dir(&self.active.dir)? {
+            let name = entry?.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".jnl")).and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if id < from || id >= active {
+                continue;
+            }
+            match File::open(self.active.dir.join(&name)) {
+                Ok(f) => {
+                    f.sync_data()?;
+                    self.sealed_synced += 1;
+                }
+                // Deleted meanwhile: flushed into tables, which are durable.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        File::open(&self.active.dir)?.sync_all()
     }
 
     /// Make every write committed before this call durable. `meanwhile`
@@ -158,11 +203,21 @@ impl JournalSync {
     /// What `meanwhile` commits is not covered by this fsync.
     pub fn sync(&mut self, db: &Database, meanwhile: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
         db.persist(PersistMode::Buffer).map_err(|e| format!("journal flush failed: {e}"))?;
-        match self.active.refresh().map_err(|e| format!("cannot find the active journal: {e}"))? {
-            Some((_, file)) => {
+        let active = self.active.refresh().map_err(|e| format!("cannot find the active journal: {e}"))?;
+        match active.map(|(id, _)| id) {
+            Some(id) if self.synced != Some(id) => {
+                self.sync_sealed(id).map_err(|e| format!("fsync of the journals before {id} failed: {e}"))?;
+            }
+            _ => {}
+        }
+        match self.active.current.as_ref().map(|c| (c.id, &c.file)) {
+            Some((id, file)) => {
                 start_writeback(file);
                 let done = meanwhile();
                 let synced = file.sync_data().map_err(|e| format!("journal fsync failed: {e}"));
+                if synced.is_ok() {
+                    self.synced = Some(id);
+                }
                 done.and(synced)
             }
             None => {
@@ -399,6 +454,59 @@ mod tests {
         ks.insert("after", "x").unwrap();
         js.sync(&db, || Ok(())).unwrap();
         assert_eq!(synced_id(&js), Some(newest), "sync missed the rotations");
+    }
+
+    /// Pins property 2: a default commit's bytes are in the journal file
+    /// (the OS's, readable through another descriptor) when it returns, and
+    /// a batch committed with `durability(None)` (as the writer's index
+    /// batches are) once `persist(Buffer)` returns.
+    #[test]
+    fn fjall_hands_commits_to_the_os() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, ks) = open(dir.path());
+        let in_journal = |marker: &[u8]| {
+            let bytes = std::fs::read(dir.path().join(journal_name(newest_journal(dir.path()).unwrap().unwrap())));
+            bytes.unwrap().windows(marker.len()).any(|w| w == marker)
+        };
+        let committed = b"committed-0a1b2c3d4e5f60718293a4b5c6d7e8f9";
+        let mut batch = db.batch();
+        batch.insert(&ks, "k1", committed);
+        batch.commit().unwrap();
+        assert!(in_journal(committed), "a commit returned before its bytes reached the OS");
+        ks.insert("k2", b"inserted-1f2e3d4c5b6a79880a9b8c7d6e5f4031").unwrap();
+        assert!(in_journal(b"inserted-1f2e3d4c5b6a79880a9b8c7d6e5f4031"), "an insert stayed in fjall's buffer");
+        let buffered = b"buffered-99aa88bb77cc66dd55ee44ff33001122";
+        let mut batch = db.batch().durability(None);
+        batch.insert(&ks, "k3", buffered);
+        batch.commit().unwrap();
+        db.persist(PersistMode::Buffer).unwrap();
+        assert!(in_journal(buffered), "persist(Buffer) left a batch in fjall's buffer");
+    }
+
+    /// Property 3 is not relied on: a write committed before a rotation, to
+    /// a journal that is still there, is covered by the next sync, which
+    /// fsyncs that sealed journal itself.
+    #[test]
+    fn sync_covers_journals_sealed_since_the_last_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, ks) = open(dir.path());
+        let other = db.keyspace("other", fjall::KeyspaceCreateOptions::default).unwrap();
+        let mut js = JournalSync::new(dir.path());
+        other.insert("keeps the journal", "x").unwrap();
+        js.sync(&db, || Ok(())).unwrap();
+        let first = synced_id(&js).expect("a journal");
+        let before = js.sealed_synced;
+        // Written after that sync, into the journal the rotation seals.
+        other.insert("after the sync", "y").unwrap();
+        let next = rotate_journal(dir.path(), &ks, "s");
+        assert!(dir.path().join(journal_name(first)).exists(), "the sealed journal is still needed");
+        js.sync(&db, || Ok(())).unwrap();
+        assert_eq!(synced_id(&js), Some(next));
+        assert_eq!(js.sealed_synced, before + 1, "the sync did not fsync the sealed journal {first}");
+        // Until the next rotation, the sealed journals are known durable.
+        ks.insert("more", "z").unwrap();
+        js.sync(&db, || Ok(())).unwrap();
+        assert_eq!(js.sealed_synced, before + 1);
     }
 
     /// Zeros go ahead of the data with a hole before each chunk, the file

@@ -8,9 +8,11 @@
 //! per key of a 256-byte value, measured by `index_memory_per_key`).
 //!
 //! Invariants:
-//! - only the writer thread mutates the index, after the commit that made the
-//!   change durable to its policy's level and before the ack is sent, so a
-//!   get issued after an ack sees that write;
+//! - only `StreamHandle::reveal` mutates the index, in commit order, once
+//!   the change is as durable as its policy promises (on the writer thread,
+//!   or on the syncer thread after the fsync of a `sync = always` write) and
+//!   before the ack is sent: a get issued after an ack sees that write, and
+//!   no get sees a write before it is durable;
 //! - the index holds exactly the keys whose latest entry is a `Put` still
 //!   stored; deletes, purges and evictions (TTL, `max_bytes`) remove them;
 //! - it is rebuilt at open by one sequential scan of the bucket's messages.

@@ -16,6 +16,8 @@
 //! | `meta` | `stream/<name>` | JSON `{config, kind}` (kind: `user` or `kv` with the bucket config) |
 //! | `meta` | `state/<name>` | counters `messages, bytes, first_seq, last_seq` (4 × u64 BE), written in the same batch as the messages |
 //! | `meta` | `index/<name>` | the same counters as of the last commit of the stream's `x` changes; differs from `state/<name>`, or is missing while `state/<name>` counts a write, only after a crash between a write and its index batch (then `open` repairs `x`) |
+//! | `meta` | `epoch/<name>` | the stream's epoch (u64 BE, see `StreamInfo::epoch`) |
+//! | `meta` | `clean-close` | empty; written and fsynced by a clean close, removed and fsynced at open |
 //! | `meta` | `consumer/<stream>/<name>` | JSON `{config, delivered, initial, pending}` |
 //! | `s.<name>.m` | `seq` (u64 BE) | message record (see `codec.rs`) |
 //! | `s.<name>.x` | `subject 0x00 seq` | empty (per-subject index) |
@@ -29,11 +31,21 @@
 //! crash (the publishes of one writer round to one stream share one fjall
 //! batch; their per-subject index changes follow in a second batch, which
 //! `open` rebuilds from the messages if a crash lost it, see `txn.rs`). A batch is written to the journal and handed to the OS before its
-//! ack: it survives a process crash. With `sync = always` the ack also waits
-//! for an fsync of the journal that started after the commit (one fsync for
-//! every write waiting, see `writer.rs`): it survives power loss. With
-//! `sync = interval(ms)` an fsync runs at least every `ms` after a write;
-//! with `never`, when the OS decides. A
+//! ack: it survives a process crash. With `sync = always` (the default) the
+//! ack also waits for an fsync of the journal that started after the commit
+//! (one fsync for every write waiting, see `writer.rs`): it survives power
+//! loss. A duplicate's ack waits for its original's fsync the same way.
+//! With `sync = interval(ms)` an fsync runs at most `ms` (plus the fsync
+//! itself) after a write, however full the writer's queue; with `never`,
+//! when the OS decides.
+//!
+//! # Visibility
+//!
+//! Nothing is visible before it is as durable as its ack promised: reads,
+//! tails, KV gets and watches of an `always` stream see a write only after
+//! the fsync that covers it (`StreamHandle::reveal` in `store.rs`). For
+//! `interval` and `never` streams a write is visible once committed, so a
+//! power loss can take back what a reader saw. A
 //! failed fsync poisons the engine: writes then fail with `Unavailable`.
 //! On reopen, fjall replays its journal and cuts a torn last batch (a batch
 //! is all or nothing); damage before the last batch makes `open` fail with
@@ -76,8 +88,8 @@ use crate::consumers::{ConsumerOp, Consumers};
 use crate::store::{Registry, StreamHandle, StreamKind, StreamRecord, storage};
 use crate::writer::{Cond, Op, StreamKindTag, Writer};
 
-/// Requests queued for the writer before callers wait.
-const QUEUE: usize = 8192;
+/// Default of [`EmbeddedOptions::writer_queue`].
+pub const WRITER_QUEUE: usize = 8192;
 /// Housekeeping period (interval fsyncs, age retention).
 const TICK: Duration = Duration::from_millis(10);
 
@@ -96,11 +108,15 @@ pub struct EmbeddedOptions {
     /// memory, reopen time and memory after reopen. (Each keyspace's
     /// memtable is also capped at 16 MiB.)
     pub journal_bytes: u64,
+    /// Requests queued for the writer thread before callers wait (default
+    /// [`WRITER_QUEUE`], at least 1). A full queue slows callers down; it
+    /// does not delay `interval` fsyncs.
+    pub writer_queue: usize,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
-        EmbeddedOptions { cache_bytes: 32 * 1024 * 1024, journal_bytes: MIN_JOURNAL_BYTES }
+        EmbeddedOptions { cache_bytes: 32 * 1024 * 1024, journal_bytes: MIN_JOURNAL_BYTES, writer_queue: WRITER_QUEUE }
     }
 }
 
@@ -157,9 +173,14 @@ impl EmbeddedEngine {
             })?;
         let meta = db.keyspace("meta", fjall::KeyspaceCreateOptions::default).map_err(storage)?;
         let registry = Arc::new(Registry::default());
-        store::load_all(&db, &meta, &registry)?;
+        let unclean = meta.get(store::CLEAN_CLOSE_KEY).map_err(storage)?.is_none();
+        store::load_all(&db, &meta, &registry, unclean)?;
+        // From here on a stop without `close` is unclean; the removal (and
+        // new epochs) must be durable before any write is visible.
+        meta.remove(store::CLEAN_CLOSE_KEY).map_err(storage)?;
+        db.persist(fjall::PersistMode::SyncAll).map_err(storage)?;
         let consumers = Consumers::load(&meta)?;
-        let (tx, rx) = flume::bounded(QUEUE);
+        let (tx, rx) = flume::bounded(options.writer_queue.max(1));
         let writer = Writer::new(db, dir, meta, registry.clone(), consumers.clone());
         let sync = writer.sync_shared();
         let writer_thread = std::thread::Builder::new()
@@ -190,6 +211,23 @@ impl EmbeddedEngine {
     /// shares them.
     pub fn sync_stats(&self) -> SyncStats {
         self.inner.sync.stats()
+    }
+
+    /// Requests waiting for the writer thread (at most
+    /// [`EmbeddedOptions::writer_queue`]).
+    pub fn queued_requests(&self) -> usize {
+        self.inner.tx.len()
+    }
+
+    /// Hold every fsync that answers waiting writes (`sync = always`
+    /// publishes, stream and consumer changes) until the returned guard is
+    /// dropped; the writer keeps applying requests meanwhile. A test hook
+    /// (no production use): it makes "not acked and not visible before its
+    /// fsync" observable. `interval` fsyncs are not held.
+    #[doc(hidden)]
+    pub fn hold_fsyncs(&self) -> FsyncHold {
+        self.inner.sync.hold(true);
+        FsyncHold(self.inner.sync.clone())
     }
 
     /// Stop the writer after everything queued so far, fsync, and close the
@@ -235,6 +273,17 @@ impl EmbeddedEngine {
     }
 }
 
+/// Returned by [`EmbeddedEngine::hold_fsyncs`]; dropping it lets the held
+/// fsyncs run.
+#[doc(hidden)]
+pub struct FsyncHold(Arc<writer::SyncShared>);
+
+impl Drop for FsyncHold {
+    fn drop(&mut self) {
+        self.0.hold(false);
+    }
+}
+
 /// Check a publish before anything is written: subjects captured, sizes.
 pub(crate) fn check_publish(config: &StreamConfig, msgs: &[OutgoingMessage]) -> Result<()> {
     let limit = config.msg_size_limit() as usize;
@@ -260,7 +309,7 @@ pub(crate) fn check_publish(config: &StreamConfig, msgs: &[OutgoingMessage]) -> 
 }
 
 fn info_of(h: &StreamHandle) -> StreamInfo {
-    StreamInfo { config: h.config(), state: h.state() }
+    StreamInfo { config: h.config(), state: h.state(), epoch: h.epoch }
 }
 
 #[async_trait]
@@ -457,8 +506,14 @@ impl KvEngine for EmbeddedEngine {
         let subject_prefix = format!("{}{prefix}", kv::key_prefix(bucket));
         let mut keys = Vec::new();
         for kv_pair in h.last.prefix(subject_prefix.as_bytes()) {
-            let (_, v) = kv_pair.into_inner().map_err(storage)?;
-            let (seq, _) = codec::decode_last(&v)?;
+            let (k, v) = kv_pair.into_inner().map_err(storage)?;
+            let (mut seq, _) = codec::decode_last(&v)?;
+            if seq > h.state().last_seq {
+                // Not visible yet: the key's last visible revision, if any.
+                let subject = std::str::from_utf8(&k).map_err(|_| Error::internal("corrupt subject in last index"))?;
+                let Some(visible) = h.last_visible_of(subject)? else { continue };
+                seq = visible;
+            }
             if let Some(m) = h.get(seq)? {
                 let e = kv::entry(bucket, m)?;
                 if e.op == KvOp::Put && !kv::expired(config.ttl, e.created, now) {

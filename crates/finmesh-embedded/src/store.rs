@@ -8,18 +8,26 @@
 //!
 //! Invariants:
 //! - only the writer thread (`writer.rs`) mutates keyspaces and
-//!   [`StreamHandle::state`]; readers take the state lock briefly and never
-//!   across an await;
-//! - `state.first_seq..=state.last_seq` bounds every stored message; a
-//!   message below `first_seq` found at open is the remainder of an
-//!   interrupted purge and is removed before the stream is served;
-//! - readers may observe a committed write before a `sync = always` ack is
-//!   sent (the ack waits for the fsync, visibility does not).
+//!   [`StreamHandle::committed`]; readers take the state locks briefly and
+//!   never across an await;
+//! - `committed.first_seq..=committed.last_seq` bounds every stored
+//!   message; a message below `first_seq` found at open is the remainder of
+//!   an interrupted purge and is removed before the stream is served;
+//! - **nothing is visible before it is as durable as its ack promised**:
+//!   readers see the stream through [`StreamHandle::visible`], which a
+//!   commit reaches only through [`StreamHandle::reveal`] — at once for
+//!   `interval` and `never` streams, after the fsync that covers it for
+//!   `always` streams (and for any stream while earlier commits of it
+//!   still wait for theirs, see [`StreamHandle::unsynced`]). Every read
+//!   path hides sequences above `visible.last_seq`, and the KV index and
+//!   the live feed are updated by `reveal` too. Removals (retention,
+//!   purge) may show before they are durable: a crash can only bring such
+//!   a message back, never lose one a reader saw.
 
 use fixedbitset::FixedBitSet;
 use hashbrown::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use finmesh_core::{
@@ -97,23 +105,57 @@ pub(crate) fn state_meta_key(name: &StreamName) -> String {
 pub(crate) fn index_meta_key(name: &StreamName) -> String {
     format!("index/{name}")
 }
+/// The stream's epoch (u64 BE): see [`StreamHandle::epoch`].
+pub(crate) fn epoch_meta_key(name: &StreamName) -> String {
+    format!("epoch/{name}")
+}
+/// Written (and fsynced) by a clean close, removed (and fsynced) at open:
+/// missing at open means the process stopped without closing the store.
+pub(crate) const CLEAN_CLOSE_KEY: &str = "clean-close";
+
+/// A new epoch: the time in nanoseconds, above every epoch this process
+/// handed out and above `old` (so it changes even if the clock does not).
+pub(crate) fn new_epoch(old: Option<u64>) -> u64 {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let floor = old.map_or(0, |o| o.saturating_add(1));
+    let now = Timestamp::now().0.max(floor);
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last.saturating_add(1));
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}
 
 /// One open stream.
 pub(crate) struct StreamHandle {
     pub name: StreamName,
     /// Configuration and kind; replaced by the writer on update.
     pub record: RwLock<StreamRecord>,
-    /// Counters and bounds; written by the writer after each commit.
-    pub state: Mutex<StreamState>,
+    /// Counters and bounds as of the last commit; the writer's view.
+    pub committed: Mutex<StreamState>,
+    /// Counters and bounds readers see: at most `committed`, and only what
+    /// is as durable as the stream's policy promises (see the module doc).
+    pub visible: Mutex<StreamState>,
+    /// Commits of this stream waiting for an fsync before [`reveal`](Self::reveal):
+    /// while it is not zero, later commits are revealed after an fsync
+    /// too, whatever the policy, so reveals keep commit order.
+    pub unsynced: AtomicUsize,
     pub msgs: Keyspace,
     pub index: Keyspace,
     pub last: Keyspace,
-    /// Committed (and, for `sync = always`, synced) messages, for tails.
+    /// Revealed messages (see [`reveal`](Self::reveal)), for tails.
     pub live: broadcast::Sender<LiveBatch>,
     /// Set when the stream is deleted; tails end with `NotFound`.
     pub deleted: AtomicBool,
     /// For a KV bucket's stream: its live values in memory.
     pub kv: Option<KvIndex>,
+    /// Names the stream's history (`StreamInfo::epoch`): set at creation,
+    /// replaced at open after an unclean stop if the stream's policy let
+    /// readers see writes the crash may have taken back.
+    pub epoch: u64,
 }
 
 impl StreamHandle {
@@ -121,13 +163,31 @@ impl StreamHandle {
         self.record.read().config.clone()
     }
 
+    /// The state readers see (see the module doc).
     pub fn state(&self) -> StreamState {
-        *self.state.lock()
+        *self.visible.lock()
     }
 
-    /// Publish the state a commit produced and keep the KV index in step.
-    /// Called by the writer right after each commit.
-    pub fn after_commit(&self, st: StreamState, stored: &[Message], removed: &[(Seq, Subject)]) {
+    /// The state as of the last commit: the writer's view.
+    pub fn committed_state(&self) -> StreamState {
+        *self.committed.lock()
+    }
+
+    /// Record the state a commit produced. Called by the writer right
+    /// after each commit; readers see it only after [`reveal`](Self::reveal).
+    pub fn after_commit(&self, st: StreamState) {
+        *self.committed.lock() = st;
+    }
+
+    /// Whether commits of this stream still wait for an fsync before they show.
+    pub fn has_unsynced(&self) -> bool {
+        self.unsynced.load(Ordering::Acquire) > 0
+    }
+
+    /// Show a commit to readers: its state, and its changes to the KV
+    /// index. Called in commit order, once the commit is as durable as its
+    /// policy promises, before its ack.
+    pub fn reveal(&self, st: StreamState, stored: &[Message], removed: &[(Seq, Subject)]) {
         if let Some(idx) = &self.kv {
             // New values first: replacing a key's entry is atomic, whereas
             // removing the old revision first would let a reader see no value.
@@ -140,22 +200,54 @@ impl StreamHandle {
                 idx.removed(*seq, subject.as_str());
             }
         }
-        *self.state.lock() = st;
+        *self.visible.lock() = st;
+    }
+
+    /// The last sequence readers may see.
+    fn visible_seq(&self) -> Seq {
+        self.visible.lock().last_seq
     }
 
     pub fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::Acquire)
     }
 
-    /// The message at `seq`, if stored.
+    /// The message at `seq`, if stored and visible.
     pub fn get(&self, seq: Seq) -> Result<Option<Message>> {
+        if seq > self.visible_seq() {
+            return Ok(None);
+        }
+        self.get_committed(seq)
+    }
+
+    /// The message at `seq`, if stored, visible or not (the writer's view).
+    pub fn get_committed(&self, seq: Seq) -> Result<Option<Message>> {
         match self.msgs.get(codec::seq_key(seq)).map_err(storage)? {
             Some(raw) => Ok(Some(codec::decode_message(seq, Bytes::from(raw))?)),
             None => Ok(None),
         }
     }
 
-    /// The last sequence and count of `subject`, if it has messages.
+    /// The last visible sequence of `subject`, if it has one. The `l`
+    /// entry answers unless it names a message not visible yet; then the
+    /// subject index is searched backwards.
+    pub fn last_visible_of(&self, subject: &str) -> Result<Option<Seq>> {
+        let Some((last, _)) = self.last_of(subject)? else { return Ok(None) };
+        let visible = self.visible_seq();
+        if last <= visible {
+            return Ok(Some(last));
+        }
+        for kv in self.index.prefix(codec::subject_prefix(subject)).rev() {
+            let seq = codec::index_key_seq(&kv.key().map_err(storage)?)?;
+            if seq <= visible {
+                return Ok(Some(seq));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The last sequence and count of `subject`, if it has messages,
+    /// visible or not (the writer's view).
     pub fn last_of(&self, subject: &str) -> Result<Option<(Seq, u64)>> {
         match self.last.get(subject.as_bytes()).map_err(storage)? {
             Some(v) => Ok(Some(codec::decode_last(&v)?)),
@@ -163,7 +255,7 @@ impl StreamHandle {
         }
     }
 
-    /// Sequences of `subject`, oldest first.
+    /// Sequences of `subject`, oldest first, visible or not (the writer's view).
     pub fn subject_seqs(&self, subject: &str) -> Result<Vec<Seq>> {
         let mut out = Vec::new();
         for kv in self.index.prefix(codec::subject_prefix(subject)) {
@@ -207,14 +299,14 @@ impl StreamHandle {
         }
     }
 
-    /// Stored messages as `req` bounds them.
+    /// Stored visible messages as `req` bounds them.
     pub fn read(&self, req: &ReadRequest) -> Result<Vec<Message>> {
         let limit = req.limit.min(finmesh_core::engine::MAX_READ_LIMIT);
         let start = match req.start {
             ReadStart::Seq(s) => s.max(Seq(1)),
             ReadStart::Time(t) => self.seq_at_time(t)?,
         };
-        let end = req.end.unwrap_or(Seq(u64::MAX));
+        let end = req.end.unwrap_or(Seq(u64::MAX)).min(self.visible_seq());
         let mut out = Vec::new();
         if limit == 0 || start > end {
             return Ok(out);
@@ -232,15 +324,19 @@ impl StreamHandle {
         Ok(out)
     }
 
-    /// The last message of each subject matching `filter`, in sequence order.
+    /// The last visible message of each subject matching `filter`, in sequence order.
     pub fn last_per_subject(&self, filter: Option<&SubjectPattern>) -> Result<Vec<Message>> {
         let literal_prefix = filter.map(literal_prefix).unwrap_or_default();
+        let visible = self.visible_seq();
         let mut seqs = Vec::new();
         for kv in self.last.prefix(literal_prefix.as_bytes()) {
             let (k, v) = kv.into_inner().map_err(storage)?;
             let subject = std::str::from_utf8(&k).map_err(|_| Error::internal("corrupt subject in last index"))?;
             if filter.is_none_or(|f| f.matches_str(subject)) {
-                seqs.push(codec::decode_last(&v)?.0);
+                match codec::decode_last(&v)?.0 {
+                    seq if seq <= visible => seqs.push(seq),
+                    _ => seqs.extend(self.last_visible_of(subject)?),
+                }
             }
         }
         seqs.sort_unstable();
@@ -255,7 +351,7 @@ impl StreamHandle {
 
     pub fn last_message(&self, subject: &Subject) -> Result<Message> {
         let not_found = || Error::not_found(format!("stream `{}` has no message on subject `{subject}`", self.name));
-        let (seq, _) = self.last_of(subject.as_str())?.ok_or_else(not_found)?;
+        let seq = self.last_visible_of(subject.as_str())?.ok_or_else(not_found)?;
         self.get(seq)?.ok_or_else(not_found)
     }
 }
@@ -333,6 +429,7 @@ pub(crate) fn open_handle(
     record: StreamRecord,
     counters: Counters,
     index_current: bool,
+    epoch: u64,
 ) -> Result<Arc<StreamHandle>> {
     let name = record.config.name.clone();
     let ks = |p| db.keyspace(&ks_name(&name, p), data_options).map_err(storage);
@@ -358,9 +455,12 @@ pub(crate) fn open_handle(
     };
     let handle = StreamHandle {
         kv,
+        epoch,
         name,
         record: RwLock::new(record),
-        state: Mutex::new(state),
+        committed: Mutex::new(state),
+        visible: Mutex::new(state),
+        unsynced: AtomicUsize::new(0),
         msgs,
         index,
         last,
@@ -374,7 +474,7 @@ pub(crate) fn open_handle(
 impl StreamHandle {
     /// Bring keyspaces and counters into agreement after open.
     fn recover(&self, db: &Database, index_current: bool) -> Result<()> {
-        let mut st = self.state.lock();
+        let mut st = self.committed.lock();
         // Remainder of a purge interrupted by a crash: the counters (written
         // first) say empty, the keyspaces still hold messages.
         if st.messages == 0 && self.msgs.first_key_value().is_some() {
@@ -403,6 +503,8 @@ impl StreamHandle {
             }
             st.last_time = Some(m.time);
         }
+        // What survived the reopen is as durable as it gets.
+        *self.visible.lock() = *st;
         drop(st);
         if let Some(idx) = &self.kv {
             // One sequential scan; later revisions overwrite earlier ones.
@@ -464,7 +566,7 @@ impl StreamHandle {
         stored.difference_with(&indexed);
         for i in stored.ones() {
             let seq = Seq(first + i as u64);
-            let m = self.get(seq)?.ok_or_else(|| Error::internal(format!("message {seq} vanished")))?;
+            let m = self.get_committed(seq)?.ok_or_else(|| Error::internal(format!("message {seq} vanished")))?;
             batch.insert(&self.index, codec::index_key(m.subject.as_str(), seq), []);
             added += 1;
             if batch.len() >= REPAIR_BATCH {
@@ -545,8 +647,10 @@ impl Registry {
     }
 }
 
-/// Load every stream recorded in `meta`.
-pub(crate) fn load_all(db: &Database, meta: &Keyspace, registry: &Registry) -> Result<()> {
+/// Load every stream recorded in `meta`. After an unclean stop
+/// (`unclean`), every stream whose policy is not `always` gets a new epoch:
+/// its readers may have seen writes the crash took back.
+pub(crate) fn load_all(db: &Database, meta: &Keyspace, registry: &Registry, unclean: bool) -> Result<()> {
     for kv in meta.prefix("stream/") {
         let (k, v) = kv.into_inner().map_err(storage)?;
         let record: StreamRecord = serde_json::from_slice(&v).map_err(|e| {
@@ -565,7 +669,30 @@ pub(crate) fn load_all(db: &Database, meta: &Keyspace, registry: &Registry) -> R
             Some(m) => *m == counters.encode(),
             None => counters.last_seq == 0,
         };
-        registry.insert(open_handle(db, record, counters, index_current)?);
+        let stored = match meta.get(epoch_meta_key(&name)).map_err(storage)? {
+            Some(v) => Some(u64::from_be_bytes(
+                <[u8; 8]>::try_from(&v[..]).map_err(|_| Error::internal(format!("corrupt epoch of `{name}`")))?,
+            )),
+            None => None,
+        };
+        let lossy = unclean && record.config.sync != finmesh_core::SyncPolicy::Always;
+        let epoch = match stored {
+            Some(e) if !lossy => e,
+            old => {
+                let e = new_epoch(old);
+                if lossy {
+                    tracing::warn!(
+                        stream = %name,
+                        epoch = e,
+                        "new epoch: the store was not closed cleanly and the stream's sync policy is not `always`, \
+                         so readers may have seen writes the crash lost"
+                    );
+                }
+                meta.insert(epoch_meta_key(&name), e.to_be_bytes()).map_err(storage)?;
+                e
+            }
+        };
+        registry.insert(open_handle(db, record, counters, index_current, epoch)?);
         if !index_current {
             meta.insert(index_meta_key(&name), counters.encode()).map_err(storage)?;
         }

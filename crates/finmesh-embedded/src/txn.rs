@@ -59,7 +59,7 @@ impl Txn {
             added: BTreeMap::new(),
             removed: HashSet::new(),
             removed_list: Vec::new(),
-            st: h.state(),
+            st: h.committed_state(),
         }
     }
 
@@ -114,7 +114,7 @@ impl Txn {
         if let Some((s, size, _)) = self.added.get(&seq) {
             return Ok(Some((s.clone(), *size, self.st.last_time.unwrap_or_default())));
         }
-        Ok(self.h.get(seq)?.map(|m| {
+        Ok(self.h.get_committed(seq)?.map(|m| {
             let size = m.size() as u64;
             (m.subject, size, m.time)
         }))
@@ -175,7 +175,7 @@ impl Txn {
         if let Some((_, _, op)) = self.added.get(&seq) {
             return Ok(Some(*op));
         }
-        Ok(self.h.get(seq)?.map(|m| crate::kv::op_of(&m)))
+        Ok(self.h.get_committed(seq)?.map(|m| crate::kv::op_of(&m)))
     }
 
     /// Has this write anything to commit?

@@ -35,9 +35,23 @@
 //! keeps the journal zeroed ahead of its data, so those fsyncs allocate no
 //! blocks (`journal_sync` again; it must run here, between commits).
 //!
+//! `sync = interval` writes are fsynced by the writer itself once their
+//! interval is up: checked whenever it waits for requests (with the due
+//! time as its deadline), after every round and every [`INTERVAL_CHECK`]
+//! messages staged within one, so no queue, however full, holds that fsync
+//! back.
+//!
 //! Invariants:
 //! - no ack of a `sync = always` write is sent before an fsync that started
-//!   after its commit has returned successfully;
+//!   after its commit has returned successfully; nor the ack of a
+//!   duplicate whose original is such a write, nor the refusal of a
+//!   conditional write (KV create/update/delete-if) that may have seen
+//!   one (the revision it names would not be visible yet);
+//! - a commit is revealed to readers ([`StreamHandle::reveal`]) only once
+//!   its ack condition holds, before its acks, in commit order per stream:
+//!   a commit that does not wait for an fsync is revealed at once only
+//!   while no earlier commit of its stream waits for one
+//!   ([`StreamHandle::unsynced`]), else after the next fsync too;
 //! - the index changes of a round ([`Writer::index_pending`]) are committed
 //!   before any other request is applied, before the next round and before
 //!   the round's acks: nothing reads the index without them;
@@ -52,7 +66,7 @@ use std::collections::VecDeque;
 
 use hashbrown::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use finmesh_core::{
@@ -68,6 +82,9 @@ use crate::txn::{IndexBatch, Txn};
 
 /// Most requests applied in one round.
 const MAX_ROUND: usize = 4096;
+/// Messages staged (other requests count one) between two checks, within
+/// a round, whether an interval fsync is due.
+const INTERVAL_CHECK: usize = 256;
 /// Most messages removed by age in one housekeeping pass per stream.
 const MAX_AGE_EVICTIONS: usize = 10_000;
 
@@ -166,6 +183,13 @@ pub(crate) struct SyncShared {
     fsyncs: AtomicU64,
     writer_fsyncs: AtomicU64,
     requests: AtomicU64,
+    interval_fsyncs: AtomicU64,
+    interval_max_lag_us: AtomicU64,
+    /// Set while [`SyncShared::hold`] holds the group commit's fsyncs (a
+    /// test hook); checked once per fsync, so it costs nothing otherwise.
+    held: AtomicBool,
+    hold: parking_lot::Mutex<bool>,
+    released: parking_lot::Condvar,
 }
 
 /// How writes that wait for their fsync (`sync = always`, stream and
@@ -179,6 +203,14 @@ pub struct SyncStats {
     pub writer_fsyncs: u64,
     /// Requests answered by those fsyncs (a publish batch counts once).
     pub requests: u64,
+    /// fsyncs run for `sync = interval` writes.
+    pub interval_fsyncs: u64,
+    /// The longest an acked `interval` write waited for its fsync to
+    /// start: from the first commit after an fsync to the start of the next
+    /// interval fsync. The policy promises its interval plus the time the
+    /// writer takes for a few dozen requests (the disk's time for the
+    /// fsync itself comes on top).
+    pub interval_max_lag: Duration,
 }
 
 impl SyncShared {
@@ -195,6 +227,12 @@ impl SyncShared {
         stats: &mut SyncerStats,
         meanwhile: impl FnOnce() -> std::result::Result<(), String>,
     ) {
+        if self.held.load(Ordering::Acquire) {
+            let mut held = self.hold.lock();
+            while *held {
+                self.released.wait(&mut held);
+            }
+        }
         let started = Instant::now();
         let res = match self.poison.get() {
             Some(p) => Err(p),
@@ -225,7 +263,26 @@ impl SyncShared {
             fsyncs: self.fsyncs.load(Ordering::Relaxed),
             writer_fsyncs: self.writer_fsyncs.load(Ordering::Relaxed),
             requests: self.requests.load(Ordering::Relaxed),
+            interval_fsyncs: self.interval_fsyncs.load(Ordering::Relaxed),
+            interval_max_lag: Duration::from_micros(self.interval_max_lag_us.load(Ordering::Relaxed)),
         }
+    }
+
+    /// Hold (`true`) or release the fsyncs that answer waiting writes (the
+    /// syncer's and the writer's own); while held, the writer hands every
+    /// such fsync to the syncer, so it keeps applying requests. A test
+    /// hook: it shows what is visible and acked before an fsync returns.
+    pub(crate) fn hold(&self, on: bool) {
+        let mut held = self.hold.lock();
+        *held = on;
+        self.held.store(on, Ordering::Release);
+        if !on {
+            self.released.notify_all();
+        }
+    }
+
+    fn is_held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
     }
 
     /// How long to wait for the rest of a burst, from the last fsync.
@@ -330,6 +387,14 @@ impl Staged {
     fn new(db: &Database, h: &Arc<StreamHandle>) -> Self {
         Staged { txn: Txn::new(db, h), config: h.config(), stored: Vec::new(), replies: Vec::new() }
     }
+
+    /// Whether a failed condition may have seen a write that readers do
+    /// not see yet: one of this round (for `always`), or one still waiting
+    /// for its fsync. Refusing at once would name a revision that a read
+    /// right after does not show.
+    fn conflict_may_be_unsynced(&self) -> bool {
+        self.txn.h.has_unsynced() || (self.config.sync == SyncPolicy::Always && !self.txn.is_empty())
+    }
 }
 
 /// Message ids seen within a stream's duplicate window.
@@ -377,8 +442,20 @@ pub(crate) struct Writer {
     /// by the writer's own fsync while the disk writes, otherwise at once
     /// ([`Writer::commit_index`]).
     index_pending: Vec<IndexBatch>,
-    /// When the next `sync = interval` fsync is due, if anything waits for one.
+    /// When the next `sync = interval` fsync is due, if anything waits for
+    /// one, and since when the oldest write it covers waits.
     interval_due: Option<Instant>,
+    interval_since: Option<Instant>,
+    /// Conditional writes refused because of writes not visible yet (see
+    /// [`Staged::conflict_may_be_unsynced`]): answered after the next fsync,
+    /// behind the completions of those writes ([`Writer::flush`] appends
+    /// them last).
+    conflicts: Vec<Completion>,
+    /// Reveals (see [`Writer::reveal`]) that wait for the next fsync,
+    /// queued by requests applied outside a publish round's staging
+    /// (updates, purges, retention, dead letters); the round moves them to
+    /// its deferred completions right after the request that made them.
+    reveals: Vec<Completion>,
     /// Keeps the journal zeroed ahead of its data, checked every
     /// [`ZERO_EVERY`] rounds that wait for an fsync.
     zeroer: JournalZeroer,
@@ -421,6 +498,11 @@ impl Writer {
             fsyncs: AtomicU64::new(0),
             writer_fsyncs: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            interval_fsyncs: AtomicU64::new(0),
+            interval_max_lag_us: AtomicU64::new(0),
+            held: AtomicBool::new(false),
+            hold: parking_lot::Mutex::new(false),
+            released: parking_lot::Condvar::new(),
         });
         let shared = sync.clone();
         let syncer = std::thread::Builder::new()
@@ -443,6 +525,9 @@ impl Writer {
             pending_until: None,
             index_pending: Vec::new(),
             interval_due: None,
+            interval_since: None,
+            conflicts: Vec::new(),
+            reveals: Vec::new(),
             zeroer: JournalZeroer::new(dir),
             synced_rounds: 0,
             synced_busy: Duration::ZERO,
@@ -464,12 +549,19 @@ impl Writer {
         while close_reply.is_none() {
             // The publishers the writer just acked itself are on their way back.
             let returning = if self.gather_burst { self.poll_for_return(&rx) } else { None };
-            let first = match (returning, self.pending_until) {
+            let deadline = match (self.pending_until, self.interval_due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let first = match (returning, deadline) {
                 (Some(op), _) => Ok(op),
                 (None, None) => rx.recv(),
                 (None, Some(until)) => match rx.recv_deadline(until) {
                     Err(flume::RecvTimeoutError::Timeout) => {
-                        self.sync_pending();
+                        if self.pending_until.is_some_and(|u| u <= Instant::now()) {
+                            self.sync_pending();
+                        }
+                        self.interval_fsync_if_due();
                         continue;
                     }
                     r => r.map_err(|_| flume::RecvError::Disconnected),
@@ -480,7 +572,7 @@ impl Writer {
             let gather = std::mem::take(&mut self.gather_burst).then(|| self.gather_window(round_started));
             let mut deferred: Vec<Completion> = Vec::new();
             let mut staged: Vec<Staged> = Vec::new();
-            let (mut next, mut taken) = (Some(first), 0);
+            let (mut next, mut taken, mut unchecked) = (Some(first), 0, 0);
             while taken < MAX_ROUND {
                 let op = match next.take().or_else(|| rx.try_recv().ok()) {
                     Some(op) => op,
@@ -493,6 +585,19 @@ impl Writer {
                     },
                 };
                 taken += 1;
+                unchecked += match &op {
+                    Op::Publish { msgs, .. } => msgs.len(),
+                    _ => 1,
+                };
+                if unchecked >= INTERVAL_CHECK {
+                    unchecked = 0;
+                    if self.interval_due.is_some_and(|d| d <= Instant::now()) {
+                        // A long round must not hold back an interval fsync.
+                        self.flush(&mut staged, &mut deferred);
+                        self.commit_index();
+                        self.interval_fsync_if_due();
+                    }
+                }
                 match op {
                     Op::Close { reply } => close_reply = Some(reply),
                     Op::Publish { stream, msgs, cond, reply } => {
@@ -510,6 +615,12 @@ impl Writer {
                         let r = self.stage(&mut staged[i], msgs, cond);
                         match self.poison_on_err(r) {
                             Ok(acks) => staged[i].replies.push((reply, acks)),
+                            Err(e) if e.kind() == ErrorKind::WrongRevision && staged[i].conflict_may_be_unsynced() => {
+                                // The revision it names may not be visible
+                                // yet: answer once it is (see `flush`).
+                                self.deferred_requests += 1;
+                                self.conflicts.push(complete(reply, Err(e)));
+                            }
                             Err(e) => {
                                 let _ = reply.send(Err(e));
                             }
@@ -519,6 +630,7 @@ impl Writer {
                         self.flush(&mut staged, &mut deferred);
                         self.commit_index();
                         self.housekeeping();
+                        deferred.append(&mut self.reveals);
                     }
                     op => {
                         // Other requests see every publish before them committed.
@@ -526,6 +638,8 @@ impl Writer {
                         self.commit_index();
                         let sync = self.needs_sync(&op);
                         let done = self.apply(op);
+                        // Its reveals go before its own completion: commit order.
+                        deferred.append(&mut self.reveals);
                         if sync {
                             self.deferred_requests += 1;
                             deferred.push(done)
@@ -536,6 +650,7 @@ impl Writer {
                 }
             }
             self.flush(&mut staged, &mut deferred);
+            self.interval_fsync_if_due();
             if deferred.is_empty() && self.pending.is_empty() {
                 continue;
             }
@@ -565,12 +680,20 @@ impl Writer {
             let _ = t.join();
         }
         let res = match self.poison.get() {
-            None => self.db.persist(PersistMode::SyncAll).map_err(storage),
+            None => self.close_cleanly(),
             Some(_) => Ok(()),
         };
         if let Some(reply) = close_reply {
             let _ = reply.send(res);
         }
+    }
+
+    /// Make everything durable, then mark the store closed cleanly (see
+    /// [`store::CLEAN_CLOSE_KEY`]).
+    fn close_cleanly(&mut self) -> Result<()> {
+        self.db.persist(PersistMode::SyncAll).map_err(storage)?;
+        self.meta.insert(store::CLEAN_CLOSE_KEY, []).map_err(storage)?;
+        self.db.persist(PersistMode::SyncAll).map_err(storage)
     }
 
     /// Get the pending writes fsynced: by the writer itself while the
@@ -583,7 +706,7 @@ impl Writer {
     /// trip of publishers that await their acks; it only happens while the
     /// syncer has nothing queued, so acks keep their commit order.
     fn hand_over(&mut self, rx: &flume::Receiver<Op>) {
-        if self.sync.queued.load(Ordering::Acquire) == 0 {
+        if self.sync.queued.load(Ordering::Acquire) == 0 && !self.sync.is_held() {
             let now = Instant::now();
             let until = *self.pending_until.get_or_insert_with(|| now + self.sync.linger());
             self.pending_since.get_or_insert(now);
@@ -677,10 +800,20 @@ impl Writer {
         }
     }
 
-    /// An fsync from the writer itself (`sync = interval`).
-    fn fsync(&mut self) {
+    /// The writer's own fsync for `sync = interval` writes, if one is due.
+    fn interval_fsync_if_due(&mut self) {
+        if self.interval_due.is_none_or(|d| d > Instant::now()) {
+            return;
+        }
+        // Cleared even if it fails: the store is poisoned then, and a
+        // deadline left in the past would spin the writer's loop.
+        self.interval_due = None;
+        let lag = self.interval_since.take().map(|since| since.elapsed());
         if fsync(&self.db, &self.poison).is_ok() {
-            self.interval_due = None;
+            self.sync.interval_fsyncs.fetch_add(1, Ordering::Relaxed);
+            if let Some(lag) = lag {
+                self.sync.interval_max_lag_us.fetch_max(lag.as_micros() as u64, Ordering::Relaxed);
+            }
         }
     }
 
@@ -698,8 +831,10 @@ impl Writer {
     /// Note a commit on a stream with `policy`, for interval fsyncs.
     fn committed(&mut self, policy: SyncPolicy) {
         if let SyncPolicy::Interval { ms } = policy {
-            let due = Instant::now() + Duration::from_millis(ms);
+            let now = Instant::now();
+            let due = now + Duration::from_millis(ms);
             self.interval_due = Some(self.interval_due.map_or(due, |d| d.min(due)));
+            self.interval_since.get_or_insert(now);
         }
     }
 
@@ -790,8 +925,11 @@ impl Writer {
             ));
         }
         self.check_subjects(&record)?;
+        let epoch = store::new_epoch(None);
+        let r = self.meta.insert(store::epoch_meta_key(&record.config.name), epoch.to_be_bytes()).map_err(storage);
+        self.poison_on_err(r)?;
         self.persist_record(&record)?;
-        let h = store::open_handle(&self.db, record, store::Counters::default(), true);
+        let h = store::open_handle(&self.db, record, store::Counters::default(), true, epoch);
         let h = self.poison_on_err(h)?;
         self.registry.insert(h.clone());
         Ok(h)
@@ -832,6 +970,7 @@ impl Writer {
         batch.remove(&self.meta, store::stream_meta_key(name));
         batch.remove(&self.meta, store::state_meta_key(name));
         batch.remove(&self.meta, store::index_meta_key(name));
+        batch.remove(&self.meta, store::epoch_meta_key(name));
         self.consumers.remove_stream(&mut batch, &self.meta, name)?;
         let r = batch.commit().map_err(storage);
         self.poison_on_err(r)?;
@@ -850,7 +989,7 @@ impl Writer {
         if h.is_deleted() {
             return Err(Error::not_found(format!("stream `{}` does not exist", h.name)));
         }
-        let mut st = h.state();
+        let mut st = h.committed_state();
         let removed = st.messages;
         st.messages = 0;
         st.bytes = 0;
@@ -867,7 +1006,8 @@ impl Writer {
             let r = ks.clear().map_err(storage);
             self.poison_on_err(r)?;
         }
-        *h.state.lock() = st;
+        h.after_commit(st);
+        self.reveal(h, st, Vec::new(), Vec::new());
         self.committed(h.record.read().config.sync);
         Ok(removed)
     }
@@ -974,20 +1114,37 @@ impl Writer {
     }
 
     /// Commit every staged stream write; acks go out at once, or after the
-    /// round's fsync (`deferred`) for `sync = always`.
+    /// round's fsync (`deferred`) for `sync = always` (and while earlier
+    /// writes of the stream still wait for theirs). The write is revealed
+    /// to readers right before its acks.
     fn flush(&mut self, staged: &mut Vec<Staged>, deferred: &mut Vec<Completion>) {
         for s in staged.drain(..) {
             let Staged { txn, config, stored, replies } = s;
             let n_replies = replies.len();
             let h = txn.h.clone();
+            let always = config.sync == SyncPolicy::Always || h.has_unsynced();
             if txn.is_empty() {
-                // Only duplicates: nothing to make durable.
-                for (reply, acks) in replies {
-                    let _ = reply.send(Ok(acks));
+                // Only duplicates, of messages committed in earlier rounds:
+                // their acks wait until the originals are durable, i.e.
+                // visible (an fsync that starts after now covers them).
+                let visible = h.state().last_seq;
+                if always && replies.iter().any(|(_, acks)| acks.iter().any(|a| a.seq > visible)) {
+                    self.deferred_requests += n_replies;
+                    deferred.push(Box::new(move |synced: Result<()>| {
+                        for (reply, acks) in replies {
+                            let _ = reply.send(match &synced {
+                                Ok(()) => Ok(acks),
+                                Err(e) => Err(Error::new(e.kind(), e.message())),
+                            });
+                        }
+                    }));
+                } else {
+                    for (reply, acks) in replies {
+                        let _ = reply.send(Ok(acks));
+                    }
                 }
                 continue;
             }
-            let always = config.sync == SyncPolicy::Always;
             let r = self.check_poison().and_then(|_| txn.commit_deferring_index(&self.meta));
             let r = match r {
                 Ok((st, removed, index)) if always => {
@@ -999,10 +1156,16 @@ impl Writer {
             };
             match self.poison_on_err(r) {
                 Ok((st, removed)) => {
-                    h.after_commit(st, &stored, &removed);
+                    h.after_commit(st);
                     self.committed(config.sync);
+                    if always {
+                        h.unsynced.fetch_add(1, Ordering::AcqRel);
+                    }
                     let done: Completion = Box::new(move |synced: Result<()>| {
                         let ok = synced.is_ok();
+                        if ok {
+                            h.reveal(st, &stored, &removed);
+                        }
                         for (reply, acks) in replies {
                             let _ = reply.send(match &synced {
                                 Ok(()) => Ok(acks),
@@ -1011,6 +1174,9 @@ impl Writer {
                         }
                         if ok && !stored.is_empty() && h.live.receiver_count() > 0 {
                             let _ = h.live.send(stored.into());
+                        }
+                        if always {
+                            h.unsynced.fetch_sub(1, Ordering::AcqRel);
                         }
                     });
                     if always {
@@ -1027,6 +1193,8 @@ impl Writer {
                 }
             }
         }
+        // After the writes they conflicted with: a reader then sees those.
+        deferred.append(&mut self.conflicts);
     }
 
     /// Publish and commit at once (internal writes, e.g. dead letters).
@@ -1040,12 +1208,40 @@ impl Writer {
         let Staged { txn, config, stored, .. } = s;
         let r = txn.commit(&self.meta);
         let (st, removed) = self.poison_on_err(r)?;
-        h.after_commit(st, &stored, &removed);
+        h.after_commit(st);
         self.committed(config.sync);
-        if !stored.is_empty() && h.live.receiver_count() > 0 {
-            let _ = h.live.send(stored.clone().into());
-        }
+        self.reveal(h, st, stored.clone(), removed);
         Ok(stored)
+    }
+
+    /// Show a commit made outside a publish round's staging to readers (see
+    /// [`StreamHandle::reveal`]) and notify tails of its messages: at once,
+    /// or for an `always` stream (or one whose earlier commits still wait
+    /// for their fsync) after the next fsync, through [`Writer::reveals`].
+    fn reveal(
+        &mut self,
+        h: &Arc<StreamHandle>,
+        st: finmesh_core::StreamState,
+        stored: Vec<finmesh_core::Message>,
+        removed: crate::txn::Removed,
+    ) {
+        let show = move |h: &StreamHandle| {
+            h.reveal(st, &stored, &removed);
+            if !stored.is_empty() && h.live.receiver_count() > 0 {
+                let _ = h.live.send(stored.into());
+            }
+        };
+        if h.record.read().config.sync != SyncPolicy::Always && !h.has_unsynced() {
+            return show(h);
+        }
+        h.unsynced.fetch_add(1, Ordering::AcqRel);
+        let h = h.clone();
+        self.reveals.push(Box::new(move |synced| {
+            if synced.is_ok() {
+                show(&h);
+            }
+            h.unsynced.fetch_sub(1, Ordering::AcqRel);
+        }));
     }
 
     /// Apply the stream-wide limits now (after an update, or by age).
@@ -1073,7 +1269,8 @@ impl Writer {
         limits_bounded(&config, &mut txn, now, &mut budget)?;
         if txn.st.messages != before {
             let (st, removed) = txn.commit(&self.meta)?;
-            h.after_commit(st, &[], &removed);
+            h.after_commit(st);
+            self.reveal(h, st, Vec::new(), removed);
         }
         Ok(())
     }
@@ -1083,14 +1280,12 @@ impl Writer {
         if self.poison.get().is_some() {
             return;
         }
-        if self.interval_due.is_some_and(|d| d <= Instant::now()) {
-            self.fsync();
-        }
+        self.interval_fsync_if_due();
         let now = Timestamp::now();
         for h in self.registry.all() {
             let (max_age, front) = {
                 let cfg = h.record.read().config.max_age;
-                (cfg, h.state().first_time)
+                (cfg, h.committed_state().first_time)
             };
             if let (Some(age), Some(first)) = (max_age, front)
                 && first < now.saturating_sub(age)

@@ -14,7 +14,9 @@
 //! - sequences `1..=last_seq` are all stored (no hole), each payload is
 //!   intact and no message is stored twice;
 //! - the subject index counts exactly the stored messages (a kill between
-//!   a write and its index changes is repaired when the store opens).
+//!   a write and its index changes is repaired when the store opens);
+//! - the stream's epoch never changes: with `sync: always` a crash takes
+//!   back nothing a reader could have seen.
 //!
 //! Iterations share one directory, so each continues the stream left by the
 //! crashes before it. 30 iterations by default, `FINMESH_CRASH_ITERATIONS`
@@ -251,6 +253,7 @@ fn crash_recovery() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut acked = BTreeMap::new();
     let mut checked_to = 0;
+    let mut epoch = None;
     for iteration in 0..iterations {
         let started = Instant::now();
         let acks = run_child(dir.path(), iteration, &mut rng);
@@ -258,12 +261,18 @@ fn crash_recovery() {
         for (seq, sum) in &acks {
             assert!(acked.insert(*seq, *sum).is_none(), "iteration {iteration}: seq {seq} acked twice");
         }
-        checked_to = rt.block_on(async {
+        let now;
+        (checked_to, now) = rt.block_on(async {
             let engine = EmbeddedEngine::open(dir.path()).expect("reopen after the crash");
             let last = verify(&engine, &acked, checked_to, iteration).await;
+            let epoch = engine.stream_info(&stream()).await.ok().map(|i| i.epoch);
             engine.close().await.expect("close");
-            last
+            (last, epoch)
         });
+        if let (Some(before), Some(now)) = (epoch, now) {
+            assert_eq!(before, now, "iteration {iteration}: the `always` stream got a new epoch from a crash");
+        }
+        epoch = epoch.or(now);
         let verify_time = started.elapsed() - child_time;
         println!(
             "iteration {iteration}: {} acks, stream at {checked_to} (child {child_time:.1?}, reopen and verify {verify_time:.1?})",

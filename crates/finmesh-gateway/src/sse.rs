@@ -4,14 +4,23 @@
 //! Wire format (see `docs/api.md`):
 //! - the first event carries only the `retry:` hint;
 //! - a message is `id: <seq>` + `data: <envelope>` (revision for watch);
-//! - `event: gap` (`id:` = last missing sequence) with `{"from","to"}` when
-//!   history the client asked for is gone;
+//! - `event: gap` (`id:` = last missing sequence) with `{"from","to","epoch"}`
+//!   when history the client asked for is gone;
+//! - `event: reset` (`id:` = the stream's last sequence) with
+//!   `{"epoch","last_seq","reason"}` when the client named an `epoch=` that
+//!   is not the stream's (the stream was recreated, or recovered with loss
+//!   after a crash, and reuses sequences): what the client has past
+//!   `last_seq` is void and delivery goes on from `last_seq + 1`;
 //! - the last event says why the stream ends: `event: lagged`
 //!   (`{"last_seq"}`, the subscriber fell behind), `event: reconnect`
 //!   (`{"last_seq"}` + `retry:` = `retry_ms` plus a random part up to
 //!   `retry_jitter_ms`, the gateway drains), `event: error` (a
 //!   problem document) or `event: end`;
 //! - a comment line (`: heartbeat`) every heartbeat interval while idle.
+//!
+//! The response's `Finmesh-Stream-Epoch` header carries the stream's epoch
+//! (`StreamInfo::epoch`, `0` = unknown), which a client sends back as
+//! `epoch=` when it resumes.
 //!
 //! Resume rules: `Last-Event-ID: N` resumes *after* N (first sequence sent is
 //! N+1); `from_seq=N` names the *first* sequence wanted (`0` = the first
@@ -37,13 +46,20 @@ use crate::caller::{Caller, Peer};
 use crate::problem::ApiResult;
 use crate::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
 
-/// `?subject=&from_seq=` of a subscription.
+/// The response header that carries the stream's epoch.
+pub const EPOCH_HEADER: &str = "finmesh-stream-epoch";
+
+/// `?subject=&from_seq=&epoch=` of a subscription.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct SubscribeQuery {
     /// Subject filter (wildcards allowed; default: every subject).
     pub subject: Option<String>,
     /// First sequence wanted (`0` = first stored; default: only new).
     pub from_seq: Option<u64>,
+    /// The stream epoch the client's position belongs to (from the
+    /// `Finmesh-Stream-Epoch` header or a `gap`/`reset` event); another
+    /// epoch gets a `reset` event first.
+    pub epoch: Option<u64>,
 }
 
 /// `?prefix=&from_revision=` of a watch.
@@ -69,28 +85,35 @@ pub fn after_last_event_id(headers: &HeaderMap) -> Result<Option<u64>> {
     }
 }
 
-/// Open a stream tail as a frame source; returns the source and the
-/// sequence the client already has.
+/// Open a stream tail as a frame source; returns the source, the sequence
+/// the client already has and the stream's epoch. A client position from
+/// another epoch (`client_epoch`) is void: the source starts with a
+/// `reset` frame and goes on with new messages.
 pub async fn stream_source(
     state: &AppState,
     stream: &StreamName,
     filter: Option<SubjectPattern>,
     first: Option<u64>,
-) -> Result<(BoxStream<Frame>, u64)> {
+    client_epoch: Option<u64>,
+) -> Result<(BoxStream<Frame>, u64, u64)> {
+    let info = state.engine().stream_info(stream).await?;
+    let (epoch, last_seq) = (info.epoch, info.state.last_seq);
+    let reset = client_epoch.is_some_and(|e| epoch != 0 && e != epoch);
     let from = match first {
-        Some(s) => Seq(s),
-        None => state.engine().stream_info(stream).await?.state.last_seq.next(),
+        Some(s) if !reset => Seq(s),
+        _ => last_seq.next(),
     };
     let tail = state.engine().tail(stream, from, filter).await?;
-    let source = tail
-        .map(|r| {
+    let head = reset.then_some(Ok(Frame::Reset { epoch, last_seq: last_seq.0 }));
+    let source = futures::stream::iter(head)
+        .chain(tail.map(move |r| {
             r.map(|ev| match ev {
                 TailEvent::Message(m) => Frame::Message { id: m.seq.0, data: crate::envelope::message(&m) },
-                TailEvent::Gap { from, to } => Frame::Gap { from: from.0, to: to.0 },
+                TailEvent::Gap { from, to } => Frame::Gap { from: from.0, to: to.0, epoch },
             })
-        })
+        }))
         .boxed();
-    Ok((source, from.0.saturating_sub(1)))
+    Ok((source, from.0.saturating_sub(1), epoch))
 }
 
 /// `GET /v1/streams/{stream}/events`: an SSE subscription.
@@ -118,8 +141,10 @@ pub async fn events(
         filter: filter.as_ref().map(ToString::to_string),
     };
     let spec = Subscription::admit_from(&state, spec, &peer)?;
-    let (source, resume_after) = stream_source(&state, &name, filter, first).await?;
-    Ok(sse_response(&state, Subscription::spawn(&state, spec, resume_after, source)))
+    let (source, resume_after, epoch) = stream_source(&state, &name, filter, first, q.epoch).await?;
+    let mut response = sse_response(&state, Subscription::spawn(&state, spec, resume_after, source));
+    response.headers_mut().insert(EPOCH_HEADER, epoch.into());
+    Ok(response)
 }
 
 /// `GET /v1/kv/{bucket}/watch`: changes of keys as SSE (deletes included).
@@ -173,9 +198,18 @@ pub fn reconnect_retry(retry: Duration, jitter: Duration) -> Duration {
 fn event(item: &Item, retry: Duration, jitter: Duration) -> Event {
     match item {
         Item::Frame(Frame::Message { id, data }) => Event::default().id(id.to_string()).data(text(data)),
-        Item::Frame(Frame::Gap { from, to }) => {
-            Event::default().event("gap").id(to.to_string()).data(json!({ "from": from, "to": to }).to_string())
-        }
+        Item::Frame(Frame::Gap { from, to, epoch }) => Event::default()
+            .event("gap")
+            .id(to.to_string())
+            .data(json!({ "from": from, "to": to, "epoch": epoch }).to_string()),
+        Item::Frame(Frame::Reset { epoch, last_seq }) => Event::default().event("reset").id(last_seq.to_string()).data(
+            json!({
+                "epoch": epoch,
+                "last_seq": last_seq,
+                "reason": "the stream was recreated or lost writes in a crash since your epoch; drop what you have past last_seq"
+            })
+            .to_string(),
+        ),
         Item::End(End::Lagged { last_sent }) => Event::default().event("lagged").data(
             json!({ "last_seq": last_sent, "reason": "subscriber fell behind; resume from last_seq" }).to_string(),
         ),

@@ -67,6 +67,17 @@ pub enum Frame {
         from: u64,
         /// Last missing sequence.
         to: u64,
+        /// The stream's epoch (`StreamInfo::epoch`; 0 = unknown).
+        epoch: u64,
+    },
+    /// The client's position belongs to another epoch of the stream (it was
+    /// recreated, or recovered with loss): what the client has past
+    /// `last_seq` is void, and delivery goes on from `last_seq + 1`.
+    Reset {
+        /// The stream's epoch now.
+        epoch: u64,
+        /// The stream's last sequence when the subscription started.
+        last_seq: u64,
     },
 }
 
@@ -465,6 +476,7 @@ impl Subscription {
                     let seq = match &frame {
                         Frame::Message { id, .. } => *id,
                         Frame::Gap { to, .. } => *to,
+                        Frame::Reset { last_seq, .. } => *last_seq,
                     };
                     self.entry.last_sent.store(seq, Ordering::Relaxed);
                     self.entry.sent.fetch_add(1, Ordering::Relaxed);

@@ -1,7 +1,8 @@
 //! WebSocket subscription: `GET /v1/streams/{stream}/ws?subject=&from_seq=`.
 //!
 //! Carries the same envelopes as SSE, one per text frame. Control events are
-//! text frames too, tagged with `"event"`: `{"event":"gap","from","to"}`;
+//! text frames too, tagged with `"event"`: `{"event":"gap","from","to","epoch"}`,
+//! `{"event":"reset","epoch","last_seq"}` (see `sse.rs`);
 //! the last one before the close is `{"event":"lagged","last_seq"}` (close
 //! code 1013, try again later), `{"event":"reconnect","last_seq","retry_ms"}`
 //! (close code 1012, service restart: the gateway drains; `retry_ms` is
@@ -52,11 +53,13 @@ pub async fn ws(
     };
     let spec = Subscription::admit_from(&state, spec, &peer)?;
     // Open the tail before upgrading so a missing stream is a 404, not a close.
-    let (source, resume_after) = stream_source(&state, &name, filter, q.from_seq).await?;
+    let (source, resume_after, epoch) = stream_source(&state, &name, filter, q.from_seq, q.epoch).await?;
     let sub = Subscription::spawn(&state, spec, resume_after, source);
     let cfg = &state.config().subscriptions;
     let (heartbeat, retry) = (cfg.heartbeat, crate::sse::reconnect_retry(cfg.retry, cfg.retry_jitter));
-    Ok(upgrade.on_upgrade(move |socket| serve(socket, sub, heartbeat, retry)))
+    let mut response = upgrade.on_upgrade(move |socket| serve(socket, sub, heartbeat, retry));
+    response.headers_mut().insert(crate::sse::EPOCH_HEADER, epoch.into());
+    Ok(response)
 }
 
 fn close(code: u16, reason: &str) -> WsMessage {
@@ -108,8 +111,13 @@ async fn serve(
                     Err(_) => Ok(()),
                 }
             }
-            Some(Item::Frame(Frame::Gap { from, to })) => {
-                socket.send(WsMessage::Text(json!({ "event": "gap", "from": from, "to": to }).to_string().into())).await
+            Some(Item::Frame(Frame::Gap { from, to, epoch })) => {
+                let gap = json!({ "event": "gap", "from": from, "to": to, "epoch": epoch });
+                socket.send(WsMessage::Text(gap.to_string().into())).await
+            }
+            Some(Item::Frame(Frame::Reset { epoch, last_seq })) => {
+                let reset = json!({ "event": "reset", "epoch": epoch, "last_seq": last_seq });
+                socket.send(WsMessage::Text(reset.to_string().into())).await
             }
             Some(Item::End(end)) => {
                 let (last, close) = ending(&end, retry);

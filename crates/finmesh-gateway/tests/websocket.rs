@@ -31,10 +31,14 @@ async fn subscribe_history_then_live<H: Harness>() {
     gw.stream("MD", json!({"subjects": ["md.>"], "max_msgs": 5})).await;
     gw.publish_n("MD", "md.a", 8).await;
     let addr = gw.serve().await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/streams/MD/ws?from_seq=2&subject=md.a"))
-        .await
-        .expect("connect");
-    assert_eq!(next_text(&mut ws).await, json!({"event": "gap", "from": 2, "to": 3}));
+    let (mut ws, response) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/v1/streams/MD/ws?from_seq=2&subject=md.a"))
+            .await
+            .expect("connect");
+    let epoch = gw.get("/v1/streams/MD").await.json()["epoch"].clone();
+    let header = response.headers().get("finmesh-stream-epoch").map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(header, Some(epoch.to_string()), "the upgrade response carries the epoch");
+    assert_eq!(next_text(&mut ws).await, json!({"event": "gap", "from": 2, "to": 3, "epoch": epoch}));
     for want in 4..=8 {
         let env = next_text(&mut ws).await;
         assert_eq!(env["seq"], want);

@@ -108,7 +108,16 @@ pub(crate) fn stream_info(inner: &Inner, info: &Info) -> Result<StreamInfo> {
         first_time: if s.messages > 0 { api::opt_ts(s.first_timestamp) } else { None },
         last_time: if s.last_sequence > 0 { api::opt_ts(s.last_timestamp) } else { None },
     };
-    Ok(StreamInfo { config, state })
+    // JetStream keeps no epoch; the creation time changes exactly when the
+    // stream is created again (a JetStream stream does not lose acked
+    // writes on recovery, so that is the only rewind). A mirror (an edge's
+    // copy) has its own creation time, unrelated to its source's history:
+    // unknown (0), so moving between edges never looks like a rewind.
+    let epoch = match c.mirror {
+        Some(_) => 0,
+        None => u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0),
+    };
+    Ok(StreamInfo { config, state, epoch })
 }
 
 fn not_kv(name: &StreamName) -> Result<()> {

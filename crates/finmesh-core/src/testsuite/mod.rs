@@ -194,6 +194,7 @@ macro_rules! engine_conformance_tests {
                 list_streams_is_sorted_and_excludes_buckets,
                 delete_stream_removes_messages_and_consumers,
                 purge_removes_everything_and_sequences_continue,
+                epoch_changes_only_when_the_stream_is_recreated,
             ],
             publish: [
                 publish_assigns_consecutive_sequences_and_keeps_content,

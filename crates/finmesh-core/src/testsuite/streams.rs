@@ -193,6 +193,24 @@ pub async fn delete_stream_removes_messages_and_consumers<H: Harness>() {
     assert_eq!(publish_one(&*e, &s, "orders.a", "x").await, Seq(1));
 }
 
+/// The epoch names a stream's history: it is set at creation, stays while
+/// the stream lives (writes, purge), and changes when the stream is deleted
+/// and created again, so a subscriber can tell reused sequences apart.
+pub async fn epoch_changes_only_when_the_stream_is_recreated<H: Harness>() {
+    let h = H::start().await;
+    let e = h.engine();
+    let created = e.create_stream(stream_config("ORDERS", &["orders.>"])).await.unwrap();
+    assert_ne!(created.epoch, 0, "no epoch reported");
+    let s = sn("ORDERS");
+    publish_n(&*e, &s, "orders.a", 2).await;
+    e.purge_stream(&s).await.unwrap();
+    assert_eq!(e.stream_info(&s).await.unwrap().epoch, created.epoch);
+    e.delete_stream(&s).await.unwrap();
+    let again = e.create_stream(stream_config("ORDERS", &["orders.>"])).await.unwrap();
+    assert_ne!(again.epoch, created.epoch, "a recreated stream kept its epoch");
+    assert_eq!(e.stream_info(&s).await.unwrap().epoch, again.epoch);
+}
+
 async fn orders_info(e: &dyn crate::Engine) -> StreamState {
     orders(e).await;
     e.stream_info(&sn("ORDERS")).await.unwrap().state
