@@ -14,12 +14,15 @@
 //!   message below `first_seq` found at open is the remainder of an
 //!   interrupted purge and is removed before the stream is served;
 //! - readers may observe a committed write before a `sync = always` ack is
-//!   sent (the ack waits for the fsync, visibility does not).
+//!   sent (the ack waits for the fsync, visibility does not);
+//! - the subject index (`x`) of sequences up to [`StreamHandle::indexed`]
+//!   is committed; beyond it, a reader off the writer thread must not
+//!   trust the index (see `txn.rs` and `filtered.rs`).
 
 use fixedbitset::FixedBitSet;
 use hashbrown::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use finmesh_core::{
@@ -114,6 +117,9 @@ pub(crate) struct StreamHandle {
     pub deleted: AtomicBool,
     /// For a KV bucket's stream: its live values in memory.
     pub kv: Option<KvIndex>,
+    /// Every index change of the writes up to this sequence is committed
+    /// (moved by [`crate::txn::IndexBatch::commit`]).
+    pub indexed: AtomicU64,
 }
 
 impl StreamHandle {
@@ -215,14 +221,35 @@ impl StreamHandle {
             ReadStart::Time(t) => self.seq_at_time(t)?,
         };
         let end = req.end.unwrap_or(Seq(u64::MAX));
-        let mut out = Vec::new();
         if limit == 0 || start > end {
+            return Ok(Vec::new());
+        }
+        if let Some(f) = &req.filter
+            && let Some(out) = crate::filtered::read_by_index(self, start, end, f, limit)?
+        {
+            return Ok(out);
+        }
+        self.scan(start, end, req.filter.as_ref(), limit, Vec::new())
+    }
+
+    /// Messages in `start..=end` matching `filter`, read in sequence order,
+    /// appended to `out` until it holds `limit`.
+    pub(crate) fn scan(
+        &self,
+        start: Seq,
+        end: Seq,
+        filter: Option<&SubjectPattern>,
+        limit: usize,
+        mut out: Vec<Message>,
+    ) -> Result<Vec<Message>> {
+        if out.len() >= limit || start > end {
             return Ok(out);
         }
         for kv in self.msgs.range(codec::seq_key(start)..=codec::seq_key(end)) {
             let (k, v) = kv.into_inner().map_err(storage)?;
+            crate::filtered::count_visit();
             let m = codec::decode_message(codec::key_seq(&k)?, Bytes::from(v))?;
-            if req.filter.as_ref().is_none_or(|f| f.matches(&m.subject)) {
+            if filter.is_none_or(|f| f.matches(&m.subject)) {
                 out.push(m);
                 if out.len() >= limit {
                     break;
@@ -234,7 +261,7 @@ impl StreamHandle {
 
     /// The last message of each subject matching `filter`, in sequence order.
     pub fn last_per_subject(&self, filter: Option<&SubjectPattern>) -> Result<Vec<Message>> {
-        let literal_prefix = filter.map(literal_prefix).unwrap_or_default();
+        let literal_prefix = filter.map(crate::filtered::literal_prefix).unwrap_or_default();
         let mut seqs = Vec::new();
         for kv in self.last.prefix(literal_prefix.as_bytes()) {
             let (k, v) = kv.into_inner().map_err(storage)?;
@@ -258,20 +285,6 @@ impl StreamHandle {
         let (seq, _) = self.last_of(subject.as_str())?.ok_or_else(not_found)?;
         self.get(seq)?.ok_or_else(not_found)
     }
-}
-
-/// The literal part of a pattern before its first wildcard token, for prefix scans.
-fn literal_prefix(p: &SubjectPattern) -> String {
-    let mut out = String::new();
-    for t in p.as_str().split('.') {
-        if t == "*" || t == ">" {
-            return out;
-        }
-        out.push_str(t);
-        out.push('.');
-    }
-    out.pop();
-    out
 }
 
 /// Map a fjall error: a poisoned database is `Unavailable`, anything else `Internal`.
@@ -338,6 +351,8 @@ pub(crate) fn open_handle(
         last,
         live: broadcast::channel(LIVE_CAPACITY).0,
         deleted: AtomicBool::new(false),
+        // `recover` below repairs the index if it is behind.
+        indexed: AtomicU64::new(counters.last_seq),
     };
     handle.recover(db, index_current)?;
     Ok(Arc::new(handle))
