@@ -25,6 +25,9 @@
 //!   (`gateway-publish`); `tls_conn`: new TLS connections per second next
 //!   to nginx (`gateway-tls`). These need `wrk` and `nginx` (Debian
 //!   packages of those names) except `gateway-publish`.
+//! - `embedded_consumer`: a consumer matching 1% of a large stream
+//!   (fetch p99, and a publisher's rate while it drains, next to alone);
+//!   acks/s with 10,000 and 100 deliveries pending.
 //! - `nats_engine` (`nats-engine-publish`) and `nats_engine_kv`
 //!   (`nats-engine-kv`): every embedded publish and KV scenario through the
 //!   NATS engine and through raw async-nats side by side, on one server
@@ -36,6 +39,7 @@
 //! `$TMPDIR`, else `/tmp`), removed at the end; keep it on the disk you
 //! mean to measure.
 
+mod embedded_consumer;
 mod embedded_kv;
 mod embedded_publish;
 mod fsync;
@@ -98,10 +102,12 @@ pub enum Scenario {
     NatsEnginePublish,
     /// NATS engine vs raw async-nats KV, single server and R3 cluster.
     NatsEngineKv,
+    /// Embedded consumers: sparse filtered fetch, acks/s.
+    EmbeddedConsumer,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 12] = [
+    const ALL: [Scenario; 13] = [
         Scenario::Fsync,
         Scenario::EmbeddedPublish,
         Scenario::NatsPublish,
@@ -114,6 +120,7 @@ impl Scenario {
         Scenario::GatewayTls,
         Scenario::NatsEnginePublish,
         Scenario::NatsEngineKv,
+        Scenario::EmbeddedConsumer,
     ];
 
     /// Is `self` selected by `chosen` (empty = all)?
@@ -138,6 +145,7 @@ impl Scenario {
             Scenario::Gateway => Ok(Vec::new()),
             Scenario::NatsEnginePublish => nats_engine::run_publish(ctx).await,
             Scenario::NatsEngineKv => nats_engine_kv::run(ctx).await,
+            Scenario::EmbeddedConsumer => embedded_consumer::run(ctx).await,
         }
     }
 
@@ -156,6 +164,7 @@ impl Scenario {
             Scenario::Gateway => "gateway",
             Scenario::NatsEnginePublish => "nats-engine-publish",
             Scenario::NatsEngineKv => "nats-engine-kv",
+            Scenario::EmbeddedConsumer => "embedded-consumer",
         }
     }
 }
@@ -182,6 +191,9 @@ pub struct BenchArgs {
     /// Puts timed per leaf by the mirror propagation scenario.
     #[arg(long, default_value_t = 1_000)]
     mirror_puts: u64,
+    /// Messages in the stream of the sparse consumer scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    consumer_messages: u64,
     /// Where temporary data goes (default: $TMPDIR, else /tmp).
     #[arg(long, env = "FINMESH_BENCH_DIR")]
     dir: Option<PathBuf>,
@@ -203,6 +215,8 @@ pub struct BenchContext {
     pub nats_kv_keys: u64,
     /// Puts timed per leaf by the mirror scenario.
     pub mirror_puts: u64,
+    /// Messages in the sparse consumer scenario's stream.
+    pub consumer_messages: u64,
     /// The current run, from 1; side-by-side scenarios swap which side
     /// goes first between odd and even runs.
     pub run: u32,
@@ -244,6 +258,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         kv_keys: args.kv_keys,
         nats_kv_keys: args.nats_kv_keys,
         mirror_puts: args.mirror_puts,
+        consumer_messages: args.consumer_messages,
         run: 1,
     };
     let scenarios: Vec<Scenario> = Scenario::ALL.into_iter().filter(|s| s.selected_by(&args.scenarios)).collect();

@@ -282,6 +282,8 @@ pub struct Report {
     pub nats_kv_keys: u64,
     /// Puts timed by the mirror propagation scenario.
     pub mirror_puts: u64,
+    /// Messages in the sparse consumer scenario's stream.
+    pub consumer_messages: u64,
     /// Scenario families run.
     pub scenarios: Vec<&'static str>,
     /// Every figure, medians over runs.
@@ -355,6 +357,7 @@ impl Report {
             kv_keys: args.kv_keys,
             nats_kv_keys: args.nats_kv_keys,
             mirror_puts: args.mirror_puts,
+            consumer_messages: args.consumer_messages,
             scenarios,
             results,
             ratios,

@@ -181,6 +181,26 @@ fn nats_engine_families_report_engine_raw_pairs_and_their_ratios() {
 }
 
 #[test]
+fn consumer_family_reports_sparse_fetch_publish_rates_and_acks() {
+    let report = bench(&["--runs", "1", "--scenario", "embedded-consumer", "--consumer-messages", "5000"]);
+    assert_eq!(report["scenarios"], serde_json::json!(["embedded-consumer"]));
+    assert_eq!(report["consumer_messages"], 5000);
+    let fetch = result(&report, "embedded.consumer.sparse-fetch");
+    assert_eq!((fetch["unit"].as_str(), fetch["median"].clone()), (Some("µs p99"), fetch["p99_us"].clone()));
+    assert!(fetch["p99_us"].as_f64().unwrap() > 0.0, "{fetch}");
+    for (id, unit) in [
+        ("embedded.consumer.publish-while-draining", "msgs/s"),
+        ("embedded.consumer.publish-alone", "msgs/s"),
+        ("embedded.consumer.acks.pending-10000", "acks/s"),
+        ("embedded.consumer.acks.pending-100", "acks/s"),
+    ] {
+        let r = result(&report, id);
+        assert_eq!(r["unit"], unit, "{r}");
+        assert!(r["median"].as_f64().unwrap() > 0.0, "{id}: {r}");
+    }
+}
+
+#[test]
 fn scenario_filter_runs_only_the_chosen_family() {
     let report = bench(&["--runs", "1", "--scenario", "fsync"]);
     let ids: Vec<&str> = report["results"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();

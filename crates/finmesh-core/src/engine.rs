@@ -25,7 +25,9 @@
 //!   that is not acked within `ack_wait` (or is nak'ed) is delivered again
 //!   with a higher delivery count; after `max_deliver` deliveries it goes to
 //!   the dead-letter stream (if configured) instead of an `(max_deliver+1)`th
-//!   delivery. Positions and pending state survive a restart.
+//!   delivery. Positions and pending state survive a restart. Acks come one
+//!   at a time, as a list of tokens, or as "everything delivered up to a
+//!   sequence" ([`ConsumerEngine::ack_all`]).
 //!
 //! Every trait is object safe (`Arc<dyn Engine>` is what the gateway holds);
 //! cross-cutting concerns (encryption, metrics, timeouts) are wrappers that
@@ -336,6 +338,25 @@ pub trait ConsumerEngine: Send + Sync + 'static {
     /// Acknowledge one delivery. Acking something already acked is not an
     /// error (acks are idempotent); an unparsable token is `Invalid`.
     async fn ack(&self, stream: &StreamName, consumer: &ConsumerName, token: &AckToken, kind: AckKind) -> Result<()>;
+
+    /// Apply `kind` to every delivery in `tokens`, as [`ack`](Self::ack)
+    /// would one by one. Every token is checked first: one that does not
+    /// parse, or that belongs to another consumer, is `Invalid` and nothing
+    /// is applied. Tokens already acked (or repeated) are not an error.
+    async fn ack_many(
+        &self,
+        stream: &StreamName,
+        consumer: &ConsumerName,
+        tokens: &[AckToken],
+        kind: AckKind,
+    ) -> Result<()>;
+
+    /// Acknowledge every delivery of the consumer that is still pending and
+    /// whose stream sequence is at most `upto` (JetStream's AckAll, on an
+    /// explicit-ack consumer). Only deliveries are acked: messages the
+    /// consumer has not handed out yet are delivered as usual, whatever
+    /// `upto` says. Idempotent.
+    async fn ack_all(&self, stream: &StreamName, consumer: &ConsumerName, upto: Seq) -> Result<()>;
 }
 
 /// Everything an engine offers.

@@ -18,7 +18,8 @@
 //! | `meta` | `index/<name>` | the same counters as of the last commit of the stream's `x` changes; differs from `state/<name>`, or is missing while `state/<name>` counts a write, only after a crash between a write and its index batch (then `open` repairs `x`) |
 //! | `meta` | `epoch/<name>` | the stream's epoch (u64 BE, see `StreamInfo::epoch`) |
 //! | `meta` | `clean-close` | empty; written and fsynced by a clean close, removed and fsynced at open |
-//! | `meta` | `consumer/<stream>/<name>` | JSON `{config, delivered, initial, pending}` |
+//! | `meta` | `consumer/<stream>/<name>` | JSON `{config, delivered, initial}` |
+//! | `meta` | `cpend/<stream>/<name>/` + seq (u64 BE) | one pending delivery: deliveries (u32 BE), due (u64 BE ns); see `consumers.rs` |
 //! | `s.<name>.m` | `seq` (u64 BE) | message record (see `codec.rs`) |
 //! | `s.<name>.x` | `subject 0x00 seq` | empty (per-subject index) |
 //! | `s.<name>.l` | `subject` | `last_seq (u64 BE), count (u64 BE)` |
@@ -57,6 +58,7 @@
 
 mod codec;
 mod consumers;
+mod filtered;
 mod interrupted;
 mod journal_sync;
 mod kv;
@@ -66,6 +68,7 @@ mod tail;
 mod txn;
 mod writer;
 
+pub use consumers::ConsumerIo;
 pub use writer::SyncStats;
 
 use std::path::Path;
@@ -230,6 +233,12 @@ impl EmbeddedEngine {
         FsyncHold(self.inner.sync.clone())
     }
 
+    /// Keys and bytes written for consumer state so far: an ack writes one
+    /// small key, whatever the number of pending deliveries.
+    pub fn consumer_io(&self) -> ConsumerIo {
+        self.inner.consumers.io()
+    }
+
     /// Stop the writer after everything queued so far, fsync, and close the
     /// store. Tails end with an error. Other clones fail with `Unavailable`.
     pub async fn close(self) -> Result<()> {
@@ -381,7 +390,8 @@ impl StreamEngine for EmbeddedEngine {
     }
 
     async fn read(&self, stream: &StreamName, request: ReadRequest) -> Result<Vec<Message>> {
-        self.stream(stream)?.read(&request)
+        let h = self.stream(stream)?;
+        blocking(move || h.read(&request)).await
     }
 
     async fn last_message(&self, stream: &StreamName, subject: &Subject) -> Result<Message> {
@@ -573,23 +583,38 @@ impl KvEngine for EmbeddedEngine {
     }
 }
 
+/// Run a read that may touch many records on tokio's blocking pool, off
+/// the async workers (and never on the writer thread).
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::internal("a read task failed").with_source(e))?
+}
+
 #[async_trait]
 impl ConsumerEngine for EmbeddedEngine {
     async fn create_consumer(&self, stream: &StreamName, config: ConsumerConfig) -> Result<ConsumerInfo> {
         config.validate()?;
         let h = self.stream(stream)?;
-        self.call(|reply| Op::Consumer(Box::new(ConsumerOp::Create { stream: h, config, update: false, reply }))).await
+        let hh = h.clone();
+        let pos =
+            self.call(|reply| Op::Consumer(Box::new(ConsumerOp::Create { stream: hh, config, update: false, reply })));
+        let pos = pos.await?;
+        blocking(move || consumers::info(&h, pos)).await
     }
 
     async fn update_consumer(&self, stream: &StreamName, config: ConsumerConfig) -> Result<ConsumerInfo> {
         config.validate()?;
         let h = self.stream(stream)?;
-        self.call(|reply| Op::Consumer(Box::new(ConsumerOp::Create { stream: h, config, update: true, reply }))).await
+        let hh = h.clone();
+        let pos =
+            self.call(|reply| Op::Consumer(Box::new(ConsumerOp::Create { stream: hh, config, update: true, reply })));
+        let pos = pos.await?;
+        blocking(move || consumers::info(&h, pos)).await
     }
 
     async fn consumer_info(&self, stream: &StreamName, consumer: &ConsumerName) -> Result<ConsumerInfo> {
         let h = self.stream(stream)?;
-        self.inner.consumers.info(&h, consumer)
+        let pos = self.inner.consumers.position(stream, consumer)?;
+        blocking(move || consumers::info(&h, pos)).await
     }
 
     async fn list_consumers(&self, stream: &StreamName) -> Result<Vec<ConsumerName>> {
@@ -617,9 +642,13 @@ impl ConsumerEngine for EmbeddedEngine {
         // Subscribe before looking, so a publish in between wakes us.
         let mut live = h.live.subscribe();
         loop {
-            let (name, hh) = (consumer.clone(), h.clone());
+            // Read the candidates off the writer; it only claims them.
+            let plan = self.inner.consumers.fetch_plan(stream, consumer, request.max)?;
+            let hh = h.clone();
+            let new = blocking(move || consumers::read_candidates(&hh, &plan)).await?;
+            let (name, hh, max) = (consumer.clone(), h.clone(), request.max);
             let outcome = self
-                .call(|reply| Op::Consumer(Box::new(ConsumerOp::Fetch { stream: hh, name, max: request.max, reply })))
+                .call(|reply| Op::Consumer(Box::new(ConsumerOp::Fetch { stream: hh, name, max, new, reply })))
                 .await?;
             if !outcome.deliveries.is_empty() || Timestamp::now() >= deadline {
                 return Ok(outcome.deliveries);
@@ -637,8 +666,26 @@ impl ConsumerEngine for EmbeddedEngine {
     }
 
     async fn ack(&self, stream: &StreamName, consumer: &ConsumerName, token: &AckToken, kind: AckKind) -> Result<()> {
+        self.ack_many(stream, consumer, std::slice::from_ref(token), kind).await
+    }
+
+    async fn ack_many(
+        &self,
+        stream: &StreamName,
+        consumer: &ConsumerName,
+        tokens: &[AckToken],
+        kind: AckKind,
+    ) -> Result<()> {
         let h = self.stream(stream)?;
-        let (name, token) = (consumer.clone(), token.clone());
-        self.call(|reply| Op::Consumer(Box::new(ConsumerOp::Ack { stream: h, name, token, kind, reply }))).await
+        self.inner.consumers.exists(stream, consumer)?;
+        let seqs = tokens.iter().map(consumers::parse_token).collect::<Result<Vec<u64>>>()?;
+        let name = consumer.clone();
+        self.call(|reply| Op::Consumer(Box::new(ConsumerOp::Ack { stream: h, name, seqs, kind, reply }))).await
+    }
+
+    async fn ack_all(&self, stream: &StreamName, consumer: &ConsumerName, upto: Seq) -> Result<()> {
+        let h = self.stream(stream)?;
+        let name = consumer.clone();
+        self.call(|reply| Op::Consumer(Box::new(ConsumerOp::AckAll { stream: h, name, upto, reply }))).await
     }
 }

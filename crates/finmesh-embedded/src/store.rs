@@ -23,11 +23,14 @@
 //!   the live feed are updated by `reveal` too. Removals (retention,
 //!   purge) may show before they are durable: a crash can only bring such
 //!   a message back, never lose one a reader saw.
+//! - the subject index (`x`) of sequences up to [`StreamHandle::indexed`]
+//!   is committed; beyond it, a reader off the writer thread must not
+//!   trust the index (see `txn.rs` and `filtered.rs`).
 
 use fixedbitset::FixedBitSet;
 use hashbrown::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use finmesh_core::{
@@ -156,6 +159,9 @@ pub(crate) struct StreamHandle {
     /// replaced at open after an unclean stop if the stream's policy let
     /// readers see writes the crash may have taken back.
     pub epoch: u64,
+    /// Every index change of the writes up to this sequence is committed
+    /// (moved by [`crate::txn::IndexBatch::commit`]).
+    pub indexed: AtomicU64,
 }
 
 impl StreamHandle {
@@ -307,14 +313,35 @@ impl StreamHandle {
             ReadStart::Time(t) => self.seq_at_time(t)?,
         };
         let end = req.end.unwrap_or(Seq(u64::MAX)).min(self.visible_seq());
-        let mut out = Vec::new();
         if limit == 0 || start > end {
+            return Ok(Vec::new());
+        }
+        if let Some(f) = &req.filter
+            && let Some(out) = crate::filtered::read_by_index(self, start, end, f, limit)?
+        {
+            return Ok(out);
+        }
+        self.scan(start, end, req.filter.as_ref(), limit, Vec::new())
+    }
+
+    /// Messages in `start..=end` matching `filter`, read in sequence order,
+    /// appended to `out` until it holds `limit`.
+    pub(crate) fn scan(
+        &self,
+        start: Seq,
+        end: Seq,
+        filter: Option<&SubjectPattern>,
+        limit: usize,
+        mut out: Vec<Message>,
+    ) -> Result<Vec<Message>> {
+        if out.len() >= limit || start > end {
             return Ok(out);
         }
         for kv in self.msgs.range(codec::seq_key(start)..=codec::seq_key(end)) {
             let (k, v) = kv.into_inner().map_err(storage)?;
+            crate::filtered::count_visit();
             let m = codec::decode_message(codec::key_seq(&k)?, Bytes::from(v))?;
-            if req.filter.as_ref().is_none_or(|f| f.matches(&m.subject)) {
+            if filter.is_none_or(|f| f.matches(&m.subject)) {
                 out.push(m);
                 if out.len() >= limit {
                     break;
@@ -326,7 +353,7 @@ impl StreamHandle {
 
     /// The last visible message of each subject matching `filter`, in sequence order.
     pub fn last_per_subject(&self, filter: Option<&SubjectPattern>) -> Result<Vec<Message>> {
-        let literal_prefix = filter.map(literal_prefix).unwrap_or_default();
+        let literal_prefix = filter.map(crate::filtered::literal_prefix).unwrap_or_default();
         let visible = self.visible_seq();
         let mut seqs = Vec::new();
         for kv in self.last.prefix(literal_prefix.as_bytes()) {
@@ -354,20 +381,6 @@ impl StreamHandle {
         let seq = self.last_visible_of(subject.as_str())?.ok_or_else(not_found)?;
         self.get(seq)?.ok_or_else(not_found)
     }
-}
-
-/// The literal part of a pattern before its first wildcard token, for prefix scans.
-fn literal_prefix(p: &SubjectPattern) -> String {
-    let mut out = String::new();
-    for t in p.as_str().split('.') {
-        if t == "*" || t == ">" {
-            return out;
-        }
-        out.push_str(t);
-        out.push('.');
-    }
-    out.pop();
-    out
 }
 
 /// Map a fjall error: a poisoned database, and a resource that ran out
@@ -466,6 +479,8 @@ pub(crate) fn open_handle(
         last,
         live: broadcast::channel(LIVE_CAPACITY).0,
         deleted: AtomicBool::new(false),
+        // `recover` below repairs the index if it is behind.
+        indexed: AtomicU64::new(counters.last_seq),
     };
     handle.recover(db, index_current)?;
     Ok(Arc::new(handle))

@@ -13,7 +13,9 @@
 //! are superseded, not lost history, and are not reported as gaps.
 //!
 //! Invariant: each tail is one task writing into a bounded channel; a slow
-//! consumer slows only its own task (which then re-reads the store).
+//! consumer slows only its own task (which then re-reads the store). Store
+//! reads run on the blocking pool (filtered ones through the subject index,
+//! see `filtered.rs`), never on the async workers.
 
 use std::sync::Arc;
 
@@ -70,7 +72,8 @@ async fn run(
             }
             let req =
                 ReadRequest { filter: filter.clone(), ..ReadRequest::from_seq(next, CATCH_UP_BATCH) }.end(st.last_seq);
-            let batch = match h.read(&req) {
+            let hh = h.clone();
+            let batch = match crate::blocking(move || hh.read(&req)).await {
                 Ok(b) => b,
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;

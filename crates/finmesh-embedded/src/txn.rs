@@ -260,7 +260,7 @@ impl Txn {
         if !index.is_empty() {
             index.insert(meta, index_meta_key(&self.h.name), c.encode());
         }
-        Ok((self.st, self.removed_list, IndexBatch(index)))
+        Ok((self.st, self.removed_list, IndexBatch(index, self.h, self.st.last_seq)))
     }
 }
 
@@ -269,11 +269,16 @@ pub(crate) type Removed = Vec<(Seq, Subject)>;
 /// A committed write's new stream state and the messages it removed.
 pub(crate) type Committed = (StreamState, Removed);
 
-/// The subject index changes of a committed write (possibly none).
-pub(crate) struct IndexBatch(WriteBatch);
+/// The subject index changes of a committed write (possibly none), the
+/// stream, and the last sequence the index covers once they are in.
+pub(crate) struct IndexBatch(WriteBatch, Arc<StreamHandle>, Seq);
 
 impl IndexBatch {
+    /// Commit the changes, then move the stream's index watermark
+    /// ([`StreamHandle::indexed`]) so readers off the writer may use them.
     pub fn commit(self) -> Result<()> {
-        self.0.commit().map_err(storage)
+        self.0.commit().map_err(storage)?;
+        self.1.indexed.fetch_max(self.2.0, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 }

@@ -5,7 +5,9 @@
 //! request timeout) and returns at most [`MAX_FETCH_BATCH`] deliveries and
 //! at most `max_read_bytes` of messages plus one (fetched in pages, see
 //! [`Paging`]: every delivery fetched is returned); a delivery's `token` is
-//! passed back verbatim to `ack`.
+//! passed back verbatim to `ack`, alone (`token`), in a list of at most
+//! [`MAX_ACK_TOKENS`] (`tokens`), or covered by `upto` (every delivery up
+//! to a stream sequence).
 
 use std::time::Duration;
 
@@ -16,7 +18,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use finmesh_auth::Access;
 use finmesh_core::{
-    AckKind, AckToken, ConsumerConfig, ConsumerName, Delivery, Error, ErrorKind, FetchRequest, StreamName,
+    AckKind, AckToken, ConsumerConfig, ConsumerName, Delivery, Error, ErrorKind, FetchRequest, Seq, StreamName,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -32,6 +34,8 @@ use crate::schema::{ConsumerList, Fetched};
 pub const MAX_FETCH_WAIT: Duration = Duration::from_secs(20);
 /// Most deliveries of one fetch.
 pub const MAX_FETCH_BATCH: usize = 1000;
+/// Most tokens of one ack.
+pub const MAX_ACK_TOKENS: usize = 10_000;
 
 fn names(stream: String, consumer: String) -> ApiResult<(StreamName, ConsumerName)> {
     Ok((StreamName::new(stream)?, ConsumerName::new(consumer)?))
@@ -207,20 +211,58 @@ pub enum AckKindName {
     InProgress,
 }
 
-/// Body of an ack.
+/// Body of an ack: exactly one of `token`, `tokens` and `upto`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AckBody {
     /// The delivery's token.
-    pub token: String,
-    /// What to do with the delivery.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Several deliveries' tokens (1-10000), all checked before any is
+    /// applied.
+    #[serde(default)]
+    pub tokens: Option<Vec<String>>,
+    /// Every delivery still pending whose stream sequence is at most this
+    /// (JetStream's AckAll); `kind` must be `ack`. Messages not delivered
+    /// yet are not skipped.
+    #[serde(default)]
+    pub upto: Option<u64>,
+    /// What to do with the deliveries.
     pub kind: AckKindName,
     /// For `nak`: milliseconds before redelivery.
     #[serde(default)]
     pub delay: Option<u64>,
 }
 
+/// Which deliveries an ack addresses.
+enum AckTarget {
+    One(AckToken),
+    Many(Vec<AckToken>),
+    UpTo(Seq),
+}
+
 impl AckBody {
+    fn target(self, kind: AckKind) -> ApiResult<AckTarget> {
+        match (self.token, self.tokens, self.upto) {
+            (Some(t), None, None) => Ok(AckTarget::One(AckToken(t))),
+            (None, Some(ts), None) => {
+                if ts.is_empty() || ts.len() > MAX_ACK_TOKENS {
+                    return Err(Error::invalid(format!(
+                        "`tokens` holds {}; it must hold 1-{MAX_ACK_TOKENS}",
+                        ts.len()
+                    ))
+                    .into());
+                }
+                Ok(AckTarget::Many(ts.into_iter().map(AckToken).collect()))
+            }
+            (None, None, Some(upto)) => match kind {
+                AckKind::Ack => Ok(AckTarget::UpTo(Seq(upto))),
+                _ => Err(Error::invalid("`upto` acknowledges (`kind` must be `ack`)").into()),
+            },
+            _ => Err(Error::invalid("give exactly one of `token`, `tokens` and `upto`").into()),
+        }
+    }
+
     fn kind(&self) -> ApiResult<AckKind> {
         match (self.kind, self.delay) {
             (AckKindName::Nak, delay) => Ok(AckKind::Nak { delay: Duration::from_millis(delay.unwrap_or(0)) }),
@@ -232,7 +274,8 @@ impl AckBody {
     }
 }
 
-/// `POST .../ack`: acknowledge one delivery.
+/// `POST .../ack`: acknowledge one delivery, a list, or every delivery up
+/// to a sequence.
 #[utoipa::path(post, path = "/v1/streams/{stream}/consumers/{name}/ack", tag = "consumers",
     params(("stream" = String, Path), ("name" = String, Path)), request_body = AckBody,
     responses((status = 204, description = "acknowledged"), (status = 400, body = crate::Problem),
@@ -247,7 +290,12 @@ pub async fn ack(
     caller.require(&Access::StreamConsume { stream: &stream })?;
     let req: AckBody = json_body(&body, "")?;
     let kind = req.kind()?;
-    state.engine().ack(&stream, &name, &AckToken(req.token), kind).await?;
+    let engine = state.engine();
+    match req.target(kind)? {
+        AckTarget::One(token) => engine.ack(&stream, &name, &token, kind).await?,
+        AckTarget::Many(tokens) => engine.ack_many(&stream, &name, &tokens, kind).await?,
+        AckTarget::UpTo(upto) => engine.ack_all(&stream, &name, upto).await?,
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -11,6 +11,21 @@
 //! (`+ACK`, `-NAK {"delay":…}`, `+TERM`, `+WPI`) that waits for the server's
 //! confirmation, so the next fetch sees its effect.
 //!
+//! Batch acks: [`ack_many`](Inner::ack_many) checks every token, then
+//! sends the per-token acks concurrently ([`ACK_CONCURRENCY`] in flight),
+//! each waiting for its confirmation as a single ack does.
+//! [`ack_all`](Inner::ack_all) is JetStream's AckAll on an explicit-ack
+//! consumer, which the server has no verb for: it reads the messages the
+//! consumer's filter matches between its ack floor and `min(upto,
+//! delivered)`, page by page, and acks each one on the ack subject the
+//! server would have given it (`$JS.ACK.<stream>.<consumer>.1.<seq>.0.0.0`;
+//! an explicit ack is keyed by stream sequence, and a delivery sequence of
+//! 0 never moves the ack floor by itself). Acking one that is not pending
+//! is a no-op on the server. Those acks are published without waiting; a
+//! final `+WPI` request on the page's last (now acked) sequence, which the
+//! server always answers and processes after them, confirms the page. Each
+//! page restarts at the new ack floor, so acked stretches are skipped.
+//!
 //! Dead-lettering: NATS stops redelivering after `max_deliver` but moves
 //! nothing. Without a dead-letter stream the consumer gets NATS's own
 //! `max_deliver` and nothing more is needed. With one, the server's
@@ -28,13 +43,19 @@ use async_nats::jetstream::consumer::{DeliverPolicy as NatsDeliver, Info};
 use finmesh_core::config::{dead_letter_headers as dlq, dead_letter_subject};
 use finmesh_core::{
     AckKind, AckToken, ConsumerConfig, ConsumerInfo, ConsumerName, DeliverPolicy, Delivery, Error, ErrorKind,
-    FetchRequest, OutgoingMessage, Result, Seq, StreamConfig, StreamName, SubjectPattern,
+    FetchRequest, OutgoingMessage, ReadRequest, Result, Seq, StreamConfig, StreamName, SubjectPattern,
 };
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::Inner;
 use crate::api::{self, PullEnd, Pulled};
 use crate::streams::{nanos, rfc3339};
+
+/// Acks of one [`Inner::ack_many`] in flight at once.
+const ACK_CONCURRENCY: usize = 64;
+/// Messages one step of [`Inner::ack_all`] reads and acks.
+const ACK_ALL_PAGE: usize = 1000;
 
 const META_MAX_DELIVER: &str = "finmesh.max_deliver";
 const META_DEAD_LETTER: &str = "finmesh.dead_letter";
@@ -297,6 +318,66 @@ impl Inner {
         match self.client.send_request(reply.to_owned(), req).await {
             Ok(_) => Ok(()),
             Err(e) => Err(api::map_request_error(e, "ack")),
+        }
+    }
+
+    /// Apply `kind` to every token (see the module doc).
+    pub(crate) async fn ack_many(
+        &self,
+        stream: &StreamName,
+        c: &ConsumerName,
+        tokens: &[AckToken],
+        kind: AckKind,
+    ) -> Result<()> {
+        for (i, token) in tokens.iter().enumerate() {
+            let Some(info) = api::parse_ack_subject(&token.0) else {
+                self.consumer_info(stream, c).await?;
+                return Err(Error::invalid(format!("token {i} is not a delivery of this engine")));
+            };
+            if info.stream != stream.as_str() || info.consumer != c.as_str() {
+                // As on the embedded engine, a missing consumer is NotFound first.
+                self.consumer_info(stream, c).await?;
+                return Err(Error::invalid(format!(
+                    "token {i} belongs to consumer `{}` of `{}`",
+                    info.consumer, info.stream
+                )));
+            }
+        }
+        let mut acks = futures::stream::iter(tokens.to_vec())
+            .map(|t| async move { self.ack(stream, c, &t, kind).await })
+            .buffer_unordered(ACK_CONCURRENCY);
+        while let Some(r) = acks.next().await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Ack every pending delivery up to `upto` (see the module doc).
+    pub(crate) async fn ack_all(&self, stream: &StreamName, c: &ConsumerName, upto: Seq) -> Result<()> {
+        let mut from = Seq(1);
+        loop {
+            let info = self.consumer_info(stream, c).await?;
+            let last = upto.min(info.delivered);
+            let start = info.ack_floor.next().max(from);
+            if info.num_ack_pending == 0 || start > last {
+                return Ok(());
+            }
+            let request =
+                ReadRequest { filter: info.config.filter.clone(), ..ReadRequest::from_seq(start, ACK_ALL_PAGE) };
+            let msgs = self.read(stream, request.end(last)).await?;
+            let Some(page_end) = msgs.last().map(|m| m.seq) else { return Ok(()) };
+            let subject = |seq: Seq| format!("$JS.ACK.{stream}.{c}.1.{seq}.0.0.0");
+            for m in &msgs {
+                self.client
+                    .publish(subject(m.seq), "+ACK".into())
+                    .await
+                    .map_err(|e| Error::unavailable("ack: cannot reach NATS").with_source(e))?;
+            }
+            self.ack_subject(&subject(page_end), "+WPI".into()).await?;
+            if msgs.len() < ACK_ALL_PAGE {
+                return Ok(());
+            }
+            from = page_end.next();
         }
     }
 

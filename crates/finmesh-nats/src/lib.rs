@@ -317,4 +317,16 @@ impl ConsumerEngine for NatsEngine {
     async fn ack(&self, stream: &StreamName, consumer: &ConsumerName, token: &AckToken, kind: AckKind) -> Result<()> {
         self.inner.ack(stream, consumer, token, kind).await
     }
+    async fn ack_many(
+        &self,
+        stream: &StreamName,
+        consumer: &ConsumerName,
+        tokens: &[AckToken],
+        kind: AckKind,
+    ) -> Result<()> {
+        self.inner.ack_many(stream, consumer, tokens, kind).await
+    }
+    async fn ack_all(&self, stream: &StreamName, consumer: &ConsumerName, upto: Seq) -> Result<()> {
+        self.inner.ack_all(stream, consumer, upto).await
+    }
 }

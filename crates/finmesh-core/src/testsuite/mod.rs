@@ -15,7 +15,7 @@
 //! Layout, one file per area: [`streams`] (lifecycle), [`publish`],
 //! [`reads`], [`limits`] (dedup and retention), [`tail`], [`kv`], [`kv_cas`]
 //! (compare-and-set, TTL, limits), [`watch`], [`consumers`], [`redelivery`],
-//! [`deliver`] (deliver policies and filters), [`restart`], [`concurrency`],
+//! [`deliver`] (deliver policies and filters), [`batch_ack`], [`restart`], [`concurrency`],
 //! and [`property`] (random operation sequences against the in-memory
 //! [`model`]). Shared helpers live in [`support`].
 //!
@@ -61,6 +61,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub mod batch_ack;
 pub mod concurrency;
 pub mod consumers;
 pub mod deliver;
@@ -277,6 +278,11 @@ macro_rules! engine_conformance_tests {
                 fetch_returns_message_published_during_wait,
                 ack_is_final_and_idempotent,
                 bad_ack_token_is_invalid,
+            ],
+            batch_ack: [
+                ack_many_applies_the_kind_to_each_token,
+                ack_many_with_a_bad_token_applies_nothing,
+                ack_all_acks_deliveries_up_to_a_sequence,
             ],
             redelivery: [
                 nak_redelivers_at_once,
