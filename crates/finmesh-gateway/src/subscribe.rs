@@ -105,7 +105,7 @@ impl Frame {
     fn bytes(&self) -> usize {
         match self {
             Frame::Message { data, .. } => data.len(),
-            Frame::Gap { .. } => 0,
+            Frame::Gap { .. } | Frame::Reset { .. } => 0,
         }
     }
 }
