@@ -195,9 +195,14 @@ impl OutgoingMessage {
         OutgoingMessage { subject, headers: Headers::new(), payload: payload.into() }
     }
 
-    /// Set the deduplication id. Ids longer than 256 bytes are refused by
-    /// the engines with `Invalid`.
+    /// Set the deduplication id: `Invalid` if it is empty. Ids longer than
+    /// 256 bytes are refused by the engines with `Invalid`, and so is an
+    /// empty one set through the headers directly.
     pub fn with_msg_id(mut self, id: impl Into<String>) -> Result<Self> {
+        let id = id.into();
+        if id.is_empty() {
+            return Err(Error::invalid("a message id must not be empty"));
+        }
         self.headers.insert(MSG_ID_HEADER, id)?;
         Ok(self)
     }

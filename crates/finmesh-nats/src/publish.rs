@@ -2,8 +2,8 @@
 //!
 //! Every message is checked before anything is sent: the subject must be
 //! captured by the named stream (`Invalid`), the size (subject + headers +
-//! payload) within `max_msg_size` (`TooLarge`), a `Nats-Msg-Id` at most 256
-//! bytes (`Invalid`). A batch is refused whole if one message fails a check.
+//! payload) within `max_msg_size` (`TooLarge`), a `Nats-Msg-Id` not empty
+//! and at most 256 bytes (`Invalid`). A batch is refused whole if one message fails a check.
 //!
 //! Acks: a publish is a request; the caller gets the JetStream ack or an
 //! error, never silence. A publish that got no answer within the request
@@ -58,10 +58,12 @@ pub(crate) fn check(stream: &StreamName, meta: &StreamMeta, m: &OutgoingMessage)
             meta.max_msg_size
         )));
     }
-    if let Some(id) = m.msg_id()
-        && id.len() > MAX_MSG_ID_LEN
-    {
-        return Err(Error::invalid(format!("message id is {} bytes; the limit is {MAX_MSG_ID_LEN}", id.len())));
+    match m.msg_id() {
+        Some("") => return Err(Error::invalid("a message id must not be empty")),
+        Some(id) if id.len() > MAX_MSG_ID_LEN => {
+            return Err(Error::invalid(format!("message id is {} bytes; the limit is {MAX_MSG_ID_LEN}", id.len())));
+        }
+        _ => {}
     }
     Ok(())
 }

@@ -92,6 +92,23 @@ pub async fn msg_id_too_long_is_invalid<H: Harness>() {
     assert_eq!(e.publish(&s, with_id("orders.a", "x", &"i".repeat(256))).await.unwrap(), ack(1, false));
 }
 
+/// An empty `Nats-Msg-Id` is `Invalid` on every engine (one cannot
+/// deduplicate by nothing), alone or in a batch, and nothing is stored.
+pub async fn empty_msg_id_is_invalid<H: Harness>() {
+    let h = H::start().await;
+    let e = h.engine();
+    let s = orders(&*e).await;
+    let empty_id = || {
+        let mut m = out("orders.a", "x");
+        m.headers.insert(crate::message::MSG_ID_HEADER, "").unwrap();
+        m
+    };
+    expect_kind(e.publish(&s, empty_id()).await, ErrorKind::Invalid);
+    expect_kind(e.publish_batch(&s, vec![out("orders.a", "ok"), empty_id()]).await, ErrorKind::Invalid);
+    assert_eq!(e.stream_info(&s).await.unwrap().state.last_seq, Seq(0));
+    assert!(out("orders.a", "x").with_msg_id("").is_err(), "the builder refuses it too");
+}
+
 /// `max_msgs` keeps the newest messages; removed ones are `NotFound`.
 pub async fn retention_max_msgs<H: Harness>() {
     let h = H::start().await;

@@ -222,6 +222,7 @@ macro_rules! engine_conformance_tests {
                 dedup_after_window_stores_again,
                 dedup_inside_batch,
                 msg_id_too_long_is_invalid,
+                empty_msg_id_is_invalid,
                 retention_max_msgs,
                 retention_max_bytes,
                 retention_max_age,
