@@ -26,6 +26,15 @@
 //! server always answers and processes after them, confirms the page. Each
 //! page restarts at the new ack floor, so acked stretches are skipped.
 //!
+//! Listing: `CONSUMER.LIST` answers at most 256 consumers per request, so
+//! [`list_consumers`](Inner::list_consumers) pages with `offset` until it
+//! has `total`. It returns only durable consumers (`durable_name` set):
+//! the ephemeral consumers that tails and watches follow (see `tail.rs`;
+//! server-named, `inactive_threshold` set) are an implementation detail,
+//! as are other clients' ephemeral consumers. A consumer created or
+//! deleted while the pages are read may be missed or listed, as with any
+//! list that is not a snapshot.
+//!
 //! Dead-lettering: NATS stops redelivering after `max_deliver` but moves
 //! nothing. Without a dead-letter stream the consumer gets NATS's own
 //! `max_deliver` and nothing more is needed. With one, the server's
@@ -187,18 +196,45 @@ impl Inner {
         consumer_info(stream, &i)
     }
 
+    /// Every durable consumer of `stream`, sorted (see the module doc).
     pub(crate) async fn list_consumers(&self, stream: &StreamName) -> Result<Vec<ConsumerName>> {
         self.stream_meta(stream).await?;
         #[derive(serde::Deserialize)]
-        struct Names {
+        struct Page {
             #[serde(default)]
-            consumers: Option<Vec<String>>,
+            total: usize,
+            #[serde(default)]
+            consumers: Option<Vec<Listed>>,
         }
-        let r: Names =
-            self.request(&format!("CONSUMER.NAMES.{stream}"), &json!({}), &format!("consumers of `{stream}`")).await?;
-        let mut names: Vec<ConsumerName> =
-            r.consumers.unwrap_or_default().into_iter().filter_map(|n| ConsumerName::new(n).ok()).collect();
+        #[derive(serde::Deserialize)]
+        struct Listed {
+            config: ListedConfig,
+        }
+        #[derive(serde::Deserialize)]
+        struct ListedConfig {
+            #[serde(default)]
+            durable_name: Option<String>,
+        }
+        let what = format!("consumers of `{stream}`");
+        let mut names = Vec::new();
+        let mut offset = 0;
+        loop {
+            let page: Page =
+                self.request(&format!("CONSUMER.LIST.{stream}"), &json!({ "offset": offset }), &what).await?;
+            let listed = page.consumers.unwrap_or_default();
+            if listed.is_empty() {
+                break;
+            }
+            offset += listed.len();
+            names.extend(
+                listed.into_iter().filter_map(|c| c.config.durable_name).filter_map(|n| ConsumerName::new(n).ok()),
+            );
+            if offset >= page.total {
+                break;
+            }
+        }
         names.sort();
+        names.dedup();
         Ok(names)
     }
 

@@ -270,6 +270,7 @@ macro_rules! engine_conformance_tests {
             ],
             consumers: [
                 consumer_lifecycle,
+                list_consumers_returns_every_durable_and_no_tail,
                 create_consumer_is_idempotent_and_conflicts,
                 update_consumer_rules,
                 consumer_on_missing_stream_is_not_found,
