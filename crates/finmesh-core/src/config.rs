@@ -421,7 +421,18 @@ pub fn dead_letter_subject(stream: &StreamName, consumer: &ConsumerName) -> crat
     crate::Subject::new(format!("dlq.{stream}.{consumer}")).expect("names are valid subject tokens")
 }
 
-/// Headers set on a dead-lettered copy (original headers are kept too).
+/// Message id (`Nats-Msg-Id`) of the dead-lettered copy of message `seq`
+/// of `stream`, given up on by `consumer`: `dlq.<stream>.<consumer>.<seq>`.
+/// Both engines set it (replacing the original's id), so an engine that
+/// dies between storing the copy and recording the message as done stores
+/// the copy once when it dead-letters the message again (within the
+/// dead-letter stream's duplicate window).
+pub fn dead_letter_msg_id(stream: &StreamName, consumer: &ConsumerName, seq: crate::Seq) -> String {
+    format!("dlq.{stream}.{consumer}.{seq}")
+}
+
+/// Headers set on a dead-lettered copy (original headers are kept too,
+/// except `Nats-Msg-Id`, replaced by [`dead_letter_msg_id`]).
 pub mod dead_letter_headers {
     /// Stream the message came from.
     pub const STREAM: &str = "Finmesh-Dlq-Stream";

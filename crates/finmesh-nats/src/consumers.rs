@@ -42,14 +42,15 @@
 //! whose count exceeds `max_deliver` is never returned by `fetch`; the
 //! engine publishes a copy to the dead-letter stream (subject
 //! `dlq.<stream>.<consumer>`, the `Finmesh-Dlq-*` headers, message id
-//! `dlq.<stream>.<consumer>.<seq>` so a retry after a crash is stored once),
+//! `dlq.<stream>.<consumer>.<seq>` as on the embedded engine
+//! ([`dead_letter_msg_id`]), so a retry after a crash is stored once),
 //! then terminates it. If the engine dies in between, the server redelivers
 //! it and the next fetch finishes the job. The limit and the dead-letter
 //! stream are kept in the consumer's metadata (`finmesh.max_deliver`,
 //! `finmesh.dead_letter`).
 
 use async_nats::jetstream::consumer::{DeliverPolicy as NatsDeliver, Info};
-use finmesh_core::config::{dead_letter_headers as dlq, dead_letter_subject};
+use finmesh_core::config::{dead_letter_headers as dlq, dead_letter_msg_id, dead_letter_subject};
 use finmesh_core::{
     AckKind, AckToken, ConsumerConfig, ConsumerInfo, ConsumerName, DeliverPolicy, Delivery, Error, ErrorKind,
     FetchRequest, OutgoingMessage, ReadRequest, Result, Seq, StreamConfig, StreamName, SubjectPattern,
@@ -344,7 +345,7 @@ impl Inner {
         msg.headers.insert(dlq::SEQ, p.message.seq.0.to_string())?;
         msg.headers.insert(dlq::SUBJECT, p.message.subject.as_str())?;
         msg.headers.insert(dlq::DELIVERIES, (p.ack.delivered - 1).to_string())?;
-        msg.headers.insert(finmesh_core::message::MSG_ID_HEADER, format!("dlq.{stream}.{c}.{}", p.message.seq))?;
+        msg.headers.insert(finmesh_core::message::MSG_ID_HEADER, dead_letter_msg_id(stream, c, p.message.seq))?;
         self.send_one(dlq_stream.as_str(), &msg).await?;
         self.ack_subject(&p.reply, "+TERM".into()).await
     }
