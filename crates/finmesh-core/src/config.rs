@@ -271,7 +271,11 @@ pub struct BucketConfig {
     /// Refuse values larger than this with `TooLarge` (default and maximum 8 MiB).
     #[serde(default)]
     pub max_value_size: Option<u32>,
-    /// Keep at most this many bytes in the bucket (oldest revisions go first).
+    /// Keep at most this many bytes in the bucket. When full, a write that
+    /// would go past it is refused with [`TooLarge`](crate::ErrorKind::TooLarge)
+    /// and nothing is written: other keys' values are never evicted to make
+    /// room (JetStream KV's `discard: new`). A write that replaces a key's
+    /// oldest kept revision counts only the difference.
     #[serde(default)]
     pub max_bytes: Option<u64>,
     /// Durability of acks.

@@ -259,6 +259,7 @@ macro_rules! engine_conformance_tests {
                 delete_if_checks_the_latest_revision,
                 update_of_deleted_key_needs_the_marker_revision,
                 value_too_large_writes_nothing,
+                full_bucket_refuses_writes_and_evicts_nothing,
                 ttl_expires_values,
                 revisions_increase_across_keys,
             ],
