@@ -271,7 +271,11 @@ pub struct BucketConfig {
     /// Refuse values larger than this with `TooLarge` (default and maximum 8 MiB).
     #[serde(default)]
     pub max_value_size: Option<u32>,
-    /// Keep at most this many bytes in the bucket (oldest revisions go first).
+    /// Keep at most this many bytes in the bucket. When full, a write that
+    /// would go past it is refused with [`TooLarge`](crate::ErrorKind::TooLarge)
+    /// and nothing is written: other keys' values are never evicted to make
+    /// room (JetStream KV's `discard: new`). A write that replaces a key's
+    /// oldest kept revision counts only the difference.
     #[serde(default)]
     pub max_bytes: Option<u64>,
     /// Durability of acks.
@@ -421,7 +425,18 @@ pub fn dead_letter_subject(stream: &StreamName, consumer: &ConsumerName) -> crat
     crate::Subject::new(format!("dlq.{stream}.{consumer}")).expect("names are valid subject tokens")
 }
 
-/// Headers set on a dead-lettered copy (original headers are kept too).
+/// Message id (`Nats-Msg-Id`) of the dead-lettered copy of message `seq`
+/// of `stream`, given up on by `consumer`: `dlq.<stream>.<consumer>.<seq>`.
+/// Both engines set it (replacing the original's id), so an engine that
+/// dies between storing the copy and recording the message as done stores
+/// the copy once when it dead-letters the message again (within the
+/// dead-letter stream's duplicate window).
+pub fn dead_letter_msg_id(stream: &StreamName, consumer: &ConsumerName, seq: crate::Seq) -> String {
+    format!("dlq.{stream}.{consumer}.{seq}")
+}
+
+/// Headers set on a dead-lettered copy (original headers are kept too,
+/// except `Nats-Msg-Id`, replaced by [`dead_letter_msg_id`]).
 pub mod dead_letter_headers {
     /// Stream the message came from.
     pub const STREAM: &str = "Finmesh-Dlq-Stream";

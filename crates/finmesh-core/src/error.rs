@@ -26,7 +26,8 @@ pub enum ErrorKind {
     WrongRevision,
     /// The request breaks a rule (name, subject, configuration, argument).
     Invalid,
-    /// A message or value is larger than the configured limit; nothing was written.
+    /// A message or value is larger than the configured limit, or a write
+    /// does not fit in what a bucket's `max_bytes` leaves; nothing was written.
     TooLarge,
     /// No valid credentials.
     Unauthorized,

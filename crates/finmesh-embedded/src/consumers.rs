@@ -20,6 +20,9 @@
 //! initial sequences (last-per-subject start), and `pending`: sequence ->
 //! (deliveries, due time). A pending entry whose due time passed is
 //! redelivered; after `max_deliver` deliveries it is dead-lettered instead.
+//! The dead-letter copy is committed before the consumer's change, with the
+//! message id [`dead_letter_msg_id`] (as on the NATS engine), so a crash in
+//! between stores the copy once when the message is dead-lettered again.
 //! The ack floor is derived: everything below the smallest pending or queued
 //! sequence, and up to `delivered` when nothing is outstanding.
 //!
@@ -39,7 +42,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use finmesh_core::config::{dead_letter_headers as dlh, dead_letter_subject};
+use finmesh_core::config::{dead_letter_headers as dlh, dead_letter_msg_id, dead_letter_subject};
 use finmesh_core::{
     AckKind, ConsumerConfig, ConsumerInfo, ConsumerName, DeliverPolicy, Delivery, Error, ErrorKind, Message,
     OutgoingMessage, ReadRequest, Result, Seq, StreamConfig, StreamName, SubjectPattern, SyncPolicy, Timestamp,
@@ -656,7 +659,10 @@ fn dead_letter(
     };
     let mut out = OutgoingMessage::new(dead_letter_subject(&h.name, consumer), msg.payload);
     out.headers = msg.headers;
-    out.headers.remove(finmesh_core::message::MSG_ID_HEADER);
+    // A stable id: a crash after this commit and before the consumer's
+    // (separate) commit dead-letters the message again, and dedup in the
+    // dead-letter stream then keeps one copy.
+    out.headers.insert(finmesh_core::message::MSG_ID_HEADER, dead_letter_msg_id(&h.name, consumer, msg.seq))?;
     out.headers.insert(dlh::STREAM, h.name.as_str())?;
     out.headers.insert(dlh::CONSUMER, consumer.as_str())?;
     out.headers.insert(dlh::SEQ, msg.seq.0.to_string())?;

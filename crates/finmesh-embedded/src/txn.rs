@@ -213,6 +213,23 @@ impl Txn {
         Ok(seqs)
     }
 
+    /// Bytes that appending one message to `subject` and then trimming it
+    /// to `keep` messages ([`Txn::trim_subject`]) would remove.
+    pub fn bytes_trimmed_by_append(&self, subject: &Subject, keep: u64) -> Result<u64> {
+        let count = self.last_of(subject.as_str())?.map_or(0, |(_, c)| c);
+        let excess = (count + 1).saturating_sub(keep);
+        if excess == 0 {
+            return Ok(0);
+        }
+        let mut freed = 0;
+        for seq in self.subject_seqs(subject.as_str())?.into_iter().take(excess as usize) {
+            if let Some((_, size, _)) = self.describe(seq)? {
+                freed += size;
+            }
+        }
+        Ok(freed)
+    }
+
     /// Drop the oldest messages of `subject` until at most `keep` remain.
     pub fn trim_subject(&mut self, subject: &Subject, keep: u64) -> Result<()> {
         let count = self.last_of(subject.as_str())?.map_or(0, |(_, c)| c);

@@ -379,13 +379,17 @@ impl SyncerStats {
 struct Staged {
     txn: Txn,
     config: finmesh_core::StreamConfig,
+    /// A bucket's stream: `max_bytes` refuses new writes instead of
+    /// evicting old ones (see [`Writer::stage`]).
+    discard_new: bool,
     stored: Vec<finmesh_core::Message>,
     replies: Vec<(Reply<Vec<PubAck>>, Vec<PubAck>)>,
 }
 
 impl Staged {
     fn new(db: &Database, h: &Arc<StreamHandle>) -> Self {
-        Staged { txn: Txn::new(db, h), config: h.config(), stored: Vec::new(), replies: Vec::new() }
+        let discard_new = matches!(h.record.read().kind, StreamKind::Kv(_));
+        Staged { txn: Txn::new(db, h), config: h.config(), discard_new, stored: Vec::new(), replies: Vec::new() }
     }
 
     /// Whether a failed condition may have seen a write that readers do
@@ -1052,6 +1056,11 @@ impl Writer {
     /// Stage `msgs` (all checked first) into `s`, applying retention; the
     /// commit happens in [`Writer::flush`]. Message ids are recorded at
     /// once so later requests of the same round see them.
+    ///
+    /// A bucket's `max_bytes` discards new, as JetStream KV buckets do: a
+    /// write that would leave the bucket above it (after the key's own
+    /// history trimming) is refused with `TooLarge` and nothing is written;
+    /// other keys' values are never evicted to make room.
     fn stage(&mut self, s: &mut Staged, msgs: Vec<OutgoingMessage>, cond: Cond) -> Result<Vec<PubAck>> {
         let h = s.txn.h.clone();
         if h.is_deleted() {
@@ -1064,9 +1073,10 @@ impl Writer {
         let dedup = self.dedup.get_mut(&h.name).expect("loaded above");
         dedup.expire(now, window);
         let txn = &mut s.txn;
-        if cond != Cond::None && s.config.max_age.is_some() {
-            // Conditions must not see entries that reads already treat as
-            // expired: apply age retention first.
+        let bytes_cap = if s.discard_new { s.config.max_bytes } else { None };
+        if (cond != Cond::None || bytes_cap.is_some()) && s.config.max_age.is_some() {
+            // Conditions and the bucket's byte cap must not see entries
+            // that reads already treat as expired: apply age retention first.
             limits(&s.config, txn, now)?;
         }
         let mut acks = Vec::with_capacity(msgs.len());
@@ -1095,6 +1105,18 @@ impl Writer {
                     }
                 }
             }
+            if let Some(cap) = bytes_cap {
+                let keep = if cond == Cond::Rollup { 1 } else { s.config.max_msgs_per_subject.unwrap_or(u64::MAX) };
+                let freed = txn.bytes_trimmed_by_append(&subject, keep)?;
+                let after = (txn.st.bytes + msg.size() as u64).saturating_sub(freed);
+                if after > cap {
+                    return Err(Error::too_large(format!(
+                        "bucket stream `{}` is full: this write would bring it to {after} bytes, above its \
+                         max_bytes of {cap}; nothing was written",
+                        h.name
+                    )));
+                }
+            }
             let id = msg.msg_id().map(str::to_owned);
             let m = txn.append(now, msg)?;
             if let Some(id) = id {
@@ -1119,7 +1141,7 @@ impl Writer {
     /// to readers right before its acks.
     fn flush(&mut self, staged: &mut Vec<Staged>, deferred: &mut Vec<Completion>) {
         for s in staged.drain(..) {
-            let Staged { txn, config, stored, replies } = s;
+            let Staged { txn, config, stored, replies, .. } = s;
             let n_replies = replies.len();
             let h = txn.h.clone();
             let always = config.sync == SyncPolicy::Always || h.has_unsynced();

@@ -10,6 +10,7 @@
 //! | 10058 stream name in use with another config, 10148/10105 consumer exists | `AlreadyExists` |
 //! | 10071 wrong last sequence | `WrongRevision` (current revision parsed from the description) |
 //! | 10054 message exceeds maximum | `TooLarge` |
+//! | 10077 store failed: `maximum bytes exceeded` (a full `discard: new` bucket) | `TooLarge` |
 //! | 10008/10005/10004/10023/10002, 10047/10028 storage/memory exhausted, 503, no responders | `Unavailable` |
 //! | 10065 subjects overlap, 10052 subjects overlap the JetStream API, 10074 replicas > 1 on one server | `Invalid` |
 //! | request timed out | `Timeout` |
@@ -54,6 +55,9 @@ impl ApiError {
     }
 }
 
+/// JetStream's "stream store failed" error code (`JSStreamStoreFailedF`).
+const STORE_FAILED: u64 = 10077;
+
 /// Map an API error to a finmesh error; `what` names the object for the message.
 pub(crate) fn map_api_error(e: &ApiError, what: &str) -> Error {
     let msg = format!("{what}: {} (NATS error {})", e.description, e.err_code);
@@ -69,6 +73,9 @@ pub(crate) fn map_api_error(e: &ApiError, what: &str) -> Error {
             return Error::wrong_revision(Revision(current), msg);
         }
         (ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM, _) => ErrorKind::TooLarge,
+        // 10077 carries the store's error as its description; only the
+        // text tells a full bucket from other store failures.
+        (ErrorCode(STORE_FAILED), _) if e.description.contains("maximum bytes exceeded") => ErrorKind::TooLarge,
         (
             ErrorCode::CLUSTER_NOT_AVAILABLE
             | ErrorCode::CLUSTER_NO_PEERS
@@ -484,5 +491,15 @@ mod tests {
         assert_eq!(map_config_error(&replicas, "create stream `S`").kind(), ErrorKind::Invalid);
         let other = ApiError { code: 500, err_code: 10049, description: "stream create failed".into() };
         assert_eq!(map_config_error(&other, "create stream `S`").kind(), ErrorKind::Internal);
+    }
+
+    /// Issue 17 §4: a full bucket (`discard: new`) is `TooLarge` on both
+    /// engines; other store failures keep their mapping.
+    #[test]
+    fn full_bucket_is_too_large() {
+        let full = ApiError { code: 503, err_code: 10077, description: "maximum bytes exceeded".into() };
+        assert_eq!(map_api_error(&full, "kv put").kind(), ErrorKind::TooLarge);
+        let closed = ApiError { code: 503, err_code: 10077, description: "store closed".into() };
+        assert_eq!(map_api_error(&closed, "kv put").kind(), ErrorKind::Unavailable);
     }
 }

@@ -26,6 +26,15 @@
 //! server always answers and processes after them, confirms the page. Each
 //! page restarts at the new ack floor, so acked stretches are skipped.
 //!
+//! Listing: `CONSUMER.LIST` answers at most 256 consumers per request, so
+//! [`list_consumers`](Inner::list_consumers) pages with `offset` until it
+//! has `total`. It returns only durable consumers (`durable_name` set):
+//! the ephemeral consumers that tails and watches follow (see `tail.rs`;
+//! server-named, `inactive_threshold` set) are an implementation detail,
+//! as are other clients' ephemeral consumers. A consumer created or
+//! deleted while the pages are read may be missed or listed, as with any
+//! list that is not a snapshot.
+//!
 //! Dead-lettering: NATS stops redelivering after `max_deliver` but moves
 //! nothing. Without a dead-letter stream the consumer gets NATS's own
 //! `max_deliver` and nothing more is needed. With one, the server's
@@ -33,14 +42,15 @@
 //! whose count exceeds `max_deliver` is never returned by `fetch`; the
 //! engine publishes a copy to the dead-letter stream (subject
 //! `dlq.<stream>.<consumer>`, the `Finmesh-Dlq-*` headers, message id
-//! `dlq.<stream>.<consumer>.<seq>` so a retry after a crash is stored once),
+//! `dlq.<stream>.<consumer>.<seq>` as on the embedded engine
+//! ([`dead_letter_msg_id`]), so a retry after a crash is stored once),
 //! then terminates it. If the engine dies in between, the server redelivers
 //! it and the next fetch finishes the job. The limit and the dead-letter
 //! stream are kept in the consumer's metadata (`finmesh.max_deliver`,
 //! `finmesh.dead_letter`).
 
 use async_nats::jetstream::consumer::{DeliverPolicy as NatsDeliver, Info};
-use finmesh_core::config::{dead_letter_headers as dlq, dead_letter_subject};
+use finmesh_core::config::{dead_letter_headers as dlq, dead_letter_msg_id, dead_letter_subject};
 use finmesh_core::{
     AckKind, AckToken, ConsumerConfig, ConsumerInfo, ConsumerName, DeliverPolicy, Delivery, Error, ErrorKind,
     FetchRequest, OutgoingMessage, ReadRequest, Result, Seq, StreamConfig, StreamName, SubjectPattern,
@@ -187,18 +197,45 @@ impl Inner {
         consumer_info(stream, &i)
     }
 
+    /// Every durable consumer of `stream`, sorted (see the module doc).
     pub(crate) async fn list_consumers(&self, stream: &StreamName) -> Result<Vec<ConsumerName>> {
         self.stream_meta(stream).await?;
         #[derive(serde::Deserialize)]
-        struct Names {
+        struct Page {
             #[serde(default)]
-            consumers: Option<Vec<String>>,
+            total: usize,
+            #[serde(default)]
+            consumers: Option<Vec<Listed>>,
         }
-        let r: Names =
-            self.request(&format!("CONSUMER.NAMES.{stream}"), &json!({}), &format!("consumers of `{stream}`")).await?;
-        let mut names: Vec<ConsumerName> =
-            r.consumers.unwrap_or_default().into_iter().filter_map(|n| ConsumerName::new(n).ok()).collect();
+        #[derive(serde::Deserialize)]
+        struct Listed {
+            config: ListedConfig,
+        }
+        #[derive(serde::Deserialize)]
+        struct ListedConfig {
+            #[serde(default)]
+            durable_name: Option<String>,
+        }
+        let what = format!("consumers of `{stream}`");
+        let mut names = Vec::new();
+        let mut offset = 0;
+        loop {
+            let page: Page =
+                self.request(&format!("CONSUMER.LIST.{stream}"), &json!({ "offset": offset }), &what).await?;
+            let listed = page.consumers.unwrap_or_default();
+            if listed.is_empty() {
+                break;
+            }
+            offset += listed.len();
+            names.extend(
+                listed.into_iter().filter_map(|c| c.config.durable_name).filter_map(|n| ConsumerName::new(n).ok()),
+            );
+            if offset >= page.total {
+                break;
+            }
+        }
         names.sort();
+        names.dedup();
         Ok(names)
     }
 
@@ -308,7 +345,7 @@ impl Inner {
         msg.headers.insert(dlq::SEQ, p.message.seq.0.to_string())?;
         msg.headers.insert(dlq::SUBJECT, p.message.subject.as_str())?;
         msg.headers.insert(dlq::DELIVERIES, (p.ack.delivered - 1).to_string())?;
-        msg.headers.insert(finmesh_core::message::MSG_ID_HEADER, format!("dlq.{stream}.{c}.{}", p.message.seq))?;
+        msg.headers.insert(finmesh_core::message::MSG_ID_HEADER, dead_letter_msg_id(stream, c, p.message.seq))?;
         self.send_one(dlq_stream.as_str(), &msg).await?;
         self.ack_subject(&p.reply, "+TERM".into()).await
     }

@@ -43,6 +43,7 @@ impl Harness for NatsHarness {
             Difference::StoredBytesIncludeOverhead,
             Difference::ServerWideSync(NATS_DEFAULT_SYNC),
             Difference::ConsumerStateMayLagRestart,
+            Difference::PartialBatchOnFailure,
         ]
     }
 }

@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
 use crate::testsuite::Harness;
 use crate::testsuite::support::*;
 use crate::{AckKind, AckToken, ConsumerConfig, DeliverPolicy, ErrorKind, Seq};
@@ -29,6 +31,37 @@ pub async fn consumer_lifecycle<H: Harness>() {
     let r = e.fetch(&s, &cname("zeta"), crate::FetchRequest { max: 1, wait: Duration::ZERO }).await;
     expect_kind(r, ErrorKind::NotFound);
     assert_eq!(e.list_consumers(&s).await.unwrap(), vec![cname("alpha")]);
+}
+
+/// Consumers in a listing: more than one page of the NATS API (256), all
+/// of them, sorted, and only durable consumers: a tail open on the stream
+/// (an ephemeral consumer on NATS) is not listed.
+pub async fn list_consumers_returns_every_durable_and_no_tail<H: Harness>() {
+    const N: usize = 300;
+    let h = H::start().await;
+    let e = h.engine();
+    let s = orders(&*e).await;
+    let mut tail = e.tail(&s, Seq(0), None).await.unwrap();
+    publish_one(&*e, &s, "orders.a", "x").await;
+    // The tail is following the stream (its consumer exists) once it has a message.
+    assert_eq!(next_message(&mut tail, "the tail is live").await.seq, Seq(1));
+    let mut names: Vec<_> = (0..N).map(|i| cname(&format!("c{:03}", (i * 7) % N))).collect();
+    futures::stream::iter(names.clone())
+        .map(|n| {
+            let (e, s) = (e.clone(), s.clone());
+            async move { e.create_consumer(&s, ConsumerConfig::new(n)).await.unwrap() }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    names.sort();
+    let listed = e.list_consumers(&s).await.unwrap();
+    assert_eq!(listed.len(), N, "every durable consumer, and nothing else");
+    assert_eq!(listed, names);
+    e.delete_consumer(&s, &cname("c000")).await.unwrap();
+    assert_eq!(e.list_consumers(&s).await.unwrap(), names[1..]);
+    publish_one(&*e, &s, "orders.a", "y").await;
+    assert_eq!(next_message(&mut tail, "the tail still follows").await.seq, Seq(2));
 }
 
 /// Same config again is fine (position kept); another config is

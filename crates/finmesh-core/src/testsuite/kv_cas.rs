@@ -1,6 +1,6 @@
 //! KV compare-and-set (create if absent, update at a revision, with the
-//! current revision reported on conflict), value size limits, TTL expiry,
-//! and bucket-wide revisions.
+//! current revision reported on conflict), value size limits, a full bucket
+//! (`max_bytes`), TTL expiry, and bucket-wide revisions.
 
 use std::time::Duration;
 
@@ -123,6 +123,45 @@ pub async fn value_too_large_writes_nothing<H: Harness>() {
     assert_eq!((info.entries, info.last_revision), (1, Revision(1)));
     assert_eq!(e.kv_get(&b, &a).await.unwrap().unwrap().value.len(), 10);
     assert_eq!(e.kv_get(&b, &key("new")).await.unwrap(), None);
+}
+
+/// A bucket at its `max_bytes` refuses a write that does not fit
+/// (`TooLarge`, nothing written) instead of evicting other keys' values, as
+/// JetStream KV (`discard: new`) does. A smaller value replacing a key's
+/// only revision still fits; a higher limit makes room.
+pub async fn full_bucket_refuses_writes_and_evicts_nothing<H: Harness>() {
+    const MAX: u64 = 1024;
+    let h = H::start().await;
+    let e = h.engine();
+    let b = bucket("b");
+    let config = BucketConfig { max_bytes: Some(MAX), ..BucketConfig::new(b.clone()) };
+    e.create_bucket(config.clone()).await.unwrap();
+    let value = Bytes::from(vec![b'v'; 100]);
+    let mut stored = Vec::new();
+    let (refused, err) = loop {
+        let k = key(&format!("k{}", stored.len()));
+        match e.kv_put(&b, &k, value.clone()).await {
+            Ok(_) => stored.push(k),
+            Err(err) => break (k, err),
+        }
+        assert!(stored.len() <= 10, "ten 100-byte values do not fit in {MAX} bytes");
+    };
+    assert_eq!(err.kind(), ErrorKind::TooLarge, "{err:?}");
+    assert!(stored.len() >= 5, "refused after {} values: {err:?}", stored.len());
+    for k in &stored {
+        assert_eq!(e.kv_get(&b, k).await.unwrap().map(|v| v.value), Some(value.clone()), "{k:?} evicted");
+    }
+    assert_eq!(e.kv_get(&b, &refused).await.unwrap(), None);
+    expect_kind(e.kv_create(&b, &refused, value.clone()).await, ErrorKind::TooLarge);
+    let info = e.bucket_info(&b).await.unwrap();
+    assert_eq!(info.entries, stored.len() as u64);
+    assert!(info.bytes <= MAX, "{} bytes stored", info.bytes);
+    let smaller = Bytes::from(vec![b's'; 50]);
+    e.kv_put(&b, &stored[0], smaller.clone()).await.unwrap();
+    assert_eq!(e.kv_get(&b, &stored[0]).await.unwrap().map(|v| v.value), Some(smaller));
+    e.update_bucket(BucketConfig { max_bytes: Some(4 * MAX), ..config }).await.unwrap();
+    e.kv_create(&b, &refused, value.clone()).await.unwrap();
+    assert_eq!(e.bucket_info(&b).await.unwrap().entries, stored.len() as u64 + 1);
 }
 
 /// Entries older than the TTL disappear (get, keys, history); revisions

@@ -54,6 +54,25 @@
 //!   understate durability). Cases comparing whole configs compare them
 //!   with `sync` replaced by the reported policy ([`as_reported_stream`],
 //!   [`as_reported_bucket`]).
+//! - [`Difference::ConsumerStateMayLagRestart`] (NATS): see the variant;
+//!   case `restart::ack_token_survives_restart`.
+//! - [`Difference::PartialBatchOnFailure`] (NATS): the engine does not use
+//!   JetStream's atomic batch publish (a newer, opt-in stream option with
+//!   its own size limits), so it sends a batch
+//!   message by message after checking them all; a message the server
+//!   refuses after those checks fails the batch while the others are
+//!   stored. The refusals the engine can foresee (subject, size, message
+//!   id) still refuse the whole batch on both engines. JetStream also acts
+//!   on its own publish headers (`Nats-Expected-*`) when a caller sets
+//!   them, and the suite uses one to pin this difference. Case:
+//!   `publish::publish_batch_refused_midway`.
+//!
+//! Engines agree, and the suite checks, where they once differed: a full
+//! bucket refuses writes (`kv_cas::full_bucket_refuses_writes_and_evicts_nothing`),
+//! dead-letter copies carry the stable message id
+//! `dlq.<stream>.<consumer>.<seq>` (`redelivery::max_deliver_dead_letters`),
+//! and `list_consumers` lists every durable consumer and no tail
+//! (`consumers::list_consumers_returns_every_durable_and_no_tail`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -115,6 +134,13 @@ pub enum Difference {
     /// file store, stopped while its background state write runs, skips its
     /// final write, so the older state on disk wins.)
     ConsumerStateMayLagRestart,
+    /// A batch is not atomic: the engine checks every message before
+    /// sending any, but a message the server itself refuses (or a lost
+    /// connection) fails the batch after the messages around it were
+    /// stored. The server also enforces JetStream's own publish headers
+    /// (`Nats-Expected-*`) that a caller sets, which other engines store
+    /// as ordinary headers.
+    PartialBatchOnFailure,
 }
 
 /// Does harness `H` declare difference `d`?
@@ -204,6 +230,7 @@ macro_rules! engine_conformance_tests {
                 publish_empty_batch_is_ok,
                 publish_batch_with_bad_subject_writes_nothing,
                 publish_batch_with_too_large_message_writes_nothing,
+                publish_batch_refused_midway,
                 max_msg_size_is_too_large_and_writes_nothing,
                 stream_state_counts_bytes_and_times,
             ],
@@ -260,6 +287,7 @@ macro_rules! engine_conformance_tests {
                 delete_if_checks_the_latest_revision,
                 update_of_deleted_key_needs_the_marker_revision,
                 value_too_large_writes_nothing,
+                full_bucket_refuses_writes_and_evicts_nothing,
                 ttl_expires_values,
                 revisions_increase_across_keys,
             ],
@@ -271,6 +299,7 @@ macro_rules! engine_conformance_tests {
             ],
             consumers: [
                 consumer_lifecycle,
+                list_consumers_returns_every_durable_and_no_tail,
                 create_consumer_is_idempotent_and_conflicts,
                 update_consumer_rules,
                 consumer_on_missing_stream_is_not_found,

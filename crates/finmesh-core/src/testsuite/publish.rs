@@ -100,6 +100,32 @@ pub async fn publish_batch_with_bad_subject_writes_nothing<H: Harness>() {
     assert_eq!(publish_one(&*e, &s, "orders.a", "x").await, Seq(1));
 }
 
+/// A batch the store refuses midway, after the engine's own checks
+/// passed: the embedded engine commits a batch atomically, NATS stores the
+/// messages around the refused one (see
+/// [`Difference::PartialBatchOnFailure`]). The refusal here is a JetStream
+/// precondition header set by the caller (`Nats-Expected-Stream` naming
+/// another stream), which NATS enforces and the embedded engine stores as
+/// an ordinary header.
+pub async fn publish_batch_refused_midway<H: Harness>() {
+    let h = H::start().await;
+    let e = h.engine();
+    let s = orders(&*e).await;
+    let mut refused = out("orders.b", "2");
+    refused.headers.insert("Nats-Expected-Stream", "OTHER").unwrap();
+    let r = e.publish_batch(&s, vec![out("orders.a", "1"), refused, out("orders.c", "3")]).await;
+    let subjects =
+        |msgs: Vec<crate::Message>| msgs.into_iter().map(|m| m.subject.as_str().to_owned()).collect::<Vec<_>>();
+    if differs::<H>(Difference::PartialBatchOnFailure) {
+        expect_kind(r, ErrorKind::Invalid);
+        assert_eq!(subjects(read_all(&*e, &s).await), ["orders.a", "orders.c"]);
+    } else {
+        let acks = r.unwrap();
+        assert_eq!(acks.iter().map(|a| a.seq.0).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(subjects(read_all(&*e, &s).await), ["orders.a", "orders.b", "orders.c"]);
+    }
+}
+
 /// One oversized message refuses the whole batch with `TooLarge`.
 pub async fn publish_batch_with_too_large_message_writes_nothing<H: Harness>() {
     let h = H::start().await;

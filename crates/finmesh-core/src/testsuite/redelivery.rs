@@ -4,10 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::config::{dead_letter_headers as dlq, dead_letter_subject};
+use crate::config::{dead_letter_headers as dlq, dead_letter_msg_id, dead_letter_subject};
+use crate::message::MSG_ID_HEADER;
 use crate::testsuite::Harness;
 use crate::testsuite::support::*;
-use crate::{AckKind, ConsumerConfig, ErrorKind, ReadRequest, Seq};
+use crate::{AckKind, ConsumerConfig, ErrorKind, OutgoingMessage, ReadRequest, Seq};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -118,12 +119,13 @@ pub async fn ack_wait_expiry_redelivers<H: Harness>() {
 }
 
 /// After `max_deliver` deliveries the message goes to the dead-letter
-/// stream (created by the engine) with the documented subject and headers.
+/// stream (created by the engine) with the documented subject and headers,
+/// and the stable message id `dlq.<stream>.<consumer>.<seq>`.
 pub async fn max_deliver_dead_letters<H: Harness>() {
     let h = H::start().await;
     let e = h.engine();
     let s = orders(&*e).await;
-    let mut m = out("orders.eu.1", "poison");
+    let mut m = with_id("orders.eu.1", "poison", "orig-1");
     m.headers.append("X-Orig", "kept").unwrap();
     e.publish(&s, m).await.unwrap();
     publish_one(&*e, &s, "orders.eu.2", "fine").await;
@@ -158,6 +160,15 @@ pub async fn max_deliver_dead_letters<H: Harness>() {
     assert_eq!(hd(dlq::SUBJECT).as_deref(), Some("orders.eu.1"));
     assert_eq!(hd(dlq::DELIVERIES).as_deref(), Some("2"));
     assert_eq!(hd("X-Orig").as_deref(), Some("kept"));
+    // The copy's id is stable (not the original's), so dead-lettering the
+    // same message again, as an engine that died before recording it does,
+    // stores no second copy.
+    assert_eq!(hd(MSG_ID_HEADER), Some(dead_letter_msg_id(&s, &c, Seq(1))));
+    assert_eq!(hd(MSG_ID_HEADER).as_deref(), Some("dlq.ORDERS.worker.1"));
+    let replay = OutgoingMessage { subject: d.subject.clone(), headers: d.headers.clone(), payload: d.payload.clone() };
+    let ack = e.publish(&dlq_stream, replay).await.unwrap();
+    assert_eq!((ack.seq, ack.duplicate), (d.seq, true));
+    assert_eq!(e.stream_info(&dlq_stream).await.unwrap().state.messages, 1);
     let info = e.consumer_info(&s, &c).await.unwrap();
     assert_eq!((info.ack_floor, info.num_ack_pending), (Seq(2), 0));
 }
