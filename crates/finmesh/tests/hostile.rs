@@ -71,6 +71,28 @@ fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(WAIT).build().unwrap()
 }
 
+/// Wait until `cond` holds, asking it every 20 ms (it asks the node over
+/// HTTP: there is no event to await); fails naming `what` after [`WAIT`].
+async fn until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `conn` is closed by the node without an answer to a request.
+async fn assert_unanswered(mut conn: TcpStream, what: &str) {
+    let _ = conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let got = tokio::time::timeout(WAIT, conn.read(&mut buf)).await.expect("closed in time");
+    assert!(matches!(got, Ok(0) | Err(_)), "the {what} connection was answered: {got:?}");
+}
+
 /// A connection from `local` (an address of 127/8) to the node.
 async fn connect_from(node: &Node, local: &str) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
@@ -155,11 +177,7 @@ async fn connections_are_capped_per_address_and_per_node() {
         one.push(conn);
     }
     // The sixth from that address is closed at once, unanswered.
-    let mut sixth = connect_from(&node, "127.0.0.1").await;
-    let _ = sixth.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
-    let mut buf = [0u8; 64];
-    let got = tokio::time::timeout(WAIT, sixth.read(&mut buf)).await.expect("closed in time");
-    assert!(matches!(got, Ok(0) | Err(_)), "the sixth connection was answered: {got:?}");
+    assert_unanswered(connect_from(&node, "127.0.0.1").await, "sixth").await;
     // Another address still gets in, up to the node's cap of 8.
     let mut two = Vec::new();
     for _ in 0..3 {
@@ -167,10 +185,7 @@ async fn connections_are_capped_per_address_and_per_node() {
         assert!(request(&mut conn, "/healthz").await.starts_with("HTTP/1.1 200"));
         two.push(conn);
     }
-    let mut ninth = connect_from(&node, "127.0.0.3").await;
-    let _ = ninth.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
-    let got = tokio::time::timeout(WAIT, ninth.read(&mut buf)).await.expect("closed in time");
-    assert!(matches!(got, Ok(0) | Err(_)), "the ninth connection was answered: {got:?}");
+    assert_unanswered(connect_from(&node, "127.0.0.3").await, "ninth").await;
     // Closing connections gives their places back.
     drop(one);
     let refused_address = "finmesh_connections_refused_total{reason=\"address_limit\"} ";
@@ -208,11 +223,7 @@ async fn a_stalled_sse_reader_is_cut_and_its_queue_stays_bounded() {
         let list: Value = http().get(node.url("/v1/subscribers")).send().await.unwrap().json().await.unwrap();
         list["subscribers"].as_array().unwrap().clone()
     };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while subscribers().await.is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "the subscriber never registered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the subscriber is registered", || async { !subscribers().await.is_empty() }).await;
     // 100 messages of 128 KiB: 12.5 MiB, far more than the socket buffers hold.
     let payload = "x".repeat(128 * 1024);
     let publisher = {
@@ -270,15 +281,11 @@ async fn a_stalled_websocket_reader_is_cut_by_the_write_timeout() {
             assert_eq!(client.post(&url).body(payload.clone()).send().await.unwrap().status(), 200);
         }
     });
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    until("the stalled WebSocket is cut", || async {
         let list: Value = http().get(node.url("/v1/subscribers")).send().await.unwrap().json().await.unwrap();
-        if list["subscribers"].as_array().unwrap().is_empty() {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the stalled WebSocket was never cut: {list}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        list["subscribers"].as_array().unwrap().is_empty()
+    })
+    .await;
     tokio::time::timeout(WAIT, publisher).await.expect("publishing finished").unwrap();
     let cut = node.metric("finmesh_connections_cut_total{reason=\"write_timeout\"} ").await;
     assert!(cut >= 1.0, "cut by the write timeout: {cut}");
@@ -291,15 +298,7 @@ async fn after_sigterm_the_node_keeps_accepting_while_not_ready() {
     assert_eq!(client.get(node.url("/readyz")).send().await.unwrap().status(), 200);
     // SAFETY: kill(2) on our own, not yet reaped child.
     assert_eq!(unsafe { libc::kill(node.child.id() as libc::pid_t, libc::SIGTERM) }, 0);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let status = client.get(node.url("/readyz")).send().await.unwrap().status();
-        if status == 503 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "readiness never failed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("readiness fails", || async { client.get(node.url("/readyz")).send().await.unwrap().status() == 503 }).await;
     // Not ready, yet a new connection is still accepted and served.
     let mut fresh = TcpStream::connect(node.addr).await.unwrap();
     assert!(request(&mut fresh, "/healthz").await.starts_with("HTTP/1.1 200"));
