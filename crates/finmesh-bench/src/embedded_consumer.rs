@@ -10,7 +10,8 @@
 //!   (`…publish-alone`). A fetch that stalls the writer shows in the second.
 //! - **Acks**: 16 tasks ack deliveries one by one while `max_ack_pending`
 //!   deliveries stay pending (10,000 and 100: the ack rate should not
-//!   depend on it), refilling with fetches of 100 when they run out.
+//!   depend on it), refilling with fetches of 100 when they run out, and
+//!   publishing 1,000 more messages when the consumer's backlog runs low.
 //!   Streams use `sync = interval(100 ms)`: the ack's own cost, not the
 //!   disk's fsync rate, is what is measured.
 
@@ -183,7 +184,9 @@ async fn acks(ctx: &BenchContext, engine: &EmbeddedEngine, max_ack_pending: u32)
             return Ok(1);
         }
         let ds = engine.fetch(s, name, FetchRequest { max: FETCH, wait: Duration::ZERO }).await?;
-        if ds.is_empty() && engine.consumer_info(s, name).await?.num_ack_pending < max_ack_pending as u64 {
+        // Empty with the backlog nearly drained: the stream ran out, add more.
+        // (Empty while messages wait means no room under max_ack_pending.)
+        if ds.is_empty() && engine.consumer_info(s, name).await?.num_pending < FETCH as u64 {
             let more = (0..1000).map(|_| OutgoingMessage::new(subject.clone(), payload.clone())).collect();
             engine.publish_batch(s, more).await?;
         }

@@ -31,6 +31,9 @@
 //! the subject index for a filtered consumer), then the writer claims them
 //! ([`ConsumerOp::Fetch`]): it skips those another fetch claimed meanwhile,
 //! so the cursor never moves backwards and no message is handed out twice.
+//! A fetch that lost every candidate that way reads again from the new
+//! cursor (a few times at most), so concurrent fetches with no wait do not
+//! come back empty while messages are there.
 //!
 //! Invariants: only the writer thread mutates a consumer; readers (info,
 //! the fetch snapshot) take its lock briefly; `pending.len() <=
@@ -75,13 +78,85 @@ impl Pending {
     }
 }
 
+/// Pending deliveries, indexed by sequence and by due time, with the count
+/// of redelivered ones kept up to date: every operation a fetch, an ack or
+/// an info needs is O(log n) or O(1), never a walk over every entry.
+#[derive(Debug, Clone, Default)]
+struct PendingSet {
+    by_seq: BTreeMap<u64, Pending>,
+    by_due: BTreeSet<(Timestamp, u64)>,
+    redelivered: u64,
+}
+
+impl PendingSet {
+    fn len(&self) -> usize {
+        self.by_seq.len()
+    }
+
+    fn get(&self, seq: u64) -> Option<Pending> {
+        self.by_seq.get(&seq).copied()
+    }
+
+    fn first_seq(&self) -> Option<u64> {
+        self.by_seq.keys().next().copied()
+    }
+
+    fn seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.by_seq.keys().copied()
+    }
+
+    /// Insert or replace the entry of `seq`.
+    fn insert(&mut self, seq: u64, p: Pending) {
+        self.remove(seq);
+        self.by_due.insert((p.due, seq));
+        self.redelivered += u64::from(p.deliveries > 1);
+        self.by_seq.insert(seq, p);
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Pending> {
+        let p = self.by_seq.remove(&seq)?;
+        self.by_due.remove(&(p.due, seq));
+        self.redelivered -= u64::from(p.deliveries > 1);
+        Some(p)
+    }
+
+    /// Move the due time of `seq`; false if it is not pending.
+    fn set_due(&mut self, seq: u64, due: Timestamp) -> bool {
+        match self.get(seq) {
+            Some(p) => {
+                self.insert(seq, Pending { due, ..p });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Up to `max` sequences due at `now`, earliest due first.
+    fn due(&self, now: Timestamp, max: usize) -> Vec<u64> {
+        self.by_due.iter().take_while(|(due, _)| *due <= now).take(max).map(|(_, s)| *s).collect()
+    }
+
+    fn next_due(&self) -> Option<Timestamp> {
+        self.by_due.first().map(|(due, _)| *due)
+    }
+
+    /// Remove every entry up to `upto`; returns their sequences.
+    fn remove_upto(&mut self, upto: u64) -> BTreeSet<u64> {
+        let seqs: BTreeSet<u64> = self.by_seq.range(..=upto).map(|(s, _)| *s).collect();
+        for seq in &seqs {
+            self.remove(*seq);
+        }
+        seqs
+    }
+}
+
 /// One consumer in memory: the head record and every pending delivery.
 #[derive(Debug, Clone)]
 pub(crate) struct ConsumerRecord {
     config: ConsumerConfig,
     delivered: Seq,
     initial: VecDeque<Seq>,
-    pending: BTreeMap<u64, Pending>,
+    pending: PendingSet,
 }
 
 /// The head as stored (`consumer/<stream>/<name>`).
@@ -105,7 +180,7 @@ struct HeadIn {
 
 impl ConsumerRecord {
     fn ack_floor(&self) -> Seq {
-        let lowest = self.pending.keys().next().copied().into_iter().chain(self.initial.iter().map(|s| s.0)).min();
+        let lowest = self.pending.first_seq().into_iter().chain(self.initial.iter().map(|s| s.0)).min();
         match lowest {
             Some(s) => Seq(s - 1),
             None => self.delivered,
@@ -119,7 +194,7 @@ impl ConsumerRecord {
             ack_floor: self.ack_floor(),
             queued: self.initial.len() as u64,
             ack_pending: self.pending.len() as u64,
-            redelivered: self.pending.values().filter(|p| p.deliveries > 1).count() as u64,
+            redelivered: self.pending.redelivered,
         }
     }
 }
@@ -193,7 +268,7 @@ impl Consumers {
                     config: head.config,
                     delivered: head.delivered,
                     initial: head.initial,
-                    pending: BTreeMap::new(),
+                    pending: PendingSet::default(),
                 };
                 let prefix = pending_prefix(&stream, &rec.config.name);
                 for kv in meta.prefix(&prefix) {
@@ -205,7 +280,9 @@ impl Consumers {
                 if !head.pending.is_empty() {
                     legacy.push((stream.clone(), rec.config.name.clone()));
                     for (seq, p) in head.pending {
-                        rec.pending.entry(seq).or_insert(p);
+                        if rec.pending.get(seq).is_none() {
+                            rec.pending.insert(seq, p);
+                        }
                     }
                 }
                 map.entry(stream).or_default().insert(rec.config.name.clone(), Arc::new(Mutex::new(rec)));
@@ -216,7 +293,7 @@ impl Consumers {
         for (stream, name) in legacy {
             let shared = c.get(&stream, &name).expect("loaded above");
             let rec = shared.lock();
-            for (seq, p) in &rec.pending {
+            for (seq, p) in &rec.pending.by_seq {
                 meta.insert(pending_key(&stream, &name, *seq), p.encode()).map_err(storage)?;
             }
             meta.insert(head_key(&stream, &name), encode_head(&rec)?).map_err(storage)?;
@@ -281,8 +358,8 @@ fn remove_keys(
     rec: &ConsumerRecord,
 ) {
     batch.remove(meta, head_key(stream, name));
-    for seq in rec.pending.keys() {
-        batch.remove(meta, pending_key(stream, name, *seq));
+    for seq in rec.pending.seqs() {
+        batch.remove(meta, pending_key(stream, name, seq));
     }
 }
 
@@ -308,12 +385,34 @@ pub(crate) fn info(h: &StreamHandle, pos: Position) -> Result<ConsumerInfo> {
 fn count_after(h: &StreamHandle, after: Seq, filter: Option<&SubjectPattern>) -> Result<u64> {
     match filter {
         None => {
-            let mut n = 0;
-            for kv in h.msgs.range(crate::codec::seq_key(after.next())..) {
-                kv.key().map_err(storage)?;
-                n += 1;
+            let st = h.state();
+            let start = after.next().max(st.first_seq);
+            if start > st.last_seq {
+                return Ok(0);
             }
-            Ok(n)
+            let after_cursor = st.last_seq.0 - start.0 + 1;
+            let stored_span = st.last_seq.0 - st.first_seq.0 + 1;
+            if st.messages == stored_span || start == st.first_seq {
+                // No holes inside the stream, or everything stored is after
+                // the cursor: no need to walk the keys.
+                return Ok(if start == st.first_seq { st.messages } else { after_cursor });
+            }
+            // Holes (per-subject limits): count the shorter side.
+            let count = |lo: Seq, hi: Seq| -> Result<u64> {
+                let mut n = 0;
+                for kv in h.msgs.range(crate::codec::seq_key(lo)..=crate::codec::seq_key(hi)) {
+                    kv.key().map_err(storage)?;
+                    n += 1;
+                }
+                #[cfg(test)]
+                tests::WALKED.with(|w| w.set(w.get() + n));
+                Ok(n)
+            };
+            if after_cursor <= stored_span - after_cursor {
+                count(start, st.last_seq)
+            } else {
+                Ok(st.messages.saturating_sub(count(st.first_seq, after)?))
+            }
         }
         Some(f) => {
             let mut n = 0;
@@ -371,6 +470,10 @@ pub(crate) struct FetchOutcome {
     pub deliveries: Vec<Delivery>,
     /// Earliest time a pending message becomes due, if any.
     pub next_due: Option<Timestamp>,
+    /// Nothing was handed out because a concurrent fetch claimed every
+    /// candidate first, while there is room for more: read again at once
+    /// (the stream may hold more after the new cursor), whatever the wait.
+    pub read_again: bool,
 }
 
 pub(crate) enum ConsumerOp {
@@ -456,7 +559,7 @@ impl Changes {
         for seq in &self.pending {
             let k = pending_key(stream, name, *seq);
             bytes += k.len();
-            match rec.pending.get(seq) {
+            match rec.pending.get(*seq) {
                 Some(p) => {
                     bytes += 12;
                     batch.insert(&w.meta, k, p.encode());
@@ -515,7 +618,7 @@ fn create(w: &mut Writer, h: &Arc<StreamHandle>, config: ConsumerConfig, update:
                     (st.last_seq, last.into_iter().map(|m| m.seq).collect())
                 }
             };
-            let rec = ConsumerRecord { config: config.clone(), delivered, initial, pending: BTreeMap::new() };
+            let rec = ConsumerRecord { config: config.clone(), delivered, initial, pending: PendingSet::default() };
             Arc::new(Mutex::new(rec))
         }
     };
@@ -571,28 +674,34 @@ fn fetch(
     let ack_wait = rec.config.ack_wait;
     let mut out = Vec::new();
     let mut ch = Changes::default();
-    // Due redeliveries first, oldest sequence first.
-    let due: Vec<u64> = rec.pending.iter().filter(|(_, p)| p.due <= now).map(|(s, _)| *s).collect();
-    for seq in due {
-        if out.len() >= max {
-            break;
-        }
-        let p = rec.pending[&seq];
-        ch.pending.insert(seq);
-        let Some(msg) = h.get(Seq(seq))? else {
-            rec.pending.remove(&seq);
-            continue;
-        };
-        if rec.config.max_deliver.is_some_and(|m| p.deliveries >= m) {
-            rec.pending.remove(&seq);
-            if let Some(dlq) = rec.config.dead_letter.clone() {
-                dead_letter(w, h, &dlq, name, msg, p.deliveries)?;
+    // Due redeliveries first, earliest due first. Dead-lettered and vanished
+    // entries leave the set, so look again until `max` or none is due.
+    let mut again = true;
+    while again && out.len() < max {
+        again = false;
+        for seq in rec.pending.due(now, max - out.len()) {
+            // Handed out by this fetch already (possible with a zero ack wait).
+            if !ch.pending.insert(seq) {
+                continue;
             }
-            continue;
+            let p = rec.pending.get(seq).expect("due entries are pending");
+            let Some(msg) = h.get(Seq(seq))? else {
+                rec.pending.remove(seq);
+                again = true;
+                continue;
+            };
+            if rec.config.max_deliver.is_some_and(|m| p.deliveries >= m) {
+                rec.pending.remove(seq);
+                again = true;
+                if let Some(dlq) = rec.config.dead_letter.clone() {
+                    dead_letter(w, h, &dlq, name, msg, p.deliveries)?;
+                }
+                continue;
+            }
+            let deliveries = p.deliveries + 1;
+            rec.pending.insert(seq, Pending { deliveries, due: now.saturating_add(ack_wait) });
+            out.push(delivery(msg, deliveries));
         }
-        let deliveries = p.deliveries + 1;
-        rec.pending.insert(seq, Pending { deliveries, due: now.saturating_add(ack_wait) });
-        out.push(delivery(msg, deliveries));
     }
     // Then new messages, within max_ack_pending.
     let room = |rec: &ConsumerRecord, out: &Vec<Delivery>| {
@@ -611,8 +720,10 @@ fn fetch(
     // claimed the first of them meanwhile, and retention removed some.
     let front = h.state().first_seq;
     let mut took_all = true;
+    let mut claimed_elsewhere = false;
     for msg in new.msgs {
         if msg.seq <= rec.delivered || msg.seq < front {
+            claimed_elsewhere |= msg.seq <= rec.delivered;
             continue;
         }
         if !room(&rec, &out) {
@@ -637,8 +748,9 @@ fn fetch(
         ch.head = true;
     }
     ch.commit(w, &h.name, &rec)?;
-    let next_due = rec.pending.values().map(|p| p.due).min();
-    Ok(FetchOutcome { deliveries: out, next_due })
+    let next_due = rec.pending.next_due();
+    let read_again = out.is_empty() && claimed_elsewhere && room(&rec, &out);
+    Ok(FetchOutcome { deliveries: out, next_due, read_again })
 }
 
 fn delivery(message: Message, delivery_count: u32) -> Delivery {
@@ -685,11 +797,11 @@ fn ack(w: &mut Writer, h: &StreamHandle, name: &ConsumerName, seqs: &[u64], kind
     let mut ch = Changes::default();
     for &seq in seqs {
         let changed = match kind {
-            AckKind::Ack | AckKind::Term => rec.pending.remove(&seq).is_some(),
-            AckKind::Nak { delay } => set_due(&mut rec, seq, now.saturating_add(delay)),
+            AckKind::Ack | AckKind::Term => rec.pending.remove(seq).is_some(),
+            AckKind::Nak { delay } => rec.pending.set_due(seq, now.saturating_add(delay)),
             AckKind::InProgress => {
                 let wait = rec.config.ack_wait;
-                set_due(&mut rec, seq, now.saturating_add(wait))
+                rec.pending.set_due(seq, now.saturating_add(wait))
             }
         };
         if changed {
@@ -703,25 +815,150 @@ fn ack_all(w: &mut Writer, h: &StreamHandle, name: &ConsumerName, upto: Seq) -> 
     check_live(h)?;
     let shared = w.consumers.require(&h.name, name)?;
     let mut rec = shared.lock();
-    let acked: BTreeSet<u64> = rec.pending.range(..=upto.0).map(|(s, _)| *s).collect();
-    for seq in &acked {
-        rec.pending.remove(seq);
-    }
+    let acked = rec.pending.remove_upto(upto.0);
     Changes { head: false, pending: acked }.commit(w, &h.name, &rec)
-}
-
-fn set_due(rec: &mut ConsumerRecord, seq: u64, due: Timestamp) -> bool {
-    match rec.pending.get_mut(&seq) {
-        Some(p) => {
-            p.due = due;
-            true
-        }
-        None => false,
-    }
 }
 
 /// How long a waiting fetch should sleep before looking again.
 pub(crate) fn until(next_due: Option<Timestamp>, deadline: Timestamp) -> Duration {
     let now = Timestamp::now();
     next_due.map_or(deadline, |d| d.min(deadline)).since(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use finmesh_core::{
+        ConsumerConfig, ConsumerEngine, ConsumerName, OutgoingMessage, Seq, StreamConfig, StreamEngine, StreamName,
+        SubjectPattern,
+    };
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::EmbeddedEngine;
+
+    thread_local! {
+        /// Message keys [`count_after`] walked on this thread.
+        pub(super) static WALKED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn walked() -> u64 {
+        WALKED.with(Cell::get)
+    }
+
+    /// `messages` messages on `s.<i % subjects>`, at most `per_subject` kept per subject.
+    async fn stream(e: &EmbeddedEngine, messages: u64, subjects: u64, per_subject: Option<u64>) -> Arc<StreamHandle> {
+        let s = StreamName::new("S").unwrap();
+        let mut config = StreamConfig::new(s.clone(), vec![SubjectPattern::new("s.>").unwrap()]);
+        config.max_msgs_per_subject = per_subject;
+        e.create_stream(config).await.unwrap();
+        for chunk in (0..messages).collect::<Vec<_>>().chunks(1000) {
+            let batch = chunk.iter().map(|i| OutgoingMessage::new(format!("s.{}", i % subjects).parse().unwrap(), "x"));
+            e.publish_batch(&s, batch.collect()).await.unwrap();
+        }
+        e.inner.registry.get(&s).unwrap()
+    }
+
+    /// The backlog of an unfiltered consumer, counted by walking every key.
+    fn walk_count(h: &StreamHandle, after: Seq) -> u64 {
+        h.msgs.range(crate::codec::seq_key(after.next())..).count() as u64
+    }
+
+    /// An unfiltered consumer's backlog on a stream without holes is
+    /// arithmetic: `info` walks no key, however long the backlog.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn backlog_without_holes_is_counted_without_a_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = EmbeddedEngine::open(dir.path()).unwrap();
+        let h = stream(&e, 20_000, 7, None).await;
+        for after in [0, 1, 9_999, 19_999, 20_000, 25_000] {
+            let w0 = walked();
+            let n = count_after(&h, Seq(after), None).unwrap();
+            assert_eq!((n, walked() - w0), (walk_count(&h, Seq(after)), 0), "after {after}");
+        }
+        let c = ConsumerName::new("c").unwrap();
+        let info = e.create_consumer(&h.name, ConsumerConfig::new(c)).await.unwrap();
+        assert_eq!(info.num_pending, 20_000);
+    }
+
+    /// With holes (a per-subject limit), the count is still exact and walks
+    /// only the shorter side of the cursor.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn backlog_with_holes_walks_the_shorter_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = EmbeddedEngine::open(dir.path()).unwrap();
+        // Subjects s.0..s.499 cycle, 2 kept each: the last 1,000 of 10,000
+        // stay, without holes. A burst on one subject then leaves holes
+        // where its older messages were, and inside the burst.
+        let h = stream(&e, 10_000, 500, Some(2)).await;
+        let burst = (0..300).map(|_| OutgoingMessage::new("s.7".parse().unwrap(), "y")).collect();
+        e.publish_batch(&h.name, burst).await.unwrap();
+        let st = h.state();
+        assert!(st.messages < st.last_seq.0 - st.first_seq.0 + 1, "the burst left holes: {st:?}");
+        for after in [0, st.first_seq.0, st.first_seq.0 + 100, st.last_seq.0 - 100, st.last_seq.0 - 1, st.last_seq.0] {
+            let w0 = walked();
+            let n = count_after(&h, Seq(after), None).unwrap();
+            let want = walk_count(&h, Seq(after));
+            let start = after.max(st.first_seq.0 - 1);
+            let shorter = (st.last_seq.0 - start).min(start + 1 - st.first_seq.0);
+            assert_eq!(n, want, "after {after}");
+            assert!(walked() - w0 <= shorter, "after {after}: walked {} keys, shorter side {shorter}", walked() - w0);
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u64, u32, u64),
+        Remove(u64),
+        SetDue(u64, u64),
+        RemoveUpto(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..64u64, 1..4u32, 0..100u64).prop_map(|(s, d, t)| Op::Insert(s, d, t)),
+            (0..64u64).prop_map(Op::Remove),
+            (0..64u64, 0..100u64).prop_map(|(s, t)| Op::SetDue(s, t)),
+            (0..64u64).prop_map(Op::RemoveUpto),
+        ]
+    }
+
+    proptest! {
+        /// The due-time index and the redelivered count always agree with
+        /// the entries themselves.
+        #[test]
+        fn pending_set_indexes_agree(ops in proptest::collection::vec(op(), 1..200), now in 0..100u64, max in 1..20usize) {
+            let mut set = PendingSet::default();
+            let mut model = BTreeMap::<u64, Pending>::new();
+            for op in ops {
+                match op {
+                    Op::Insert(seq, deliveries, due) => {
+                        let p = Pending { deliveries, due: Timestamp(due) };
+                        set.insert(seq, p);
+                        model.insert(seq, p);
+                    }
+                    Op::Remove(seq) => prop_assert_eq!(set.remove(seq), model.remove(&seq)),
+                    Op::SetDue(seq, due) => {
+                        let had = model.get_mut(&seq).map(|p| p.due = Timestamp(due)).is_some();
+                        prop_assert_eq!(set.set_due(seq, Timestamp(due)), had);
+                    }
+                    Op::RemoveUpto(upto) => {
+                        let want: BTreeSet<u64> = model.range(..=upto).map(|(s, _)| *s).collect();
+                        model.retain(|s, _| *s > upto);
+                        prop_assert_eq!(set.remove_upto(upto), want);
+                    }
+                }
+                prop_assert_eq!(&set.by_seq, &model);
+                prop_assert_eq!(set.by_due.len(), model.len());
+                prop_assert_eq!(set.redelivered, model.values().filter(|p| p.deliveries > 1).count() as u64);
+                prop_assert_eq!(set.next_due(), model.values().map(|p| p.due).min());
+                let mut due: Vec<(Timestamp, u64)> =
+                    model.iter().filter(|(_, p)| p.due <= Timestamp(now)).map(|(s, p)| (p.due, *s)).collect();
+                due.sort();
+                let want: Vec<u64> = due.into_iter().take(max).map(|(_, s)| s).collect();
+                prop_assert_eq!(set.due(Timestamp(now), max), want);
+            }
+        }
+    }
 }

@@ -149,7 +149,10 @@ mod tests {
         if h.name.as_str() != "PAUSED" {
             return;
         }
-        if let Some((reached, go)) = PAUSE.lock().take() {
+        // Not in the `if let`: its guard would live through the wait and
+        // hold up every other read.
+        let pause = PAUSE.lock().take();
+        if let Some((reached, go)) = pause {
             reached.send(()).unwrap();
             go.recv_timeout(Duration::from_secs(30)).unwrap();
         }
@@ -233,6 +236,33 @@ mod tests {
         let ds = e.fetch(&s, &c, FetchRequest { max: 100, wait: Duration::ZERO }).await.unwrap();
         assert_eq!(ds.len(), 67);
         assert!(ds.iter().all(|d| d.message.subject.as_str() == "s.rare.1"));
+    }
+
+    /// A fetch whose candidates a concurrent fetch claimed while it read
+    /// them reads again from the new cursor: with no wait it does not come
+    /// back empty while matching messages are there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fetch_that_lost_its_candidates_reads_again() {
+        let (_dir, e, h) = sparse_stream("PAUSED").await;
+        let (s, c) = (h.name.clone(), ConsumerName::new("rare").unwrap());
+        let config = ConsumerConfig { filter: Some(pattern("s.rare.*")), ..ConsumerConfig::new(c.clone()) };
+        e.create_consumer(&s, config).await.unwrap();
+        let (reached_tx, reached) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel();
+        *PAUSE.lock() = Some((reached_tx, go_rx));
+        let fetch = |e: EmbeddedEngine| {
+            let (s, c) = (s.clone(), c.clone());
+            async move { e.fetch(&s, &c, FetchRequest { max: 10, wait: Duration::ZERO }).await.unwrap() }
+        };
+        let paused = tokio::spawn(fetch(e.clone()));
+        tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(30)).unwrap()).await.unwrap();
+        // The first fetch has planned from the start and waits in its read;
+        // this one claims the same ten messages meanwhile.
+        let first: Vec<Seq> = fetch(e.clone()).await.iter().map(|d| d.message.seq).collect();
+        go.send(()).unwrap();
+        let second: Vec<Seq> = paused.await.unwrap().iter().map(|d| d.message.seq).collect();
+        assert_eq!((first.len(), second.len()), (10, 10), "first {first:?}, second {second:?}");
+        assert!(first.last() < second.first(), "handed out twice: {first:?} then {second:?}");
     }
 
     /// While a consumer's fetch is reading the stream, publishes go on: the
