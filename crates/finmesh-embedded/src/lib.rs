@@ -73,7 +73,6 @@ pub use writer::SyncStats;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -91,10 +90,12 @@ use crate::consumers::{ConsumerOp, Consumers};
 use crate::store::{Registry, StreamHandle, StreamKind, StreamRecord, storage};
 use crate::writer::{Cond, Op, StreamKindTag, Writer};
 
+/// How often a fetch whose candidates concurrent fetches all claimed first
+/// reads again before it answers (or waits) like an empty one.
+const MAX_FETCH_READS_AGAIN: u32 = 8;
+
 /// Default of [`EmbeddedOptions::writer_queue`].
 pub const WRITER_QUEUE: usize = 8192;
-/// Housekeeping period (interval fsyncs, age retention).
-const TICK: Duration = Duration::from_millis(10);
 
 /// fjall refuses (panics on) a smaller journal limit.
 const MIN_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
@@ -190,22 +191,9 @@ impl EmbeddedEngine {
             .name("finmesh-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| Error::internal("cannot start the writer thread").with_source(e))?;
-        let weak = tx.downgrade();
-        let ticker = std::thread::Builder::new()
-            .name("finmesh-ticker".into())
-            .spawn(move || {
-                loop {
-                    std::thread::park_timeout(TICK);
-                    let Some(tx) = weak.upgrade() else { return };
-                    if let Err(flume::TrySendError::Disconnected(_)) = tx.try_send(Op::Tick) {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| Error::internal("cannot start the ticker thread").with_source(e))?;
         tracing::info!(dir = %dir.display(), streams = registry.all().len(), "embedded engine open");
         Ok(EmbeddedEngine {
-            inner: Arc::new(Inner { registry, consumers, tx, sync, threads: Mutex::new(vec![writer_thread, ticker]) }),
+            inner: Arc::new(Inner { registry, consumers, tx, sync, threads: Mutex::new(vec![writer_thread]) }),
         })
     }
 
@@ -641,6 +629,7 @@ impl ConsumerEngine for EmbeddedEngine {
         let deadline = Timestamp::now().saturating_add(request.wait);
         // Subscribe before looking, so a publish in between wakes us.
         let mut live = h.live.subscribe();
+        let mut reads_again = 0;
         loop {
             // Read the candidates off the writer; it only claims them.
             let plan = self.inner.consumers.fetch_plan(stream, consumer, request.max)?;
@@ -650,6 +639,10 @@ impl ConsumerEngine for EmbeddedEngine {
             let outcome = self
                 .call(|reply| Op::Consumer(Box::new(ConsumerOp::Fetch { stream: hh, name, max, new, reply })))
                 .await?;
+            if outcome.read_again && reads_again < MAX_FETCH_READS_AGAIN {
+                reads_again += 1;
+                continue;
+            }
             if !outcome.deliveries.is_empty() || Timestamp::now() >= deadline {
                 return Ok(outcome.deliveries);
             }

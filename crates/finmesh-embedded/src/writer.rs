@@ -39,7 +39,9 @@
 //! interval is up: checked whenever it waits for requests (with the due
 //! time as its deadline), after every round and every [`INTERVAL_CHECK`]
 //! messages staged within one, so no queue, however full, holds that fsync
-//! back.
+//! back. Housekeeping (age retention of streams nobody publishes to) keeps
+//! its own schedule the same way: run when the writer's wait for requests
+//! times out at its due time, or after the round during which it fell due.
 //!
 //! Invariants:
 //! - no ack of a `sync = always` write is sent before an fsync that started
@@ -87,6 +89,8 @@ const MAX_ROUND: usize = 4096;
 const INTERVAL_CHECK: usize = 256;
 /// Most messages removed by age in one housekeeping pass per stream.
 const MAX_AGE_EVICTIONS: usize = 10_000;
+/// How often [`Writer::housekeeping`] (age retention) runs.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(10);
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
 
@@ -105,14 +109,35 @@ pub(crate) enum Cond {
 /// A request to the writer. Kept small (rare, large requests are boxed):
 /// every publish moves one through the channel.
 pub(crate) enum Op {
-    CreateStream { record: Box<StreamRecord>, reply: Reply<Arc<StreamHandle>> },
-    UpdateStream { record: Box<StreamRecord>, reply: Reply<Arc<StreamHandle>> },
-    DeleteStream { name: StreamName, kind: StreamKindTag, reply: Reply<()> },
-    PurgeStream { stream: Arc<StreamHandle>, reply: Reply<u64> },
-    Publish { stream: Arc<StreamHandle>, msgs: Vec<OutgoingMessage>, cond: Cond, reply: Reply<Vec<PubAck>> },
+    CreateStream {
+        record: Box<StreamRecord>,
+        reply: Reply<Arc<StreamHandle>>,
+    },
+    UpdateStream {
+        record: Box<StreamRecord>,
+        reply: Reply<Arc<StreamHandle>>,
+    },
+    DeleteStream {
+        name: StreamName,
+        kind: StreamKindTag,
+        reply: Reply<()>,
+    },
+    PurgeStream {
+        stream: Arc<StreamHandle>,
+        reply: Reply<u64>,
+    },
+    Publish {
+        stream: Arc<StreamHandle>,
+        msgs: Vec<OutgoingMessage>,
+        cond: Cond,
+        reply: Reply<Vec<PubAck>>,
+    },
     Consumer(Box<ConsumerOp>),
+    /// Housekeeping is due; made by the writer itself, never sent.
     Tick,
-    Close { reply: Reply<()> },
+    Close {
+        reply: Reply<()>,
+    },
 }
 
 /// Whether a delete addresses a user stream or a bucket's stream.
@@ -449,6 +474,9 @@ pub(crate) struct Writer {
     /// When the next `sync = interval` fsync is due, if anything waits for
     /// one, and since when the oldest write it covers waits.
     interval_due: Option<Instant>,
+    /// When [`Writer::housekeeping`] (age retention) runs next. The writer
+    /// keeps this schedule itself, so no queue, however full, delays it.
+    housekeeping_at: Instant,
     interval_since: Option<Instant>,
     /// Conditional writes refused because of writes not visible yet (see
     /// [`Staged::conflict_may_be_unsynced`]): answered after the next fsync,
@@ -529,6 +557,7 @@ impl Writer {
             pending_until: None,
             index_pending: Vec::new(),
             interval_due: None,
+            housekeeping_at: Instant::now() + HOUSEKEEPING_EVERY,
             interval_since: None,
             conflicts: Vec::new(),
             reveals: Vec::new(),
@@ -553,10 +582,8 @@ impl Writer {
         while close_reply.is_none() {
             // The publishers the writer just acked itself are on their way back.
             let returning = if self.gather_burst { self.poll_for_return(&rx) } else { None };
-            let deadline = match (self.pending_until, self.interval_due) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let deadline =
+                [self.pending_until, self.interval_due, Some(self.housekeeping_at)].into_iter().flatten().min();
             let first = match (returning, deadline) {
                 (Some(op), _) => Ok(op),
                 (None, None) => rx.recv(),
@@ -566,7 +593,11 @@ impl Writer {
                             self.sync_pending();
                         }
                         self.interval_fsync_if_due();
-                        continue;
+                        if self.housekeeping_at <= Instant::now() {
+                            Ok(Op::Tick)
+                        } else {
+                            continue;
+                        }
                     }
                     r => r.map_err(|_| flume::RecvError::Disconnected),
                 },
@@ -655,6 +686,12 @@ impl Writer {
             }
             self.flush(&mut staged, &mut deferred);
             self.interval_fsync_if_due();
+            if self.housekeeping_at <= Instant::now() {
+                // A busy writer never times out waiting: run it between rounds.
+                self.commit_index();
+                self.housekeeping();
+                deferred.append(&mut self.reveals);
+            }
             if deferred.is_empty() && self.pending.is_empty() {
                 continue;
             }
@@ -1267,8 +1304,14 @@ impl Writer {
     }
 
     /// Apply the stream-wide limits now (after an update, or by age).
+    /// A bucket's `max_bytes` refuses new writes and never evicts, also
+    /// when an update lowers it below what the bucket holds (as JetStream's
+    /// `discard: new`).
     fn enforce_limits(&mut self, h: &Arc<StreamHandle>, max_evictions: Option<usize>) -> Result<()> {
-        let config = h.config();
+        let mut config = h.config();
+        if matches!(h.record.read().kind, StreamKind::Kv(_)) {
+            config.max_bytes = None;
+        }
         let mut txn = Txn::new(&self.db, h);
         let before = txn.st.messages;
         if let Some(keep) = config.max_msgs_per_subject {
@@ -1299,6 +1342,7 @@ impl Writer {
 
     /// Periodic work: interval fsyncs, age retention, consumer timers.
     fn housekeeping(&mut self) {
+        self.housekeeping_at = Instant::now() + HOUSEKEEPING_EVERY;
         if self.poison.get().is_some() {
             return;
         }

@@ -261,6 +261,60 @@ async fn an_unclean_stop_renews_the_epoch_of_streams_that_show_unsynced_writes()
     assert_eq!(again, recovered, "the new epochs were not kept");
 }
 
+/// Publishers that keep an engine's writer queue (of `queue` requests)
+/// full on stream `stream` (lower-case subjects `<stream>.<task>`).
+struct Saturation {
+    stop: Arc<AtomicBool>,
+    published: Arc<AtomicUsize>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Saturation {
+    /// Start the publishers and return once the queue is full.
+    async fn start(engine: &EmbeddedEngine, stream: &str, queue: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let published = Arc::new(AtomicUsize::new(0));
+        // A writer round takes up to 4,096 requests (pulling waiting callers
+        // into the queue as it empties): keep more than that plus the queue in
+        // flight, or each round would empty it.
+        let (tasks, in_flight) = (8, (4096 + 8 * queue) / 8);
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let (engine, stop, published) = (engine.clone(), stop.clone(), published.clone());
+            let (stream, subject) = (name(stream), subject(&format!("{}.{t}", stream.to_lowercase())));
+            handles.push(tokio::spawn(async move {
+                let publish =
+                    || engine.publish(&stream, OutgoingMessage::new(subject.clone(), Bytes::from_static(b"x")));
+                let mut outstanding: futures::stream::FuturesUnordered<_> = (0..in_flight).map(|_| publish()).collect();
+                while let Some(ack) = outstanding.next().await {
+                    ack.unwrap();
+                    published.fetch_add(1, Ordering::Relaxed);
+                    if stop.load(Ordering::Relaxed) {
+                        break; // the rest is answered while the engine closes
+                    }
+                    outstanding.push(publish());
+                }
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while engine.queued_requests() < queue {
+            assert!(Instant::now() < deadline, "the publishers never filled the writer's queue");
+            tokio::task::yield_now().await;
+        }
+        Saturation { stop, published, handles }
+    }
+
+    /// Stop, and check the queue was full in most of the `samples`.
+    async fn stop(self, full: u32, samples: u32) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles {
+            h.await.unwrap();
+        }
+        let published = self.published.load(Ordering::Relaxed);
+        assert!(full * 2 > samples, "the queue was not kept full ({full} of {samples} samples, {published} published)");
+    }
+}
+
 /// Publishers keep the writer's queue full (more requests in flight than a
 /// round takes, each sent again as soon as it is acked); the interval
 /// fsyncs must still come on time. (They used to be triggered by a tick sent
@@ -275,35 +329,7 @@ async fn interval_fsyncs_keep_time_with_a_full_queue() {
     let options = EmbeddedOptions { writer_queue: QUEUE, ..EmbeddedOptions::default() };
     let engine = EmbeddedEngine::open_with(dir.path(), options).unwrap();
     create(&engine, "I", SyncPolicy::Interval { ms: INTERVAL_MS }).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let published = Arc::new(AtomicUsize::new(0));
-    // A writer round takes up to 4,096 requests (pulling waiting callers
-    // into the queue as it empties): keep more than that plus the queue in
-    // flight, or each round would empty it.
-    let (tasks, in_flight) = (8, (4096 + 8 * QUEUE) / 8);
-    let mut handles = Vec::new();
-    for t in 0..tasks {
-        let (engine, stop, published) = (engine.clone(), stop.clone(), published.clone());
-        handles.push(tokio::spawn(async move {
-            let stream = name("I");
-            let subject = subject(&format!("i.{t}"));
-            let publish = || engine.publish(&stream, OutgoingMessage::new(subject.clone(), Bytes::from_static(b"x")));
-            let mut outstanding: futures::stream::FuturesUnordered<_> = (0..in_flight).map(|_| publish()).collect();
-            while let Some(ack) = outstanding.next().await {
-                ack.unwrap();
-                published.fetch_add(1, Ordering::Relaxed);
-                if stop.load(Ordering::Relaxed) {
-                    break; // the rest is answered while the engine closes
-                }
-                outstanding.push(publish());
-            }
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while engine.queued_requests() < QUEUE {
-        assert!(Instant::now() < deadline, "the publishers never filled the writer's queue");
-        tokio::task::yield_now().await;
-    }
+    let load = Saturation::start(&engine, "I", QUEUE).await;
     // Keep the load on until a few interval fsyncs ran (each writer round
     // here takes long: thousands of requests in a debug build), sampling
     // that the queue stays full meanwhile.
@@ -322,12 +348,7 @@ async fn interval_fsyncs_keep_time_with_a_full_queue() {
         assert!(Instant::now() < deadline, "no interval fsyncs while the queue was full: {stats:?}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    stop.store(true, Ordering::Relaxed);
-    for h in handles {
-        h.await.unwrap();
-    }
-    let published = published.load(Ordering::Relaxed);
-    assert!(full * 2 > samples, "the queue was not kept full ({full} of {samples} samples, {published} published)");
+    load.stop(full, samples).await;
     // The promise: an acked write's fsync starts within the interval, plus
     // the writer's time for 256 messages. Generous for a debug build on a
     // busy machine; a schedule that loses its ticks to the full queue runs
@@ -338,4 +359,43 @@ async fn interval_fsyncs_keep_time_with_a_full_queue() {
         "a write waited {:?} for its interval fsync to start (bound {bound:?})",
         after.interval_max_lag,
     );
+}
+
+/// Age retention of a stream nobody publishes to runs on time while other
+/// publishers keep the writer's queue full. (It used to be triggered by a
+/// tick sent into that queue with `try_send`, which a full queue dropped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn age_retention_keeps_time_with_a_full_queue() {
+    const QUEUE: usize = 64;
+    const MAX_AGE: Duration = Duration::from_millis(300);
+    let dir = tempfile::tempdir().unwrap();
+    let options = EmbeddedOptions { writer_queue: QUEUE, ..EmbeddedOptions::default() };
+    let engine = EmbeddedEngine::open_with(dir.path(), options).unwrap();
+    let mut aged = StreamConfig::new(name("AGED"), vec![SubjectPattern::new("aged.>").unwrap()]);
+    aged.max_age = Some(MAX_AGE);
+    aged.duplicate_window = Duration::from_millis(100);
+    engine.create_stream(aged).await.unwrap();
+    let batch = (0..100).map(|_| OutgoingMessage::new(subject("aged.x"), Bytes::from_static(b"old"))).collect();
+    engine.publish_batch(&name("AGED"), batch).await.unwrap();
+    create(&engine, "BUSY", SyncPolicy::Never).await;
+    let load = Saturation::start(&engine, "BUSY", QUEUE).await;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    let (mut full, mut samples) = (0u32, 0u32);
+    loop {
+        samples += 1;
+        if engine.queued_requests() >= QUEUE * 9 / 10 {
+            full += 1;
+        }
+        if engine.stream_info(&name("AGED")).await.unwrap().state.messages == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "age retention did not run while the queue was full");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    load.stop(full, samples).await;
+    // Generous for a debug build: a writer round of thousands of requests
+    // comes on top of the age itself.
+    assert!(took <= MAX_AGE + Duration::from_secs(2), "the messages outlived their max_age by {took:?}");
 }

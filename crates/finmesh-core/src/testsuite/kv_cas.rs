@@ -164,6 +164,30 @@ pub async fn full_bucket_refuses_writes_and_evicts_nothing<H: Harness>() {
     assert_eq!(e.bucket_info(&b).await.unwrap().entries, stored.len() as u64 + 1);
 }
 
+/// Lowering a bucket's `max_bytes` below what it holds evicts nothing
+/// (JetStream KV discards new, also on an update): every value stays
+/// readable, and writes are refused until deletes make room.
+pub async fn lowering_max_bytes_evicts_nothing<H: Harness>() {
+    let h = H::start().await;
+    let e = h.engine();
+    let b = bucket("b");
+    let config = BucketConfig { max_bytes: Some(64 * 1024), ..BucketConfig::new(b.clone()) };
+    e.create_bucket(config.clone()).await.unwrap();
+    let value = Bytes::from(vec![b'v'; 100]);
+    let keys: Vec<_> = (0..20).map(|i| key(&format!("k{i}"))).collect();
+    for k in &keys {
+        e.kv_put(&b, k, value.clone()).await.unwrap();
+    }
+    let held = e.bucket_info(&b).await.unwrap().bytes;
+    e.update_bucket(BucketConfig { max_bytes: Some(held / 2), ..config }).await.unwrap();
+    for k in &keys {
+        assert_eq!(e.kv_get(&b, k).await.unwrap().map(|v| v.value), Some(value.clone()), "{k:?} evicted");
+    }
+    assert_eq!(e.bucket_info(&b).await.unwrap().entries, keys.len() as u64);
+    expect_kind(e.kv_put(&b, &key("new"), value.clone()).await, ErrorKind::TooLarge);
+    assert_eq!(e.kv_get(&b, &key("new")).await.unwrap(), None);
+}
+
 /// Entries older than the TTL disappear (get, keys, history); revisions
 /// continue after expiry.
 pub async fn ttl_expires_values<H: Harness>() {

@@ -68,7 +68,9 @@
 //!   `publish::publish_batch_refused_midway`.
 //!
 //! Engines agree, and the suite checks, where they once differed: a full
-//! bucket refuses writes (`kv_cas::full_bucket_refuses_writes_and_evicts_nothing`),
+//! bucket refuses writes and lowering its `max_bytes` evicts nothing
+//! (`kv_cas::full_bucket_refuses_writes_and_evicts_nothing`,
+//! `kv_cas::lowering_max_bytes_evicts_nothing`),
 //! dead-letter copies carry the stable message id
 //! `dlq.<stream>.<consumer>.<seq>` (`redelivery::max_deliver_dead_letters`),
 //! and `list_consumers` lists every durable consumer and no tail
@@ -288,6 +290,7 @@ macro_rules! engine_conformance_tests {
                 update_of_deleted_key_needs_the_marker_revision,
                 value_too_large_writes_nothing,
                 full_bucket_refuses_writes_and_evicts_nothing,
+                lowering_max_bytes_evicts_nothing,
                 ttl_expires_values,
                 revisions_increase_across_keys,
             ],
