@@ -7,7 +7,8 @@
 //! 2. [`ring`]: [`KeyRing`], versioned [`DataKey`]s and their states;
 //! 3. [`envelope`]: [`seal`] / [`open`] and the ciphertext format;
 //! 4. [`hash`]: [`hash_key`], the stored form of a sensitive key;
-//! 5. [`wrap`]: the [`MasterKey`] and the stored [`WrappedRing`].
+//! 5. [`pan`]: [`validate_pan`], [`mask_pan`], [`Masked`];
+//! 6. [`wrap`]: the [`MasterKey`] and the stored [`WrappedRing`].
 //!
 //! Key hierarchy: a master key (never stored in the engine) wraps the data
 //! keys. Data keys seal values (AES-256-GCM) and hash keys
@@ -23,12 +24,14 @@
 pub mod envelope;
 pub mod error;
 pub mod hash;
+pub mod pan;
 pub mod ring;
 pub mod wrap;
 
 pub use envelope::{OVERHEAD, key_id_of, open, seal};
 pub use error::{CryptoError, CryptoErrorKind, Result};
 pub use hash::{hash_key, hash_key_candidates, hashed_key_id};
+pub use pan::{Masked, PanError, Redacted, mask_pan, validate_pan};
 pub use ring::{DataKey, KeyId, KeyPurpose, KeyRing, KeyState};
 pub use wrap::{MasterKey, WrappedKey, WrappedRing};
 
