@@ -8,10 +8,14 @@
 //! 3. [`envelope`]: [`seal`] / [`open`] and the ciphertext format;
 //! 4. [`hash`]: [`hash_key`], the stored form of a sensitive key;
 //! 5. [`pan`]: [`validate_pan`], [`mask_pan`], [`Masked`];
-//! 6. [`wrap`]: the [`MasterKey`] and the stored [`WrappedRing`].
+//! 6. [`wrap`]: the [`MasterKey`] and the stored [`WrappedRing`];
+//! 7. [`provider`]: where the master key comes from ([`KeyProvider`]);
+//! 8. [`store`]: [`RingStore`], the ring kept in the engine itself.
 //!
-//! Key hierarchy: a master key (never stored in the engine) wraps the data
-//! keys. Data keys seal values (AES-256-GCM) and hash keys
+//! Key hierarchy: a master key (from a file or an environment variable,
+//! never stored in the engine) wraps the data keys; the wrapped ring lives in
+//! the engine's `_finmesh_keys` bucket, so every gateway on the same engine
+//! sees rotations. Data keys seal values (AES-256-GCM) and hash keys
 //! (HMAC-SHA-256).
 //!
 //! # Why aws-lc-rs
@@ -25,14 +29,18 @@ pub mod envelope;
 pub mod error;
 pub mod hash;
 pub mod pan;
+pub mod provider;
 pub mod ring;
+pub mod store;
 pub mod wrap;
 
 pub use envelope::{OVERHEAD, key_id_of, open, seal};
 pub use error::{CryptoError, CryptoErrorKind, Result};
 pub use hash::{hash_key, hash_key_candidates, hashed_key_id};
 pub use pan::{Masked, PanError, Redacted, mask_pan, validate_pan};
+pub use provider::{DEFAULT_MASTER_KEY_VAR, EnvKeyProvider, FileKeyProvider, KeyProvider};
 pub use ring::{DataKey, KeyId, KeyPurpose, KeyRing, KeyState};
+pub use store::{FOLLOW_MAX_BACKOFF, KEYS_BUCKET, RING_KEY, RingStore, keys_bucket_config};
 pub use wrap::{MasterKey, WrappedKey, WrappedRing};
 
 #[cfg(test)]
