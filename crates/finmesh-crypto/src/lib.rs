@@ -23,7 +23,21 @@
 //! AES-256-GCM and HMAC-SHA-256 come from aws-lc-rs, which the TLS stack
 //! already links (no new dependency), whose AES-GCM is the assembly of
 //! AWS-LC (AES-NI + PCLMULQDQ / VAES) from a FIPS 140-3 validated lineage,
-//! and whose key contexts are zeroed by aws-lc when freed.
+//! and whose key contexts are zeroed by aws-lc when freed. It is also the
+//! faster of the two candidates: `benches/seal.rs` against RustCrypto's
+//! `aes-gcm` 0.11, 256-byte values, 2-core VM (loaded by other builds),
+//! 2026-12-02, criterion estimates:
+//!
+//! | 256 B value                   | aws-lc-rs | aes-gcm 0.11 |
+//! |-------------------------------|-----------|--------------|
+//! | seal (nonce + AEAD)           | 1.80 µs   | 2.24 µs      |
+//! | open (AEAD)                   | 0.45 µs   | 0.81 µs      |
+//! | [`seal`] of this crate        | 1.40 µs   |              |
+//! | [`open`] of this crate        | 0.59 µs   |              |
+//!
+//! This crate's `seal` and `open` are both under the 2 µs target.
+//! BENCHMARKS.md has the command and the
+//! conditions.
 
 pub mod envelope;
 pub mod error;
