@@ -36,8 +36,7 @@
 //! | [`open`] of this crate        | 0.59 µs   |              |
 //!
 //! This crate's `seal` and `open` are both under the 2 µs target.
-//! BENCHMARKS.md has the command and the
-//! conditions.
+//! BENCHMARKS.md has the command and the conditions.
 
 pub mod envelope;
 pub mod error;

@@ -13,6 +13,12 @@
 //! - the master key is fetched from the [`KeyProvider`] before the engine
 //!   is touched, and a ring that does not unwrap is never replaced: a wrong
 //!   or missing master key at start is a clear error and changes nothing;
+//! - a new ring is created only where the ring key never had an entry
+//!   (`kv_update` at revision 0): if the stored ring was deleted or purged,
+//!   its marker stays and [`RingStore::open_or_create`] refuses rather than
+//!   start a new ring under which no existing value would open. (Deleting
+//!   the whole bucket cannot be told apart from a first start: it loses
+//!   every key.)
 //! - every change reads the latest stored ring, applies the change to a copy
 //!   and writes it back with `kv_update` at the revision it read; on a
 //!   conflict it starts again from the newer ring, so two gateways rotating
@@ -123,13 +129,22 @@ impl RingStore {
         }
         let ring = KeyRing::generate()?;
         let bytes = Bytes::from(WrappedRing::wrap(&ring, &master)?.to_bytes());
-        match engine.kv_create(&bucket, &key, bytes).await {
+        match engine.kv_update(&bucket, &key, bytes, Revision(0)).await {
             Ok(revision) => Ok(Self::new(engine, bucket, key, master, ring, revision)),
             Err(e) if e.kind() == ErrorKind::WrongRevision => {
-                // Another node created it first: use theirs.
-                let (ring, revision) =
-                    load(engine.as_ref(), &bucket, &key, &master).await?.ok_or_else(|| no_ring(&bucket))?;
-                Ok(Self::new(engine, bucket, key, master, ring, revision))
+                // Another node created it first (use theirs), or the ring
+                // was deleted and only its marker is left (refuse).
+                match load(engine.as_ref(), &bucket, &key, &master).await? {
+                    Some((ring, revision)) => Ok(Self::new(engine, bucket, key, master, ring, revision)),
+                    None => Err(CryptoError::new(
+                        CryptoErrorKind::NoRing,
+                        format!(
+                            "the key ring in bucket `{bucket}` was deleted (its marker is at revision {}); not \
+                             creating a new one, under which no existing value would open: restore the ring",
+                            e.current_revision().unwrap_or_default()
+                        ),
+                    )),
+                }
             }
             Err(e) => Err(e.into()),
         }

@@ -216,3 +216,18 @@ async fn a_following_gateway_picks_up_rotations_by_itself() {
     }
     follower.abort();
 }
+
+/// Regression guard: a deleted ring must not be silently replaced by a new
+/// one, which would leave every sealed value unreadable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_ring_is_not_replaced_by_a_new_one() {
+    let s = site();
+    RingStore::open_or_create(s.engine.clone(), &s.master, keys_bucket_config(1)).await.unwrap();
+    let ring_key = Key::new(RING_KEY).unwrap();
+    let marker = s.engine.kv_delete(&keys_bucket(), &ring_key).await.unwrap();
+    let e = RingStore::open_or_create(s.engine.clone(), &s.master, keys_bucket_config(1)).await.unwrap_err();
+    assert_eq!(e.kind(), CryptoErrorKind::NoRing);
+    assert!(e.to_string().contains(&format!("was deleted (its marker is at revision {marker})")), "{e}");
+    assert!(s.engine.kv_get(&keys_bucket(), &ring_key).await.unwrap().is_none(), "nothing was written");
+    assert_eq!(s.engine.bucket_info(&keys_bucket()).await.unwrap().last_revision, marker);
+}
