@@ -278,6 +278,32 @@ mod tests {
         assert_eq!(a, b);
     }
 
+    /// A version 1 ring written by a second, independent implementation
+    /// (Python's `cryptography`, from the format in the module doc) with
+    /// master key 0x80..0x9f: rings stored today must keep opening.
+    const STORED_V1: &str = r#"{"format": 1, "next_id": 4, "check": "YYnuvSZVy+aOV0pjW8GFIwTJWIhICmTRvA4wSw==", "keys": [{"id": 1, "purpose": "encryption", "state": "decrypt_only", "created": 1700000000000000000, "wrapped": "B4dCaMgTdDM9G/GOEwrCOh6ojDxAigzFoTKzRaVGo1sqTIBY4EQH3PGeVCBwXaNWSiNdvmQw9L6scy6G"}, {"id": 2, "purpose": "hashing", "state": "active", "created": 1700000000000000001, "wrapped": "0PKjA/+uDTxGrV+bjJL2Mr1PkOfOf80cL+sxwHDbHSgt1TdxgPRKN6+WiinuQ1baPDe5spwJ7Z1lpCDx"}, {"id": 3, "purpose": "encryption", "state": "active", "created": 1700000000000000002, "wrapped": "hjHQEGF7DQ/J+vQyfB9uEqQiCC+dE+D+e7I0DEwXcLEqco4Rswu5Ung+H0O6/WDlKFuDg0uaVYFU5W9n"}], "seal": "XZH6WJpMQ+HgVBjwdXhmcyTDUi+gxz6xd+gIsA=="}"#;
+
+    #[test]
+    fn known_answer_v1_ring_opens() {
+        let master = MasterKey::from_bytes(Zeroizing::new(std::array::from_fn(|i| 0x80 + i as u8))).unwrap();
+        let ring = WrappedRing::from_bytes(STORED_V1.as_bytes()).unwrap().unwrap(&master).unwrap();
+        let keys: Vec<_> =
+            ring.keys().map(|k| (k.id().0, k.purpose(), k.state(), k.created().0, k.material()[0])).collect();
+        assert_eq!(
+            keys,
+            vec![
+                (1, KeyPurpose::Encryption, KeyState::DecryptOnly, 1_700_000_000_000_000_000, 0x40),
+                (2, KeyPurpose::Hashing, KeyState::Active, 1_700_000_000_000_000_001, 0x20),
+                (3, KeyPurpose::Encryption, KeyState::Active, 1_700_000_000_000_000_002, 0x00),
+            ]
+        );
+        let expected: [u8; KEY_LEN] = std::array::from_fn(|i| 0x40 + i as u8);
+        assert_eq!(ring.get(KeyId(1)).unwrap().material(), &expected);
+        assert_eq!(ring.next_id(), KeyId(4));
+        let e = WrappedRing::from_bytes(STORED_V1.as_bytes()).unwrap().unwrap(&MasterKey::generate().unwrap());
+        assert_eq!(e.unwrap_err().kind(), CryptoErrorKind::WrongMasterKey);
+    }
+
     #[test]
     fn wrap_then_unwrap_gives_the_same_ring() {
         let (ring, master) = (rotated_ring(), MasterKey::generate().unwrap());
