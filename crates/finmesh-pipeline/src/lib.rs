@@ -10,7 +10,9 @@
 //!    Avro datum) or an [`Exception`] (row, line, column, reason);
 //! 3. [`coerce`]: the text rules of each Avro type and the binary encoding;
 //! 4. [`ingest`](mod@ingest): the driver that batches rows for a publisher,
-//!    reports progress every N rows and ends with an [`IngestReport`].
+//!    reports progress every N rows and ends with an [`IngestReport`];
+//! 5. [`feedgen`]: deterministic, realistic risk-feed files with a chosen share
+//!    of bad rows and of rows that fail each validation rule.
 //!
 //! The crate's invariant, checked by tests over hostile and random input:
 //! every row read is either one record or one exception
@@ -20,6 +22,7 @@
 //! User documentation: `docs/pipeline.md`.
 
 pub mod coerce;
+pub mod feedgen;
 pub mod ingest;
 pub mod reader;
 pub mod schema;
