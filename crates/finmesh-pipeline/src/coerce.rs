@@ -114,8 +114,7 @@ enum Parsed<'a> {
     Decimal(i128),
 }
 
-fn parse<'a>(field: &Field, cell: &'a [u8]) -> Result<Parsed<'a>, Reason> {
-    let text = std::str::from_utf8(cell).map_err(|e| Reason::InvalidUtf8 { offset: e.valid_up_to() })?;
+fn parse<'a>(field: &Field, text: &'a str) -> Result<Parsed<'a>, Reason> {
     let trimmed = if field.ty == FieldType::String { text } else { text.trim_ascii() };
     if trimmed.is_empty() {
         return if field.nullable.is_some() {
@@ -219,7 +218,8 @@ pub fn parse_decimal(t: &str, precision: usize, scale: usize) -> Result<i128, Re
     let int_digits = int_part.iter().skip_while(|&&b| b == b'0');
     let frac_digits = (0..scale).map(|i| frac_part.get(i).copied().unwrap_or(b'0'));
     for d in int_digits.copied().chain(frac_digits) {
-        v = v * 10 + i128::from(d - b'0');
+        // v < 10^precision <= 10^38 here, so v * 10 + 9 may pass i128::MAX.
+        v = v.checked_mul(10).and_then(|v| v.checked_add(i128::from(d - b'0'))).ok_or_else(too_many)?;
         if v >= limit {
             return Err(too_many());
         }
@@ -258,10 +258,19 @@ pub fn parse_date(t: &str) -> Option<i32> {
     Some(era * 146_097 + doe - 719_468)
 }
 
+fn utf8(cell: &[u8]) -> Result<&str, Reason> {
+    std::str::from_utf8(cell).map_err(|e| Reason::InvalidUtf8 { offset: e.valid_up_to() })
+}
+
 /// Coerces `cell` into `field` and appends its Avro binary datum to `out`.
 /// On error `out` is unchanged.
 pub fn encode_cell(field: &Field, cell: &[u8], out: &mut BytesMut) -> Result<(), Reason> {
-    let parsed = parse(field, cell)?;
+    encode_text(field, utf8(cell)?, out)
+}
+
+/// [`encode_cell`] for a cell already known to be UTF-8.
+pub fn encode_text(field: &Field, text: &str, out: &mut BytesMut) -> Result<(), Reason> {
+    let parsed = parse(field, text)?;
     if let Parsed::Default = parsed {
         out.extend_from_slice(field.default_datum.as_deref().unwrap_or_default());
         return Ok(());
@@ -310,7 +319,7 @@ pub fn encode_cell(field: &Field, cell: &[u8], out: &mut BytesMut) -> Result<(),
 /// Coerces `cell` into `field` as the [`Value`] apache-avro encodes to the
 /// same bytes as [`encode_cell`].
 pub fn cell_value(field: &Field, cell: &[u8]) -> Result<Value, Reason> {
-    let parsed = parse(field, cell)?;
+    let parsed = parse(field, utf8(cell)?)?;
     if let Parsed::Default = parsed {
         return Ok(field.default_value.clone().unwrap_or(Value::Null));
     }
@@ -482,6 +491,23 @@ mod tests {
             v
         });
         both(&fix, "9999999999999999.9999").unwrap();
+        // Precision 38: 38 nines fit, 39 digits are refused without overflow.
+        let nines = "9".repeat(38);
+        assert_eq!(parse_decimal(&nines, 38, 0), Ok(10i128.pow(38) - 1));
+        assert_eq!(parse_decimal(&format!("-{nines}"), 38, 0), Ok(1 - 10i128.pow(38)));
+        for text in [format!("{nines}9"), format!("{nines}99999"), format!("{nines}.5")] {
+            assert!(
+                matches!(
+                    parse_decimal(&text, 38, 0),
+                    Err(Reason::DecimalPrecision { .. } | Reason::DecimalScale { .. })
+                ),
+                "{text}"
+            );
+        }
+        assert!(matches!(
+            parse_decimal(&format!("{nines}9"), 38, 0),
+            Err(Reason::DecimalPrecision { precision: 38, .. })
+        ));
     }
 
     #[test]

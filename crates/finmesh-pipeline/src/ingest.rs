@@ -232,4 +232,13 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(1000), "1,000");
     }
+
+    #[cfg(feature = "indicatif")]
+    #[test]
+    fn progress_bar_follows_the_hook() {
+        let (bar, mut hook) = progress_bar(Some(1000));
+        hook(&Progress { rows: 10, records: 9, exceptions: 1, bytes: 400 });
+        assert_eq!(bar.position(), 400);
+        assert!(bar.message().starts_with("10 rows (1 exceptions), "), "{}", bar.message());
+    }
 }

@@ -44,7 +44,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use csv_core::ReadRecordResult;
 
-use crate::coerce::{Reason, encode_cell};
+use crate::coerce::{Reason, encode_cell, encode_text};
 use crate::schema::{ColumnMap, HeaderError, IngestSchema, Source};
 
 /// Limits and dialect of a [`RowReader`].
@@ -200,52 +200,77 @@ struct Tracker {
 }
 
 impl Tracker {
+    /// Follows `bytes` (the bytes csv_core just consumed). The two states
+    /// most bytes are read in, inside a field and inside quotes, skip
+    /// ordinary bytes in a tight loop; the rest goes byte by byte.
     fn scan(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            let is_term = b == b'\n' || b == b'\r';
-            if b == b'\n' {
-                self.line += 1;
-            }
-            self.state = match self.state {
-                Scan::StartRecord if is_term => Scan::StartRecord,
-                Scan::StartRecord | Scan::StartField => {
-                    if self.state == Scan::StartRecord {
-                        self.record_line = self.line;
-                        self.field = 0;
-                    }
-                    if b == b'"' {
-                        self.quote_at = (self.line, self.field);
-                        Scan::InQuoted
-                    } else if b == self.delimiter {
-                        self.field += 1;
-                        Scan::StartField
-                    } else if is_term {
-                        Scan::StartRecord
-                    } else {
-                        Scan::InField
-                    }
-                }
-                Scan::InField | Scan::QuoteInQuoted => {
-                    if self.state == Scan::QuoteInQuoted && b == b'"' {
-                        Scan::InQuoted
-                    } else if b == self.delimiter {
-                        self.field += 1;
-                        Scan::StartField
-                    } else if is_term {
-                        Scan::StartRecord
-                    } else {
-                        Scan::InField
+        let (mut i, n, delimiter) = (0, bytes.len(), self.delimiter);
+        while i < n {
+            match self.state {
+                Scan::InField => {
+                    while i < n && bytes[i] != delimiter && bytes[i] != b'\n' && bytes[i] != b'\r' {
+                        i += 1;
                     }
                 }
                 Scan::InQuoted => {
-                    if b == b'"' {
-                        Scan::QuoteInQuoted
-                    } else {
-                        Scan::InQuoted
+                    while i < n && bytes[i] != b'"' {
+                        self.line += u64::from(bytes[i] == b'\n');
+                        i += 1;
                     }
                 }
-            };
+                _ => {}
+            }
+            if i < n {
+                self.step(bytes[i]);
+                i += 1;
+            }
         }
+    }
+
+    fn step(&mut self, b: u8) {
+        let is_term = b == b'\n' || b == b'\r';
+        if b == b'\n' {
+            self.line += 1;
+        }
+        self.state = match self.state {
+            Scan::StartRecord if is_term => Scan::StartRecord,
+            Scan::StartRecord | Scan::StartField => {
+                if self.state == Scan::StartRecord {
+                    self.record_line = self.line;
+                    self.field = 0;
+                }
+                if b == b'"' {
+                    self.quote_at = (self.line, self.field);
+                    Scan::InQuoted
+                } else if b == self.delimiter {
+                    self.field += 1;
+                    Scan::StartField
+                } else if is_term {
+                    Scan::StartRecord
+                } else {
+                    Scan::InField
+                }
+            }
+            Scan::InField | Scan::QuoteInQuoted => {
+                if self.state == Scan::QuoteInQuoted && b == b'"' {
+                    Scan::InQuoted
+                } else if b == self.delimiter {
+                    self.field += 1;
+                    Scan::StartField
+                } else if is_term {
+                    Scan::StartRecord
+                } else {
+                    Scan::InField
+                }
+            }
+            Scan::InQuoted => {
+                if b == b'"' {
+                    Scan::QuoteInQuoted
+                } else {
+                    Scan::InQuoted
+                }
+            }
+        };
     }
 }
 
@@ -388,7 +413,7 @@ impl<R: Read> RowReader<R> {
                 exception(None, Reason::FieldCount { expected: self.map.columns().len(), found: self.nends }, &self.map)
             }
             RawRecord::Complete => match self.encode() {
-                Ok(avro) => Row::Record(Record { row, line, id: format!("{}:{row}", self.file), avro }),
+                Ok(avro) => Row::Record(Record { row, line, id: message_id(&self.file, row), avro }),
                 Err((column, reason)) => exception(Some(column), reason, &self.map),
             },
         };
@@ -421,28 +446,39 @@ impl<R: Read> RowReader<R> {
     /// Encodes the current complete row. On error: the column index and
     /// the reason; nothing stays in the encoding buffer.
     fn encode(&mut self) -> Result<Bytes, (usize, Reason)> {
-        if self.encoded.capacity() - self.encoded.len() < 1024 {
-            self.encoded.reserve(self.opts.encode_chunk_bytes.max(1024));
+        let RowReader { schema, map, data, ends, nends, encoded, opts, .. } = self;
+        if encoded.capacity() - encoded.len() < 1024 {
+            encoded.reserve(opts.encode_chunk_bytes.max(1024));
         }
-        debug_assert!(self.encoded.is_empty());
-        let schema = Arc::clone(&self.schema);
-        for (field, source) in schema.fields().iter().zip(self.map.sources()) {
+        debug_assert!(encoded.is_empty());
+        let used = if *nends == 0 { 0 } else { ends[*nends - 1] };
+        // One UTF-8 check for the whole row; a field is then valid when both
+        // its ends are character boundaries. Otherwise each field is checked
+        // on its own, which finds the failing field and offset.
+        let text = std::str::from_utf8(&data[..used]).ok();
+        for (field, source) in schema.fields().iter().zip(map.sources()) {
             let result = match *source {
                 Source::Column(c) => {
-                    let start = if c == 0 { 0 } else { self.ends[c - 1] };
-                    encode_cell(field, &self.data[start..self.ends[c]], &mut self.encoded).map_err(|r| (c, r))
+                    let (start, end) = (if c == 0 { 0 } else { ends[c - 1] }, ends[c]);
+                    match text {
+                        Some(t) if t.is_char_boundary(start) && t.is_char_boundary(end) => {
+                            encode_text(field, &t[start..end], encoded)
+                        }
+                        _ => encode_cell(field, &data[start..end], encoded),
+                    }
+                    .map_err(|r| (c, r))
                 }
                 Source::Default => {
-                    self.encoded.extend_from_slice(field.default_datum.as_deref().unwrap_or_default());
+                    encoded.extend_from_slice(field.default_datum.as_deref().unwrap_or_default());
                     Ok(())
                 }
             };
             if let Err(e) = result {
-                self.encoded.clear();
+                encoded.clear();
                 return Err(e);
             }
         }
-        Ok(self.encoded.split().freeze())
+        Ok(encoded.split().freeze())
     }
 
     fn fill(&mut self) -> Result<(), FileError> {
@@ -507,7 +543,12 @@ impl<R: Read> RowReader<R> {
                     if self.data.len() >= self.opts.max_record_bytes {
                         overflow = Some((Reason::RecordTooLarge { limit: self.opts.max_record_bytes }, None));
                     } else {
-                        let new_len = (self.data.len() * 2).min(self.opts.max_record_bytes).max(self.data.len() + 1);
+                        // Never more than the open field can use before it is
+                        // over its limit.
+                        let open_start = if self.nends == 0 { 0 } else { self.ends[self.nends - 1] };
+                        let cap = self.opts.max_record_bytes.min(open_start + self.opts.max_field_bytes + 1);
+                        let new_len = (self.data.len() * 2).min(cap).max(self.data.len() + 1);
+                        self.data.reserve_exact(new_len - self.data.len());
                         self.data.resize(new_len, 0);
                     }
                 }
@@ -516,6 +557,7 @@ impl<R: Read> RowReader<R> {
                         overflow = Some((Reason::TooManyFields { limit: self.opts.max_fields }, None));
                     } else {
                         let new_len = (self.ends.len() * 2).min(self.opts.max_fields);
+                        self.ends.reserve_exact(new_len - self.ends.len());
                         self.ends.resize(new_len, 0);
                     }
                 }
@@ -564,6 +606,26 @@ impl<R: Read> RowReader<R> {
     }
 }
 
+/// `<file>:<row>` without the formatting machinery (it is per row).
+fn message_id(file: &str, row: u64) -> String {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = row;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut id = String::with_capacity(file.len() + 1 + digits.len() - i);
+    id.push_str(file);
+    id.push(':');
+    id.extend(digits[i..].iter().map(|&d| char::from(d)));
+    id
+}
+
 /// Rows of one batch, as handed to a publisher: records (in row order) and
 /// exceptions (in row order).
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -585,5 +647,20 @@ impl Batch {
     pub fn clear(&mut self) {
         self.records.clear();
         self.exceptions.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::message_id;
+
+    #[test]
+    fn message_ids_are_file_colon_row() {
+        assert_eq!(message_id("f", 0), "f:0");
+        assert_eq!(message_id("feed-1.csv", 1), "feed-1.csv:1");
+        assert_eq!(message_id("x", u64::MAX), format!("x:{}", u64::MAX));
+        for n in [9, 10, 99, 100, 123_456_789] {
+            assert_eq!(message_id("a", n), format!("a:{n}"));
+        }
     }
 }

@@ -113,7 +113,8 @@ fn a_100_mib_field_is_an_exception_with_bounded_memory() {
             rows.push(row);
         }
         let peak = PEAK.load(Ordering::SeqCst) - base;
-        assert!(peak < 4 * MIB, "peak allocation {peak} bytes while reading a 100 MiB field (quoted: {quoted})");
+        eprintln!("peak allocation while reading a 100 MiB field (quoted: {quoted}): {peak} bytes");
+        assert!(peak < 5 * MIB / 2, "peak allocation {peak} bytes while reading a 100 MiB field (quoted: {quoted})");
         assert_eq!(rows.len(), 3);
         assert!(matches!(&rows[0], Row::Record(r) if r.row == 1));
         let Row::Exception(e) = &rows[1] else { panic!("row 2 is an exception: {:?}", rows[1]) };

@@ -169,6 +169,16 @@ fn non_utf8_bytes_are_an_exception_with_column_and_offset() {
     assert_eq!(e.column.as_deref(), Some("counterparty"));
     assert_eq!(e.reason, Reason::InvalidUtf8 { offset: 5 });
     assert_eq!(e.to_string(), "row 1 (line 2), column counterparty: invalid UTF-8 at byte 5 of the field");
+    // A character split across two fields: the row as a whole is UTF-8
+    // ("North" + C3 A9 = "Northé"), each of the two fields is not.
+    let mut input = format!("{HEADER}\n").into_bytes();
+    input.extend_from_slice(GOOD.replace("Northwind Bank plc,USD", "North\u{1},\u{2}USD").as_bytes());
+    let (a, b) = (input.iter().position(|&b| b == 1).unwrap(), input.iter().position(|&b| b == 2).unwrap());
+    (input[a], input[b]) = (0xC3, 0xA9);
+    let out = read(&input);
+    assert_eq!(out.exceptions.len(), 1);
+    assert_eq!(out.exceptions[0].column.as_deref(), Some("counterparty"));
+    assert_eq!(out.exceptions[0].reason, Reason::InvalidUtf8 { offset: 5 });
     // In the header: a file error.
     let out = read(b"trade_id,bo\xC3\x28k\n");
     assert!(matches!(out.error, Some(FileError::HeaderUtf8 { field: 2, offset: 2 })), "{:?}", out.error);
@@ -258,6 +268,11 @@ fn cell_errors_name_the_column() {
         out.exceptions[0].to_string(),
         "row 1 (line 2), column notional: expected decimal(18,2), found \"1O00.00\""
     );
+    assert_eq!(
+        serde_json::to_value(&out.exceptions[0]).unwrap(),
+        serde_json::json!({"row": 1, "line": 2, "column": "notional",
+            "reason": {"kind": "parse", "expected": "decimal(18,2)", "found": "1O00.00"}})
+    );
     let bad = GOOD.replace(",RATES,", ",COMMODITIES,");
     let out = read(format!("{HEADER}\n{bad}\n").as_bytes());
     assert_eq!(
@@ -309,6 +324,15 @@ fn reading_in_any_chunking_gives_the_same_rows() {
     assert_eq!(whole.exceptions, bytewise.exceptions);
     assert_eq!(whole.records.len(), 2, "{:?}", whole.exceptions);
     assert_eq!(whole.exceptions.len(), 1);
+}
+
+#[test]
+fn another_delimiter_is_an_option() {
+    let input = format!("{HEADER}\n{GOOD}\n").replace(',', ";");
+    let out = read_with(input.as_bytes(), risk(), ReaderOptions { delimiter: b';', ..ReaderOptions::default() });
+    assert_eq!(out.records.len(), 1, "{:?} {:?}", out.error, out.exceptions);
+    let out = read(input.as_bytes());
+    assert!(e_contains(&out, "unknown column(s): trade_id;book;"), "{:?}", out.error);
 }
 
 fn nullable_abc() -> Arc<IngestSchema> {
