@@ -213,10 +213,23 @@ pub fn parse_decimal(t: &str, precision: usize, scale: usize) -> Result<i128, Re
         return Err(Reason::DecimalScale { scale, found: quote(t) });
     }
     let too_many = || Reason::DecimalPrecision { precision, found: quote(t) };
-    let limit = 10i128.pow(precision as u32);
-    let mut v: i128 = 0;
     let int_digits = int_part.iter().skip_while(|&&b| b == b'0');
     let frac_digits = (0..scale).map(|i| frac_part.get(i).copied().unwrap_or(b'0'));
+    if precision <= 18 {
+        // v < 10^18 before each step, so v * 10 + 9 < 2^64: plain u64.
+        let limit = 10u64.pow(precision as u32);
+        let mut v: u64 = 0;
+        for d in int_digits.copied().chain(frac_digits) {
+            v = v * 10 + u64::from(d - b'0');
+            if v >= limit {
+                return Err(too_many());
+            }
+        }
+        let v = i128::from(v);
+        return Ok(if negative { -v } else { v });
+    }
+    let limit = 10i128.pow(precision as u32);
+    let mut v: i128 = 0;
     for d in int_digits.copied().chain(frac_digits) {
         // v < 10^precision <= 10^38 here, so v * 10 + 9 may pass i128::MAX.
         v = v.checked_mul(10).and_then(|v| v.checked_add(i128::from(d - b'0'))).ok_or_else(too_many)?;
@@ -576,6 +589,8 @@ mod tests {
             let a = unscaled.unsigned_abs();
             let text = format!("{sign}{}.{:02}", a / 100, a % 100);
             prop_assert_eq!(parse_decimal(&text, 18, 2).unwrap(), i128::from(unscaled));
+            prop_assert_eq!(parse_decimal(&text, 30, 2).unwrap(), i128::from(unscaled));
+            prop_assert_eq!(parse_decimal(&format!("{text}0"), 19, 3).unwrap(), i128::from(unscaled) * 10);
             both(&dec, &text).unwrap();
         }
 

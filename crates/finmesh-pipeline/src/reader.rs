@@ -200,10 +200,44 @@ struct Tracker {
 }
 
 impl Tracker {
-    /// Follows `bytes` (the bytes csv_core just consumed). The two states
-    /// most bytes are read in, inside a field and inside quotes, skip
-    /// ordinary bytes in a tight loop; the rest goes byte by byte.
+    /// Follows `bytes` (the bytes csv_core just consumed: at most one
+    /// record's end, so at most one record start).
     fn scan(&mut self, bytes: &[u8]) {
+        if matches!(self.state, Scan::StartRecord | Scan::StartField | Scan::InField) && !bytes.contains(&b'"') {
+            self.scan_unquoted(bytes);
+        } else {
+            self.scan_bytes(bytes);
+        }
+    }
+
+    /// Without a quote, and outside quotes at the start, only line breaks,
+    /// delimiters and the last byte matter: counted, not stepped through.
+    fn scan_unquoted(&mut self, mut bytes: &[u8]) {
+        if self.state == Scan::StartRecord {
+            let blank = bytes.iter().take_while(|&&b| b == b'\n' || b == b'\r').count();
+            self.line += count(&bytes[..blank], b'\n');
+            bytes = &bytes[blank..];
+            let Some(&first) = bytes.first() else { return };
+            self.record_line = self.line;
+            self.field = 0;
+            self.step(first);
+            bytes = &bytes[1..];
+        }
+        let Some(&last) = bytes.last() else { return };
+        self.line += count(bytes, b'\n');
+        self.field += count(bytes, self.delimiter) as usize;
+        self.state = if last == b'\n' || last == b'\r' {
+            Scan::StartRecord
+        } else if last == self.delimiter {
+            Scan::StartField
+        } else {
+            Scan::InField
+        };
+    }
+
+    /// Byte by byte, skipping ordinary bytes inside fields and quotes in
+    /// tight loops.
+    fn scan_bytes(&mut self, bytes: &[u8]) {
         let (mut i, n, delimiter) = (0, bytes.len(), self.delimiter);
         while i < n {
             match self.state {
@@ -272,6 +306,10 @@ impl Tracker {
             }
         };
     }
+}
+
+fn count(bytes: &[u8], b: u8) -> u64 {
+    bytes.iter().filter(|&&x| x == b).count() as u64
 }
 
 /// How reading one raw record ended.
@@ -652,7 +690,50 @@ impl Batch {
 
 #[cfg(test)]
 mod tests {
-    use super::message_id;
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tracker() -> Tracker {
+        Tracker { state: Scan::StartRecord, delimiter: b',', line: 1, record_line: 1, field: 0, quote_at: (1, 0) }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// The counting fast path agrees with stepping byte by byte on the
+        /// chunks csv_core consumes, whatever the read sizes.
+        #[test]
+        fn tracker_fast_path_matches_byte_by_byte(
+            input in proptest::collection::vec(prop_oneof![
+                Just(b','), Just(b'"'), Just(b'\n'), Just(b'\r'), Just(b'a'), Just(b'1')
+            ], 0..80),
+            read_size in 1usize..12,
+        ) {
+            let mut core = csv_core::Reader::new();
+            let (mut fast, mut slow) = (tracker(), tracker());
+            let (mut out, mut ends) = ([0u8; 256], [0usize; 128]);
+            let mut pos = 0;
+            loop {
+                let end = (pos + read_size).min(input.len());
+                let (res, nin, _, _) = core.read_record(&input[pos..end], &mut out, &mut ends);
+                fast.scan(&input[pos..pos + nin]);
+                slow.scan_bytes(&input[pos..pos + nin]);
+                pos += nin;
+                prop_assert_eq!(fast.state, slow.state);
+                prop_assert_eq!(fast.line, slow.line);
+                prop_assert_eq!(fast.record_line, slow.record_line);
+                prop_assert_eq!(fast.quote_at, slow.quote_at);
+                if fast.state != Scan::StartRecord {
+                    prop_assert_eq!(fast.field, slow.field);
+                }
+                // Once the input is used up, the empty input tells csv_core
+                // it has ended: the last record, then End.
+                if res == ReadRecordResult::End {
+                    break;
+                }
+            }
+        }
+    }
 
     #[test]
     fn message_ids_are_file_colon_row() {
