@@ -34,7 +34,7 @@ fn feed() -> Vec<u8> {
             notional_not_positive: 0.01,
             unknown_currency: 0.01,
             maturity_out_of_range: 0.01,
-            counterparty_null_outside_rates_fx: 0.01,
+            counterparty_null_or_desk_not_rates_fx: 0.01,
         },
         ..GenOptions::default()
     };

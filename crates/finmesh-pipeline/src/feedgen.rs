@@ -9,13 +9,15 @@
 //! - *rule-failing rows* ([`RuleFail`]) fit the schema but break one of the
 //!   sample validation rules: notional `<= 0`, a currency not in the
 //!   reference data, a maturity outside `[2020-01-01, 2080-12-31]`, a null
-//!   counterparty on a desk other than RATES or FX.
+//!   counterparty or a desk other than RATES and FX (the rule is
+//!   `counterparty NOT NULL AND desk IN (RATES, FX)`).
 //!
 //! Invariants: output is a pure function of [`GenOptions`] (same options,
 //! same bytes); every defective row carries exactly one defect, so the
 //! counts in [`GenSummary`] are what ingest and validation must find; good
-//! rows pass every rule above (a null counterparty appears only on RATES
-//! and FX rows).
+//! rows pass every rule above (so they are all RATES or FX rows with a
+//! counterparty; CREDIT and EQ rows appear only as failures of the fourth
+//! rule).
 
 use std::io::{self, Write};
 
@@ -100,7 +102,7 @@ pub enum RuleFail {
     NotionalNotPositive,
     UnknownCurrency,
     MaturityOutOfRange,
-    CounterpartyNullOutsideRatesFx,
+    CounterpartyNullOrDeskNotRatesFx,
 }
 
 /// Share of all rows (0.0..=1.0) that break each rule.
@@ -109,7 +111,7 @@ pub struct RuleFailShares {
     pub notional_not_positive: f64,
     pub unknown_currency: f64,
     pub maturity_out_of_range: f64,
-    pub counterparty_null_outside_rates_fx: f64,
+    pub counterparty_null_or_desk_not_rates_fx: f64,
 }
 
 /// What to generate.
@@ -153,7 +155,7 @@ pub struct GenSummary {
     pub notional_not_positive: u64,
     pub unknown_currency: u64,
     pub maturity_out_of_range: u64,
-    pub counterparty_null_outside_rates_fx: u64,
+    pub counterparty_null_or_desk_not_rates_fx: u64,
     /// Bytes written.
     pub bytes: u64,
 }
@@ -171,7 +173,7 @@ pub fn generate<W: Write>(out: W, opts: &GenOptions) -> io::Result<GenSummary> {
         opts.rule_fail.notional_not_positive,
         opts.rule_fail.unknown_currency,
         opts.rule_fail.maturity_out_of_range,
-        opts.rule_fail.counterparty_null_outside_rates_fx,
+        opts.rule_fail.counterparty_null_or_desk_not_rates_fx,
     ];
     if shares.iter().any(|s| !(0.0..=1.0).contains(s)) || shares.iter().sum::<f64>() > 1.0 + 1e-9 {
         return Err(io::Error::new(
@@ -194,7 +196,7 @@ pub fn generate<W: Write>(out: W, opts: &GenOptions) -> io::Result<GenSummary> {
             Kind::Rule(RuleFail::NotionalNotPositive),
             Kind::Rule(RuleFail::UnknownCurrency),
             Kind::Rule(RuleFail::MaturityOutOfRange),
-            Kind::Rule(RuleFail::CounterpartyNullOutsideRatesFx),
+            Kind::Rule(RuleFail::CounterpartyNullOrDeskNotRatesFx),
         ];
         for (share, k) in shares.iter().zip(kinds) {
             acc += share;
@@ -231,7 +233,7 @@ pub fn generate<W: Write>(out: W, opts: &GenOptions) -> io::Result<GenSummary> {
                     RuleFail::NotionalNotPositive => s.notional_not_positive += 1,
                     RuleFail::UnknownCurrency => s.unknown_currency += 1,
                     RuleFail::MaturityOutOfRange => s.maturity_out_of_range += 1,
-                    RuleFail::CounterpartyNullOutsideRatesFx => s.counterparty_null_outside_rates_fx += 1,
+                    RuleFail::CounterpartyNullOrDeskNotRatesFx => s.counterparty_null_or_desk_not_rates_fx += 1,
                 }
             }
         }
@@ -262,6 +264,7 @@ impl<W: Write> Write for CountingWriter<W> {
 
 /// Column indexes into [`COLUMNS`].
 const TRADE_ID: usize = 0;
+const BOOK: usize = 1;
 const DESK: usize = 2;
 const COUNTERPARTY: usize = 3;
 const CCY: usize = 4;
@@ -279,14 +282,9 @@ const GOOD_MATURITY: (i32, i32) = (20_819, 38_715);
 
 fn good_row(rng: &mut fastrand::Rng, row: u64, as_of: &str, cells: &mut Vec<String>) {
     cells.clear();
-    let desk_i = rng.usize(0..DESKS.len());
-    let desk = DESKS[desk_i];
-    // Null counterparties only where the rules allow them.
-    let counterparty = if desk_i < 2 && rng.u8(0..20) == 0 {
-        String::new()
-    } else {
-        COUNTERPARTIES[rng.usize(0..COUNTERPARTIES.len())].to_string()
-    };
+    // The rules let only RATES and FX rows with a counterparty pass.
+    let desk = DESKS[rng.usize(0..2)];
+    let counterparty = COUNTERPARTIES[rng.usize(0..COUNTERPARTIES.len())].to_string();
     // Weighted towards the majors.
     let ccy = if rng.bool() { CURRENCIES[rng.usize(0..3)].0 } else { CURRENCIES[rng.usize(0..CURRENCIES.len())].0 };
     let notional_units = 10u64.pow(rng.u32(3..9)) * rng.u64(1..10);
@@ -347,9 +345,21 @@ fn break_rule(rng: &mut fastrand::Rng, rule: RuleFail, cells: &mut [String]) {
             let days = if rng.bool() { rng.i32(7_305..=18_261) } else { rng.i32(40_543..=47_481) };
             cells[MATURITY] = date(days);
         }
-        RuleFail::CounterpartyNullOutsideRatesFx => {
-            cells[DESK] = DESKS[2 + rng.usize(0..2)].to_string();
-            cells[COUNTERPARTY].clear();
+        RuleFail::CounterpartyNullOrDeskNotRatesFx => {
+            // A null counterparty, another desk, or both.
+            let (null, other_desk) = match rng.u8(0..3) {
+                0 => (true, false),
+                1 => (false, true),
+                _ => (true, true),
+            };
+            if null {
+                cells[COUNTERPARTY].clear();
+            }
+            if other_desk {
+                let desk = DESKS[2 + rng.usize(0..2)];
+                cells[DESK] = desk.to_string();
+                cells[BOOK] = format!("{desk}-{:02}", rng.u8(1..25));
+            }
         }
     }
 }
@@ -365,7 +375,7 @@ pub fn sample_options() -> GenOptions {
             notional_not_positive: 0.05,
             unknown_currency: 0.05,
             maturity_out_of_range: 0.05,
-            counterparty_null_outside_rates_fx: 0.05,
+            counterparty_null_or_desk_not_rates_fx: 0.05,
         },
         ..GenOptions::default()
     }
@@ -423,7 +433,7 @@ mod tests {
                 notional_not_positive: 0.02,
                 unknown_currency: 0.03,
                 maturity_out_of_range: 0.01,
-                counterparty_null_outside_rates_fx: 0.04,
+                counterparty_null_or_desk_not_rates_fx: 0.04,
             },
             ..GenOptions::default()
         };
@@ -435,7 +445,7 @@ mod tests {
             s.notional_not_positive
                 + s.unknown_currency
                 + s.maturity_out_of_range
-                + s.counterparty_null_outside_rates_fx
+                + s.counterparty_null_or_desk_not_rates_fx
         );
         // 20,000 draws: 6 standard deviations of a 5% share is ~0.9%.
         let near = |n: u64, share: f64| ((n as f64 / 20_000.0) - share).abs() < 0.01;
@@ -443,6 +453,6 @@ mod tests {
         assert!(near(s.notional_not_positive, 0.02), "{s:?}");
         assert!(near(s.unknown_currency, 0.03), "{s:?}");
         assert!(near(s.maturity_out_of_range, 0.01), "{s:?}");
-        assert!(near(s.counterparty_null_outside_rates_fx, 0.04), "{s:?}");
+        assert!(near(s.counterparty_null_or_desk_not_rates_fx, 0.04), "{s:?}");
     }
 }

@@ -34,7 +34,7 @@ fn generated_defects_are_found_where_they_belong() {
             notional_not_positive: 0.02,
             unknown_currency: 0.02,
             maturity_out_of_range: 0.02,
-            counterparty_null_outside_rates_fx: 0.02,
+            counterparty_null_or_desk_not_rates_fx: 0.02,
         },
         ..GenOptions::default()
     };
@@ -65,7 +65,7 @@ fn generated_defects_are_found_where_they_belong() {
 
     let known: HashSet<&str> = feedgen::CURRENCIES.iter().map(|c| c.0).collect();
     let (lo, hi) = (18_262, 40_542); // 2020-01-01, 2080-12-31
-    let (mut nonpositive, mut unknown, mut out_of_range, mut null_cpty) = (0, 0, 0, 0);
+    let (mut nonpositive, mut unknown, mut out_of_range, mut cpty_rule) = (0, 0, 0, 0);
     let decoder = GenericDatumReader::builder(schema.avro()).build().unwrap();
     let mut ids = HashSet::new();
     for r in batches.iter().flat_map(|b| &b.records) {
@@ -86,14 +86,14 @@ fn generated_defects_are_found_where_they_belong() {
             out_of_range += 1;
         }
         let rates_fx = matches!(get("desk"), Value::Enum(0 | 1, _));
-        if !rates_fx && *get("counterparty") == Value::Union(0, Box::new(Value::Null)) {
-            null_cpty += 1;
+        if !rates_fx || *get("counterparty") == Value::Union(0, Box::new(Value::Null)) {
+            cpty_rule += 1;
         }
     }
     assert_eq!(nonpositive, summary.notional_not_positive);
     assert_eq!(unknown, summary.unknown_currency);
     assert_eq!(out_of_range, summary.maturity_out_of_range);
-    assert_eq!(null_cpty, summary.counterparty_null_outside_rates_fx);
+    assert_eq!(cpty_rule, summary.counterparty_null_or_desk_not_rates_fx);
     let mut kinds: Vec<&str> = batches.iter().flat_map(|b| &b.exceptions).map(|e| e.reason.kind()).collect();
     kinds.sort();
     kinds.dedup();
