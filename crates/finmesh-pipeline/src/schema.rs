@@ -461,6 +461,21 @@ mod tests {
     }
 
     #[test]
+    fn a_default_that_does_not_fit_is_refused_naming_the_field() {
+        let e = IngestSchema::parse(
+            r#"{"type":"record","name":"T","fields":[{"name":"when","type":{"type":"int","logicalType":"date"},"default":"soon"}]}"#,
+        )
+        .unwrap_err();
+        // apache-avro checks most defaults itself; either way the field is named.
+        assert!(e.to_string().contains("field `when`"), "{e}");
+        let e = IngestSchema::parse(
+            r#"{"type":"record","name":"T","fields":[{"name":"d","type":{"type":"enum","name":"D","symbols":["A"]},"default":"B"}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("field `d`") && e.to_string().contains("\"B\""), "{e}");
+    }
+
+    #[test]
     fn fixed_decimal_size_must_hold_the_precision() {
         assert_eq!(max_precision_for_fixed(1), 2);
         assert_eq!(max_precision_for_fixed(8), 18);

@@ -103,6 +103,24 @@ fn good_rows_become_decodable_avro_records() {
     assert_eq!((out.records[1].row, out.records[1].line), (2, 3));
 }
 
+/// A record is the raw datum, and the fingerprint is what Avro's
+/// single-object encoding would put before it: `C3 01`, fingerprint, datum.
+#[test]
+fn records_are_raw_datums_and_the_fingerprint_is_the_single_object_ones() {
+    let out = read(format!("{HEADER}\n{GOOD}\n").as_bytes());
+    let schema = risk();
+    let value = Value::Record(decode(&schema, &out.records[0].avro));
+    let mut single = Vec::new();
+    apache_avro::GenericSingleObjectWriter::new_with_capacity(schema.avro(), 1024)
+        .unwrap()
+        .write_value(value, &mut single)
+        .unwrap();
+    assert_eq!(&single[..2], &[0xC3, 0x01]);
+    assert_eq!(single[2..10], schema.fingerprint());
+    assert_eq!(&single[10..], &out.records[0].avro[..]);
+    assert_eq!(schema.fingerprint_hex().len(), 16);
+}
+
 #[test]
 fn wrong_column_counts_name_expected_and_found() {
     let input = format!("{HEADER}\n{GOOD}\nT2,RATES-01,RATES\n{GOOD},extra\n{GOOD}\n");
