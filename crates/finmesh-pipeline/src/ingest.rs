@@ -7,6 +7,11 @@
 //! [`IngestOptions::progress_every`] rows and once at the end) and the
 //! report's figures.
 //!
+//! Reading is blocking `std::io::Read`; an async publisher runs [`ingest`]
+//! on a blocking thread (`tokio::task::spawn_blocking`) with a sink that
+//! sends each batch into a bounded channel (`blocking_send`), so a slow
+//! publisher slows the reader instead of filling memory.
+//!
 //! Invariants: the report's `rows == records + exceptions`; a batch handed
 //! to the sink is never empty; when the sink fails, ingest stops at once
 //! and says which batch failed; when the file fails, the report of what was

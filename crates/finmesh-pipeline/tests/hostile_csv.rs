@@ -341,6 +341,13 @@ fn reading_in_any_chunking_gives_the_same_rows() {
     assert_eq!(whole.records, bytewise.records);
     assert_eq!(whole.exceptions, bytewise.exceptions);
     assert_eq!(whole.records.len(), 2, "{:?}", whole.exceptions);
+    // The reader is also an iterator of rows.
+    let rows: Vec<Row> = RowReader::new(input.as_bytes(), risk(), "f", ReaderOptions::default())
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(matches!(&rows[2], Row::Exception(e) if e.row == 3));
     assert_eq!(whole.exceptions.len(), 1);
 }
 
