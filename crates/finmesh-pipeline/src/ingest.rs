@@ -49,7 +49,7 @@ pub struct IngestReport {
     pub exceptions: u64,
     /// Input bytes read.
     pub bytes: u64,
-    /// Wall time from the first read to the last batch accepted.
+    /// Wall time of the `ingest` call (the header was read before it).
     #[serde(rename = "elapsed_s", serialize_with = "secs")]
     pub elapsed: Duration,
     /// `rows / elapsed`.

@@ -234,6 +234,39 @@ fn bom_is_dropped_and_crlf_accepted() {
     assert_eq!(out.records.len(), 2);
 }
 
+/// Hands out `data`, failing once with `Interrupted` first, then with a
+/// real error once `data` is used up.
+struct Failing<'a> {
+    data: &'a [u8],
+    interrupted: bool,
+}
+
+impl Read for Failing<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !self.interrupted {
+            self.interrupted = true;
+            return Err(std::io::ErrorKind::Interrupted.into());
+        }
+        if self.data.is_empty() {
+            return Err(std::io::Error::other("disk on fire"));
+        }
+        let n = buf.len().min(self.data.len()).min(100);
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+#[test]
+fn a_failing_input_is_a_file_error_after_the_rows_it_gave() {
+    let input = format!("{HEADER}\n{GOOD}\n{GOOD}\n");
+    let out = read_with(Failing { data: input.as_bytes(), interrupted: false }, risk(), ReaderOptions::default());
+    assert_eq!(out.records.len(), 2, "interrupted reads are retried");
+    let e = out.error.expect("file error");
+    assert_eq!(e.kind(), "io");
+    assert_eq!(e.to_string(), format!("read error after {} bytes: disk on fire", input.len()));
+}
+
 /// A reader that hands out one byte per `read`.
 struct OneByteAtATime<'a>(&'a [u8]);
 
