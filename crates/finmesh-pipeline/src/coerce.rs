@@ -377,7 +377,7 @@ fn minimal_twos_complement(be: &[u8; 16]) -> &[u8] {
 }
 
 /// Avro `long`/`int`: zig-zag, then base-128 varint.
-pub fn put_long(out: &mut BytesMut, v: i64) {
+pub(crate) fn put_long(out: &mut BytesMut, v: i64) {
     let mut z = ((v << 1) ^ (v >> 63)) as u64;
     let mut buf = [0u8; 10];
     let mut n = 0;
