@@ -14,7 +14,7 @@ use std::cmp::Ordering;
 use crate::ast::{CmpOp, Expr, ExprKind, Ident, LitValue, Literal, Operand};
 use crate::error::{ErrorKind, RuleError, Span, closest};
 use crate::eval::{Lit, Node, Truth};
-use crate::literal::Number;
+use crate::literal::{Number, parse_date, parse_timestamp};
 use crate::record::{Datasets, KeyType};
 use crate::schema::{FieldInfo, RecordFields, ScalarType};
 
@@ -101,7 +101,7 @@ impl<'a> Checker<'a> {
     fn ordered(&mut self, field: &FieldInfo, op_span: Span, what: &str) -> bool {
         if matches!(field.ty, ScalarType::Enum { .. } | ScalarType::Bool) {
             let message = format!("{what} does not apply to {} field `{}`", field.type_name, field.name);
-            self.errors.push(mismatch(op_span, message).with_help("compare it with = , != or IN (…)"));
+            self.errors.push(mismatch(op_span, message).with_help("compare it with =, != or IN (…)"));
             return false;
         }
         true
@@ -333,9 +333,15 @@ impl<'a> Checker<'a> {
                 }
             },
             (ScalarType::Bool, LitValue::Bool(b)) => Ok(Lit::Bool(*b)),
-            (ScalarType::Date, LitValue::Str(_)) => Err(wrong_kind(Some("write dates without quotes: 2020-01-31"))),
-            (ScalarType::Timestamp(_), LitValue::Str(_)) => {
-                Err(wrong_kind(Some("write timestamps without quotes: 2020-01-31T12:00:00Z")))
+            (ScalarType::Date | ScalarType::Timestamp(_), LitValue::Str(s)) => {
+                let help = if parse_date(s).is_ok() || parse_timestamp(s).is_ok() {
+                    format!("write it without quotes: {s}")
+                } else if field.ty == ScalarType::Date {
+                    "write dates without quotes, as YYYY-MM-DD".to_string()
+                } else {
+                    "write timestamps without quotes, as YYYY-MM-DDTHH:MM:SSZ".to_string()
+                };
+                Err(wrong_kind(Some(&help)))
             }
             (ScalarType::Int | ScalarType::Float { .. } | ScalarType::Decimal { .. }, LitValue::Str(s))
                 if s.parse::<f64>().is_ok() =>
