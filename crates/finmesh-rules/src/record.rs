@@ -6,9 +6,11 @@
 //! [`FieldRef`] of the kind listed for that field's Avro type on [`FieldRef`].
 //! A value of another kind is not an error: every predicate on it is unknown
 //! (so the rule fails), exactly as for null. `field` must not allocate if the
-//! caller wants evaluation free of allocation; the provided views over
-//! `apache_avro::types::Value` allocate only for Avro `decimal` values, whose
-//! digits apache-avro hands out only as a new `Vec`.
+//! caller wants evaluation free of allocation. The provided views over
+//! `apache_avro::types::Value` allocate only when a rule reads an Avro
+//! `decimal` value, whose digits apache-avro hands out only as new `Vec`s; a
+//! stage that wants those free too supplies [`FieldRef::Decimal`] from its own
+//! view (`tests/no_alloc.rs` pins both).
 
 use apache_avro::types::Value;
 
