@@ -283,7 +283,8 @@ impl<'a> Checker<'a> {
                 mismatch(lit.span, why)
             }),
             (ScalarType::Float { single }, LitValue::Number(text)) => {
-                let value = Number::parse(text).to_f64(text);
+                // The lexer only makes `-?digits(.digits)?`, which always parses.
+                let value: f64 = text.parse().unwrap_or(f64::NAN);
                 // A float field holds f32 values: round the literal the same way so `x = 0.1` can hold.
                 Ok(Lit::Float(if *single { f64::from(value as f32) } else { value }))
             }

@@ -114,8 +114,7 @@ impl RuleError {
 
     /// 1-based line and column (in characters) of the start of the span in `source`.
     pub fn line_col(&self, source: &str) -> (usize, usize) {
-        let at = Located::new(source, self.span);
-        (at.line, at.col)
+        line_col(source, self.span)
     }
 
     /// The error as text: `origin:line:col: message`, the source line, and a caret
@@ -154,6 +153,12 @@ impl fmt::Display for RuleError {
 }
 
 impl std::error::Error for RuleError {}
+
+/// 1-based line and column (in characters) of the start of `span` in `source`.
+pub(crate) fn line_col(source: &str, span: Span) -> (usize, usize) {
+    let at = Located::new(source, span);
+    (at.line, at.col)
+}
 
 /// Renders every error of one source, in source order, separated by blank lines.
 pub fn render_all(errors: &[RuleError], source: &str, origin: &str) -> String {

@@ -315,7 +315,7 @@ mod tests {
     #[test]
     fn lexes_a_rule_with_every_literal_kind() {
         let (tokens, errors) = toks(
-            "rule r: x >= -1.5 and d IN RANGE [2020-01-01, 2020-01-01T10:00:00Z] or s = \"a\\\"b\" # c\n`in` != 3",
+            "rule r: x >= -1.5 and d IN RANGE [2020-01-01, 2020-01-01T10:00:00Z] or s = \"a\\\"b\" # c\n`in` <> 3",
         );
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(

@@ -150,11 +150,6 @@ impl<'a> Number<'a> {
         }
         Some(if self.negative { -value } else { value })
     }
-
-    /// The nearest `f64`.
-    pub(crate) fn to_f64(&self, text: &str) -> f64 {
-        text.parse().unwrap_or(f64::NAN)
-    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use apache_avro::Schema;
 use apache_avro::types::Value;
 
 use crate::check::Checker;
-use crate::error::{ErrorKind, RuleError, Span};
+use crate::error::{ErrorKind, RuleError, Span, line_col};
 use crate::eval::{Node, Truth};
 use crate::parser::parse;
 use crate::record::{DatasetId, Datasets, Lookup, RecordView};
@@ -59,7 +59,7 @@ impl RuleSet {
         let mut rules = Vec::with_capacity(file.rules.len());
         for rule in &file.rules {
             if let Some(first) = seen.get(rule.name.name.as_str()) {
-                let (line, col) = RuleError::new(ErrorKind::DuplicateRule, *first, "").line_col(source);
+                let (line, col) = line_col(source, *first);
                 checker.errors.push(
                     RuleError::new(
                         ErrorKind::DuplicateRule,

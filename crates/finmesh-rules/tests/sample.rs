@@ -181,3 +181,23 @@ fn check_file_summarises_the_example_and_renders_errors_with_the_path() {
     assert_eq!(errors[0].kind, ErrorKind::Schema);
     assert!(errors[0].message.contains("must be a record"), "{:?}", errors[0]);
 }
+
+#[test]
+fn a_rule_set_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync + 'static>() {}
+    shared::<RuleSet>();
+    shared::<finmesh_rules::Datasets>();
+    let rules = std::sync::Arc::new(sample());
+    let handles: Vec<_> = (0..2)
+        .map(|i| {
+            let rules = rules.clone();
+            std::thread::spawn(move || {
+                let mut t = good_trade();
+                t.notional = if i == 0 { 1.0 } else { -1.0 };
+                failing(&rules, &t)
+            })
+        })
+        .collect();
+    let results: Vec<Vec<String>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(results, [vec![], vec!["notional_positive".to_string()]]);
+}
