@@ -289,14 +289,17 @@ impl<'a> Checker<'a> {
                 Ok(Lit::Float(if *single { f64::from(value as f32) } else { value }))
             }
             (ScalarType::Decimal { scale }, LitValue::Number(text)) => {
-                Number::parse(text).to_scaled(*scale).map(Lit::Decimal).ok_or_else(|| {
-                    mismatch(
-                        lit.span,
+                let number = Number::parse(text);
+                number.to_scaled(*scale).map(Lit::Decimal).ok_or_else(|| {
+                    let why = if number.frac.trim_end_matches('0').len() > *scale as usize {
                         format!(
-                            "{text} has more decimal places than field `{}` ({}) holds, or too many digits",
+                            "{text} has more decimal places than field `{}` ({}) holds",
                             field.name, field.type_name
-                        ),
-                    )
+                        )
+                    } else {
+                        format!("{text} has more digits than field `{}` ({}) holds", field.name, field.type_name)
+                    };
+                    mismatch(lit.span, why)
                 })
             }
             (ScalarType::Date, LitValue::Date(d)) => Ok(Lit::Date(*d)),

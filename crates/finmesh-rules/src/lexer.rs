@@ -284,16 +284,18 @@ impl Lexer<'_, '_> {
             ('[', _) => self.push(Tok::LBracket, start),
             (']', _) => self.push(Tok::RBracket, start),
             ('&', _) | ('|', _) | ('!', _) => {
-                let word = match c {
-                    '&' => "AND",
-                    '|' => "OR",
-                    _ => "NOT",
+                let (word, kw) = match c {
+                    '&' => ("AND", Kw::And),
+                    '|' => ("OR", Kw::Or),
+                    _ => ("NOT", Kw::Not),
                 };
                 if next == Some(c) {
                     self.pos += 1;
                 }
                 self.error(ErrorKind::Syntax, start, format!("unexpected `{}`", &self.src[start..self.pos]))
                     .set_help(format!("write `{word}`"));
+                // Read as what it surely meant, so the parser does not report it a second time.
+                self.push(Tok::Kw(kw), start);
             }
             (c, _) => {
                 self.error(ErrorKind::Syntax, start, format!("unexpected character `{}`", c.escape_debug()));

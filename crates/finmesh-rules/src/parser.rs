@@ -30,6 +30,9 @@ pub const MAX_DEPTH: usize = 64;
 /// file holds every rule that parsed.
 pub fn parse(src: &str, errors: &mut Vec<RuleError>) -> RuleFile {
     let tokens = lex(src, errors);
+    // Where the lexer already complained: a syntax error that follows one of
+    // these in the same rule is its echo and is not reported again.
+    let lex_errors: Vec<usize> = errors.iter().map(|e| e.span().start).collect();
     let mut parser = Parser { src, tokens, pos: 0, depth: 0 };
     let mut rules = Vec::new();
     while !parser.at(&Tok::Eof) {
@@ -37,7 +40,10 @@ pub fn parse(src: &str, errors: &mut Vec<RuleError>) -> RuleFile {
         match parser.rule() {
             Ok(rule) => rules.push(rule),
             Err(error) => {
-                errors.push(error);
+                let from = parser.tokens[start].span.start;
+                if !lex_errors.iter().any(|&at| from <= at && at <= error.span().start) {
+                    errors.push(error);
+                }
                 parser.skip_to_next_rule(start);
             }
         }
@@ -129,7 +135,11 @@ impl Parser<'_> {
         self.expect(&Tok::Colon, "`:` after the rule name")?;
         let expr = self.or()?;
         if !self.at(&Tok::Eof) && !self.at_kw(Kw::Rule) {
-            return Err(self.unexpected("AND, OR or the next `rule`"));
+            let mut error = self.unexpected("AND, OR or the next `rule`");
+            if self.at_kw(Kw::Not) {
+                error.set_help("after a value, NOT is followed by NULL or IN");
+            }
+            return Err(error);
         }
         Ok(RuleDef { name, expr })
     }
@@ -370,6 +380,30 @@ mod tests {
         assert_eq!(file.rules.len(), 1);
         assert_eq!(errors.len(), 3, "{errors:?}");
         assert!(errors.iter().all(|e| e.kind() == ErrorKind::Syntax));
+    }
+
+    #[test]
+    fn a_bad_character_is_reported_once_not_again_by_the_parser() {
+        let mut errors = Vec::new();
+        let file = parse(
+            "rule a: x ~ 1
+rule b: y && z || NOT !w
+rule c: (",
+            &mut errors,
+        );
+        let messages: Vec<&str> = errors.iter().map(RuleError::message).collect();
+        assert_eq!(
+            messages,
+            [
+                "unexpected character `~`",
+                "unexpected `&&`",
+                "unexpected `||`",
+                "unexpected `!`",
+                "expected a field, a literal, `(`, NOT or LOOKUP, found the end of the file"
+            ]
+        );
+        // `&&`, `||` and `!` read as AND, OR and NOT: rule b parsed.
+        assert_eq!(file.rules.len(), 1);
     }
 
     #[test]

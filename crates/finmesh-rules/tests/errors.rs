@@ -48,6 +48,10 @@ error_case!(
 
 error_case!(double_equals, "rule r: version == 1\n", [Syntax]);
 
+error_case!(c_style_and_is_reported_once, "rule r: notional > 0 && pv > 0\n", [Syntax]);
+
+error_case!(not_after_a_value, "rule r: ccy NOT \"USD\"\n", [Syntax]);
+
 error_case!(date_that_does_not_exist, "rule r: maturity IN RANGE [2020-02-30, 2080-12-31]\n", [InvalidLiteral]);
 
 error_case!(unknown_enum_symbol, "rule r: desk = \"RATE\"\n", [UnknownSymbol]);
