@@ -2,7 +2,7 @@
 //!
 //! Owns the AST types. Every node keeps its [`Span`] so that the checker can
 //! point at the exact spot of a type error. Nothing here refers to the Avro
-//! schema: names are plain strings until [`crate::check`] resolves them.
+//! schema: names are plain strings until the checker resolves them.
 //! `AND` and `OR` chains are n-ary (`a AND b AND c` is one node with three
 //! children), so only parentheses and `NOT` add depth, and the parser bounds
 //! that depth by [`MAX_DEPTH`](crate::MAX_DEPTH).

@@ -184,7 +184,10 @@ impl Located {
         let start = floor_boundary(source, span.start);
         let end = floor_boundary(source, span.end.max(start));
         let line_start = source[..start].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = source[start..].find('\n').map_or(source.len(), |i| start + i);
+        let mut line_end = source[start..].find('\n').map_or(source.len(), |i| start + i);
+        if source[line_start..line_end].ends_with('\r') && start < line_end {
+            line_end -= 1; // CRLF files: do not print the carriage return
+        }
         let line = source[..start].matches('\n').count() + 1;
         let col = source[line_start..start].chars().count() + 1;
         let width = source[start..end.min(line_end)].chars().count().max(1);
@@ -240,6 +243,14 @@ mod tests {
         assert_eq!(err.line_col(src), (2, 12));
         let text = err.render(src, "f");
         assert_eq!(text, "f:2:12: unknown field `zz`\n 2 | \té = 1 AND zz > 2\n   | \t          ^^\n");
+    }
+
+    #[test]
+    fn crlf_sources_render_without_the_carriage_return() {
+        let src = "rule a: x\r\nrule b: zz > 1\r\n";
+        let start = src.find("zz").unwrap();
+        let err = RuleError::new(ErrorKind::UnknownField, Span::new(start, start + 2), "unknown field `zz`");
+        assert_eq!(err.render(src, ""), "2:9: unknown field `zz`\n 2 | rule b: zz > 1\n   |         ^^\n");
     }
 
     #[test]

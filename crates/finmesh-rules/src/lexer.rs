@@ -119,6 +119,10 @@ impl Lexer<'_, '_> {
     }
 
     fn run(&mut self) {
+        // Editors on Windows may start a UTF-8 file with a byte order mark.
+        if self.src.starts_with('\u{feff}') {
+            self.pos = '\u{feff}'.len_utf8();
+        }
         while let Some(c) = self.peek() {
             let start = self.pos;
             match c {
@@ -349,6 +353,13 @@ mod tests {
                 Tok::Eof,
             ]
         );
+    }
+
+    #[test]
+    fn a_byte_order_mark_and_crlf_line_ends_are_whitespace() {
+        let (tokens, errors) = toks("\u{feff}rule a:\r\n  x\r\n");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(tokens, [Tok::Kw(Kw::Rule), Tok::Ident, Tok::Colon, Tok::Ident, Tok::Eof]);
     }
 
     #[test]

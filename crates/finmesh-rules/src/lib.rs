@@ -18,15 +18,15 @@
 //!
 //! Layout, in the order a rules file travels through it:
 //!
-//! - [`lexer`](crate::lexer) (private): text to tokens;
-//! - [`parser`](crate::parse) → [`ast`]: tokens to a syntax tree, with spans;
+//! - `lexer` (private): text to tokens;
+//! - `parser` ([`parse`]) → [`ast`]: tokens to a syntax tree, with spans;
 //! - `schema` (private): the Avro record's fields as rules see them;
 //! - `check` (private): names and types checked, AST lowered to evaluator nodes;
 //! - `eval` (private): the nodes and their three-valued evaluation;
-//! - [`record`](crate::RecordView): what evaluation reads ([`RecordView`], [`FieldRef`], [`Lookup`]);
+//! - `record`: what evaluation reads ([`RecordView`], [`FieldRef`], [`Lookup`], [`Datasets`]);
 //! - [`RuleSet`]: the compiled file and its evaluation API;
-//! - [`error`](crate::RuleError): errors with spans, rendered with a caret under the spot;
-//! - [`check_file`]: the entry point of `finmesh pipeline rules check`.
+//! - `error`: [`RuleError`]s with spans, rendered with a caret under the spot;
+//! - `file`: [`check_file`], the entry point of `finmesh pipeline rules check`.
 //!
 //! Invariants: compilation either yields a `RuleSet` or every error of the
 //! file; no input makes the lexer, parser or checker panic; evaluation does

@@ -49,6 +49,8 @@ impl RuleSet {
     /// Parses `source`, checks it against the record `schema` and the known
     /// `datasets`, and compiles it. On failure returns every error found, in
     /// source order; render them with [`RuleError::render`] or [`render_all`](crate::render_all).
+    /// A `schema` that is not a record yields a single error of kind
+    /// [`ErrorKind::Schema`], whose span does not point into `source`.
     pub fn compile(source: &str, schema: &Schema, datasets: &Datasets) -> Result<RuleSet, Vec<RuleError>> {
         let fields = RecordFields::from_schema(schema)
             .map_err(|message| vec![RuleError::new(ErrorKind::Schema, Span::default(), message)])?;
