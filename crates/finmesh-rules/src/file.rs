@@ -21,7 +21,7 @@ pub struct RenderedError {
     /// 1-based line and column in the rules file; 0 for problems of a whole file.
     pub line: usize,
     pub col: usize,
-    /// The message alone.
+    /// The message and its hint (in parentheses), without location.
     pub message: String,
     /// The full text: location, message, source line and caret.
     pub text: String,
