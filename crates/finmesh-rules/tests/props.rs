@@ -29,6 +29,8 @@ use proptest::sample::select;
 enum Kind {
     Int,
     Float,
+    /// Avro `float`: values are `f32`, literals are rounded to `f32` at load.
+    Float32,
     Dec,
     Date,
     Ts,
@@ -38,7 +40,7 @@ enum Kind {
 }
 
 /// (name, kind, nullable), in schema order.
-const FIELDS: [(&str, Kind, bool); 13] = [
+const FIELDS: [(&str, Kind, bool); 14] = [
     ("i", Kind::Int, false),
     ("l", Kind::Int, true),
     ("f", Kind::Float, false),
@@ -52,6 +54,7 @@ const FIELDS: [(&str, Kind, bool); 13] = [
     ("ne", Kind::Enum, true),
     ("b", Kind::Bool, false),
     ("nb", Kind::Bool, true),
+    ("h", Kind::Float32, false),
 ];
 
 const SCHEMA: &str = r#"{"type": "record", "name": "T", "fields": [
@@ -67,7 +70,8 @@ const SCHEMA: &str = r#"{"type": "record", "name": "T", "fields": [
     {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["A", "B", "C"]}},
     {"name": "ne", "type": ["null", "E"]},
     {"name": "b", "type": "boolean"},
-    {"name": "nb", "type": ["null", "boolean"]}
+    {"name": "nb", "type": ["null", "boolean"]},
+    {"name": "h", "type": "float"}
 ]}"#;
 
 const SYMBOLS: [&str; 3] = ["A", "B", "C"];
@@ -196,6 +200,14 @@ fn in_reference(v: &MV) -> T3 {
     }
 }
 
+/// A literal as the field holds it: rounded to `f32` for a `float` field.
+fn as_field(field: usize, lit: &MV) -> MV {
+    match (FIELDS[field].1, lit) {
+        (Kind::Float32, MV::Float(x)) => MV::Float(f64::from(*x as f32)),
+        _ => lit.clone(),
+    }
+}
+
 /// The reference interpreter.
 fn eval(e: &MExpr, r: &[MV]) -> T3 {
     match e {
@@ -221,17 +233,18 @@ fn eval(e: &MExpr, r: &[MV]) -> T3 {
             }
         }
         MExpr::Not(inner) => not(eval(inner, r)),
-        MExpr::Cmp { field, op, lit, .. } => compare(&r[*field], *op, lit),
+        MExpr::Cmp { field, op, lit, .. } => compare(&r[*field], *op, &as_field(*field, lit)),
         MExpr::CmpFields { a, op, b } => compare(&r[*a], *op, &r[*b]),
         MExpr::Range { field, lo, hi, negated } => {
-            let inside = match (compare(&r[*field], Op::Ge, lo), compare(&r[*field], Op::Le, hi)) {
+            let (lo, hi) = (as_field(*field, lo), as_field(*field, hi));
+            let inside = match (compare(&r[*field], Op::Ge, &lo), compare(&r[*field], Op::Le, &hi)) {
                 (Some(x), Some(y)) => Some(x && y),
                 _ => None,
             };
             if *negated { not(inside) } else { inside }
         }
         MExpr::Set { field, items, negated } => {
-            let hits: Vec<T3> = items.iter().map(|i| compare(&r[*field], Op::Eq, i)).collect();
+            let hits: Vec<T3> = items.iter().map(|i| compare(&r[*field], Op::Eq, &as_field(*field, i))).collect();
             let member = if hits.contains(&Some(true)) {
                 Some(true)
             } else if hits.contains(&None) {
@@ -373,6 +386,7 @@ fn lit_for(kind: Kind) -> BoxedStrategy<MV> {
     match kind {
         Kind::Int => (-3i64..=3).prop_map(MV::Int).boxed(),
         Kind::Float => select(vec![-1.5, -0.0, 0.0, 0.5, 2.0, 1e-3]).prop_map(MV::Float).boxed(),
+        Kind::Float32 => select(vec![0.1, 0.3, -1.5, 2.0, 1e-3]).prop_map(MV::Float).boxed(),
         Kind::Dec => select(vec![-250i128, -5, 0, 5, 100, 250]).prop_map(MV::Dec).boxed(),
         Kind::Date => select(DATES.map(|(d, _)| d).to_vec()).prop_map(MV::Date).boxed(),
         Kind::Ts => {
@@ -388,7 +402,10 @@ fn lit_for(kind: Kind) -> BoxedStrategy<MV> {
 
 fn value_for(field: usize) -> BoxedStrategy<MV> {
     let (_, kind, nullable) = FIELDS[field];
-    let base = if kind == Kind::Float {
+    let base = if kind == Kind::Float32 {
+        // Values a float field can hold: the literals rounded to f32, or NaN.
+        prop_oneof![9 => lit_for(kind).prop_map(move |v| as_field(field, &v)), 1 => Just(MV::Float(f64::NAN))].boxed()
+    } else if kind == Kind::Float {
         prop_oneof![9 => lit_for(kind), 1 => Just(MV::Float(f64::NAN))].boxed()
     } else {
         lit_for(kind)
@@ -402,6 +419,11 @@ fn record() -> impl Strategy<Value = Vec<MV>> {
 
 fn orderable(kind: Kind) -> bool {
     !matches!(kind, Kind::Enum | Kind::Bool)
+}
+
+/// Fields of the same class compare with each other (`float` with `double`).
+fn class(kind: Kind) -> Kind {
+    if kind == Kind::Float32 { Kind::Float } else { kind }
 }
 
 fn ops_for(kind: Kind) -> Vec<Op> {
@@ -421,7 +443,7 @@ fn leaf() -> BoxedStrategy<MExpr> {
         .prop_map(|(field, op, lit, lit_left)| MExpr::Cmp { field, op, lit, lit_left });
     let pairs: Vec<(usize, usize)> = (0..FIELDS.len())
         .flat_map(|a| (0..FIELDS.len()).map(move |b| (a, b)))
-        .filter(|&(a, b)| FIELDS[a].1 == FIELDS[b].1)
+        .filter(|&(a, b)| class(FIELDS[a].1) == class(FIELDS[b].1))
         .collect();
     let cmp_fields = select(pairs)
         .prop_flat_map(|(a, b)| (Just(a), select(ops_for(FIELDS[a].1)), Just(b)))
@@ -499,14 +521,13 @@ fn avro_record(r: &[MV]) -> Value {
         FIELDS
             .iter()
             .zip(r)
-            .map(|(&(name, kind, nullable), v)| {
+            .map(|(&(name, _, nullable), v)| {
                 let mut value = avro(v);
-                if kind == Kind::Int && name == "l" {
-                    value = match v {
-                        MV::Int(i) => Value::Long(*i),
-                        _ => value,
-                    };
-                }
+                value = match (name, v) {
+                    ("l", MV::Int(i)) => Value::Long(*i),
+                    ("h", MV::Float(f)) => Value::Float(*f as f32),
+                    _ => value,
+                };
                 if nullable {
                     value = if *v == MV::Null {
                         Value::Union(0, Box::new(Value::Null))
