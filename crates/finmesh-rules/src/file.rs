@@ -44,6 +44,16 @@ pub struct Summary {
     pub datasets_used: Vec<String>,
 }
 
+/// One line for the CLI: `13 rules; fields read: a, b; datasets: currencies, books`.
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural = if self.rules.len() == 1 { "" } else { "s" };
+        write!(f, "{} rule{plural}; fields read: ", self.rules.len())?;
+        let list = |items: &[String]| if items.is_empty() { "none".to_string() } else { items.join(", ") };
+        write!(f, "{}; datasets: {}", list(&self.fields_used), list(&self.datasets_used))
+    }
+}
+
 impl Summary {
     fn of(rules: &RuleSet, datasets: &Datasets) -> Summary {
         Summary {

@@ -28,6 +28,8 @@ pub struct RuleId(pub u32);
 
 struct CompiledRule {
     name: String,
+    /// The expression as written (for exception records and messages).
+    text: String,
     node: Node,
 }
 
@@ -74,7 +76,8 @@ impl RuleSet {
                 seen.insert(&rule.name.name, rule.name.span);
             }
             if let Some(node) = checker.expr(&rule.expr) {
-                rules.push(CompiledRule { name: rule.name.name.clone(), node });
+                let text = source[rule.expr.span.start..rule.expr.span.end].to_string();
+                rules.push(CompiledRule { name: rule.name.name.clone(), text, node });
             }
         }
         let mut errors = checker.errors;
@@ -115,6 +118,12 @@ impl RuleSet {
     /// The name of a rule. Panics if `id` is not from this rule set.
     pub fn name(&self, id: RuleId) -> &str {
         &self.rules[id.0 as usize].name
+    }
+
+    /// The expression of a rule as written in the file (comments inside it
+    /// included), e.g. `notional > 0`. Panics if `id` is not from this rule set.
+    pub fn text(&self, id: RuleId) -> &str {
+        &self.rules[id.0 as usize].text
     }
 
     /// The id of the rule with this name.

@@ -8,7 +8,7 @@ use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use common::{RefData, Trade, datasets, good_trade, risk_schema, sample_rules};
-use finmesh_rules::{ErrorKind, FieldRef, KeyType, NoLookup, RuleSet, ShapeError, Truth, check_file};
+use finmesh_rules::{ErrorKind, FieldRef, KeyType, NoLookup, RuleId, RuleSet, ShapeError, Truth, check_file};
 
 fn sample() -> RuleSet {
     RuleSet::compile(&sample_rules(), &risk_schema(), &datasets()).expect("the sample rules compile")
@@ -129,6 +129,21 @@ fn lookup_on_an_enum_key_passes_the_symbol() {
 }
 
 #[test]
+fn each_rule_keeps_its_text_for_exception_records() {
+    let rules = sample();
+    let cpty = rules.id("cpty").unwrap();
+    assert_eq!(rules.text(cpty), "counterparty NOT NULL AND (desk = \"RATES\" OR desk = \"FX\")");
+    let multi = RuleSet::compile(
+        "rule a:\n  notional > 0 # positive\n  AND pv > 0\n\n# next\nrule b: (pv < 1)",
+        &risk_schema(),
+        &datasets(),
+    )
+    .unwrap();
+    assert_eq!(multi.text(RuleId(0)), "notional > 0 # positive\n  AND pv > 0");
+    assert_eq!(multi.text(RuleId(1)), "(pv < 1)");
+}
+
+#[test]
 fn uses_are_listed_for_the_stage() {
     let rules = sample();
     let used: Vec<&str> = rules.fields_used().iter().map(|&i| rules.field_name(i).unwrap()).collect();
@@ -159,6 +174,8 @@ fn check_file_summarises_the_example_and_renders_errors_with_the_path() {
     let summary = check_file(&dir.join("rules.txt"), &dir.join("risk.avsc"), &datasets()).unwrap();
     assert_eq!(summary.rules.len(), 13);
     assert_eq!(summary.datasets_used, ["currencies", "books"]);
+    assert!(summary.to_string().starts_with("13 rules; fields read: trade_id, book, desk,"), "{summary}");
+    assert!(summary.to_string().ends_with("; datasets: currencies, books"), "{summary}");
 
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("bad.rules");
