@@ -209,7 +209,8 @@ impl Node {
                 acc
             }
             Node::EnumSet { field, members } => match record.field(*field) {
-                FieldRef::Enum(i) => Truth::from_bool(members.get(i as usize).copied().unwrap_or(false)),
+                // A position past the symbols is a corrupt value: unknown, like a wrong kind.
+                FieldRef::Enum(i) => members.get(i as usize).map_or(Truth::Unknown, |&m| Truth::from_bool(m)),
                 _ => Truth::Unknown,
             },
             Node::Lookup { dataset, field, symbols } => {
@@ -242,6 +243,15 @@ mod tests {
         assert_eq!([and(True, Unknown), and(False, Unknown), and(Unknown, Unknown)], [Unknown, False, Unknown]);
         assert_eq!([or(True, Unknown), or(False, Unknown), or(Unknown, Unknown)], [True, Unknown, Unknown]);
         assert_eq!(Node::Not(Box::new(c(Unknown))).eval(&record[..], &crate::NoLookup), Unknown);
+    }
+
+    #[test]
+    fn enum_positions_past_the_symbols_are_unknown() {
+        let record = [FieldRef::Enum(7)];
+        let node = Node::EnumSet { field: 0, members: Box::new([true, false]) };
+        assert_eq!(node.eval(&record[..], &crate::NoLookup), Truth::Unknown);
+        let node = Node::Lookup { dataset: crate::DatasetId(0), field: 0, symbols: Some(Box::new(["A".into()])) };
+        assert_eq!(node.eval(&record[..], &|_, _: &FieldRef<'_>| true), Truth::Unknown);
     }
 
     #[test]
