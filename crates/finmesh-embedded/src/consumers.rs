@@ -477,11 +477,40 @@ pub(crate) struct FetchOutcome {
 }
 
 pub(crate) enum ConsumerOp {
-    Create { stream: Arc<StreamHandle>, config: ConsumerConfig, update: bool, reply: Reply<Position> },
-    Delete { stream: Arc<StreamHandle>, name: ConsumerName, reply: Reply<()> },
-    Fetch { stream: Arc<StreamHandle>, name: ConsumerName, max: usize, new: Candidates, reply: Reply<FetchOutcome> },
-    Ack { stream: Arc<StreamHandle>, name: ConsumerName, seqs: Vec<u64>, kind: AckKind, reply: Reply<()> },
-    AckAll { stream: Arc<StreamHandle>, name: ConsumerName, upto: Seq, reply: Reply<()> },
+    /// `start`: for a new last-per-subject consumer, the visible last
+    /// sequence and the subjects' last sequences, read off the writer.
+    Create {
+        stream: Arc<StreamHandle>,
+        config: ConsumerConfig,
+        update: bool,
+        start: Option<(Seq, Vec<Seq>)>,
+        reply: Reply<Position>,
+    },
+    Delete {
+        stream: Arc<StreamHandle>,
+        name: ConsumerName,
+        reply: Reply<()>,
+    },
+    Fetch {
+        stream: Arc<StreamHandle>,
+        name: ConsumerName,
+        max: usize,
+        new: Candidates,
+        reply: Reply<FetchOutcome>,
+    },
+    Ack {
+        stream: Arc<StreamHandle>,
+        name: ConsumerName,
+        seqs: Vec<u64>,
+        kind: AckKind,
+        reply: Reply<()>,
+    },
+    AckAll {
+        stream: Arc<StreamHandle>,
+        name: ConsumerName,
+        upto: Seq,
+        reply: Reply<()>,
+    },
 }
 
 impl ConsumerOp {
@@ -506,8 +535,8 @@ impl ConsumerOp {
 
     pub fn apply(self, w: &mut Writer) -> Completion {
         match self {
-            ConsumerOp::Create { stream, config, update, reply } => {
-                let r = create(w, &stream, config, update);
+            ConsumerOp::Create { stream, config, update, start, reply } => {
+                let r = create(w, &stream, config, update, start);
                 complete(reply, r)
             }
             ConsumerOp::Delete { stream, name, reply } => {
@@ -581,7 +610,13 @@ fn check_live(h: &StreamHandle) -> Result<()> {
     Ok(())
 }
 
-fn create(w: &mut Writer, h: &Arc<StreamHandle>, config: ConsumerConfig, update: bool) -> Result<Position> {
+fn create(
+    w: &mut Writer,
+    h: &Arc<StreamHandle>,
+    config: ConsumerConfig,
+    update: bool,
+    start: Option<(Seq, Vec<Seq>)>,
+) -> Result<Position> {
     check_live(h)?;
     let existing = w.consumers.get(&h.name, &config.name);
     let shared = match (existing, update) {
@@ -614,8 +649,11 @@ fn create(w: &mut Writer, h: &Arc<StreamHandle>, config: ConsumerConfig, update:
                 DeliverPolicy::FromSeq { seq } => (Seq(seq.0 - 1), VecDeque::new()),
                 DeliverPolicy::FromTime { time } => (Seq(h.seq_at_time(time)?.0 - 1), VecDeque::new()),
                 DeliverPolicy::LastPerSubject => {
-                    let last = h.last_per_subject(filter)?;
-                    (st.last_seq, last.into_iter().map(|m| m.seq).collect())
+                    let (visible, last) = match start {
+                        Some(start) => start,
+                        None => h.last_seqs(filter)?,
+                    };
+                    (visible, last.into())
                 }
             };
             let rec = ConsumerRecord { config: config.clone(), delivered, initial, pending: PendingSet::default() };

@@ -78,9 +78,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use finmesh_core::{
     AckKind, AckToken, BoxStream, BucketConfig, BucketInfo, BucketName, ConsumerConfig, ConsumerEngine, ConsumerInfo,
-    ConsumerName, Delivery, Error, FetchRequest, Key, KvEngine, KvEntry, KvOp, Message, OutgoingMessage, PubAck,
-    ReadRequest, Result, Revision, Seq, StreamConfig, StreamEngine, StreamInfo, StreamName, Subject, SubjectPattern,
-    TailEvent, Timestamp, WatchStart,
+    ConsumerName, DeliverPolicy, Delivery, Error, FetchRequest, Key, KvEngine, KvEntry, KvOp, Message, OutgoingMessage,
+    PubAck, ReadRequest, Result, Revision, Seq, StreamConfig, StreamEngine, StreamInfo, StreamName, Subject,
+    SubjectPattern, TailEvent, Timestamp, WatchStart,
 };
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -387,7 +387,8 @@ impl StreamEngine for EmbeddedEngine {
     }
 
     async fn last_per_subject(&self, stream: &StreamName, filter: Option<&SubjectPattern>) -> Result<Vec<Message>> {
-        self.stream(stream)?.last_per_subject(filter)
+        let (h, filter) = (self.stream(stream)?, filter.cloned());
+        blocking(move || h.last_per_subject(filter.as_ref())).await
     }
 
     async fn tail(
@@ -582,9 +583,18 @@ impl ConsumerEngine for EmbeddedEngine {
     async fn create_consumer(&self, stream: &StreamName, config: ConsumerConfig) -> Result<ConsumerInfo> {
         config.validate()?;
         let h = self.stream(stream)?;
+        // A last-per-subject start walks every matching subject: off the writer.
+        let start = match config.deliver {
+            DeliverPolicy::LastPerSubject if self.inner.consumers.exists(stream, &config.name).is_err() => {
+                let (hh, filter) = (h.clone(), config.filter.clone());
+                Some(blocking(move || hh.last_seqs(filter.as_ref())).await?)
+            }
+            _ => None,
+        };
         let hh = h.clone();
-        let pos =
-            self.call(|reply| Op::Consumer(Box::new(ConsumerOp::Create { stream: hh, config, update: false, reply })));
+        let pos = self.call(|reply| {
+            Op::Consumer(Box::new(ConsumerOp::Create { stream: hh, config, update: false, start, reply }))
+        });
         let pos = pos.await?;
         blocking(move || consumers::info(&h, pos)).await
     }
@@ -593,8 +603,9 @@ impl ConsumerEngine for EmbeddedEngine {
         config.validate()?;
         let h = self.stream(stream)?;
         let hh = h.clone();
-        let pos =
-            self.call(|reply| Op::Consumer(Box::new(ConsumerOp::Create { stream: hh, config, update: true, reply })));
+        let pos = self.call(|reply| {
+            Op::Consumer(Box::new(ConsumerOp::Create { stream: hh, config, update: true, start: None, reply }))
+        });
         let pos = pos.await?;
         blocking(move || consumers::info(&h, pos)).await
     }

@@ -353,6 +353,21 @@ impl StreamHandle {
 
     /// The last visible message of each subject matching `filter`, in sequence order.
     pub fn last_per_subject(&self, filter: Option<&SubjectPattern>) -> Result<Vec<Message>> {
+        let (_, seqs) = self.last_seqs(filter)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            if let Some(m) = self.get(s)? {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The last visible sequence of every subject `filter` matches, in
+    /// order, as of the visible last sequence returned with them: a subject
+    /// whose last visible message came later is left out (its messages
+    /// after that sequence are new to whoever started there).
+    pub fn last_seqs(&self, filter: Option<&SubjectPattern>) -> Result<(Seq, Vec<Seq>)> {
         let literal_prefix = filter.map(crate::filtered::literal_prefix).unwrap_or_default();
         let visible = self.visible_seq();
         let mut seqs = Vec::new();
@@ -362,18 +377,12 @@ impl StreamHandle {
             if filter.is_none_or(|f| f.matches_str(subject)) {
                 match codec::decode_last(&v)?.0 {
                     seq if seq <= visible => seqs.push(seq),
-                    _ => seqs.extend(self.last_visible_of(subject)?),
+                    _ => seqs.extend(self.last_visible_of(subject)?.filter(|s| *s <= visible)),
                 }
             }
         }
         seqs.sort_unstable();
-        let mut out = Vec::with_capacity(seqs.len());
-        for s in seqs {
-            if let Some(m) = self.get(s)? {
-                out.push(m);
-            }
-        }
-        Ok(out)
+        Ok((visible, seqs))
     }
 
     pub fn last_message(&self, subject: &Subject) -> Result<Message> {
