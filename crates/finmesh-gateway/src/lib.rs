@@ -89,7 +89,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/kv/{bucket}/watch", get(sse::watch))
         .route("/v1/streams/{stream}/events", get(sse::events))
         .route("/v1/streams/{stream}/ws", get(ws::ws))
-        .layer(around(api));
+        .layer(around(api.query_token()));
 
     // The token endpoint authenticates clients itself; bounded by the timeout.
     let token =
