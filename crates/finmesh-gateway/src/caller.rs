@@ -2,7 +2,9 @@
 //! ([`ROUTE_ACCESS`]).
 //!
 //! [`admit`] runs in front of every API route: it turns
-//! the raw `Authorization` header into a [`Principal`] through
+//! the raw `Authorization` header (or, on subscription routes only, the
+//! `access_token` query parameter of RFC 6750 §2.3, see [`TokenSource`])
+//! into a [`Principal`] through
 //! [`finmesh_auth::Authenticator::authenticate_bytes`] (401 `unauthorized`
 //! with `WWW-Authenticate` from [`bearer_challenge`] when that fails: a bare
 //! challenge without a header, `error="invalid_token"` with one), applies the
@@ -66,17 +68,52 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
+/// Where a request's bearer token may come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    /// Only `Authorization: Bearer` (request/response routes): an
+    /// `access_token` query parameter is refused with 400.
+    Header,
+    /// The header or the `access_token` query parameter (RFC 6750 §2.3),
+    /// but not both: subscription routes, for browsers, whose
+    /// `EventSource` cannot set headers.
+    HeaderOrQuery,
+}
+
+/// The `WWW-Authenticate` of a request refused for how it sent its token.
+pub const BEARER_INVALID_REQUEST: &str = "Bearer realm=\"finmesh\", error=\"invalid_request\"";
+
 /// Authenticate and rate-limit `req`, and remember its principal in it; the
-/// refusal (401 or 429) to send otherwise. The [`Edge`](crate::edge::Edge)
+/// refusal (400, 401 or 429) to send otherwise. The [`Edge`](crate::edge::Edge)
 /// calls this in front of every API route.
-pub fn admit(state: &AppState, req: &mut Request) -> Result<(), Box<Response>> {
+///
+/// The token of an `access_token` parameter is never logged, and neither is
+/// the request's URI.
+pub fn admit(state: &AppState, req: &mut Request, tokens: TokenSource) -> Result<(), Box<Response>> {
     let header = req.headers().get(header::AUTHORIZATION);
-    let principal = match state.inner.auth.authenticate_bytes(header.map(HeaderValue::as_bytes)) {
+    let query = match req.uri().query().map(query_token) {
+        None | Some(QueryToken::Absent) => None,
+        Some(QueryToken::Ambiguous) => {
+            return Err(invalid_request("send `access_token` at most once"));
+        }
+        Some(QueryToken::Present(_)) if tokens == TokenSource::Header => {
+            return Err(invalid_request(
+                "the `access_token` query parameter is accepted only on subscription routes \
+                 (`/events`, `/ws`, `/watch`); send `Authorization: Bearer <token>`",
+            ));
+        }
+        Some(QueryToken::Present(_)) if header.is_some() => {
+            return Err(invalid_request("send the token either in `Authorization` or as `access_token`, not both"));
+        }
+        Some(QueryToken::Present(token)) => Some(format!("Bearer {token}")),
+    };
+    let credentials = query.as_deref().map(str::as_bytes).or(header.map(HeaderValue::as_bytes));
+    let principal = match state.inner.auth.authenticate_bytes(credentials) {
         Ok(p) => p,
         Err(e) => {
             tracing::debug!(error = %e, "request refused: authentication failed");
             let mut res = ApiError::from(e).into_response();
-            let challenge = HeaderValue::from_static(bearer_challenge(header.is_some()));
+            let challenge = HeaderValue::from_static(bearer_challenge(credentials.is_some()));
             res.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
             return Err(Box::new(res));
         }
@@ -88,6 +125,37 @@ pub fn admit(state: &AppState, req: &mut Request) -> Result<(), Box<Response>> {
     }
     req.extensions_mut().insert(principal);
     Ok(())
+}
+
+/// What a query string says about `access_token`.
+enum QueryToken {
+    Absent,
+    Present(String),
+    Ambiguous,
+}
+
+fn query_token(query: &str) -> QueryToken {
+    // The common case, no parameter at all, without decoding anything.
+    if !query.contains("access_token") {
+        return QueryToken::Absent;
+    }
+    let mut found = QueryToken::Absent;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if key == "access_token" {
+            if !matches!(found, QueryToken::Absent) {
+                return QueryToken::Ambiguous;
+            }
+            found = QueryToken::Present(value.into_owned());
+        }
+    }
+    found
+}
+
+/// 400 `invalid` with RFC 6750's `error="invalid_request"` challenge.
+fn invalid_request(detail: &str) -> Box<Response> {
+    let mut res = ApiError::from(Error::invalid(detail.to_owned())).into_response();
+    res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(BEARER_INVALID_REQUEST));
+    Box::new(res)
 }
 
 /// Whose rate limit a request counts against: its token's subject, or its

@@ -11,7 +11,11 @@
 //!   overloaded node still answers its load balancer;
 //! - on API groups, authentication and the per-client rate limit with
 //!   [`caller::admit`] before the handler runs (401 / 429); a wrong method on
-//!   an API path is therefore answered 401 before 405;
+//!   an API path is therefore answered 401 before 405. Subscription groups
+//!   ([`EdgeLayer::query_token`]) also take the token from `access_token`
+//!   in the query (other groups refuse it with 400), and every answer to a
+//!   request with one, refusals included, carries
+//!   `Cache-Control: no-store, private`;
 //! - on request/response groups, the request timeout (504 `timeout`
 //!   problem), counted from the handler's first `Pending`: a handler that
 //!   answers on its first poll (an embedded-engine read) never touches the
@@ -42,12 +46,13 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{Method, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::future::BoxFuture;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use crate::caller::TokenSource;
 use crate::metrics::RequestMetrics;
 use crate::problem::{self, Problem};
 use crate::{AppState, caller};
@@ -58,6 +63,7 @@ use crate::{AppState, caller};
 pub struct EdgeLayer {
     shared: Arc<Shared>,
     auth: Option<AppState>,
+    tokens: TokenSource,
     timeout: Option<Duration>,
     shed: bool,
 }
@@ -77,13 +83,19 @@ impl EdgeLayer {
             max_in_flight: max_in_flight.max(1),
             metrics: RequestMetrics::default(),
         };
-        EdgeLayer { shared: Arc::new(shared), auth: None, timeout: None, shed: true }
+        EdgeLayer { shared: Arc::new(shared), auth: None, tokens: TokenSource::Header, timeout: None, shed: true }
     }
 
     /// The same edge for routes that need a bearer token, authenticated and
     /// rate-limited against `state`.
     pub fn authenticated(&self, state: AppState) -> Self {
         EdgeLayer { auth: Some(state), ..self.clone() }
+    }
+
+    /// The same edge, also taking the bearer token from an `access_token`
+    /// query parameter (subscription routes; see [`TokenSource`]).
+    pub fn query_token(&self) -> Self {
+        EdgeLayer { tokens: TokenSource::HeaderOrQuery, ..self.clone() }
     }
 
     /// The same edge, bounding handlers by `timeout`.
@@ -101,7 +113,14 @@ impl<S> Layer<S> for EdgeLayer {
     type Service = Edge<S>;
 
     fn layer(&self, inner: S) -> Edge<S> {
-        Edge { inner, shared: self.shared.clone(), auth: self.auth.clone(), timeout: self.timeout, shed: self.shed }
+        Edge {
+            inner,
+            shared: self.shared.clone(),
+            auth: self.auth.clone(),
+            tokens: self.tokens,
+            timeout: self.timeout,
+            shed: self.shed,
+        }
     }
 }
 
@@ -111,6 +130,7 @@ pub struct Edge<S> {
     inner: S,
     shared: Arc<Shared>,
     auth: Option<AppState>,
+    tokens: TokenSource,
     timeout: Option<Duration>,
     shed: bool,
 }
@@ -136,11 +156,13 @@ where
             route: req.extensions().get::<MatchedPath>().cloned(),
             method: req.method().clone(),
         };
+        // A token in the query makes every answer uncacheable, refusals too.
+        let no_store = req.uri().query().is_some_and(|q| q.contains("access_token"));
         let refused = if !admitted {
             crate::metrics::shed();
             Some(Problem::overloaded().into_response())
         } else {
-            self.auth.as_ref().and_then(|state| caller::admit(state, &mut req).err().map(|res| *res))
+            self.auth.as_ref().and_then(|state| caller::admit(state, &mut req, self.tokens).err().map(|res| *res))
         };
         let state = match refused {
             Some(res) => EdgeState::Done { res: Some(res) },
@@ -149,7 +171,7 @@ where
                 Err(panic) => EdgeState::Done { res: Some(problem::panic_response(panic)) },
             },
         };
-        EdgeFuture { state, pass: Some(pass) }
+        EdgeFuture { state, pass: Some(pass), no_store }
     }
 }
 
@@ -181,6 +203,7 @@ pin_project! {
         #[pin]
         state: EdgeState<F>,
         pass: Option<InFlight>,
+        no_store: bool,
     }
 }
 
@@ -228,6 +251,10 @@ where
             }
             if let Some(pass) = this.pass.take() {
                 pass.answered(res.status());
+            }
+            let mut res = res;
+            if *this.no_store {
+                res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store, private"));
             }
             return Poll::Ready(Ok(res));
         }

@@ -11,6 +11,7 @@
 //!    timeouts, panics, error rewriting, metrics);
 //! 4. [`kv`], [`streams`], [`consumers`]: the request/response routes;
 //!    [`oauth`]: `POST /oauth/token`, the client-credentials grant;
+//!    [`cors`]: cross-origin answers for browsers, when configured;
 //! 5. [`envelope`], [`subscribe`], [`sse`], [`ws`]: subscriptions, from the
 //!    JSON envelope through the bounded per-subscriber queue to the wire;
 //! 6. [`limits`], [`metrics`], [`ops`], [`openapi`], [`schema`]: limits,
@@ -21,6 +22,7 @@
 
 pub mod caller;
 pub mod consumers;
+pub mod cors;
 pub mod edge;
 pub mod envelope;
 pub mod kv;
@@ -46,6 +48,7 @@ use tower::ServiceBuilder;
 use crate::edge::EdgeLayer;
 
 pub use caller::{Caller, Need, ROUTE_ACCESS};
+pub use cors::CorsConfig;
 pub use problem::{ApiError, PROBLEM_BASE, Problem};
 pub use state::{AppState, GatewayConfig, Limits, Rate, SubscriptionConfig};
 
@@ -86,7 +89,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/kv/{bucket}/watch", get(sse::watch))
         .route("/v1/streams/{stream}/events", get(sse::events))
         .route("/v1/streams/{stream}/ws", get(ws::ws))
-        .layer(around(api));
+        .layer(around(api.query_token()));
 
     // The token endpoint authenticates clients itself; bounded by the timeout.
     let token =
@@ -107,5 +110,13 @@ pub fn app(state: AppState) -> Router {
     let not_found = around(edge).service(tower::service_fn(|_: axum::extract::Request| {
         std::future::ready(Ok::<_, std::convert::Infallible>(axum::http::StatusCode::NOT_FOUND.into_response()))
     }));
-    unary.merge(streaming).merge(token).merge(probes).merge(public).fallback_service(not_found).with_state(state)
+    let cors = state.config().cors.as_ref().map(cors::CorsPolicy::new);
+    let router =
+        unary.merge(streaming).merge(token).merge(probes).merge(public).fallback_service(not_found).with_state(state);
+    // Outermost, so preflights are answered before authentication; absent
+    // without `[cors]`, so the hot paths pay nothing for it.
+    match cors {
+        Some(policy) => router.layer(axum::middleware::from_fn_with_state(policy, cors::respond)),
+        None => router,
+    }
 }

@@ -118,7 +118,7 @@ pub async fn stream_source(
 
 /// `GET /v1/streams/{stream}/events`: an SSE subscription.
 #[utoipa::path(get, path = "/v1/streams/{stream}/events", tag = "streams",
-    params(("stream" = String, Path), SubscribeQuery,
+    params(("stream" = String, Path), SubscribeQuery, ("access_token" = Option<String>, Query, description = "the bearer token, for browsers whose EventSource cannot set Authorization (RFC 6750 §2.3; subscription routes only)"),
         ("Last-Event-ID" = Option<String>, Header, description = "resume after this sequence")),
     responses((status = 200, description = "SSE: id = sequence, data = envelope", content_type = "text/event-stream", body = String),
         (status = 404, body = crate::Problem)))]
@@ -149,7 +149,7 @@ pub async fn events(
 
 /// `GET /v1/kv/{bucket}/watch`: changes of keys as SSE (deletes included).
 #[utoipa::path(get, path = "/v1/kv/{bucket}/watch", tag = "kv",
-    params(("bucket" = String, Path), WatchQuery,
+    params(("bucket" = String, Path), WatchQuery, ("access_token" = Option<String>, Query, description = "the bearer token, for browsers whose EventSource cannot set Authorization (RFC 6750 §2.3; subscription routes only)"),
         ("Last-Event-ID" = Option<String>, Header, description = "resume after this revision")),
     responses((status = 200, description = "SSE: id = revision, data = KV envelope", content_type = "text/event-stream", body = String),
         (status = 404, body = crate::Problem)))]

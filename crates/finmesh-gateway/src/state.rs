@@ -1,5 +1,5 @@
 //! The gateway's shared state ([`AppState`]) and its configuration
-//! ([`GatewayConfig`], [`Limits`], [`SubscriptionConfig`]).
+//! ([`GatewayConfig`], [`Limits`], [`SubscriptionConfig`], [`CorsConfig`]).
 //!
 //! Invariants:
 //! - the gateway holds an `Arc<dyn Engine>` and never asks which engine it is;
@@ -20,6 +20,7 @@ use finmesh_auth::{Authenticator, ClientRegistry};
 use finmesh_core::{BucketName, Engine};
 use tokio_util::sync::CancellationToken;
 
+use crate::cors::CorsConfig;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::oauth::TokenAdmission;
@@ -141,6 +142,9 @@ pub struct GatewayConfig {
     pub limits: Limits,
     /// Subscription settings.
     pub subscriptions: SubscriptionConfig,
+    /// Cross-origin access for browsers; `None` = no CORS headers at all
+    /// (and no CORS layer).
+    pub cors: Option<CorsConfig>,
 }
 
 impl Default for GatewayConfig {
@@ -149,6 +153,7 @@ impl Default for GatewayConfig {
             default_bucket: BucketName::new("default").expect("`default` is a valid bucket name"),
             limits: Limits::default(),
             subscriptions: SubscriptionConfig::default(),
+            cors: None,
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::sse::{SubscribeQuery, stream_source};
 use crate::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
 
 /// `GET /v1/streams/{stream}/ws`: upgrade to a WebSocket subscription.
-#[utoipa::path(get, path = "/v1/streams/{stream}/ws", tag = "streams", params(("stream" = String, Path), SubscribeQuery),
+#[utoipa::path(get, path = "/v1/streams/{stream}/ws", tag = "streams", params(("stream" = String, Path), SubscribeQuery, ("access_token" = Option<String>, Query, description = "the bearer token, for browsers whose EventSource cannot set Authorization (RFC 6750 §2.3; subscription routes only)")),
     responses((status = 101, description = "WebSocket: text frames carry envelopes"), (status = 404, body = crate::Problem),
         (status = 426, description = "not a WebSocket upgrade", body = crate::Problem)))]
 pub async fn ws(

@@ -159,6 +159,22 @@ impl Default for SubscriptionsSection {
     }
 }
 
+/// Browser origins allowed to call the API (`[cors]`); see
+/// `finmesh_gateway::cors`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSection {
+    /// Exact origins, e.g. `["https://dashboard.example.com"]`; no wildcard.
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may cache a preflight answer.
+    #[serde(default = "default_cors_max_age_secs")]
+    pub max_age_secs: u64,
+}
+
+fn default_cors_max_age_secs() -> u64 {
+    finmesh_gateway::CorsConfig::default().max_age.as_secs()
+}
+
 /// The whole file. Every field has a default, so an empty file is valid.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -194,6 +210,9 @@ pub struct ServeConfig {
     /// Without it the node signs its own tokens with a generated secret.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthConfig>,
+    /// Cross-origin access for browsers; absent = none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsSection>,
 }
 
 impl Default for ServeConfig {
@@ -213,6 +232,7 @@ impl Default for ServeConfig {
             connections: ConnectionsSection::default(),
             subscriptions: SubscriptionsSection::default(),
             auth: None,
+            cors: None,
         }
     }
 }
@@ -426,6 +446,14 @@ impl ServeConfig {
                 problem("auth", message);
             }
         }
+        if let Some(cors) = &self.cors {
+            if cors.allowed_origins.is_empty() {
+                problem("cors.allowed_origins", "list at least one origin, or remove [cors]".to_owned());
+            }
+            for message in cors.allowed_origins.iter().filter_map(|o| finmesh_gateway::cors::origin_problem(o)) {
+                problem("cors.allowed_origins", message);
+            }
+        }
         if let Some(tls) = &self.tls {
             for (key, path) in
                 [("tls.cert", Some(&tls.cert)), ("tls.key", Some(&tls.key)), ("tls.client_ca", tls.client_ca.as_ref())]
@@ -475,6 +503,10 @@ impl ServeConfig {
                 max_per_principal: self.subscriptions.max_per_principal,
                 max_total: self.subscriptions.max_total,
             },
+            cors: self.cors.as_ref().map(|c| finmesh_gateway::CorsConfig {
+                allowed_origins: c.allowed_origins.clone(),
+                max_age: Duration::from_secs(c.max_age_secs),
+            }),
         })
     }
 
@@ -561,6 +593,8 @@ mod tests {
             [tls]
             cert = "/does/not/exist.pem"
             key = ""
+            [cors]
+            allowed_origins = ["https://*.example.com", "https://ok.example.com"]
         "#;
         let config = ServeConfig::parse(text, Path::new("x.toml")).unwrap();
         let keys: Vec<String> = config.validate().into_iter().map(|p| p.key).collect();
@@ -575,6 +609,7 @@ mod tests {
                 "subscriptions.queue_max_bytes",
                 "connections.header_timeout_ms",
                 "limits.token_rate",
+                "cors.allowed_origins",
                 "tls.cert",
                 "tls.key"
             ]

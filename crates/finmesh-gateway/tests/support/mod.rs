@@ -169,6 +169,16 @@ impl Gw {
         Res { status: parts.status, headers: parts.headers, body }
     }
 
+    /// Send a request through `oneshot` and return the response with its
+    /// body unread (subscriptions never end by themselves).
+    pub async fn send_head(&self, method: Method, uri: &str, headers: &[(&str, &str)]) -> axum::response::Response {
+        let mut req = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.app.clone().oneshot(req.body(Body::empty()).expect("request")).await.expect("infallible")
+    }
+
     pub async fn get(&self, uri: &str) -> Res {
         self.send(Method::GET, uri, &[], Body::empty()).await
     }

@@ -100,13 +100,18 @@ pub enum StreamCommand {
         #[arg(long, default_value_t = 100)]
         limit: u64,
     },
-    /// Subscribe (SSE) and print messages until interrupted.
+    /// Subscribe (SSE) and print messages until interrupted; reconnects,
+    /// resumes and fails over (the finmesh-client SDK). Gaps and resets are
+    /// printed as events; connections and retries go to standard error.
     Sub {
         stream: String,
         #[arg(long)]
         subject: Option<String>,
         #[arg(long)]
         from_seq: Option<u64>,
+        /// Another node to fail over to (repeat for more), after --server.
+        #[arg(long)]
+        failover: Vec<String>,
     },
 }
 
@@ -297,16 +302,19 @@ pub async fn stream(client: &Client, command: StreamCommand) -> anyhow::Result<(
             }
             Ok(())
         }
-        StreamCommand::Sub { stream, subject, from_seq } => {
-            let mut path = format!("/v1/streams/{}/events?", segment(&stream));
+        StreamCommand::Sub { stream, subject, from_seq, failover } => {
+            let mut builder = client.subscription(&stream, &failover);
             if let Some(s) = subject {
-                path.push_str(&format!("subject={}&", segment(&s)));
+                builder = builder.subject(s);
             }
             if let Some(seq) = from_seq {
-                path.push_str(&format!("from_seq={seq}"));
+                builder = builder.start(finmesh_client::Start::From(seq));
             }
-            let json = client.json;
-            follow(client, &path, |event| print_event(json, event)).await
+            let mut sub = builder.build()?;
+            while let Some(event) = sub.next().await? {
+                print_subscription_event(client.json, &event)?;
+            }
+            Ok(())
         }
     }
 }
@@ -413,6 +421,33 @@ fn print_stream_info(info: &Value) -> anyhow::Result<()> {
         state["messages"], state["bytes"], state["first_seq"], state["last_seq"]
     );
     Ok(())
+}
+
+/// A message, gap or reset like [`print_event`]; connection changes as notes
+/// on standard error.
+fn print_subscription_event(json: bool, event: &finmesh_client::Event) -> anyhow::Result<()> {
+    use finmesh_client::Event;
+    let (id, kind, data) = match event {
+        Event::Message(m) => (m.seq, "message", m.envelope.clone()),
+        Event::Gap { from, to, epoch, .. } => (*to, "gap", json!({"from": from, "to": to, "epoch": epoch}).to_string()),
+        Event::Reset { epoch, last_seq } => {
+            (*last_seq, "reset", json!({"epoch": epoch, "last_seq": last_seq}).to_string())
+        }
+        Event::Connected { endpoint, resume_after, .. } => {
+            eprintln!("connected to {endpoint} (after {})", resume_after.map_or("-".to_owned(), |s| s.to_string()));
+            return Ok(());
+        }
+        Event::Disconnected { endpoint, reason, retry_in } => {
+            eprintln!("disconnected from {endpoint}: {reason}; retrying in {retry_in:?}");
+            return Ok(());
+        }
+        other => {
+            eprintln!("{other:?}");
+            return Ok(());
+        }
+    };
+    let id = Some(id.to_string());
+    print_event(json, &super::sse::SseEvent { id, event: kind.to_owned(), data, has_data: true })
 }
 
 fn print_event(json: bool, event: &super::sse::SseEvent) -> anyhow::Result<()> {

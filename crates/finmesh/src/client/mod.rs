@@ -9,7 +9,8 @@
 //! never from a positional argument, so it stays out of shell history.
 
 mod commands;
-pub mod sse;
+
+pub use finmesh_client::sse;
 
 use std::path::PathBuf;
 
@@ -60,6 +61,17 @@ impl Client {
             token: args.token.clone().filter(|t| !t.is_empty()),
             json: args.json,
         })
+    }
+
+    /// A subscription to `stream` through the SDK, on this node and then
+    /// the `failover` ones, with this client's TLS settings and token.
+    pub fn subscription(&self, stream: &str, failover: &[String]) -> finmesh_client::SubscriptionBuilder {
+        let endpoints = std::iter::once(self.base.clone()).chain(failover.iter().cloned());
+        let builder = finmesh_client::Subscription::builder(endpoints, stream).http_client(self.http.clone());
+        match &self.token {
+            Some(token) => builder.token(token.clone()),
+            None => builder,
+        }
     }
 
     /// A request to `path` (which starts with `/`), with the token.
@@ -116,8 +128,10 @@ pub fn segment(s: &str) -> String {
     out
 }
 
-/// Follow an SSE endpoint, printing each event with `print` until the server
-/// ends the stream; a `reconnect` or `lagged` event resumes from the last id.
+/// Follow an SSE endpoint (a KV watch), printing each event with `print`
+/// until the server ends the stream; a `reconnect` or `lagged` event resumes
+/// from the last id. Stream subscriptions use the SDK instead
+/// ([`Client::subscription`]).
 pub async fn follow(
     client: &Client,
     path: &str,

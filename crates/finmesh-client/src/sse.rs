@@ -1,10 +1,13 @@
-//! A minimal Server-Sent Events parser for the CLI's `watch` and `sub`.
+//! A minimal Server-Sent Events parser (the SDK's subscriptions and the
+//! CLI's `watch`).
 //!
 //! Owns the wire grammar of the WHATWG spec that finmesh uses: `id:`,
 //! `event:`, `data:` (joined with `\n` when repeated), `retry:` and comment
 //! lines; an event ends at a blank line. Lines may end in `\n`, `\r\n` or
-//! `\r`. Invariant: a partial line stays buffered until its end arrives, so
-//! events split across network chunks parse the same as whole ones.
+//! `\r`. Invariants: a partial line stays buffered until its end arrives, so
+//! events split across network chunks parse the same as whole ones; unlike a
+//! browser, an event with an `id:` but no `data:` is dispatched too (finmesh
+//! heartbeats may carry the head sequence that way), with `has_data` false.
 
 /// One dispatched event.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -13,6 +16,8 @@ pub struct SseEvent {
     /// `message` when the stream named none.
     pub event: String,
     pub data: String,
+    /// Whether the event had a `data:` line.
+    pub has_data: bool,
 }
 
 /// Incremental parser: feed chunks, collect events.
@@ -22,12 +27,18 @@ pub struct SseParser {
     current: SseEvent,
     has_data: bool,
     last_id: Option<String>,
+    retry: Option<u64>,
 }
 
 impl SseParser {
     /// The id of the last event with one: what `Last-Event-ID` resumes from.
     pub fn last_id(&self) -> Option<&str> {
         self.last_id.as_deref()
+    }
+
+    /// The last `retry:` hint, in milliseconds.
+    pub fn retry(&self) -> Option<u64> {
+        self.retry
     }
 
     /// Add a chunk; returns the events it completed.
@@ -52,7 +63,7 @@ impl SseParser {
         if line.is_empty() {
             let mut event = std::mem::take(&mut self.current);
             let dispatch = self.has_data || event.id.is_some() || !event.event.is_empty();
-            self.has_data = false;
+            event.has_data = std::mem::take(&mut self.has_data);
             if !dispatch {
                 return None;
             }
@@ -72,6 +83,11 @@ impl SseParser {
         match field {
             "id" => self.current.id = Some(value.to_owned()),
             "event" => self.current.event = value.to_owned(),
+            "retry" => {
+                if let Ok(ms) = value.parse() {
+                    self.retry = Some(ms);
+                }
+            }
             "data" => {
                 if self.has_data {
                     self.current.data.push('\n');
@@ -94,7 +110,10 @@ mod tests {
         let text = b": hello\nretry: 1000\n\nid: 7\nevent: gap\ndata: {\"a\":1}\ndata: x\r\n\r\nid: 8\ndata: y\n\n";
         let whole = SseParser::default().feed(text);
         assert_eq!(whole.len(), 2);
-        assert_eq!(whole[0], SseEvent { id: Some("7".into()), event: "gap".into(), data: "{\"a\":1}\nx".into() });
+        assert_eq!(
+            whole[0],
+            SseEvent { id: Some("7".into()), event: "gap".into(), data: "{\"a\":1}\nx".into(), has_data: true }
+        );
         assert_eq!(whole[1].event, "message");
         for split in 0..text.len() {
             let mut parser = SseParser::default();
@@ -102,6 +121,15 @@ mod tests {
             events.extend(parser.feed(&text[split..]));
             assert_eq!(events, whole, "split at {split}");
             assert_eq!(parser.last_id(), Some("8"));
+            assert_eq!(parser.retry(), Some(1000));
         }
+    }
+
+    #[test]
+    fn an_id_without_data_is_dispatched_as_such() {
+        let events = SseParser::default().feed(b"id: 42\n\nid: 43\ndata: {}\n\n");
+        assert_eq!(events.len(), 2);
+        assert_eq!((events[0].id.as_deref(), events[0].has_data), (Some("42"), false));
+        assert_eq!((events[1].id.as_deref(), events[1].has_data), (Some("43"), true));
     }
 }

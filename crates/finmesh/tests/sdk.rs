@@ -1,0 +1,222 @@
+//! The client SDK (`finmesh-client`) against real `finmesh serve`
+//! processes on both engines: a node killed (SIGKILL) and restarted on the
+//! same port mid-stream, a node that drains (SIGTERM: lame duck, then
+//! `reconnect`) with the same node coming back (embedded) or a second
+//! gateway on the same NATS cluster to fail over to, and a gap when the
+//! stream's retention dropped messages while the subscriber was away. Every
+//! case checks that the sequences handed to the application have no hole
+//! and no duplicate.
+
+mod support;
+
+use std::time::Duration;
+
+use finmesh_client::{Backoff, Event, Start, Subscription};
+use serde_json::json;
+use support::{Engine, Node, NodeSpec, WAIT, create_stream, publish};
+
+const CONFIG: &str = "lame_duck_ms = 200\n[subscriptions]\nretry_ms = 100\nretry_jitter_ms = 100\n";
+
+fn fast() -> Backoff {
+    Backoff { initial: Duration::from_millis(50), max: Duration::from_millis(500) }
+}
+
+/// Events of `sub` until a message with `seq >= last`; panics after [`WAIT`].
+async fn read_until(sub: &mut Subscription, last: u64, events: &mut Vec<Event>) {
+    let read = async {
+        loop {
+            let event = sub.next().await.expect("the subscription goes on").expect("the stream does not end");
+            let done = matches!(&event, Event::Message(m) if m.seq >= last);
+            events.push(event);
+            if done {
+                return;
+            }
+        }
+    };
+    if tokio::time::timeout(WAIT, read).await.is_err() {
+        panic!("no message {last} within {WAIT:?}; events so far: {events:#?}");
+    }
+}
+
+fn seqs(events: &[Event]) -> Vec<u64> {
+    events.iter().filter_map(|e| if let Event::Message(m) = e { Some(m.seq) } else { None }).collect()
+}
+
+fn connected_to(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| if let Event::Connected { endpoint, .. } = e { Some(endpoint.clone()) } else { None })
+        .collect()
+}
+
+fn no_anomaly(events: &[Event]) {
+    for e in events {
+        assert!(
+            !matches!(e, Event::Gap { .. } | Event::Reset { .. } | Event::Rewind { .. }),
+            "unexpected {e:?} in {events:#?}"
+        );
+    }
+}
+
+/// A node with stream `MD` (`md.>`, `extra` config) and a subscriber token.
+async fn setup(spec: &NodeSpec, node: &Node, extra: serde_json::Value) -> (String, String) {
+    let admin = spec.admin_token();
+    let mut config = json!({"subjects": ["md.>"]});
+    config.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    create_stream(node, &admin, "MD", config).await;
+    let token = spec.issue_token("feed-reader", &["stream:subscribe:MD"]);
+    (admin, token)
+}
+
+async fn resumes_after_sigkill(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = NodeSpec::new(dir.path(), CONFIG, &engine);
+    let node = spec.start("127.0.0.1:0");
+    let (admin, token) = setup(&spec, &node, json!({})).await;
+    publish(&node, &admin, "MD", "md.eu", 1..=20).await;
+    let mut sub = Subscription::builder([node.url("")], "MD")
+        .token(&token)
+        .start(Start::From(1))
+        .backoff(fast())
+        .build()
+        .unwrap();
+    let mut events = Vec::new();
+    read_until(&mut sub, 10, &mut events).await;
+
+    let addr = node.addr;
+    node.stop(libc::SIGKILL);
+    let node = spec.start(&addr.to_string());
+    publish(&node, &admin, "MD", "md.eu", 21..=40).await;
+    read_until(&mut sub, 40, &mut events).await;
+
+    assert_eq!(seqs(&events), (1..=40).collect::<Vec<_>>(), "no loss, no duplicate");
+    assert!(connected_to(&events).len() >= 2, "reconnected: {events:#?}");
+    assert!(events.iter().any(|e| matches!(e, Event::Disconnected { .. })), "the break was reported");
+    no_anomaly(&events);
+    assert_eq!(sub.position(), Some(40));
+}
+
+async fn follows_a_draining_node_back(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = NodeSpec::new(dir.path(), CONFIG, &engine);
+    let node = spec.start("127.0.0.1:0");
+    let (admin, token) = setup(&spec, &node, json!({})).await;
+    publish(&node, &admin, "MD", "md.eu", 1..=5).await;
+    let mut sub = Subscription::builder([node.url("")], "MD")
+        .token(&token)
+        .start(Start::From(1))
+        .backoff(fast())
+        .build()
+        .unwrap();
+    let mut events = Vec::new();
+    read_until(&mut sub, 5, &mut events).await;
+
+    // The drain ends the subscription with `reconnect`; the SDK retries
+    // until the node is back.
+    let addr = node.addr;
+    node.stop(libc::SIGTERM);
+    let node = spec.start(&addr.to_string());
+    publish(&node, &admin, "MD", "md.eu", 6..=12).await;
+    read_until(&mut sub, 12, &mut events).await;
+
+    assert_eq!(seqs(&events), (1..=12).collect::<Vec<_>>());
+    let drained = events.iter().any(|e| matches!(e, Event::Disconnected { reason, .. } if reason.contains("draining")));
+    assert!(drained, "the drain was seen as such: {events:#?}");
+    no_anomaly(&events);
+}
+
+async fn reports_a_gap_when_retention_dropped_messages(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = NodeSpec::new(dir.path(), CONFIG, &engine);
+    let node = spec.start("127.0.0.1:0");
+    let (admin, token) = setup(&spec, &node, json!({"max_msgs": 5})).await;
+    publish(&node, &admin, "MD", "md.eu", 1..=3).await;
+    let mut sub = Subscription::builder([node.url("")], "MD")
+        .token(&token)
+        .start(Start::From(1))
+        .backoff(fast())
+        .build()
+        .unwrap();
+    let mut events = Vec::new();
+    read_until(&mut sub, 3, &mut events).await;
+
+    // While the subscriber is away, retention drops 4..=8.
+    let addr = node.addr;
+    node.stop(libc::SIGKILL);
+    let node = spec.start(&addr.to_string());
+    publish(&node, &admin, "MD", "md.eu", 4..=13).await;
+    read_until(&mut sub, 13, &mut events).await;
+
+    assert_eq!(seqs(&events), [1, 2, 3, 9, 10, 11, 12, 13]);
+    let gaps: Vec<_> = events.iter().filter(|e| matches!(e, Event::Gap { .. })).collect();
+    assert_eq!(gaps.len(), 1, "{events:#?}");
+    assert!(matches!(gaps[0], Event::Gap { from: 4, to: 8, announced: true, .. }), "{gaps:?}");
+    // The gap comes before the messages after it.
+    let gap_at = events.iter().position(|e| matches!(e, Event::Gap { .. })).unwrap();
+    let nine_at = events.iter().position(|e| matches!(e, Event::Message(m) if m.seq == 9)).unwrap();
+    assert!(gap_at < nine_at);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_resumes_after_sigkill() {
+    resumes_after_sigkill(Engine::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_resumes_after_sigkill() {
+    let nats = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
+    resumes_after_sigkill(Engine::Nats(nats.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_follows_a_draining_node_back() {
+    follows_a_draining_node_back(Engine::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_follows_a_draining_node_back() {
+    let nats = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
+    follows_a_draining_node_back(Engine::Nats(nats.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_reports_a_gap_when_retention_dropped_messages() {
+    reports_a_gap_when_retention_dropped_messages(Engine::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_reports_a_gap_when_retention_dropped_messages() {
+    let nats = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
+    reports_a_gap_when_retention_dropped_messages(Engine::Nats(nats.url())).await;
+}
+
+/// Two gateways on one NATS cluster: when the first drains, the SDK fails
+/// over to the second and resumes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_fails_over_to_another_gateway_when_one_drains() {
+    let nats = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
+    let dir = tempfile::tempdir().unwrap();
+    // One data directory: both gateways verify with the same node secret.
+    let spec = NodeSpec::new(dir.path(), CONFIG, &Engine::Nats(nats.url()));
+    let a = spec.start("127.0.0.1:0");
+    let b = spec.start("127.0.0.1:0");
+    let (admin, token) = setup(&spec, &a, json!({})).await;
+    publish(&a, &admin, "MD", "md.eu", 1..=5).await;
+    let endpoints = [a.url(""), b.url("")];
+    let mut sub = Subscription::builder(endpoints.clone(), "MD")
+        .token(&token)
+        .start(Start::From(1))
+        .backoff(fast())
+        .build()
+        .unwrap();
+    let mut events = Vec::new();
+    read_until(&mut sub, 5, &mut events).await;
+
+    a.stop(libc::SIGTERM);
+    publish(&b, &admin, "MD", "md.eu", 6..=15).await;
+    read_until(&mut sub, 15, &mut events).await;
+
+    assert_eq!(seqs(&events), (1..=15).collect::<Vec<_>>());
+    assert_eq!(connected_to(&events), endpoints, "first the node that drained, then the other one");
+    no_anomaly(&events);
+}
