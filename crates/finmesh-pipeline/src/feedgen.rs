@@ -1,40 +1,48 @@
 //! Realistic risk-feed files for tests, demos and benchmarks.
 //!
 //! Owns the sample feed's shape (the columns of `examples/pipeline/risk.avsc`
-//! in [`COLUMNS`] order), its reference currencies ([`CURRENCIES`], the same
-//! list as `examples/pipeline/currencies.csv`) and the injection of defects:
+//! in [`COLUMNS`] order), its reference data ([`CURRENCIES`], the same list
+//! as `examples/pipeline/currencies.csv`; the books of [`books_csv`], the
+//! same list as `examples/pipeline/books.csv`) and the injection of defects:
 //! - *bad rows* ([`BadKind`]) do not fit the schema and must become ingest
 //!   exceptions: an unparseable number, an impossible or misformatted date,
 //!   an empty required field, a row with a missing field;
 //! - *rule-failing rows* ([`RuleFail`]) fit the schema but break one of the
-//!   sample validation rules: notional `<= 0`, a currency not in the
-//!   reference data, a maturity outside `[2020-01-01, 2080-12-31]`, a null
-//!   counterparty or a desk other than RATES and FX (the rule is
-//!   `counterparty NOT NULL AND desk IN (RATES, FX)`).
+//!   four issue rules of `examples/pipeline/rules.txt`: notional `<= 0`, a
+//!   currency not in the reference data, a maturity outside
+//!   `[2020-01-01, 2080-12-31]`, a null counterparty or a desk other than
+//!   RATES and FX (the rule is `counterparty NOT NULL AND desk IN (RATES, FX)`).
 //!
 //! Invariants: output is a pure function of [`GenOptions`] (same options,
 //! same bytes); every defective row carries exactly one defect, so the
 //! counts in [`GenSummary`] are what ingest and validation must find; good
-//! rows pass every rule above (so they are all RATES or FX rows with a
-//! counterparty; CREDIT and EQ rows appear only as failures of the fourth
-//! rule).
+//! rows pass every rule of `examples/pipeline/rules.txt` (so they are all
+//! RATES or FX rows with a counterparty, FX rows trade a major currency,
+//! `trade_date <= as_of < maturity`, `version >= 1`, a price is null or
+//! positive; CREDIT and EQ rows appear only as failures of the fourth rule),
+//! and a rule-failing row breaks its one rule and no other rule of that file.
 
 use std::io::{self, Write};
 
-/// Header of generated files, in order.
-pub const COLUMNS: [&str; 12] = [
+/// Header of generated files, in order (the field order of `risk.avsc`).
+pub const COLUMNS: [&str; 17] = [
     "trade_id",
     "book",
     "desk",
     "counterparty",
     "ccy",
     "notional",
+    "price",
+    "quantity",
+    "trade_date",
     "maturity",
+    "as_of",
     "pv",
     "delta",
     "gamma",
     "vega",
-    "as_of",
+    "version",
+    "is_cleared",
 ];
 
 /// ISO 4217 codes and minor units of the sample reference data.
@@ -64,7 +72,14 @@ pub const CURRENCIES: [(&str, &str, u8); 20] = [
 /// Codes that are not in [`CURRENCIES`].
 const UNKNOWN_CURRENCIES: [&str; 4] = ["XYZ", "ABC", "EURO", "US$"];
 
-const DESKS: [&str; 4] = ["RATES", "FX", "CREDIT", "EQ"];
+/// The desks of `risk.avsc`, in symbol order.
+pub const DESKS: [&str; 4] = ["RATES", "FX", "CREDIT", "EQ"];
+
+/// Books are `<desk>-01` ..= `<desk>-<BOOKS_PER_DESK>`.
+pub const BOOKS_PER_DESK: u8 = 24;
+
+/// The currencies an FX row may trade (`fx_major_ccy` in `rules.txt`).
+const FX_MAJORS: usize = 5;
 
 const COUNTERPARTIES: [&str; 12] = [
     "Northwind Bank plc",
@@ -87,9 +102,9 @@ const COUNTERPARTIES: [&str; 12] = [
 pub enum BadKind {
     /// `notional`, `pv` or a sensitivity that is not a number.
     UnparseableNumber,
-    /// `maturity` that is not a valid `YYYY-MM-DD` date.
+    /// `maturity` or `trade_date` that is not a valid `YYYY-MM-DD` date.
     BadDate,
-    /// An empty `trade_id`, `desk` or `notional`.
+    /// An empty `trade_id`, `desk`, `notional` or `trade_date`.
     MissingRequired,
     /// A row with one field too few.
     MissingField,
@@ -122,7 +137,8 @@ pub struct GenOptions {
     /// Share of all rows (0.0..=1.0) with a [`BadKind`] defect.
     pub bad_share: f64,
     pub rule_fail: RuleFailShares,
-    /// The `as_of` of every row (RFC 3339).
+    /// The `as_of` of every row (RFC 3339, within 2024-01-01 ..= 2050-12-31 so
+    /// that good rows pass `valued_recently` and can mature by 2080).
     pub as_of: String,
 }
 
@@ -181,6 +197,7 @@ pub fn generate<W: Write>(out: W, opts: &GenOptions) -> io::Result<GenSummary> {
             format!("shares must each be in 0..=1 and add up to at most 1, got {shares:?}"),
         ));
     }
+    let as_of_day = as_of_day(&opts.as_of)?;
     let mut counter = CountingWriter { inner: out, bytes: 0 };
     let mut w = csv::WriterBuilder::new().flexible(true).from_writer(&mut counter);
     let mut rng = fastrand::Rng::with_seed(opts.seed);
@@ -213,7 +230,7 @@ pub fn generate<W: Write>(out: W, opts: &GenOptions) -> io::Result<GenSummary> {
                 _ => BadKind::MissingField,
             });
         }
-        good_row(&mut rng, row, &opts.as_of, &mut cells);
+        good_row(&mut rng, row, &opts.as_of, as_of_day, &mut cells);
         match kind {
             Kind::Good => s.good += 1,
             Kind::Bad(b) => {
@@ -269,43 +286,91 @@ const DESK: usize = 2;
 const COUNTERPARTY: usize = 3;
 const CCY: usize = 4;
 const NOTIONAL: usize = 5;
-const MATURITY: usize = 6;
-const PV: usize = 7;
+const TRADE_DATE: usize = 8;
+const MATURITY: usize = 9;
+const PV: usize = 11;
+const DELTA: usize = 12;
+
+/// Days since 1970-01-01 of 2024-01-01, 2050-12-31 and 2080-12-31.
+const AS_OF_MIN: i32 = 19_723;
+const AS_OF_MAX: i32 = 29_584;
+const MATURITY_MAX: i32 = 40_542;
+
+/// The day (since 1970-01-01) of an RFC 3339 `as_of`, refused outside
+/// [`AS_OF_MIN`] ..= [`AS_OF_MAX`].
+fn as_of_day(as_of: &str) -> io::Result<i32> {
+    let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, format!("as_of {as_of:?}: {why}"));
+    let t = time::OffsetDateTime::parse(as_of, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| invalid(e.to_string()))?;
+    let day = t.to_offset(time::UtcOffset::UTC).date().to_julian_day() - 2_440_588;
+    if !(AS_OF_MIN..=AS_OF_MAX).contains(&day) {
+        return Err(invalid("must be within 2024-01-01 ..= 2050-12-31".into()));
+    }
+    Ok(day)
+}
 
 fn date(days_since_epoch: i32) -> String {
     let d = time::Date::from_julian_day(days_since_epoch + 2_440_588).expect("generated dates are in range");
     format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
-/// Days since epoch of 2027-01-01 and 2075-12-31: good maturities.
-const GOOD_MATURITY: (i32, i32) = (20_819, 38_715);
+fn book(rng: &mut fastrand::Rng, desk: &str) -> String {
+    format!("{desk}-{:02}", rng.u8(1..=BOOKS_PER_DESK))
+}
 
-fn good_row(rng: &mut fastrand::Rng, row: u64, as_of: &str, cells: &mut Vec<String>) {
+fn good_row(rng: &mut fastrand::Rng, row: u64, as_of: &str, as_of_day: i32, cells: &mut Vec<String>) {
     cells.clear();
     // The rules let only RATES and FX rows with a counterparty pass.
-    let desk = DESKS[rng.usize(0..2)];
+    let fx = rng.bool();
+    let desk = DESKS[usize::from(fx)];
     let counterparty = COUNTERPARTIES[rng.usize(0..COUNTERPARTIES.len())].to_string();
-    // Weighted towards the majors.
-    let ccy = if rng.bool() { CURRENCIES[rng.usize(0..3)].0 } else { CURRENCIES[rng.usize(0..CURRENCIES.len())].0 };
+    // FX rows trade the majors only; RATES rows are weighted towards them.
+    let ccy = if fx || rng.bool() {
+        CURRENCIES[rng.usize(0..FX_MAJORS)].0
+    } else {
+        CURRENCIES[rng.usize(0..CURRENCIES.len())].0
+    };
     let notional_units = 10u64.pow(rng.u32(3..9)) * rng.u64(1..10);
     let notional_cents = if rng.u8(0..4) == 0 { rng.u64(0..100) } else { 0 };
     let notional = notional_units as f64;
+    // RATES: bonds quoted in percent of par, swaps without a price; FX: the
+    // forward rate. Six decimal places, always positive.
+    let price_micros = match (fx, rng.bool()) {
+        (false, false) => None,
+        (false, true) => Some(rng.u64(90_000_000..=110_000_000)),
+        (true, _) => Some(rng.u64(500_000..=2_000_000)),
+    };
+    let quantity = if fx { 1 } else { rng.u64(1..=50) };
+    // Traded in the last ten years, matures after the valuation day.
+    let trade_date = as_of_day - rng.i32(0..=3_650);
+    let maturity = (as_of_day + rng.i32(30..=30 * 365)).min(MATURITY_MAX);
     let pv = (rng.f64() - 0.5) * 0.1 * notional;
     let delta = (rng.f64() - 0.5) * notional * 1e-4;
+    // A third of FX rows are forwards: linear, no gamma or vega.
+    let linear = fx && rng.u8(0..3) == 0;
     let gamma = (rng.f64() - 0.5) * notional * 1e-7;
     let vega = rng.f64() * notional * 1e-5;
+    // Mostly new trades, some amended.
+    let version = if rng.u8(0..10) < 7 { 1 } else { rng.u8(2..=5) };
+    // Swaps are mostly cleared, FX mostly bilateral.
+    let cleared = if fx { rng.u8(0..10) == 0 } else { rng.u8(0..10) < 8 };
     cells.push(format!("TRD-{row:010}"));
-    cells.push(format!("{desk}-{:02}", rng.u8(1..25)));
+    cells.push(book(rng, desk));
     cells.push(desk.to_string());
     cells.push(counterparty);
     cells.push(ccy.to_string());
     cells.push(format!("{notional_units}.{notional_cents:02}"));
-    cells.push(date(rng.i32(GOOD_MATURITY.0..=GOOD_MATURITY.1)));
+    cells.push(price_micros.map_or(String::new(), |p| format!("{}.{:06}", p / 1_000_000, p % 1_000_000)));
+    cells.push(quantity.to_string());
+    cells.push(date(trade_date));
+    cells.push(date(maturity));
+    cells.push(as_of.to_string());
     cells.push(format!("{pv:.2}"));
     cells.push(format!("{delta:.6}"));
-    cells.push(format!("{gamma:.8}"));
-    cells.push(format!("{vega:.4}"));
-    cells.push(as_of.to_string());
+    cells.push(if linear { String::new() } else { format!("{gamma:.8}") });
+    cells.push(if linear { String::new() } else { format!("{vega:.4}") });
+    cells.push(version.to_string());
+    cells.push(cleared.to_string());
 }
 
 fn spoil(rng: &mut fastrand::Rng, kind: BadKind, cells: &mut Vec<String>) {
@@ -315,15 +380,16 @@ fn spoil(rng: &mut fastrand::Rng, kind: BadKind, cells: &mut Vec<String>) {
                 0 => (NOTIONAL, "1O000.00"),
                 1 => (NOTIONAL, "12 500.00"),
                 2 => (PV, "n/a"),
-                _ => (PV + 1 + rng.usize(0..3), "#VALUE!"),
+                _ => (DELTA + rng.usize(0..3), "#VALUE!"),
             };
             cells[col] = text.to_string();
         }
         BadKind::BadDate => {
-            cells[MATURITY] = ["2031-02-30", "31/12/2031", "2031-13-01", "20310101"][rng.usize(0..4)].to_string();
+            let col = if rng.bool() { MATURITY } else { TRADE_DATE };
+            cells[col] = ["2031-02-30", "31/12/2031", "2031-13-01", "20310101"][rng.usize(0..4)].to_string();
         }
         BadKind::MissingRequired => {
-            let col = [TRADE_ID, DESK, NOTIONAL][rng.usize(0..3)];
+            let col = [TRADE_ID, DESK, NOTIONAL, TRADE_DATE][rng.usize(0..4)];
             cells[col].clear();
         }
         BadKind::MissingField => {
@@ -338,12 +404,23 @@ fn break_rule(rng: &mut fastrand::Rng, rule: RuleFail, cells: &mut [String]) {
             cells[NOTIONAL] = if rng.bool() { "0.00".into() } else { format!("-{}.00", rng.u32(1..1_000_000)) };
         }
         RuleFail::UnknownCurrency => {
+            // On a RATES row: an FX row would also break `fx_major_ccy`.
+            if cells[DESK] != "RATES" {
+                cells[DESK] = "RATES".into();
+                cells[BOOK] = book(rng, "RATES");
+            }
             cells[CCY] = UNKNOWN_CURRENCIES[rng.usize(0..UNKNOWN_CURRENCIES.len())].to_string();
         }
         RuleFail::MaturityOutOfRange => {
-            // 1990-01-01..=2019-12-31 or 2081-01-01..=2099-12-31.
-            let days = if rng.bool() { rng.i32(7_305..=18_261) } else { rng.i32(40_543..=47_481) };
-            cells[MATURITY] = date(days);
+            // 1990-01-01..=2019-12-31 (traded before it matured, so
+            // `matures_after_trade` still holds) or 2081-01-01..=2099-12-31.
+            if rng.bool() {
+                let maturity = rng.i32(7_305..=18_261);
+                cells[MATURITY] = date(maturity);
+                cells[TRADE_DATE] = date(maturity - rng.i32(30..=3_650));
+            } else {
+                cells[MATURITY] = date(rng.i32(40_543..=47_481));
+            }
         }
         RuleFail::CounterpartyNullOrDeskNotRatesFx => {
             // A null counterparty, another desk, or both.
@@ -358,7 +435,7 @@ fn break_rule(rng: &mut fastrand::Rng, rule: RuleFail, cells: &mut [String]) {
             if other_desk {
                 let desk = DESKS[2 + rng.usize(0..2)];
                 cells[DESK] = desk.to_string();
-                cells[BOOK] = format!("{desk}-{:02}", rng.u8(1..25));
+                cells[BOOK] = book(rng, desk);
             }
         }
     }
@@ -386,6 +463,17 @@ pub fn currencies_csv() -> String {
     let mut s = String::from("ccy,name,minor_units\n");
     for (code, name, minor) in CURRENCIES {
         s.push_str(&format!("{code},{name},{minor}\n"));
+    }
+    s
+}
+
+/// `examples/pipeline/books.csv`: every book the generator writes, with its desk.
+pub fn books_csv() -> String {
+    let mut s = String::from("book,desk\n");
+    for desk in DESKS {
+        for n in 1..=BOOKS_PER_DESK {
+            s.push_str(&format!("{desk}-{n:02},{desk}\n"));
+        }
     }
     s
 }
@@ -421,6 +509,45 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         assert!(generate(Vec::new(), &GenOptions { bad_share: -0.1, ..GenOptions::default() }).is_err());
+        for as_of in ["yesterday", "2023-12-31T23:59:59Z", "2051-01-01T00:00:00Z"] {
+            let e = generate(Vec::new(), &GenOptions { as_of: as_of.into(), ..GenOptions::default() }).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{as_of}");
+            assert!(e.to_string().contains(as_of), "{e}");
+        }
+    }
+
+    #[test]
+    fn good_rows_have_realistic_dates_versions_and_prices() {
+        let opts = GenOptions { rows: 2_000, seed: fastrand::u64(..), ..GenOptions::default() };
+        let mut csv = Vec::new();
+        generate(&mut csv, &opts).unwrap();
+        let mut r = csv::Reader::from_reader(&csv[..]);
+        assert_eq!(r.headers().unwrap().iter().collect::<Vec<_>>(), COLUMNS);
+        let as_of = "2026-12-01";
+        let (mut linear, mut priced, mut unpriced) = (0, 0, 0);
+        for row in r.records() {
+            let row = row.unwrap();
+            let (trade_date, maturity) = (&row[TRADE_DATE], &row[MATURITY]);
+            assert!(trade_date <= as_of && as_of < maturity && maturity <= "2080-12-31", "seed {}: {row:?}", opts.seed);
+            assert!(row[15].parse::<u8>().unwrap() >= 1);
+            assert!(row[7].parse::<u64>().unwrap() >= 1);
+            if row[DESK] == *"FX" {
+                assert!(CURRENCIES[..FX_MAJORS].iter().any(|c| c.0 == &row[CCY]), "{row:?}");
+            }
+            if row[13].is_empty() {
+                assert_eq!((&row[DESK], &row[14]), ("FX", ""));
+                linear += 1;
+            }
+            match &row[6] {
+                "" => unpriced += 1,
+                p => {
+                    assert!(p.parse::<f64>().unwrap() > 0.0);
+                    priced += 1;
+                }
+            }
+            assert!(row[BOOK].starts_with(&row[DESK]));
+        }
+        assert!(linear > 0 && priced > 0 && unpriced > 0, "{linear} {priced} {unpriced}");
     }
 
     #[test]

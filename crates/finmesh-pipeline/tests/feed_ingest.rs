@@ -144,12 +144,15 @@ fn examples_match_the_generator() {
     let mut sample = Vec::new();
     feedgen::generate(&mut sample, &feedgen::sample_options()).unwrap();
     let currencies = feedgen::currencies_csv();
+    let books = feedgen::books_csv();
     if std::env::var_os("FINMESH_BLESS").is_some() {
         std::fs::write(format!("{EXAMPLES}/risk-sample.csv"), &sample).unwrap();
         std::fs::write(format!("{EXAMPLES}/currencies.csv"), &currencies).unwrap();
+        std::fs::write(format!("{EXAMPLES}/books.csv"), &books).unwrap();
     }
     assert_eq!(std::fs::read(format!("{EXAMPLES}/risk-sample.csv")).unwrap(), sample);
     assert_eq!(std::fs::read_to_string(format!("{EXAMPLES}/currencies.csv")).unwrap(), currencies);
+    assert_eq!(std::fs::read_to_string(format!("{EXAMPLES}/books.csv")).unwrap(), books);
     let reader = RowReader::new(&sample[..], risk(), "sample", ReaderOptions::default()).unwrap();
     let report = ingest(reader, &IngestOptions::default(), |_| Ok::<(), ()>(()), |_| {}).unwrap();
     assert!(report.exceptions > 0 && report.records > report.exceptions, "{report}");

@@ -10,7 +10,7 @@ use apache_avro::types::Value;
 use finmesh_pipeline::{Exception, FileError, IngestSchema, ReaderOptions, Reason, Record, Row, RowReader};
 use proptest::prelude::*;
 
-const RISK_AVSC: &str = include_str!("../../../examples/pipeline/risk.avsc");
+const RISK_AVSC: &str = include_str!("fixtures/risk12.avsc");
 const HEADER: &str = "trade_id,book,desk,counterparty,ccy,notional,maturity,pv,delta,gamma,vega,as_of";
 const GOOD: &str =
     "T1,RATES-01,RATES,Northwind Bank plc,USD,1000000.00,2031-06-30,-1234.56,12.5,0.001,3.25,2026-12-01T18:00:00Z";

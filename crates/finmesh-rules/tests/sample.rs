@@ -31,7 +31,7 @@ fn a_good_trade_passes_every_rule() {
 fn every_failing_rule_of_a_record_is_reported_in_file_order() {
     let rules = sample();
     let mut t = good_trade();
-    t.notional = -5.0;
+    t.notional = -500;
     t.ccy = "XXX".into();
     t.maturity = 45_000; // 2093
     t.desk = 2; // CREDIT
@@ -108,10 +108,10 @@ fn values_that_are_not_records_of_the_schema_are_refused() {
     let rules = sample();
     let mut failures = rules.failure_buffer();
     let short = Value::Record(vec![("trade_id".into(), Value::String("x".into()))]);
-    assert_eq!(rules.evaluate_avro(&short, &NoLookup, &mut failures), Err(ShapeError { expected: 18, found: Some(1) }));
+    assert_eq!(rules.evaluate_avro(&short, &NoLookup, &mut failures), Err(ShapeError { expected: 17, found: Some(1) }));
     assert_eq!(
         rules.evaluate_avro(&Value::Null, &NoLookup, &mut failures),
-        Err(ShapeError { expected: 18, found: None })
+        Err(ShapeError { expected: 17, found: None })
     );
 }
 
@@ -171,7 +171,7 @@ fn uses_are_listed_for_the_stage() {
 #[test]
 fn check_file_summarises_the_example_and_renders_errors_with_the_path() {
     let dir = common::examples_dir();
-    let summary = check_file(&dir.join("rules.txt"), &dir.join("risk-rules.avsc"), &datasets()).unwrap();
+    let summary = check_file(&dir.join("rules.txt"), &dir.join("risk.avsc"), &datasets()).unwrap();
     assert_eq!(summary.rules.len(), 13);
     assert_eq!(summary.datasets_used, ["currencies", "books"]);
     assert!(summary.to_string().starts_with("13 rules; fields read: trade_id, book, desk,"), "{summary}");
@@ -180,7 +180,7 @@ fn check_file_summarises_the_example_and_renders_errors_with_the_path() {
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("bad.rules");
     std::fs::write(&bad, "rule a: notional > 0\nrule b: LOOKUP(ccys, ccy)\n").unwrap();
-    let errors = check_file(&bad, &dir.join("risk-rules.avsc"), &datasets()).unwrap_err();
+    let errors = check_file(&bad, &dir.join("risk.avsc"), &datasets()).unwrap_err();
     assert_eq!(errors.len(), 1);
     assert_eq!((errors[0].kind, errors[0].line, errors[0].col), (ErrorKind::UnknownDataset, 2, 16));
     assert!(errors[0].text.starts_with(&format!("{}:2:16: unknown reference dataset `ccys`", bad.display())));
@@ -210,7 +210,7 @@ fn a_rule_set_can_be_shared_across_threads() {
             let rules = rules.clone();
             std::thread::spawn(move || {
                 let mut t = good_trade();
-                t.notional = if i == 0 { 1.0 } else { -1.0 };
+                t.notional = if i == 0 { 100 } else { -100 };
                 failing(&rules, &t)
             })
         })

@@ -5,6 +5,9 @@
 //!   a `demo` stream and KV bucket, and tail the stream live while a
 //!   background task publishes once a second, until Ctrl-C ([`demo`]).
 //!
+//! - `finmesh pipeline gen` and `finmesh pipeline rules check`: the
+//!   risk-feed tools that run locally, no node needed ([`pipeline`]).
+//!
 //! The benchmark harness is a binary of its own (`finmesh-bench`, crate
 //! `finmesh-bench`), so that this one links no benchmark or test-kit code.
 //!
@@ -14,6 +17,7 @@
 mod client;
 mod config;
 mod demo;
+mod pipeline;
 mod serve;
 mod serving;
 mod tls;
@@ -85,6 +89,11 @@ enum Command {
         client: client::ClientArgs,
         #[command(subcommand)]
         command: client::ConsumerCommand,
+    },
+    /// Risk-feed tools that run locally: generate a feed, check a rules file.
+    Pipeline {
+        #[command(subcommand)]
+        command: pipeline::PipelineCommand,
     },
 }
 
@@ -166,6 +175,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Consumer { client, command } => {
             client::commands_consumer(&client::Client::new(&client)?, command).await
         }
+        Command::Pipeline { command } => pipeline::run(command),
     }
 }
 

@@ -14,7 +14,7 @@ pub fn examples_dir() -> PathBuf {
 }
 
 pub fn risk_schema() -> Schema {
-    Schema::parse_str(&std::fs::read_to_string(examples_dir().join("risk-rules.avsc")).unwrap()).unwrap()
+    Schema::parse_str(&std::fs::read_to_string(examples_dir().join("risk.avsc")).unwrap()).unwrap()
 }
 
 pub fn sample_rules() -> String {
@@ -50,7 +50,7 @@ impl Lookup for RefData {
     }
 }
 
-pub const DESKS: [&str; 5] = ["RATES", "FX", "CREDIT", "EQUITIES", "COMMODITIES"];
+pub const DESKS: [&str; 4] = ["RATES", "FX", "CREDIT", "EQ"];
 
 /// One risk-feed row, in the fields of `risk.avsc`.
 #[derive(Clone, Debug)]
@@ -60,7 +60,8 @@ pub struct Trade {
     pub desk: u32,
     pub counterparty: Option<String>,
     pub ccy: String,
-    pub notional: f64,
+    /// Unscaled, scale 2 (cents).
+    pub notional: i64,
     /// Unscaled, scale 6.
     pub price: Option<i64>,
     pub quantity: i64,
@@ -86,7 +87,7 @@ pub fn good_trade() -> Trade {
         desk: 0,
         counterparty: Some("ACME BANK".into()),
         ccy: "EUR".into(),
-        notional: 10_000_000.0,
+        notional: 1_000_000_000,
         price: Some(101_250_000),
         quantity: 10,
         trade_date: 20_000,
@@ -132,7 +133,7 @@ impl Trade {
             ("desk".into(), Value::Enum(self.desk, DESKS[self.desk as usize].into())),
             ("counterparty".into(), nullable(self.counterparty.clone().map(Value::String))),
             ("ccy".into(), Value::String(self.ccy.clone())),
-            ("notional".into(), Value::Double(self.notional)),
+            ("notional".into(), decimal(self.notional)),
             ("price".into(), nullable(self.price.map(decimal))),
             ("quantity".into(), Value::Long(self.quantity)),
             ("trade_date".into(), Value::Date(self.trade_date)),
@@ -144,7 +145,6 @@ impl Trade {
             ("vega".into(), nullable(self.vega.map(Value::Double))),
             ("version".into(), Value::Int(self.version)),
             ("is_cleared".into(), Value::Boolean(self.is_cleared)),
-            ("tags".into(), Value::Array(vec![Value::String("eod".into())])),
         ])
     }
 
@@ -157,7 +157,7 @@ impl Trade {
             FieldRef::Enum(self.desk),
             self.counterparty.as_deref().map_or(FieldRef::Null, FieldRef::Str),
             FieldRef::Str(&self.ccy),
-            FieldRef::Float(self.notional),
+            FieldRef::Decimal(i128::from(self.notional)),
             self.price.map_or(FieldRef::Null, |p| FieldRef::Decimal(i128::from(p))),
             FieldRef::Int(self.quantity),
             FieldRef::Date(self.trade_date),
@@ -169,7 +169,6 @@ impl Trade {
             opt_f(self.vega),
             FieldRef::Int(i64::from(self.version)),
             FieldRef::Bool(self.is_cleared),
-            FieldRef::Other,
         ]
     }
 }
@@ -178,7 +177,7 @@ impl Trade {
 pub fn trade_batch(n: usize) -> Vec<Trade> {
     let ccys = ["USD", "EUR", "GBP", "JPY", "XXX", "CHF", "AUD"];
     let books = ["RATES-LDN-1", "RATES-NY-1", "FX-LDN-1", "CREDIT-LDN-1", "UNKNOWN", "RATES-LDN-1", "FX-LDN-1"];
-    // Mostly RATES and FX (the sample's `cpty` rule wants those), some CREDIT and EQUITIES.
+    // Mostly RATES and FX (the sample's `cpty` rule wants those), some CREDIT and EQ.
     let desks = [0, 1, 0, 1, 0, 1, 2, 0, 1, 3, 0];
     (0..n)
         .map(|i| {
@@ -187,7 +186,7 @@ pub fn trade_batch(n: usize) -> Vec<Trade> {
             t.desk = desks[i % desks.len()];
             t.ccy = ccys[i % ccys.len()].into();
             t.book = books[i % books.len()].into();
-            t.notional = if i % 17 == 0 { -1.0 } else { 1_000.0 * (i % 1000) as f64 + 1.0 };
+            t.notional = if i % 17 == 0 { -100 } else { (1_000 * (i % 1000) as i64 + 1) * 100 };
             t.price = if i % 3 == 0 { None } else { Some(1_000_000 + i as i64) };
             t.counterparty = if i % 11 == 0 { None } else { Some(format!("CPTY-{}", i % 50)) };
             t.maturity = if i % 23 == 0 { 45_000 } else { 20_001 + (i % 5000) as i32 };
