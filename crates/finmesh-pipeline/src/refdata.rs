@@ -12,7 +12,9 @@
 //! - [`RefCache`], the per-worker cache: a pinned version's rows are fetched
 //!   once into a [`RefSnapshot`] (`HashMap`), so a lookup on the hot path is a
 //!   memory access; a run pinned to a version that is not loaded yet waits
-//!   for it, visibly ([`RefCache::waiting`]).
+//!   for it, visibly ([`RefCache::waiting`]);
+//! - [`RunRefs`], a run's pinned snapshots as the rule language's
+//!   [`finmesh_rules::Lookup`] (`LOOKUP(dataset, key)` is a memory access).
 //!
 //! Invariants, on both backends:
 //! - **Atomic versions**: a version's rows are written first and its
@@ -662,6 +664,57 @@ impl RefCache {
     }
 }
 
+/// The snapshots one run pinned, by the rules' dataset ids: what
+/// `LOOKUP(dataset, key)` in a rule set reads ([`finmesh_rules::Lookup`]).
+///
+/// A string key is looked up as is; an integer key as its decimal text
+/// (formatted on the stack, no allocation). A dataset the run did not pin
+/// has no keys.
+#[derive(Clone, Debug, Default)]
+pub struct RunRefs {
+    by_id: Vec<Option<Arc<RefSnapshot>>>,
+}
+
+impl RunRefs {
+    /// The pinned `snapshots` placed at their ids in `datasets` (matched by
+    /// dataset name; snapshots of datasets the rules do not name are left out).
+    pub fn new(datasets: &finmesh_rules::Datasets, snapshots: impl IntoIterator<Item = Arc<RefSnapshot>>) -> Self {
+        let mut by_id: Vec<Option<Arc<RefSnapshot>>> = datasets.names().map(|_| None).collect();
+        for snapshot in snapshots {
+            if let Some(id) = datasets.id(&snapshot.dataset) {
+                by_id[id.0 as usize] = Some(snapshot);
+            }
+        }
+        RunRefs { by_id }
+    }
+
+    /// The snapshot pinned for `dataset`, if any.
+    pub fn snapshot(&self, dataset: finmesh_rules::DatasetId) -> Option<&Arc<RefSnapshot>> {
+        self.by_id.get(dataset.0 as usize).and_then(Option::as_ref)
+    }
+}
+
+impl finmesh_rules::Lookup for RunRefs {
+    fn contains(&self, dataset: finmesh_rules::DatasetId, key: &finmesh_rules::FieldRef<'_>) -> bool {
+        let Some(snapshot) = self.snapshot(dataset) else { return false };
+        match key {
+            finmesh_rules::FieldRef::Str(s) => snapshot.contains(s),
+            finmesh_rules::FieldRef::Int(i) => {
+                use std::io::Write;
+                let mut buf = [0u8; 20];
+                let mut cursor = std::io::Cursor::new(&mut buf[..]);
+                // An i64 has at most 20 characters: the write cannot fail.
+                if write!(cursor, "{i}").is_err() {
+                    return false;
+                }
+                let len = cursor.position() as usize;
+                std::str::from_utf8(&buf[..len]).is_ok_and(|k| snapshot.contains(k))
+            }
+            _ => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,6 +731,33 @@ mod tests {
         assert!(k.is_ok(), "the longest escaped key fits the engine's key limit");
         assert_eq!(decode_key("=4"), None);
         assert_eq!(decode_key("=ZZ"), None);
+    }
+
+    #[test]
+    fn run_refs_answer_lookup_by_dataset_id() {
+        use finmesh_rules::{Datasets, FieldRef, KeyType, Lookup};
+        let datasets =
+            Datasets::new().with("books", KeyType::String).with("ids", KeyType::Int).with("unpinned", KeyType::String);
+        let snap = |name: &str, keys: &[&str]| {
+            Arc::new(RefSnapshot::new(
+                name,
+                Timestamp(0),
+                keys.iter().map(|k| ((*k).to_owned(), Bytes::new())).collect(),
+            ))
+        };
+        let refs = RunRefs::new(
+            &datasets,
+            [snap("books", &["B1"]), snap("ids", &["-9223372036854775808", "42"]), snap("other", &["B1"])],
+        );
+        let [books, ids, unpinned] = ["books", "ids", "unpinned"].map(|n| datasets.id(n).unwrap());
+        assert!(refs.contains(books, &FieldRef::Str("B1")));
+        assert!(!refs.contains(books, &FieldRef::Str("B2")));
+        assert!(refs.contains(ids, &FieldRef::Int(42)));
+        assert!(refs.contains(ids, &FieldRef::Int(i64::MIN)));
+        assert!(!refs.contains(ids, &FieldRef::Int(7)));
+        assert!(!refs.contains(books, &FieldRef::Int(1)));
+        assert!(!refs.contains(unpinned, &FieldRef::Str("B1")), "a dataset the run did not pin has no keys");
+        assert!(!refs.contains(finmesh_rules::DatasetId(99), &FieldRef::Str("B1")));
     }
 
     #[test]
