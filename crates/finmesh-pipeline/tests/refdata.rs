@@ -65,6 +65,7 @@ macro_rules! on_every_store {
 on_every_store!(
     as_of_resolution_picks_the_latest_version_at_or_before_the_pin,
     a_half_loaded_version_is_invisible_and_a_reload_replaces_it,
+    a_cancelled_load_is_invisible,
     a_waiting_run_proceeds_when_its_version_completes,
     a_waiting_run_times_out_visibly,
     reloading_a_complete_version_is_a_no_op,
@@ -170,6 +171,36 @@ async fn a_half_loaded_version_is_invisible_and_a_reload_replaces_it(f: Fixture)
     assert_eq!(keys, ["k1", "k9"], "no partial row survives the reload");
     assert_eq!(remote(s, "books", "k2", us(25)).await, None, "k2 is not in the new version");
     assert_eq!(remote(s, "books", "k1", us(25)).await.as_deref(), Some("new-1"));
+}
+
+async fn a_cancelled_load_is_invisible(f: Fixture) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = &*f.store;
+    load(s, "books", us(10), &[("k1", "old-1")]).await;
+    // The load is dropped at its first await after row 1500 was read (in
+    // the middle of writing the second batch).
+    let reached = Arc::new(AtomicBool::new(false));
+    let mut rows = (0..5000).map({
+        let reached = reached.clone();
+        move |i| {
+            if i == 1500 {
+                reached.store(true, Ordering::SeqCst);
+            }
+            Ok((format!("k{i}"), Bytes::from(format!("cancelled-{i}"))))
+        }
+    });
+    tokio::select! {
+        biased;
+        () = async { while !reached.load(Ordering::SeqCst) { tokio::task::yield_now().await } } => {}
+        r = s.load_version("books", us(20), &mut rows) => panic!("the load was not cancelled: {r:?}"),
+    }
+    assert_eq!(s.versions("books").await.unwrap(), vec![us(10)]);
+    assert_eq!(remote(s, "books", "k1", us(20)).await.as_deref(), Some("old-1"));
+    assert_eq!(remote(s, "books", "k5", us(20)).await, None);
+    load(s, "books", us(20), &[("k5", "new-5")]).await;
+    let snap = s.snapshot("books", us(20)).await.unwrap();
+    assert_eq!(snap.len(), 1, "no row of the cancelled load survives the reload");
+    assert_eq!(snap.get("k5").map(|b| &b[..]), Some(&b"new-5"[..]));
 }
 
 async fn a_waiting_run_proceeds_when_its_version_completes(f: Fixture) {
