@@ -25,6 +25,7 @@ pub mod coerce;
 pub mod feedgen;
 pub mod ingest;
 pub mod reader;
+pub mod refdata;
 mod scan;
 pub mod schema;
 
