@@ -11,8 +11,9 @@
 //!    timeouts, panics, error rewriting, metrics);
 //! 4. [`kv`], [`streams`], [`consumers`]: the request/response routes;
 //!    [`oauth`]: `POST /oauth/token`, the client-credentials grant;
-//! 5. [`envelope`], [`subscribe`], [`sse`], [`ws`]: subscriptions, from the
-//!    JSON envelope through the bounded per-subscriber queue to the wire;
+//! 5. [`envelope`], [`subscribe`], [`hub`], [`sse`], [`ws`]: subscriptions,
+//!    from the JSON envelope through the fan-out hub (one engine tail per
+//!    stream) and the bounded per-subscriber queue to the wire;
 //! 6. [`limits`], [`metrics`], [`ops`], [`openapi`], [`schema`]: limits,
 //!    observability, health and the OpenAPI document with its response types.
 //!
@@ -23,6 +24,7 @@ pub mod caller;
 pub mod consumers;
 pub mod edge;
 pub mod envelope;
+pub mod hub;
 pub mod kv;
 pub mod limits;
 pub mod metrics;
