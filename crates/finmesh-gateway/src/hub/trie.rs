@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 /// Ids filed by pattern.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct SubjectTrie {
     root: Node,
     len: usize,
@@ -35,12 +35,6 @@ struct Node {
 impl Node {
     fn is_empty(&self) -> bool {
         self.literal.is_empty() && self.star.is_none() && self.rest.is_empty() && self.here.is_empty()
-    }
-}
-
-impl Default for SubjectTrie {
-    fn default() -> Self {
-        SubjectTrie { root: Node::default(), len: 0 }
     }
 }
 
