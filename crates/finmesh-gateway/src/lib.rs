@@ -12,8 +12,9 @@
 //! 4. [`kv`], [`streams`], [`consumers`]: the request/response routes;
 //!    [`oauth`]: `POST /oauth/token`, the client-credentials grant;
 //!    [`cors`]: cross-origin answers for browsers, when configured;
-//! 5. [`envelope`], [`subscribe`], [`sse`], [`ws`]: subscriptions, from the
-//!    JSON envelope through the bounded per-subscriber queue to the wire;
+//! 5. [`envelope`], [`subscribe`], [`hub`], [`sse`], [`ws`]: subscriptions,
+//!    from the JSON envelope through the fan-out hub (one engine tail per
+//!    stream) and the bounded per-subscriber queue to the wire;
 //! 6. [`limits`], [`metrics`], [`ops`], [`openapi`], [`schema`]: limits,
 //!    observability, health and the OpenAPI document with its response types.
 //!
@@ -25,6 +26,7 @@ pub mod consumers;
 pub mod cors;
 pub mod edge;
 pub mod envelope;
+pub mod hub;
 pub mod kv;
 pub mod limits;
 pub mod metrics;

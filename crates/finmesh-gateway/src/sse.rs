@@ -11,12 +11,21 @@
 //!   is not the stream's (the stream was recreated, or recovered with loss
 //!   after a crash, and reuses sequences): what the client has past
 //!   `last_seq` is void and delivery goes on from `last_seq + 1`;
-//! - the last event says why the stream ends: `event: lagged`
-//!   (`{"last_seq"}`, the subscriber fell behind), `event: reconnect`
+//! - the last event says why the stream ends: `event: error` with a
+//!   problem document carrying `"reason": "slow_consumer"` and `last_seq`
+//!   (a stream subscriber's queue was full when the fan-out hub had a frame
+//!   for it), `event: lagged` (`{"last_seq"}`, a watcher fell behind), `event: reconnect`
 //!   (`{"last_seq"}` + `retry:` = `retry_ms` plus a random part up to
 //!   `retry_jitter_ms`, the gateway drains), `event: error` (a
 //!   problem document) or `event: end`;
-//! - a comment line (`: heartbeat`) every heartbeat interval while idle.
+//! - a comment line (`: heartbeat`) every heartbeat interval while idle;
+//!   on a stream subscription it also carries `id: <head>` when the hub
+//!   dispatched past the subscriber's last id with nothing for it (see
+//!   [`Feed::heartbeat`]).
+//!
+//! Stream subscriptions are served by [`feed_response`] from a hub
+//! [`Feed`] (messages pre-encoded, handed to the socket without a copy);
+//! watches by axum's `Sse` from their own queue.
 //!
 //! The response's `Finmesh-Stream-Epoch` header carries the stream's epoch
 //! (`StreamInfo::epoch`, `0` = unknown), which a client sends back as
@@ -29,21 +38,25 @@
 //! with neither, the latest entry of every matching key, then changes.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use finmesh_auth::Access;
-use finmesh_core::{BoxStream, BucketName, Error, Result, Seq, StreamName, SubjectPattern, TailEvent, WatchStart};
+use finmesh_core::{BucketName, Error, Result, StreamName, SubjectPattern, WatchStart};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::AppState;
 use crate::caller::{Caller, Peer};
-use crate::problem::ApiResult;
+use crate::hub::Feed;
+use crate::problem::{ApiResult, PROBLEM_BASE};
 use crate::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
 
 /// The response header that carries the stream's epoch.
@@ -85,37 +98,6 @@ pub fn after_last_event_id(headers: &HeaderMap) -> Result<Option<u64>> {
     }
 }
 
-/// Open a stream tail as a frame source; returns the source, the sequence
-/// the client already has and the stream's epoch. A client position from
-/// another epoch (`client_epoch`) is void: the source starts with a
-/// `reset` frame and goes on with new messages.
-pub async fn stream_source(
-    state: &AppState,
-    stream: &StreamName,
-    filter: Option<SubjectPattern>,
-    first: Option<u64>,
-    client_epoch: Option<u64>,
-) -> Result<(BoxStream<Frame>, u64, u64)> {
-    let info = state.engine().stream_info(stream).await?;
-    let (epoch, last_seq) = (info.epoch, info.state.last_seq);
-    let reset = client_epoch.is_some_and(|e| epoch != 0 && e != epoch);
-    let from = match first {
-        Some(s) if !reset => Seq(s),
-        _ => last_seq.next(),
-    };
-    let tail = state.engine().tail(stream, from, filter).await?;
-    let head = reset.then_some(Ok(Frame::Reset { epoch, last_seq: last_seq.0 }));
-    let source = futures::stream::iter(head)
-        .chain(tail.map(move |r| {
-            r.map(|ev| match ev {
-                TailEvent::Message(m) => Frame::Message { id: m.seq.0, data: crate::envelope::message(&m) },
-                TailEvent::Gap { from, to } => Frame::Gap { from: from.0, to: to.0, epoch },
-            })
-        }))
-        .boxed();
-    Ok((source, from.0.saturating_sub(1), epoch))
-}
-
 /// `GET /v1/streams/{stream}/events`: an SSE subscription.
 #[utoipa::path(get, path = "/v1/streams/{stream}/events", tag = "streams",
     params(("stream" = String, Path), SubscribeQuery, ("access_token" = Option<String>, Query, description = "the bearer token, for browsers whose EventSource cannot set Authorization (RFC 6750 §2.3; subscription routes only)"),
@@ -141,8 +123,8 @@ pub async fn events(
         filter: filter.as_ref().map(ToString::to_string),
     };
     let spec = Subscription::admit_from(&state, spec, &peer)?;
-    let (source, resume_after, epoch) = stream_source(&state, &name, filter, first, q.epoch).await?;
-    let mut response = sse_response(&state, Subscription::spawn(&state, spec, resume_after, source));
+    let (feed, epoch) = Feed::open(&state, spec, &name, filter, first, q.epoch).await?;
+    let mut response = feed_response(&state, feed);
     response.headers_mut().insert(EPOCH_HEADER, epoch.into());
     Ok(response)
 }
@@ -213,6 +195,10 @@ fn event(item: &Item, retry: Duration, jitter: Duration) -> Event {
         Item::End(End::Lagged { last_sent }) => Event::default().event("lagged").data(
             json!({ "last_seq": last_sent, "reason": "subscriber fell behind; resume from last_seq" }).to_string(),
         ),
+        Item::Frame(Frame::Shared(e)) => Event::default().id(e.seq.to_string()).data(e.ws.as_str()),
+        Item::End(End::SlowConsumer { last_sent }) => {
+            Event::default().event("error").data(slow_consumer(*last_sent).to_string())
+        }
         Item::End(End::Reconnect { last_sent }) => Event::default()
             .event("reconnect")
             .retry(retry + jitter)
@@ -242,4 +228,141 @@ pub fn sse_response(state: &AppState, sub: Subscription) -> Response {
         Some((Ok::<_, Infallible>(ev), next))
     });
     Sse::new(hello.chain(items)).keep_alive(KeepAlive::new().interval(cfg.heartbeat).text("heartbeat")).into_response()
+}
+
+/// The `error` event's data when the hub cut a subscriber off: a problem
+/// document with `reason` `slow_consumer` and the last sequence sent.
+pub fn slow_consumer(last_seq: u64) -> serde_json::Value {
+    json!({
+        "type": format!("{PROBLEM_BASE}slow-consumer"),
+        "title": "Slow consumer",
+        "status": 503,
+        "detail": "the subscriber did not read fast enough and its queue filled up; resume from last_seq",
+        "reason": "slow_consumer",
+        "last_seq": last_seq,
+    })
+}
+
+/// One SSE event (`event:` line if named, `id:`, `retry:`, one `data:` line).
+fn raw_event(name: Option<&str>, id: Option<u64>, retry: Option<Duration>, data: &str) -> Bytes {
+    let mut out = String::with_capacity(data.len() + 48);
+    if let Some(name) = name {
+        out.push_str("event: ");
+        out.push_str(name);
+        out.push('\n');
+    }
+    if let Some(id) = id {
+        out.push_str(&format!("id: {id}\n"));
+    }
+    if let Some(retry) = retry {
+        out.push_str(&format!("retry: {}\n", retry.as_millis()));
+    }
+    out.push_str("data: ");
+    out.push_str(data);
+    out.push_str("\n\n");
+    Bytes::from(out)
+}
+
+/// The wire bytes of one item of a hub feed: a shared message is its
+/// pre-encoded event, as is (no copy).
+fn encode(item: &Item, retry: Duration, jitter: Duration) -> Bytes {
+    match item {
+        Item::Frame(Frame::Shared(e)) => e.sse.clone(),
+        Item::Frame(Frame::Message { id, data }) => raw_event(None, Some(*id), None, text(data)),
+        Item::Frame(Frame::Gap { from, to, epoch }) => {
+            raw_event(Some("gap"), Some(*to), None, &json!({ "from": from, "to": to, "epoch": epoch }).to_string())
+        }
+        Item::Frame(Frame::Reset { epoch, last_seq }) => raw_event(
+            Some("reset"),
+            Some(*last_seq),
+            None,
+            &json!({
+                "epoch": epoch,
+                "last_seq": last_seq,
+                "reason": "the stream was recreated or lost writes in a crash since your epoch; drop what you have past last_seq"
+            })
+            .to_string(),
+        ),
+        Item::End(End::Lagged { last_sent }) => raw_event(
+            Some("lagged"),
+            None,
+            None,
+            &json!({ "last_seq": last_sent, "reason": "subscriber fell behind; resume from last_seq" }).to_string(),
+        ),
+        Item::End(End::SlowConsumer { last_sent }) => {
+            raw_event(Some("error"), None, None, &slow_consumer(*last_sent).to_string())
+        }
+        Item::End(End::Reconnect { last_sent }) => raw_event(
+            Some("reconnect"),
+            None,
+            Some(retry + reconnect_retry(Duration::ZERO, jitter)),
+            &json!({ "last_seq": last_sent, "reason": "gateway draining; reconnect" }).to_string(),
+        ),
+        Item::End(End::Failed(p)) => raw_event(Some("error"), None, None, &serde_json::to_string(p).unwrap_or_default()),
+        Item::End(End::Finished) => raw_event(Some("end"), None, None, "{}"),
+    }
+}
+
+/// The connection's writer: the hub feed's items as body chunks, and a
+/// heartbeat when idle.
+struct FeedWriter {
+    feed: Feed,
+    hello: Option<Bytes>,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    heartbeat: Duration,
+    retry: Duration,
+    jitter: Duration,
+    done: bool,
+}
+
+impl FeedWriter {
+    async fn chunk(&mut self) -> Option<Bytes> {
+        if let Some(hello) = self.hello.take() {
+            return Some(hello);
+        }
+        if self.done {
+            return None;
+        }
+        let item = tokio::select! {
+            biased;
+            item = self.feed.next() => item,
+            () = &mut self.idle => {
+                self.idle.as_mut().reset(tokio::time::Instant::now() + self.heartbeat);
+                return Some(match self.feed.heartbeat() {
+                    Some(head) => Bytes::from(format!(": heartbeat\nid: {head}\n\n")),
+                    None => Bytes::from_static(b": heartbeat\n\n"),
+                });
+            }
+        };
+        self.idle.as_mut().reset(tokio::time::Instant::now() + self.heartbeat);
+        let item = item?;
+        self.done = matches!(item, Item::End(_));
+        Some(encode(&item, self.retry, self.jitter))
+    }
+}
+
+/// Serve a hub feed as `text/event-stream`. Each ready item is its own
+/// body chunk, handed over without copying; hyper gathers the chunks that
+/// are ready together into one (vectored) write. The write deadline is the
+/// server's (`finmesh serve`: `write_timeout`).
+pub fn feed_response(state: &AppState, feed: Feed) -> Response {
+    let cfg = &state.config().subscriptions;
+    let writer = FeedWriter {
+        feed,
+        hello: Some(Bytes::from(format!("retry: {}\n\n", cfg.retry.as_millis()))),
+        idle: Box::pin(tokio::time::sleep(cfg.heartbeat)),
+        heartbeat: cfg.heartbeat,
+        retry: cfg.retry,
+        jitter: cfg.retry_jitter,
+        done: false,
+    };
+    let body = futures::stream::unfold(writer, |mut w| async move {
+        let chunk = w.chunk().await?;
+        Some((Ok::<_, Infallible>(chunk), w))
+    });
+    let mut response = Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }

@@ -21,6 +21,7 @@ use finmesh_core::{BucketName, Engine};
 use tokio_util::sync::CancellationToken;
 
 use crate::cors::CorsConfig;
+use crate::hub::Hub;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::oauth::TokenAdmission;
@@ -101,14 +102,29 @@ pub struct SubscriptionConfig {
     /// part up to this, so that subscribers told together do not all come
     /// back in the same millisecond. Default 3 s.
     pub retry_jitter: Duration,
-    /// Frames buffered per subscriber. Default 1024.
+    /// Frames buffered per subscriber. Default 1024. A stream subscriber
+    /// whose queue is full when the fan-out hub has a frame for it is cut
+    /// off at once (`error`, reason `slow_consumer`).
     pub queue_capacity: usize,
     /// Bytes of frames buffered per subscriber (a frame larger than this
-    /// is queued alone). Default 8 MiB.
+    /// is queued alone); also the most bytes one history read of the hub
+    /// returns. Default 8 MiB.
     pub queue_max_bytes: usize,
-    /// A subscriber whose queue stays full this long is cut off with
-    /// `lagged`. Default 5 s.
+    /// A KV watcher whose queue stays full this long is cut off with
+    /// `lagged`. Default 5 s. (Stream subscribers are never waited for.)
     pub stall_timeout: Duration,
+    /// Frames of recent messages the fan-out hub keeps per stream to serve
+    /// resumes and late joiners without reading the engine. Default 10,000.
+    pub ring_max_messages: usize,
+    /// Bytes of those frames per stream (whichever bound is reached first
+    /// evicts). Default 16 MiB.
+    pub ring_max_bytes: usize,
+    /// History reads (subscribers starting before the ring) running at
+    /// once on the gateway; more wait their turn. Default 16.
+    pub history_reads: usize,
+    /// A stream's hub tail (its engine subscription) stops after this long
+    /// without subscribers. Default 30 s.
+    pub tail_idle: Duration,
     /// Subscriptions open at once per principal (token `sub`; per client
     /// address when authentication is off); above it a new one is refused
     /// with 429. Default 1,000.
@@ -127,6 +143,10 @@ impl Default for SubscriptionConfig {
             queue_capacity: 1024,
             queue_max_bytes: 8 * 1024 * 1024,
             stall_timeout: Duration::from_secs(5),
+            ring_max_messages: 10_000,
+            ring_max_bytes: 16 * 1024 * 1024,
+            history_reads: 16,
+            tail_idle: Duration::from_secs(30),
             max_per_principal: 1_000,
             max_total: 10_000,
         }
@@ -180,6 +200,8 @@ pub(crate) struct Inner {
     pub unready: CancellationToken,
     /// Connected SSE/WS subscribers (for `/v1/subscribers`).
     pub subscribers: Subscribers,
+    /// The fan-out hub: one engine tail per stream for every subscriber.
+    pub hub: Hub,
     /// Per-client rate limits (keyed by token subject).
     pub rate: Arc<RateLimiter>,
     /// OAuth clients for `POST /oauth/token`; `None` = the route answers 404.
@@ -202,6 +224,7 @@ impl AppState {
         let oauth_admission = Arc::new(TokenAdmission::new(&config.limits));
         AppState {
             inner: Arc::new(Inner {
+                hub: Hub::new(engine.clone(), &config.subscriptions),
                 engine,
                 auth,
                 config,
@@ -278,6 +301,16 @@ impl AppState {
     /// [`Limits::max_concurrent_token_grants`]).
     pub fn token_grants_running(&self) -> usize {
         self.inner.oauth_admission.running()
+    }
+
+    /// The fan-out hub.
+    pub fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+
+    /// Streams whose hub tail (one engine subscription each) is running.
+    pub fn hub_tails(&self) -> usize {
+        self.inner.hub.tails()
     }
 
     /// Number of connected SSE/WebSocket subscribers.

@@ -1,15 +1,13 @@
 //! One subscriber's bounded queue, and the registry of connected
 //! subscribers behind `GET /v1/subscribers`.
 //!
-//! Shape (the seam a shared fan-out hub will slot into):
-//! [`Subscription::admit`] counts a new subscriber against the caps, then
-//! [`Subscription::open`] registers it and returns its bounded
+//! Shape: [`Subscription::admit`] counts a new subscriber against the
+//! caps, then [`Subscription::open`] registers it and returns its bounded
 //! queue's two ends: the [`Subscription`] the connection (SSE or WebSocket)
 //! reads with [`Subscription::next`], and a [`QueueWriter`] a source fills.
-//! Today [`Subscription::spawn`] gives every subscriber its own source (one
-//! engine tail or KV watch) and a feeder task; a hub will instead keep one
-//! source per (stream, filter) and `try_push` the same shared frames into
-//! many writers. The connection side stays as it is.
+//! Stream subscribers are fed by the fan-out hub ([`crate::hub`]), which
+//! `try_push`es the same shared frames into many writers and never waits;
+//! a KV watch gets its own source and feeder task ([`Subscription::spawn`]).
 //!
 //! Invariants:
 //! - at most [`SubscriptionConfig::max_per_principal`](crate::SubscriptionConfig)
@@ -21,14 +19,12 @@
 //! - the queue is bounded in frames ([`SubscriptionConfig::queue_capacity`](crate::SubscriptionConfig))
 //!   and in bytes ([`SubscriptionConfig::queue_max_bytes`](crate::SubscriptionConfig);
 //!   a larger frame waits for the queue to empty and then goes alone).
-//!   The feeder waits for room at most
-//!   [`SubscriptionConfig::stall_timeout`](crate::SubscriptionConfig): a
-//!   reader that keeps moving paces its own engine tail (history replays at
-//!   the reader's speed), one whose queue stays full that long is marked
-//!   `lagged` and its feeder stops. The source is this subscriber's own, so
-//!   waiting never slows anyone else (a shared hub must not wait at all).
-//!   The connection still delivers what is queued, then ends with `lagged`
-//!   and the last sequence it really sent, from which the client resumes;
+//!   The hub finds a full queue and cuts the subscriber off at once
+//!   ([`QueueWriter::slow_consumer`]); a KV watch's own feeder waits for
+//!   room at most [`SubscriptionConfig::stall_timeout`](crate::SubscriptionConfig)
+//!   and then marks it `lagged`. Either way the connection still delivers
+//!   what is queued, then ends with the last sequence it really sent, from
+//!   which the client resumes;
 //! - drain wins over queued frames: once draining starts, the next item a
 //!   connection reads is the `reconnect` end;
 //! - a subscription is in the registry exactly while its value lives.
@@ -61,6 +57,9 @@ pub enum Frame {
         /// The envelope (see [`crate::envelope`]).
         data: Bytes,
     },
+    /// A stream message encoded once by the fan-out hub and shared by
+    /// every subscriber it goes to (see [`Encoded`]).
+    Shared(Arc<Encoded>),
     /// Sequences `from..=to` are gone and will not be delivered.
     Gap {
         /// First missing sequence.
@@ -81,11 +80,52 @@ pub enum Frame {
     },
 }
 
+/// A stream message encoded once into its wire frames: the complete SSE
+/// event (`id:` + `data:` + blank line) and the WebSocket text payload (the
+/// envelope, a slice of the same buffer).
+#[derive(Debug)]
+pub struct Encoded {
+    /// The message's sequence.
+    pub seq: u64,
+    /// `id: <seq>\ndata: <envelope>\n\n`.
+    pub sse: Bytes,
+    /// The envelope alone (UTF-8 JSON, one line), checked as UTF-8 once.
+    pub ws: axum::extract::ws::Utf8Bytes,
+}
+
+impl Encoded {
+    /// Encode `msg` (see [`crate::envelope`]).
+    pub fn message(msg: &finmesh_core::Message) -> Self {
+        Self::envelope(msg.seq.0, &crate::envelope::message(msg))
+    }
+
+    /// Frame an envelope (one line of JSON) with sequence `seq`.
+    pub fn envelope(seq: u64, envelope: &[u8]) -> Self {
+        debug_assert!(!envelope.contains(&b'\n'), "an envelope is one line");
+        let head = format!("id: {seq}\ndata: ");
+        let mut buf = bytes::BytesMut::with_capacity(head.len() + envelope.len() + 2);
+        buf.extend_from_slice(head.as_bytes());
+        buf.extend_from_slice(envelope);
+        buf.extend_from_slice(b"\n\n");
+        let sse = buf.freeze();
+        // Envelopes are serde_json output and validated JSON: UTF-8.
+        let ws = axum::extract::ws::Utf8Bytes::try_from(sse.slice(head.len()..sse.len() - 2))
+            .unwrap_or_else(|_| axum::extract::ws::Utf8Bytes::from_static("{}"));
+        Encoded { seq, sse, ws }
+    }
+}
+
 /// Why a subscription ended.
 #[derive(Debug, Clone)]
 pub enum End {
-    /// The subscriber fell `queue_capacity` frames behind.
+    /// The subscriber fell `queue_capacity` frames behind (KV watch).
     Lagged {
+        /// Last sequence delivered to it.
+        last_sent: u64,
+    },
+    /// The fan-out hub found the subscriber's queue full and cut it off
+    /// (SSE/WebSocket `error` event with reason `slow_consumer`).
+    SlowConsumer {
         /// Last sequence delivered to it.
         last_sent: u64,
     },
@@ -102,9 +142,10 @@ pub enum End {
 
 impl Frame {
     /// Bytes this frame takes in a queue.
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         match self {
             Frame::Message { data, .. } => data.len(),
+            Frame::Shared(e) => e.sse.len(),
             Frame::Gap { .. } | Frame::Reset { .. } => 0,
         }
     }
@@ -331,6 +372,16 @@ impl QueueWriter {
         self.tx.closed().await
     }
 
+    /// Cut the subscriber off because its queue is full (the hub never
+    /// waits): it gets what is queued, then `error` with reason
+    /// `slow_consumer` and the last sequence it received.
+    pub fn slow_consumer(self) {
+        self.entry.lagged.store(true, Ordering::Relaxed);
+        crate::metrics::lagged();
+        tracing::info!(identity = %self.entry.spec.identity, resource = %self.entry.spec.resource, "slow consumer; cut off");
+        self.finish(End::SlowConsumer { last_sent: 0 });
+    }
+
     /// Cut the subscriber off for falling behind: it gets what is queued,
     /// then `lagged` with the last sequence it received.
     pub fn lagged(self) {
@@ -464,36 +515,98 @@ impl Subscription {
         if self.done {
             return None;
         }
-        let last_sent = || self.entry.last_sent.load(Ordering::Relaxed);
-        tokio::select! {
+        let frame = tokio::select! {
             biased;
-            () = self.drain.cancelled() => {
-                self.done = true;
-                Some(Item::End(End::Reconnect { last_sent: last_sent() }))
+            () = self.drain.cancelled() => return Some(self.reconnect()),
+            frame = self.rx.recv() => frame,
+        };
+        Some(self.received(frame))
+    }
+
+    /// [`next`](Self::next) if an item is ready now, without waiting
+    /// (the drain is left to `next`).
+    pub fn try_next(&mut self) -> Option<Item> {
+        if self.done {
+            return None;
+        }
+        match self.rx.try_recv() {
+            Ok(frame) => Some(self.received(Some(frame))),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(self.received(None)),
+        }
+    }
+
+    fn received(&mut self, frame: Option<Frame>) -> Item {
+        match frame {
+            Some(frame) => {
+                self.sent(&frame);
+                self.entry.read_one(&frame);
+                Item::Frame(frame)
             }
-            frame = self.rx.recv() => match frame {
-                Some(frame) => {
-                    let seq = match &frame {
-                        Frame::Message { id, .. } => *id,
-                        Frame::Gap { to, .. } => *to,
-                        Frame::Reset { last_seq, .. } => *last_seq,
-                    };
-                    self.entry.last_sent.store(seq, Ordering::Relaxed);
-                    self.entry.sent.fetch_add(1, Ordering::Relaxed);
-                    self.entry.read_one(&frame);
-                    Some(Item::Frame(frame))
-                }
-                None => {
-                    self.done = true;
-                    let end = match self.entry.end.lock().take() {
-                        Some(End::Lagged { .. }) => End::Lagged { last_sent: last_sent() },
-                        Some(other) => other,
-                        None => End::Finished,
-                    };
-                    Some(Item::End(end))
-                }
+            None => {
+                self.done = true;
+                let last_sent = self.last_sent();
+                let end = match self.entry.end.lock().take() {
+                    Some(End::Lagged { .. }) => End::Lagged { last_sent },
+                    Some(End::SlowConsumer { .. }) => End::SlowConsumer { last_sent },
+                    Some(other) => other,
+                    None => End::Finished,
+                };
+                Item::End(end)
             }
         }
+    }
+
+    /// Count `frame` as sent (for a frame that did not come through the
+    /// queue, such as one replayed from the hub's ring).
+    pub fn sent(&self, frame: &Frame) {
+        let seq = match frame {
+            Frame::Message { id, .. } => *id,
+            Frame::Shared(e) => e.seq,
+            Frame::Gap { to, .. } => *to,
+            Frame::Reset { last_seq, .. } => *last_seq,
+        };
+        self.entry.last_sent.store(seq, Ordering::Relaxed);
+        self.entry.sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The last sequence sent (or the resume point, before anything was).
+    pub fn last_sent(&self) -> u64 {
+        self.entry.last_sent.load(Ordering::Relaxed)
+    }
+
+    /// Move the position forward to `seq` without a message (a heartbeat
+    /// carrying the head of the stream to a filtered subscriber).
+    pub fn advance(&self, seq: u64) {
+        self.entry.last_sent.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// Whether nothing waits in the queue.
+    pub fn queue_is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// End now with `end` (a source that is not this subscription's queue failed).
+    pub fn end(&mut self, end: End) -> Item {
+        self.done = true;
+        Item::End(end)
+    }
+
+    /// Whether the gateway is draining (the next item is `reconnect`).
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_cancelled()
+    }
+
+    /// End now with `reconnect` (the drain), for a caller that found
+    /// [`is_draining`](Self::is_draining) outside [`next`](Self::next).
+    pub fn reconnect(&mut self) -> Item {
+        self.done = true;
+        Item::End(End::Reconnect { last_sent: self.last_sent() })
+    }
+
+    /// A token cancelled when the gateway starts draining.
+    pub fn drain_token(&self) -> &CancellationToken {
+        &self.drain
     }
 }
 

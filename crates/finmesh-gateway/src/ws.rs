@@ -3,13 +3,18 @@
 //! Carries the same envelopes as SSE, one per text frame. Control events are
 //! text frames too, tagged with `"event"`: `{"event":"gap","from","to","epoch"}`,
 //! `{"event":"reset","epoch","last_seq"}` (see `sse.rs`);
-//! the last one before the close is `{"event":"lagged","last_seq"}` (close
-//! code 1013, try again later), `{"event":"reconnect","last_seq","retry_ms"}`
+//! the last one before the close is
+//! `{"event":"error","reason":"slow_consumer","last_seq",…}` (close code
+//! 1013, try again later: the fan-out hub found its queue full), `{"event":"reconnect","last_seq","retry_ms"}`
 //! (close code 1012, service restart: the gateway drains; `retry_ms` is
 //! jittered as SSE's `retry:`) or `{"event":"error",…}`
 //! (close code 1011). `from_seq` names the first sequence wanted; without it
-//! only new messages are sent. Pings go out every heartbeat interval; client
-//! messages other than close are ignored.
+//! only new messages are sent. Pings go out after a heartbeat interval
+//! without frames; client messages other than close are ignored.
+//!
+//! Messages come from the fan-out hub ([`crate::hub`]) already encoded; the
+//! connection task feeds every frame that is ready, then flushes them in
+//! one write.
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -17,12 +22,14 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use finmesh_auth::Access;
 use finmesh_core::{StreamName, SubjectPattern};
+use futures::SinkExt;
 use serde_json::json;
 
 use crate::AppState;
 use crate::caller::{Caller, Peer};
+use crate::hub::Feed;
 use crate::problem::ApiResult;
-use crate::sse::{SubscribeQuery, stream_source};
+use crate::sse::SubscribeQuery;
 use crate::subscribe::{End, Frame, Item, SubscriberSpec, Subscription};
 
 /// `GET /v1/streams/{stream}/ws`: upgrade to a WebSocket subscription.
@@ -52,9 +59,8 @@ pub async fn ws(
         filter: filter.as_ref().map(ToString::to_string),
     };
     let spec = Subscription::admit_from(&state, spec, &peer)?;
-    // Open the tail before upgrading so a missing stream is a 404, not a close.
-    let (source, resume_after, epoch) = stream_source(&state, &name, filter, q.from_seq, q.epoch).await?;
-    let sub = Subscription::spawn(&state, spec, resume_after, source);
+    // Open the feed before upgrading so a missing stream is a 404, not a close.
+    let (sub, epoch) = Feed::open(&state, spec, &name, filter, q.from_seq, q.epoch).await?;
     let cfg = &state.config().subscriptions;
     let (heartbeat, retry) = (cfg.heartbeat, crate::sse::reconnect_retry(cfg.retry, cfg.retry_jitter));
     let mut response = upgrade.on_upgrade(move |socket| serve(socket, sub, heartbeat, retry));
@@ -72,6 +78,11 @@ fn ending(end: &End, retry: std::time::Duration) -> (String, WsMessage) {
         End::Lagged { last_sent } => {
             (json!({ "event": "lagged", "last_seq": last_sent }).to_string(), close(1013, "lagged"))
         }
+        End::SlowConsumer { last_sent } => {
+            let mut ev = crate::sse::slow_consumer(*last_sent);
+            ev["event"] = "error".into();
+            (ev.to_string(), close(1013, "slow consumer"))
+        }
         End::Reconnect { last_sent } => (
             json!({ "event": "reconnect", "last_seq": last_sent, "retry_ms": retry.as_millis() as u64 }).to_string(),
             close(1012, "draining; reconnect"),
@@ -81,12 +92,24 @@ fn ending(end: &End, retry: std::time::Duration) -> (String, WsMessage) {
     }
 }
 
-async fn serve(
-    mut socket: WebSocket,
-    mut sub: Subscription,
-    heartbeat: std::time::Duration,
-    retry: std::time::Duration,
-) {
+/// The text message of a frame (a shared message: its payload, no copy).
+fn message(frame: Frame) -> WsMessage {
+    match frame {
+        Frame::Shared(e) => WsMessage::Text(e.ws.clone()),
+        // Envelopes are UTF-8 JSON (see `envelope`).
+        Frame::Message { data, .. } => WsMessage::Text(Utf8Bytes::try_from(data).unwrap_or_default()),
+        Frame::Gap { from, to, epoch } => {
+            WsMessage::Text(json!({ "event": "gap", "from": from, "to": to, "epoch": epoch }).to_string().into())
+        }
+        Frame::Reset { epoch, last_seq } => {
+            WsMessage::Text(json!({ "event": "reset", "epoch": epoch, "last_seq": last_seq }).to_string().into())
+        }
+    }
+}
+
+/// The connection's task: sends every frame that is ready, then flushes
+/// them in one write; pings when idle.
+async fn serve(mut socket: WebSocket, mut sub: Feed, heartbeat: std::time::Duration, retry: std::time::Duration) {
     let mut ping = tokio::time::interval(heartbeat);
     ping.reset();
     loop {
@@ -103,32 +126,33 @@ async fn serve(
                 continue;
             }
         };
-        let sent = match item {
-            Some(Item::Frame(Frame::Message { data, .. })) => {
-                // Envelopes are UTF-8 JSON (see `envelope`): no copy.
-                match Utf8Bytes::try_from(data) {
-                    Ok(text) => socket.send(WsMessage::Text(text)).await,
-                    Err(_) => Ok(()),
+        let mut item = item;
+        loop {
+            match item {
+                Some(Item::Frame(frame)) => {
+                    if socket.feed(message(frame)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Item::End(end)) => {
+                    let (last, close) = ending(&end, retry);
+                    let _ = socket.feed(WsMessage::Text(last.into())).await;
+                    let _ = socket.send(close).await;
+                    return;
+                }
+                None => {
+                    let _ = socket.flush().await;
+                    return;
                 }
             }
-            Some(Item::Frame(Frame::Gap { from, to, epoch })) => {
-                let gap = json!({ "event": "gap", "from": from, "to": to, "epoch": epoch });
-                socket.send(WsMessage::Text(gap.to_string().into())).await
+            item = sub.try_next();
+            if item.is_none() {
+                break;
             }
-            Some(Item::Frame(Frame::Reset { epoch, last_seq })) => {
-                let reset = json!({ "event": "reset", "epoch": epoch, "last_seq": last_seq });
-                socket.send(WsMessage::Text(reset.to_string().into())).await
-            }
-            Some(Item::End(end)) => {
-                let (last, close) = ending(&end, retry);
-                let _ = socket.send(WsMessage::Text(last.into())).await;
-                let _ = socket.send(close).await;
-                return;
-            }
-            None => return,
-        };
-        if sent.is_err() {
+        }
+        if socket.flush().await.is_err() {
             return;
         }
+        ping.reset();
     }
 }

@@ -1,6 +1,6 @@
-//! A subscriber that falls behind its bounded queue is cut off with
-//! `event: lagged` carrying the last sequence it received, and others are
-//! not slowed; a reader that keeps up replays history at its own pace.
+//! A subscriber whose bounded queue is full when the fan-out hub has a frame
+//! for it is cut off with `event: error` (reason `slow_consumer`) carrying
+//! the last sequence it received, and others are not slowed.
 
 mod support;
 
@@ -12,21 +12,21 @@ use support::{Gw, Harness, eventually, sse_oneshot};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-async fn slow_subscriber_gets_lagged<H: Harness>() {
+async fn slow_subscriber_is_cut_as_slow_consumer<H: Harness>() {
     let config = GatewayConfig {
-        subscriptions: SubscriptionConfig {
-            queue_capacity: 4,
-            stall_timeout: Duration::from_millis(200),
-            ..Default::default()
-        },
+        subscriptions: SubscriptionConfig { queue_capacity: 4, ..Default::default() },
         ..Default::default()
     };
     let gw = Gw::with_config::<H>(config).await;
     gw.stream("MD", json!({"subjects": ["md.>"]})).await;
+    // The subscriber joins the live feed (it reads message 1), then stops reading.
+    let mut slow = sse_oneshot(&gw, "/v1/streams/MD/events", &[]).await;
+    slow.hello().await;
+    gw.publish_n("MD", "md.x", 1).await;
+    assert_eq!(slow.next(WAIT).await.unwrap().seq(), 1);
+    // 20 more: the hub never waits; the fifth frame finds the queue full.
     gw.publish_n("MD", "md.x", 20).await;
-    // The response body is not read yet: the queue fills and the feeder gives up.
-    let mut slow = sse_oneshot(&gw, "/v1/streams/MD/events?from_seq=1", &[]).await;
-    eventually(WAIT, "the subscriber is marked lagged", || async {
+    eventually(WAIT, "the subscriber is cut off", || async {
         let subs = gw.get("/v1/subscribers").await.json();
         subs["subscribers"][0]["lagged"] == true && subs["subscribers"][0]["queued"] == 4
     })
@@ -34,18 +34,18 @@ async fn slow_subscriber_gets_lagged<H: Harness>() {
     // A fast subscriber on the same stream gets everything.
     let mut fast = sse_oneshot(&gw, "/v1/streams/MD/events?from_seq=1", &[]).await;
     fast.hello().await;
-    for want in 1..=20 {
+    for want in 1..=21 {
         assert_eq!(fast.next(WAIT).await.unwrap().seq(), want);
     }
-    // The slow one gets what was queued, then the lagged event, then the end.
-    slow.hello().await;
-    for want in 1..=4 {
+    // The slow one gets what was queued, then the error, then the end.
+    for want in 2..=5 {
         assert_eq!(slow.next(WAIT).await.unwrap().seq(), want);
     }
-    let lagged = slow.next(WAIT).await.unwrap();
-    assert_eq!(lagged.event.as_deref(), Some("lagged"));
-    assert_eq!(lagged.json()["last_seq"], 4);
-    assert!(slow.next(WAIT).await.is_none(), "the stream ends after lagged");
+    let cut = slow.next(WAIT).await.unwrap();
+    assert_eq!(cut.event.as_deref(), Some("error"));
+    assert_eq!(cut.json()["reason"], "slow_consumer");
+    assert_eq!(cut.json()["last_seq"], 5);
+    assert!(slow.next(WAIT).await.is_none(), "the stream ends after the error");
 }
 
 /// The seam a fan-out hub will use: push without waiting, cut off on a full queue.
@@ -82,4 +82,4 @@ async fn queue_writer_try_push_and_lagged<H: Harness>() {
     assert_eq!(gw.state.subscriber_count(), 0);
 }
 
-per_engine!(slow_subscriber_gets_lagged, queue_writer_try_push_and_lagged);
+per_engine!(slow_subscriber_is_cut_as_slow_consumer, queue_writer_try_push_and_lagged);

@@ -92,16 +92,23 @@ async fn a_subscriber_queue_is_bounded_in_bytes<H: Harness>() {
     gw.stream("MD", json!({"subjects": ["md.>"]})).await;
     // A JSON string: inline in the envelope, which is a little over 16 KiB.
     let payload = format!("\"{}\"", "x".repeat(16 * 1024 - 2));
-    for _ in 0..20 {
+    let publish = || async {
         let r = gw.post("/v1/streams/MD/messages?subject=md.x", payload.clone()).await;
         assert_eq!(r.status, 200, "{}", r.text());
+    };
+    // The subscriber joins the live feed (it reads message 1), then stops reading.
+    let mut sse = sse_oneshot(&gw, "/v1/streams/MD/events", &[]).await;
+    sse.hello().await;
+    publish().await;
+    assert_eq!(sse.next(WAIT).await.unwrap().seq(), 1);
+    for _ in 0..20 {
+        publish().await;
     }
-    // Not read yet: the feeder fills the queue up to its byte bound (three
-    // envelopes of a little over 16 KiB fit in 64 KiB, a fourth does not).
-    let mut sse = sse_oneshot(&gw, "/v1/streams/MD/events?from_seq=1", &[]).await;
+    // The hub fills the queue up to its byte bound (three envelopes of a
+    // little over 16 KiB fit in 64 KiB, a fourth does not: cut off).
     eventually(WAIT, "the queue is full by bytes", || async {
         let subs = gw.get("/v1/subscribers").await.json();
-        subs["subscribers"][0]["queued"] == 3
+        subs["subscribers"][0]["queued"] == 3 && subs["subscribers"][0]["lagged"] == true
     })
     .await;
     let subs = gw.get("/v1/subscribers").await.json();
@@ -109,11 +116,12 @@ async fn a_subscriber_queue_is_bounded_in_bytes<H: Harness>() {
     assert!((48 * 1024..=64 * 1024).contains(&queued_bytes), "{subs}");
     let gauge = gw.get("/metrics").await.text();
     assert!(gauge.lines().any(|l| l.starts_with("finmesh_subscriber_queued_bytes ")), "{gauge}");
-    // The reader then gets everything, in order: room is given back per frame.
-    sse.hello().await;
-    for want in 1..=20 {
+    // The reader then gets what was queued, in order, and the cut.
+    for want in 2..=4 {
         assert_eq!(sse.next(WAIT).await.unwrap().seq(), want);
     }
+    let cut = sse.next(WAIT).await.unwrap();
+    assert_eq!((cut.event.as_deref(), cut.json()["last_seq"].as_u64()), (Some("error"), Some(4)));
 }
 
 per_engine!(

@@ -134,9 +134,17 @@ pub struct SubscriptionsSection {
     pub queue_capacity: usize,
     /// Bytes of frames queued per subscriber.
     pub queue_max_bytes: usize,
-    /// How long a subscriber's full queue may stay full before it is cut off
-    /// with `lagged`.
+    /// How long a KV watcher's full queue may stay full before it is cut
+    /// off with `lagged`.
     pub stall_timeout_ms: u64,
+    /// Frames of recent messages the fan-out hub keeps per stream.
+    pub ring_max_messages: usize,
+    /// Bytes of those frames per stream.
+    pub ring_max_bytes: usize,
+    /// History reads of the hub running at once.
+    pub history_reads: usize,
+    /// A stream's hub tail stops after this long without subscribers.
+    pub tail_idle_ms: u64,
     /// Subscriptions open at once per principal (token `sub`).
     pub max_per_principal: usize,
     /// Subscriptions open at once on the node.
@@ -153,6 +161,10 @@ impl Default for SubscriptionsSection {
             queue_capacity: d.queue_capacity,
             queue_max_bytes: d.queue_max_bytes,
             stall_timeout_ms: d.stall_timeout.as_millis() as u64,
+            ring_max_messages: d.ring_max_messages,
+            ring_max_bytes: d.ring_max_bytes,
+            history_reads: d.history_reads,
+            tail_idle_ms: d.tail_idle.as_millis() as u64,
             max_per_principal: d.max_per_principal,
             max_total: d.max_total,
         }
@@ -414,6 +426,10 @@ impl ServeConfig {
             ("subscriptions.queue_capacity", self.subscriptions.queue_capacity as u64),
             ("subscriptions.queue_max_bytes", self.subscriptions.queue_max_bytes as u64),
             ("subscriptions.stall_timeout_ms", self.subscriptions.stall_timeout_ms),
+            ("subscriptions.ring_max_messages", self.subscriptions.ring_max_messages as u64),
+            ("subscriptions.ring_max_bytes", self.subscriptions.ring_max_bytes as u64),
+            ("subscriptions.history_reads", self.subscriptions.history_reads as u64),
+            ("subscriptions.tail_idle_ms", self.subscriptions.tail_idle_ms),
             ("subscriptions.max_per_principal", self.subscriptions.max_per_principal as u64),
             ("subscriptions.max_total", self.subscriptions.max_total as u64),
             ("connections.max", self.connections.max as u64),
@@ -500,6 +516,10 @@ impl ServeConfig {
                 queue_capacity: self.subscriptions.queue_capacity,
                 queue_max_bytes: self.subscriptions.queue_max_bytes,
                 stall_timeout: Duration::from_millis(self.subscriptions.stall_timeout_ms),
+                ring_max_messages: self.subscriptions.ring_max_messages,
+                ring_max_bytes: self.subscriptions.ring_max_bytes,
+                history_reads: self.subscriptions.history_reads,
+                tail_idle: Duration::from_millis(self.subscriptions.tail_idle_ms),
                 max_per_principal: self.subscriptions.max_per_principal,
                 max_total: self.subscriptions.max_total,
             },

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod counting;
 
 use std::any::Any;
 use std::net::SocketAddr;
@@ -155,6 +156,15 @@ impl Gw {
             state = state.with_oauth(clients);
         }
         Gw { app: app(state.clone()), state, _guard: guard }
+    }
+
+    /// A gateway whose engine is wrapped in a [`counting::CountingEngine`]
+    /// (the real engine does the work; reads and tails are counted).
+    pub async fn counting<H: Harness>(config: GatewayConfig) -> (Self, Arc<counting::CountingEngine>) {
+        let (engine, guard) = H::start().await;
+        let counting = counting::CountingEngine::new(engine);
+        let state = AppState::new(counting.clone(), Authenticator::disabled(), config);
+        (Gw { app: app(state.clone()), state, _guard: guard }, counting)
     }
 
     /// Send a request through `oneshot` and collect the response.

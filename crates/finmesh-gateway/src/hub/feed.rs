@@ -1,0 +1,241 @@
+//! One subscriber's side of the hub: [`Feed`] yields its frames in order —
+//! a `reset` if its epoch is stale, then history read from the engine while
+//! its start is older than the ring, then the ring's frames from its start,
+//! then live frames from its queue — and the heartbeat position.
+//!
+//! Invariants:
+//! - frames come out in sequence order with no gap and no duplicate: the
+//!   history phase reads `next..covered_from` and advances `next` past what
+//!   it read; the join (under the tail's lock) copies the ring from `next`
+//!   and registers for live frames after it (see [`super`]);
+//! - at most one page of history (bounded by the queue's byte limit) is
+//!   held per subscriber, and the next page is read only when it is sent,
+//!   so history goes at the reader's pace and never overflows the queue;
+//! - [`Feed::next`] is cancel-safe: a history read in flight is kept and
+//!   resumed by the next call, so callers may `select!` on it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use finmesh_core::{Error, Message, ReadRequest, ReadStart, Result, Seq, StreamInfo, StreamName, SubjectPattern};
+use futures::future::BoxFuture;
+
+use super::{Hub, HubInner, HubTail, Join};
+use crate::AppState;
+use crate::limits::Paging;
+use crate::problem::Problem;
+use crate::subscribe::{Admitted, Encoded, End, Frame, Item, QueueWriter, Subscription};
+
+/// Most messages one history read asks for.
+const PAGE: usize = 1_000;
+
+type HistoryRead = BoxFuture<'static, Result<Vec<Message>>>;
+
+/// One subscriber of a stream, fed by the hub.
+pub struct Feed {
+    sub: Subscription,
+    tail: Arc<HubTail>,
+    hub: Arc<HubInner>,
+    stream: StreamName,
+    filter: Option<SubjectPattern>,
+    info: StreamInfo,
+    phase: Phase,
+    /// Frames to send before the queue: a reset, a history page, the ring's part.
+    backlog: VecDeque<Frame>,
+    /// Next sequence wanted (history phase).
+    next: u64,
+}
+
+enum Phase {
+    /// Reading history; the queue's writer waits for the join.
+    /// `read`: the history read in flight and the ring start it reads up to.
+    Catching { writer: Option<QueueWriter>, read: Option<(u64, HistoryRead)> },
+    /// Joined as this live id.
+    Live(u64),
+    /// The end was given.
+    Ended,
+}
+
+impl Feed {
+    /// Open a subscription to `stream` for an admitted subscriber: `first` is
+    /// the first sequence wanted (`Some(0)`: the first stored; `None`: only
+    /// new ones), `client_epoch` the epoch the client's position belongs to.
+    /// Returns the feed and the stream's epoch.
+    pub async fn open(
+        state: &AppState,
+        admitted: Admitted,
+        stream: &StreamName,
+        filter: Option<SubjectPattern>,
+        first: Option<u64>,
+        client_epoch: Option<u64>,
+    ) -> Result<(Feed, u64)> {
+        let info = state.engine().stream_info(stream).await?;
+        let (epoch, last_seq) = (info.epoch, info.state.last_seq.0);
+        let reset = client_epoch.is_some_and(|e| epoch != 0 && e != epoch);
+        let next = match first {
+            Some(0) if !reset => info.state.first_seq.0.max(1),
+            Some(s) if !reset => s,
+            _ => last_seq + 1,
+        };
+        let mut backlog = VecDeque::new();
+        if reset {
+            backlog.push_back(Frame::Reset { epoch, last_seq });
+        }
+        let hub: &Hub = state.hub();
+        let tail = hub.attach(stream, epoch, last_seq);
+        let (sub, writer) = Subscription::open(state, admitted, next - 1);
+        let feed = Feed {
+            sub,
+            tail,
+            hub: hub.inner.clone(),
+            stream: stream.clone(),
+            filter,
+            info,
+            phase: Phase::Catching { writer: Some(writer), read: None },
+            backlog,
+            next,
+        };
+        Ok((feed, epoch))
+    }
+
+    /// Whether the subscriber has joined the live feed.
+    pub fn is_live(&self) -> bool {
+        matches!(self.phase, Phase::Live(_))
+    }
+
+    /// The next item, or `None` after the end.
+    pub async fn next(&mut self) -> Option<Item> {
+        loop {
+            if let Some(item) = self.pop_backlog() {
+                return Some(item);
+            }
+            if !matches!(self.phase, Phase::Catching { .. }) {
+                return self.sub.next().await;
+            }
+            if self.sub.is_draining() {
+                self.phase = Phase::Ended;
+                return Some(self.sub.reconnect());
+            }
+            if let Phase::Catching { read: Some((upto, pending)), .. } = &mut self.phase {
+                let upto = *upto;
+                let drain = self.sub.drain_token().clone();
+                let result = tokio::select! {
+                    biased;
+                    () = drain.cancelled() => continue,
+                    result = pending => result,
+                };
+                if let Phase::Catching { read, .. } = &mut self.phase {
+                    *read = None;
+                }
+                if let Err(e) = self.page(result, upto) {
+                    self.phase = Phase::Ended;
+                    return Some(self.sub.end(End::Failed(Box::new(Problem::from_error(&e)))));
+                }
+                continue;
+            }
+            let Phase::Catching { writer, .. } = &mut self.phase else { continue };
+            let w = writer.take().expect("a catching feed holds its writer between reads");
+            match self.tail.join(self.next, self.filter.as_ref(), w) {
+                Join::Live { id, backlog } => {
+                    self.backlog.extend(backlog);
+                    self.phase = Phase::Live(id);
+                }
+                Join::Behind { writer: w, covered_from } => {
+                    let read = self.read(covered_from);
+                    self.phase = Phase::Catching { writer: Some(w), read: Some((covered_from, read)) };
+                }
+                Join::Closed(end) => {
+                    self.phase = Phase::Ended;
+                    return Some(self.sub.end(end));
+                }
+            }
+        }
+    }
+
+    /// The next item if one is ready now (for batching writes).
+    pub fn try_next(&mut self) -> Option<Item> {
+        if let Some(item) = self.pop_backlog() {
+            return Some(item);
+        }
+        match self.phase {
+            Phase::Live(_) => self.sub.try_next(),
+            _ => None,
+        }
+    }
+
+    /// The position a heartbeat carries: the hub's head, when the
+    /// subscriber is live, has nothing pending and is behind it (a filtered
+    /// subscriber that matched nothing lately). Counts as its position.
+    pub fn heartbeat(&self) -> Option<u64> {
+        if !self.is_live() || !self.backlog.is_empty() {
+            return None;
+        }
+        // Head first: every frame up to it was queued before this read, so
+        // an empty queue after it means all of them were sent.
+        let head = self.tail.head();
+        (self.sub.queue_is_empty() && head > self.sub.last_sent()).then(|| {
+            self.sub.advance(head);
+            head
+        })
+    }
+
+    fn pop_backlog(&mut self) -> Option<Item> {
+        if matches!(self.phase, Phase::Ended) {
+            return None;
+        }
+        let frame = self.backlog.pop_front()?;
+        self.sub.sent(&frame);
+        Some(Item::Frame(frame))
+    }
+
+    /// A history read of `next..covered_from`, under the hub's concurrency limit.
+    fn read(&self, covered_from: u64) -> HistoryRead {
+        let (engine, stream, permits) = (self.hub.engine.clone(), self.stream.clone(), self.hub.history.clone());
+        let limit = Paging::new(self.hub.page_bytes, &self.info).next(PAGE);
+        let request = ReadRequest {
+            start: ReadStart::Seq(Seq(self.next)),
+            end: Some(Seq(covered_from - 1)),
+            filter: None,
+            limit,
+        };
+        Box::pin(async move {
+            let _permit = permits.acquire_owned().await.map_err(|_| Error::unavailable("the hub is shutting down"))?;
+            engine.read(&stream, request).await
+        })
+    }
+
+    /// Queue a page of history read up to `upto - 1`: a gap for what is
+    /// gone before it, its matching messages; an empty page means
+    /// everything up to `upto` is gone.
+    fn page(&mut self, result: Result<Vec<Message>>, upto: u64) -> Result<()> {
+        let messages = result?;
+        let epoch = self.info.epoch;
+        let Some(first) = messages.first().map(|m| m.seq.0) else {
+            if upto > self.next {
+                self.backlog.push_back(Frame::Gap { from: self.next, to: upto - 1, epoch });
+                self.next = upto;
+            }
+            return Ok(());
+        };
+        if first > self.next {
+            self.backlog.push_back(Frame::Gap { from: self.next, to: first - 1, epoch });
+        }
+        for m in messages {
+            self.next = m.seq.0 + 1;
+            if self.filter.as_ref().is_none_or(|f| f.matches(&m.subject)) {
+                self.backlog.push_back(Frame::Shared(Arc::new(Encoded::message(&m))));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        let live = match self.phase {
+            Phase::Live(id) => Some(id),
+            _ => None,
+        };
+        self.tail.detach(live);
+    }
+}
