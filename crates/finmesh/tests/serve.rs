@@ -345,11 +345,11 @@ fn the_cli_client_round_trips_kv_streams_and_consumers() {
     assert_eq!(cli(&node, t, &["kv", "keys", "cards", "--limit", "2", "--after", "k2"]), "k3\nk4\n");
     assert_eq!(cli(&node, t, &["kv", "keys", "cards", "--limit", "1", "--all"]), "k1\nk2\nk3\nk4\n");
     assert_eq!(
-        cli(&node, t, &["--json", "kv", "keys", "cards", "--limit", "3", "--all", "--prefix", "k"]),
+        cli(&node, t, &["kv", "keys", "cards", "--limit", "3", "--all", "--prefix", "k", "--json"]),
         "\"k1\"\n\"k2\"\n\"k3\"\n\"k4\"\n"
     );
     let page: serde_json::Value =
-        serde_json::from_str(&cli(&node, t, &["--json", "kv", "keys", "cards", "--limit", "3"])).unwrap();
+        serde_json::from_str(&cli(&node, t, &["kv", "keys", "cards", "--limit", "3", "--json"])).unwrap();
     assert_eq!(page, serde_json::json!({"keys": ["k1", "k2", "k3"], "next": "k3"}));
 
     cli(&node, t, &["stream", "create", "orders", "--subjects", "orders.>"]);
