@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::options::{BucketSecurity, Metadata, StreamSecurity, check_metadata};
 use crate::{ConsumerName, Error, Result, Seq, StreamName, SubjectPattern, Timestamp};
 
 /// How a stream's (or bucket's) writes are made durable before the ack,
@@ -117,6 +118,12 @@ pub struct StreamConfig {
     /// Copies kept by a clustered engine (1 on the embedded engine).
     #[serde(default = "one")]
     pub replicas: u8,
+    /// Security options, fixed at creation (see [`crate::options`]).
+    #[serde(default, skip_serializing_if = "StreamSecurity::is_none")]
+    pub security: StreamSecurity,
+    /// User metadata, kept and reported (see [`crate::options`] for its limits).
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub metadata: Metadata,
 }
 
 fn default_dup_window() -> Duration {
@@ -140,6 +147,8 @@ impl StreamConfig {
             duplicate_window: DEFAULT_DUPLICATE_WINDOW,
             sync: SyncPolicy::default(),
             replicas: 1,
+            security: StreamSecurity::default(),
+            metadata: Metadata::new(),
         }
     }
 
@@ -200,6 +209,7 @@ impl StreamConfig {
         if !(1..=5).contains(&self.replicas) {
             p.push(format!("replicas must be 1-5, got {}", self.replicas));
         }
+        check_metadata(&self.metadata, &mut p);
         finish(p, "stream config")
     }
 }
@@ -284,6 +294,12 @@ pub struct BucketConfig {
     /// Copies kept by a clustered engine (1 on the embedded engine).
     #[serde(default = "one")]
     pub replicas: u8,
+    /// Security options, fixed at creation (see [`crate::options`]).
+    #[serde(default, skip_serializing_if = "BucketSecurity::is_none")]
+    pub security: BucketSecurity,
+    /// User metadata, kept and reported (see [`crate::options`] for its limits).
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub metadata: Metadata,
 }
 
 /// Most revisions a bucket may keep per key (JetStream's limit).
@@ -300,6 +316,8 @@ impl BucketConfig {
             max_bytes: None,
             sync: SyncPolicy::default(),
             replicas: 1,
+            security: BucketSecurity::default(),
+            metadata: Metadata::new(),
         }
     }
 
@@ -338,6 +356,7 @@ impl BucketConfig {
         if !(1..=5).contains(&self.replicas) {
             p.push(format!("replicas must be 1-5, got {}", self.replicas));
         }
+        check_metadata(&self.metadata, &mut p);
         finish(p, "bucket config")
     }
 }
@@ -581,6 +600,43 @@ mod tests {
         assert_eq!(parsed.sync, SyncPolicy::Always);
         let never: StreamConfig = serde_json::from_str(r#"{"name":"S","subjects":["a"],"sync":"never"}"#).unwrap();
         assert_eq!(never.sync, SyncPolicy::Never);
+    }
+
+    /// Configs written before buckets and streams had options (embedded
+    /// engine records, API bodies) still parse, with no options; configs
+    /// without options serialize as before.
+    #[test]
+    fn configs_without_options_parse_and_serialize_as_before() {
+        let b: BucketConfig = serde_json::from_str(
+            r#"{"name":"b","history":1,"ttl":null,"max_value_size":null,"max_bytes":null,"sync":"always","replicas":1}"#,
+        )
+        .unwrap();
+        assert!(b.security.is_none() && b.metadata.is_empty());
+        assert!(!serde_json::to_string(&b).unwrap().contains("security"));
+        let s: StreamConfig = serde_json::from_str(r#"{"name":"S","subjects":["a"]}"#).unwrap();
+        assert!(s.security.is_none() && s.metadata.is_empty());
+        let json = serde_json::to_value(&s).unwrap();
+        assert!(json.get("security").is_none() && json.get("metadata").is_none(), "{json}");
+    }
+
+    #[test]
+    fn options_round_trip_and_are_validated() {
+        let b: BucketConfig = serde_json::from_str(
+            r#"{"name":"b","security":{"encryption":"aes256gcm","key_hashing":"hmac-sha256","key_format":"pan"},
+                "metadata":{"owner":"cards-team"}}"#,
+        )
+        .unwrap();
+        assert_eq!(b.security.options().len(), 3);
+        assert_eq!(serde_json::from_value::<BucketConfig>(serde_json::to_value(&b).unwrap()).unwrap(), b);
+        let bad = r#"{"name":"b","security":{"encryption":"rot13"}}"#;
+        assert!(serde_json::from_str::<BucketConfig>(bad).unwrap_err().to_string().contains("rot13"));
+        let bad = r#"{"name":"S","subjects":["a"],"security":{"key_format":"pan"}}"#;
+        assert!(serde_json::from_str::<StreamConfig>(bad).is_err(), "key options are for buckets");
+        let mut s = StreamConfig::new(sn("S"), vec![sp("a")]);
+        s.metadata.insert("finmesh.encryption".into(), "x".into());
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Invalid);
+        assert!(e.message().contains("reserved"), "{e}");
     }
 
     #[test]

@@ -206,6 +206,41 @@ pub enum WatchStart {
     New,
 }
 
+/// Most keys one [`KvEngine::kv_keys_page`] call returns; a larger limit is
+/// clamped to it.
+pub const MAX_KEYS_PAGE: usize = 10_000;
+
+/// One page of a key listing ([`KvEngine::kv_keys_page`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeysPage {
+    /// Live keys, sorted bytewise, all after the request's cursor.
+    pub keys: Vec<Key>,
+    /// The cursor of the next page (the last key of this one) when more
+    /// keys followed it at the time of the read; `None` on the last page.
+    pub next: Option<Key>,
+}
+
+impl KeysPage {
+    /// The page of `sorted` (live keys matching the prefix, sorted bytewise)
+    /// after `after`, at most `limit` long. For engines and wrappers that
+    /// have the whole sorted list at hand.
+    pub fn cut(sorted: impl IntoIterator<Item = Key>, after: Option<&Key>, limit: usize) -> KeysPage {
+        let mut rest = sorted.into_iter().skip_while(|k| after.is_some_and(|a| k <= a));
+        let keys: Vec<Key> = rest.by_ref().take(limit).collect();
+        let next = if rest.next().is_some() { keys.last().cloned() } else { None };
+        KeysPage { keys, next }
+    }
+}
+
+/// The limit a page request may use: 0 is `Invalid`, more than
+/// [`MAX_KEYS_PAGE`] is clamped to it.
+pub fn keys_page_limit(limit: usize) -> Result<usize> {
+    if limit == 0 {
+        return Err(crate::Error::invalid("a key page needs a limit of at least 1"));
+    }
+    Ok(limit.min(MAX_KEYS_PAGE))
+}
+
 /// Operations on KV buckets.
 #[async_trait]
 pub trait KvEngine: Send + Sync + 'static {
@@ -255,8 +290,39 @@ pub trait KvEngine: Send + Sync + 'static {
     async fn kv_purge(&self, bucket: &BucketName, key: &Key) -> Result<Revision>;
 
     /// Keys with a live value whose name starts with `prefix` (plain string
-    /// prefix, `""` for all), sorted.
+    /// prefix, `""` for all), sorted. Unbounded: for a bucket of any size
+    /// use [`kv_keys_page`](Self::kv_keys_page).
     async fn kv_keys(&self, bucket: &BucketName, prefix: &str) -> Result<Vec<Key>>;
+
+    /// One page of [`kv_keys`](Self::kv_keys): the first `limit` live keys
+    /// starting with `prefix` that sort (bytewise) after `after` (`None`:
+    /// from the first). Follow [`KeysPage::next`] until it is `None` to see
+    /// every key once; a key written or deleted during the walk may or may
+    /// not show, every other key shows exactly once. `limit` 0 is
+    /// `Invalid`; above [`MAX_KEYS_PAGE`] it is clamped. The default reads
+    /// every key and cuts ([`KeysPage::cut`]); engines override it with a
+    /// bounded read where they can.
+    async fn kv_keys_page(
+        &self,
+        bucket: &BucketName,
+        prefix: &str,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<KeysPage> {
+        let limit = keys_page_limit(limit)?;
+        Ok(KeysPage::cut(self.kv_keys(bucket, prefix).await?, after, limit))
+    }
+
+    /// Whether this engine stack enforces `option` itself (seals values,
+    /// hashes keys, checks key formats) on buckets and streams that set it.
+    /// Engines only store options, so the default is `false`; a wrapper
+    /// engine that enforces one answers `true` for it. A gateway refuses to
+    /// create a bucket or stream with an option its stack does not enforce
+    /// (see [`crate::options`]).
+    fn supports_security(&self, option: crate::SecurityOption) -> bool {
+        let _ = option;
+        false
+    }
 
     /// Every kept entry of `key`, oldest first, markers included.
     async fn kv_history(&self, bucket: &BucketName, key: &Key) -> Result<Vec<KvEntry>>;

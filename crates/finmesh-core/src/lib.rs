@@ -4,7 +4,8 @@
 //! 1. [`error`]: the error type (a comparable kind plus a source);
 //! 2. [`names`] and [`subject`]: validated names, keys and subjects;
 //! 3. [`message`]: sequences, revisions, timestamps, headers, messages;
-//! 4. [`config`]: stream, bucket and consumer configurations;
+//! 4. [`config`]: stream, bucket and consumer configurations, and
+//!    [`options`]: their security options and user metadata;
 //! 5. [`engine`]: the engine traits and their semantics.
 //!
 //! With the `testsuite` feature, `testsuite` is the conformance suite that
@@ -15,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod message;
 pub mod names;
+pub mod options;
 pub mod subject;
 
 #[cfg(feature = "testsuite")]
@@ -25,10 +27,11 @@ pub use config::{
     SyncPolicy,
 };
 pub use engine::{
-    AckKind, AckToken, BoxStream, ConsumerEngine, Delivery, Engine, FetchRequest, KvEngine, KvEntry, KvOp, ReadRequest,
-    ReadStart, StreamEngine, TailEvent, WatchStart,
+    AckKind, AckToken, BoxStream, ConsumerEngine, Delivery, Engine, FetchRequest, KeysPage, KvEngine, KvEntry, KvOp,
+    ReadRequest, ReadStart, StreamEngine, TailEvent, WatchStart,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use message::{Headers, Message, OutgoingMessage, PubAck, Revision, Seq, Timestamp};
 pub use names::{BucketName, ConsumerName, Key, StreamName};
+pub use options::{BucketSecurity, Encryption, KeyFormat, KeyHashing, Metadata, SecurityOption, StreamSecurity};
 pub use subject::{Subject, SubjectPattern};

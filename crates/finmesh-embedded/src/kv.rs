@@ -4,16 +4,22 @@
 //! `ttl` is `max_age`. Delete and purge are messages with a `KV-Operation`
 //! header (`DEL`, `PURGE`); purge also rolls up the key's older entries.
 //!
-//! Invariant: a get reads two point lookups (`l` for the key's last
-//! sequence, `m` for the record) and never scans.
+//! Invariants: a get reads two point lookups (`l` for the key's last
+//! sequence, `m` for the record) and never scans. A key listing page is
+//! one range scan of `l` from the cursor (or the prefix) that stops after
+//! `limit + 1` live keys: its cost follows the page and the dead keys
+//! (deleted, purged, expired) it steps over, not the bucket's size.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use finmesh_core::{
-    BucketConfig, BucketInfo, BucketName, Error, Key, KvEntry, KvOp, Message, OutgoingMessage, Result, Revision,
-    StreamConfig, StreamName, Subject, SubjectPattern, Timestamp,
+    BucketConfig, BucketInfo, BucketName, Error, Key, KeysPage, KvEntry, KvOp, Message, OutgoingMessage, Result,
+    Revision, StreamConfig, StreamName, Subject, SubjectPattern, Timestamp,
 };
+
+use crate::codec;
+use crate::store::{StreamHandle, storage};
 
 /// Header carrying a marker's operation.
 pub(crate) const OP_HEADER: &str = "KV-Operation";
@@ -102,4 +108,55 @@ pub(crate) fn check_value(config: &BucketConfig, value: &Bytes) -> Result<()> {
 
 pub(crate) fn info(config: BucketConfig, state: &finmesh_core::StreamState) -> BucketInfo {
     BucketInfo { config, entries: state.messages, bytes: state.bytes, last_revision: Revision(state.last_seq.0) }
+}
+
+/// Up to `limit` live keys of the bucket starting with `prefix` and sorting
+/// after `after`, in order, read by one range scan of the `l` keyspace
+/// (subjects `$KV.<bucket>.<key>` sort as their keys do); `next` is set
+/// when one more live key follows.
+pub(crate) fn keys_page(
+    h: &StreamHandle,
+    config: &BucketConfig,
+    bucket: &BucketName,
+    prefix: &str,
+    after: Option<&Key>,
+    limit: usize,
+) -> Result<KeysPage> {
+    use std::ops::Bound;
+    let now = Timestamp::now();
+    let subject_prefix = format!("{}{prefix}", key_prefix(bucket));
+    let start = match after {
+        Some(a) if format!("{}{a}", key_prefix(bucket)) >= subject_prefix => {
+            Bound::Excluded(format!("{}{a}", key_prefix(bucket)).into_bytes())
+        }
+        _ => Bound::Included(subject_prefix.clone().into_bytes()),
+    };
+    let visible = h.state().last_seq;
+    let mut keys = Vec::new();
+    let mut more = false;
+    for kv_pair in h.last.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+        let (k, v) = kv_pair.into_inner().map_err(storage)?;
+        if !k.starts_with(subject_prefix.as_bytes()) {
+            break;
+        }
+        let (mut seq, _) = codec::decode_last(&v)?;
+        if seq > visible {
+            // Not visible yet: the key's last visible revision, if any.
+            let subject = std::str::from_utf8(&k).map_err(|_| Error::internal("corrupt subject in last index"))?;
+            let Some(v) = h.last_visible_of(subject)? else { continue };
+            seq = v;
+        }
+        let Some(m) = h.get(seq)? else { continue };
+        let e = entry(bucket, m)?;
+        if e.op != KvOp::Put || expired(config.ttl, e.created, now) {
+            continue;
+        }
+        if keys.len() == limit {
+            more = true;
+            break;
+        }
+        keys.push(e.key);
+    }
+    let next = if more { keys.last().cloned() } else { None };
+    Ok(KeysPage { keys, next })
 }

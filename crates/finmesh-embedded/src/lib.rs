@@ -13,7 +13,7 @@
 //!
 //! | keyspace | key | value |
 //! |---|---|---|
-//! | `meta` | `stream/<name>` | JSON `{config, kind}` (kind: `user` or `kv` with the bucket config) |
+//! | `meta` | `stream/<name>` | JSON `{config, kind}` (kind: `user` or `kv` with the bucket config); `security` and `metadata` are left out when empty, so records without options are the same as before options existed |
 //! | `meta` | `state/<name>` | counters `messages, bytes, first_seq, last_seq` (4 × u64 BE), written in the same batch as the messages |
 //! | `meta` | `index/<name>` | the same counters as of the last commit of the stream's `x` changes; differs from `state/<name>`, or is missing while `state/<name>` counts a write, only after a crash between a write and its index batch (then `open` repairs `x`) |
 //! | `meta` | `epoch/<name>` | the stream's epoch (u64 BE, see `StreamInfo::epoch`) |
@@ -78,9 +78,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use finmesh_core::{
     AckKind, AckToken, BoxStream, BucketConfig, BucketInfo, BucketName, ConsumerConfig, ConsumerEngine, ConsumerInfo,
-    ConsumerName, DeliverPolicy, Delivery, Error, FetchRequest, Key, KvEngine, KvEntry, KvOp, Message, OutgoingMessage,
-    PubAck, ReadRequest, Result, Revision, Seq, StreamConfig, StreamEngine, StreamInfo, StreamName, Subject,
-    SubjectPattern, TailEvent, Timestamp, WatchStart,
+    ConsumerName, DeliverPolicy, Delivery, Error, FetchRequest, Key, KeysPage, KvEngine, KvEntry, KvOp, Message,
+    OutgoingMessage, PubAck, ReadRequest, Result, Revision, Seq, StreamConfig, StreamEngine, StreamInfo, StreamName,
+    Subject, SubjectPattern, TailEvent, Timestamp, WatchStart,
 };
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -501,27 +501,23 @@ impl KvEngine for EmbeddedEngine {
 
     async fn kv_keys(&self, bucket: &BucketName, prefix: &str) -> Result<Vec<Key>> {
         let (h, config) = self.bucket(bucket)?;
-        let now = Timestamp::now();
-        let subject_prefix = format!("{}{prefix}", kv::key_prefix(bucket));
-        let mut keys = Vec::new();
-        for kv_pair in h.last.prefix(subject_prefix.as_bytes()) {
-            let (k, v) = kv_pair.into_inner().map_err(storage)?;
-            let (mut seq, _) = codec::decode_last(&v)?;
-            if seq > h.state().last_seq {
-                // Not visible yet: the key's last visible revision, if any.
-                let subject = std::str::from_utf8(&k).map_err(|_| Error::internal("corrupt subject in last index"))?;
-                let Some(visible) = h.last_visible_of(subject)? else { continue };
-                seq = visible;
-            }
-            if let Some(m) = h.get(seq)? {
-                let e = kv::entry(bucket, m)?;
-                if e.op == KvOp::Put && !kv::expired(config.ttl, e.created, now) {
-                    keys.push(e.key);
-                }
-            }
-        }
-        keys.sort();
-        Ok(keys)
+        let bucket = bucket.clone();
+        let prefix = prefix.to_owned();
+        let page = blocking(move || kv::keys_page(&h, &config, &bucket, &prefix, None, usize::MAX)).await?;
+        Ok(page.keys)
+    }
+
+    async fn kv_keys_page(
+        &self,
+        bucket: &BucketName,
+        prefix: &str,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<KeysPage> {
+        let limit = finmesh_core::engine::keys_page_limit(limit)?;
+        let (h, config) = self.bucket(bucket)?;
+        let (bucket, prefix, after) = (bucket.clone(), prefix.to_owned(), after.cloned());
+        blocking(move || kv::keys_page(&h, &config, &bucket, &prefix, after.as_ref(), limit)).await
     }
 
     async fn kv_history(&self, bucket: &BucketName, key: &Key) -> Result<Vec<KvEntry>> {

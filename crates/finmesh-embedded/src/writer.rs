@@ -986,6 +986,14 @@ impl Writer {
         if old.config.replicas != record.config.replicas {
             return Err(Error::invalid("replicas cannot change on the embedded engine"));
         }
+        // Checked here, in line with creates, so no create slips between.
+        let (what, before, after) = match (&old.kind, &record.kind) {
+            (StreamKind::Kv(o), StreamKind::Kv(n)) => {
+                (format!("bucket `{}`", n.name), o.security.options(), n.security.options())
+            }
+            _ => (format!("stream `{name}`"), old.config.security.options(), record.config.security.options()),
+        };
+        finmesh_core::options::check_security_unchanged(&what, &before, &after)?;
         self.check_subjects(&record)?;
         self.persist_record(&record)?;
         let policy = record.config.sync;

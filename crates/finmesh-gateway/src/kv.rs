@@ -9,7 +9,14 @@
 //!   412 `wrong-revision` with the current revision;
 //! - a key that never existed, was deleted or purged answers 404;
 //! - a key is one path segment: a key holding `/` (or named `keys`/`watch`)
-//!   is sent percent-encoded (`a%2Fb`, `%6Beys`).
+//!   is sent percent-encoded (`a%2Fb`, `%6Beys`);
+//! - a bucket (or stream, `streams.rs`) whose security options the engine
+//!   stack does not enforce ([`finmesh_core::KvEngine::supports_security`])
+//!   is never created or updated: 400 naming the option, so nothing is
+//!   stored in clear under a promise of encryption;
+//! - a key listing is one page (`?limit=`, default [`DEFAULT_KEYS_PAGE`],
+//!   at most `limits.max_keys_page`), never the whole bucket; `next` is the
+//!   cursor to pass as `?after=` for the next page.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -17,7 +24,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use finmesh_auth::Access;
-use finmesh_core::{BucketConfig, BucketName, Error, ErrorKind, Key, Revision};
+use finmesh_core::{BucketConfig, BucketName, Engine, Error, ErrorKind, Key, Revision, SecurityOption};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -82,6 +89,20 @@ pub fn config_with_name<T: serde::de::DeserializeOwned>(body: &[u8], name: &str)
     serde_json::from_value(v).map_err(|e| Error::invalid(format!("bad configuration: {e}")).into())
 }
 
+/// Refuse `options` that the engine stack does not enforce (see the module doc).
+pub(crate) fn refuse_unenforced(engine: &dyn Engine, options: &[SecurityOption], what: &str) -> ApiResult<()> {
+    let missing: Vec<SecurityOption> = options.iter().copied().filter(|o| !engine.supports_security(*o)).collect();
+    let Some(first) = missing.first() else { return Ok(()) };
+    let names: Vec<String> = missing.iter().map(|o| o.to_string()).collect();
+    Err(Error::invalid(format!(
+        "{} is not available on this node yet: its engine stack does not enforce {} for {what}, and finmesh never \
+         stores in clear what a configuration promises to protect",
+        first.field(),
+        names.join(", ")
+    ))
+    .into())
+}
+
 /// `GET /v1/kv`: all bucket names.
 #[utoipa::path(get, path = "/v1/kv", tag = "kv", responses((status = 200, description = "bucket names", body = BucketList)))]
 pub async fn list_buckets(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
@@ -92,7 +113,7 @@ pub async fn list_buckets(State(state): State<AppState>, caller: Caller) -> ApiR
 
 /// `PUT /v1/kv/{bucket}`: create or update a bucket.
 #[utoipa::path(put, path = "/v1/kv/{bucket}", tag = "kv",
-    params(("bucket" = String, Path)), request_body(content = Object, description = "BucketConfig without `name`"),
+    params(("bucket" = String, Path)), request_body(content = crate::schema::BucketConfigBody),
     responses((status = 200, description = "bucket info", body = Object), (status = 400, body = crate::Problem)))]
 pub async fn put_bucket(
     State(state): State<AppState>,
@@ -104,6 +125,7 @@ pub async fn put_bucket(
     caller.require(&Access::KvAdmin { bucket: &name })?;
     let config: BucketConfig = config_with_name(&body, name.as_str())?;
     let engine = state.engine();
+    refuse_unenforced(&**engine, &config.security.options(), &format!("bucket `{name}`"))?;
     let info = match engine.create_bucket(config.clone()).await {
         Err(e) if e.kind() == ErrorKind::AlreadyExists => engine.update_bucket(config).await?,
         other => other?,
@@ -138,27 +160,48 @@ pub async fn delete_bucket(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `?prefix=`.
+/// Keys one listing page holds when `?limit=` is not given.
+pub const DEFAULT_KEYS_PAGE: usize = 1_000;
+
+/// `?prefix=&limit=&after=`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
-pub struct PrefixQuery {
+pub struct KeysQuery {
     /// Plain string prefix of the keys wanted (default: all).
     #[serde(default)]
     pub prefix: String,
+    /// Most keys returned (default 1000; at most `limits.max_keys_page`,
+    /// 10000 unless set lower).
+    #[param(minimum = 1, maximum = 10000)]
+    pub limit: Option<usize>,
+    /// Only keys sorting (bytewise) after this one: the `next` of the
+    /// previous page. A key (at most 958 bytes), not necessarily stored.
+    #[param(min_length = 1, max_length = 958, pattern = r"^[A-Za-z0-9_=/.-]+$")]
+    pub after: Option<String>,
 }
 
-/// `GET /v1/kv/{bucket}/keys?prefix=`: live keys, sorted.
-#[utoipa::path(get, path = "/v1/kv/{bucket}/keys", tag = "kv", params(("bucket" = String, Path), PrefixQuery),
-    responses((status = 200, description = "keys", body = KeyList), (status = 404, body = crate::Problem)))]
+/// `GET /v1/kv/{bucket}/keys?prefix=&limit=&after=`: one page of live keys, sorted.
+#[utoipa::path(get, path = "/v1/kv/{bucket}/keys", tag = "kv", params(("bucket" = String, Path), KeysQuery),
+    responses((status = 200, description = "a page of keys", body = KeyList), (status = 400, body = crate::Problem),
+        (status = 404, body = crate::Problem)))]
 pub async fn keys(
     State(state): State<AppState>,
     caller: Caller,
     Path(bucket): Path<String>,
-    Query(q): Query<PrefixQuery>,
+    Query(q): Query<KeysQuery>,
 ) -> ApiResult<Response> {
     let name = BucketName::new(bucket)?;
     caller.require(&Access::KvRead { bucket: &name })?;
-    let keys = state.engine().kv_keys(&name, &q.prefix).await?;
-    Ok(Json(KeyList { keys }).into_response())
+    let max = state.config().limits.max_keys_page;
+    let limit = q.limit.unwrap_or(DEFAULT_KEYS_PAGE.min(max));
+    if limit == 0 || limit > max {
+        return Err(Error::invalid(format!(
+            "limit must be 1-{max} (the maximum is the setting `limits.max_keys_page`), got {limit}"
+        ))
+        .into());
+    }
+    let after = q.after.map(Key::new).transpose()?;
+    let page = state.engine().kv_keys_page(&name, &q.prefix, after.as_ref(), limit).await?;
+    Ok(Json(KeyList { keys: page.keys, next: page.next }).into_response())
 }
 
 async fn get_value(state: &AppState, caller: &Caller, bucket: &BucketName, key: &str) -> ApiResult<Response> {

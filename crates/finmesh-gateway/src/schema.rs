@@ -32,12 +32,15 @@ pub struct ConsumerList {
     pub consumers: Vec<finmesh_core::ConsumerName>,
 }
 
-/// `{"keys": [...]}`.
+/// `{"keys": [...], "next": ...}`: one page of a key listing.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct KeyList {
-    /// Live keys, sorted.
+    /// Live keys, sorted bytewise.
     #[schema(value_type = Vec<String>)]
     pub keys: Vec<finmesh_core::Key>,
+    /// Pass as `?after=` for the next page; `null` on the last page.
+    #[schema(value_type = Option<String>)]
+    pub next: Option<finmesh_core::Key>,
 }
 
 /// The body of `PUT /v1/streams/{stream}`: `finmesh_core::StreamConfig`
@@ -77,6 +80,73 @@ pub struct StreamConfigBody {
     /// Copies kept by a clustered engine, 1-5 (default 1).
     #[schema(minimum = 1, maximum = 5)]
     pub replicas: Option<u8>,
+    /// Security options, fixed at creation; refused (400) by a node whose
+    /// engine stack does not enforce them.
+    pub security: Option<StreamSecurityBody>,
+    /// User metadata: at most 16 entries, keys of 1-64 bytes of
+    /// `A-Z a-z 0-9 . _ -` not starting with `finmesh.` or `_nats.`,
+    /// values of at most 512 bytes.
+    #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// `finmesh_core::StreamSecurity` as JSON.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSecurityBody {
+    /// `aes256gcm`: payloads sealed before they reach storage.
+    #[schema(pattern = "^aes256gcm$")]
+    pub encryption: Option<String>,
+}
+
+/// `finmesh_core::BucketSecurity` as JSON.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BucketSecurityBody {
+    /// `aes256gcm`: values sealed before they reach storage.
+    #[schema(pattern = "^aes256gcm$")]
+    pub encryption: Option<String>,
+    /// `hmac-sha256`: keys stored as a keyed hash.
+    #[schema(pattern = "^hmac-sha256$")]
+    pub key_hashing: Option<String>,
+    /// `pan`: keys must be card numbers.
+    #[schema(pattern = "^pan$")]
+    pub key_format: Option<String>,
+}
+
+/// The body of `PUT /v1/kv/{bucket}`: `finmesh_core::BucketConfig` as
+/// JSON (durations in milliseconds), its `name` optional (the path's); an
+/// empty body means all defaults. Only documents the body, as
+/// [`StreamConfigBody`]; `bucket_config_body_documents_every_bucket_config_field`
+/// keeps the two alike.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BucketConfigBody {
+    /// The bucket's name; when given, the same as the path's.
+    pub name: Option<String>,
+    /// Revisions kept per key, 1-64 (default 1).
+    #[schema(minimum = 1, maximum = 64)]
+    pub history: Option<u8>,
+    /// Entries older than this many milliseconds disappear (at least 100; absent: never).
+    #[schema(minimum = 100)]
+    pub ttl: Option<u64>,
+    /// Refuse larger values (default and maximum 8 MiB).
+    #[schema(minimum = 1, maximum = 8388608)]
+    pub max_value_size: Option<u32>,
+    /// Keep at most this many bytes; a write past it is refused (absent: no limit).
+    #[schema(minimum = 1)]
+    pub max_bytes: Option<u64>,
+    /// Durability of acks (default `always`).
+    pub sync: Option<SyncBody>,
+    /// Copies kept by a clustered engine, 1-5 (default 1).
+    #[schema(minimum = 1, maximum = 5)]
+    pub replicas: Option<u8>,
+    /// Security options, fixed at creation; refused (400) by a node whose
+    /// engine stack does not enforce them.
+    pub security: Option<BucketSecurityBody>,
+    /// User metadata, as a stream's.
+    #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// `finmesh_core::SyncPolicy` as JSON: `"always"`, `"never"` or
@@ -258,7 +328,9 @@ mod tests {
     #[test]
     fn stream_config_body_documents_every_stream_config_field() {
         let name = StreamName::new("S").unwrap();
-        let config = StreamConfig::new(name, vec![SubjectPattern::new("s.>").unwrap()]);
+        let mut config = StreamConfig::new(name, vec![SubjectPattern::new("s.>").unwrap()]);
+        config.security.encryption = Some(finmesh_core::Encryption::Aes256Gcm);
+        config.metadata.insert("owner".into(), "team".into());
         let fields: BTreeSet<String> =
             serde_json::to_value(&config).unwrap().as_object().unwrap().keys().cloned().collect();
         let doc = serde_json::to_value(crate::openapi::ApiDoc::openapi()).unwrap();
@@ -283,5 +355,43 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_value(core).unwrap(), serde_json::to_value(doc).unwrap());
         }
+    }
+}
+
+#[cfg(test)]
+mod bucket_body_tests {
+    use std::collections::BTreeSet;
+
+    use finmesh_core::{BucketConfig, BucketName, BucketSecurity, Encryption, KeyFormat, KeyHashing};
+    use utoipa::OpenApi;
+
+    /// The documented bucket body has exactly the fields of `BucketConfig`
+    /// (security options included), with the bounds `BucketConfig` validates.
+    #[test]
+    fn bucket_config_body_documents_every_bucket_config_field() {
+        let mut config = BucketConfig::new(BucketName::new("b").unwrap());
+        config.security = BucketSecurity {
+            encryption: Some(Encryption::Aes256Gcm),
+            key_hashing: Some(KeyHashing::HmacSha256),
+            key_format: Some(KeyFormat::Pan),
+        };
+        config.metadata.insert("owner".into(), "team".into());
+        let value = serde_json::to_value(&config).unwrap();
+        let fields: BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();
+        let doc = serde_json::to_value(crate::openapi::ApiDoc::openapi()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let schema = &schemas["BucketConfigBody"];
+        let documented: BTreeSet<String> = schema["properties"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(documented, fields);
+        assert_eq!(schema["additionalProperties"], false);
+        let security: BTreeSet<String> = value["security"].as_object().unwrap().keys().cloned().collect();
+        let documented: BTreeSet<String> =
+            schemas["BucketSecurityBody"]["properties"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(documented, security);
+        for (field, v) in value["security"].as_object().unwrap() {
+            let pattern = schemas["BucketSecurityBody"]["properties"][field]["pattern"].as_str().unwrap();
+            assert_eq!(pattern, format!("^{}$", v.as_str().unwrap()));
+        }
+        assert_eq!(schema["properties"]["history"]["maximum"], u64::from(finmesh_core::config::MAX_HISTORY));
     }
 }

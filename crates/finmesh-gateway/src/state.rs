@@ -72,6 +72,10 @@ pub struct Limits {
     /// that finds them all busy is answered 503 `overloaded` at once instead
     /// of queueing. Default 4.
     pub max_concurrent_token_grants: usize,
+    /// Most keys one `GET /v1/kv/{bucket}/keys` page may ask for with
+    /// `?limit=` (400 above; the default page is 1,000 or this, if lower).
+    /// Default and maximum [`finmesh_core::engine::MAX_KEYS_PAGE`] (10,000).
+    pub max_keys_page: usize,
 }
 
 impl Default for Limits {
@@ -86,6 +90,7 @@ impl Default for Limits {
             token_rate: Some(Rate { per_second: 10, burst: 20 }),
             token_rate_global: Some(Rate { per_second: 50, burst: 100 }),
             max_concurrent_token_grants: 4,
+            max_keys_page: finmesh_core::engine::MAX_KEYS_PAGE,
         }
     }
 }

@@ -9,9 +9,10 @@ mod support;
 
 use axum::http::Method;
 use finmesh_core::config::MAX_PAYLOAD_LIMIT;
-use finmesh_core::engine::MAX_READ_LIMIT;
+use finmesh_core::engine::{MAX_KEYS_PAGE, MAX_READ_LIMIT};
 use finmesh_core::message::MAX_HEADER_NAME_LEN;
 use finmesh_core::names::{MAX_BUCKET_NAME_LEN, MAX_CONSUMER_NAME_LEN, MAX_KEY_LEN, MAX_STREAM_NAME_LEN};
+use finmesh_core::options::{MAX_METADATA_ENTRIES, MAX_METADATA_KEY_LEN, MAX_METADATA_VALUE_LEN};
 use finmesh_core::subject::MAX_SUBJECT_LEN;
 use finmesh_gateway::consumers::{MAX_FETCH_BATCH, MAX_FETCH_WAIT};
 use serde_json::{Value, json};
@@ -130,6 +131,53 @@ async fn keys_at_their_limit<H: Harness>() {
         )
         .await;
         assert_eq!(r.json()["keys"], json!([]));
+        // Key listing pages: the cursor is a key, the limit a page size.
+        let keys = format!("/v1/kv/{bucket}/keys");
+        for (q, want) in [
+            (format!("after={}", "k".repeat(MAX_KEY_LEN)), Want::Ok),
+            (format!("after={}", "k".repeat(MAX_KEY_LEN + 1)), Want::Refused),
+            (format!("limit={MAX_KEYS_PAGE}"), Want::Ok),
+            (format!("limit={}", MAX_KEYS_PAGE + 1), Want::Refused),
+            ("limit=18446744073709551616".to_owned(), Want::Refused),
+        ] {
+            probe(
+                &gw,
+                &format!("keys page {}", &q[..q.len().min(40)]),
+                want,
+                Method::GET,
+                &format!("{keys}?{q}"),
+                &[],
+                String::new(),
+            )
+            .await;
+        }
+    }
+}
+
+/// Bucket and stream metadata: entries, key length and value length at
+/// their maximum and one past it.
+async fn metadata_at_its_limits<H: Harness>() {
+    let gw = Gw::start::<H>().await;
+    let entries = |n: usize| -> Value {
+        (0..n).map(|i| (format!("k{i}"), Value::String("v".into()))).collect::<serde_json::Map<_, _>>().into()
+    };
+    let cases = [
+        ("entries", entries(MAX_METADATA_ENTRIES), Want::Ok),
+        ("entries", entries(MAX_METADATA_ENTRIES + 1), Want::Refused),
+        ("key length", json!({ x(MAX_METADATA_KEY_LEN): "v" }), Want::Ok),
+        ("key length", json!({ x(MAX_METADATA_KEY_LEN + 1): "v" }), Want::Refused),
+        ("value length", json!({ "k": x(MAX_METADATA_VALUE_LEN) }), Want::Ok),
+        ("value length", json!({ "k": x(MAX_METADATA_VALUE_LEN + 1) }), Want::Refused),
+    ];
+    for (i, (what, metadata, want)) in cases.into_iter().enumerate() {
+        let r =
+            put(&gw, &format!("bucket metadata {what}"), want, &format!("/v1/kv/m{i}"), json!({"metadata": metadata}))
+                .await;
+        if want == Want::Ok {
+            assert_eq!(r.json()["config"]["metadata"], metadata);
+        }
+        let body = json!({"subjects": [format!("m{i}.>")], "metadata": metadata});
+        put(&gw, &format!("stream metadata {what}"), want, &format!("/v1/streams/M{i}"), body).await;
     }
 }
 
@@ -327,6 +375,7 @@ async fn config_fields_at_their_limits<H: Harness>() {
 per_engine!(
     names_at_their_limits,
     keys_at_their_limit,
+    metadata_at_its_limits,
     subjects_and_headers_at_their_limits,
     config_fields_at_their_limits
 );

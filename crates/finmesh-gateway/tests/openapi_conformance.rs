@@ -232,6 +232,34 @@ async fn fetch_wait_ms_had_no_maximum_in_the_document<H: Harness>() {
     }
 }
 
+/// The key listing's page size and cursor are bounded in the document by
+/// exactly what the server enforces: the maximum page and the longest key
+/// are accepted, one more is 400 (and a limit of 0).
+async fn keys_page_bounds_are_in_the_document<H: Harness>() {
+    let gw = Gw::start::<H>().await;
+    gw.put("/v1/kv/fuzz", "").await;
+    gw.put("/v1/kv/fuzz/k1", "v").await;
+    let doc = doc();
+    let template = "/v1/kv/{bucket}/keys";
+    let params = doc["paths"][template]["get"]["parameters"].as_array().expect("params").clone();
+    let param = |name: &str| params.iter().find(|p| p["name"] == name).expect("parameter")["schema"].clone();
+    let max_limit = maximum(&param("limit"), "limit");
+    assert_eq!(max_limit, finmesh_core::engine::MAX_KEYS_PAGE as u64);
+    let max_after = param("after")["maxLength"].as_u64().expect("after has a maxLength") as usize;
+    assert_eq!(max_after, finmesh_core::names::MAX_KEY_LEN);
+    for q in [format!("limit={max_limit}"), format!("after={}", "k".repeat(max_after))] {
+        let res = gw.get(&format!("/v1/kv/fuzz/keys?{q}")).await;
+        assert_eq!(res.status, 200, "{}", res.text());
+        assert_documented(&doc, "GET", template, &res);
+    }
+    for q in [format!("limit={}", max_limit + 1), "limit=0".to_owned(), format!("after={}", "k".repeat(max_after + 1))]
+    {
+        let res = gw.get(&format!("/v1/kv/fuzz/keys?{q}")).await;
+        res.assert_problem(400, "invalid");
+        assert_documented(&doc, "GET", template, &res);
+    }
+}
+
 /// `If-Match` was any string in the document, so the fuzzer's values were
 /// nearly all 400. The document now gives the form the server parses (a
 /// revision, quoted or not); values of that form are parsed (200 or 412),
@@ -265,6 +293,7 @@ async fn if_match_had_no_pattern_in_the_document<H: Harness>() {
 }
 
 per_engine!(
+    keys_page_bounds_are_in_the_document,
     if_match_had_no_pattern_in_the_document,
     fetch_wait_ms_had_no_maximum_in_the_document,
     auth_401_and_403_were_undocumented,

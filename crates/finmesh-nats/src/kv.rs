@@ -15,6 +15,7 @@
 //! `max_value_size` is checked by the engine on the value alone and kept in
 //! the stream metadata `finmesh.max_value_size`; the server's `max_msg_size`
 //! is 256 bytes higher, because NATS counts the compare-and-set headers too.
+//! `security` and `metadata` live in the same map (`metadata.rs`).
 //!
 //! Reads of a key's latest entry use a direct get (`DIRECT.GET`, the
 //! message as it is stored, no JSON), which any replica may answer. A
@@ -37,8 +38,8 @@
 
 use bytes::Bytes;
 use finmesh_core::{
-    BucketConfig, BucketInfo, BucketName, Error, ErrorKind, Headers, Key, KvEntry, KvOp, Message, OutgoingMessage,
-    Result, Revision, Seq, Subject, SubjectPattern,
+    BucketConfig, BucketInfo, BucketName, Error, ErrorKind, Headers, Key, KeysPage, KvEntry, KvOp, Message,
+    OutgoingMessage, Result, Revision, Seq, Subject, SubjectPattern,
 };
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -102,9 +103,13 @@ fn nats_config(c: &BucketConfig) -> Value {
         "deny_delete": true,
         "allow_direct": true,
     });
+    let mut own = Vec::new();
     if let Some(size) = c.max_value_size {
         v["max_msg_size"] = json!(size.saturating_add(HEADER_SLACK).min(i32::MAX as u32));
-        v["metadata"] = json!({ META_MAX_VALUE_SIZE: size.to_string() });
+        own.push((META_MAX_VALUE_SIZE, size.to_string()));
+    }
+    if let Some(m) = crate::metadata::encode(&own, &c.security.options(), &c.metadata) {
+        v["metadata"] = m;
     }
     v
 }
@@ -125,6 +130,8 @@ fn bucket_info(inner: &Inner, info: &async_nats::jetstream::stream::Info) -> Res
         max_bytes: (c.max_bytes > 0).then_some(c.max_bytes as u64),
         sync: inner.options.server_sync,
         replicas: c.num_replicas.clamp(1, 5) as u8,
+        security: crate::metadata::bucket_security(&c.metadata, &format!("bucket `{name}`"))?,
+        metadata: crate::metadata::user(&c.metadata),
     };
     Ok(BucketInfo {
         config,
@@ -238,6 +245,14 @@ impl Inner {
 
     pub(crate) async fn update_bucket(&self, config: BucketConfig) -> Result<BucketInfo> {
         config.validate()?;
+        // Security options are fixed at creation (finmesh_core::options);
+        // they never change, so no update can race this check into a change.
+        let old = self.bucket_info(&config.name).await?.config;
+        finmesh_core::options::check_security_unchanged(
+            &format!("bucket `{}`", config.name),
+            &old.security.options(),
+            &config.security.options(),
+        )?;
         let name = stream_name(&config.name);
         let what = format!("update bucket `{}`", config.name);
         let info = self.config_request(&format!("STREAM.UPDATE.{name}"), &nats_config(&config), &what).await;
@@ -407,14 +422,40 @@ impl Inner {
     /// (through [`Inner::last_per_subject_checked`], so a lagging replica
     /// is brought up to date by the leader on a replicated bucket).
     pub(crate) async fn kv_keys(&self, b: &BucketName, prefix: &str) -> Result<Vec<Key>> {
+        self.live_keys(b, prefix, None).await
+    }
+
+    /// A page of [`kv_keys`](Self::kv_keys). JetStream has no ordered key
+    /// listing: the engine reads the last entry (headers only) of every key
+    /// under the prefix's complete tokens (`$KV.<b>.<tokens>.>`, so prefix
+    /// `cards.eu.1` reads only `cards.eu.*` keys), keeps the live keys after
+    /// the cursor, sorts and cuts. Each page costs a read of every key
+    /// under those tokens, and memory for them (docs/nats.md).
+    pub(crate) async fn kv_keys_page(
+        &self,
+        b: &BucketName,
+        prefix: &str,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<KeysPage> {
+        let limit = finmesh_core::engine::keys_page_limit(limit)?;
+        Ok(KeysPage::cut(self.live_keys(b, prefix, after).await?, None, limit))
+    }
+
+    /// Live keys starting with `prefix` and after `after`, sorted.
+    async fn live_keys(&self, b: &BucketName, prefix: &str, after: Option<&Key>) -> Result<Vec<Key>> {
         let meta = self.bucket_meta(b).await?;
         let sp = subject_prefix(b);
-        let filter = SubjectPattern::new(format!("{sp}>"))?;
+        // The prefix's complete tokens narrow the server's filter; a prefix
+        // no key can have (bad characters, too long) falls back to all keys.
+        let tokens = prefix.rfind('.').map_or("", |i| &prefix[..=i]);
+        let filter =
+            SubjectPattern::new(format!("{sp}{tokens}>")).or_else(|_| SubjectPattern::new(format!("{sp}>")))?;
         let cfg = json!({ "headers_only": true });
         let mut keys = Vec::new();
         for m in self.last_per_subject_checked(&stream_name(b), meta.replicas > 1, &filter, cfg).await? {
             let e = entry_from(&sp, m)?;
-            if e.op == KvOp::Put && e.key.as_str().starts_with(prefix) {
+            if e.op == KvOp::Put && e.key.as_str().starts_with(prefix) && after.is_none_or(|a| &e.key > a) {
                 keys.push(e.key);
             }
         }

@@ -43,6 +43,7 @@ pub mod options;
 mod api;
 mod consumers;
 mod kv;
+mod metadata;
 mod publish;
 mod snapshot;
 mod streams;
@@ -280,6 +281,15 @@ impl KvEngine for NatsEngine {
     }
     async fn kv_keys(&self, bucket: &BucketName, prefix: &str) -> Result<Vec<Key>> {
         self.inner.kv_keys(bucket, prefix).await
+    }
+    async fn kv_keys_page(
+        &self,
+        bucket: &BucketName,
+        prefix: &str,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<finmesh_core::KeysPage> {
+        self.inner.kv_keys_page(bucket, prefix, after, limit).await
     }
     async fn kv_history(&self, bucket: &BucketName, key: &Key) -> Result<Vec<KvEntry>> {
         self.inner.kv_history(bucket, key).await

@@ -10,6 +10,8 @@
 //! (`NATS/1.0\r\n…\r\n`) and not the subject, so it never refuses what the
 //! engine accepted. `sync` is reported as the server's policy
 //! ([`crate::NatsEngineOptions::server_sync`]): NATS has no per-stream fsync.
+//! `security` and `metadata` live in the stream's metadata map
+//! (`metadata.rs`).
 //!
 //! Streams named `KV_*` are KV buckets and are hidden from the stream calls.
 //! Publishing checks the subject against the stream's subjects (cached per
@@ -66,9 +68,13 @@ pub(crate) fn nats_config(c: &StreamConfig) -> Value {
         "num_replicas": c.replicas,
         "allow_direct": true,
     });
+    let mut own = Vec::new();
     if let Some(size) = c.max_msg_size {
         v["max_msg_size"] = json!(size.saturating_add(HEADER_FRAMING).min(i32::MAX as u32));
-        v["metadata"] = json!({ META_MAX_MSG_SIZE: size.to_string() });
+        own.push((META_MAX_MSG_SIZE, size.to_string()));
+    }
+    if let Some(m) = crate::metadata::encode(&own, &c.security.options(), &c.metadata) {
+        v["metadata"] = m;
     }
     v
 }
@@ -96,6 +102,8 @@ pub(crate) fn stream_info(inner: &Inner, info: &Info) -> Result<StreamInfo> {
         duplicate_window: c.duplicate_window,
         sync: inner.options.server_sync,
         replicas: c.num_replicas.clamp(1, 5) as u8,
+        security: crate::metadata::stream_security(&c.metadata, &format!("stream `{}`", c.name))?,
+        metadata: crate::metadata::user(&c.metadata),
     };
     let s = &info.state;
     let state = StreamState {
@@ -224,6 +232,15 @@ impl Inner {
         config.validate()?;
         not_kv(&config.name)?;
         let what = format!("update stream `{}`", config.name);
+        // Security options are fixed at creation (finmesh_core::options):
+        // checked against the stream as it is (they never change, so no
+        // update can race this check into a change).
+        let old = self.stream_info(&config.name).await?.config;
+        finmesh_core::options::check_security_unchanged(
+            &format!("stream `{}`", config.name),
+            &old.security.options(),
+            &config.security.options(),
+        )?;
         self.forget(config.name.as_str());
         let info: Info =
             self.config_request(&format!("STREAM.UPDATE.{}", config.name), &nats_config(&config), &what).await?;

@@ -74,6 +74,8 @@ pub struct LimitsSection {
     pub token_rate_global: Option<RateSection>,
     /// argon2 verifications of `POST /oauth/token` at once (503 above).
     pub max_concurrent_token_grants: usize,
+    /// Most keys one key listing page may ask for (400 above), 1-10000.
+    pub max_keys_page: usize,
 }
 
 /// Connection caps and timeouts (`[connections]`); defaults are
@@ -119,6 +121,7 @@ impl Default for LimitsSection {
             token_rate: d.token_rate.map(|r| RateSection { per_second: r.per_second, burst: r.burst }),
             token_rate_global: d.token_rate_global.map(|r| RateSection { per_second: r.per_second, burst: r.burst }),
             max_concurrent_token_grants: d.max_concurrent_token_grants,
+            max_keys_page: d.max_keys_page,
         }
     }
 }
@@ -421,6 +424,7 @@ impl ServeConfig {
             ("limits.max_read_bytes", l.max_read_bytes as u64),
             ("limits.max_concurrent_requests", l.max_concurrent_requests as u64),
             ("limits.max_concurrent_token_grants", l.max_concurrent_token_grants as u64),
+            ("limits.max_keys_page", l.max_keys_page as u64),
             ("subscriptions.heartbeat_ms", self.subscriptions.heartbeat_ms),
             ("subscriptions.retry_ms", self.subscriptions.retry_ms),
             ("subscriptions.queue_capacity", self.subscriptions.queue_capacity as u64),
@@ -441,6 +445,9 @@ impl ServeConfig {
             if value == 0 {
                 problem(key, "must be at least 1".to_owned());
             }
+        }
+        if l.max_keys_page > finmesh_core::engine::MAX_KEYS_PAGE {
+            problem("limits.max_keys_page", format!("must be at most {}", finmesh_core::engine::MAX_KEYS_PAGE));
         }
         if self.subscriptions.queue_max_bytes > u32::MAX as usize {
             problem("subscriptions.queue_max_bytes", format!("must be at most {}", u32::MAX));
@@ -508,6 +515,7 @@ impl ServeConfig {
                 token_rate: self.limits.token_rate.as_ref().map(rate),
                 token_rate_global: self.limits.token_rate_global.as_ref().map(rate),
                 max_concurrent_token_grants: self.limits.max_concurrent_token_grants,
+                max_keys_page: self.limits.max_keys_page,
             },
             subscriptions: SubscriptionConfig {
                 heartbeat: Duration::from_millis(self.subscriptions.heartbeat_ms),

@@ -337,6 +337,20 @@ fn the_cli_client_round_trips_kv_streams_and_consumers() {
         .unwrap();
     assert!(String::from_utf8_lossy(&stale.stderr).contains("(HTTP 412)"));
     assert!(cli(&node, t, &["kv", "del", "cards", "gone", "--if-revision", "2"]).contains("revision 3"));
+    // Key listing in pages: one page with its cursor, or every page with --all.
+    for k in ["k2", "k3", "k4"] {
+        cli(&node, t, &["kv", "put", "cards", k, "v"]);
+    }
+    assert_eq!(cli(&node, t, &["kv", "keys", "cards", "--limit", "2"]), "k1\nk2\n");
+    assert_eq!(cli(&node, t, &["kv", "keys", "cards", "--limit", "2", "--after", "k2"]), "k3\nk4\n");
+    assert_eq!(cli(&node, t, &["kv", "keys", "cards", "--limit", "1", "--all"]), "k1\nk2\nk3\nk4\n");
+    assert_eq!(
+        cli(&node, t, &["kv", "keys", "cards", "--limit", "3", "--all", "--prefix", "k", "--json"]),
+        "\"k1\"\n\"k2\"\n\"k3\"\n\"k4\"\n"
+    );
+    let page: serde_json::Value =
+        serde_json::from_str(&cli(&node, t, &["kv", "keys", "cards", "--limit", "3", "--json"])).unwrap();
+    assert_eq!(page, serde_json::json!({"keys": ["k1", "k2", "k3"], "next": "k3"}));
 
     cli(&node, t, &["stream", "create", "orders", "--subjects", "orders.>"]);
     assert!(cli(&node, t, &["stream", "pub", "orders", "orders.eu", "{\"id\":1}", "--msg-id", "a"]).contains("seq 1"));

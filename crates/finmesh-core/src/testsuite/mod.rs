@@ -14,7 +14,8 @@
 //!
 //! Layout, one file per area: [`streams`] (lifecycle), [`publish`],
 //! [`reads`], [`limits`] (dedup and retention), [`tail`], [`kv`], [`kv_cas`]
-//! (compare-and-set, TTL, limits), [`watch`], [`consumers`], [`redelivery`],
+//! (compare-and-set, TTL, limits), [`keys_page`] (paginated key listing),
+//! [`options`] (security options and metadata of buckets and streams), [`watch`], [`consumers`], [`redelivery`],
 //! [`deliver`] (deliver policies and filters), [`batch_ack`], [`restart`], [`concurrency`],
 //! and [`property`] (random operation sequences against the in-memory
 //! [`model`]). Shared helpers live in [`support`].
@@ -86,10 +87,12 @@ pub mod batch_ack;
 pub mod concurrency;
 pub mod consumers;
 pub mod deliver;
+pub mod keys_page;
 pub mod kv;
 pub mod kv_cas;
 pub mod limits;
 pub mod model;
+pub mod options;
 pub mod property;
 pub mod publish;
 pub mod reads;
@@ -293,6 +296,16 @@ macro_rules! engine_conformance_tests {
                 lowering_max_bytes_evicts_nothing,
                 ttl_expires_values,
                 revisions_increase_across_keys,
+            ],
+            keys_page: [
+                paging_visits_every_live_key_once_in_order,
+                keys_page_cursor_and_limit_rules,
+            ],
+            options: [
+                bucket_options_round_trip,
+                stream_options_round_trip,
+                invalid_options_are_refused,
+                changing_security_is_refused,
             ],
             watch: [
                 watch_from_revision_includes_deletes,

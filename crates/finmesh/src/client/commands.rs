@@ -45,11 +45,23 @@ pub enum KvCommand {
         #[arg(long)]
         if_revision: Option<u64>,
     },
-    /// List keys, optionally by prefix.
+    /// List keys, optionally by prefix: one page (sorted), or every page
+    /// with --all. When more keys follow a page, its cursor is printed on
+    /// stderr (in --json output, the page's `next`); with --all and --json,
+    /// one JSON string per key and line.
     Keys {
         bucket: String,
         #[arg(long, default_value = "")]
         prefix: String,
+        /// Keys per page (server default 1000, at most its `limits.max_keys_page`).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Start after this key: the `next` of the previous page.
+        #[arg(long)]
+        after: Option<String>,
+        /// Follow the cursor and list every key, page by page.
+        #[arg(long)]
+        all: bool,
     },
     /// A key's history, oldest first.
     History { bucket: String, key: String },
@@ -233,10 +245,37 @@ pub async fn kv(client: &Client, command: KvCommand) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        KvCommand::Keys { bucket, prefix } => {
+        KvCommand::Keys { bucket, prefix, limit, after, all } => {
             let path = format!("/v1/kv/{}/keys", segment(&bucket));
-            let value = client.json(client.request(Method::GET, &path).query(&[("prefix", prefix)])).await?;
-            print_list(client, &value, "keys", |v| v.as_str().map(str::to_owned))
+            let mut after = after;
+            loop {
+                let mut query = vec![("prefix", prefix.clone())];
+                if let Some(limit) = limit {
+                    query.push(("limit", limit.to_string()));
+                }
+                if let Some(after) = &after {
+                    query.push(("after", after.clone()));
+                }
+                let page = client.json(client.request(Method::GET, &path).query(&query)).await?;
+                let next = page["next"].as_str().map(str::to_owned);
+                if all && client.json {
+                    // One JSON line per key, so the output of any size streams.
+                    for k in page["keys"].as_array().into_iter().flatten() {
+                        println!("{k}");
+                    }
+                } else {
+                    print_list(client, &page, "keys", |v| v.as_str().map(str::to_owned))?;
+                }
+                match next {
+                    Some(next) if all => after = Some(next),
+                    Some(next) if !client.json => {
+                        // On stderr, so stdout holds only keys.
+                        eprintln!("more keys follow: --after {next} (or --all)");
+                        return Ok(());
+                    }
+                    _ => return Ok(()),
+                }
+            }
         }
         KvCommand::History { bucket, key } => {
             let path = format!("/v1/kv/{}/{}/history", segment(&bucket), segment(&key));
