@@ -1,10 +1,10 @@
 //! The fan-out hub: one engine tail per stream shared by every SSE and
 //! WebSocket subscriber of that stream (see `docs/fanout.md`).
 //!
-//! Shape: [`Hub`] (in the gateway state) keeps one [`HubTail`] per stream
+//! Shape: [`Hub`] (in the gateway state) keeps one `HubTail` per stream
 //! and epoch. A hub tail is a task reading the engine's unfiltered tail from
 //! the stream's head at the time the first subscriber came, plus a lock
-//! around its [`TailState`]: the ring of recent frames, the live subscribers
+//! around its `TailState`: the ring of recent frames, the live subscribers
 //! and the [`SubjectTrie`] that files them by filter. Each message is
 //! encoded once ([`Encoded`]: its SSE event and its WebSocket payload) and
 //! the same `Arc` is pushed, without waiting, into the queue of every live
