@@ -354,7 +354,17 @@ pub(crate) enum PullEnd {
     Unrouted,
     /// The server ended the pull because the consumer was deleted.
     Gone,
+    /// Nothing came for [`PULL_IDLE`] before the pull ended: the server
+    /// may still be sending. Messages of a consumer with acks come again
+    /// after `ack_wait`; for one without acks they are lost to this read.
+    Stalled,
 }
+
+/// How long a pull waits for its next message (or end) past its own
+/// expiry before it gives up; it guards against a lost connection. Counted
+/// from the last message received, so a long batch on a slow link is read
+/// to its end.
+pub(crate) const PULL_IDLE: Duration = Duration::from_secs(5);
 
 /// Issue one pull request for up to `batch` messages of `stream`'s
 /// `consumer` and read it to its end: with `wait == None` only what is
@@ -382,15 +392,15 @@ pub(crate) async fn pull(
         .map_err(|e| Error::unavailable(format!("send pull request: {e}")).with_source(e))?;
     // The server ends the request itself (status 404/408/409) unless the
     // batch fills; this deadline only guards against a lost connection.
-    let deadline = tokio::time::Instant::now() + wait.unwrap_or_default() + Duration::from_secs(2);
+    let mut deadline = tokio::time::Instant::now() + wait.unwrap_or_default() + PULL_IDLE;
     let mut got = 0;
     while got < batch {
         let msg = match tokio::time::timeout_at(deadline, sub.next()).await {
-            // What was not read yet is redelivered after ack_wait.
-            Err(_) => return Ok(PullEnd::Done),
+            Err(_) => return Ok(PullEnd::Stalled),
             Ok(None) => return Err(Error::unavailable("fetch: connection to NATS closed")),
             Ok(Some(m)) => m,
         };
+        deadline = deadline.max(tokio::time::Instant::now() + PULL_IDLE);
         if let Some(status) = msg.status {
             match status {
                 StatusCode::IDLE_HEARTBEAT => continue,

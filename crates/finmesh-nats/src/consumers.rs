@@ -272,7 +272,8 @@ impl Inner {
                 api::pull(&self.client, &self.prefix, stream.as_str(), c.as_str(), max - out.len(), None, &mut pulled)
                     .await?;
             let now = tokio::time::Instant::now();
-            if pulled.is_empty() && out.is_empty() && now < deadline && matches!(end, PullEnd::Done) {
+            if pulled.is_empty() && out.is_empty() && now < deadline && matches!(end, PullEnd::Done | PullEnd::Stalled)
+            {
                 end = api::pull(
                     &self.client,
                     &self.prefix,

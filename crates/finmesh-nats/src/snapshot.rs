@@ -14,6 +14,13 @@
 //! the pull is repeated (backoff 2 ms doubling to 50 ms) for up to the
 //! request timeout, then the read fails with `Unavailable`. A read never
 //! returns fewer messages than it counted because a pull was not routed.
+//!
+//! Messages are pulled [`SNAPSHOT_PULL`] at a time. A pull whose messages
+//! stop coming before it ended ([`PullEnd::Stalled`]) fails the read with
+//! `Unavailable`: the consumer has no acks, so what the server sent into
+//! the abandoned pull would be missing from the answer. (Before, a pull of
+//! 100,000 messages on a busy machine could outlast a fixed 2 s deadline
+//! and the read silently returned fewer keys.)
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +33,9 @@ use crate::api::{self, PullEnd};
 /// Backoff between pulls the server answered with "no responders".
 const FIRST_BACKOFF: Duration = Duration::from_millis(2);
 const MAX_BACKOFF: Duration = Duration::from_millis(50);
+/// Messages asked for per pull: a read of any size is a series of pulls
+/// of at most this many, each read to its end.
+const SNAPSHOT_PULL: usize = 1_000;
 
 #[derive(serde::Deserialize)]
 struct Created {
@@ -52,7 +62,8 @@ impl Inner {
         let mut backoff = FIRST_BACKOFF;
         while pulled.len() < want {
             let before = pulled.len();
-            match api::pull(&self.client, &self.prefix, stream, &created.name, want - before, None, &mut pulled).await {
+            let batch = (want - before).min(SNAPSHOT_PULL);
+            match api::pull(&self.client, &self.prefix, stream, &created.name, batch, None, &mut pulled).await {
                 Ok(PullEnd::Done) if pulled.len() > before => {}
                 // Fewer than counted: removed meanwhile (limits, a purge).
                 Ok(PullEnd::Done) => break,
@@ -64,6 +75,13 @@ impl Inner {
                     result = Err(Error::unavailable(format!(
                         "read stream `{stream}`: no server answered for its reading consumer within {:?}",
                         self.options.request_timeout
+                    )));
+                    break;
+                }
+                Ok(PullEnd::Stalled) => {
+                    result = Err(Error::unavailable(format!(
+                        "read stream `{stream}`: the server stopped answering its reading consumer for {:?}",
+                        api::PULL_IDLE
                     )));
                     break;
                 }

@@ -181,3 +181,42 @@ async fn the_publish_cache_follows_changes_made_through_another_engine() {
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
 }
+
+/// A read over a slow link returns every message it counted. Each pull
+/// used to end at a fixed 2 s after it was sent; with a round trip longer
+/// than that, the read gave up on the pull and returned fewer messages
+/// than the stream held (the server had already sent them into the
+/// abandoned pull), and a large read on a busy machine lost keys the same
+/// way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_over_a_slow_link_return_every_message() {
+    const MESSAGES: usize = 2_500;
+    let server = NatsServer::start().await.expect("start nats-server");
+    let plain = async_nats::connect(server.url()).await.expect("connect plain client");
+    let js = jetstream::new(plain);
+    js.create_stream(jetstream::stream::Config {
+        name: "SLOW".into(),
+        subjects: vec!["slow.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut acks = Vec::new();
+    for i in 0..MESSAGES {
+        acks.push(js.publish(format!("slow.{}", i % 7), Bytes::from(i.to_string())).await.unwrap());
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let addr = format!("127.0.0.1:{}", server.port()).parse().unwrap();
+    // A 2.4 s round trip: longer than the old fixed deadline of a pull.
+    let proxy = finmesh_testkit::DelayProxy::start(addr, Duration::from_millis(1_200)).await.unwrap();
+    let mut options = NatsEngineOptions::new(format!("nats://127.0.0.1:{}", proxy.port()));
+    options.request_timeout = Duration::from_secs(20);
+    options.connect_timeout = Duration::from_secs(20);
+    let engine = NatsEngine::connect(options).await.expect("connect engine through the proxy");
+    let s = StreamName::new("SLOW").unwrap();
+    let read = engine.read(&s, ReadRequest::from_seq(Seq(1), MESSAGES)).await.unwrap();
+    assert_eq!(read.len(), MESSAGES, "a read over a slow link lost messages");
+    assert!(read.iter().enumerate().all(|(i, m)| m.seq == Seq(i as u64 + 1) && m.payload == i.to_string()));
+}
