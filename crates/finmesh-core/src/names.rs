@@ -129,6 +129,20 @@ name_type!(
     ConsumerName, "consumer name", MAX_CONSUMER_NAME_LEN
 );
 
+/// Buckets whose names start with this (case-insensitively) hold finmesh's
+/// own data, such as the wrapped key ring (`_finmesh_keys`): engines accept
+/// them, the gateway refuses them to clients ([`BucketName::is_reserved`]).
+pub const RESERVED_BUCKET_PREFIX: &str = "_finmesh";
+
+impl BucketName {
+    /// Is this one of finmesh's internal buckets ([`RESERVED_BUCKET_PREFIX`])?
+    pub fn is_reserved(&self) -> bool {
+        self.as_str()
+            .get(..RESERVED_BUCKET_PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_BUCKET_PREFIX))
+    }
+}
+
 /// Longest key accepted, in bytes: the subject `$KV.<bucket>.<key>` of the
 /// longest bucket name must stay within the subject limit.
 pub const MAX_KEY_LEN: usize = crate::subject::MAX_SUBJECT_LEN - "$KV.".len() - MAX_BUCKET_NAME_LEN - ".".len();

@@ -103,6 +103,20 @@ pub(crate) fn refuse_unenforced(engine: &dyn Engine, options: &[SecurityOption],
     .into())
 }
 
+/// A bucket named in a client's request: valid, and not one of finmesh's
+/// internal buckets (deleting or rewriting the key ring would make every
+/// sealed value unreadable).
+pub(crate) fn client_bucket(raw: String) -> Result<BucketName, Error> {
+    let name = BucketName::new(raw)?;
+    if name.is_reserved() {
+        return Err(Error::invalid(format!(
+            "bucket `{name}`: names starting with `{}` are reserved for finmesh's own data",
+            finmesh_core::names::RESERVED_BUCKET_PREFIX
+        )));
+    }
+    Ok(name)
+}
+
 /// `GET /v1/kv`: all bucket names.
 #[utoipa::path(get, path = "/v1/kv", tag = "kv", responses((status = 200, description = "bucket names", body = BucketList)))]
 pub async fn list_buckets(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
@@ -121,7 +135,7 @@ pub async fn put_bucket(
     Path(bucket): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let name = BucketName::new(bucket)?;
+    let name = client_bucket(bucket)?;
     caller.require(&Access::KvAdmin { bucket: &name })?;
     let config: BucketConfig = config_with_name(&body, name.as_str())?;
     let engine = state.engine();
@@ -141,7 +155,7 @@ pub async fn get_bucket(
     caller: Caller,
     Path(bucket): Path<String>,
 ) -> ApiResult<Response> {
-    let name = BucketName::new(bucket)?;
+    let name = client_bucket(bucket)?;
     caller.require(&Access::KvRead { bucket: &name })?;
     Ok(Json(state.engine().bucket_info(&name).await?).into_response())
 }
@@ -154,7 +168,7 @@ pub async fn delete_bucket(
     caller: Caller,
     Path(bucket): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let name = BucketName::new(bucket)?;
+    let name = client_bucket(bucket)?;
     caller.require(&Access::KvAdmin { bucket: &name })?;
     state.engine().delete_bucket(&name).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -189,7 +203,7 @@ pub async fn keys(
     Path(bucket): Path<String>,
     Query(q): Query<KeysQuery>,
 ) -> ApiResult<Response> {
-    let name = BucketName::new(bucket)?;
+    let name = client_bucket(bucket)?;
     caller.require(&Access::KvRead { bucket: &name })?;
     let max = state.config().limits.max_keys_page;
     let limit = q.limit.unwrap_or(DEFAULT_KEYS_PAGE.min(max));
@@ -227,7 +241,7 @@ pub async fn get_key(
     caller: Caller,
     Path((bucket, key)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    get_value(&state, &caller, &BucketName::new(bucket)?, &key).await
+    get_value(&state, &caller, &client_bucket(bucket)?, &key).await
 }
 
 /// `GET /kv/{key}`: a value of the default bucket.
@@ -258,7 +272,7 @@ pub async fn put_key(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let bucket = BucketName::new(bucket)?;
+    let bucket = client_bucket(bucket)?;
     let key = Key::new(key)?;
     caller.require(&Access::KvWrite { bucket: &bucket })?;
     let expected = if_match(&headers)?;
@@ -302,7 +316,7 @@ pub async fn delete_key(
     Path((bucket, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let bucket = BucketName::new(bucket)?;
+    let bucket = client_bucket(bucket)?;
     let key = Key::new(key)?;
     caller.require(&Access::KvWrite { bucket: &bucket })?;
     let engine = state.engine();
@@ -330,7 +344,7 @@ pub async fn history(
     caller: Caller,
     Path((bucket, key)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let bucket = BucketName::new(bucket)?;
+    let bucket = client_bucket(bucket)?;
     let key = Key::new(key)?;
     caller.require(&Access::KvRead { bucket: &bucket })?;
     let entries = state.engine().kv_history(&bucket, &key).await?;

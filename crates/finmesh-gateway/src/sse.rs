@@ -48,7 +48,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use finmesh_auth::Access;
-use finmesh_core::{BucketName, Error, Result, StreamName, SubjectPattern, WatchStart};
+use finmesh_core::{Error, Result, StreamName, SubjectPattern, WatchStart};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
@@ -143,7 +143,7 @@ pub async fn watch(
     Query(q): Query<WatchQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let name = BucketName::new(bucket)?;
+    let name = crate::kv::client_bucket(bucket)?;
     caller.require(&Access::KvRead { bucket: &name })?;
     let first = after_last_event_id(&headers)?.or(q.from_revision);
     let start = match first {
