@@ -4,6 +4,8 @@
 //! address, an SSE or WebSocket subscriber that stops reading while large
 //! messages are published, and the lame duck period after SIGTERM.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -71,18 +73,14 @@ fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(WAIT).build().unwrap()
 }
 
-/// Wait until `cond` holds, asking it every 20 ms (it asks the node over
-/// HTTP: there is no event to await); fails naming `what` after [`WAIT`].
-async fn until<F, Fut>(what: &str, mut cond: F)
+/// Wait until `cond` holds (it asks the node over HTTP: there is no event
+/// to await); fails naming `what` after [`WAIT`].
+async fn until<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::until(WAIT, what, cond).await
 }
 
 /// `conn` is closed by the node without an answer to a request.
