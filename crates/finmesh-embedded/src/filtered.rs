@@ -238,24 +238,35 @@ mod tests {
         assert!(ds.iter().all(|d| d.message.subject.as_str() == "s.rare.1"));
     }
 
-    /// A fetch whose candidates a concurrent fetch claimed while it read
-    /// them reads again from the new cursor: with no wait it does not come
-    /// back empty while matching messages are there.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_fetch_that_lost_its_candidates_reads_again() {
-        let (_dir, e, h) = sparse_stream("PAUSED").await;
+    /// Stream `PAUSED` with consumer `rare` on `s.rare.*`; the next read of
+    /// the stream stops at its start and reports `reached`, then waits for
+    /// `go`.
+    async fn paused_rare_consumer()
+    -> (tempfile::TempDir, EmbeddedEngine, StreamName, ConsumerName, tokio::task::JoinHandle<()>, mpsc::Sender<()>)
+    {
+        let (dir, e, h) = sparse_stream("PAUSED").await;
         let (s, c) = (h.name.clone(), ConsumerName::new("rare").unwrap());
         let config = ConsumerConfig { filter: Some(pattern("s.rare.*")), ..ConsumerConfig::new(c.clone()) };
         e.create_consumer(&s, config).await.unwrap();
         let (reached_tx, reached) = mpsc::channel();
         let (go, go_rx) = mpsc::channel();
         *PAUSE.lock() = Some((reached_tx, go_rx));
+        let reached = tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(30)).unwrap());
+        (dir, e, s, c, reached, go)
+    }
+
+    /// A fetch whose candidates a concurrent fetch claimed while it read
+    /// them reads again from the new cursor: with no wait it does not come
+    /// back empty while matching messages are there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fetch_that_lost_its_candidates_reads_again() {
+        let (_dir, e, s, c, reached, go) = paused_rare_consumer().await;
         let fetch = |e: EmbeddedEngine| {
             let (s, c) = (s.clone(), c.clone());
             async move { e.fetch(&s, &c, FetchRequest { max: 10, wait: Duration::ZERO }).await.unwrap() }
         };
         let paused = tokio::spawn(fetch(e.clone()));
-        tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(30)).unwrap()).await.unwrap();
+        reached.await.unwrap();
         // The first fetch has planned from the start and waits in its read;
         // this one claims the same ten messages meanwhile.
         let first: Vec<Seq> = fetch(e.clone()).await.iter().map(|d| d.message.seq).collect();
@@ -269,18 +280,12 @@ mod tests {
     /// read does not run on the writer thread.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn publishes_proceed_while_a_fetch_reads() {
-        let (_dir, e, h) = sparse_stream("PAUSED").await;
-        let (s, c) = (h.name.clone(), ConsumerName::new("rare").unwrap());
-        let config = ConsumerConfig { filter: Some(pattern("s.rare.*")), ..ConsumerConfig::new(c.clone()) };
-        e.create_consumer(&s, config).await.unwrap();
-        let (reached_tx, reached) = mpsc::channel();
-        let (go, go_rx) = mpsc::channel();
-        *PAUSE.lock() = Some((reached_tx, go_rx));
+        let (_dir, e, s, c, reached, go) = paused_rare_consumer().await;
         let fetcher = {
             let (e, s, c) = (e.clone(), s.clone(), c.clone());
             tokio::spawn(async move { e.fetch(&s, &c, FetchRequest { max: 10, wait: Duration::ZERO }).await })
         };
-        tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(30)).unwrap()).await.unwrap();
+        reached.await.unwrap();
         // The fetch is paused inside its read; the writer must still take publishes.
         let publish = e.publish(&s, OutgoingMessage::new("s.common.0".parse().unwrap(), "during"));
         let ack = tokio::time::timeout(Duration::from_secs(20), publish).await;
