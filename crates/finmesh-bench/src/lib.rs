@@ -33,6 +33,10 @@
 //!   NATS engine and through raw async-nats side by side, on one server
 //!   and on a 3-node R3 cluster; the report gives engine/raw ratios of
 //!   throughput and p99.
+//! - `fanout` (`fanout`, `fanout-max`, `fanout-idle`): market data to 60
+//!   SSE subscribers of `finmesh serve` next to core NATS fan-out to 60
+//!   async-nats connections: latency and skew at 1,000 ticks/s, the highest
+//!   deliveries/s with p99 < 50 ms, and RSS per idle subscriber.
 //!
 //! Payloads: 128 bytes per published message, 256 bytes per KV value. Every
 //! scenario's data lives in a temporary directory under `--dir` (default
@@ -42,6 +46,7 @@
 mod embedded_consumer;
 mod embedded_kv;
 mod embedded_publish;
+mod fanout;
 mod fsync;
 mod gateway;
 mod measure;
@@ -104,10 +109,16 @@ pub enum Scenario {
     NatsEngineKv,
     /// Embedded consumers: sparse filtered fetch, acks/s.
     EmbeddedConsumer,
+    /// Fan-out: 1,000 ticks/s to 60 SSE subscribers (latency, skew) vs core NATS.
+    Fanout,
+    /// Fan-out: highest deliveries/s to 60 subscribers with p99 < 50 ms vs core NATS.
+    FanoutMax,
+    /// Fan-out: RSS per idle SSE subscriber, 15,000 of them.
+    FanoutIdle,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 13] = [
+    const ALL: [Scenario; 16] = [
         Scenario::Fsync,
         Scenario::EmbeddedPublish,
         Scenario::NatsPublish,
@@ -121,6 +132,9 @@ impl Scenario {
         Scenario::NatsEnginePublish,
         Scenario::NatsEngineKv,
         Scenario::EmbeddedConsumer,
+        Scenario::Fanout,
+        Scenario::FanoutMax,
+        Scenario::FanoutIdle,
     ];
 
     /// Is `self` selected by `chosen` (empty = all)?
@@ -146,6 +160,9 @@ impl Scenario {
             Scenario::NatsEnginePublish => nats_engine::run_publish(ctx).await,
             Scenario::NatsEngineKv => nats_engine_kv::run(ctx).await,
             Scenario::EmbeddedConsumer => embedded_consumer::run(ctx).await,
+            Scenario::Fanout => fanout::run_latency(ctx).await,
+            Scenario::FanoutMax => fanout::run_max(ctx).await,
+            Scenario::FanoutIdle => fanout::run_idle(ctx).await,
         }
     }
 
@@ -165,6 +182,9 @@ impl Scenario {
             Scenario::NatsEnginePublish => "nats-engine-publish",
             Scenario::NatsEngineKv => "nats-engine-kv",
             Scenario::EmbeddedConsumer => "embedded-consumer",
+            Scenario::Fanout => "fanout",
+            Scenario::FanoutMax => "fanout-max",
+            Scenario::FanoutIdle => "fanout-idle",
         }
     }
 }
@@ -194,6 +214,10 @@ pub struct BenchArgs {
     /// Messages in the stream of the sparse consumer scenario.
     #[arg(long, default_value_t = 1_000_000)]
     consumer_messages: u64,
+    /// Idle SSE subscribers of the `fanout-idle` scenario (this machine's
+    /// file limit is 20,000 per process).
+    #[arg(long, default_value_t = fanout::IDLE_SUBSCRIBERS)]
+    idle_subscribers: usize,
     /// Where temporary data goes (default: $TMPDIR, else /tmp).
     #[arg(long, env = "FINMESH_BENCH_DIR")]
     dir: Option<PathBuf>,
@@ -217,6 +241,8 @@ pub struct BenchContext {
     pub mirror_puts: u64,
     /// Messages in the sparse consumer scenario's stream.
     pub consumer_messages: u64,
+    /// Idle subscribers of `fanout-idle`.
+    pub idle_subscribers: usize,
     /// The current run, from 1; side-by-side scenarios swap which side
     /// goes first between odd and even runs.
     pub run: u32,
@@ -259,6 +285,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         nats_kv_keys: args.nats_kv_keys,
         mirror_puts: args.mirror_puts,
         consumer_messages: args.consumer_messages,
+        idle_subscribers: args.idle_subscribers,
         run: 1,
     };
     let scenarios: Vec<Scenario> = Scenario::ALL.into_iter().filter(|s| s.selected_by(&args.scenarios)).collect();

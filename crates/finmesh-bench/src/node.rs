@@ -74,9 +74,15 @@ impl Node {
     /// Start `finmesh serve` with its data, config and log under `dir`.
     /// A second start on the same `dir` keeps the node secret (no new token).
     pub async fn start(dir: &Path, options: &NodeOptions) -> anyhow::Result<Node> {
+        Node::start_with(dir, options, "").await
+    }
+
+    /// [`Node::start`] with `extra` TOML appended to [`SERVE_CONFIG`]
+    /// (tables other than `[limits]`, e.g. `[subscriptions]`).
+    pub async fn start_with(dir: &Path, options: &NodeOptions, extra: &str) -> anyhow::Result<Node> {
         let exe = finmesh_binary()?;
         let config = dir.join("serve.toml");
-        std::fs::write(&config, SERVE_CONFIG)?;
+        std::fs::write(&config, format!("{SERVE_CONFIG}{extra}"))?;
         let log = dir.join(if options.tls.is_some() { "serve-tls.log" } else { "serve.log" });
         let mut command = std::process::Command::new(exe);
         command
@@ -115,6 +121,11 @@ impl Node {
             anyhow::ensure!(Instant::now() < deadline, "{}", process.not_ready_error(START_TIMEOUT));
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// The process id (for RSS and CPU figures).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     /// SIGTERM (the drain), then SIGKILL after a grace period.

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::measure::Measurement;
 use super::{
-    BenchArgs, KV_VALUE, PUBLISH_PAYLOAD, embedded_kv, embedded_publish, fsync, gateway, nats_engine, nats_kv,
+    BenchArgs, KV_VALUE, PUBLISH_PAYLOAD, embedded_kv, embedded_publish, fanout, fsync, gateway, nats_engine, nats_kv,
     nats_publish, tls_conn,
 };
 
@@ -203,6 +203,29 @@ fn ratio_definitions() -> Vec<(String, String, String, String, f64, Field)> {
             .into_iter()
             .map(|(id, l, n, d, field)| (id.to_owned(), l.to_owned(), n.to_owned(), d.to_owned(), 1.0, field)),
     );
+    // Fan-out next to core NATS (issue 19 targets).
+    for (id, label, n, d) in [
+        (
+            "fanout-max-vs-nats-core",
+            "finmesh SSE / core NATS, highest deliveries/s with p99 < 50 ms (target ≥ 1.5)",
+            fanout::MAX_FINMESH,
+            fanout::MAX_NATS,
+        ),
+        (
+            "fanout-p99-vs-nats-core",
+            "finmesh SSE p99 (sync = interval) / core NATS p99 at 1,000 ticks/s × 60",
+            fanout::LATENCY_INTERVAL,
+            fanout::NATS_LATENCY,
+        ),
+        (
+            "fanout-skew-p99-vs-nats-core",
+            "finmesh SSE skew p99 (sync = interval) / core NATS skew p99",
+            fanout::SKEW_INTERVAL,
+            fanout::NATS_SKEW,
+        ),
+    ] {
+        all.push((id.to_owned(), label.to_owned(), n.to_owned(), d.to_owned(), 1.0, Field::Value));
+    }
     // The NATS engine over raw async-nats: throughput (target ≥ 0.85) and
     // p99 (target ≤ 1.20), for every operation and deployment.
     for (engine, raw) in nats_engine::ratio_pairs() {

@@ -1,0 +1,639 @@
+//! The market-data fan-out of issue 19, next to core NATS in the same run.
+//!
+//! - [`run_latency`] (`fanout`): the original load, [`SYMBOLS`] symbols ×
+//!   1 tick/s each = one message per millisecond, to [`SUBSCRIBERS`] SSE
+//!   subscribers of `finmesh serve` (embedded engine, auth on): feed-send
+//!   to subscriber-receive latency and skew (per message, the last
+//!   subscriber's receive time minus the first's), with the stream on
+//!   `sync = interval` and on `sync = always`; beside it, core NATS at the
+//!   same load (one async-nats publisher, [`SUBSCRIBERS`] subscriber
+//!   connections on `md.>`).
+//! - [`run_max`] (`fanout-max`): the highest sustained deliveries/s before
+//!   the p99 passes [`MAX_P99`] (or a message is lost, or the feed falls
+//!   behind its rate), raising the rate ×1.5 per window, for both systems.
+//! - [`run_idle`] (`fanout-idle`): [`IDLE_SUBSCRIBERS`] (by default) idle SSE
+//!   connections from several 127.0.0.x source addresses: the node's RSS
+//!   growth per subscriber, and whether heartbeats arrive on time.
+//!
+//! The feed is one NDJSON `POST` per millisecond (a batch of the tick's
+//! messages); a message's send time is taken just before its POST, and its
+//! sequence comes from the POST's ack. Every subscriber records the receive
+//! time of each `id:` it is sent with a `data:` line (one clock read per
+//! socket read). Only messages sent inside the measured window (after a
+//! warm-up) count. Every subscriber must receive every sequence exactly
+//! once and in order: a loss, duplicate or reorder is reported in the
+//! figure's note and fails the `fanout-max` step.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::watch;
+
+use super::measure::{Measurement, Sample, vm_rss_bytes};
+use super::node::{Node, NodeOptions, expect_ok, http_client};
+use super::{BenchContext, start_nats};
+
+/// Downstream servers.
+pub const SUBSCRIBERS: usize = 60;
+/// Symbols in the feed (1 tick/s each at the original load).
+pub const SYMBOLS: usize = 1_000;
+/// A `fanout-max` step fails when its p99 passes this.
+pub const MAX_P99: Duration = Duration::from_millis(50);
+/// Idle SSE connections of `fanout-idle`.
+pub const IDLE_SUBSCRIBERS: usize = 15_000;
+/// Source addresses the idle connections are spread over (127.0.0.2 …).
+const IDLE_SOURCES: u8 = 8;
+/// Heartbeat interval the idle node runs with.
+const IDLE_HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long subscribers may take to receive the last message after the feed stops.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Ids (ratios refer to them).
+pub const LATENCY_INTERVAL: &str = "fanout.sse-60.latency.interval";
+pub const SKEW_INTERVAL: &str = "fanout.sse-60.skew.interval";
+pub const LATENCY_ALWAYS: &str = "fanout.sse-60.latency.always";
+pub const SKEW_ALWAYS: &str = "fanout.sse-60.skew.always";
+pub const NATS_LATENCY: &str = "nats.core.fanout-60.latency";
+pub const NATS_SKEW: &str = "nats.core.fanout-60.skew";
+pub const MAX_FINMESH: &str = "fanout.sse-60.max-deliveries";
+pub const MAX_NATS: &str = "nats.core.fanout-60.max-deliveries";
+pub const IDLE_RSS: &str = "fanout.idle.rss-per-subscriber";
+
+/// The node configuration the fan-out scenarios add to the bench's.
+const FANOUT_CONFIG: &str = "
+[subscriptions]
+max_per_principal = 100000
+max_total = 100000
+";
+
+/// What one trial measured.
+#[derive(Debug)]
+struct Trial {
+    /// Deliveries per second in the window (messages × subscribers / window).
+    deliveries_per_s: f64,
+    /// Messages the feed sent per second in the window.
+    sent_per_s: f64,
+    /// Send-to-receive latency of every (message, subscriber) in the window.
+    latency: Sample,
+    /// Per message: last receive minus first receive.
+    skew: Sample,
+    /// (message, subscriber) pairs of the window never received.
+    lost: u64,
+    /// Deliveries out of order or twice.
+    disorder: u64,
+}
+
+impl Trial {
+    fn note(&self, what: &str) -> String {
+        format!(
+            "{what}; {:.0} deliveries/s ({:.0} msgs/s sent); lost {}, out of order or duplicate {}",
+            self.deliveries_per_s, self.sent_per_s, self.lost, self.disorder
+        )
+    }
+}
+
+/// One subscriber's receive log: (message key, receive time in ns since the trial's epoch).
+type Tape = Vec<(u64, u64)>;
+
+/// Which system a trial feeds.
+#[derive(Debug, Clone)]
+enum System {
+    /// `finmesh serve` at `url`, stream `stream`, bearer `token`.
+    Finmesh { url: String, token: String, stream: String },
+    /// core NATS at `url`.
+    Nats { url: String },
+}
+
+/// `fanout`: latency and skew at the original load, finmesh (interval and
+/// always) and core NATS.
+pub async fn run_latency(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
+    let window = ctx.duration;
+    let mut out = Vec::new();
+    let dir = ctx.tempdir("fanout")?;
+    let node = start_node(dir.path()).await?;
+    let token = node.token.clone().context("finmesh serve printed no admin token")?;
+    for (sync, lat_id, skew_id) in
+        [("interval", LATENCY_INTERVAL, SKEW_INTERVAL), ("always", LATENCY_ALWAYS, SKEW_ALWAYS)]
+    {
+        let stream = format!("md_{sync}");
+        create_stream(&node.url, &token, &stream, sync).await?;
+        let system = System::Finmesh { url: node.url.clone(), token: token.clone(), stream };
+        let trial = trial(&system, SUBSCRIBERS, 1, window).await?;
+        let what = format!(
+            "{SYMBOLS} symbols × 1 tick/s to {SUBSCRIBERS} SSE subscribers, embedded engine, sync = {sync}, auth on"
+        );
+        out.push(
+            Measurement::latency(lat_id, "finmesh-gateway", &what, &trial.latency)
+                .note(trial.note("feed-send → receive")),
+        );
+        out.push(
+            Measurement::latency(skew_id, "finmesh-gateway", &what, &trial.skew)
+                .note("last − first receive of each message"),
+        );
+    }
+    node.stop().await?;
+    let nats = start_nats(ctx).await?;
+    let trial = trial(&System::Nats { url: nats.url() }, SUBSCRIBERS, 1, window).await?;
+    let what = format!("{SYMBOLS} msgs/s to {SUBSCRIBERS} async-nats subscriber connections, core NATS");
+    out.push(
+        Measurement::latency(NATS_LATENCY, "nats-server", &what, &trial.latency).note(trial.note("publish → receive")),
+    );
+    out.push(
+        Measurement::latency(NATS_SKEW, "nats-server", &what, &trial.skew).note("last − first receive of each message"),
+    );
+    drop(nats);
+    Ok(out)
+}
+
+/// `fanout-max`: the highest sustained deliveries/s with a p99 under
+/// [`MAX_P99`], no loss and the feed keeping its rate, for each system.
+pub async fn run_max(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
+    let window = ctx.duration;
+    let dir = ctx.tempdir("fanout-max")?;
+    let node = start_node(dir.path()).await?;
+    let token = node.token.clone().context("finmesh serve printed no admin token")?;
+    create_stream(&node.url, &token, "md", "interval").await?;
+    let finmesh = System::Finmesh { url: node.url.clone(), token, stream: "md".to_owned() };
+    let (best, steps) = ramp(&finmesh, window).await?;
+    node.stop().await?;
+    let nats = start_nats(ctx).await?;
+    let (nats_best, nats_steps) = ramp(&System::Nats { url: nats.url() }, window).await?;
+    drop(nats);
+    Ok(vec![
+        max_measurement(MAX_FINMESH, "finmesh-gateway", "SSE, embedded engine, sync = interval", best, &steps),
+        max_measurement(MAX_NATS, "nats-server", "core NATS, async-nats", nats_best, &nats_steps),
+    ])
+}
+
+fn max_measurement(id: &str, peer: &str, what: &str, best: Option<Trial>, steps: &str) -> Measurement {
+    let what =
+        format!("highest deliveries/s to {SUBSCRIBERS} subscribers with p99 < {} ms, {what}", MAX_P99.as_millis());
+    match best {
+        // The latency sample counts deliveries over the window: its rate is deliveries/s.
+        Some(t) => Measurement::rate(id, peer, &what, "deliveries/s", &t.latency).note(format!("steps: {steps}")),
+        None => {
+            Measurement::rate(id, peer, &what, "deliveries/s", &Sample::new()).note(format!("no step passed; {steps}"))
+        }
+    }
+}
+
+/// Raise the messages per millisecond ×1.5 (at least +1) until a step
+/// fails; the last passing step and a summary of every step.
+async fn ramp(system: &System, window: Duration) -> anyhow::Result<(Option<Trial>, String)> {
+    let mut per_tick = 1usize;
+    let mut best = None;
+    let mut steps = Vec::new();
+    loop {
+        let trial = trial(system, SUBSCRIBERS, per_tick, window).await?;
+        let p99 = trial.latency.percentile_us(99.0).unwrap_or(f64::INFINITY);
+        let target = per_tick as f64 * 1000.0;
+        let kept_up = trial.sent_per_s >= 0.9 * target;
+        let pass = p99 < MAX_P99.as_secs_f64() * 1e6 && trial.lost == 0 && trial.disorder == 0 && kept_up;
+        steps.push(format!(
+            "{:.0}k/s p99 {:.1} ms{}",
+            trial.deliveries_per_s / 1000.0,
+            p99 / 1000.0,
+            if pass { "" } else { " ✗" }
+        ));
+        eprintln!("    {} per ms: {}", per_tick, steps.last().map(String::as_str).unwrap_or(""));
+        if !pass {
+            return Ok((best, steps.join(", ")));
+        }
+        best = Some(trial);
+        per_tick = (per_tick * 3 / 2).max(per_tick + 1);
+    }
+}
+
+/// Connect `subscribers`, feed `per_tick` messages every millisecond for a
+/// warm-up and `window`, wait for every subscriber to catch up, and
+/// measure.
+async fn trial(system: &System, subscribers: usize, per_tick: usize, window: Duration) -> anyhow::Result<Trial> {
+    let epoch = Instant::now();
+    // The last message key the feed sent; subscribers stop once they have it.
+    let (last_tx, last_rx) = watch::channel(None::<u64>);
+    let mut readers = tokio::task::JoinSet::new();
+    let mut ready = Vec::new();
+    for _ in 0..subscribers {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        ready.push(ready_rx);
+        let system = system.clone();
+        let last = last_rx.clone();
+        readers.spawn(async move { subscribe(system, epoch, ready_tx, last).await });
+    }
+    for r in ready {
+        r.await.context("a subscriber failed to connect")?;
+    }
+    let warmup = (window / 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
+    let feed_start = epoch.elapsed();
+    let sent = feed(system, epoch, per_tick, warmup, window).await?;
+    tracing::debug!(sent = sent.len(), first = ?sent.first(), last = ?sent.last(), "feed done");
+    let last_key = sent.iter().map(|s| s.0).max();
+    last_tx.send_replace(last_key);
+    let mut tapes = Vec::with_capacity(subscribers);
+    while let Some(joined) = readers.join_next().await {
+        tapes.push(joined.context("a subscriber panicked")??);
+    }
+    let from = (feed_start + warmup).as_nanos() as u64;
+    let to = (feed_start + warmup + window).as_nanos() as u64;
+    Ok(analyse(&sent, &tapes, from, to, window))
+}
+
+/// Compare what was sent (key, send ns) with what each subscriber received.
+fn analyse(sent: &[(u64, u64)], tapes: &[Tape], from: u64, to: u64, window: Duration) -> Trial {
+    let in_window: HashMap<u64, u64> = sent.iter().copied().filter(|(_, t)| (from..to).contains(t)).collect();
+    let mut latency = Sample::new();
+    let mut skew = Sample::new();
+    let mut first_last: HashMap<u64, (u64, u64, usize)> = HashMap::with_capacity(in_window.len());
+    let mut disorder = 0u64;
+    let mut delivered = 0u64;
+    for tape in tapes {
+        let mut previous = None;
+        for &(key, at) in tape {
+            if previous.is_some_and(|p| key <= p) {
+                disorder += 1;
+            }
+            previous = Some(key);
+            if let Some(&sent_at) = in_window.get(&key) {
+                delivered += 1;
+                latency.record(Duration::from_nanos(at.saturating_sub(sent_at)));
+                let e = first_last.entry(key).or_insert((at, at, 0));
+                e.0 = e.0.min(at);
+                e.1 = e.1.max(at);
+                e.2 += 1;
+            }
+        }
+    }
+    for (first, last, _) in first_last.values() {
+        skew.record(Duration::from_nanos(last - first));
+    }
+    let expected = in_window.len() as u64 * tapes.len() as u64;
+    latency.msgs = delivered;
+    latency.elapsed = window;
+    Trial {
+        deliveries_per_s: delivered as f64 / window.as_secs_f64(),
+        sent_per_s: in_window.len() as f64 / window.as_secs_f64(),
+        latency,
+        skew,
+        lost: expected.saturating_sub(delivered),
+        disorder,
+    }
+}
+
+/// The feed: every millisecond, `per_tick` ticks in one batch. Returns
+/// (message key, send time in ns since `epoch`) of every message sent.
+async fn feed(
+    system: &System,
+    epoch: Instant,
+    per_tick: usize,
+    warmup: Duration,
+    window: Duration,
+) -> anyhow::Result<Vec<(u64, u64)>> {
+    let end = Instant::now() + warmup + window;
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut symbol = 0usize;
+    let mut sent = Vec::new();
+    match system {
+        System::Finmesh { url, token, stream } => {
+            let client = http_client(None)?;
+            let url = format!("{url}/v1/streams/{stream}/messages");
+            let auth = format!("Bearer {token}");
+            // Several batches in flight, so a slow ack does not stall the feed.
+            let mut in_flight = futures::stream::FuturesUnordered::new();
+            while Instant::now() < end {
+                ticker.tick().await;
+                let mut body = String::with_capacity(per_tick * 128);
+                for _ in 0..per_tick {
+                    body.push_str(&tick_line(stream, symbol));
+                    symbol = (symbol + 1) % SYMBOLS;
+                }
+                let at = epoch.elapsed().as_nanos() as u64;
+                let request = client
+                    .post(&url)
+                    .header("authorization", &auth)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body);
+                in_flight.push(async move { (at, expect_ok(request, "publish a tick batch").await) });
+                while in_flight.len() >= 64 {
+                    let (at, answer) = in_flight.next().await.context("in flight")?;
+                    record_acks(&mut sent, at, &answer?)?;
+                }
+                // Collect acks that are ready without waiting.
+                while let Some(Some((at, answer))) = futures::FutureExt::now_or_never(in_flight.next()) {
+                    record_acks(&mut sent, at, &answer?)?;
+                }
+            }
+            while let Some((at, answer)) = in_flight.next().await {
+                record_acks(&mut sent, at, &answer?)?;
+            }
+        }
+        System::Nats { url } => {
+            let client = async_nats::connect(url.as_str()).await.context("connecting the NATS publisher")?;
+            let mut key = 0u64;
+            while Instant::now() < end {
+                ticker.tick().await;
+                let at = epoch.elapsed().as_nanos() as u64;
+                for _ in 0..per_tick {
+                    key += 1;
+                    let mut payload = Vec::with_capacity(112);
+                    payload.extend_from_slice(&key.to_be_bytes());
+                    payload.extend_from_slice(tick_line("md", symbol).as_bytes());
+                    client.publish(format!("md.S{symbol:04}"), Bytes::from(payload)).await?;
+                    symbol = (symbol + 1) % SYMBOLS;
+                    sent.push((key, at));
+                }
+                client.flush().await?;
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// One tick as an NDJSON publish line, on subject `<prefix>.S<symbol>`.
+fn tick_line(prefix: &str, symbol: usize) -> String {
+    format!(
+        "{{\"subject\":\"{prefix}.S{symbol:04}\",\"payload\":{{\"s\":\"S{symbol:04}\",\"bid\":101.25,\"ask\":101.27,\"last\":101.26,\"size\":300}}}}\n"
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct Acks {
+    acks: Vec<Ack>,
+}
+
+#[derive(serde::Deserialize)]
+struct Ack {
+    seq: u64,
+}
+
+fn record_acks(sent: &mut Vec<(u64, u64)>, at: u64, body: &Bytes) -> anyhow::Result<()> {
+    let acks: Acks = serde_json::from_slice(body).context("parsing publish acks")?;
+    sent.extend(acks.acks.iter().map(|a| (a.seq, at)));
+    Ok(())
+}
+
+/// One subscriber: connect, say ready, record every message until the
+/// last key is known and received (or [`DRAIN`] after it is known).
+async fn subscribe(
+    system: System,
+    epoch: Instant,
+    ready: tokio::sync::oneshot::Sender<()>,
+    mut last: watch::Receiver<Option<u64>>,
+) -> anyhow::Result<Tape> {
+    let mut tape = Tape::with_capacity(1 << 16);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let done = |tape: &Tape, last: Option<u64>| last.is_some_and(|l| tape.last().is_some_and(|(k, _)| *k >= l));
+    match system {
+        System::Finmesh { url, token, stream } => {
+            let client = reqwest::Client::builder().build()?;
+            let response = client
+                .get(format!("{url}/v1/streams/{stream}/events"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .context("opening an SSE subscription")?;
+            anyhow::ensure!(response.status().is_success(), "SSE subscription answered {}", response.status());
+            let _ = ready.send(());
+            let mut body = response.bytes_stream();
+            let mut parser = SseIds::default();
+            loop {
+                if done(&tape, *last.borrow()) {
+                    break;
+                }
+                let sleep = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    chunk = body.next() => {
+                        let Some(chunk) = chunk else { break };
+                        let at = epoch.elapsed().as_nanos() as u64;
+                        parser.feed(&chunk?, |seq| tape.push((seq, at)));
+                    }
+                    _ = last.changed(), if deadline.is_none() => {
+                        deadline = Some(tokio::time::Instant::now() + DRAIN);
+                    }
+                    _ = sleep => break,
+                }
+            }
+        }
+        System::Nats { url } => {
+            let client = async_nats::connect(url.as_str()).await.context("connecting a NATS subscriber")?;
+            let mut subscription = client.subscribe("md.>").await?;
+            client.flush().await?;
+            let _ = ready.send(());
+            loop {
+                if done(&tape, *last.borrow()) {
+                    break;
+                }
+                let sleep = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    message = subscription.next() => {
+                        let Some(message) = message else { break };
+                        let at = epoch.elapsed().as_nanos() as u64;
+                        let key = message.payload.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+                        tape.push((key.context("a message without its key")?, at));
+                    }
+                    _ = last.changed(), if deadline.is_none() => {
+                        deadline = Some(tokio::time::Instant::now() + DRAIN);
+                    }
+                    _ = sleep => break,
+                }
+            }
+        }
+    }
+    Ok(tape)
+}
+
+/// Incremental SSE parsing of what the bench needs: the `id:` of every
+/// event that has a `data:` line (heartbeats are `id:` only).
+#[derive(Debug, Default)]
+struct SseIds {
+    /// Bytes of an incomplete line.
+    partial: Vec<u8>,
+    id: Option<u64>,
+    data: bool,
+}
+
+impl SseIds {
+    fn feed(&mut self, chunk: &[u8], mut on_message: impl FnMut(u64)) {
+        let mut rest = chunk;
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            let line_end = &rest[..nl];
+            rest = &rest[nl + 1..];
+            let line: &[u8] = if self.partial.is_empty() {
+                line_end
+            } else {
+                self.partial.extend_from_slice(line_end);
+                &self.partial
+            };
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.is_empty() {
+                if let (Some(id), true) = (self.id, self.data) {
+                    on_message(id);
+                }
+                self.id = None;
+                self.data = false;
+            } else if let Some(v) = line.strip_prefix(b"id:") {
+                self.id = std::str::from_utf8(v).ok().and_then(|s| s.trim().parse().ok());
+            } else if line.starts_with(b"data:") {
+                self.data = true;
+            }
+            self.partial.clear();
+        }
+        self.partial.extend_from_slice(rest);
+    }
+}
+
+/// `fanout-idle`: `--idle-subscribers` (default [`IDLE_SUBSCRIBERS`]) idle
+/// SSE subscribers on one node.
+pub async fn run_idle(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
+    let dir = ctx.tempdir("fanout-idle")?;
+    let extra = format!(
+        "{FANOUT_CONFIG}heartbeat_ms = {}\n\n[connections]\nmax = 19000\nmax_per_address = 19000\n",
+        IDLE_HEARTBEAT.as_millis()
+    );
+    let node = Node::start_with(dir.path(), &NodeOptions::default(), &extra).await?;
+    let token = node.token.clone().context("finmesh serve printed no admin token")?;
+    create_stream(&node.url, &token, "md", "interval").await?;
+    let addr: SocketAddr = node.url.trim_start_matches("http://").parse().context("the node's address")?;
+    let request = Arc::new(format!(
+        "GET /v1/streams/md/events HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\naccept: text/event-stream\r\n\r\n"
+    ));
+    // One subscriber first, so the hub's tail exists in the baseline.
+    let mut connections = vec![idle_connect(addr, 0, &request).await?];
+    let pid = node.pid().to_string();
+    let before = vm_rss_bytes(&pid)?;
+    let mut opening = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    anyhow::ensure!(ctx.idle_subscribers >= 2, "--idle-subscribers must be at least 2");
+    for i in 1..ctx.idle_subscribers {
+        let request = request.clone();
+        opening.spawn(async move { idle_connect(addr, i, &request).await });
+        if opening.len() >= 256 {
+            connections.push(opening.join_next().await.context("opening")???);
+        }
+    }
+    while let Some(c) = opening.join_next().await {
+        connections.push(c??);
+    }
+    let open_time = started.elapsed();
+    // Let allocations settle for a heartbeat, then check heartbeats arrive
+    // on time on a sample of connections.
+    let sample: Vec<usize> = (0..connections.len()).step_by(connections.len() / 100 + 1).collect();
+    let mut late = 0usize;
+    let mut waits = Sample::new();
+    let mut buf = vec![0u8; 4096];
+    for &i in &sample {
+        let started = Instant::now();
+        let wait = IDLE_HEARTBEAT * 2 + Duration::from_secs(1);
+        match tokio::time::timeout(wait, connections[i].read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => waits.record(started.elapsed()),
+            _ => late += 1,
+        }
+    }
+    let after = vm_rss_bytes(&pid)?;
+    let per_sub = after.saturating_sub(before) as f64 / (connections.len() - 1) as f64;
+    let n = connections.len();
+    drop(connections);
+    node.stop().await?;
+    let what = format!("{n} idle SSE subscribers on one stream, embedded engine, from {IDLE_SOURCES} source addresses");
+    let mut m = Measurement::mib(IDLE_RSS, "finmesh-gateway", &what, 0);
+    m.value = per_sub / 1024.0;
+    m.unit = "KiB/subscriber".to_owned();
+    Ok(vec![m.note(format!(
+        "node RSS {:.0} → {:.0} MiB; opened in {:.1} s; heartbeat every {} s: {} of {} sampled connections late, wait p99 {:.2} s",
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0,
+        open_time.as_secs_f64(),
+        IDLE_HEARTBEAT.as_secs(),
+        late,
+        sample.len(),
+        waits.percentile_us(99.0).unwrap_or(0.0) / 1e6
+    ))])
+}
+
+/// Open one idle SSE connection from 127.0.0.(2 + i % IDLE_SOURCES) and
+/// read its response head.
+async fn idle_connect(addr: SocketAddr, i: usize, request: &str) -> anyhow::Result<tokio::net::TcpStream> {
+    let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % IDLE_SOURCES as usize) as u8));
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0)).with_context(|| format!("binding {source}"))?;
+    let mut stream = socket.connect(addr).await.with_context(|| format!("connection {i}"))?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "connection {i} closed before its response head");
+        head.extend_from_slice(&buf[..n]);
+        anyhow::ensure!(head.len() < 16 * 1024, "connection {i}: response head too long");
+    }
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "connection {i}: {}",
+        String::from_utf8_lossy(&head[..head.len().min(80)])
+    );
+    Ok(stream)
+}
+
+async fn start_node(dir: &std::path::Path) -> anyhow::Result<Node> {
+    Node::start_with(dir, &NodeOptions::default(), FANOUT_CONFIG).await
+}
+
+async fn create_stream(url: &str, token: &str, stream: &str, sync: &str) -> anyhow::Result<()> {
+    let sync = match sync {
+        "always" => serde_json::json!("always"),
+        _ => serde_json::json!({"interval": {"ms": 100}}),
+    };
+    // Subjects `<stream>.>`: streams of one node may not overlap.
+    let body = serde_json::json!({"subjects": [format!("{stream}.>")], "sync": sync});
+    expect_ok(
+        http_client(None)?.put(format!("{url}/v1/streams/{stream}")).bearer_auth(token).json(&body),
+        "create stream",
+    )
+    .await
+    .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_ids_counts_messages_not_heartbeats_across_chunk_boundaries() {
+        let mut ids = Vec::new();
+        let mut p = SseIds::default();
+        let text =
+            b": hello\n\nid: 1\ndata: {}\n\n: heartbeat\nid: 1\n\nid: 2\r\ndata: {\"a\":1}\r\n\r\nid: 3\ndata: x\n\n";
+        for chunk in text.chunks(3) {
+            p.feed(chunk, |id| ids.push(id));
+        }
+        assert_eq!(ids, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn analyse_counts_loss_disorder_latency_and_skew() {
+        let sent = vec![(1, 100), (2, 200), (3, 300)];
+        let tapes = vec![vec![(1, 150), (2, 260), (3, 330)], vec![(1, 170), (3, 390), (2, 400)], vec![(1, 160)]];
+        let t = analyse(&sent, &tapes, 0, 1_000, Duration::from_secs(1));
+        assert_eq!(t.lost, 2, "subscriber 3 missed 2 and 3");
+        assert_eq!(t.disorder, 1, "subscriber 2 got 2 after 3");
+        assert_eq!(t.latency.msgs, 7);
+        assert_eq!(t.skew.hist.len(), 3);
+        assert_eq!(t.skew.hist.max(), 140, "message 2: 400 − 260");
+    }
+}
