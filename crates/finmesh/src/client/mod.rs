@@ -66,8 +66,15 @@ impl Client {
     /// A subscription to `stream` through the SDK, on this node and then
     /// the `failover` ones, with this client's TLS settings and token.
     pub fn subscription(&self, stream: &str, failover: &[String]) -> finmesh_client::SubscriptionBuilder {
-        let endpoints = std::iter::once(self.base.clone()).chain(failover.iter().cloned());
-        let builder = finmesh_client::Subscription::builder(endpoints, stream).http_client(self.http.clone());
+        let endpoints: Vec<String> = std::iter::once(self.base.clone()).chain(failover.iter().cloned()).collect();
+        self.subscription_to(&endpoints, stream)
+    }
+
+    /// A subscription to `stream` on `endpoints` (in this order), with this
+    /// client's TLS settings and token.
+    pub fn subscription_to(&self, endpoints: &[String], stream: &str) -> finmesh_client::SubscriptionBuilder {
+        let builder =
+            finmesh_client::Subscription::builder(endpoints.iter().cloned(), stream).http_client(self.http.clone());
         match &self.token {
             Some(token) => builder.token(token.clone()),
             None => builder,
