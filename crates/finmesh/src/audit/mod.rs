@@ -1,0 +1,672 @@
+//! `finmesh audit`: prove that fan-out is lossless, end to end.
+//!
+//! The audit starts a node (`finmesh serve` as a child, [`node`]; embedded,
+//! or NATS with `--nats`) or targets one (`--server`), connects K
+//! subscribers through the SDK (`finmesh-client`; SSE, WebSocket or both,
+//! each with its filter), publishes a feed through the batch publish route
+//! (`POST /v1/streams/{s}/messages`, NDJSON, with message ids so a batch
+//! resent across the restart is not stored twice), forces a reconnect of
+//! every subscriber (a new SDK subscription resuming after the position the
+//! old one handed out) at a third of the feed and restarts the node (drain
+//! by default) at two thirds. Then, per subscriber, it compares what was
+//! received with the stream's own contents for its filter ([`check`]) and
+//! prints the verdict, the delivery latency (publish send to receive) and
+//! the skew (per message, last minus first subscriber to receive it).
+//!
+//! Invariants: the expected list comes from reading the stream back after
+//! the feed, never from the audit's own counters; every subscriber starts
+//! at the first sequence after the stream's head when the audit began, so
+//! its expected list is that range filtered; the exit status is non-zero
+//! when any subscriber missed, doubled, reordered or got an unexpected
+//! sequence. `--inject-gap` (hidden) makes subscriber 0 forget one message
+//! it received, to show that the checker catches it.
+
+pub mod check;
+pub mod node;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use finmesh_client::{Event, Start, Stats, Subscription, Transport};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use crate::client::segment;
+use check::{Percentiles, Verdict};
+use node::{ChildNode, Restart};
+
+/// `finmesh audit` options.
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    /// Audit this running node (base URL) instead of starting one; it is
+    /// not restarted then.
+    #[arg(long)]
+    server: Option<String>,
+    /// Bearer token for --server (needs stream create/publish/subscribe);
+    /// a node the audit starts uses its own admin token.
+    #[arg(long, env = "FINMESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Start the node on the NATS engine, on the NATS server at this URL
+    /// (default: the embedded engine).
+    #[arg(long, conflicts_with = "server")]
+    nats: Option<String>,
+    /// The stream to audit (created on subjects `md.>` when missing).
+    #[arg(long, default_value = "AUDIT")]
+    stream: String,
+    /// Subscribers to connect.
+    #[arg(long, default_value_t = 6)]
+    subscribers: usize,
+    /// Their transport: sse, ws, or mixed (alternating).
+    #[arg(long, value_enum, default_value = "mixed")]
+    transport: TransportChoice,
+    /// Subject filters given to the subscribers in turn, comma-separated;
+    /// `none` = no filter.
+    #[arg(long, value_delimiter = ',', default_value = "none,md.S0,md.S1")]
+    filters: Vec<String>,
+    /// Messages to publish.
+    #[arg(long, default_value_t = 3000)]
+    messages: u64,
+    /// Symbols (subjects `md.S0` … `md.S<n-1>`, in turn).
+    #[arg(long, default_value_t = 10)]
+    symbols: u64,
+    /// Messages per second.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Messages per publish request.
+    #[arg(long, default_value_t = 50)]
+    batch: u64,
+    /// How the node is restarted at two thirds of the feed (a node the
+    /// audit started): drain (SIGTERM), kill (SIGKILL) or none.
+    #[arg(long, value_enum, default_value = "drain")]
+    restart: Restart,
+    /// Do not force the reconnect of every subscriber at a third of the feed.
+    #[arg(long)]
+    no_reconnect: bool,
+    /// Seconds to wait, after the feed, for every subscriber to catch up.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Check the checker: subscriber 0 forgets one message it received.
+    #[arg(long, hide = true)]
+    inject_gap: bool,
+}
+
+/// The subscribers' transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TransportChoice {
+    Sse,
+    Ws,
+    Mixed,
+}
+
+/// One subscriber's settings.
+#[derive(Debug, Clone)]
+struct SubscriberSpec {
+    id: usize,
+    transport: Transport,
+    filter: Option<String>,
+}
+
+/// What one subscriber saw.
+#[derive(Debug, Default)]
+struct Log {
+    /// Sequences in the order they were handed out, with their receive
+    /// time (microseconds since the audit's clock started).
+    received: Vec<(u64, u64)>,
+    /// The SDK's counters, summed over its subscriptions.
+    stats: Stats,
+    /// Subscriptions replaced by a forced reconnect.
+    forced_reconnects: u64,
+}
+
+/// The whole report (`--json` prints it as is).
+#[derive(Debug, Serialize)]
+struct Report {
+    ok: bool,
+    node: NodeReport,
+    stream: String,
+    first_seq: u64,
+    last_seq: u64,
+    published: u64,
+    forced_reconnect: bool,
+    restart: Restart,
+    subscribers: Vec<SubscriberReport>,
+    latency_us: Percentiles,
+    skew_us: Percentiles,
+}
+
+#[derive(Debug, Serialize)]
+struct NodeReport {
+    url: String,
+    /// `embedded` or `nats` (started by the audit), `target` (--server).
+    engine: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct SubscriberReport {
+    id: usize,
+    transport: &'static str,
+    filter: Option<String>,
+    ok: bool,
+    #[serde(flatten)]
+    verdict: Verdict,
+    /// Gaps, rewinds and resets the SDK reported to the subscriber.
+    gaps_reported: u64,
+    rewinds_reported: u64,
+    resets_reported: u64,
+    connections: u64,
+    forced_reconnects: u64,
+}
+
+/// Run an audit; an error when any subscriber lost, doubled or reordered.
+pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
+    validate(&args)?;
+    let mut node = match &args.server {
+        Some(_) => None,
+        None => Some(ChildNode::start(args.nats.as_deref()).await?),
+    };
+    let (base, token, engine) = match (&node, &args.server) {
+        (Some(n), _) => (n.url(), Some(n.admin_token()?), if args.nats.is_some() { "nats" } else { "embedded" }),
+        (None, Some(server)) => (server.trim_end_matches('/').to_owned(), args.token.clone(), "target"),
+        (None, None) => unreachable!("a node is started without --server"),
+    };
+    let api = Api { http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?, base, token };
+    api.ensure_stream(&args.stream).await?;
+    let first_seq = api.last_seq(&args.stream).await? + 1;
+    let clock = Instant::now();
+
+    // Subscribers, all from `first_seq`.
+    let (reconnect_tx, reconnect_rx) = watch::channel(0u32);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (connected_tx, mut connected_rx) = mpsc::channel(args.subscribers);
+    let mut tasks = Vec::new();
+    let mut highest = Vec::new();
+    let specs = specs(&args);
+    for spec in &specs {
+        let top = Arc::new(AtomicU64::new(0));
+        highest.push(top.clone());
+        let sub = Subscriber {
+            spec: spec.clone(),
+            endpoint: api.base.clone(),
+            token: api.token.clone(),
+            stream: args.stream.clone(),
+            first_seq,
+            clock,
+            highest: top,
+            inject_gap: args.inject_gap && spec.id == 0,
+        };
+        let (reconnect, stop, connected) = (reconnect_rx.clone(), stop_rx.clone(), connected_tx.clone());
+        tasks.push(tokio::spawn(sub.run(reconnect, stop, connected)));
+    }
+    drop(connected_tx);
+    let wait = Duration::from_secs(args.timeout_secs);
+    for _ in 0..specs.len() {
+        match tokio::time::timeout(wait, connected_rx.recv()).await {
+            Ok(Some(())) => {}
+            _ => bail!("not every subscriber connected within {wait:?}"),
+        }
+    }
+
+    // The feed, with a forced reconnect at 1/3 and a restart at 2/3.
+    let (progress_tx, mut progress_rx) = watch::channel(0u64);
+    let feed = tokio::spawn(feed(api.clone(), FeedPlan::from(&args), clock, progress_tx));
+    let total = args.messages;
+    if !args.no_reconnect {
+        progress_rx.wait_for(|n| *n >= total / 3).await.ok();
+        reconnect_tx.send_modify(|g| *g += 1);
+    }
+    let restart = if node.is_some() { args.restart } else { Restart::None };
+    if let Some(node) = node.as_mut().filter(|_| restart != Restart::None) {
+        progress_rx.wait_for(|n| *n >= total * 2 / 3).await.ok();
+        node.restart(restart).await.context("restarting the node")?;
+    }
+    let sent = feed.await.context("the feed task")??;
+    let last_seq = api.last_seq(&args.stream).await?;
+
+    // What each filter should have received: the stream's own contents.
+    let mut expected: HashMap<Option<String>, Vec<u64>> = HashMap::new();
+    for spec in &specs {
+        if !expected.contains_key(&spec.filter) {
+            let seqs = api.seqs(&args.stream, spec.filter.as_deref(), first_seq, last_seq).await?;
+            expected.insert(spec.filter.clone(), seqs);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    for (spec, top) in specs.iter().zip(&highest) {
+        let want = expected[&spec.filter].last().copied().unwrap_or(0);
+        while top.load(Ordering::Acquire) < want && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    stop_tx.send_replace(true);
+    let mut logs = Vec::new();
+    for task in tasks {
+        logs.push(task.await.context("a subscriber task")??);
+    }
+
+    let report = report(&args, &api, engine, &specs, &logs, &expected, &sent, (first_seq, last_seq), restart);
+    drop(node);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_human(&report);
+    }
+    if !report.ok {
+        let bad = report.subscribers.iter().filter(|s| !s.ok).count();
+        bail!(
+            "loss audit failed: {bad} of {} subscribers did not receive their messages exactly once in order",
+            specs.len()
+        );
+    }
+    Ok(())
+}
+
+fn validate(args: &AuditArgs) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    for (name, value) in [
+        ("--subscribers", args.subscribers as u64),
+        ("--messages", args.messages),
+        ("--symbols", args.symbols),
+        ("--rate", args.rate),
+        ("--batch", args.batch),
+    ] {
+        if value == 0 {
+            problems.push(format!("{name} must be at least 1"));
+        }
+    }
+    if args.filters.is_empty() {
+        problems.push("--filters needs at least one entry (`none` = no filter)".to_owned());
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
+    Ok(())
+}
+
+/// The subscribers' transports and filters, in turn.
+fn specs(args: &AuditArgs) -> Vec<SubscriberSpec> {
+    (0..args.subscribers)
+        .map(|id| {
+            let transport = match args.transport {
+                TransportChoice::Sse => Transport::Sse,
+                TransportChoice::Ws => Transport::WebSocket,
+                TransportChoice::Mixed if id % 2 == 0 => Transport::Sse,
+                TransportChoice::Mixed => Transport::WebSocket,
+            };
+            let filter = args.filters[id % args.filters.len()].trim();
+            let filter = (!filter.is_empty() && filter != "none").then(|| filter.to_owned());
+            SubscriberSpec { id, transport, filter }
+        })
+        .collect()
+}
+
+/// One subscriber's task.
+struct Subscriber {
+    spec: SubscriberSpec,
+    endpoint: String,
+    token: Option<String>,
+    stream: String,
+    first_seq: u64,
+    clock: Instant,
+    /// The highest sequence received, for the catch-up wait.
+    highest: Arc<AtomicU64>,
+    inject_gap: bool,
+}
+
+impl Subscriber {
+    fn subscription(&self, start: Start, epoch: Option<u64>) -> anyhow::Result<Subscription> {
+        let mut builder = Subscription::builder([self.endpoint.clone()], self.stream.clone())
+            .start(start)
+            .transport(self.spec.transport)
+            .backoff(finmesh_client::Backoff { initial: Duration::from_millis(50), max: Duration::from_secs(1) });
+        if let Some(filter) = &self.spec.filter {
+            builder = builder.subject(filter.clone());
+        }
+        if let Some(token) = &self.token {
+            builder = builder.token(token.clone());
+        }
+        if let Some(epoch) = epoch {
+            builder = builder.epoch(epoch);
+        }
+        Ok(builder.build()?)
+    }
+
+    async fn run(
+        self,
+        mut reconnect: watch::Receiver<u32>,
+        mut stop: watch::Receiver<bool>,
+        connected: mpsc::Sender<()>,
+    ) -> anyhow::Result<Log> {
+        let mut log = Log::default();
+        let mut sub = self.subscription(Start::From(self.first_seq), None)?;
+        let (mut told, mut dropped) = (false, false);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                changed = reconnect.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    // A new subscription resumes after what the old one handed out.
+                    add(&mut log.stats, sub.stats());
+                    let start = sub.position().map_or(Start::From(self.first_seq), Start::After);
+                    sub = self.subscription(start, sub.epoch())?;
+                    log.forced_reconnects += 1;
+                }
+                event = sub.next() => match event {
+                    Ok(Some(Event::Message(m))) => {
+                        let at = self.clock.elapsed().as_micros() as u64;
+                        self.highest.fetch_max(m.seq, Ordering::AcqRel);
+                        if self.inject_gap && !dropped && log.received.len() == 1 {
+                            dropped = true;
+                            continue;
+                        }
+                        log.received.push((m.seq, at));
+                    }
+                    Ok(Some(Event::Connected { .. })) if !told => {
+                        told = true;
+                        let _ = connected.send(()).await;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => bail!("subscriber {}: the node ended the subscription", self.spec.id),
+                    Err(e) => bail!("subscriber {}: {e}", self.spec.id),
+                }
+            }
+        }
+        add(&mut log.stats, sub.stats());
+        Ok(log)
+    }
+}
+
+fn add(total: &mut Stats, s: Stats) {
+    total.delivered += s.delivered;
+    total.gaps += s.gaps;
+    total.missing += s.missing;
+    total.rewinds += s.rewinds;
+    total.duplicates_dropped += s.duplicates_dropped;
+    total.resets += s.resets;
+    total.connections += s.connections;
+    total.disconnections += s.disconnections;
+    total.failovers += s.failovers;
+}
+
+/// The feed's shape.
+struct FeedPlan {
+    stream: String,
+    messages: u64,
+    symbols: u64,
+    rate: u64,
+    batch: u64,
+}
+
+impl From<&AuditArgs> for FeedPlan {
+    fn from(a: &AuditArgs) -> Self {
+        FeedPlan { stream: a.stream.clone(), messages: a.messages, symbols: a.symbols, rate: a.rate, batch: a.batch }
+    }
+}
+
+/// Publish the feed; returns each stored sequence with the time its batch
+/// was first sent (microseconds on the audit's clock). A failed batch is
+/// sent again with the same message ids until it is acked, so the node's
+/// deduplication keeps a resend from being stored twice.
+async fn feed(
+    api: Api,
+    plan: FeedPlan,
+    clock: Instant,
+    progress: watch::Sender<u64>,
+) -> anyhow::Result<Vec<(u64, u64)>> {
+    let run = fastrand::u64(..);
+    let per_batch = Duration::from_secs_f64(plan.batch as f64 / plan.rate as f64);
+    let mut ticker = tokio::time::interval(per_batch);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent = Vec::with_capacity(plan.messages as usize);
+    let mut next = 0;
+    while next < plan.messages {
+        ticker.tick().await;
+        let end = (next + plan.batch).min(plan.messages);
+        let body: String = (next..end)
+            .map(|i| {
+                let symbol = i % plan.symbols;
+                let price = 100.0 + (i % 97) as f64 / 100.0;
+                let tick = json!({"sym": format!("S{symbol}"), "bid": price, "ask": price + 0.01, "i": i});
+                let line = json!({"subject": format!("md.S{symbol}"), "msg_id": format!("audit-{run:x}-{i}"), "payload": tick});
+                format!("{line}\n")
+            })
+            .collect();
+        let first_send = clock.elapsed().as_micros() as u64;
+        let acks = api.publish(&plan.stream, body).await?;
+        sent.extend(acks.into_iter().map(|seq| (seq, first_send)));
+        next = end;
+        progress.send_replace(next);
+    }
+    Ok(sent)
+}
+
+/// The node's HTTP API, as the audit uses it.
+#[derive(Clone)]
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Api {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    async fn ensure_stream(&self, stream: &str) -> anyhow::Result<()> {
+        let path = format!("/v1/streams/{}", segment(stream));
+        let response = self.request(reqwest::Method::GET, &path).send().await.context("reaching the node")?;
+        match response.status().as_u16() {
+            200 => return Ok(()),
+            404 => {}
+            status => bail!("reading stream {stream}: HTTP {status}: {}", response.text().await.unwrap_or_default()),
+        }
+        let response = self.request(reqwest::Method::PUT, &path).json(&json!({"subjects": ["md.>"]})).send().await?;
+        if !response.status().is_success() {
+            bail!("creating stream {stream}: HTTP {}: {}", response.status().as_u16(), response.text().await?);
+        }
+        Ok(())
+    }
+
+    async fn last_seq(&self, stream: &str) -> anyhow::Result<u64> {
+        let path = format!("/v1/streams/{}", segment(stream));
+        let response = self.request(reqwest::Method::GET, &path).send().await.context("reaching the node")?;
+        if !response.status().is_success() {
+            bail!("reading stream {stream}: HTTP {}", response.status().as_u16());
+        }
+        let info: serde_json::Value = response.json().await?;
+        info["state"]["last_seq"].as_u64().context("the stream info has no state.last_seq")
+    }
+
+    /// Publish one NDJSON batch, retrying (the node may be restarting)
+    /// for up to a minute; returns the acked sequences in order.
+    async fn publish(&self, stream: &str, body: String) -> anyhow::Result<Vec<u64>> {
+        let path = format!("/v1/streams/{}/messages", segment(stream));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let attempt = self
+                .request(reqwest::Method::POST, &path)
+                .header("content-type", "application/x-ndjson")
+                .body(body.clone())
+                .send()
+                .await;
+            let why = match attempt {
+                Ok(r) if r.status().is_success() => {
+                    let acks: serde_json::Value = r.json().await.context("the publish answer")?;
+                    let acks = acks["acks"].as_array().context("the publish answer has no acks")?;
+                    return acks.iter().map(|a| a["seq"].as_u64().context("an ack without seq")).collect();
+                }
+                Ok(r) if r.status().is_server_error() || r.status() == 429 => format!("HTTP {}", r.status().as_u16()),
+                Ok(r) => bail!("publishing: HTTP {}: {}", r.status().as_u16(), r.text().await.unwrap_or_default()),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                bail!("publishing failed for a minute: {why}");
+            }
+            tracing::debug!("publish failed ({why}); sending the batch again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The sequences `first..=last` of `stream` matching `filter`.
+    async fn seqs(&self, stream: &str, filter: Option<&str>, first: u64, last: u64) -> anyhow::Result<Vec<u64>> {
+        let path = format!("/v1/streams/{}/messages", segment(stream));
+        let mut seqs = Vec::new();
+        let mut from = first;
+        while from <= last {
+            let mut query = vec![("from_seq", from.to_string()), ("limit", "10000".to_owned())];
+            if let Some(f) = filter {
+                query.push(("subject", f.to_owned()));
+            }
+            let response = self.request(reqwest::Method::GET, &path).query(&query).send().await?;
+            if !response.status().is_success() {
+                bail!("reading stream {stream}: HTTP {}", response.status().as_u16());
+            }
+            let body = response.text().await?;
+            let mut page_last = None;
+            for line in body.lines().filter(|l| !l.is_empty()) {
+                let envelope: serde_json::Value = serde_json::from_str(line).context("a stored envelope")?;
+                let seq = envelope["seq"].as_u64().context("an envelope without seq")?;
+                page_last = Some(seq);
+                if seq <= last {
+                    seqs.push(seq);
+                }
+            }
+            match page_last {
+                Some(seq) => from = seq + 1,
+                None => break,
+            }
+        }
+        Ok(seqs)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    args: &AuditArgs,
+    api: &Api,
+    engine: &'static str,
+    specs: &[SubscriberSpec],
+    logs: &[Log],
+    expected: &HashMap<Option<String>, Vec<u64>>,
+    sent: &[(u64, u64)],
+    (first_seq, last_seq): (u64, u64),
+    restart: Restart,
+) -> Report {
+    let sent_at: HashMap<u64, u64> = sent.iter().copied().collect();
+    let mut latencies = Vec::new();
+    let mut receipts: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut subscribers = Vec::new();
+    for (spec, log) in specs.iter().zip(logs) {
+        let seqs: Vec<u64> = log.received.iter().map(|(s, _)| *s).collect();
+        let verdict = check::verify(&expected[&spec.filter], &seqs);
+        let mut first_receipt = std::collections::HashSet::new();
+        for &(seq, at) in &log.received {
+            if let Some(send) = sent_at.get(&seq) {
+                latencies.push(at.saturating_sub(*send));
+            }
+            if first_receipt.insert(seq) {
+                receipts.entry(seq).or_default().push(at);
+            }
+        }
+        subscribers.push(SubscriberReport {
+            id: spec.id,
+            transport: match spec.transport {
+                Transport::WebSocket => "ws",
+                _ => "sse",
+            },
+            filter: spec.filter.clone(),
+            ok: verdict.ok(),
+            verdict,
+            gaps_reported: log.stats.gaps,
+            rewinds_reported: log.stats.rewinds,
+            resets_reported: log.stats.resets,
+            connections: log.stats.connections,
+            forced_reconnects: log.forced_reconnects,
+        });
+    }
+    Report {
+        ok: subscribers.iter().all(|s| s.ok),
+        node: NodeReport { url: api.base.clone(), engine },
+        stream: args.stream.clone(),
+        first_seq,
+        last_seq,
+        published: sent.len() as u64,
+        forced_reconnect: !args.no_reconnect,
+        restart,
+        subscribers,
+        latency_us: Percentiles::of(latencies),
+        skew_us: Percentiles::of(check::skews(receipts.into_values())),
+    }
+}
+
+fn print_human(r: &Report) {
+    println!("loss audit of stream {} on {} ({})", r.stream, r.node.url, r.node.engine);
+    println!(
+        "published {} messages (seq {}..={}); forced reconnect: {}; node restart: {}",
+        r.published,
+        r.first_seq,
+        r.last_seq,
+        r.forced_reconnect,
+        serde_json::to_value(r.restart).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    );
+    println!(
+        "{:>3}  {:<4} {:<12} {:>9} {:>9} {:>8} {:>5} {:>8} {:>10} {:>5} {:>6}",
+        "sub", "wire", "filter", "expected", "received", "missing", "dup", "reorder", "unexpected", "gaps", "conns"
+    );
+    for s in &r.subscribers {
+        let v = &s.verdict;
+        println!(
+            "{:>3}  {:<4} {:<12} {:>9} {:>9} {:>8} {:>5} {:>8} {:>10} {:>5} {:>6}{}",
+            s.id,
+            s.transport,
+            s.filter.as_deref().unwrap_or("-"),
+            v.expected,
+            v.received,
+            v.missing,
+            v.duplicates,
+            v.out_of_order,
+            v.unexpected,
+            s.gaps_reported,
+            s.connections,
+            if v.first_missing.is_empty() { String::new() } else { format!("  missing: {:?}", v.first_missing) }
+        );
+    }
+    let (l, k) = (&r.latency_us, &r.skew_us);
+    println!(
+        "delivery latency (publish send -> receive, {} deliveries): p50 {} p99 {} p999 {} max {}",
+        l.count,
+        ms(l.p50),
+        ms(l.p99),
+        ms(l.p999),
+        ms(l.max)
+    );
+    println!(
+        "skew (last - first subscriber, {} messages): p50 {} p99 {} max {}",
+        k.count,
+        ms(k.p50),
+        ms(k.p99),
+        ms(k.max)
+    );
+    println!(
+        "{}",
+        if r.ok { "LOSSLESS: every subscriber got every sequence exactly once, in order" } else { "LOSS DETECTED" }
+    );
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3} ms", us as f64 / 1000.0)
+}
