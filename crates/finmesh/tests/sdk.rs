@@ -312,3 +312,44 @@ async fn embedded_refusals_end_the_subscription_with_their_kind() {
         }
     }
 }
+
+/// `finmesh stream sub --ws --endpoints DEAD,NODE`: the CLI subscribes over
+/// WebSocket through the SDK, skips the endpoint that refuses connections
+/// and prints every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_cli_sub_over_websocket_fails_over_between_endpoints() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = NodeSpec::new(dir.path(), CONFIG, &Engine::Embedded);
+    let node = spec.start("127.0.0.1:0");
+    let (admin, token) = setup(&spec, &node, json!({})).await;
+    publish(&node, &admin, "MD", "md.eu", 1..=5).await;
+    // A port nobody listens on: bound, then released.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let endpoints = format!("http://{dead},{}", node.url(""));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(["stream", "sub", "MD", "--ws", "--from-seq", "1", "--json", "--endpoints", &endpoints])
+        .env("FINMESH_TOKEN", &token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run finmesh stream sub");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seqs = Vec::new();
+    let read = async {
+        while seqs.len() < 5 {
+            let line = lines.next_line().await.expect("read").expect("the subscription goes on");
+            let event: serde_json::Value = serde_json::from_str(&line).expect("JSON lines");
+            assert_eq!(event["event"], "message", "{line}");
+            seqs.push(event["id"].as_str().unwrap().parse::<u64>().unwrap());
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.expect("five messages in time");
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    child.kill().await.unwrap();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).await.unwrap();
+    assert!(stderr.contains(&format!("disconnected from http://{dead}")), "{stderr}");
+    assert!(stderr.contains(&format!("connected to {}", node.url(""))), "{stderr}");
+}
