@@ -57,7 +57,7 @@ pub enum ErrorKind {
     NotFound,
     /// Every attempt failed ([`SubscriptionBuilder::max_failed_attempts`]).
     Unavailable,
-    /// The node sent something that is not finmesh's SSE protocol.
+    /// The node sent something that is not finmesh's SSE or WebSocket protocol.
     Protocol,
 }
 

@@ -227,7 +227,9 @@ impl SubscriptionBuilder {
     }
 
     /// The HTTP client to use (its TLS roots, proxies, timeouts; it must
-    /// not time out whole requests, since a subscription never ends).
+    /// not time out whole requests, since a subscription never ends). For
+    /// [`Transport::WebSocket`] over TLS, build it with `http1_only()`: the
+    /// upgrade needs HTTP/1.1, which ALPN would otherwise not pick.
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http = Some(client);
         self
@@ -240,10 +242,15 @@ impl SubscriptionBuilder {
         }
         let http = match self.http.clone() {
             Some(c) => c,
-            None => reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
+            None => {
+                let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+                match self.transport {
+                    Transport::WebSocket => builder.http1_only(),
+                    Transport::Sse => builder,
+                }
                 .build()
-                .map_err(|e| Error::new(ErrorKind::Invalid, format!("building the HTTP client: {e}")))?,
+                .map_err(|e| Error::new(ErrorKind::Invalid, format!("building the HTTP client: {e}")))?
+            }
         };
         let (position, first) = match self.start {
             Start::New => (None, None),

@@ -13,7 +13,9 @@
 //! `from_seq=N+1`.
 //!
 //! The WebSocket upgrade goes through the same `reqwest` client as SSE
-//! (its TLS roots, proxies and timeouts), over HTTP/1.1.
+//! (its TLS roots, proxies and timeouts), over HTTP/1.1: over TLS that
+//! client must be `http1_only` (ALPN would pick HTTP/2, which has no
+//! upgrade); the SDK's default client for WebSocket is.
 
 use std::time::Duration;
 

@@ -351,14 +351,12 @@ pub async fn stream(client: &Client, command: StreamCommand) -> anyhow::Result<(
             Ok(())
         }
         StreamCommand::Sub { stream, subject, from_seq, failover, endpoints, ws } => {
+            let transport = if ws { finmesh_client::Transport::WebSocket } else { finmesh_client::Transport::Sse };
             let mut builder = if endpoints.is_empty() {
-                client.subscription(&stream, &failover)
+                client.subscription(&stream, &failover, transport)
             } else {
-                client.subscription_to(&endpoints, &stream)
+                client.subscription_to(&endpoints, &stream, transport)
             };
-            if ws {
-                builder = builder.transport(finmesh_client::Transport::WebSocket);
-            }
             if let Some(s) = subject {
                 builder = builder.subject(s);
             }
