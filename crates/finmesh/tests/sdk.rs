@@ -353,3 +353,65 @@ async fn embedded_cli_sub_over_websocket_fails_over_between_endpoints() {
     assert!(stderr.contains(&format!("disconnected from http://{dead}")), "{stderr}");
     assert!(stderr.contains(&format!("connected to {}", node.url(""))), "{stderr}");
 }
+
+/// `finmesh stream sub --ws` against an HTTPS node: ALPN would pick HTTP/2,
+/// which has no WebSocket upgrade, so the CLI must upgrade over HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_cli_sub_over_websocket_on_tls() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(["certs", "dev", "--out"])
+        .arg(&certs)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (cert, key) = (certs.join("cert.pem"), certs.join("key.pem"));
+    let config =
+        format!("{CONFIG}[tls]\ncert = {:?}\nkey = {:?}\n", cert.display().to_string(), key.display().to_string());
+    let spec = NodeSpec::new(dir.path(), &config, &Engine::Embedded);
+    let node = spec.start("127.0.0.1:0");
+    assert!(node.url("").starts_with("https://"), "{}", node.url(""));
+    let admin = spec.admin_token();
+    let token = spec.issue_token("feed-reader", &["stream:subscribe:MD"]);
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+    let https = reqwest::Client::builder().add_root_certificate(ca).build().unwrap();
+    let created = https.put(node.url("/v1/streams/MD")).bearer_auth(&admin).json(&json!({"subjects": ["md.>"]})).send();
+    assert_eq!(created.await.unwrap().status(), 200);
+    let body: String = (1..=3).map(|i| format!("{{\"subject\":\"md.eu\",\"payload\":{{\"i\":{i}}}}}\n")).collect();
+    let published = https
+        .post(node.url("/v1/streams/MD/messages"))
+        .bearer_auth(&admin)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send();
+    assert_eq!(published.await.unwrap().status(), 200);
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(["stream", "sub", "MD", "--ws", "--from-seq", "1", "--json", "--server", &node.url(""), "--ca-cert"])
+        .arg(&cert)
+        .env("FINMESH_TOKEN", &token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run finmesh stream sub");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seqs = Vec::new();
+    let read = async {
+        while seqs.len() < 3 {
+            let line = lines.next_line().await.expect("read").expect("the subscription goes on");
+            let event: serde_json::Value = serde_json::from_str(&line).expect("JSON lines");
+            seqs.push(event["id"].as_str().unwrap().parse::<u64>().unwrap());
+        }
+    };
+    if tokio::time::timeout(WAIT, read).await.is_err() {
+        child.kill().await.unwrap();
+        let mut stderr = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).await.unwrap();
+        panic!("no three messages in time; got {seqs:?}; stderr:\n{stderr}");
+    }
+    assert_eq!(seqs, [1, 2, 3]);
+}
