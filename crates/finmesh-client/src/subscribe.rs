@@ -32,7 +32,10 @@
 //!   [`Subscription::stats`] counts every gap (and the sequences it
 //!   covers), rewind, dropped duplicate and reset ([`Continuity`]);
 //! - **reconnect and failover.** Endpoints are tried in turn. A broken
-//!   connection, a refused one, a 5xx or 429 answer or an `error` event
+//!   connection, a refused one, an attempt without an answer within
+//!   [`open_timeout`](SubscriptionBuilder::open_timeout), a connection
+//!   silent for [`idle_timeout`](SubscriptionBuilder::idle_timeout) (no
+//!   heartbeat), a 5xx or 429 answer or an `error` event
 //!   (engine unavailable) moves to the next endpoint after a jittered
 //!   exponential [`Backoff`] (a 429/503's `Retry-After` is honoured up to
 //!   the backoff's cap); a `reconnect` event (the node drains) moves to the
@@ -162,6 +165,8 @@ pub struct SubscriptionBuilder {
     max_failed_attempts: Option<u32>,
     http: Option<reqwest::Client>,
     transport: Transport,
+    open_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl SubscriptionBuilder {
@@ -179,6 +184,8 @@ impl SubscriptionBuilder {
             max_failed_attempts: None,
             http: None,
             transport: Transport::Sse,
+            open_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(45),
         }
     }
 
@@ -217,6 +224,24 @@ impl SubscriptionBuilder {
     /// Backoff between failed attempts.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
+        self
+    }
+
+    /// How long one attempt may wait for the node's answer (the HTTP
+    /// status, the WebSocket handshake) before it counts as failed and the
+    /// next endpoint is tried. Default 10 s.
+    pub fn open_timeout(mut self, timeout: Duration) -> Self {
+        self.open_timeout = timeout;
+        self
+    }
+
+    /// How long an open connection may stay silent before it counts as
+    /// lost (a node that vanished without closing it: a partition, a
+    /// machine that died). Nodes send a heartbeat when idle
+    /// (`subscriptions.heartbeat_ms`, 15 s), so the default, 45 s, is three
+    /// missed heartbeats.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
         self
     }
 
@@ -398,7 +423,13 @@ impl Subscription {
                 self.connect().await?;
                 continue;
             };
-            match open.conn.read().await? {
+            let idle = self.cfg.idle_timeout;
+            let Ok(read) = tokio::time::timeout(idle, open.conn.read()).await else {
+                let reason = format!("nothing from the node for {idle:?} (not even a heartbeat)");
+                self.lost(reason, Next::OtherBackoff(None));
+                continue;
+            };
+            match read? {
                 Read::Events(events) => {
                     for event in events {
                         self.handle(event)?;
@@ -434,11 +465,17 @@ impl Subscription {
             resume,
             token: self.cfg.token.as_deref(),
         };
-        let (conn, announced) = match transport::open(&self.http, self.cfg.transport, &request).await {
-            Ok(opened) => opened,
-            Err(Refused::Fatal(e)) => return Err(e),
-            Err(Refused::Retry { reason, retry_after }) => {
+        let limit = self.cfg.open_timeout;
+        let opened = tokio::time::timeout(limit, transport::open(&self.http, self.cfg.transport, &request)).await;
+        let (conn, announced) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(Refused::Fatal(e))) => return Err(e),
+            Ok(Err(Refused::Retry { reason, retry_after })) => {
                 return self.failed(endpoint, reason, Next::OtherBackoff(retry_after));
+            }
+            Err(_) => {
+                let reason = format!("no answer within {limit:?}");
+                return self.failed(endpoint, reason, Next::OtherBackoff(None));
             }
         };
         if self.epoch.is_none() {

@@ -197,6 +197,8 @@ impl Conn {
                         Some(f) => format!("the node closed the WebSocket ({} {})", u16::from(f.code), f.reason),
                         None => "the node closed the WebSocket".to_owned(),
                     }),
+                    // A ping proves the connection alive (the idle timeout).
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => Read::Events(Vec::new()),
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => Read::Closed(format!("the connection broke: {e}")),
                     None => Read::Closed("the node closed the stream".to_owned()),
