@@ -36,6 +36,7 @@ fn assert_lossless(out: &Output, r: &Value, engine: &str) {
     assert_eq!(r["node"]["engine"], engine);
     assert_eq!(r["forced_reconnect"], true);
     assert_eq!(r["published"], 600);
+    assert_eq!(r["acked_not_stored"], 0);
     let restarted = r["restart"] != "none";
     let (first, last) = (r["first_seq"].as_u64().unwrap(), r["last_seq"].as_u64().unwrap());
     assert_eq!(last - first + 1, 600, "every batch stored once, resends included");

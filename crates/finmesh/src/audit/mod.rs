@@ -134,6 +134,9 @@ struct Report {
     first_seq: u64,
     last_seq: u64,
     published: u64,
+    /// Acked publishes whose sequence the stream does not hold (lost after
+    /// the ack: retention, a crash). Must be 0.
+    acked_not_stored: u64,
     forced_reconnect: bool,
     restart: Restart,
     subscribers: Vec<SubscriberReport>,
@@ -156,7 +159,9 @@ struct SubscriberReport {
     ok: bool,
     #[serde(flatten)]
     verdict: Verdict,
-    /// Gaps, rewinds and resets the SDK reported to the subscriber.
+    /// Gaps, rewinds and resets the SDK reported to the subscriber (a gap
+    /// fails the subscriber even when the stream no longer holds what it
+    /// covers: it was published and not delivered).
     gaps_reported: u64,
     rewinds_reported: u64,
     resets_reported: u64,
@@ -231,6 +236,8 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
 
     // What each filter should have received: the stream's own contents.
     let mut expected: HashMap<Option<String>, Vec<u64>> = HashMap::new();
+    // Unfiltered too: every acked message must be in the stream.
+    expected.insert(None, api.seqs(&args.stream, None, first_seq, last_seq).await?);
     for spec in &specs {
         if !expected.contains_key(&spec.filter) {
             let seqs = api.seqs(&args.stream, spec.filter.as_deref(), first_seq, last_seq).await?;
@@ -256,6 +263,9 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_human(&report);
+    }
+    if report.acked_not_stored > 0 {
+        bail!("loss audit failed: {} acked messages are not in the stream", report.acked_not_stored);
     }
     if !report.ok {
         let bad = report.subscribers.iter().filter(|s| !s.ok).count();
@@ -589,7 +599,7 @@ fn report(
                 _ => "sse",
             },
             filter: spec.filter.clone(),
-            ok: verdict.ok(),
+            ok: verdict.ok() && log.stats.gaps == 0,
             verdict,
             gaps_reported: log.stats.gaps,
             rewinds_reported: log.stats.rewinds,
@@ -598,8 +608,11 @@ fn report(
             forced_reconnects: log.forced_reconnects,
         });
     }
+    let stored: std::collections::HashSet<u64> = expected[&None].iter().copied().collect();
+    let acked_not_stored = sent.iter().filter(|(seq, _)| !stored.contains(seq)).count() as u64;
     Report {
-        ok: subscribers.iter().all(|s| s.ok),
+        ok: acked_not_stored == 0 && subscribers.iter().all(|s| s.ok),
+        acked_not_stored,
         node: NodeReport { url: api.base.clone(), engine },
         stream: args.stream.clone(),
         first_seq,
@@ -616,10 +629,11 @@ fn report(
 fn print_human(r: &Report) {
     println!("loss audit of stream {} on {} ({})", r.stream, r.node.url, r.node.engine);
     println!(
-        "published {} messages (seq {}..={}); forced reconnect: {}; node restart: {}",
+        "published {} messages (seq {}..={}, {} acked but not stored); forced reconnect: {}; node restart: {}",
         r.published,
         r.first_seq,
         r.last_seq,
+        r.acked_not_stored,
         r.forced_reconnect,
         serde_json::to_value(r.restart).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
     );
