@@ -20,9 +20,15 @@
 //! when any subscriber missed, doubled, reordered or got an unexpected
 //! sequence. `--inject-gap` (hidden) makes subscriber 0 forget one message
 //! it received, to show that the checker catches it.
+//!
+//! Files: this one (the options, the run, the subscribers), [`check`] (the
+//! verdict), `feed` (the HTTP side: stream, feed, read-back), [`node`]
+//! (the child node), `report` (the output).
 
 pub mod check;
+mod feed;
 pub mod node;
+mod report;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,13 +37,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use finmesh_client::{Event, Start, Stats, Subscription, Transport};
-use serde::Serialize;
-use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
-use crate::client::segment;
-use check::{Percentiles, Verdict};
+use feed::{Api, FeedPlan, feed};
 use node::{ChildNode, Restart};
+use report::{print_human, report};
 
 /// `finmesh audit` options.
 #[derive(Debug, clap::Args)]
@@ -122,50 +126,6 @@ struct Log {
     /// The SDK's counters, summed over its subscriptions.
     stats: Stats,
     /// Subscriptions replaced by a forced reconnect.
-    forced_reconnects: u64,
-}
-
-/// The whole report (`--json` prints it as is).
-#[derive(Debug, Serialize)]
-struct Report {
-    ok: bool,
-    node: NodeReport,
-    stream: String,
-    first_seq: u64,
-    last_seq: u64,
-    published: u64,
-    /// Acked publishes whose sequence the stream does not hold (lost after
-    /// the ack: retention, a crash). Must be 0.
-    acked_not_stored: u64,
-    forced_reconnect: bool,
-    restart: Restart,
-    subscribers: Vec<SubscriberReport>,
-    latency_us: Percentiles,
-    skew_us: Percentiles,
-}
-
-#[derive(Debug, Serialize)]
-struct NodeReport {
-    url: String,
-    /// `embedded` or `nats` (started by the audit), `target` (--server).
-    engine: &'static str,
-}
-
-#[derive(Debug, Serialize)]
-struct SubscriberReport {
-    id: usize,
-    transport: &'static str,
-    filter: Option<String>,
-    ok: bool,
-    #[serde(flatten)]
-    verdict: Verdict,
-    /// Gaps, rewinds and resets the SDK reported to the subscriber (a gap
-    /// fails the subscriber even when the stream no longer holds what it
-    /// covers: it was published and not delivered).
-    gaps_reported: u64,
-    rewinds_reported: u64,
-    resets_reported: u64,
-    connections: u64,
     forced_reconnects: u64,
 }
 
@@ -405,282 +365,4 @@ fn add(total: &mut Stats, s: Stats) {
     total.connections += s.connections;
     total.disconnections += s.disconnections;
     total.failovers += s.failovers;
-}
-
-/// The feed's shape.
-struct FeedPlan {
-    stream: String,
-    messages: u64,
-    symbols: u64,
-    rate: u64,
-    batch: u64,
-}
-
-impl From<&AuditArgs> for FeedPlan {
-    fn from(a: &AuditArgs) -> Self {
-        FeedPlan { stream: a.stream.clone(), messages: a.messages, symbols: a.symbols, rate: a.rate, batch: a.batch }
-    }
-}
-
-/// Publish the feed; returns each stored sequence with the time its batch
-/// was first sent (microseconds on the audit's clock). A failed batch is
-/// sent again with the same message ids until it is acked, so the node's
-/// deduplication keeps a resend from being stored twice.
-async fn feed(
-    api: Api,
-    plan: FeedPlan,
-    clock: Instant,
-    progress: watch::Sender<u64>,
-) -> anyhow::Result<Vec<(u64, u64)>> {
-    let run = fastrand::u64(..);
-    let per_batch = Duration::from_secs_f64(plan.batch as f64 / plan.rate as f64);
-    let mut ticker = tokio::time::interval(per_batch);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sent = Vec::with_capacity(plan.messages as usize);
-    let mut next = 0;
-    while next < plan.messages {
-        ticker.tick().await;
-        let end = (next + plan.batch).min(plan.messages);
-        let body: String = (next..end)
-            .map(|i| {
-                let symbol = i % plan.symbols;
-                let price = 100.0 + (i % 97) as f64 / 100.0;
-                let tick = json!({"sym": format!("S{symbol}"), "bid": price, "ask": price + 0.01, "i": i});
-                let line = json!({"subject": format!("md.S{symbol}"), "msg_id": format!("audit-{run:x}-{i}"), "payload": tick});
-                format!("{line}\n")
-            })
-            .collect();
-        let first_send = clock.elapsed().as_micros() as u64;
-        let acks = api.publish(&plan.stream, body).await?;
-        sent.extend(acks.into_iter().map(|seq| (seq, first_send)));
-        next = end;
-        progress.send_replace(next);
-    }
-    Ok(sent)
-}
-
-/// The node's HTTP API, as the audit uses it.
-#[derive(Clone)]
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    token: Option<String>,
-}
-
-impl Api {
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let request = self.http.request(method, format!("{}{path}", self.base));
-        match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        }
-    }
-
-    async fn ensure_stream(&self, stream: &str) -> anyhow::Result<()> {
-        let path = format!("/v1/streams/{}", segment(stream));
-        let response = self.request(reqwest::Method::GET, &path).send().await.context("reaching the node")?;
-        match response.status().as_u16() {
-            200 => return Ok(()),
-            404 => {}
-            status => bail!("reading stream {stream}: HTTP {status}: {}", response.text().await.unwrap_or_default()),
-        }
-        let response = self.request(reqwest::Method::PUT, &path).json(&json!({"subjects": ["md.>"]})).send().await?;
-        if !response.status().is_success() {
-            bail!("creating stream {stream}: HTTP {}: {}", response.status().as_u16(), response.text().await?);
-        }
-        Ok(())
-    }
-
-    async fn last_seq(&self, stream: &str) -> anyhow::Result<u64> {
-        let path = format!("/v1/streams/{}", segment(stream));
-        let response = self.request(reqwest::Method::GET, &path).send().await.context("reaching the node")?;
-        if !response.status().is_success() {
-            bail!("reading stream {stream}: HTTP {}", response.status().as_u16());
-        }
-        let info: serde_json::Value = response.json().await?;
-        info["state"]["last_seq"].as_u64().context("the stream info has no state.last_seq")
-    }
-
-    /// Publish one NDJSON batch, retrying (the node may be restarting)
-    /// for up to a minute; returns the acked sequences in order.
-    async fn publish(&self, stream: &str, body: String) -> anyhow::Result<Vec<u64>> {
-        let path = format!("/v1/streams/{}/messages", segment(stream));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let attempt = self
-                .request(reqwest::Method::POST, &path)
-                .header("content-type", "application/x-ndjson")
-                .body(body.clone())
-                .send()
-                .await;
-            let why = match attempt {
-                Ok(r) if r.status().is_success() => {
-                    let acks: serde_json::Value = r.json().await.context("the publish answer")?;
-                    let acks = acks["acks"].as_array().context("the publish answer has no acks")?;
-                    return acks.iter().map(|a| a["seq"].as_u64().context("an ack without seq")).collect();
-                }
-                Ok(r) if r.status().is_server_error() || r.status() == 429 => format!("HTTP {}", r.status().as_u16()),
-                Ok(r) => bail!("publishing: HTTP {}: {}", r.status().as_u16(), r.text().await.unwrap_or_default()),
-                Err(e) => e.to_string(),
-            };
-            if Instant::now() > deadline {
-                bail!("publishing failed for a minute: {why}");
-            }
-            tracing::debug!("publish failed ({why}); sending the batch again");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// The sequences `first..=last` of `stream` matching `filter`.
-    async fn seqs(&self, stream: &str, filter: Option<&str>, first: u64, last: u64) -> anyhow::Result<Vec<u64>> {
-        let path = format!("/v1/streams/{}/messages", segment(stream));
-        let mut seqs = Vec::new();
-        let mut from = first;
-        while from <= last {
-            let mut query = vec![("from_seq", from.to_string()), ("limit", "10000".to_owned())];
-            if let Some(f) = filter {
-                query.push(("subject", f.to_owned()));
-            }
-            let response = self.request(reqwest::Method::GET, &path).query(&query).send().await?;
-            if !response.status().is_success() {
-                bail!("reading stream {stream}: HTTP {}", response.status().as_u16());
-            }
-            let body = response.text().await?;
-            let mut page_last = None;
-            for line in body.lines().filter(|l| !l.is_empty()) {
-                let envelope: serde_json::Value = serde_json::from_str(line).context("a stored envelope")?;
-                let seq = envelope["seq"].as_u64().context("an envelope without seq")?;
-                page_last = Some(seq);
-                if seq <= last {
-                    seqs.push(seq);
-                }
-            }
-            match page_last {
-                Some(seq) => from = seq + 1,
-                None => break,
-            }
-        }
-        Ok(seqs)
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn report(
-    args: &AuditArgs,
-    api: &Api,
-    engine: &'static str,
-    specs: &[SubscriberSpec],
-    logs: &[Log],
-    expected: &HashMap<Option<String>, Vec<u64>>,
-    sent: &[(u64, u64)],
-    (first_seq, last_seq): (u64, u64),
-    restart: Restart,
-) -> Report {
-    let sent_at: HashMap<u64, u64> = sent.iter().copied().collect();
-    let mut latencies = Vec::new();
-    let mut receipts: HashMap<u64, Vec<u64>> = HashMap::new();
-    let mut subscribers = Vec::new();
-    for (spec, log) in specs.iter().zip(logs) {
-        let seqs: Vec<u64> = log.received.iter().map(|(s, _)| *s).collect();
-        let verdict = check::verify(&expected[&spec.filter], &seqs);
-        let mut first_receipt = std::collections::HashSet::new();
-        for &(seq, at) in &log.received {
-            if let Some(send) = sent_at.get(&seq) {
-                latencies.push(at.saturating_sub(*send));
-            }
-            if first_receipt.insert(seq) {
-                receipts.entry(seq).or_default().push(at);
-            }
-        }
-        subscribers.push(SubscriberReport {
-            id: spec.id,
-            transport: match spec.transport {
-                Transport::WebSocket => "ws",
-                _ => "sse",
-            },
-            filter: spec.filter.clone(),
-            ok: verdict.ok() && log.stats.gaps == 0,
-            verdict,
-            gaps_reported: log.stats.gaps,
-            rewinds_reported: log.stats.rewinds,
-            resets_reported: log.stats.resets,
-            connections: log.stats.connections,
-            forced_reconnects: log.forced_reconnects,
-        });
-    }
-    let stored: std::collections::HashSet<u64> = expected[&None].iter().copied().collect();
-    let acked_not_stored = sent.iter().filter(|(seq, _)| !stored.contains(seq)).count() as u64;
-    Report {
-        ok: acked_not_stored == 0 && subscribers.iter().all(|s| s.ok),
-        acked_not_stored,
-        node: NodeReport { url: api.base.clone(), engine },
-        stream: args.stream.clone(),
-        first_seq,
-        last_seq,
-        published: sent.len() as u64,
-        forced_reconnect: !args.no_reconnect,
-        restart,
-        subscribers,
-        latency_us: Percentiles::of(latencies),
-        skew_us: Percentiles::of(check::skews(receipts.into_values())),
-    }
-}
-
-fn print_human(r: &Report) {
-    println!("loss audit of stream {} on {} ({})", r.stream, r.node.url, r.node.engine);
-    println!(
-        "published {} messages (seq {}..={}, {} acked but not stored); forced reconnect: {}; node restart: {}",
-        r.published,
-        r.first_seq,
-        r.last_seq,
-        r.acked_not_stored,
-        r.forced_reconnect,
-        serde_json::to_value(r.restart).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
-    );
-    println!(
-        "{:>3}  {:<4} {:<12} {:>9} {:>9} {:>8} {:>5} {:>8} {:>10} {:>5} {:>6}",
-        "sub", "wire", "filter", "expected", "received", "missing", "dup", "reorder", "unexpected", "gaps", "conns"
-    );
-    for s in &r.subscribers {
-        let v = &s.verdict;
-        println!(
-            "{:>3}  {:<4} {:<12} {:>9} {:>9} {:>8} {:>5} {:>8} {:>10} {:>5} {:>6}{}",
-            s.id,
-            s.transport,
-            s.filter.as_deref().unwrap_or("-"),
-            v.expected,
-            v.received,
-            v.missing,
-            v.duplicates,
-            v.out_of_order,
-            v.unexpected,
-            s.gaps_reported,
-            s.connections,
-            if v.first_missing.is_empty() { String::new() } else { format!("  missing: {:?}", v.first_missing) }
-        );
-    }
-    let (l, k) = (&r.latency_us, &r.skew_us);
-    println!(
-        "delivery latency (publish send -> receive, {} deliveries): p50 {} p99 {} p999 {} max {}",
-        l.count,
-        ms(l.p50),
-        ms(l.p99),
-        ms(l.p999),
-        ms(l.max)
-    );
-    println!(
-        "skew (last - first subscriber, {} messages): p50 {} p99 {} max {}",
-        k.count,
-        ms(k.p50),
-        ms(k.p99),
-        ms(k.max)
-    );
-    println!(
-        "{}",
-        if r.ok { "LOSSLESS: every subscriber got every sequence exactly once, in order" } else { "LOSS DETECTED" }
-    );
-}
-
-fn ms(us: u64) -> String {
-    format!("{:.3} ms", us as f64 / 1000.0)
 }
