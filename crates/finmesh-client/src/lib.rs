@@ -1,11 +1,13 @@
 //! finmesh-client: the Rust SDK for finmesh subscribers.
 //!
 //! [`Subscription`] follows a stream over Server-Sent Events
-//! (`GET /v1/streams/{stream}/events`) across failures: it reconnects with a
+//! (`GET /v1/streams/{stream}/events`) or WebSocket
+//! (`GET /v1/streams/{stream}/ws`, [`Transport`]) across failures: it
+//! reconnects with a
 //! jittered exponential [`Backoff`], resumes after the last sequence it
 //! handed to the application (`Last-Event-ID`), fails over between a list
 //! of endpoints, and reports every break in continuity (`gap`, `reset`, a
-//! rewind) as an [`Event`] instead of hiding it.
+//! rewind) as an [`Event`] and in its [`Stats`] instead of hiding it.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), finmesh_client::Error> {
@@ -26,14 +28,20 @@
 //! ```
 //!
 //! Read in this order: [`subscribe`] (the guarantees and the reconnection
-//! rules), [`backoff`], [`sse`] (the wire parser, shared with the CLI).
+//! rules), [`continuity`] (the sequence checks), [`transport`] (SSE and
+//! WebSocket on the wire), [`backoff`], [`sse`] (the wire parser, shared
+//! with the CLI).
 
 pub mod backoff;
+pub mod continuity;
 pub mod sse;
 pub mod subscribe;
+pub mod transport;
 
 pub use backoff::Backoff;
+pub use continuity::{Continuity, Stats};
 pub use subscribe::{Event, Message, Start, Subscription, SubscriptionBuilder};
+pub use transport::Transport;
 
 /// What went wrong, as a small comparable kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +57,7 @@ pub enum ErrorKind {
     NotFound,
     /// Every attempt failed ([`SubscriptionBuilder::max_failed_attempts`]).
     Unavailable,
-    /// The node sent something that is not finmesh's SSE protocol.
+    /// The node sent something that is not finmesh's SSE or WebSocket protocol.
     Protocol,
 }
 

@@ -1,18 +1,24 @@
-//! A resumable SSE subscription to a stream
-//! (`GET /v1/streams/{stream}/events`, docs/api.md): [`Subscription`],
-//! built with [`SubscriptionBuilder`], read with [`Subscription::next`].
+//! A resumable subscription to a stream over Server-Sent Events
+//! (`GET /v1/streams/{stream}/events`) or WebSocket
+//! (`GET /v1/streams/{stream}/ws`, [`Transport`]; docs/api.md):
+//! [`Subscription`], built with [`SubscriptionBuilder`], read with
+//! [`Subscription::next`]. Both transports give the same events and the
+//! same guarantees ([`transport`](crate::transport) maps their wires).
 //!
 //! What it guarantees, and how:
 //! - **resume without loss or duplicate.** The subscription's
 //!   [`position`](Subscription::position) is the last sequence it handed to
 //!   the application (or skipped past for a `gap`, a `reset` or a
-//!   heartbeat that carries the head sequence). Every reconnection sends it
-//!   as `Last-Event-ID`, so the node sends from the next sequence on. A
-//!   message handed out by [`next`](Subscription::next) counts as processed
-//!   (processed-on-delivery): a reconnection can only happen inside `next`,
-//!   so the message the application holds was always handled first. Across
-//!   restarts of the application, persist `position()` after handling and
-//!   start again with [`Start::After`];
+//!   heartbeat that carries the head sequence). Every reconnection resumes
+//!   after it (SSE `Last-Event-ID`, WebSocket `from_seq`), so the node
+//!   sends from the next sequence on. A message counts as processed once
+//!   [`next`](Subscription::next) handed it out: a reconnection can only
+//!   happen inside `next`, when every received message was handed out and
+//!   the one the application held was handled. Messages received and still
+//!   queued inside the subscription do not move the position, so
+//!   `position()` never runs ahead of the application. Across restarts of
+//!   the application, persist `position()` after handling and start again
+//!   with [`Start::After`];
 //! - **continuity checks.** A `gap` event (history the node no longer has)
 //!   is reported as [`Event::Gap`]; a `reset` (the stream's epoch changed:
 //!   it was recreated or lost writes, so sequences past `last_seq` are void)
@@ -22,13 +28,19 @@
 //!   sequences of a stream are consecutive, so a jump the node did not
 //!   announce is reported as a `Gap` with `announced: false`. The stream's
 //!   epoch (`Finmesh-Stream-Epoch`) is sent back as `epoch=` on every
-//!   reconnection, so a changed stream is noticed even on another node;
+//!   reconnection, so a changed stream is noticed even on another node.
+//!   [`Subscription::stats`] counts every gap (and the sequences it
+//!   covers), rewind, dropped duplicate and reset ([`Continuity`]);
 //! - **reconnect and failover.** Endpoints are tried in turn. A broken
-//!   connection, a refused one, a 5xx or 429 answer or an `error` event
+//!   connection, a refused one, an attempt without an answer within
+//!   [`open_timeout`](SubscriptionBuilder::open_timeout), a connection
+//!   silent for [`idle_timeout`](SubscriptionBuilder::idle_timeout) (no
+//!   heartbeat), a 5xx or 429 answer or an `error` event
 //!   (engine unavailable) moves to the next endpoint after a jittered
 //!   exponential [`Backoff`] (a 429/503's `Retry-After` is honoured up to
 //!   the backoff's cap); a `reconnect` event (the node drains) moves to the
-//!   next endpoint after the node's `retry:` hint; `lagged` or an `error`
+//!   next endpoint after the node's hint (SSE `retry:`, WebSocket
+//!   `retry_ms`); `lagged` or an `error`
 //!   with reason `slow_consumer` (the application read too slowly) comes
 //!   back to the same endpoint at once. Every attempt that fails and every
 //!   lost connection is reported as [`Event::Disconnected`], every
@@ -46,18 +58,13 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures::StreamExt;
-use futures::stream::BoxStream;
-use reqwest::StatusCode;
-use reqwest::header::{HeaderMap, RETRY_AFTER};
-
 use crate::backoff::Backoff;
-use crate::sse::{SseEvent, SseParser};
+use crate::continuity::{Check, Continuity, Stats};
+use crate::sse::SseEvent;
+use crate::transport::{self, Conn, Read, Refused, Request, Resume, Transport};
 use crate::{Error, ErrorKind};
 
-/// The header that carries the stream's epoch.
-pub const EPOCH_HEADER: &str = "finmesh-stream-epoch";
+pub use crate::transport::EPOCH_HEADER;
 
 /// Where a subscription starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -157,6 +164,9 @@ pub struct SubscriptionBuilder {
     backoff: Backoff,
     max_failed_attempts: Option<u32>,
     http: Option<reqwest::Client>,
+    transport: Transport,
+    open_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl SubscriptionBuilder {
@@ -173,6 +183,9 @@ impl SubscriptionBuilder {
             backoff: Backoff::default(),
             max_failed_attempts: None,
             http: None,
+            transport: Transport::Sse,
+            open_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(45),
         }
     }
 
@@ -201,9 +214,34 @@ impl SubscriptionBuilder {
         self
     }
 
+    /// The wire: Server-Sent Events (the default) or WebSocket; the same
+    /// events and guarantees either way.
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
     /// Backoff between failed attempts.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
+        self
+    }
+
+    /// How long one attempt may wait for the node's answer (the HTTP
+    /// status, the WebSocket handshake) before it counts as failed and the
+    /// next endpoint is tried. Default 10 s.
+    pub fn open_timeout(mut self, timeout: Duration) -> Self {
+        self.open_timeout = timeout;
+        self
+    }
+
+    /// How long an open connection may stay silent before it counts as
+    /// lost (a node that vanished without closing it: a partition, a
+    /// machine that died). Nodes send a heartbeat when idle
+    /// (`subscriptions.heartbeat_ms`, 15 s), so the default, 45 s, is three
+    /// missed heartbeats.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
         self
     }
 
@@ -214,7 +252,9 @@ impl SubscriptionBuilder {
     }
 
     /// The HTTP client to use (its TLS roots, proxies, timeouts; it must
-    /// not time out whole requests, since a subscription never ends).
+    /// not time out whole requests, since a subscription never ends). For
+    /// [`Transport::WebSocket`] over TLS, build it with `http1_only()`: the
+    /// upgrade needs HTTP/1.1, which ALPN would otherwise not pick.
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http = Some(client);
         self
@@ -227,10 +267,15 @@ impl SubscriptionBuilder {
         }
         let http = match self.http.clone() {
             Some(c) => c,
-            None => reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
+            None => {
+                let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+                match self.transport {
+                    Transport::WebSocket => builder.http1_only(),
+                    Transport::Sse => builder,
+                }
                 .build()
-                .map_err(|e| Error::new(ErrorKind::Invalid, format!("building the HTTP client: {e}")))?,
+                .map_err(|e| Error::new(ErrorKind::Invalid, format!("building the HTTP client: {e}")))?
+            }
         };
         let (position, first) = match self.start {
             Start::New => (None, None),
@@ -239,6 +284,7 @@ impl SubscriptionBuilder {
         };
         Ok(Subscription {
             epoch: self.epoch,
+            continuity: Continuity::new(position, self.subject.is_none()),
             cfg: self,
             http,
             position,
@@ -254,19 +300,31 @@ impl SubscriptionBuilder {
 }
 
 /// One open connection.
-struct Conn {
+struct Open {
     endpoint: String,
-    body: BoxStream<'static, reqwest::Result<Bytes>>,
-    parser: SseParser,
+    conn: Conn,
+    /// Whether this connection already reported a rewind.
     rewound: bool,
+}
+
+/// An event waiting for the application, and the position it moves the
+/// subscription to when handed out (`event` `None`: a heartbeat's move only).
+struct Pending {
+    event: Option<Event>,
+    position: Option<u64>,
 }
 
 /// See the [module documentation](self).
 pub struct Subscription {
     cfg: SubscriptionBuilder,
     http: reqwest::Client,
-    /// The last sequence handed out or skipped; `Last-Event-ID` on reconnection.
+    /// The last sequence handed to the application (or skipped past with a
+    /// `Gap`, `Reset` or heartbeat it was handed): what [`position`](Self::position) tells.
     position: Option<u64>,
+    /// What came from the wire: the received position (ahead of `position`
+    /// by what is queued) and the counters. Reconnections resume after its
+    /// position, which equals `position` then, since they wait for an empty queue.
+    continuity: Continuity,
     /// `from_seq` of the first connection ([`Start::From`]), until a position is known.
     first: Option<u64>,
     epoch: Option<u64>,
@@ -276,9 +334,9 @@ pub struct Subscription {
     failures: u32,
     /// Wait before the next attempt.
     wait: Option<Duration>,
-    conn: Option<Conn>,
+    conn: Option<Open>,
     /// Events ready for the application.
-    queue: VecDeque<Event>,
+    queue: VecDeque<Pending>,
     finished: bool,
 }
 
@@ -286,6 +344,7 @@ impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Subscription")
             .field("stream", &self.cfg.stream)
+            .field("transport", &self.cfg.transport)
             .field("position", &self.position)
             .field("epoch", &self.epoch)
             .field("endpoint", &self.cfg.endpoints[self.current])
@@ -312,8 +371,10 @@ impl Subscription {
         SubscriptionBuilder::new(endpoints, stream)
     }
 
-    /// The last sequence handed out (or skipped past): persist it after
-    /// handling a message to resume with [`Start::After`].
+    /// The last sequence handed to the application by [`next`](Self::next)
+    /// (or skipped past): persist it after handling a message to resume
+    /// with [`Start::After`]. Messages received but not yet handed out do
+    /// not count.
     pub fn position(&self) -> Option<u64> {
         self.position
     }
@@ -323,97 +384,108 @@ impl Subscription {
         self.epoch
     }
 
+    /// The counters: messages delivered, gaps, rewinds, duplicates
+    /// dropped, resets, connections, failovers.
+    pub fn stats(&self) -> Stats {
+        self.continuity.stats()
+    }
+
+    /// The endpoint in use (or tried next).
+    pub fn endpoint(&self) -> &str {
+        &self.cfg.endpoints[self.current]
+    }
+
     /// The next event; `Ok(None)` when the node ended the stream (`end`).
     /// Reconnects as needed (see the [module documentation](self)).
     pub async fn next(&mut self) -> Result<Option<Event>, Error> {
         loop {
-            if let Some(event) = self.queue.pop_front() {
-                return Ok(Some(event));
+            if let Some(pending) = self.queue.pop_front() {
+                if let Some(p) = pending.position {
+                    self.position = Some(p);
+                }
+                match pending.event {
+                    Some(event) => {
+                        if matches!(event, Event::Message(_)) {
+                            self.continuity.stats_mut().delivered += 1;
+                        }
+                        return Ok(Some(event));
+                    }
+                    None => continue,
+                }
             }
             if self.finished {
                 return Ok(None);
             }
-            let Some(conn) = self.conn.as_mut() else {
+            let Some(open) = self.conn.as_mut() else {
                 if let Some(wait) = self.wait.take() {
                     tokio::time::sleep(wait).await;
                 }
                 self.connect().await?;
                 continue;
             };
-            match conn.body.next().await {
-                Some(Ok(chunk)) => {
-                    for event in conn.parser.feed(&chunk) {
+            let idle = self.cfg.idle_timeout;
+            let Ok(read) = tokio::time::timeout(idle, open.conn.read()).await else {
+                let reason = format!("nothing from the node for {idle:?} (not even a heartbeat)");
+                self.lost(reason, Next::OtherBackoff(None));
+                continue;
+            };
+            match read? {
+                Read::Events(events) => {
+                    for event in events {
                         self.handle(event)?;
                         if self.conn.is_none() {
                             break;
                         }
                     }
                 }
-                Some(Err(e)) => self.lost(format!("the connection broke: {e}"), Next::OtherBackoff(None)),
-                None => self.lost("the node closed the stream".to_owned(), Next::OtherBackoff(None)),
+                Read::Closed(reason) => self.lost(reason, Next::OtherBackoff(None)),
             }
         }
+    }
+
+    fn push(&mut self, event: Option<Event>, position: Option<u64>) {
+        self.queue.push_back(Pending { event, position });
     }
 
     /// One connection attempt: on success `conn` is set and `Connected`
     /// queued; on a retryable failure `Disconnected` is queued and `wait` set.
     async fn connect(&mut self) -> Result<(), Error> {
+        debug_assert!(self.queue.is_empty() && self.position == self.continuity.position());
         let endpoint = self.cfg.endpoints[self.current].clone();
-        let url = format!("{endpoint}/v1/streams/{}/events", encode(&self.cfg.stream));
-        let mut query: Vec<(&str, String)> = Vec::new();
-        if let Some(subject) = &self.cfg.subject {
-            query.push(("subject", subject.clone()));
-        }
-        if let Some(epoch) = self.epoch.filter(|e| *e != 0) {
-            query.push(("epoch", epoch.to_string()));
-        }
-        let mut request = self.http.get(url).header("accept", "text/event-stream");
-        match (self.position, self.first) {
-            (Some(seq), _) => request = request.header("last-event-id", seq.to_string()),
-            (None, Some(first)) => query.push(("from_seq", first.to_string())),
-            (None, None) => {}
-        }
-        request = request.query(&query);
-        if let Some(token) = &self.cfg.token {
-            request = request.bearer_auth(token);
-        }
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => return self.failed(endpoint, format!("cannot connect: {e}"), Next::OtherBackoff(None)),
+        let resume = match (self.continuity.position(), self.first) {
+            (Some(seq), _) => Resume::After(seq),
+            (None, Some(first)) => Resume::From(first),
+            (None, None) => Resume::New,
         };
-        let status = response.status();
-        if !status.is_success() {
-            let retry_after = retry_after(response.headers());
-            let detail = problem_detail(response).await;
-            let message = format!("{endpoint}: HTTP {}: {detail}", status.as_u16());
-            let kind = match status {
-                StatusCode::BAD_REQUEST => Some(ErrorKind::Invalid),
-                StatusCode::UNAUTHORIZED => Some(ErrorKind::Unauthorized),
-                StatusCode::FORBIDDEN => Some(ErrorKind::Forbidden),
-                StatusCode::NOT_FOUND => Some(ErrorKind::NotFound),
-                _ => None,
-            };
-            if let Some(kind) = kind {
-                return Err(Error::new(kind, message));
+        let request = Request {
+            endpoint: &endpoint,
+            stream: &self.cfg.stream,
+            subject: self.cfg.subject.as_deref(),
+            epoch: self.epoch,
+            resume,
+            token: self.cfg.token.as_deref(),
+        };
+        let limit = self.cfg.open_timeout;
+        let opened = tokio::time::timeout(limit, transport::open(&self.http, self.cfg.transport, &request)).await;
+        let (conn, announced) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(Refused::Fatal(e))) => return Err(e),
+            Ok(Err(Refused::Retry { reason, retry_after })) => {
+                return self.failed(endpoint, reason, Next::OtherBackoff(retry_after));
             }
-            return self.failed(endpoint, message, Next::OtherBackoff(retry_after));
-        }
-        let announced = response.headers().get(EPOCH_HEADER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            Err(_) => {
+                let reason = format!("no answer within {limit:?}");
+                return self.failed(endpoint, reason, Next::OtherBackoff(None));
+            }
+        };
         if self.epoch.is_none() {
             self.epoch = announced.filter(|e| *e != 0);
         }
-        tracing::debug!(%endpoint, position = ?self.position, "subscription connected");
-        self.queue.push_back(Event::Connected {
-            endpoint: endpoint.clone(),
-            epoch: announced,
-            resume_after: self.position,
-        });
-        self.conn = Some(Conn {
-            endpoint,
-            body: response.bytes_stream().boxed(),
-            parser: SseParser::default(),
-            rewound: false,
-        });
+        tracing::debug!(%endpoint, position = ?self.position, transport = ?self.cfg.transport, "subscription connected");
+        self.continuity.stats_mut().connections += 1;
+        let connected = Event::Connected { endpoint: endpoint.clone(), epoch: announced, resume_after: self.position };
+        self.push(Some(connected), None);
+        self.conn = Some(Open { endpoint, conn, rewound: false });
         Ok(())
     }
 
@@ -431,8 +503,8 @@ impl Subscription {
 
     /// An open connection ended.
     fn lost(&mut self, reason: String, next: Next) {
-        if let Some(conn) = self.conn.take() {
-            self.schedule(conn.endpoint, reason, next);
+        if let Some(open) = self.conn.take() {
+            self.schedule(open.endpoint, reason, next);
         }
     }
 
@@ -446,15 +518,18 @@ impl Subscription {
                 retry_after.map_or(step, |r| r.min(backoff.max).max(step))
             }
         };
-        if !matches!(next, Next::SameNow) {
+        let stats = self.continuity.stats_mut();
+        stats.disconnections += 1;
+        if !matches!(next, Next::SameNow) && self.cfg.endpoints.len() > 1 {
             self.current = (self.current + 1) % self.cfg.endpoints.len();
+            stats.failovers += 1;
         }
         tracing::debug!(%endpoint, %reason, ?retry_in, "subscription disconnected");
         self.wait = Some(retry_in);
-        self.queue.push_back(Event::Disconnected { endpoint, reason, retry_in });
+        self.push(Some(Event::Disconnected { endpoint, reason, retry_in }), None);
     }
 
-    /// Apply one SSE event of the open connection.
+    /// Apply one event of the open connection.
     fn handle(&mut self, ev: SseEvent) -> Result<(), Error> {
         // Anything the node sends proves the connection works.
         self.failures = 0;
@@ -463,45 +538,52 @@ impl Subscription {
             "message" if !ev.has_data => {
                 // A heartbeat carrying the head: nothing up to it matches.
                 if let Some(head) = id {
-                    self.position = Some(self.position.map_or(head, |p| p.max(head)));
+                    self.continuity.skip_to(head);
+                    let position = self.continuity.position();
+                    self.push(None, position);
                 }
             }
             "message" => {
                 let seq = id.ok_or_else(|| Error::new(ErrorKind::Protocol, "a message without a numeric id"))?;
-                if let Some(p) = self.position {
-                    if seq <= p {
-                        let conn = self.conn.as_mut().expect("events come from a connection");
-                        if !std::mem::replace(&mut conn.rewound, true) {
-                            self.queue.push_back(Event::Rewind { expected: p + 1, got: seq });
+                match self.continuity.check(seq) {
+                    Check::Next => {}
+                    Check::Gap { from, to } => {
+                        let gap = Event::Gap { from, to, epoch: self.epoch, announced: false };
+                        self.push(Some(gap), Some(to));
+                    }
+                    Check::Duplicate | Check::Rewind { .. } => {
+                        let open = self.conn.as_mut().expect("events come from a connection");
+                        if !std::mem::replace(&mut open.rewound, true) {
+                            self.continuity.note_rewind();
+                            let expected = self.continuity.position().map_or(seq, |p| p + 1);
+                            self.push(Some(Event::Rewind { expected, got: seq }), None);
                         }
                         return Ok(());
                     }
-                    if self.cfg.subject.is_none() && seq > p + 1 {
-                        let (from, to, epoch) = (p + 1, seq - 1, self.epoch);
-                        self.queue.push_back(Event::Gap { from, to, epoch, announced: false });
-                    }
                 }
-                self.position = Some(seq);
-                self.queue.push_back(Event::Message(Message { seq, envelope: ev.data }));
+                self.push(Some(Event::Message(Message { seq, envelope: ev.data })), Some(seq));
             }
             "gap" => {
                 let v = json(&ev.data)?;
                 let (from, to) = (v["from"].as_u64().unwrap_or(0), v["to"].as_u64().or(id).unwrap_or(0));
                 let epoch = v["epoch"].as_u64().filter(|e| *e != 0);
-                self.position = Some(self.position.map_or(to, |p| p.max(to)));
-                self.queue.push_back(Event::Gap { from, to, epoch, announced: true });
+                if self.continuity.announced_gap(from, to) {
+                    let position = self.continuity.position();
+                    self.push(Some(Event::Gap { from, to, epoch, announced: true }), position);
+                }
             }
             "reset" => {
                 let v = json(&ev.data)?;
                 let epoch = v["epoch"].as_u64().unwrap_or(0);
                 let last_seq = v["last_seq"].as_u64().or(id).unwrap_or(0);
                 self.epoch = Some(epoch).filter(|e| *e != 0);
-                self.position = Some(last_seq);
-                self.queue.push_back(Event::Reset { epoch, last_seq });
+                self.continuity.reset(last_seq);
+                self.push(Some(Event::Reset { epoch, last_seq }), Some(last_seq));
             }
             "reconnect" => {
-                let hint = Duration::from_millis(self.conn.as_ref().and_then(|c| c.parser.retry()).unwrap_or(0));
-                self.lost("the node is draining".to_owned(), Next::OtherAfter(hint));
+                let retry_ms = json(&ev.data).ok().and_then(|v| v["retry_ms"].as_u64());
+                let hint = retry_ms.or_else(|| self.conn.as_ref().and_then(|o| o.conn.retry_hint())).unwrap_or(0);
+                self.lost("the node is draining".to_owned(), Next::OtherAfter(Duration::from_millis(hint)));
             }
             "lagged" => self.lost("the subscription lagged behind".to_owned(), Next::SameNow),
             "error" => {
@@ -531,31 +613,4 @@ impl Subscription {
 fn json(data: &str) -> Result<serde_json::Value, Error> {
     serde_json::from_str(data)
         .map_err(|e| Error::new(ErrorKind::Protocol, format!("event data is not JSON ({e}): {data}")))
-}
-
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let secs = headers.get(RETRY_AFTER)?.to_str().ok()?.trim().parse::<u64>().ok()?;
-    Some(Duration::from_secs(secs))
-}
-
-/// The `detail` (or `title`) of a problem+json answer, else its text.
-async fn problem_detail(response: reqwest::Response) -> String {
-    let body = response.text().await.unwrap_or_default();
-    match serde_json::from_str::<serde_json::Value>(&body) {
-        Ok(p) => p["detail"].as_str().or(p["title"].as_str()).unwrap_or(&body).to_owned(),
-        Err(_) => body.trim().to_owned(),
-    }
-}
-
-/// Percent-encode one path segment.
-fn encode(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for b in segment.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }

@@ -5,6 +5,9 @@
 //!   a `demo` stream and KV bucket, and tail the stream live while a
 //!   background task publishes once a second, until Ctrl-C ([`demo`]).
 //!
+//! - `finmesh audit`: prove fan-out lossless end to end (subscribers,
+//!   a feed, a forced reconnect and a node restart) ([`audit`]).
+//!
 //! - `finmesh pipeline gen` and `finmesh pipeline rules check`: the
 //!   risk-feed tools that run locally, no node needed ([`pipeline`]).
 //!
@@ -14,6 +17,7 @@
 //! `finmesh serve` (the gateway) comes with a later issue. Errors here are
 //! `anyhow`; the libraries below have typed errors.
 
+mod audit;
 mod client;
 mod config;
 mod demo;
@@ -90,6 +94,9 @@ enum Command {
         #[command(subcommand)]
         command: client::ConsumerCommand,
     },
+    /// Prove fan-out lossless: K subscribers, a feed, a forced reconnect and a
+    /// node restart; every subscriber must get every sequence once, in order.
+    Audit(audit::AuditArgs),
     /// Risk-feed tools that run locally: generate a feed, check a rules file.
     Pipeline {
         #[command(subcommand)]
@@ -175,6 +182,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Consumer { client, command } => {
             client::commands_consumer(&client::Client::new(&client)?, command).await
         }
+        Command::Audit(args) => audit::run(args).await,
         Command::Pipeline { command } => pipeline::run(command),
     }
 }

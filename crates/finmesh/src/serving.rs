@@ -37,7 +37,10 @@
 //! - [`Phase::Draining`]: the acceptor stops (new connections are refused by
 //!   the kernel once the listener is closed) and every connection finishes
 //!   its in-flight request, then closes (hyper's graceful shutdown; HTTP/2
-//!   gets GOAWAY); [`Phase::Stop`]: every connection is dropped at once.
+//!   gets GOAWAY); a serving thread ends only once every socket of the
+//!   node is closed, upgraded WebSocket ones included (their tasks run on
+//!   the thread's runtime and still have to send `reconnect`);
+//!   [`Phase::Stop`]: every connection is dropped at once.
 //!   Work the engine acked stays acked either way.
 
 use std::collections::HashMap;
@@ -130,6 +133,8 @@ struct ThreadSetup {
     limits: ConnectionLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
     phase: watch::Receiver<Phase>,
+    /// Counts every open socket, upgraded (WebSocket) ones included.
+    gate: Arc<Gate>,
 }
 
 /// Start `threads` serving threads for `app` on `listener` (a bound,
@@ -144,7 +149,9 @@ pub fn start(
     phase: watch::Receiver<Phase>,
 ) -> anyhow::Result<Servers> {
     let listener = TcpListener::from_std(listener).context("registering the listener")?;
-    let setup = ThreadSetup { app, limits, tls: tls.map(tokio_rustls::TlsAcceptor::from), phase: phase.clone() };
+    let gate = Arc::new(Gate::new(limits));
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+    let setup = ThreadSetup { app, limits, tls, phase: phase.clone(), gate: gate.clone() };
     let mut senders = Vec::with_capacity(threads);
     let mut handles = Vec::with_capacity(threads);
     for i in 0..threads {
@@ -162,7 +169,6 @@ pub fn start(
             .context("spawning a serving thread")?;
         handles.push(handle);
     }
-    let gate = Arc::new(Gate::new(limits));
     let acceptor = tokio::spawn(accept(listener, senders, gate, phase));
     Ok(Servers { threads: handles, acceptor })
 }
@@ -346,8 +352,22 @@ async fn serve_thread(mut rx: mpsc::Receiver<Handoff>, setup: ThreadSetup) {
             _ = stopping.wait_for(|p| *p == Phase::Stop) => return,
         }
         if !accepting && connections.is_empty() {
+            // An upgraded (WebSocket) connection left hyper for a task of
+            // this thread's runtime, which ends with this function: let
+            // those tasks send their `reconnect` and close first.
+            tokio::select! {
+                () = sockets_closed(&setup.gate) => {}
+                _ = stopping.wait_for(|p| *p == Phase::Stop) => {}
+            }
             return;
         }
+    }
+}
+
+/// Wait until no socket is open on the node (checked every 10 ms).
+async fn sockets_closed(gate: &Gate) {
+    while gate.open.load(Ordering::Relaxed) > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

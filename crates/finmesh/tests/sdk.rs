@@ -5,13 +5,14 @@
 //! gateway on the same NATS cluster to fail over to, and a gap when the
 //! stream's retention dropped messages while the subscriber was away. Every
 //! case checks that the sequences handed to the application have no hole
-//! and no duplicate.
+//! and no duplicate, over Server-Sent Events and over WebSocket; and that
+//! a node's refusals (401, 403, 404) end a subscription with their kind.
 
 mod support;
 
 use std::time::Duration;
 
-use finmesh_client::{Backoff, Event, Start, Subscription};
+use finmesh_client::{Backoff, ErrorKind, Event, Start, Subscription, Transport};
 use serde_json::json;
 use support::{Engine, Node, NodeSpec, WAIT, create_stream, publish};
 
@@ -68,7 +69,7 @@ async fn setup(spec: &NodeSpec, node: &Node, extra: serde_json::Value) -> (Strin
     (admin, token)
 }
 
-async fn resumes_after_sigkill(engine: Engine) {
+async fn resumes_after_sigkill(engine: Engine, transport: Transport) {
     let dir = tempfile::tempdir().unwrap();
     let spec = NodeSpec::new(dir.path(), CONFIG, &engine);
     let node = spec.start("127.0.0.1:0");
@@ -78,6 +79,7 @@ async fn resumes_after_sigkill(engine: Engine) {
         .token(&token)
         .start(Start::From(1))
         .backoff(fast())
+        .transport(transport)
         .build()
         .unwrap();
     let mut events = Vec::new();
@@ -94,9 +96,13 @@ async fn resumes_after_sigkill(engine: Engine) {
     assert!(events.iter().any(|e| matches!(e, Event::Disconnected { .. })), "the break was reported");
     no_anomaly(&events);
     assert_eq!(sub.position(), Some(40));
+    let stats = sub.stats();
+    assert_eq!(stats.delivered, 40);
+    assert_eq!((stats.gaps, stats.rewinds, stats.duplicates_dropped, stats.resets), (0, 0, 0, 0), "{stats:?}");
+    assert!(stats.connections >= 2 && stats.disconnections >= 1, "{stats:?}");
 }
 
-async fn follows_a_draining_node_back(engine: Engine) {
+async fn follows_a_draining_node_back(engine: Engine, transport: Transport) {
     let dir = tempfile::tempdir().unwrap();
     let spec = NodeSpec::new(dir.path(), CONFIG, &engine);
     let node = spec.start("127.0.0.1:0");
@@ -106,6 +112,7 @@ async fn follows_a_draining_node_back(engine: Engine) {
         .token(&token)
         .start(Start::From(1))
         .backoff(fast())
+        .transport(transport)
         .build()
         .unwrap();
     let mut events = Vec::new();
@@ -114,18 +121,18 @@ async fn follows_a_draining_node_back(engine: Engine) {
     // The drain ends the subscription with `reconnect`; the SDK retries
     // until the node is back.
     let addr = node.addr;
-    node.stop(libc::SIGTERM);
+    let log = node.stop(libc::SIGTERM);
     let node = spec.start(&addr.to_string());
     publish(&node, &admin, "MD", "md.eu", 6..=12).await;
     read_until(&mut sub, 12, &mut events).await;
 
     assert_eq!(seqs(&events), (1..=12).collect::<Vec<_>>());
     let drained = events.iter().any(|e| matches!(e, Event::Disconnected { reason, .. } if reason.contains("draining")));
-    assert!(drained, "the drain was seen as such: {events:#?}");
+    assert!(drained, "the drain was seen as such: {events:#?}\nthe node's log:\n{log}");
     no_anomaly(&events);
 }
 
-async fn reports_a_gap_when_retention_dropped_messages(engine: Engine) {
+async fn reports_a_gap_when_retention_dropped_messages(engine: Engine, transport: Transport) {
     let dir = tempfile::tempdir().unwrap();
     let spec = NodeSpec::new(dir.path(), CONFIG, &engine);
     let node = spec.start("127.0.0.1:0");
@@ -135,6 +142,7 @@ async fn reports_a_gap_when_retention_dropped_messages(engine: Engine) {
         .token(&token)
         .start(Start::From(1))
         .backoff(fast())
+        .transport(transport)
         .build()
         .unwrap();
     let mut events = Vec::new();
@@ -155,45 +163,88 @@ async fn reports_a_gap_when_retention_dropped_messages(engine: Engine) {
     let gap_at = events.iter().position(|e| matches!(e, Event::Gap { .. })).unwrap();
     let nine_at = events.iter().position(|e| matches!(e, Event::Message(m) if m.seq == 9)).unwrap();
     assert!(gap_at < nine_at);
+    assert_eq!((sub.stats().gaps, sub.stats().missing), (1, 5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_resumes_after_sigkill() {
-    resumes_after_sigkill(Engine::Embedded).await;
+    resumes_after_sigkill(Engine::Embedded, Transport::Sse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_ws_resumes_after_sigkill() {
+    resumes_after_sigkill(Engine::Embedded, Transport::WebSocket).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_resumes_after_sigkill() {
     let nats = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
-    resumes_after_sigkill(Engine::Nats(nats.url())).await;
+    resumes_after_sigkill(Engine::Nats(nats.url()), Transport::Sse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_ws_resumes_after_sigkill() {
+    let nats = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
+    resumes_after_sigkill(Engine::Nats(nats.url()), Transport::WebSocket).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_follows_a_draining_node_back() {
-    follows_a_draining_node_back(Engine::Embedded).await;
+    follows_a_draining_node_back(Engine::Embedded, Transport::Sse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_ws_follows_a_draining_node_back() {
+    follows_a_draining_node_back(Engine::Embedded, Transport::WebSocket).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_follows_a_draining_node_back() {
     let nats = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
-    follows_a_draining_node_back(Engine::Nats(nats.url())).await;
+    follows_a_draining_node_back(Engine::Nats(nats.url()), Transport::Sse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_ws_follows_a_draining_node_back() {
+    let nats = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
+    follows_a_draining_node_back(Engine::Nats(nats.url()), Transport::WebSocket).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_reports_a_gap_when_retention_dropped_messages() {
-    reports_a_gap_when_retention_dropped_messages(Engine::Embedded).await;
+    reports_a_gap_when_retention_dropped_messages(Engine::Embedded, Transport::Sse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_ws_reports_a_gap_when_retention_dropped_messages() {
+    reports_a_gap_when_retention_dropped_messages(Engine::Embedded, Transport::WebSocket).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_reports_a_gap_when_retention_dropped_messages() {
     let nats = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
-    reports_a_gap_when_retention_dropped_messages(Engine::Nats(nats.url())).await;
+    reports_a_gap_when_retention_dropped_messages(Engine::Nats(nats.url()), Transport::Sse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_ws_reports_a_gap_when_retention_dropped_messages() {
+    let nats = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
+    reports_a_gap_when_retention_dropped_messages(Engine::Nats(nats.url()), Transport::WebSocket).await;
 }
 
 /// Two gateways on one NATS cluster: when the first drains, the SDK fails
 /// over to the second and resumes there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_fails_over_to_another_gateway_when_one_drains() {
+    fails_over_to_another_gateway_when_one_drains(Transport::Sse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_ws_fails_over_to_another_gateway_when_one_drains() {
+    fails_over_to_another_gateway_when_one_drains(Transport::WebSocket).await;
+}
+
+async fn fails_over_to_another_gateway_when_one_drains(transport: Transport) {
     let nats = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
     let dir = tempfile::tempdir().unwrap();
     // One data directory: both gateways verify with the same node secret.
@@ -207,6 +258,7 @@ async fn nats_fails_over_to_another_gateway_when_one_drains() {
         .token(&token)
         .start(Start::From(1))
         .backoff(fast())
+        .transport(transport)
         .build()
         .unwrap();
     let mut events = Vec::new();
@@ -219,4 +271,147 @@ async fn nats_fails_over_to_another_gateway_when_one_drains() {
     assert_eq!(seqs(&events), (1..=15).collect::<Vec<_>>());
     assert_eq!(connected_to(&events), endpoints, "first the node that drained, then the other one");
     no_anomaly(&events);
+    assert_eq!(sub.stats().failovers, 1);
+    assert_eq!(sub.endpoint(), b.url(""));
+}
+
+/// 401 (no valid token), 403 (no scope for the stream), 404 (no such
+/// stream) end the subscription at once with that kind, on both transports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_refusals_end_the_subscription_with_their_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = NodeSpec::new(dir.path(), CONFIG, &Engine::Embedded);
+    let node = spec.start("127.0.0.1:0");
+    let (admin, _token) = setup(&spec, &node, json!({})).await;
+    let other = spec.issue_token("other-reader", &["stream:subscribe:OTHER"]);
+    for transport in [Transport::Sse, Transport::WebSocket] {
+        for (stream, token, kind) in [
+            ("MD", "not-a-token", ErrorKind::Unauthorized),
+            ("MD", other.as_str(), ErrorKind::Forbidden),
+            ("NOPE", admin.as_str(), ErrorKind::NotFound),
+        ] {
+            let mut sub = Subscription::builder([node.url("")], stream)
+                .token(token)
+                .transport(transport)
+                .backoff(fast())
+                .build()
+                .unwrap();
+            let outcome = tokio::time::timeout(WAIT, async {
+                loop {
+                    match sub.next().await {
+                        Ok(Some(Event::Disconnected { reason, .. })) => panic!("retried a refusal: {reason}"),
+                        Ok(Some(_)) => continue,
+                        Ok(None) => panic!("ended without an error"),
+                        Err(e) => return e,
+                    }
+                }
+            })
+            .await
+            .expect("a verdict in time");
+            assert_eq!(outcome.kind(), kind, "{transport:?} {stream}: {outcome}");
+        }
+    }
+}
+
+/// `finmesh stream sub --ws --endpoints DEAD,NODE`: the CLI subscribes over
+/// WebSocket through the SDK, skips the endpoint that refuses connections
+/// and prints every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_cli_sub_over_websocket_fails_over_between_endpoints() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = NodeSpec::new(dir.path(), CONFIG, &Engine::Embedded);
+    let node = spec.start("127.0.0.1:0");
+    let (admin, token) = setup(&spec, &node, json!({})).await;
+    publish(&node, &admin, "MD", "md.eu", 1..=5).await;
+    // A port nobody listens on: bound, then released.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let endpoints = format!("http://{dead},{}", node.url(""));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(["stream", "sub", "MD", "--ws", "--from-seq", "1", "--json", "--endpoints", &endpoints])
+        .env("FINMESH_TOKEN", &token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run finmesh stream sub");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seqs = Vec::new();
+    let read = async {
+        while seqs.len() < 5 {
+            let line = lines.next_line().await.expect("read").expect("the subscription goes on");
+            let event: serde_json::Value = serde_json::from_str(&line).expect("JSON lines");
+            assert_eq!(event["event"], "message", "{line}");
+            seqs.push(event["id"].as_str().unwrap().parse::<u64>().unwrap());
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.expect("five messages in time");
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    child.kill().await.unwrap();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).await.unwrap();
+    assert!(stderr.contains(&format!("disconnected from http://{dead}")), "{stderr}");
+    assert!(stderr.contains(&format!("connected to {}", node.url(""))), "{stderr}");
+}
+
+/// `finmesh stream sub --ws` against an HTTPS node: ALPN would pick HTTP/2,
+/// which has no WebSocket upgrade, so the CLI must upgrade over HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_cli_sub_over_websocket_on_tls() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(["certs", "dev", "--out"])
+        .arg(&certs)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (cert, key) = (certs.join("cert.pem"), certs.join("key.pem"));
+    let config =
+        format!("{CONFIG}[tls]\ncert = {:?}\nkey = {:?}\n", cert.display().to_string(), key.display().to_string());
+    let spec = NodeSpec::new(dir.path(), &config, &Engine::Embedded);
+    let node = spec.start("127.0.0.1:0");
+    assert!(node.url("").starts_with("https://"), "{}", node.url(""));
+    let admin = spec.admin_token();
+    let token = spec.issue_token("feed-reader", &["stream:subscribe:MD"]);
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+    let https = reqwest::Client::builder().add_root_certificate(ca).build().unwrap();
+    let created = https.put(node.url("/v1/streams/MD")).bearer_auth(&admin).json(&json!({"subjects": ["md.>"]})).send();
+    assert_eq!(created.await.unwrap().status(), 200);
+    let body: String = (1..=3).map(|i| format!("{{\"subject\":\"md.eu\",\"payload\":{{\"i\":{i}}}}}\n")).collect();
+    let published = https
+        .post(node.url("/v1/streams/MD/messages"))
+        .bearer_auth(&admin)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send();
+    assert_eq!(published.await.unwrap().status(), 200);
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(["stream", "sub", "MD", "--ws", "--from-seq", "1", "--json", "--server", &node.url(""), "--ca-cert"])
+        .arg(&cert)
+        .env("FINMESH_TOKEN", &token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run finmesh stream sub");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seqs = Vec::new();
+    let read = async {
+        while seqs.len() < 3 {
+            let line = lines.next_line().await.expect("read").expect("the subscription goes on");
+            let event: serde_json::Value = serde_json::from_str(&line).expect("JSON lines");
+            seqs.push(event["id"].as_str().unwrap().parse::<u64>().unwrap());
+        }
+    };
+    if tokio::time::timeout(WAIT, read).await.is_err() {
+        child.kill().await.unwrap();
+        let mut stderr = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).await.unwrap();
+        panic!("no three messages in time; got {seqs:?}; stderr:\n{stderr}");
+    }
+    assert_eq!(seqs, [1, 2, 3]);
 }

@@ -112,9 +112,11 @@ pub enum StreamCommand {
         #[arg(long, default_value_t = 100)]
         limit: u64,
     },
-    /// Subscribe (SSE) and print messages until interrupted; reconnects,
-    /// resumes and fails over (the finmesh-client SDK). Gaps and resets are
-    /// printed as events; connections and retries go to standard error.
+    /// Subscribe (SSE, or WebSocket with --ws) and print messages until
+    /// interrupted; reconnects, resumes and fails over (the finmesh-client
+    /// SDK). Gaps, rewinds and resets are printed as events; connections
+    /// and retries go to standard error.
+    #[command(visible_alias = "subscribe")]
     Sub {
         stream: String,
         #[arg(long)]
@@ -124,6 +126,13 @@ pub enum StreamCommand {
         /// Another node to fail over to (repeat for more), after --server.
         #[arg(long)]
         failover: Vec<String>,
+        /// The nodes to subscribe to, in order, comma-separated (instead of
+        /// --server and --failover), e.g. `http://a:8080,http://b:8080`.
+        #[arg(long, value_delimiter = ',', conflicts_with = "failover")]
+        endpoints: Vec<String>,
+        /// Subscribe over WebSocket instead of Server-Sent Events.
+        #[arg(long)]
+        ws: bool,
     },
 }
 
@@ -341,8 +350,13 @@ pub async fn stream(client: &Client, command: StreamCommand) -> anyhow::Result<(
             }
             Ok(())
         }
-        StreamCommand::Sub { stream, subject, from_seq, failover } => {
-            let mut builder = client.subscription(&stream, &failover);
+        StreamCommand::Sub { stream, subject, from_seq, failover, endpoints, ws } => {
+            let transport = if ws { finmesh_client::Transport::WebSocket } else { finmesh_client::Transport::Sse };
+            let mut builder = if endpoints.is_empty() {
+                client.subscription(&stream, &failover, transport)
+            } else {
+                client.subscription_to(&endpoints, &stream, transport)
+            };
             if let Some(s) = subject {
                 builder = builder.subject(s);
             }
@@ -472,6 +486,7 @@ fn print_subscription_event(json: bool, event: &finmesh_client::Event) -> anyhow
         Event::Reset { epoch, last_seq } => {
             (*last_seq, "reset", json!({"epoch": epoch, "last_seq": last_seq}).to_string())
         }
+        Event::Rewind { expected, got } => (*got, "rewind", json!({"expected": expected, "got": got}).to_string()),
         Event::Connected { endpoint, resume_after, .. } => {
             eprintln!("connected to {endpoint} (after {})", resume_after.map_or("-".to_owned(), |s| s.to_string()));
             return Ok(());

@@ -42,6 +42,9 @@ pub struct ClientArgs {
 /// A configured HTTP client for one node.
 pub struct Client {
     http: reqwest::Client,
+    /// The same settings, HTTP/1.1 only: a WebSocket upgrade cannot go
+    /// over an HTTP/2 connection that TLS (ALPN) would otherwise pick.
+    http1: reqwest::Client,
     base: String,
     token: Option<String>,
     pub json: bool,
@@ -49,14 +52,23 @@ pub struct Client {
 
 impl Client {
     pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
-        let mut builder = reqwest::Client::builder().user_agent(concat!("finmesh-cli/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = &args.ca_cert {
-            let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let cert = reqwest::Certificate::from_pem(&pem).with_context(|| format!("parsing {}", path.display()))?;
-            builder = builder.add_root_certificate(cert);
-        }
+        let cert = match &args.ca_cert {
+            Some(path) => {
+                let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                Some(reqwest::Certificate::from_pem(&pem).with_context(|| format!("parsing {}", path.display()))?)
+            }
+            None => None,
+        };
+        let builder = || {
+            let builder = reqwest::Client::builder().user_agent(concat!("finmesh-cli/", env!("CARGO_PKG_VERSION")));
+            match &cert {
+                Some(cert) => builder.add_root_certificate(cert.clone()),
+                None => builder,
+            }
+        };
         Ok(Self {
-            http: builder.build().context("building the HTTP client")?,
+            http: builder().build().context("building the HTTP client")?,
+            http1: builder().http1_only().build().context("building the HTTP client")?,
             base: args.server.trim_end_matches('/').to_owned(),
             token: args.token.clone().filter(|t| !t.is_empty()),
             json: args.json,
@@ -65,9 +77,31 @@ impl Client {
 
     /// A subscription to `stream` through the SDK, on this node and then
     /// the `failover` ones, with this client's TLS settings and token.
-    pub fn subscription(&self, stream: &str, failover: &[String]) -> finmesh_client::SubscriptionBuilder {
-        let endpoints = std::iter::once(self.base.clone()).chain(failover.iter().cloned());
-        let builder = finmesh_client::Subscription::builder(endpoints, stream).http_client(self.http.clone());
+    pub fn subscription(
+        &self,
+        stream: &str,
+        failover: &[String],
+        transport: finmesh_client::Transport,
+    ) -> finmesh_client::SubscriptionBuilder {
+        let endpoints: Vec<String> = std::iter::once(self.base.clone()).chain(failover.iter().cloned()).collect();
+        self.subscription_to(&endpoints, stream, transport)
+    }
+
+    /// A subscription to `stream` on `endpoints` (in this order) over
+    /// `transport`, with this client's TLS settings and token.
+    pub fn subscription_to(
+        &self,
+        endpoints: &[String],
+        stream: &str,
+        transport: finmesh_client::Transport,
+    ) -> finmesh_client::SubscriptionBuilder {
+        let http = match transport {
+            finmesh_client::Transport::WebSocket => self.http1.clone(),
+            _ => self.http.clone(),
+        };
+        let builder = finmesh_client::Subscription::builder(endpoints.iter().cloned(), stream)
+            .http_client(http)
+            .transport(transport);
         match &self.token {
             Some(token) => builder.token(token.clone()),
             None => builder,

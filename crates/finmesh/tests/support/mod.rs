@@ -72,11 +72,15 @@ impl NodeSpec {
                 panic!("serve exited before listening:\n{}", stderr.lock().unwrap());
             };
             if let Some(url) = line.strip_prefix("listening on http://") {
-                break url.parse().expect("address");
+                break (url.parse().expect("address"), false);
+            }
+            if let Some(url) = line.strip_prefix("listening on https://") {
+                break (url.parse().expect("address"), true);
             }
         };
+        let (addr, tls) = addr;
         std::thread::spawn(move || lines.for_each(drop));
-        Node { child, addr, stderr }
+        Node { child, addr, tls, stderr }
     }
 
     /// The admin token the first start wrote.
@@ -102,12 +106,15 @@ impl NodeSpec {
 pub struct Node {
     child: Child,
     pub addr: SocketAddr,
+    /// Whether it serves HTTPS (a `[tls]` section in its configuration).
+    pub tls: bool,
     stderr: Arc<Mutex<String>>,
 }
 
 impl Node {
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 
     /// Everything the node wrote to standard error so far.
