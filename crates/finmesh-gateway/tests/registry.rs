@@ -243,6 +243,9 @@ async fn status_shows_connection_lag_bytes_and_disconnect_reasons<H: Harness>() 
     let auth = bearer(&token);
     let mut slow = sse_oneshot(&gw, "/v1/streams/S/events?subject=s.%3E", &[("authorization", &auth)]).await;
     slow.hello().await;
+    // It joins the live feed (reads message 4), then stops reading.
+    publish(&gw, &admin, 1).await;
+    assert_eq!(slow.next(WAIT).await.unwrap().seq(), 4);
     publish(&gw, &admin, 30).await;
     loop {
         let ev = slow.next(WAIT).await.expect("the cut ends the stream with an error");
@@ -318,6 +321,29 @@ async fn a_rate_limited_subscriber_never_slows_another<H: Harness>() {
     assert!(elapsed >= (RATE as f64 - 1.0) / RATE as f64, "2×RATE messages took at least ~1 s: {elapsed:.3}s");
 }
 
+/// A registered server disconnected longer than the threshold is a
+/// readiness detail (never a failure) and a metric; connected, it is not.
+async fn a_long_disconnect_shows_in_readiness_and_metrics<H: Harness>() {
+    let subs = SubscriptionConfig { registered_disconnect_alert: Duration::ZERO, ..Default::default() };
+    let (gw, kit, admin) = setup::<H>(subs).await;
+    assert_eq!(register(&gw, &admin, "eu1", json!({"identity": "srv-eu1", "filters": [">"]})).await.status, 200);
+    let ready = gw.get("/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(ready.json()["status"], "ready");
+    assert_eq!(ready.json()["disconnected_subscribers"][0]["id"], "eu1", "{}", ready.text());
+    let metrics = gw.get("/metrics").await.text();
+    assert!(metrics.contains("finmesh_subscribers_disconnected_over_threshold 1"), "{metrics}");
+
+    let auth = bearer(&kit.token("srv-eu1", "stream:subscribe:S"));
+    let mut sse = sse_oneshot(&gw, "/v1/streams/S/events", &[("authorization", &auth)]).await;
+    sse.hello().await;
+    let ready = gw.get("/readyz").await.json();
+    assert!(ready.get("disconnected_subscribers").is_none(), "{ready}");
+    let metrics = gw.get("/metrics").await.text();
+    assert!(metrics.contains("finmesh_subscribers_disconnected_over_threshold 0"), "{metrics}");
+    assert!(metrics.contains("finmesh_subscriber_connections{id=\"eu1\"} 1"), "{metrics}");
+}
+
 /// Two gateways on one engine see one registry; status is per node.
 async fn the_registry_is_shared_by_gateways_on_one_engine<H: Harness>() {
     let gw = Gw::start::<H>().await;
@@ -370,6 +396,7 @@ per_engine!(
     status_shows_connection_lag_bytes_and_disconnect_reasons,
     a_rate_limited_subscriber_never_slows_another,
     the_registry_is_shared_by_gateways_on_one_engine,
+    a_long_disconnect_shows_in_readiness_and_metrics,
 );
 
 /// Two gateways, each with its own connection to one `nats-server`.

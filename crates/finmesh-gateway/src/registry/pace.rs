@@ -67,3 +67,48 @@ impl Pace {
         not_until.wait_time_from(self.clock.now()).max(Duration::from_micros(100))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn frame(bytes: usize) -> Frame {
+        Frame::Message { id: 1, data: Bytes::from(vec![b'x'; bytes]) }
+    }
+
+    #[test]
+    fn nothing_to_bound_is_no_pace() {
+        assert!(Pace::new(&RateLimit { messages_per_second: None, bytes_per_second: None }).is_none());
+    }
+
+    #[tokio::test]
+    async fn bytes_beyond_a_second_s_worth_wait_for_their_share() {
+        let pace = Pace::new(&RateLimit { messages_per_second: None, bytes_per_second: Some(1000) }).unwrap();
+        let start = Instant::now();
+        for _ in 0..2 {
+            pace.wait(&frame(400), &mut false).await;
+        }
+        // 800 of the 1000-byte burst are used: 400 more need 200 bytes' time.
+        pace.wait(&frame(400), &mut false).await;
+        assert!(start.elapsed() >= Duration::from_millis(150), "{:?}", start.elapsed());
+        // Paid bytes are not paid again (a wait cancelled after them).
+        let again = Instant::now();
+        pace.wait(&frame(1000), &mut true).await;
+        assert!(again.elapsed() < Duration::from_millis(500), "{:?}", again.elapsed());
+    }
+
+    #[tokio::test]
+    async fn messages_beyond_the_burst_wait() {
+        let pace = Pace::new(&RateLimit { messages_per_second: Some(10), bytes_per_second: None }).unwrap();
+        let start = Instant::now();
+        for _ in 0..12 {
+            pace.wait(&frame(1), &mut false).await;
+        }
+        // A burst of 10, then one every 100 ms.
+        assert!(start.elapsed() >= Duration::from_millis(150), "{:?}", start.elapsed());
+    }
+}

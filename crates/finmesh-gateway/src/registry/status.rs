@@ -294,16 +294,29 @@ impl StatusBook {
     /// Set the disconnected gauges of `ids` (the registered servers) and
     /// return those disconnected longer than `threshold`, with their seconds.
     pub fn disconnected(&self, ids: &[String], threshold: Duration) -> Vec<(String, u64)> {
+        let now = Timestamp::now();
         let mut over = Vec::new();
         for id in ids {
-            let secs = self.status(id).disconnected_seconds;
-            metrics::gauge!("finmesh_subscriber_disconnected_seconds", "id" => id.clone()).set(secs as f64);
-            if secs > threshold.as_secs() {
-                over.push((id.clone(), secs));
+            let gone = self.disconnected_for(id, now);
+            metrics::gauge!("finmesh_subscriber_disconnected_seconds", "id" => id.clone()).set(gone.as_secs_f64());
+            if gone > threshold {
+                over.push((id.clone(), gone.as_secs()));
             }
         }
         metrics::gauge!("finmesh_subscribers_disconnected_over_threshold").set(over.len() as f64);
         over
+    }
+
+    /// How long `id` has had no connection here (zero while it has one):
+    /// since its last disconnect, or since the node started.
+    fn disconnected_for(&self, id: &str, now: Timestamp) -> Duration {
+        let by_id = self.by_id.lock();
+        let since = match by_id.get(id) {
+            Some(st) if !st.conns.is_empty() => return Duration::ZERO,
+            Some(st) => st.last_disconnect.map_or(self.started, |(at, _)| at),
+            None => self.started,
+        };
+        Duration::from_nanos(now.as_nanos().saturating_sub(since.as_nanos()))
     }
 
     fn close(&self, session: &Session) {
