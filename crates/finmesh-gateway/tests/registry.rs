@@ -344,6 +344,37 @@ async fn a_long_disconnect_shows_in_readiness_and_metrics<H: Harness>() {
     assert!(metrics.contains("finmesh_subscriber_connections{id=\"eu1\"} 1"), "{metrics}");
 }
 
+/// A WebSocket connection shows in the status as `ws` with its peer, and a
+/// drain is recorded as its disconnect reason.
+async fn websocket_status_and_drain_reason<H: Harness>() {
+    use futures::StreamExt;
+    let (gw, kit, admin) = setup::<H>(SubscriptionConfig::default()).await;
+    assert_eq!(register(&gw, &admin, "ws1", json!({"identity": "srv-ws1", "filters": ["s.>"]})).await.status, 200);
+    let addr = serve_with_peers(&gw).await;
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{addr}/v1/streams/S/ws?subject=s.a&from_seq=1"
+    ))
+    .unwrap();
+    let token = bearer(&kit.token("srv-ws1", "stream:subscribe:S"));
+    req.headers_mut().insert("authorization", token.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("connect");
+    publish(&gw, &admin, 2).await;
+    for _ in 0..2 {
+        let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("in time").expect("open").expect("frame");
+        assert!(msg.is_text(), "{msg:?}");
+    }
+    let st = status(&gw, &admin, "ws1").await;
+    let c = &st["connections"][0];
+    assert_eq!((c["kind"].as_str(), c["filter"].as_str(), c["last_seq"].as_u64()), (Some("ws"), Some("s.a"), Some(2)));
+    assert!(c["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")), "{st}");
+    gw.state.begin_drain();
+    eventually(WAIT, "drain recorded", || async {
+        let st = status(&gw, &admin, "ws1").await;
+        st["connected"] == false && st["disconnects"]["drain"] == 1
+    })
+    .await;
+}
+
 /// Two gateways on one engine see one registry; status is per node.
 async fn the_registry_is_shared_by_gateways_on_one_engine<H: Harness>() {
     let gw = Gw::start::<H>().await;
@@ -397,6 +428,7 @@ per_engine!(
     a_rate_limited_subscriber_never_slows_another,
     the_registry_is_shared_by_gateways_on_one_engine,
     a_long_disconnect_shows_in_readiness_and_metrics,
+    websocket_status_and_drain_reason,
 );
 
 /// Two gateways, each with its own connection to one `nats-server`.
