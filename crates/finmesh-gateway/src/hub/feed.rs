@@ -14,7 +14,7 @@
 //! - [`Feed::next`] is cancel-safe: a history read in flight is kept and
 //!   resumed by the next call, and so is a frame waiting for its pace, so
 //!   callers may `select!` on it;
-//! - a feed with a [`Session`] (see [`Feed::with_session`]) reports every
+//! - a feed with a [`Session`] (see [`Feed::with_registry`]) reports every
 //!   item it yields to it, and a feed with a [`Pace`] yields a frame only
 //!   when the pace allows, one at a time (no batching: a paced subscriber
 //!   is slow by choice), and gives no heartbeat position while a frame is
