@@ -47,6 +47,10 @@ pub enum Access<'a> {
     StreamAdmin {
         stream: &'a StreamName,
     },
+    /// Read the subscriber registry and its live status
+    /// (`GET /v1/subscribers`, `GET /v1/subscribers/{id}`); writing it
+    /// needs [`Access::Admin`].
+    SubscribersRead,
 }
 
 /// An authenticated caller: the token's subject and its scopes.

@@ -12,6 +12,7 @@
 //! | scope | grants |
 //! |---|---|
 //! | `admin` | everything |
+//! | `subscribers:read` | the subscriber registry and its live status (`GET /v1/subscribers[/{id}]`) |
 //! | `kv:read:<bucket>` | get, history, keys, watch |
 //! | `kv:write:<bucket>` | put, create, update, delete, purge |
 //! | `kv:admin:<bucket>` | create, update, delete the bucket |

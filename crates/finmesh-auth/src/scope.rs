@@ -100,6 +100,8 @@ pub enum StreamAction {
 pub enum Scope {
     /// `admin`: everything.
     Admin,
+    /// `subscribers:read`: the subscriber registry and its live status.
+    SubscribersRead,
     /// `kv:<action>:<bucket>`.
     Kv {
         /// What may be done.
@@ -140,10 +142,16 @@ impl FromStr for Scope {
         if s == "admin" {
             return Ok(Scope::Admin);
         }
+        if s == "subscribers:read" {
+            return Ok(Scope::SubscribersRead);
+        }
         // A subject pattern may itself contain `:`, so split at most 4 ways.
         let mut parts = s.splitn(4, ':');
         let (Some(kind), Some(action), Some(target)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(bad(s, "expected `admin`, `kv:<action>:<bucket>` or `stream:<action>:<stream>[:<subjects>]`"));
+            return Err(bad(
+                s,
+                "expected `admin`, `subscribers:read`, `kv:<action>:<bucket>` or `stream:<action>:<stream>[:<subjects>]`",
+            ));
         };
         let pattern = parts.next();
         match kind {
@@ -185,6 +193,7 @@ impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Scope::Admin => f.write_str("admin"),
+            Scope::SubscribersRead => f.write_str("subscribers:read"),
             Scope::Kv { action, bucket } => {
                 let a = match action {
                     KvAction::Read => "read",
@@ -216,6 +225,7 @@ impl Scope {
         use StreamAction as S;
         match (self, access) {
             (Scope::Admin, _) => true,
+            (Scope::SubscribersRead, Access::SubscribersRead) => true,
             (Scope::Kv { action: KvAction::Read, bucket }, Access::KvRead { bucket: b })
             | (Scope::Kv { action: KvAction::Write, bucket }, Access::KvWrite { bucket: b })
             | (Scope::Kv { action: KvAction::Admin, bucket }, Access::KvAdmin { bucket: b }) => bucket.grants(b),
@@ -246,6 +256,7 @@ impl Scope {
     pub fn includes(&self, other: &Scope) -> bool {
         match (self, other) {
             (Scope::Admin, _) => true,
+            (Scope::SubscribersRead, Scope::SubscribersRead) => true,
             (Scope::Kv { action: a, bucket: x }, Scope::Kv { action: b, bucket: y }) => a == b && x.includes(y),
             (
                 Scope::Stream { action: a, stream: x, subjects: p },

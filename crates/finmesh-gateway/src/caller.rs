@@ -219,6 +219,8 @@ pub enum Need {
     StreamConsume,
     /// `stream:admin:<stream>`.
     StreamAdmin,
+    /// `subscribers:read` (the subscriber registry and its status).
+    SubscribersRead,
 }
 
 /// Every route with the access it checks: (method, path template, need).
@@ -256,7 +258,10 @@ pub const ROUTE_ACCESS: &[(&str, &str, Need)] = &[
     ("DELETE", "/v1/streams/{stream}/consumers/{name}", Need::StreamAdmin),
     ("POST", "/v1/streams/{stream}/consumers/{name}/fetch", Need::StreamConsume),
     ("POST", "/v1/streams/{stream}/consumers/{name}/ack", Need::StreamConsume),
-    ("GET", "/v1/subscribers", Need::Admin),
+    ("GET", "/v1/subscribers", Need::SubscribersRead),
+    ("PUT", "/v1/subscribers/{id}", Need::Admin),
+    ("GET", "/v1/subscribers/{id}", Need::SubscribersRead),
+    ("DELETE", "/v1/subscribers/{id}", Need::Admin),
 ];
 
 #[cfg(test)]

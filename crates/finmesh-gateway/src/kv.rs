@@ -52,7 +52,7 @@ pub fn etag(rev: Revision) -> HeaderValue {
 }
 
 /// Parse `If-Match: "<rev>"` (quotes optional, `W/` refused).
-fn if_match(headers: &HeaderMap) -> ApiResult<Option<Revision>> {
+pub(crate) fn if_match(headers: &HeaderMap) -> ApiResult<Option<Revision>> {
     let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
     let s = v.to_str().unwrap_or("").trim();
     let digits = s.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(s);
@@ -62,7 +62,7 @@ fn if_match(headers: &HeaderMap) -> ApiResult<Option<Revision>> {
         .map_err(|_| Error::invalid(format!("If-Match must be a quoted revision like \"7\", got `{s}`")).into())
 }
 
-fn if_none_match_star(headers: &HeaderMap) -> ApiResult<bool> {
+pub(crate) fn if_none_match_star(headers: &HeaderMap) -> ApiResult<bool> {
     match headers.get(header::IF_NONE_MATCH) {
         None => Ok(false),
         Some(v) if v.as_bytes().trim_ascii() == b"*" => Ok(true),

@@ -16,7 +16,9 @@
 //!    from the JSON envelope through the fan-out hub (one engine tail per
 //!    stream) and the bounded per-subscriber queue to the wire;
 //! 6. [`limits`], [`metrics`], [`ops`], [`openapi`], [`schema`]: limits,
-//!    observability, health and the OpenAPI document with its response types.
+//!    observability, health and the OpenAPI document with its response types;
+//!    [`registry`]: the subscriber registry (downstream servers, their
+//!    allowed filters and rate limits, their live status).
 //!
 //! The gateway holds no state that is not in the engine except connections
 //! and counters, and it never asks which engine it runs on.
@@ -34,6 +36,7 @@ pub mod oauth;
 pub mod openapi;
 pub mod ops;
 pub mod problem;
+pub mod registry;
 pub mod schema;
 pub mod sse;
 pub mod state;
@@ -84,6 +87,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/streams/{stream}/consumers/{name}/fetch", post(consumers::fetch))
         .route("/v1/streams/{stream}/consumers/{name}/ack", post(consumers::ack))
         .route("/v1/subscribers", get(ops::subscribers))
+        .route(
+            "/v1/subscribers/{id}",
+            get(registry::routes::get).put(registry::routes::put).delete(registry::routes::delete),
+        )
         .layer(around(api.timeout(limits.request_timeout)));
 
     // Subscriptions live as long as the client keeps them: no timeout.

@@ -18,7 +18,7 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::problem::PROBLEM_JSON;
-use crate::{consumers, kv, oauth, ops, sse, streams, ws};
+use crate::{consumers, kv, oauth, ops, registry, sse, streams, ws};
 
 /// Suffixes of the subscription paths, which have no request timeout.
 const STREAMING_SUFFIXES: [&str; 3] = ["/watch", "/events", "/ws"];
@@ -112,6 +112,7 @@ impl Modify for LayerResponses {
         streams::publish, streams::read, sse::events, ws::ws,
         consumers::list, consumers::put, consumers::get, consumers::delete, consumers::fetch, consumers::ack,
         oauth::token,
+        registry::routes::put, registry::routes::get, registry::routes::delete,
     ),
     components(schemas(crate::Problem, crate::subscribe::SubscriberInfo, crate::schema::Acks, crate::schema::Envelope)),
     tags((name = "kv"), (name = "streams"), (name = "consumers"), (name = "ops"), (name = "auth"))

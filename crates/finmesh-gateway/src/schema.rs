@@ -272,11 +272,36 @@ pub struct RateInfo {
     pub burst: u32,
 }
 
-/// `{"subscribers": [...]}`.
+/// `{"node", "subscribers": [...], "registered": [...]}`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SubscriberList {
+    /// The answering node: connections and status are this node's.
+    pub node: String,
     /// Connected subscribers, by id.
     pub subscribers: Vec<crate::subscribe::SubscriberInfo>,
+    /// The subscriber registry, each with its live status on this node.
+    pub registered: Vec<crate::registry::routes::RegisteredSubscriber>,
+}
+
+/// The answer of a ready `/readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready`.
+    pub status: &'static str,
+    /// Registered subscribers disconnected from this node for longer than
+    /// `subscriptions.registered_disconnect_alert` (a detail: readiness
+    /// does not fail for them). Absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disconnected_subscribers: Vec<DisconnectedSubscriber>,
+}
+
+/// A registered subscriber without a connection on this node.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DisconnectedSubscriber {
+    /// Its id.
+    pub id: String,
+    /// Seconds since it had a connection here (or since the node started).
+    pub seconds: u64,
 }
 
 /// The form body of `POST /oauth/token` (`application/x-www-form-urlencoded`).

@@ -116,6 +116,8 @@ pub async fn events(
     let filter = q.subject.map(SubjectPattern::new).transpose()?;
     caller.require(&Access::StreamSubscribe { stream: &name, filter: filter.as_ref() })?;
     let first = after_last_event_id(&headers)?.or(q.from_seq);
+    let require = state.config().subscriptions.require_registration;
+    let admission = state.registry().admit(caller.subject(), require, filter.as_ref()).await?;
     let spec = SubscriberSpec {
         kind: "sse",
         identity: caller.subject().to_owned(),
@@ -124,7 +126,7 @@ pub async fn events(
     };
     let spec = Subscription::admit_from(&state, spec, &peer)?;
     let (feed, epoch) = Feed::open(&state, spec, &name, filter, first, q.epoch).await?;
-    let mut response = feed_response(&state, feed);
+    let mut response = feed_response(&state, feed.with_registry(state.registry(), &admission, "sse", peer.0));
     response.headers_mut().insert(EPOCH_HEADER, epoch.into());
     Ok(response)
 }

@@ -25,6 +25,7 @@ use crate::hub::Hub;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::oauth::TokenAdmission;
+use crate::registry::Registry;
 use crate::subscribe::Subscribers;
 
 /// A sustained request rate with a burst allowance.
@@ -137,6 +138,14 @@ pub struct SubscriptionConfig {
     /// Subscriptions open at once on the node; above it a new one is
     /// refused with 503. Default 10,000.
     pub max_total: usize,
+    /// Refuse (403) stream subscriptions of identities that are not in the
+    /// subscriber registry (`/v1/subscribers/{id}`). Default `false`:
+    /// unregistered identities subscribe as their scopes allow.
+    pub require_registration: bool,
+    /// A registered subscriber disconnected from this node for longer than
+    /// this shows in `/readyz`'s details and in
+    /// `finmesh_subscribers_disconnected_over_threshold`. Default 60 s.
+    pub registered_disconnect_alert: Duration,
 }
 
 impl Default for SubscriptionConfig {
@@ -154,6 +163,8 @@ impl Default for SubscriptionConfig {
             tail_idle: Duration::from_secs(30),
             max_per_principal: 1_000,
             max_total: 10_000,
+            require_registration: false,
+            registered_disconnect_alert: Duration::from_secs(60),
         }
     }
 }
@@ -207,6 +218,8 @@ pub(crate) struct Inner {
     pub subscribers: Subscribers,
     /// The fan-out hub: one engine tail per stream for every subscriber.
     pub hub: Hub,
+    /// The subscriber registry (in the engine) and its live status on this node.
+    pub registry: Registry,
     /// Per-client rate limits (keyed by token subject).
     pub rate: Arc<RateLimiter>,
     /// OAuth clients for `POST /oauth/token`; `None` = the route answers 404.
@@ -230,6 +243,7 @@ impl AppState {
         AppState {
             inner: Arc::new(Inner {
                 hub: Hub::new(engine.clone(), &config.subscriptions),
+                registry: Registry::new(engine.clone()),
                 engine,
                 auth,
                 config,
@@ -316,6 +330,11 @@ impl AppState {
     /// Streams whose hub tail (one engine subscription each) is running.
     pub fn hub_tails(&self) -> usize {
         self.inner.hub.tails()
+    }
+
+    /// The subscriber registry and its live status on this node.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
     }
 
     /// Number of connected SSE/WebSocket subscribers.

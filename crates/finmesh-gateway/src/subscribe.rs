@@ -91,12 +91,16 @@ pub struct Encoded {
     pub sse: Bytes,
     /// The envelope alone (UTF-8 JSON, one line), checked as UTF-8 once.
     pub ws: axum::extract::ws::Utf8Bytes,
+    /// When the stream stored the message (ns since the epoch; 0 = unknown).
+    pub time: u64,
 }
 
 impl Encoded {
     /// Encode `msg` (see [`crate::envelope`]).
     pub fn message(msg: &finmesh_core::Message) -> Self {
-        Self::envelope(msg.seq.0, &crate::envelope::message(msg))
+        let mut encoded = Self::envelope(msg.seq.0, &crate::envelope::message(msg));
+        encoded.time = msg.time.as_nanos();
+        encoded
     }
 
     /// Frame an envelope (one line of JSON) with sequence `seq`.
@@ -111,7 +115,7 @@ impl Encoded {
         // Envelopes are serde_json output and validated JSON: UTF-8.
         let ws = axum::extract::ws::Utf8Bytes::try_from(sse.slice(head.len()..sse.len() - 2))
             .unwrap_or_else(|_| axum::extract::ws::Utf8Bytes::from_static("{}"));
-        Encoded { seq, sse, ws }
+        Encoded { seq, sse, ws, time: 0 }
     }
 }
 

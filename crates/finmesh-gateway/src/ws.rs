@@ -52,6 +52,8 @@ pub async fn ws(
         Ok(u) => u,
         Err(rejection) => return Ok(rejection.into_response()),
     };
+    let require = state.config().subscriptions.require_registration;
+    let admission = state.registry().admit(caller.subject(), require, filter.as_ref()).await?;
     let spec = SubscriberSpec {
         kind: "ws",
         identity: caller.subject().to_owned(),
@@ -61,6 +63,7 @@ pub async fn ws(
     let spec = Subscription::admit_from(&state, spec, &peer)?;
     // Open the feed before upgrading so a missing stream is a 404, not a close.
     let (sub, epoch) = Feed::open(&state, spec, &name, filter, q.from_seq, q.epoch).await?;
+    let sub = sub.with_registry(state.registry(), &admission, "ws", peer.0);
     let cfg = &state.config().subscriptions;
     let (heartbeat, retry) = (cfg.heartbeat, crate::sse::reconnect_retry(cfg.retry, cfg.retry_jitter));
     let mut response = upgrade.on_upgrade(move |socket| serve(socket, sub, heartbeat, retry));

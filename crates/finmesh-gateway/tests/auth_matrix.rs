@@ -39,6 +39,7 @@ fn right_scope(need: Need, path: &str) -> String {
         Need::StreamSubscribe => "stream:subscribe:S".to_owned(),
         Need::StreamConsume => "stream:consume:S".to_owned(),
         Need::StreamAdmin => "stream:admin:S".to_owned(),
+        Need::SubscribersRead => "subscribers:read".to_owned(),
         Need::Public => unreachable!("public routes take no token"),
     }
 }
@@ -55,6 +56,9 @@ fn wrong_scopes(need: Need, path: &str) -> String {
             })
             .collect();
         return wild.join(" ");
+    }
+    if need == Need::SubscribersRead {
+        return ALL_SCOPES.join(" ");
     }
     let right = right_scope(need, path);
     let (action, _) = right.rsplit_once(':').unwrap();

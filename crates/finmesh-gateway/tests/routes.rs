@@ -61,6 +61,7 @@ fn access_label(need: Need) -> &'static str {
         Need::StreamSubscribe => "stream:subscribe",
         Need::StreamConsume => "stream:consume",
         Need::StreamAdmin => "stream:admin",
+        Need::SubscribersRead => "subscribers:read",
     }
 }
 

@@ -152,6 +152,11 @@ pub struct SubscriptionsSection {
     pub max_per_principal: usize,
     /// Subscriptions open at once on the node.
     pub max_total: usize,
+    /// Refuse stream subscriptions of identities not in the subscriber registry.
+    pub require_registration: bool,
+    /// A registered subscriber disconnected longer than this is reported
+    /// by `/readyz` and `finmesh_subscribers_disconnected_over_threshold`.
+    pub registered_disconnect_alert_ms: u64,
 }
 
 impl Default for SubscriptionsSection {
@@ -170,6 +175,8 @@ impl Default for SubscriptionsSection {
             tail_idle_ms: d.tail_idle.as_millis() as u64,
             max_per_principal: d.max_per_principal,
             max_total: d.max_total,
+            require_registration: d.require_registration,
+            registered_disconnect_alert_ms: d.registered_disconnect_alert.as_millis() as u64,
         }
     }
 }
@@ -436,6 +443,7 @@ impl ServeConfig {
             ("subscriptions.tail_idle_ms", self.subscriptions.tail_idle_ms),
             ("subscriptions.max_per_principal", self.subscriptions.max_per_principal as u64),
             ("subscriptions.max_total", self.subscriptions.max_total as u64),
+            ("subscriptions.registered_disconnect_alert_ms", self.subscriptions.registered_disconnect_alert_ms),
             ("connections.max", self.connections.max as u64),
             ("connections.max_per_address", self.connections.max_per_address as u64),
             ("connections.header_timeout_ms", self.connections.header_timeout_ms),
@@ -530,6 +538,8 @@ impl ServeConfig {
                 tail_idle: Duration::from_millis(self.subscriptions.tail_idle_ms),
                 max_per_principal: self.subscriptions.max_per_principal,
                 max_total: self.subscriptions.max_total,
+                require_registration: self.subscriptions.require_registration,
+                registered_disconnect_alert: Duration::from_millis(self.subscriptions.registered_disconnect_alert_ms),
             },
             cors: self.cors.as_ref().map(|c| finmesh_gateway::CorsConfig {
                 allowed_origins: c.allowed_origins.clone(),

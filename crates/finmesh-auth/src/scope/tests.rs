@@ -36,6 +36,7 @@ fn parses_and_round_trips_every_form() {
         "stream:consume:orders",
         "stream:admin:*",
         "stream:publish:md:a:b.c",
+        "subscribers:read",
     ] {
         assert_eq!(sc(s).to_string(), s);
     }
@@ -69,6 +70,8 @@ fn rejects_malformed_scopes() {
         "stream:watch:md",
         "openid",
         "stream:publish:m*",
+        "subscribers:write",
+        "subscribers:read:x",
     ] {
         let e = s.parse::<Scope>().unwrap_err();
         assert_eq!(e.kind(), finmesh_core::ErrorKind::Invalid, "{s}");
@@ -276,4 +279,15 @@ proptest! {
             prop_assert_eq!(scope.to_string().parse::<Scope>().unwrap(), scope);
         }
     }
+}
+
+#[test]
+fn subscribers_read_grants_only_the_registry_reads() {
+    let p = Principal::new("ops", vec!["subscribers:read".into()]);
+    assert!(p.allows(&Access::SubscribersRead));
+    assert!(!p.allows(&Access::Admin), "reading the registry is not writing it");
+    assert!(Principal::admin("root").allows(&Access::SubscribersRead));
+    assert!(!Principal::new("app", vec!["kv:read:*".into()]).allows(&Access::SubscribersRead));
+    assert!(sc("admin").includes(&sc("subscribers:read")));
+    assert!(!sc("subscribers:read").includes(&sc("admin")));
 }

@@ -12,7 +12,13 @@
 //!   held per subscriber, and the next page is read only when it is sent,
 //!   so history goes at the reader's pace and never overflows the queue;
 //! - [`Feed::next`] is cancel-safe: a history read in flight is kept and
-//!   resumed by the next call, so callers may `select!` on it.
+//!   resumed by the next call, and so is a frame waiting for its pace, so
+//!   callers may `select!` on it;
+//! - a feed with a [`Session`] (see [`Feed::with_registry`]) reports every
+//!   item it yields to it, and a feed with a [`Pace`] yields a frame only
+//!   when the pace allows, one at a time (no batching: a paced subscriber
+//!   is slow by choice), and gives no heartbeat position while a frame is
+//!   held.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -24,6 +30,7 @@ use super::{Hub, HubInner, HubTail, Join};
 use crate::AppState;
 use crate::limits::Paging;
 use crate::problem::Problem;
+use crate::registry::{Admission, Pace, Registry, Session};
 use crate::subscribe::{Admitted, Encoded, End, Frame, Item, QueueWriter, Subscription};
 
 /// Most messages one history read asks for.
@@ -44,6 +51,12 @@ pub struct Feed {
     backlog: VecDeque<Frame>,
     /// Next sequence wanted (history phase).
     next: u64,
+    /// Where its status and metrics go (registry), if set.
+    session: Option<Session>,
+    /// Its registered rate limit, if any.
+    pace: Option<Pace>,
+    /// A frame waiting for its pace, and whether its bytes are paid.
+    held: Option<(Item, bool)>,
 }
 
 enum Phase {
@@ -94,8 +107,57 @@ impl Feed {
             phase: Phase::Catching { writer: Some(writer), read: None },
             backlog,
             next,
+            session: None,
+            pace: None,
+            held: None,
         };
         Ok((feed, epoch))
+    }
+
+    /// Report this `kind` (`sse`, `ws`) of connection from `peer` to the
+    /// registry's live status from now on, paced by the rate limit of its
+    /// `admission`.
+    pub fn with_registry(
+        mut self,
+        registry: &Registry,
+        admission: &Admission,
+        kind: &'static str,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Self {
+        let filter = self.filter.as_ref().map(|f| f.as_str());
+        let (session, pace) = registry.open(admission, kind, self.stream.as_str(), filter, peer);
+        self.session = Some(session);
+        self.pace = pace;
+        self
+    }
+
+    /// The next item, or `None` after the end (paced, when a pace is set).
+    pub async fn next(&mut self) -> Option<Item> {
+        if self.pace.is_none() {
+            let item = self.next_unpaced().await;
+            self.observe(&item);
+            return item;
+        }
+        if self.held.is_none() {
+            // Cancel-safe, and nothing is held yet: a cancel loses nothing.
+            let item = self.next_unpaced().await?;
+            self.held = Some((item, false));
+        }
+        if let (Some(pace), Some((Item::Frame(frame), bytes_paid))) = (&self.pace, &mut self.held) {
+            pace.wait(frame, bytes_paid).await;
+        }
+        let item = self.held.take().map(|(item, _)| item);
+        self.observe(&item);
+        item
+    }
+
+    fn observe(&mut self, item: &Option<Item>) {
+        let Some(session) = &mut self.session else { return };
+        match item {
+            Some(Item::Frame(frame)) => session.sent(frame),
+            Some(Item::End(end)) => session.ended(end),
+            None => {}
+        }
     }
 
     /// Whether the subscriber has joined the live feed.
@@ -103,8 +165,7 @@ impl Feed {
         matches!(self.phase, Phase::Live(_))
     }
 
-    /// The next item, or `None` after the end.
-    pub async fn next(&mut self) -> Option<Item> {
+    async fn next_unpaced(&mut self) -> Option<Item> {
         loop {
             if let Some(item) = self.pop_backlog() {
                 return Some(item);
@@ -154,20 +215,22 @@ impl Feed {
 
     /// The next item if one is ready now (for batching writes).
     pub fn try_next(&mut self) -> Option<Item> {
-        if let Some(item) = self.pop_backlog() {
-            return Some(item);
+        if self.pace.is_some() {
+            return None;
         }
-        match self.phase {
+        let item = self.pop_backlog().or_else(|| match self.phase {
             Phase::Live(_) => self.sub.try_next(),
             _ => None,
-        }
+        });
+        self.observe(&item);
+        item
     }
 
     /// The position a heartbeat carries: the hub's head, when the
     /// subscriber is live, has nothing pending and is behind it (a filtered
     /// subscriber that matched nothing lately). Counts as its position.
     pub fn heartbeat(&self) -> Option<u64> {
-        if !self.is_live() || !self.backlog.is_empty() {
+        if !self.is_live() || !self.backlog.is_empty() || self.held.is_some() {
             return None;
         }
         // Head first: every frame up to it was queued before this read, so
@@ -175,6 +238,9 @@ impl Feed {
         let head = self.tail.head();
         (self.sub.queue_is_empty() && head > self.sub.last_sent()).then(|| {
             self.sub.advance(head);
+            if let Some(session) = &self.session {
+                session.advance(head);
+            }
             head
         })
     }

@@ -116,6 +116,7 @@ pub async fn seed(gw: &Gw, auth: &str) {
         ("/v1/kv/b/k", "v".to_owned()),
         ("/v1/streams/S", json!({"subjects": ["s.>"]}).to_string()),
         ("/v1/streams/S/consumers/c", String::new()),
+        ("/v1/subscribers/r1", json!({"identity": "srv-r1", "filters": ["s.>"]}).to_string()),
     ] {
         let r = gw.send(Method::PUT, uri, &h, body).await;
         assert_eq!(r.status, 200, "seed PUT {uri}: {}", r.text());
@@ -125,12 +126,18 @@ pub async fn seed(gw: &Gw, auth: &str) {
 /// A request for `path` that succeeds against [`seed`], with the status it
 /// answers.
 pub fn sample_request(method: &str, path: &str) -> (Method, String, String, u16) {
-    let uri = path.replace("{bucket}", "b").replace("{key}", "k").replace("{stream}", "S").replace("{name}", "c");
+    let uri = path
+        .replace("{bucket}", "b")
+        .replace("{key}", "k")
+        .replace("{stream}", "S")
+        .replace("{name}", "c")
+        .replace("{id}", "r1");
     let method = Method::from_bytes(method.as_bytes()).expect("method");
     let (body, status) = match (method.as_str(), path) {
         ("PUT", "/v1/kv/{bucket}") => (json!({"history": 2}).to_string(), 200),
         ("PUT", "/v1/streams/{stream}") => (json!({"subjects": ["s.>"]}).to_string(), 200),
         ("PUT", "/v1/streams/{stream}/consumers/{name}") => (String::new(), 200),
+        ("PUT", "/v1/subscribers/{id}") => (json!({"identity": "srv-r1", "filters": ["s.>"]}).to_string(), 200),
         ("PUT", _) => ("v".to_owned(), 200),
         ("POST", "/v1/streams/{stream}/messages") => ("1".to_owned(), 200),
         ("POST", "/v1/streams/{stream}/consumers/{name}/fetch") => (json!({"batch": 1}).to_string(), 200),
