@@ -166,6 +166,16 @@ pub trait StreamEngine: Send + Sync + 'static {
         from: Seq,
         filter: Option<SubjectPattern>,
     ) -> Result<BoxStream<TailEvent>>;
+
+    /// Whether this engine stack enforces `option` itself (seals payloads)
+    /// on streams that set it: [`KvEngine::supports_security`] for
+    /// streams, asked separately because a stack may seal bucket values
+    /// without sealing stream payloads. Default `false`; a gateway refuses
+    /// to create a stream with an option its stack does not enforce.
+    fn supports_stream_security(&self, option: crate::SecurityOption) -> bool {
+        let _ = option;
+        false
+    }
 }
 
 /// The kind of a KV entry.

@@ -40,6 +40,11 @@ pub enum ErrorKind {
     Timeout,
     /// A bug or an unexpected failure (corrupt record, I/O error).
     Internal,
+    /// A stored value fails its integrity check: a sealed value of an
+    /// encrypted bucket was changed, copied from another key or bucket, or
+    /// was never sealed by finmesh. A server-side problem (HTTP 500 with its
+    /// own problem type), never retried; the message names no key or byte.
+    Integrity,
 }
 
 impl ErrorKind {
@@ -56,6 +61,7 @@ impl ErrorKind {
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Internal => "internal",
+            ErrorKind::Integrity => "integrity",
         }
     }
 }

@@ -182,13 +182,14 @@ impl From<finmesh_core::Error> for CryptoError {
 }
 
 impl From<CryptoError> for finmesh_core::Error {
-    /// Integrity failures and malformed values are server-side problems
-    /// (`Internal`); a key not loaded or a master key problem means the node
+    /// Integrity failures and malformed values are `Integrity` (a stored
+    /// value that fails to open: server side, never retried); a key not loaded or a master key problem means the node
     /// cannot serve now (`Unavailable`); a refused key state change is
     /// `Invalid`; an engine failure keeps the engine's kind.
     fn from(e: CryptoError) -> Self {
         let kind = match e.kind {
-            CryptoErrorKind::Integrity | CryptoErrorKind::Malformed | CryptoErrorKind::Internal => ErrorKind::Internal,
+            CryptoErrorKind::Integrity | CryptoErrorKind::Malformed => ErrorKind::Integrity,
+            CryptoErrorKind::Internal => ErrorKind::Internal,
             CryptoErrorKind::UnknownKey | CryptoErrorKind::WrongMasterKey | CryptoErrorKind::MasterKey => {
                 ErrorKind::Unavailable
             }
@@ -215,7 +216,9 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         assert_eq!(e.message(), "data key 9 is not in the loaded key ring");
         let e: finmesh_core::Error = CryptoError::integrity("x").into();
-        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert_eq!(e.kind(), ErrorKind::Integrity);
+        let e: finmesh_core::Error = CryptoError::malformed("x").into();
+        assert_eq!(e.kind(), ErrorKind::Integrity);
         let storage: CryptoError = finmesh_core::Error::wrong_revision(finmesh_core::Revision(3), "changed").into();
         assert_eq!(storage.kind(), CryptoErrorKind::Storage);
         let e: finmesh_core::Error = storage.into();

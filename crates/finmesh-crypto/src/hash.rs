@@ -19,9 +19,10 @@
 //! the key with [`hash_key`] (the active hashing key). Reads after a
 //! rotation try [`hash_key_candidates`] in order (the active key first, then
 //! decrypt-only keys, newest first; retired keys are skipped) and take the
-//! first that exists; the encrypting engine wrapper then moves an entry
-//! found under an old hash to the new one (or a re-keying job does it for
-//! the whole bucket) before the old hashing key is retired. Listing keys of
+//! first that exists; an entry found under an old hash stays there (the
+//! encrypting engine wrapper writes to where a key lives) until a re-keying
+//! job moves the whole bucket to the active key, before the old hashing
+//! key is retired. Listing keys of
 //! such a bucket returns stored keys only: a hash cannot be reversed.
 
 use base64::Engine as _;

@@ -10,7 +10,9 @@
 //! 5. [`pan`]: [`validate_pan`], [`mask_pan`], [`Masked`];
 //! 6. [`wrap`]: the [`MasterKey`] and the stored [`WrappedRing`];
 //! 7. [`provider`]: where the master key comes from ([`KeyProvider`]);
-//! 8. [`store`]: [`RingStore`], the ring kept in the engine itself.
+//! 8. [`store`]: [`RingStore`], the ring kept in the engine itself;
+//! 9. [`secure`]: [`SecureEngine`], the engine wrapper that seals values,
+//!    hashes keys and checks key formats of the buckets that ask for it.
 //!
 //! Key hierarchy: a master key (from a file or an environment variable,
 //! never stored in the engine) wraps the data keys; the wrapped ring lives in
@@ -44,6 +46,7 @@ pub mod hash;
 pub mod pan;
 pub mod provider;
 pub mod ring;
+pub mod secure;
 pub mod store;
 pub mod wrap;
 
@@ -53,6 +56,7 @@ pub use hash::{hash_key, hash_key_candidates, hashed_key_id};
 pub use pan::{Masked, PanError, Redacted, mask_pan, validate_pan};
 pub use provider::{DEFAULT_MASTER_KEY_VAR, EnvKeyProvider, FileKeyProvider, KeyProvider};
 pub use ring::{DataKey, KeyId, KeyPurpose, KeyRing, KeyState};
+pub use secure::{MAX_SEALED_VALUE_SIZE, SecureEngine};
 pub use store::{FOLLOW_MAX_BACKOFF, KEYS_BUCKET, RING_KEY, RingStore, keys_bucket_config};
 pub use wrap::{MasterKey, WrappedKey, WrappedRing};
 

@@ -5,9 +5,9 @@
 //!
 //! Layout: bucket [`KEYS_BUCKET`] (`_finmesh_keys`, history 1,
 //! `sync = always`), key [`RING_KEY`] (`ring`), value a [`WrappedRing`] as
-//! JSON. Bucket names have no reserved prefix in finmesh-core; the leading
-//! `_finmesh` marks the bucket as internal, and the gateway must refuse it
-//! to clients (not built yet).
+//! JSON. The leading `_finmesh` marks the bucket as internal
+//! (`BucketName::is_reserved`): the gateway refuses it to clients and
+//! [`crate::SecureEngine`] leaves it out of bucket listings.
 //!
 //! Invariants:
 //! - the master key is fetched from the [`KeyProvider`] before the engine

@@ -14,6 +14,9 @@
 //!   stack does not enforce ([`finmesh_core::KvEngine::supports_security`])
 //!   is never created or updated: 400 naming the option, so nothing is
 //!   stored in clear under a promise of encryption;
+//! - a key is named in problem texts masked (first 6 / last 4 characters at
+//!   most; `client_key`): it may be a card number, and problems are
+//!   logged; values are never named;
 //! - a key listing is one page (`?limit=`, default [`DEFAULT_KEYS_PAGE`],
 //!   at most `limits.max_keys_page`), never the whole bucket; `next` is the
 //!   cursor to pass as `?after=` for the next page.
@@ -24,7 +27,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use finmesh_auth::Access;
-use finmesh_core::{BucketConfig, BucketName, Engine, Error, ErrorKind, Key, Revision, SecurityOption};
+use finmesh_core::{BucketConfig, BucketName, Error, ErrorKind, Key, Revision, SecurityOption};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -90,8 +93,15 @@ pub fn config_with_name<T: serde::de::DeserializeOwned>(body: &[u8], name: &str)
 }
 
 /// Refuse `options` that the engine stack does not enforce (see the module doc).
-pub(crate) fn refuse_unenforced(engine: &dyn Engine, options: &[SecurityOption], what: &str) -> ApiResult<()> {
-    let missing: Vec<SecurityOption> = options.iter().copied().filter(|o| !engine.supports_security(*o)).collect();
+/// `enforced` is the stack's answer for the kind of thing being created
+/// ([`finmesh_core::KvEngine::supports_security`] for buckets,
+/// [`finmesh_core::StreamEngine::supports_stream_security`] for streams).
+pub(crate) fn refuse_unenforced(
+    enforced: &dyn Fn(SecurityOption) -> bool,
+    options: &[SecurityOption],
+    what: &str,
+) -> ApiResult<()> {
+    let missing: Vec<SecurityOption> = options.iter().copied().filter(|o| !enforced(*o)).collect();
     let Some(first) = missing.first() else { return Ok(()) };
     let names: Vec<String> = missing.iter().map(|o| o.to_string()).collect();
     Err(Error::invalid(format!(
@@ -117,6 +127,22 @@ pub(crate) fn client_bucket(raw: String) -> Result<BucketName, Error> {
     Ok(name)
 }
 
+/// A key named in a client's request, validated. A refused key is named
+/// masked in the problem (first 6 / last 4 characters at most): it may be
+/// a card number, and problem bodies end up in logs.
+pub(crate) fn client_key(raw: String) -> Result<Key, Error> {
+    Key::new(raw.as_str()).map_err(|e| {
+        let shown: String = raw.chars().take(64).collect();
+        let masked = finmesh_crypto::mask_pan(&raw);
+        Error::invalid(e.message().replace(&shown, &masked))
+    })
+}
+
+/// A key as problem texts name it: masked (see [`client_key`]).
+fn shown(key: &Key) -> finmesh_crypto::Masked<'_> {
+    finmesh_crypto::Masked(key.as_str())
+}
+
 /// `GET /v1/kv`: all bucket names.
 #[utoipa::path(get, path = "/v1/kv", tag = "kv", responses((status = 200, description = "bucket names", body = BucketList)))]
 pub async fn list_buckets(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
@@ -139,7 +165,7 @@ pub async fn put_bucket(
     caller.require(&Access::KvAdmin { bucket: &name })?;
     let config: BucketConfig = config_with_name(&body, name.as_str())?;
     let engine = state.engine();
-    refuse_unenforced(&**engine, &config.security.options(), &format!("bucket `{name}`"))?;
+    refuse_unenforced(&|o| engine.supports_security(o), &config.security.options(), &format!("bucket `{name}`"))?;
     let info = match engine.create_bucket(config.clone()).await {
         Err(e) if e.kind() == ErrorKind::AlreadyExists => engine.update_bucket(config).await?,
         other => other?,
@@ -218,8 +244,8 @@ pub async fn keys(
     Ok(Json(KeyList { keys: page.keys, next: page.next }).into_response())
 }
 
-async fn get_value(state: &AppState, caller: &Caller, bucket: &BucketName, key: &str) -> ApiResult<Response> {
-    let key = Key::new(key)?;
+async fn get_value(state: &AppState, caller: &Caller, bucket: &BucketName, key: String) -> ApiResult<Response> {
+    let key = client_key(key)?;
     caller.require(&Access::KvRead { bucket })?;
     match state.engine().kv_get(bucket, &key).await? {
         Some(entry) => {
@@ -228,7 +254,7 @@ async fn get_value(state: &AppState, caller: &Caller, bucket: &BucketName, key: 
             res.headers_mut().insert(header::ETAG, etag(entry.revision));
             Ok(res)
         }
-        None => Err(Error::not_found(format!("key `{key}` not found in bucket `{bucket}`")).into()),
+        None => Err(Error::not_found(format!("key `{}` not found in bucket `{bucket}`", shown(&key))).into()),
     }
 }
 
@@ -241,7 +267,7 @@ pub async fn get_key(
     caller: Caller,
     Path((bucket, key)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    get_value(&state, &caller, &client_bucket(bucket)?, &key).await
+    get_value(&state, &caller, &client_bucket(bucket)?, key).await
 }
 
 /// `GET /kv/{key}`: a value of the default bucket.
@@ -253,7 +279,7 @@ pub async fn get_default(
     caller: Caller,
     Path(key): Path<String>,
 ) -> ApiResult<Response> {
-    get_value(&state, &caller, &state.config().default_bucket, &key).await
+    get_value(&state, &caller, &state.config().default_bucket, key).await
 }
 
 /// `PUT /v1/kv/{bucket}/{key}`: write; `If-Match` / `If-None-Match: *` for CAS.
@@ -273,7 +299,7 @@ pub async fn put_key(
     body: Bytes,
 ) -> ApiResult<Response> {
     let bucket = client_bucket(bucket)?;
-    let key = Key::new(key)?;
+    let key = client_key(key)?;
     caller.require(&Access::KvWrite { bucket: &bucket })?;
     let expected = if_match(&headers)?;
     let create_only = if_none_match_star(&headers)?;
@@ -317,7 +343,7 @@ pub async fn delete_key(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let bucket = client_bucket(bucket)?;
-    let key = Key::new(key)?;
+    let key = client_key(key)?;
     caller.require(&Access::KvWrite { bucket: &bucket })?;
     let engine = state.engine();
     if let Some(expected) = if_match(&headers)? {
@@ -325,7 +351,7 @@ pub async fn delete_key(
     }
     for _ in 0..DELETE_ATTEMPTS {
         let Some(live) = engine.kv_get(&bucket, &key).await? else {
-            return Err(Error::not_found(format!("key `{key}` not found in bucket `{bucket}`")).into());
+            return Err(Error::not_found(format!("key `{}` not found in bucket `{bucket}`", shown(&key))).into());
         };
         match engine.kv_delete_if(&bucket, &key, live.revision).await {
             Ok(rev) => return Ok(written(rev)),
@@ -333,7 +359,8 @@ pub async fn delete_key(
             Err(e) => return Err(e.into()),
         }
     }
-    Err(Error::unavailable(format!("key `{key}` changed {DELETE_ATTEMPTS} times during the delete; retry")).into())
+    Err(Error::unavailable(format!("key `{}` changed {DELETE_ATTEMPTS} times during the delete; retry", shown(&key)))
+        .into())
 }
 
 /// `GET /v1/kv/{bucket}/{key}/history`: every kept entry, oldest first.
@@ -345,11 +372,11 @@ pub async fn history(
     Path((bucket, key)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let bucket = client_bucket(bucket)?;
-    let key = Key::new(key)?;
+    let key = client_key(key)?;
     caller.require(&Access::KvRead { bucket: &bucket })?;
     let entries = state.engine().kv_history(&bucket, &key).await?;
     if entries.is_empty() {
-        return Err(Error::not_found(format!("key `{key}` has no history in bucket `{bucket}`")).into());
+        return Err(Error::not_found(format!("key `{}` has no history in bucket `{bucket}`", shown(&key))).into());
     }
     let mut body = Vec::from(&b"{\"entries\":["[..]);
     for (i, e) in entries.iter().enumerate() {

@@ -9,8 +9,9 @@
 //!   by the [`edge`](crate::edge) with [`into_problem`];
 //! - `type` is `https://finmesh.dev/problems/<slug>` with a slug per kind
 //!   (see [`PROBLEM_BASE`] and `docs/api.md`); clients branch on it;
-//! - `detail` is the error's client-safe message; for `Internal` errors it is
-//!   a fixed text and the real cause is logged, never sent.
+//! - `detail` is the error's client-safe message; for `Internal` and
+//!   `Integrity` errors it is a fixed text and the real cause is logged,
+//!   never sent.
 
 use axum::body::{Body, to_bytes};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -65,6 +66,9 @@ pub fn kind_info(kind: ErrorKind) -> (StatusCode, &'static str, &'static str) {
         ErrorKind::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
         ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
         ErrorKind::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout", "Timeout"),
+        ErrorKind::Integrity => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "integrity", "Stored value failed its integrity check")
+        }
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
     }
 }
@@ -91,6 +95,12 @@ impl Problem {
             ErrorKind::Internal => {
                 tracing::error!(error = ?e, "internal error");
                 "internal error; see the server log".to_owned()
+            }
+            // The engine stack logged bucket, key id and revision where it
+            // failed; the message names no key and no byte.
+            ErrorKind::Integrity => {
+                tracing::error!(error = %e, "a stored value failed its integrity check");
+                "a stored value failed its integrity check (it was changed or moved); see the server log".to_owned()
             }
             _ => e.message().to_owned(),
         };

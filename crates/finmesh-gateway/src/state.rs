@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use finmesh_auth::{Authenticator, ClientRegistry};
 use finmesh_core::{BucketName, Engine};
+use finmesh_crypto::RingStore;
 use tokio_util::sync::CancellationToken;
 
 use crate::cors::CorsConfig;
@@ -232,6 +233,10 @@ pub(crate) struct Inner {
     pub oauth_admission: Arc<TokenAdmission>,
     /// Prometheus handles.
     pub metrics: Metrics,
+    /// The key ring of the encrypting engine wrapper, when the node runs
+    /// with `[security]` (key administration acts on it); `None` = no
+    /// bucket security is enforced.
+    pub keys: Option<Arc<RingStore>>,
 }
 
 impl AppState {
@@ -255,6 +260,7 @@ impl AppState {
                 oauth_rate,
                 oauth_admission,
                 metrics: Metrics::global(),
+                keys: None,
             }),
         }
     }
@@ -266,6 +272,19 @@ impl AppState {
     pub fn with_oauth(mut self, clients: Arc<ClientRegistry>) -> Self {
         Arc::make_mut(&mut self.inner).oauth = Some(clients);
         self
+    }
+
+    /// Keep the key ring the engine wrapper uses (see [`keys`](Self::keys)).
+    /// Builder style, as [`with_oauth`](Self::with_oauth).
+    pub fn with_keys(mut self, keys: Arc<RingStore>) -> Self {
+        Arc::make_mut(&mut self.inner).keys = Some(keys);
+        self
+    }
+
+    /// The key ring of the encrypting engine wrapper, when the node runs
+    /// with `[security]`.
+    pub fn keys(&self) -> Option<&Arc<RingStore>> {
+        self.inner.keys.as_ref()
     }
 
     /// The OAuth client registry, when `POST /oauth/token` is served.

@@ -59,7 +59,8 @@ pub async fn put_stream(
     caller.require(&Access::StreamAdmin { stream: &name })?;
     let config: StreamConfig = config_with_name(&body, name.as_str())?;
     let engine = state.engine();
-    crate::kv::refuse_unenforced(&**engine, &config.security.options(), &format!("stream `{name}`"))?;
+    let enforced = |o| engine.supports_stream_security(o);
+    crate::kv::refuse_unenforced(&enforced, &config.security.options(), &format!("stream `{name}`"))?;
     let info = match engine.create_stream(config.clone()).await {
         Err(e) if e.kind() == ErrorKind::AlreadyExists => engine.update_stream(config).await?,
         other => other?,

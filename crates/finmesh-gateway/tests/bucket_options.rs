@@ -80,6 +80,9 @@ impl StreamEngine for EnforcesEncryption {
     async fn tail(&self, s: &StreamName, from: Seq, f: Option<SubjectPattern>) -> Result<BoxStream<TailEvent>> {
         self.0.tail(s, from, f).await
     }
+    fn supports_stream_security(&self, option: SecurityOption) -> bool {
+        option == SecurityOption::Encryption(Encryption::Aes256Gcm) || self.0.supports_stream_security(option)
+    }
 }
 
 #[async_trait]

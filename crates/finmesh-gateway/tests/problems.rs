@@ -24,6 +24,7 @@ async fn every_kind_maps_to_a_stable_problem<H: Harness>() {
         (ErrorKind::Unavailable, 503, "unavailable"),
         (ErrorKind::Timeout, 504, "timeout"),
         (ErrorKind::Internal, 500, "internal"),
+        (ErrorKind::Integrity, 500, "integrity"),
     ];
     for (kind, status, slug) in kinds {
         assert_eq!((kind_info(kind).0.as_u16(), kind_info(kind).1), (status, slug));
@@ -51,7 +52,7 @@ async fn every_kind_maps_to_a_stable_problem<H: Harness>() {
         assert!(!body["title"].as_str().unwrap().is_empty());
         let detail = body["detail"].as_str().unwrap();
         assert!(!detail.contains("disk on fire"), "sources are never sent: {detail}");
-        if kind == ErrorKind::Internal {
+        if matches!(kind, ErrorKind::Internal | ErrorKind::Integrity) {
             assert!(!detail.contains("secret-free"), "internal messages are logged, not sent");
         }
         if kind == ErrorKind::WrongRevision {

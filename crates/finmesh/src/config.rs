@@ -197,6 +197,68 @@ fn default_cors_max_age_secs() -> u64 {
     finmesh_gateway::CorsConfig::default().max_age.as_secs()
 }
 
+/// Encryption of KV buckets (`[security]`, docs/security.md): where the
+/// master key comes from. Exactly one of the two sources. Without this
+/// section the node enforces no bucket security option and refuses to
+/// create buckets that ask for one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecuritySection {
+    /// A file holding the master key (32 raw bytes, 64 hex digits or
+    /// base64 of 32 bytes; mode 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_key_file: Option<PathBuf>,
+    /// An environment variable holding the master key in base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_key_env: Option<String>,
+    /// Copies of the key ring's bucket (`_finmesh_keys`) when the node
+    /// creates it: the cluster's replication factor on NATS (1-5), 1 on the
+    /// embedded engine.
+    #[serde(default = "default_ring_replicas")]
+    pub ring_replicas: u8,
+}
+
+fn default_ring_replicas() -> u8 {
+    1
+}
+
+impl SecuritySection {
+    /// The master key's source. Call after [`ServeConfig::validate`].
+    pub fn provider(&self) -> Box<dyn finmesh_crypto::KeyProvider> {
+        match (&self.master_key_file, &self.master_key_env) {
+            (Some(path), _) => Box::new(finmesh_crypto::FileKeyProvider::new(path.clone())),
+            (None, Some(var)) => Box::new(finmesh_crypto::EnvKeyProvider::new(var.clone())),
+            (None, None) => Box::new(finmesh_crypto::EnvKeyProvider::default()),
+        }
+    }
+
+    fn problems(&self, engine: EngineKind, problem: &mut dyn FnMut(&str, String)) {
+        match (&self.master_key_file, &self.master_key_env) {
+            (Some(_), Some(_)) => problem(
+                "security",
+                "set one of master_key_file and master_key_env, not both (which one holds the key?)".to_owned(),
+            ),
+            (None, None) => problem("security", "needs master_key_file or master_key_env".to_owned()),
+            (Some(p), None) if p.as_os_str().is_empty() => {
+                problem("security.master_key_file", "must name a file".to_owned())
+            }
+            (None, Some(v)) if v.is_empty() || v.contains('=') || v.contains('\0') => {
+                problem("security.master_key_env", format!("`{v}` is not an environment variable name"))
+            }
+            _ => {}
+        }
+        match engine {
+            EngineKind::Embedded if self.ring_replicas != 1 => {
+                problem("security.ring_replicas", "must be 1 on the embedded engine".to_owned())
+            }
+            EngineKind::Nats if !(1..=5).contains(&self.ring_replicas) => {
+                problem("security.ring_replicas", format!("must be 1 to 5, not {}", self.ring_replicas))
+            }
+            _ => {}
+        }
+    }
+}
+
 /// The whole file. Every field has a default, so an empty file is valid.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -235,6 +297,10 @@ pub struct ServeConfig {
     /// Cross-origin access for browsers; absent = none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cors: Option<CorsSection>,
+    /// Encryption of KV buckets: the master key's source; absent = no
+    /// bucket may ask for a security option.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub security: Option<SecuritySection>,
 }
 
 impl Default for ServeConfig {
@@ -255,6 +321,7 @@ impl Default for ServeConfig {
             subscriptions: SubscriptionsSection::default(),
             auth: None,
             cors: None,
+            security: None,
         }
     }
 }
@@ -484,6 +551,9 @@ impl ServeConfig {
             for message in cors.allowed_origins.iter().filter_map(|o| finmesh_gateway::cors::origin_problem(o)) {
                 problem("cors.allowed_origins", message);
             }
+        }
+        if let Some(security) = &self.security {
+            security.problems(self.engine, &mut problem);
         }
         if let Some(tls) = &self.tls {
             for (key, path) in

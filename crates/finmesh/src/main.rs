@@ -22,6 +22,7 @@ mod client;
 mod config;
 mod demo;
 mod pipeline;
+mod security;
 mod serve;
 mod serving;
 mod tls;

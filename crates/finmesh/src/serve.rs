@@ -2,7 +2,9 @@
 //! and the drain on SIGTERM/SIGINT.
 //!
 //! Start-up order: load and validate the configuration (every problem at
-//! once), open the engine, set up authentication, bind the listener, start
+//! once), fetch the master key (`[security]`, [`crate::security`]), set up
+//! authentication, open the engine, load the key ring from it and wrap the
+//! engine in the encrypting wrapper (`[security]`), bind the listener, start
 //! the serving threads ([`crate::serving`]), then print `listening on <url>`
 //! on standard output (tests and scripts wait for that line; with
 //! `--listen 127.0.0.1:0` it carries the chosen port).
@@ -182,12 +184,36 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
         tracing::warn!("{warning}");
         eprintln!("WARNING: {warning}");
     }
+    // The master key first: a missing or unreadable key stops the node
+    // before anything (data dir, engine) is touched.
+    let master = match &config.security {
+        Some(security) => Some(crate::security::MasterKeySource::check(security).await?),
+        None => None,
+    };
     let (auth, oauth) = authenticator(&config, args.insecure_no_auth)?;
     let engine = OpenEngine::open(&config).await?;
-    let mut state = AppState::new(engine.shared(), auth, config.gateway()?);
+    let (shared, keys) = match &master {
+        None => (engine.shared(), None),
+        Some(master) => match master.wrap(engine.shared()).await {
+            Ok((wrapped, keys)) => (wrapped, Some(keys)),
+            Err(e) => {
+                engine.close().await?;
+                return Err(e);
+            }
+        },
+    };
+    let mut state = AppState::new(shared, auth, config.gateway()?);
     if let Some(clients) = oauth {
         state = state.with_oauth(clients);
     }
+    // Keep the ring current: rotations made through another gateway.
+    let follow = match keys {
+        Some(keys) => {
+            state = state.with_keys(keys.clone());
+            Some(tokio::spawn(async move { keys.follow().await }))
+        }
+        None => None,
+    };
     let app = finmesh_gateway::app(state.clone());
 
     let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
@@ -205,6 +231,9 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
     tracing::info!(%local, engine = ?config.engine, tls = secure, threads, "finmesh serving");
     servers.wait().await;
     drain.abort();
+    if let Some(follow) = follow {
+        follow.abort();
+    }
     engine.close().await?;
     tracing::info!("finmesh stopped");
     Ok(())

@@ -20,6 +20,11 @@
 //! and [`property`] (random operation sequences against the in-memory
 //! [`model`]). Shared helpers live in [`support`].
 //!
+//! [`security`] holds the cases of an engine stack that enforces bucket
+//! security options (the encrypting wrapper): a [`security::SecureHarness`]
+//! stamps them with [`security_conformance_tests!`](crate::security_conformance_tests),
+//! besides the whole suite above.
+//!
 //! Rules every case follows, so that the suite also runs against a real NATS
 //! server:
 //! - each case starts its own engine with [`Harness::start`] and needs nothing
@@ -98,6 +103,7 @@ pub mod publish;
 pub mod reads;
 pub mod redelivery;
 pub mod restart;
+pub mod security;
 pub mod streams;
 pub mod support;
 pub mod tail;
@@ -367,6 +373,63 @@ macro_rules! engine_conformance_tests {
             #[test]
             fn engine_matches_model() {
                 $crate::testsuite::property::engine_matches_model::<super::FinmeshConformanceHarness>();
+            }
+        }
+    };
+}
+
+/// Stamp every case of [`security`] as a test for one
+/// [`security::SecureHarness`] type, in a module `security_conformance`.
+#[macro_export]
+macro_rules! security_conformance_tests {
+    ($harness:ty) => {
+        #[allow(dead_code)]
+        type SecureConformanceHarness = $harness;
+
+        mod security_conformance {
+            #[test]
+            fn info_returns_options() {
+                $crate::testsuite::run_case(
+                    $crate::testsuite::security::info_returns_options::<super::SecureConformanceHarness>,
+                );
+            }
+            #[test]
+            fn values_are_sealed_in_storage() {
+                $crate::testsuite::run_case(
+                    $crate::testsuite::security::values_are_sealed_in_storage::<super::SecureConformanceHarness>,
+                );
+            }
+            #[test]
+            fn moved_or_changed_ciphertext_is_integrity() {
+                $crate::testsuite::run_case(
+                    $crate::testsuite::security::moved_or_changed_ciphertext_is_integrity::<
+                        super::SecureConformanceHarness,
+                    >,
+                );
+            }
+            #[test]
+            fn size_limit_is_on_the_plaintext() {
+                $crate::testsuite::run_case(
+                    $crate::testsuite::security::size_limit_is_on_the_plaintext::<super::SecureConformanceHarness>,
+                );
+            }
+            #[test]
+            fn hashed_keys_work_by_the_clear_key() {
+                $crate::testsuite::run_case(
+                    $crate::testsuite::security::hashed_keys_work_by_the_clear_key::<super::SecureConformanceHarness>,
+                );
+            }
+            #[test]
+            fn watch_one_hashed_key() {
+                $crate::testsuite::run_case(
+                    $crate::testsuite::security::watch_one_hashed_key::<super::SecureConformanceHarness>,
+                );
+            }
+            #[test]
+            fn pan_keys_are_validated() {
+                $crate::testsuite::run_case(
+                    $crate::testsuite::security::pan_keys_are_validated::<super::SecureConformanceHarness>,
+                );
             }
         }
     };

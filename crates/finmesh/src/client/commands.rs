@@ -22,14 +22,29 @@ pub enum KvCommand {
         /// Largest value in bytes.
         #[arg(long)]
         max_value_size: Option<u32>,
+        /// Seal values (`encryption = "aes256gcm"`); the node needs `[security]`.
+        #[arg(long)]
+        encrypt: bool,
+        /// Store keys as keyed hashes (`key_hashing = "hmac-sha256"`).
+        #[arg(long)]
+        hash_keys: bool,
+        /// Accept only card numbers as keys (`key_format = "pan"`).
+        #[arg(long)]
+        pan_keys: bool,
     },
     /// Print a key's value (raw bytes) or, with --json, its entry.
     Get { bucket: String, key: String },
-    /// Write a value: from the argument, or stdin when it is `-`.
+    /// Write a value: from the argument, stdin when it is `-`, or --file.
+    /// A bucket that is encrypted or hashes its keys takes the value only
+    /// from stdin or --file (an argument stays in shell history).
     Put {
         bucket: String,
         key: String,
-        value: String,
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        value: Option<String>,
+        /// Read the value from this file.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
         /// Only if the key is at this revision (compare-and-set).
         #[arg(long, conflicts_with = "create")]
         if_revision: Option<u64>,
@@ -187,6 +202,25 @@ fn read_arg(value: &str) -> anyhow::Result<Vec<u8>> {
     }
 }
 
+/// Refuse a value given as an argument for a bucket whose options say its
+/// contents are sensitive: arguments stay in shell history and show in the
+/// process list. Asks the node for the bucket's options; if it cannot tell
+/// (no read access, no such bucket), the write goes ahead and the node
+/// answers it.
+async fn refuse_argv_value(client: &Client, bucket: &str) -> anyhow::Result<()> {
+    let request = client.request(Method::GET, &format!("/v1/kv/{}", segment(bucket)));
+    let Ok(info) = client.json(request).await else { return Ok(()) };
+    let security = &info["config"]["security"];
+    let sensitive = ["encryption", "key_hashing", "key_format"].iter().find(|o| !security[**o].is_null());
+    if let Some(option) = sensitive {
+        anyhow::bail!(
+            "bucket `{bucket}` has {option} set, so its values are sensitive: give the value on stdin (`-`) or with \
+             --file, not as an argument (arguments are kept in shell history and visible in the process list)"
+        );
+    }
+    Ok(())
+}
+
 fn print_json(value: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -194,8 +228,21 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
 
 pub async fn kv(client: &Client, command: KvCommand) -> anyhow::Result<()> {
     match command {
-        KvCommand::Create { bucket, history, ttl_ms, max_value_size } => {
-            let body = json!({"history": history, "ttl": ttl_ms, "max_value_size": max_value_size});
+        KvCommand::Create { bucket, history, ttl_ms, max_value_size, encrypt, hash_keys, pan_keys } => {
+            let mut body = json!({"history": history, "ttl": ttl_ms, "max_value_size": max_value_size});
+            let mut security = serde_json::Map::new();
+            if encrypt {
+                security.insert("encryption".into(), "aes256gcm".into());
+            }
+            if hash_keys {
+                security.insert("key_hashing".into(), "hmac-sha256".into());
+            }
+            if pan_keys {
+                security.insert("key_format".into(), "pan".into());
+            }
+            if !security.is_empty() {
+                body["security"] = Value::Object(security);
+            }
             let info =
                 client.json(client.request(Method::PUT, &format!("/v1/kv/{}", segment(&bucket))).json(&body)).await?;
             if client.json {
@@ -221,9 +268,18 @@ pub async fn kv(client: &Client, command: KvCommand) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        KvCommand::Put { bucket, key, value, if_revision, create } => {
+        KvCommand::Put { bucket, key, value, file, if_revision, create } => {
+            let body = match (&value, &file) {
+                (_, Some(path)) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                (Some(v), None) if v == "-" => read_arg(v)?,
+                (Some(v), None) => {
+                    refuse_argv_value(client, &bucket).await?;
+                    v.as_bytes().to_vec()
+                }
+                (None, None) => anyhow::bail!("give a value, `-` for stdin, or --file"),
+            };
             let path = format!("/v1/kv/{}/{}", segment(&bucket), segment(&key));
-            let mut request = client.request(Method::PUT, &path).body(read_arg(&value)?);
+            let mut request = client.request(Method::PUT, &path).body(body);
             if let Some(rev) = if_revision {
                 request = request.header("if-match", format!("\"{rev}\""));
             }
