@@ -28,6 +28,9 @@
 //! - `embedded_consumer`: a consumer matching 1% of a large stream
 //!   (fetch p99, and a publisher's rate while it drains, next to alone);
 //!   acks/s with 10,000 and 100 deliveries pending.
+//! - `kv_scale` (`kv-scale`, only when selected): load `--scale-keys`
+//!   keys in batches, then GET random keys over HTTP with wrk and a Lua
+//!   script next to a single-key run, with the node's RSS.
 //! - `nats_engine` (`nats-engine-publish`) and `nats_engine_kv`
 //!   (`nats-engine-kv`): every embedded publish and KV scenario through the
 //!   NATS engine and through raw async-nats side by side, on one server
@@ -44,6 +47,7 @@ mod embedded_kv;
 mod embedded_publish;
 mod fsync;
 mod gateway;
+mod kv_scale;
 mod measure;
 mod nats_engine;
 mod nats_engine_kv;
@@ -104,6 +108,9 @@ pub enum Scenario {
     NatsEngineKv,
     /// Embedded consumers: sparse filtered fetch, acks/s.
     EmbeddedConsumer,
+    /// Random keys at scale: batched load, then random-key GETs over HTTP
+    /// (only when selected).
+    KvScale,
 }
 
 impl Scenario {
@@ -123,8 +130,14 @@ impl Scenario {
         Scenario::EmbeddedConsumer,
     ];
 
-    /// Is `self` selected by `chosen` (empty = all)?
+    /// Families that run only when named (they write a lot of data).
+    const ON_REQUEST: [Scenario; 1] = [Scenario::KvScale];
+
+    /// Is `self` selected by `chosen` (empty = all but [`Self::ON_REQUEST`])?
     fn selected_by(self, chosen: &[Scenario]) -> bool {
+        if Self::ON_REQUEST.contains(&self) {
+            return chosen.contains(&self);
+        }
         chosen.is_empty()
             || chosen.contains(&self)
             || (chosen.contains(&Scenario::Gateway) && self.name().starts_with("gateway-"))
@@ -146,6 +159,7 @@ impl Scenario {
             Scenario::NatsEnginePublish => nats_engine::run_publish(ctx).await,
             Scenario::NatsEngineKv => nats_engine_kv::run(ctx).await,
             Scenario::EmbeddedConsumer => embedded_consumer::run(ctx).await,
+            Scenario::KvScale => kv_scale::run(ctx).await,
         }
     }
 
@@ -165,6 +179,7 @@ impl Scenario {
             Scenario::NatsEnginePublish => "nats-engine-publish",
             Scenario::NatsEngineKv => "nats-engine-kv",
             Scenario::EmbeddedConsumer => "embedded-consumer",
+            Scenario::KvScale => "kv-scale",
         }
     }
 }
@@ -188,6 +203,12 @@ pub struct BenchArgs {
     /// Keys loaded into the NATS KV bucket (fewer: one connection loads them).
     #[arg(long, default_value_t = 50_000)]
     nats_kv_keys: u64,
+    /// Keys loaded by `kv-scale`.
+    #[arg(long, default_value_t = 10_000_000)]
+    scale_keys: u64,
+    /// Bytes per value of `kv-scale`.
+    #[arg(long, default_value_t = KV_VALUE)]
+    value_bytes: usize,
     /// Puts timed per leaf by the mirror propagation scenario.
     #[arg(long, default_value_t = 1_000)]
     mirror_puts: u64,
@@ -213,6 +234,10 @@ pub struct BenchContext {
     pub kv_keys: u64,
     /// Keys for the NATS KV scenarios.
     pub nats_kv_keys: u64,
+    /// Keys loaded by `kv-scale`.
+    pub scale_keys: u64,
+    /// Bytes per value of `kv-scale`.
+    pub value_bytes: usize,
     /// Puts timed per leaf by the mirror scenario.
     pub mirror_puts: u64,
     /// Messages in the sparse consumer scenario's stream.
@@ -257,11 +282,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         duration: Duration::from_secs_f64(args.duration_secs),
         kv_keys: args.kv_keys,
         nats_kv_keys: args.nats_kv_keys,
+        scale_keys: args.scale_keys,
+        value_bytes: args.value_bytes,
         mirror_puts: args.mirror_puts,
         consumer_messages: args.consumer_messages,
         run: 1,
     };
-    let scenarios: Vec<Scenario> = Scenario::ALL.into_iter().filter(|s| s.selected_by(&args.scenarios)).collect();
+    let scenarios: Vec<Scenario> =
+        Scenario::ALL.into_iter().chain(Scenario::ON_REQUEST).filter(|s| s.selected_by(&args.scenarios)).collect();
     let machine = report::Machine::probe(&dir, same_filesystem(&dir, Path::new(".")));
     eprintln!(
         "finmesh-bench: {} run(s) of [{}], {} s windows, data under {}",

@@ -117,6 +117,11 @@ impl Node {
         }
     }
 
+    /// The process id of `finmesh serve` (for its VmRSS).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// SIGTERM (the drain), then SIGKILL after a grace period.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.process.stop(finmesh_testkit::process::STOP_GRACE).await.map(drop).context("stopping finmesh serve")
