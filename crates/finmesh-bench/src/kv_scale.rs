@@ -54,10 +54,23 @@ pub const RSS: &str = "kv-scale.rss.serving";
 pub const SINGLE: &str = "kv-scale.get.single-key";
 pub const RANDOM: &str = "kv-scale.get.random-keys";
 
-/// The value of key `i`: its index (u64 BE), then filler, `len` bytes.
+/// The value of key `i`, `len` bytes: its index (u64 BE), then bytes
+/// that do not compress (a splitmix64 stream from the index), as the
+/// ciphertexts of an encrypted registry would not, so the disk figure is
+/// what real values cost.
 pub fn scale_value(i: u64, len: usize) -> Bytes {
-    let mut v = vec![0x5a; len.max(8)];
-    v[..8].copy_from_slice(&i.to_be_bytes());
+    let mut v = Vec::with_capacity(len.max(8));
+    v.extend_from_slice(&i.to_be_bytes());
+    let mut state = i;
+    while v.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let bytes = (z ^ (z >> 31)).to_le_bytes();
+        let take = (len - v.len()).min(8);
+        v.extend_from_slice(&bytes[..take]);
+    }
     Bytes::from(v)
 }
 
@@ -235,6 +248,9 @@ mod tests {
         assert_eq!(key_name(42), format!("k{:010}", 42));
         let v = scale_value(7, 256);
         assert_eq!((v.len(), &v[..8]), (256, &7u64.to_be_bytes()[..]));
+        assert_eq!(scale_value(7, 256), v, "the same key, the same value");
+        assert_ne!(scale_value(8, 256)[8..], v[8..]);
+        assert_eq!(scale_value(3, 13).len(), 13);
     }
 
     #[test]
