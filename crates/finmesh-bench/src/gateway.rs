@@ -94,7 +94,7 @@ async fn check_get(client: &reqwest::Client, key_url: &str, token: &str) -> anyh
 
 /// A 1-second wrk warm-up, then the measured run.
 async fn wrk_measure(wrk: &Path, url: &str, headers: &[String], duration: Duration) -> anyhow::Result<WrkResult> {
-    let run = WrkRun { wrk, url, headers, threads: WRK_THREADS, connections: WRK_CONNECTIONS };
+    let run = WrkRun { wrk, url, headers, threads: WRK_THREADS, connections: WRK_CONNECTIONS, script: None };
     run_wrk(&run, warmup_for(duration)).await.context("wrk warm-up")?;
     run_wrk(&run, duration).await
 }

@@ -28,6 +28,9 @@
 //! - `embedded_consumer`: a consumer matching 1% of a large stream
 //!   (fetch p99, and a publisher's rate while it drains, next to alone);
 //!   acks/s with 10,000 and 100 deliveries pending.
+//! - `kv_scale` (`kv-scale`, only when selected): load `--scale-keys`
+//!   keys in batches, then GET random keys over HTTP with wrk and a Lua
+//!   script next to a single-key run, with the node's RSS.
 //! - `nats_engine` (`nats-engine-publish`) and `nats_engine_kv`
 //!   (`nats-engine-kv`): every embedded publish and KV scenario through the
 //!   NATS engine and through raw async-nats side by side, on one server
@@ -49,6 +52,7 @@ mod embedded_publish;
 mod fanout;
 mod fsync;
 mod gateway;
+mod kv_scale;
 mod measure;
 mod nats_engine;
 mod nats_engine_kv;
@@ -111,14 +115,18 @@ pub enum Scenario {
     EmbeddedConsumer,
     /// Fan-out: 1,000 ticks/s to 60 SSE subscribers (latency, skew) vs core NATS.
     Fanout,
-    /// Fan-out: highest deliveries/s to 60 subscribers with p99 < 50 ms vs core NATS.
+    /// Fan-out: highest deliveries/s to 60 subscribers with p99 < 50 ms vs core NATS
+    /// (only when selected).
     FanoutMax,
-    /// Fan-out: RSS per idle SSE subscriber, 15,000 of them.
+    /// Fan-out: RSS per idle SSE subscriber, 15,000 of them (only when selected).
     FanoutIdle,
+    /// Random keys at scale: batched load, then random-key GETs over HTTP
+    /// (only when selected).
+    KvScale,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 16] = [
+    const ALL: [Scenario; 14] = [
         Scenario::Fsync,
         Scenario::EmbeddedPublish,
         Scenario::NatsPublish,
@@ -133,12 +141,16 @@ impl Scenario {
         Scenario::NatsEngineKv,
         Scenario::EmbeddedConsumer,
         Scenario::Fanout,
-        Scenario::FanoutMax,
-        Scenario::FanoutIdle,
     ];
 
-    /// Is `self` selected by `chosen` (empty = all)?
+    /// Families that run only when named (they write a lot of data).
+    const ON_REQUEST: [Scenario; 3] = [Scenario::KvScale, Scenario::FanoutMax, Scenario::FanoutIdle];
+
+    /// Is `self` selected by `chosen` (empty = all but [`Self::ON_REQUEST`])?
     fn selected_by(self, chosen: &[Scenario]) -> bool {
+        if Self::ON_REQUEST.contains(&self) {
+            return chosen.contains(&self);
+        }
         chosen.is_empty()
             || chosen.contains(&self)
             || (chosen.contains(&Scenario::Gateway) && self.name().starts_with("gateway-"))
@@ -163,6 +175,7 @@ impl Scenario {
             Scenario::Fanout => fanout::run_latency(ctx).await,
             Scenario::FanoutMax => fanout::run_max(ctx).await,
             Scenario::FanoutIdle => fanout::run_idle(ctx).await,
+            Scenario::KvScale => kv_scale::run(ctx).await,
         }
     }
 
@@ -185,6 +198,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::FanoutMax => "fanout-max",
             Scenario::FanoutIdle => "fanout-idle",
+            Scenario::KvScale => "kv-scale",
         }
     }
 }
@@ -208,6 +222,12 @@ pub struct BenchArgs {
     /// Keys loaded into the NATS KV bucket (fewer: one connection loads them).
     #[arg(long, default_value_t = 50_000)]
     nats_kv_keys: u64,
+    /// Keys loaded by `kv-scale`.
+    #[arg(long, default_value_t = 10_000_000)]
+    scale_keys: u64,
+    /// Bytes per value of `kv-scale`.
+    #[arg(long, default_value_t = KV_VALUE)]
+    value_bytes: usize,
     /// Puts timed per leaf by the mirror propagation scenario.
     #[arg(long, default_value_t = 1_000)]
     mirror_puts: u64,
@@ -237,6 +257,10 @@ pub struct BenchContext {
     pub kv_keys: u64,
     /// Keys for the NATS KV scenarios.
     pub nats_kv_keys: u64,
+    /// Keys loaded by `kv-scale`.
+    pub scale_keys: u64,
+    /// Bytes per value of `kv-scale`.
+    pub value_bytes: usize,
     /// Puts timed per leaf by the mirror scenario.
     pub mirror_puts: u64,
     /// Messages in the sparse consumer scenario's stream.
@@ -283,12 +307,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         duration: Duration::from_secs_f64(args.duration_secs),
         kv_keys: args.kv_keys,
         nats_kv_keys: args.nats_kv_keys,
+        scale_keys: args.scale_keys,
+        value_bytes: args.value_bytes,
         mirror_puts: args.mirror_puts,
         consumer_messages: args.consumer_messages,
         idle_subscribers: args.idle_subscribers,
         run: 1,
     };
-    let scenarios: Vec<Scenario> = Scenario::ALL.into_iter().filter(|s| s.selected_by(&args.scenarios)).collect();
+    let scenarios: Vec<Scenario> =
+        Scenario::ALL.into_iter().chain(Scenario::ON_REQUEST).filter(|s| s.selected_by(&args.scenarios)).collect();
     let machine = report::Machine::probe(&dir, same_filesystem(&dir, Path::new(".")));
     eprintln!(
         "finmesh-bench: {} run(s) of [{}], {} s windows, data under {}",

@@ -123,7 +123,7 @@ impl Node {
         }
     }
 
-    /// The process id (for RSS and CPU figures).
+    /// The process id of `finmesh serve` (for its VmRSS).
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }

@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use super::measure::Measurement;
 use super::{
-    BenchArgs, KV_VALUE, PUBLISH_PAYLOAD, embedded_kv, embedded_publish, fanout, fsync, gateway, nats_engine, nats_kv,
-    nats_publish, tls_conn,
+    BenchArgs, KV_VALUE, PUBLISH_PAYLOAD, embedded_kv, embedded_publish, fanout, fsync, gateway, kv_scale, nats_engine,
+    nats_kv, nats_publish, tls_conn,
 };
 
 /// The machine the figures come from.
@@ -173,6 +173,13 @@ fn gateway_ratios() -> Vec<(&'static str, &'static str, &'static str, &'static s
             "gateway NDJSON publish / in-process publish_batch, 4 clients, sync = interval",
             PUBLISH_HTTP_INTERVAL,
             PUBLISH_IN_PROCESS_INTERVAL,
+            Field::Value,
+        ),
+        (
+            "kv-scale-random-vs-single",
+            "KV GET random keys / one key, req/s, same node and session (target ≥ 0.80)",
+            kv_scale::RANDOM,
+            kv_scale::SINGLE,
             Field::Value,
         ),
         (

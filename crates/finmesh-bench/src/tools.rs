@@ -239,6 +239,8 @@ pub struct WrkRun<'a> {
     pub threads: usize,
     /// Open connections (`-c`).
     pub connections: usize,
+    /// A Lua script (`-s`), e.g. one that picks the path per request.
+    pub script: Option<&'a Path>,
 }
 
 /// Whole seconds for wrk's `-d` (it takes no fractions): at least 1.
@@ -258,6 +260,9 @@ pub async fn run_wrk(run: &WrkRun<'_>, duration: Duration) -> anyhow::Result<Wrk
         .arg("5s");
     for h in run.headers {
         command.arg("-H").arg(h);
+    }
+    if let Some(script) = run.script {
+        command.arg("-s").arg(script);
     }
     command.arg(run.url).kill_on_drop(true);
     let output = command.output().await.with_context(|| format!("running {}", run.wrk.display()))?;

@@ -322,3 +322,25 @@ fn without_a_finmesh_binary_the_error_says_how_to_build_one() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("FINMESH_BIN") && stderr.contains("is not a file"), "{stderr}");
 }
+
+/// `kv-scale` end to end on a tiny bucket: the batched load, the node
+/// serving it, wrk on one key and on random keys (a missing key would fail
+/// the run with a 404), the node's RSS, and the random / single ratio.
+#[test]
+fn kv_scale_loads_in_batches_and_gets_random_keys_over_http() {
+    let report = bench(&["--runs", "1", "--scenario", "kv-scale", "--scale-keys", "2500", "--value-bytes", "64"]);
+    assert_eq!(report["scenarios"], serde_json::json!(["kv-scale"]));
+    let load = result(&report, "kv-scale.load");
+    assert_eq!(load["unit"], "keys/s");
+    assert!(load["median"].as_f64().unwrap() > 0.0, "{load:#}");
+    assert!(load["what"].as_str().unwrap().contains("2500 keys × 64 B"), "{load:#}");
+    assert!(result(&report, "kv-scale.disk")["median"].as_f64().unwrap() > 0.0);
+    assert!(result(&report, "kv-scale.rss.serving")["median"].as_f64().unwrap() > 1.0);
+    for id in ["kv-scale.get.single-key", "kv-scale.get.random-keys"] {
+        let r = result(&report, id);
+        assert_eq!(r["unit"], "req/s");
+        assert!(r["median"].as_f64().unwrap() > 0.0 && r["p99_us"].as_f64().unwrap() > 0.0, "{r:#}");
+    }
+    let ratios = report["ratios"].as_array().unwrap();
+    assert!(ratios.iter().any(|r| r["id"] == "kv-scale-random-vs-single"), "{ratios:#?}");
+}

@@ -4,8 +4,19 @@
 //! `ttl` is `max_age`. Delete and purge are messages with a `KV-Operation`
 //! header (`DEL`, `PURGE`); purge also rolls up the key's older entries.
 //!
+//! Values live on disk only: no KV value or key is held in memory by the
+//! engine (fjall's block cache, `EmbeddedOptions::cache_bytes`, and the OS
+//! page cache keep the hot set), so memory does not grow with the bucket.
+//!
 //! Invariants: a get reads two point lookups (`l` for the key's last
-//! sequence, `m` for the record) and never scans. A key listing page is
+//! sequence, `m` for the record) and never scans, except when the key's
+//! last write is committed but not yet visible (an `always` write waiting
+//! for its fsync): then it takes the newer of the key's last visible
+//! revision in its index and the value that write replaced, which the
+//! handle keeps in memory until the write is revealed
+//! (`StreamHandle::replaced`). So no get sees a write before it is
+//! durable, and none finds a key without a value while one write replaces
+//! another. A key listing page is
 //! one range scan of `l` from the cursor (or the prefix) that stops after
 //! `limit + 1` live keys: its cost follows the page and the dead keys
 //! (deleted, purged, expired) it steps over, not the bucket's size.
@@ -91,6 +102,43 @@ pub(crate) fn entry(bucket: &BucketName, m: Message) -> Result<KvEntry> {
 /// boundary as age retention (`created < now - ttl`), so reads and writes agree.
 pub(crate) fn expired(ttl: Option<Duration>, created: Timestamp, now: Timestamp) -> bool {
     ttl.is_some_and(|t| created < now.saturating_sub(t))
+}
+
+/// The live, unexpired value of `key` in `h` (bucket `bucket`) at `now`:
+/// the key's last visible revision, if it is a put.
+pub(crate) fn get_live(h: &StreamHandle, bucket: &BucketName, key: &Key, now: Timestamp) -> Result<Option<KvEntry>> {
+    let ttl = match &h.record.read().kind {
+        crate::store::StreamKind::Kv(c) => c.ttl,
+        crate::store::StreamKind::User => None,
+    };
+    let subject = subject(bucket, key);
+    let m = loop {
+        let visible = h.visible_seq();
+        let Some((last, _)) = h.last_of(subject.as_str())? else { break None };
+        let m = if last <= visible { h.get(last)? } else { None };
+        // Not visible yet, or replaced since `l` was read (by a write not
+        // revealed yet; else the key's value was evicted).
+        let m = match m {
+            Some(m) => Some(m),
+            None => h.last_visible_message(subject.as_str(), visible)?,
+        };
+        // A reveal in between may have dropped what it looked for from
+        // memory: look again at the new state.
+        if m.is_some() || h.visible_seq() == visible {
+            break m;
+        }
+    };
+    let Some(m) = m else { return Ok(None) };
+    if op_of(&m) != KvOp::Put || expired(ttl, m.time, now) {
+        return Ok(None);
+    }
+    Ok(Some(KvEntry {
+        key: key.clone(),
+        op: KvOp::Put,
+        value: m.payload,
+        revision: Revision(m.seq.0),
+        created: m.time,
+    }))
 }
 
 /// Check a value against the bucket's size limit.

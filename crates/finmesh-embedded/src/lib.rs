@@ -4,7 +4,7 @@
 //! Read in this order: `store` (streams on disk, reads), `writer` (the
 //! single writer and group commit), `journal_sync` (fsync without fjall's
 //! lock), `txn` (one write), `tail`, `kv`
-//! (buckets as streams), `kvindex` (live KV values in memory), `consumers`,
+//! (buckets as streams, gets served from disk), `consumers`,
 //! `codec` (byte formats).
 //!
 //! # On-disk layout
@@ -62,7 +62,6 @@ mod filtered;
 mod interrupted;
 mod journal_sync;
 mod kv;
-mod kvindex;
 mod store;
 mod tail;
 mod txn;
@@ -94,6 +93,9 @@ use crate::writer::{Cond, Op, StreamKindTag, Writer};
 /// reads again before it answers (or waits) like an empty one.
 const MAX_FETCH_READS_AGAIN: u32 = 8;
 
+/// Default of [`EmbeddedOptions::cache_bytes`]: 32 MiB.
+pub const CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
 /// Default of [`EmbeddedOptions::writer_queue`].
 pub const WRITER_QUEUE: usize = 8192;
 
@@ -103,8 +105,9 @@ const MIN_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 /// Tuning for [`EmbeddedEngine::open_with`].
 #[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
-    /// Block cache size in bytes (default 32 MiB; KV gets are served from
-    /// memory, so the cache matters for stream reads and history only).
+    /// Block cache size in bytes (default [`CACHE_BYTES`]). KV values live
+    /// on disk only: the cache (and the OS page cache below it) is what
+    /// keeps the hot set of KV gets, stream reads and history in memory.
     pub cache_bytes: u64,
     /// Journal kept before memtables are flushed (default and minimum
     /// 64 MiB, fjall's lower bound; smaller values are raised to it). The
@@ -120,7 +123,7 @@ pub struct EmbeddedOptions {
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
-        EmbeddedOptions { cache_bytes: 32 * 1024 * 1024, journal_bytes: MIN_JOURNAL_BYTES, writer_queue: WRITER_QUEUE }
+        EmbeddedOptions { cache_bytes: CACHE_BYTES, journal_bytes: MIN_JOURNAL_BYTES, writer_queue: WRITER_QUEUE }
     }
 }
 
@@ -259,6 +262,36 @@ impl EmbeddedEngine {
             StreamKind::User => return Err(Error::internal(format!("bucket `{name}` has a user stream"))),
         };
         Ok((h, config))
+    }
+
+    /// Put many keys of `bucket` in one write: one journal batch (all or
+    /// nothing after a crash), one fsync under `sync = always`, revisions
+    /// in the order given (a key given twice keeps the later value, its
+    /// history trimmed as usual). Every value is checked against the
+    /// bucket's size limit before anything is written. Refused (`Invalid`)
+    /// on a bucket with `max_bytes`, whose cap could stop a batch half way
+    /// (put those keys one at a time). The bulk-load path
+    /// (e.g. `finmesh-bench --scenario kv-scale`); an inherent method, not
+    /// part of the `KvEngine` trait, so engine wrappers (encryption) cannot
+    /// be bypassed through it by the gateway.
+    pub async fn kv_put_batch(&self, bucket: &BucketName, entries: Vec<(Key, Bytes)>) -> Result<Vec<Revision>> {
+        let (h, config) = self.bucket(bucket)?;
+        if config.max_bytes.is_some() {
+            return Err(Error::invalid(format!(
+                "bucket `{bucket}` has max_bytes, which could stop a batch half way: put its keys one at a time"
+            )));
+        }
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut msgs = Vec::with_capacity(entries.len());
+        for (i, (key, value)) in entries.into_iter().enumerate() {
+            kv::check_value(&config, &value)
+                .map_err(|e| Error::new(e.kind(), format!("entry {i}: {}", e.message())))?;
+            msgs.push(kv::message(bucket, &key, value, KvOp::Put));
+        }
+        let acks = self.call(|reply| Op::Publish { stream: h, msgs, cond: Cond::None, reply }).await?;
+        Ok(acks.into_iter().map(|a| Revision(a.seq.0)).collect())
     }
 
     async fn kv_write(&self, bucket: &BucketName, key: &Key, value: Bytes, op: KvOp, cond: Cond) -> Result<Revision> {
@@ -455,14 +488,7 @@ impl KvEngine for EmbeddedEngine {
 
     async fn kv_get(&self, bucket: &BucketName, key: &Key) -> Result<Option<KvEntry>> {
         let now = Timestamp::now();
-        let latest = self.inner.registry.with_bucket(bucket, |h| h.kv.as_ref()?.get_live(key.as_str(), now))?;
-        Ok(latest.map(|l| KvEntry {
-            key: key.clone(),
-            value: l.value,
-            revision: Revision(l.seq.0),
-            created: l.created,
-            op: KvOp::Put,
-        }))
+        self.inner.registry.with_bucket(bucket, |h| kv::get_live(h, bucket, key, now))?
     }
 
     async fn kv_get_revision(&self, bucket: &BucketName, key: &Key, revision: Revision) -> Result<Option<KvEntry>> {

@@ -19,8 +19,8 @@
 //!   `interval` and `never` streams, after the fsync that covers it for
 //!   `always` streams (and for any stream while earlier commits of it
 //!   still wait for theirs, see [`StreamHandle::unsynced`]). Every read
-//!   path hides sequences above `visible.last_seq`, and the KV index and
-//!   the live feed are updated by `reveal` too. Removals (retention,
+//!   path hides sequences above `visible.last_seq` (KV gets included), and
+//!   the live feed is updated with `reveal`. Removals (retention,
 //!   purge) may show before they are durable: a crash can only bring such
 //!   a message back, never lose one a reader saw.
 //! - the subject index (`x`) of sequences up to [`StreamHandle::indexed`]
@@ -43,7 +43,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::codec;
-use crate::kvindex::KvIndex;
 
 /// Live messages of one commit, shared by every tail.
 pub(crate) type LiveBatch = Arc<[Message]>;
@@ -153,8 +152,6 @@ pub(crate) struct StreamHandle {
     pub live: broadcast::Sender<LiveBatch>,
     /// Set when the stream is deleted; tails end with `NotFound`.
     pub deleted: AtomicBool,
-    /// For a KV bucket's stream: its live values in memory.
-    pub kv: Option<KvIndex>,
     /// Names the stream's history (`StreamInfo::epoch`): set at creation,
     /// replaced at open after an unclean stop if the stream's policy let
     /// readers see writes the crash may have taken back.
@@ -162,6 +159,15 @@ pub(crate) struct StreamHandle {
     /// Every index change of the writes up to this sequence is committed
     /// (moved by [`crate::txn::IndexBatch::commit`]).
     pub indexed: AtomicU64,
+    /// The backing stream of a KV bucket.
+    pub kv: bool,
+    /// KV values removed by commits readers do not see yet (a key's older
+    /// revision trimmed by a newer write that waits for its fsync), by
+    /// subject, each with the last sequence of the commit that removed it:
+    /// kept until that commit is revealed, so a get meanwhile still finds
+    /// the key's last visible value (see [`Self::last_visible_message`]).
+    /// Holds only what writes in flight replaced.
+    pub replaced: Mutex<HashMap<String, Vec<(Seq, Message)>>>,
 }
 
 impl StreamHandle {
@@ -190,27 +196,59 @@ impl StreamHandle {
         self.unsynced.load(Ordering::Acquire) > 0
     }
 
-    /// Show a commit to readers: its state, and its changes to the KV
-    /// index. Called in commit order, once the commit is as durable as its
-    /// policy promises, before its ack.
-    pub fn reveal(&self, st: StreamState, stored: &[Message], removed: &[(Seq, Subject)]) {
-        if let Some(idx) = &self.kv {
-            // New values first: replacing a key's entry is atomic, whereas
-            // removing the old revision first would let a reader see no value.
-            // A removal then only drops an entry whose revision it names, so
-            // a message both stored and evicted by this commit is dropped too.
-            for m in stored {
-                idx.stored(m);
-            }
-            for (seq, subject) in removed {
-                idx.removed(*seq, subject.as_str());
+    /// Show a commit to readers: its state (KV gets follow it, see
+    /// `kv::get_live`). Called in commit order, once the commit is as
+    /// durable as its policy promises, before its ack.
+    pub fn reveal(&self, st: StreamState) {
+        *self.visible.lock() = st;
+        // After the state: a get that missed a value dropped here sees the
+        // new state when it checks again (see `kv::get_live`).
+        let mut replaced = self.replaced.lock();
+        if !replaced.is_empty() {
+            replaced.retain(|_, v| {
+                v.retain(|(by, _)| *by > st.last_seq);
+                !v.is_empty()
+            });
+        }
+    }
+
+    /// Keep the KV values a commit ending at `removed_by` removes until it
+    /// is revealed (see [`Self::replaced`]). Called before the commit.
+    pub fn stash_replaced(&self, removed_by: Seq, msgs: Vec<Message>) {
+        let mut replaced = self.replaced.lock();
+        for m in msgs {
+            replaced.entry(m.subject.as_str().to_owned()).or_default().push((removed_by, m));
+        }
+    }
+
+    /// The last message of `subject` visible at `visible`, when its last
+    /// committed one is not visible yet: the newer of what the subject
+    /// index has up to `visible` and what a commit not yet revealed
+    /// replaced.
+    pub fn last_visible_message(&self, subject: &str, visible: Seq) -> Result<Option<Message>> {
+        let stashed = self.replaced.lock().get(subject).and_then(|v| {
+            v.iter()
+                .filter(|(by, m)| *by > visible && m.seq <= visible)
+                .max_by_key(|(_, m)| m.seq)
+                .map(|(_, m)| m.clone())
+        });
+        let mut indexed = None;
+        for kv in self.index.prefix(codec::subject_prefix(subject)).rev() {
+            let seq = codec::index_key_seq(&kv.key().map_err(storage)?)?;
+            if seq <= visible {
+                indexed = Some(seq);
+                break;
             }
         }
-        *self.visible.lock() = st;
+        match (indexed, stashed) {
+            (Some(i), Some(m)) if m.seq >= i => Ok(Some(m)),
+            (Some(i), m) => Ok(self.get(i)?.or(m)),
+            (None, m) => Ok(m),
+        }
     }
 
     /// The last sequence readers may see.
-    fn visible_seq(&self) -> Seq {
+    pub fn visible_seq(&self) -> Seq {
         self.visible.lock().last_seq
     }
 
@@ -467,16 +505,10 @@ pub(crate) fn open_handle(
     if state.messages == 0 {
         state.first_seq = state.last_seq.next();
     }
-    let kv = match &record.kind {
-        StreamKind::Kv(b) => {
-            let idx = KvIndex::new(crate::kv::key_prefix(&b.name), counters.messages as usize);
-            idx.set_ttl(b.ttl);
-            Some(idx)
-        }
-        StreamKind::User => None,
-    };
+    let kv = matches!(record.kind, StreamKind::Kv(_));
     let handle = StreamHandle {
         kv,
+        replaced: Mutex::new(HashMap::new()),
         epoch,
         name,
         record: RwLock::new(record),
@@ -530,16 +562,6 @@ impl StreamHandle {
         // What survived the reopen is as durable as it gets.
         *self.visible.lock() = *st;
         drop(st);
-        if let Some(idx) = &self.kv {
-            // One sequential scan; later revisions overwrite earlier ones.
-            for kv in self.msgs.iter() {
-                let (k, v) = kv.into_inner().map_err(storage)?;
-                let mut m = codec::decode_message(codec::key_seq(&k)?, Bytes::from(v))?;
-                // Own the value: a slice would pin the whole block it was read from.
-                m.payload = Bytes::copy_from_slice(&m.payload);
-                idx.stored(&m);
-            }
-        }
         Ok(())
     }
 }

@@ -41,8 +41,9 @@ pub(crate) struct Txn {
     added: BTreeMap<Seq, (Subject, u64, KvOp)>,
     /// Messages this write removed (committed or added).
     removed: HashSet<Seq>,
-    /// The same, with their subjects, in removal order (for the KV index).
-    removed_list: Vec<(Seq, Subject)>,
+    /// Committed messages of a KV bucket this write removes, kept in
+    /// memory until the write is revealed (`StreamHandle::replaced`).
+    replaced: Vec<Message>,
     /// The stream's state as it will be after commit.
     pub st: StreamState,
 }
@@ -58,7 +59,7 @@ impl Txn {
             lasts: HashMap::new(),
             added: BTreeMap::new(),
             removed: HashSet::new(),
-            removed_list: Vec::new(),
+            replaced: Vec::new(),
             st: h.committed_state(),
         }
     }
@@ -122,6 +123,12 @@ impl Txn {
 
     /// Remove a stored message, keeping indexes and counters right.
     fn remove(&mut self, seq: Seq, subject: &Subject, size: u64) -> Result<()> {
+        if self.h.kv
+            && !self.added.contains_key(&seq)
+            && let Some(m) = self.h.get_committed(seq)?
+        {
+            self.replaced.push(m);
+        }
         self.batch.remove(&self.h.msgs, codec::seq_key(seq).to_vec());
         self.index.remove(&self.h.index, codec::index_key(subject.as_str(), seq));
         if let Some((last, count)) = self.last_of(subject.as_str())? {
@@ -129,7 +136,6 @@ impl Txn {
             self.set_last(subject.as_str(), last, count - 1);
         }
         self.removed.insert(seq);
-        self.removed_list.push((seq, subject.clone()));
         self.st.messages -= 1;
         self.st.bytes = self.st.bytes.saturating_sub(size);
         if seq == self.st.first_seq {
@@ -246,18 +252,18 @@ impl Txn {
         Ok(())
     }
 
-    /// Commit the write and its index changes; returns the new state and
-    /// the messages removed, for [`StreamHandle::after_commit`].
-    pub fn commit(self, meta: &fjall::Keyspace) -> Result<Committed> {
-        let (st, removed, index) = self.commit_deferring_index(meta)?;
+    /// Commit the write and its index changes; returns the new state, for
+    /// [`StreamHandle::after_commit`].
+    pub fn commit(self, meta: &fjall::Keyspace) -> Result<StreamState> {
+        let (st, index) = self.commit_deferring_index(meta)?;
         index.commit()?;
-        Ok((st, removed))
+        Ok(st)
     }
 
     /// Commit the write atomically, except for its index changes, which
     /// the caller must commit before anything reads the index or the write
     /// is acknowledged.
-    pub fn commit_deferring_index(mut self, meta: &fjall::Keyspace) -> Result<(StreamState, Removed, IndexBatch)> {
+    pub fn commit_deferring_index(mut self, meta: &fjall::Keyspace) -> Result<(StreamState, IndexBatch)> {
         for (subject, (seq, count)) in self.lasts.drain() {
             if count == 0 {
                 self.batch.remove(&self.h.last, subject.into_bytes());
@@ -272,19 +278,18 @@ impl Txn {
             last_seq: self.st.last_seq.0,
         };
         self.batch.insert(meta, state_meta_key(&self.h.name), c.encode());
+        if !self.replaced.is_empty() && !self.added.is_empty() {
+            // Before the commit: a get must never find neither the old value nor the new.
+            self.h.stash_replaced(self.st.last_seq, std::mem::take(&mut self.replaced));
+        }
         self.batch.commit().map_err(storage)?;
         let mut index = self.index;
         if !index.is_empty() {
             index.insert(meta, index_meta_key(&self.h.name), c.encode());
         }
-        Ok((self.st, self.removed_list, IndexBatch(index, self.h, self.st.last_seq)))
+        Ok((self.st, IndexBatch(index, self.h, self.st.last_seq)))
     }
 }
-
-/// Messages a write removed, with their subjects, in removal order.
-pub(crate) type Removed = Vec<(Seq, Subject)>;
-/// A committed write's new stream state and the messages it removed.
-pub(crate) type Committed = (StreamState, Removed);
 
 /// The subject index changes of a committed write (possibly none), the
 /// stream, and the last sequence the index covers once they are in.

@@ -997,9 +997,6 @@ impl Writer {
         self.check_subjects(&record)?;
         self.persist_record(&record)?;
         let policy = record.config.sync;
-        if let (Some(idx), StreamKind::Kv(b)) = (&h.kv, &record.kind) {
-            idx.set_ttl(b.ttl);
-        }
         *h.record.write() = record;
         // Tighter limits apply at once.
         let r = self.enforce_limits(&h, None);
@@ -1056,7 +1053,7 @@ impl Writer {
             self.poison_on_err(r)?;
         }
         h.after_commit(st);
-        self.reveal(h, st, Vec::new(), Vec::new());
+        self.reveal(h, st, Vec::new());
         self.committed(h.record.read().config.sync);
         Ok(removed)
     }
@@ -1214,15 +1211,15 @@ impl Writer {
             }
             let r = self.check_poison().and_then(|_| txn.commit_deferring_index(&self.meta));
             let r = match r {
-                Ok((st, removed, index)) if always => {
+                Ok((st, index)) if always => {
                     self.index_pending.push(index);
-                    Ok((st, removed))
+                    Ok(st)
                 }
-                Ok((st, removed, index)) => index.commit().map(|()| (st, removed)),
+                Ok((st, index)) => index.commit().map(|()| st),
                 Err(e) => Err(e),
             };
             match self.poison_on_err(r) {
-                Ok((st, removed)) => {
+                Ok(st) => {
                     h.after_commit(st);
                     self.committed(config.sync);
                     if always {
@@ -1231,7 +1228,7 @@ impl Writer {
                     let done: Completion = Box::new(move |synced: Result<()>| {
                         let ok = synced.is_ok();
                         if ok {
-                            h.reveal(st, &stored, &removed);
+                            h.reveal(st);
                         }
                         for (reply, acks) in replies {
                             let _ = reply.send(match &synced {
@@ -1274,10 +1271,10 @@ impl Writer {
         self.stage(&mut s, msgs, Cond::None)?;
         let Staged { txn, config, stored, .. } = s;
         let r = txn.commit(&self.meta);
-        let (st, removed) = self.poison_on_err(r)?;
+        let st = self.poison_on_err(r)?;
         h.after_commit(st);
         self.committed(config.sync);
-        self.reveal(h, st, stored.clone(), removed);
+        self.reveal(h, st, stored.clone());
         Ok(stored)
     }
 
@@ -1285,15 +1282,9 @@ impl Writer {
     /// [`StreamHandle::reveal`]) and notify tails of its messages: at once,
     /// or for an `always` stream (or one whose earlier commits still wait
     /// for their fsync) after the next fsync, through [`Writer::reveals`].
-    fn reveal(
-        &mut self,
-        h: &Arc<StreamHandle>,
-        st: finmesh_core::StreamState,
-        stored: Vec<finmesh_core::Message>,
-        removed: crate::txn::Removed,
-    ) {
+    fn reveal(&mut self, h: &Arc<StreamHandle>, st: finmesh_core::StreamState, stored: Vec<finmesh_core::Message>) {
         let show = move |h: &StreamHandle| {
-            h.reveal(st, &stored, &removed);
+            h.reveal(st);
             if !stored.is_empty() && h.live.receiver_count() > 0 {
                 let _ = h.live.send(stored.into());
             }
@@ -1341,9 +1332,9 @@ impl Writer {
         let mut budget = max_evictions.unwrap_or(usize::MAX);
         limits_bounded(&config, &mut txn, now, &mut budget)?;
         if txn.st.messages != before {
-            let (st, removed) = txn.commit(&self.meta)?;
+            let st = txn.commit(&self.meta)?;
             h.after_commit(st);
-            self.reveal(h, st, Vec::new(), removed);
+            self.reveal(h, st, Vec::new());
         }
         Ok(())
     }

@@ -259,6 +259,25 @@ impl SecuritySection {
     }
 }
 
+/// The embedded engine's storage tuning (`[embedded]`); defaults are
+/// [`finmesh_embedded::EmbeddedOptions::default`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedSection {
+    /// Block cache in bytes: KV values live on disk, the cache (with the
+    /// OS page cache) keeps the hot set in memory.
+    pub cache_bytes: u64,
+}
+
+/// Smallest `embedded.cache_bytes` accepted.
+pub const MIN_CACHE_BYTES: u64 = 1024 * 1024;
+
+impl Default for EmbeddedSection {
+    fn default() -> Self {
+        Self { cache_bytes: finmesh_embedded::CACHE_BYTES }
+    }
+}
+
 /// The whole file. Every field has a default, so an empty file is valid.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -290,6 +309,8 @@ pub struct ServeConfig {
     pub limits: LimitsSection,
     pub connections: ConnectionsSection,
     pub subscriptions: SubscriptionsSection,
+    /// The embedded engine's storage tuning (`engine = "embedded"`).
+    pub embedded: EmbeddedSection,
     /// Token verification, issuance and OAuth clients (docs/auth.md).
     /// Without it the node signs its own tokens with a generated secret.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -319,6 +340,7 @@ impl Default for ServeConfig {
             limits: LimitsSection::default(),
             connections: ConnectionsSection::default(),
             subscriptions: SubscriptionsSection::default(),
+            embedded: EmbeddedSection::default(),
             auth: None,
             cors: None,
             security: None,
@@ -388,6 +410,10 @@ pub struct ConfigOverrides {
     /// [default: 2000].
     #[arg(long, env = "FINMESH_RATE_BURST")]
     pub rate_burst: Option<u32>,
+    /// Block cache of the embedded engine in bytes (`embedded.cache_bytes`)
+    /// [default: 33554432].
+    #[arg(long, env = "FINMESH_CACHE_BYTES")]
+    pub cache_bytes: Option<u64>,
 }
 
 impl ServeConfig {
@@ -438,6 +464,9 @@ impl ServeConfig {
         }
         if let Some(v) = o.max_connections {
             self.connections.max = v;
+        }
+        if let Some(v) = o.cache_bytes {
+            self.embedded.cache_bytes = v;
         }
         if o.rate_per_second.is_some() || o.rate_burst.is_some() {
             let base = self.limits.rate.unwrap_or(RateSection { per_second: 1000, burst: 2000 });
@@ -520,6 +549,9 @@ impl ServeConfig {
             if value == 0 {
                 problem(key, "must be at least 1".to_owned());
             }
+        }
+        if self.embedded.cache_bytes < MIN_CACHE_BYTES {
+            problem("embedded.cache_bytes", format!("must be at least {MIN_CACHE_BYTES} (1 MiB)"));
         }
         if l.max_keys_page > finmesh_core::engine::MAX_KEYS_PAGE {
             problem("limits.max_keys_page", format!("must be at most {}", finmesh_core::engine::MAX_KEYS_PAGE));
@@ -616,6 +648,11 @@ impl ServeConfig {
                 max_age: Duration::from_secs(c.max_age_secs),
             }),
         })
+    }
+
+    /// The embedded engine's options.
+    pub fn embedded_options(&self) -> finmesh_embedded::EmbeddedOptions {
+        finmesh_embedded::EmbeddedOptions { cache_bytes: self.embedded.cache_bytes, ..Default::default() }
     }
 
     /// The drain deadline.
@@ -743,7 +780,22 @@ mod tests {
         assert_eq!((config.lame_duck_ms, config.connections.max), (0, 7));
         assert_eq!(config.limits.rate, Some(RateSection { per_second: 5, burst: 2000 }), "the burst stays");
         assert_eq!(config.connection_limits().max_connections, 7);
+        assert_eq!(config.embedded_options().cache_bytes, finmesh_embedded::CACHE_BYTES, "the default");
         let tls = config.tls.unwrap();
         assert_eq!((tls.cert.to_str().unwrap(), tls.key.to_str().unwrap()), ("a.pem", "c.pem"));
+    }
+
+    #[test]
+    fn the_embedded_cache_is_set_from_the_file_or_a_flag_and_checked() {
+        let config = ServeConfig::parse("[embedded]\ncache_bytes = 1073741824\n", Path::new("x.toml")).unwrap();
+        assert_eq!(config.embedded_options().cache_bytes, 1 << 30);
+        assert_eq!(config.validate(), vec![]);
+        let mut config = config;
+        config.apply(&ConfigOverrides { cache_bytes: Some(4096), ..Default::default() });
+        assert_eq!(config.embedded.cache_bytes, 4096);
+        let keys: Vec<String> = config.validate().into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["embedded.cache_bytes"]);
+        let err = ServeConfig::parse("[embedded]\ncache = 1\n", Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `cache`"), "{err}");
     }
 }

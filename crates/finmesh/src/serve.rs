@@ -95,7 +95,8 @@ impl OpenEngine {
         Ok(match config.engine {
             EngineKind::Embedded => {
                 let dir = &config.data_dir;
-                let engine = tokio::task::block_in_place(|| EmbeddedEngine::open(dir))
+                let options = config.embedded_options();
+                let engine = tokio::task::block_in_place(|| EmbeddedEngine::open_with(dir, options))
                     .with_context(|| format!("opening the embedded engine in {}", dir.display()))?;
                 OpenEngine::Embedded(engine)
             }
