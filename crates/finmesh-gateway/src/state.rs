@@ -21,6 +21,7 @@ use finmesh_core::{BucketName, Engine};
 use tokio_util::sync::CancellationToken;
 
 use crate::cors::CorsConfig;
+use crate::feed_in::FeedConfig;
 use crate::hub::Hub;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
@@ -170,6 +171,8 @@ pub struct GatewayConfig {
     /// Cross-origin access for browsers; `None` = no CORS headers at all
     /// (and no CORS layer).
     pub cors: Option<CorsConfig>,
+    /// Limits and batching of feed uploads (`/v1/streams/{stream}/feed`).
+    pub feed: FeedConfig,
 }
 
 impl Default for GatewayConfig {
@@ -179,6 +182,7 @@ impl Default for GatewayConfig {
             limits: Limits::default(),
             subscriptions: SubscriptionConfig::default(),
             cors: None,
+            feed: FeedConfig::default(),
         }
     }
 }
