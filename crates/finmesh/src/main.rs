@@ -17,6 +17,7 @@
 mod client;
 mod config;
 mod demo;
+mod feed;
 mod pipeline;
 mod serve;
 mod serving;
@@ -89,6 +90,13 @@ enum Command {
         client: client::ClientArgs,
         #[command(subcommand)]
         command: client::ConsumerCommand,
+    },
+    /// Simulate the central market-data server: feed ticks to a node, failing over between receivers.
+    Feed {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        args: feed::FeedArgs,
     },
     /// Risk-feed tools that run locally: generate a feed, check a rules file.
     Pipeline {
@@ -176,6 +184,7 @@ async fn run() -> anyhow::Result<()> {
             client::commands_consumer(&client::Client::new(&client)?, command).await
         }
         Command::Pipeline { command } => pipeline::run(command),
+        Command::Feed { client, args } => feed::run(&client, &args).await,
     }
 }
 
