@@ -5,6 +5,9 @@
 //!   a `demo` stream and KV bucket, and tail the stream live while a
 //!   background task publishes once a second, until Ctrl-C ([`demo`]).
 //!
+//! - `finmesh feed`: simulate the central market-data server feeding a
+//!   node, failing over between receivers ([`feed`]).
+//!
 //! - `finmesh pipeline gen` and `finmesh pipeline rules check`: the
 //!   risk-feed tools that run locally, no node needed ([`pipeline`]).
 //!
