@@ -510,7 +510,80 @@ async fn the_http_feed_is_full_duplex_on_a_real_socket<H: Harness>() {
     assert_eq!(stored(&gw).await.len(), 5);
 }
 
+/// On a real socket: a sender whose TCP connection closes in the middle of
+/// a chunked body and of a line. The complete lines were published and
+/// acked; the cut line was not published (sent again whole, it is not a
+/// duplicate).
+async fn a_connection_closed_mid_line_publishes_no_partial_line<H: Harness>() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = md::<H>(FeedConfig::default()).await;
+    let addr = gw.serve().await;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let chunk = format!("{}{{\"symbol\":\"P\",\"msg_id\":\"partial\",\"payload\":{{\"bid\":", ticks(1..=2));
+    let head = "POST /v1/streams/MD/feed HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n";
+    tcp.write_all(format!("{head}{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("\"last_line\":2") {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the connection closed: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.expect("the ack of the complete lines");
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    drop(tcp);
+    let whole = "{\"symbol\":\"P\",\"msg_id\":\"partial\",\"payload\":{\"bid\":1}}\n";
+    let r = gw.post("/v1/streams/MD/feed", whole).await;
+    let end: Value = serde_json::from_str(r.text().lines().last().unwrap()).unwrap();
+    assert_eq!((&end["messages"], &end["duplicates"]), (&json!(1), &json!(0)), "{}", r.text());
+    assert_eq!(stored(&gw).await.len(), 3);
+}
+
+/// Oversized WebSocket frames: a frame with a line over `max_line_bytes`
+/// gets `too-large` naming the line and close 1009; a frame far over it is
+/// refused by the WebSocket layer. Nothing of either is published, the
+/// line before them is.
+async fn oversized_websocket_frames_are_refused<H: Harness>() {
+    use tokio_tungstenite::tungstenite::Message as M;
+    let gw = md::<H>(FeedConfig { max_line_bytes: 1000, ..Default::default() }).await;
+    let addr = gw.serve().await;
+    let url = format!("ws://{addr}/v1/streams/MD/feed/ws");
+    let big = |n: usize| format!("{{\"symbol\":\"B\",\"msg_id\":\"big\",\"payload\":\"{}\"}}", "x".repeat(n));
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+    ws.send(M::text(tick("A", 1))).await.unwrap();
+    ws.send(M::text(big(5000))).await.unwrap();
+    let mut frames = Vec::new();
+    while let Some(Ok(frame)) = tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+        frames.push(frame);
+    }
+    let answers: Vec<Value> = frames
+        .iter()
+        .filter(|f| f.is_text())
+        .filter_map(|f| f.to_text().ok())
+        .map(|t| serde_json::from_str(t).unwrap())
+        .collect();
+    assert_eq!(answers[0]["count"], 1, "{answers:?}");
+    assert_eq!(
+        (&answers[1]["problem"]["status"], &answers[1]["problem"]["line"]),
+        (&json!(413), &json!(2)),
+        "{answers:?}"
+    );
+    assert!(matches!(frames.last(), Some(M::Close(Some(c))) if u16::from(c.code) == 1009), "{frames:?}");
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+    ws.send(M::text(big(300_000))).await.unwrap();
+    // The connection ends (a close or an error), whatever the client sees.
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(WAIT, ws.next()).await {
+        assert!(frame.is_close() || frame.is_text(), "{frame:?}");
+    }
+    assert_eq!(stored(&gw).await.len(), 1);
+}
+
 per_engine!(
+    oversized_websocket_frames_are_refused,
+    a_connection_closed_mid_line_publishes_no_partial_line,
     lines_are_acked_while_the_body_is_open,
     batches_close_at_their_message_limit,
     a_batch_closes_after_the_linger,
