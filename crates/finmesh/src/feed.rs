@@ -45,7 +45,8 @@ pub struct FeedArgs {
     /// Ticks per second, over all symbols.
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
-    /// Stop after this many ticks (default: run until --duration or Ctrl-C).
+    /// Stop after this many ticks (default: run until --duration or Ctrl-C;
+    /// after Ctrl-C the ticks generated so far are still acked).
     #[arg(long)]
     pub count: Option<u64>,
     /// Stop generating after this many seconds.
@@ -178,13 +179,17 @@ struct Feeder {
     rate: f64,
     burst: Option<(Duration, u64)>,
     started: Instant,
+    /// Set by Ctrl-C: stop generating, finish what was generated.
+    interrupted: std::sync::Arc<std::sync::atomic::AtomicBool>,
     report: Report,
 }
 
 impl Feeder {
     fn generating(&self) -> bool {
         let generated = self.ticks.next - 1;
-        self.count.is_none_or(|c| generated < c) && self.deadline.is_none_or(|d| Instant::now() < d)
+        !self.interrupted.load(std::sync::atomic::Ordering::Relaxed)
+            && self.count.is_none_or(|c| generated < c)
+            && self.deadline.is_none_or(|d| Instant::now() < d)
     }
 
     /// Ticks that are due now and not generated yet.
@@ -262,7 +267,7 @@ impl Feeder {
                     }
                 }
                 _ = pace.tick(), if tx.is_some() => {
-                    let n = self.due();
+                    let n = if self.generating() { self.due() } else { 0 };
                     for _ in 0..n {
                         let (n, line) = self.ticks.line();
                         self.unacked.push_back((n, line.clone()));
@@ -371,8 +376,20 @@ pub async fn run(client: &ClientArgs, args: &FeedArgs) -> anyhow::Result<()> {
         rate: args.rate,
         burst: args.burst_every_ms.map(|ms| (Duration::from_millis(ms.max(1)), args.burst_size)),
         started: Instant::now(),
+        interrupted: Default::default(),
         report: Report::default(),
     };
+    // Ctrl-C stops generating; what was generated is still sent and acked
+    // and the report printed. A second Ctrl-C ends the process at once.
+    let interrupted = feeder.interrupted.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            interrupted.store(true, std::sync::atomic::Ordering::Relaxed);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
     ensure_stream(&feeder, args.duplicate_window_ms).await?;
     feeder.started = Instant::now();
     let give_up = Duration::from_millis(args.give_up_ms);

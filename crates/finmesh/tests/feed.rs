@@ -32,11 +32,16 @@ async fn stored_ids(node: &Node, token: &str) -> Vec<String> {
         .collect()
 }
 
-/// `finmesh feed` against `server` (and `failover`), as a child process.
+/// `finmesh feed` of [`TICKS`] ticks against `server` (and `failover`), as a child process.
 fn feed(server: &str, failover: &[String], token: &str) -> tokio::process::Child {
+    feed_with(server, failover, token, &["--count", &TICKS.to_string()])
+}
+
+fn feed_with(server: &str, failover: &[String], token: &str, extra: &[&str]) -> tokio::process::Child {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_finmesh"));
     cmd.args(["feed", "--server", server, "--json", "--feed-id", "t1", "--symbols", "50", "--rate", "1000"])
-        .args(["--count", &TICKS.to_string(), "--burst-every-ms", "700", "--burst-size", "200"])
+        .args(["--burst-every-ms", "700", "--burst-size", "200"])
+        .args(extra)
         .env("FINMESH_TOKEN", token)
         .env_remove("FINMESH_SERVER")
         .stdout(std::process::Stdio::piped())
@@ -103,6 +108,26 @@ async fn a_feed_fails_over_between_gateways_on_one_nats_with_every_tick_once() {
     assert_eq!(receivers.first(), Some(&a_url.as_str()), "{report}");
     assert_eq!(receivers.last(), Some(&b.url("").as_str()), "{report}");
     assert_exactly_once(&stored_ids(&b, &admin).await);
+}
+
+/// Ctrl-C stops generating; the ticks generated so far are still sent
+/// and acked, and the report counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_feed_acks_what_it_generated() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = NodeSpec::new(dir.path(), CONFIG, &Engine::Embedded);
+    let node = spec.start("127.0.0.1:0");
+    let admin = spec.admin_token();
+    let child = feed_with(&node.url(""), &[], &admin, &[]);
+    until(WAIT, "the feed has stored 300 ticks", || stored_count(&node, &admin).map_above(300)).await;
+    // SAFETY: kill(2) on our own, not yet reaped child.
+    assert_eq!(unsafe { libc::kill(child.id().unwrap() as libc::pid_t, libc::SIGINT) }, 0);
+    let report = report(child).await;
+    let ticks = report["ticks"].as_u64().unwrap();
+    assert!(ticks >= 300, "{report}");
+    assert_eq!(report["acked"], ticks, "{report}");
+    let ids = stored_ids(&node, &admin).await;
+    assert_eq!(ids, (1..=ticks).map(|n| format!("t1-{n}")).collect::<Vec<_>>());
 }
 
 /// `until` takes a boolean future: a count above a threshold.
