@@ -110,6 +110,28 @@ async fn a_feed_fails_over_between_gateways_on_one_nats_with_every_tick_once() {
     assert_exactly_once(&stored_ids(&b, &admin).await);
 }
 
+/// A node that drains (SIGTERM) answers the feed `reconnect` after acking
+/// what it received, exits without waiting for the feed, and the feed
+/// resumes on the restarted node with every tick once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_follows_a_draining_node_back_with_every_tick_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = NodeSpec::new(dir.path(), CONFIG, &Engine::Embedded);
+    let node = spec.start("127.0.0.1:0");
+    let admin = spec.admin_token();
+    let addr = node.addr;
+    let child = feed(&node.url(""), &[], &admin);
+    until(WAIT, "the feed has stored 500 ticks", || stored_count(&node, &admin).map_above(500)).await;
+    let started = std::time::Instant::now();
+    let log = node.stop(libc::SIGTERM);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "the drain waited for the feed: {log}");
+    let node = spec.start(&addr.to_string());
+    let report = report(child).await;
+    eprintln!("feed report: {report}");
+    assert!(report["reconnects"].as_u64().unwrap() >= 1, "{report}");
+    assert_exactly_once(&stored_ids(&node, &admin).await);
+}
+
 /// Ctrl-C stops generating; the ticks generated so far are still sent
 /// and acked, and the report counts them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
