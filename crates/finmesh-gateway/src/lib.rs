@@ -102,6 +102,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/streams/{stream}/feed", post(feed_in::http::feed))
         .route("/v1/streams/{stream}/feed/ws", get(feed_in::ws::feed_ws))
         .layer(around(api.clone()));
+    let unary = unary.merge(feeding);
 
     // The token endpoint authenticates clients itself; bounded by the timeout.
     let token =
@@ -123,14 +124,8 @@ pub fn app(state: AppState) -> Router {
         std::future::ready(Ok::<_, std::convert::Infallible>(axum::http::StatusCode::NOT_FOUND.into_response()))
     }));
     let cors = state.config().cors.as_ref().map(cors::CorsPolicy::new);
-    let router = unary
-        .merge(streaming)
-        .merge(feeding)
-        .merge(token)
-        .merge(probes)
-        .merge(public)
-        .fallback_service(not_found)
-        .with_state(state);
+    let router =
+        unary.merge(streaming).merge(token).merge(probes).merge(public).fallback_service(not_found).with_state(state);
     // Outermost, so preflights are answered before authentication; absent
     // without `[cors]`, so the hot paths pay nothing for it.
     match cors {
