@@ -252,6 +252,8 @@ pub const ROUTE_ACCESS: &[(&str, &str, Need)] = &[
     ("GET", "/v1/streams/{stream}/messages", Need::StreamSubscribe),
     ("GET", "/v1/streams/{stream}/events", Need::StreamSubscribe),
     ("GET", "/v1/streams/{stream}/ws", Need::StreamSubscribe),
+    ("POST", "/v1/streams/{stream}/feed", Need::StreamPublish),
+    ("GET", "/v1/streams/{stream}/feed/ws", Need::StreamPublish),
     ("GET", "/v1/streams/{stream}/consumers", Need::StreamConsume),
     ("PUT", "/v1/streams/{stream}/consumers/{name}", Need::StreamAdmin),
     ("GET", "/v1/streams/{stream}/consumers/{name}", Need::StreamConsume),

@@ -15,6 +15,8 @@
 //! 5. [`envelope`], [`subscribe`], [`hub`], [`sse`], [`ws`]: subscriptions,
 //!    from the JSON envelope through the fan-out hub (one engine tail per
 //!    stream) and the bounded per-subscriber queue to the wire;
+//!    [`feed_in`]: the receiver of a continuous upload (NDJSON lines over a
+//!    long POST or a WebSocket), published in batches with acks streamed back;
 //! 6. [`limits`], [`metrics`], [`ops`], [`openapi`], [`schema`]: limits,
 //!    observability, health and the OpenAPI document with its response types;
 //!    [`registry`]: the subscriber registry (downstream servers, their
@@ -28,6 +30,7 @@ pub mod consumers;
 pub mod cors;
 pub mod edge;
 pub mod envelope;
+pub mod feed_in;
 pub mod hub;
 pub mod kv;
 pub mod limits;
@@ -99,6 +102,14 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/streams/{stream}/events", get(sse::events))
         .route("/v1/streams/{stream}/ws", get(ws::ws))
         .layer(around(api.query_token()));
+
+    // Feeds in: as long as the sender keeps sending, no timeout; the token
+    // only in `Authorization` (a sender is a server, not a browser).
+    let feeding = Router::new()
+        .route("/v1/streams/{stream}/feed", post(feed_in::http::feed))
+        .route("/v1/streams/{stream}/feed/ws", get(feed_in::ws::feed_ws))
+        .layer(around(api.clone()));
+    let unary = unary.merge(feeding);
 
     // The token endpoint authenticates clients itself; bounded by the timeout.
     let token =

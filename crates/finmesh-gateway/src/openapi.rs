@@ -18,10 +18,10 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::problem::PROBLEM_JSON;
-use crate::{consumers, kv, oauth, ops, registry, sse, streams, ws};
+use crate::{consumers, feed_in, kv, oauth, ops, registry, sse, streams, ws};
 
 /// Suffixes of the subscription paths, which have no request timeout.
-const STREAMING_SUFFIXES: [&str; 3] = ["/watch", "/events", "/ws"];
+const STREAMING_SUFFIXES: [&str; 4] = ["/watch", "/events", "/ws", "/feed"];
 
 /// Adds the bearer-JWT security scheme and requires it globally.
 struct BearerJwt;
@@ -109,7 +109,7 @@ impl Modify for LayerResponses {
         kv::list_buckets, kv::put_bucket, kv::get_bucket, kv::delete_bucket, kv::keys, sse::watch,
         kv::get_key, kv::put_key, kv::delete_key, kv::history, kv::get_default,
         streams::list_streams, streams::put_stream, streams::get_stream, streams::delete_stream,
-        streams::publish, streams::read, sse::events, ws::ws,
+        streams::publish, streams::read, sse::events, ws::ws, feed_in::http::feed, feed_in::ws::feed_ws,
         consumers::list, consumers::put, consumers::get, consumers::delete, consumers::fetch, consumers::ack,
         oauth::token,
         registry::routes::put, registry::routes::get, registry::routes::delete,

@@ -22,6 +22,7 @@ use finmesh_crypto::RingStore;
 use tokio_util::sync::CancellationToken;
 
 use crate::cors::CorsConfig;
+use crate::feed_in::FeedConfig;
 use crate::hub::Hub;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
@@ -182,6 +183,8 @@ pub struct GatewayConfig {
     /// Cross-origin access for browsers; `None` = no CORS headers at all
     /// (and no CORS layer).
     pub cors: Option<CorsConfig>,
+    /// Limits and batching of feed uploads (`/v1/streams/{stream}/feed`).
+    pub feed: FeedConfig,
 }
 
 impl Default for GatewayConfig {
@@ -191,6 +194,7 @@ impl Default for GatewayConfig {
             limits: Limits::default(),
             subscriptions: SubscriptionConfig::default(),
             cors: None,
+            feed: FeedConfig::default(),
         }
     }
 }

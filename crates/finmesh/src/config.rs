@@ -181,6 +181,38 @@ impl Default for SubscriptionsSection {
     }
 }
 
+/// Feed uploads (`[feed]`); see `finmesh_gateway::feed_in`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedSection {
+    /// Longest line (one message) of a feed.
+    pub max_line_bytes: usize,
+    /// A batch closes at this many messages.
+    pub batch_max_messages: usize,
+    /// A batch closes at this many bytes.
+    pub batch_max_bytes: usize,
+    /// A batch with no more input waiting closes this long after its first line.
+    pub linger_ms: u64,
+    /// A feed with no input for this long ends.
+    pub idle_timeout_ms: u64,
+    /// Bytes one upload may carry.
+    pub max_upload_bytes: u64,
+}
+
+impl Default for FeedSection {
+    fn default() -> Self {
+        let d = finmesh_gateway::feed_in::FeedConfig::default();
+        Self {
+            max_line_bytes: d.max_line_bytes,
+            batch_max_messages: d.batch_max_messages,
+            batch_max_bytes: d.batch_max_bytes,
+            linger_ms: d.linger.as_millis() as u64,
+            idle_timeout_ms: d.idle_timeout.as_millis() as u64,
+            max_upload_bytes: d.max_upload_bytes,
+        }
+    }
+}
+
 /// Browser origins allowed to call the API (`[cors]`); see
 /// `finmesh_gateway::cors`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -311,6 +343,7 @@ pub struct ServeConfig {
     pub subscriptions: SubscriptionsSection,
     /// The embedded engine's storage tuning (`engine = "embedded"`).
     pub embedded: EmbeddedSection,
+    pub feed: FeedSection,
     /// Token verification, issuance and OAuth clients (docs/auth.md).
     /// Without it the node signs its own tokens with a generated secret.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -341,6 +374,7 @@ impl Default for ServeConfig {
             connections: ConnectionsSection::default(),
             subscriptions: SubscriptionsSection::default(),
             embedded: EmbeddedSection::default(),
+            feed: FeedSection::default(),
             auth: None,
             cors: None,
             security: None,
@@ -540,6 +574,11 @@ impl ServeConfig {
             ("subscriptions.max_per_principal", self.subscriptions.max_per_principal as u64),
             ("subscriptions.max_total", self.subscriptions.max_total as u64),
             ("subscriptions.registered_disconnect_alert_ms", self.subscriptions.registered_disconnect_alert_ms),
+            ("feed.max_line_bytes", self.feed.max_line_bytes as u64),
+            ("feed.batch_max_messages", self.feed.batch_max_messages as u64),
+            ("feed.batch_max_bytes", self.feed.batch_max_bytes as u64),
+            ("feed.idle_timeout_ms", self.feed.idle_timeout_ms),
+            ("feed.max_upload_bytes", self.feed.max_upload_bytes),
             ("connections.max", self.connections.max as u64),
             ("connections.max_per_address", self.connections.max_per_address as u64),
             ("connections.header_timeout_ms", self.connections.header_timeout_ms),
@@ -647,6 +686,14 @@ impl ServeConfig {
                 allowed_origins: c.allowed_origins.clone(),
                 max_age: Duration::from_secs(c.max_age_secs),
             }),
+            feed: finmesh_gateway::feed_in::FeedConfig {
+                max_line_bytes: self.feed.max_line_bytes,
+                batch_max_messages: self.feed.batch_max_messages,
+                batch_max_bytes: self.feed.batch_max_bytes,
+                linger: Duration::from_millis(self.feed.linger_ms),
+                idle_timeout: Duration::from_millis(self.feed.idle_timeout_ms),
+                max_upload_bytes: self.feed.max_upload_bytes,
+            },
         })
     }
 

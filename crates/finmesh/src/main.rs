@@ -7,6 +7,8 @@
 //!
 //! - `finmesh audit`: prove fan-out lossless end to end (subscribers,
 //!   a feed, a forced reconnect and a node restart) ([`audit`]).
+//! - `finmesh feed`: simulate the central market-data server feeding a
+//!   node, failing over between receivers ([`feed`]).
 //!
 //! - `finmesh pipeline gen` and `finmesh pipeline rules check`: the
 //!   risk-feed tools that run locally, no node needed ([`pipeline`]).
@@ -21,6 +23,7 @@ mod audit;
 mod client;
 mod config;
 mod demo;
+mod feed;
 mod pipeline;
 mod security;
 mod serve;
@@ -98,6 +101,13 @@ enum Command {
     /// Prove fan-out lossless: K subscribers, a feed, a forced reconnect and a
     /// node restart; every subscriber must get every sequence once, in order.
     Audit(audit::AuditArgs),
+    /// Simulate the central market-data server: feed ticks to a node, failing over between receivers.
+    Feed {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        args: feed::FeedArgs,
+    },
     /// Risk-feed tools that run locally: generate a feed, check a rules file.
     Pipeline {
         #[command(subcommand)]
@@ -185,6 +195,7 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Audit(args) => audit::run(args).await,
         Command::Pipeline { command } => pipeline::run(command),
+        Command::Feed { client, args } => feed::run(&client, &args).await,
     }
 }
 

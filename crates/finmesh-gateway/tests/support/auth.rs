@@ -140,6 +140,7 @@ pub fn sample_request(method: &str, path: &str) -> (Method, String, String, u16)
         ("PUT", "/v1/subscribers/{id}") => (json!({"identity": "srv-r1", "filters": ["s.>"]}).to_string(), 200),
         ("PUT", _) => ("v".to_owned(), 200),
         ("POST", "/v1/streams/{stream}/messages") => ("1".to_owned(), 200),
+        ("POST", "/v1/streams/{stream}/feed") => (r#"{"subject":"s.a","msg_id":"sample","payload":1}"#.to_owned(), 200),
         ("POST", "/v1/streams/{stream}/consumers/{name}/fetch") => (json!({"batch": 1}).to_string(), 200),
         // Served only with an OAuth client registry; the sample gateway has none.
         ("POST", "/oauth/token") => ("grant_type=client_credentials".to_owned(), 404),
@@ -149,7 +150,7 @@ pub fn sample_request(method: &str, path: &str) -> (Method, String, String, u16)
         }
         ("DELETE", _) => (String::new(), if path.ends_with("{key}") { 200 } else { 204 }),
         // Not an upgrade request: the route exists and says so.
-        ("GET", "/v1/streams/{stream}/ws") => (String::new(), 400),
+        ("GET", "/v1/streams/{stream}/ws" | "/v1/streams/{stream}/feed/ws") => (String::new(), 400),
         _ => (String::new(), 200),
     };
     let uri = if method == Method::POST && path.ends_with("/messages") { format!("{uri}?subject=s.a") } else { uri };
