@@ -28,6 +28,7 @@
 
 mod avro_field;
 pub mod coerce;
+pub mod definition;
 pub mod feedgen;
 pub mod flow;
 pub mod ingest;

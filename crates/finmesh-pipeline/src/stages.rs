@@ -31,7 +31,10 @@
 //! header [`HDR_REFDATA_USED`] naming the versions used. A lookup miss is
 //! an exception naming the dataset and the key ([`OnMiss::Exception`]) or
 //! passes ([`OnMiss::Pass`]). Validate decodes the record and evaluates the
-//! rule set; every failing rule is named in the exception.
+//! rule set; every failing rule is named in the exception. Validate's rules
+//! are the run's revision in the definition bucket
+//! ([`crate::definition::run_rules`]: fixed when a worker first sees the
+//! run), or [`StageSetup::rules`] when no rules are stored there.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -196,6 +199,8 @@ impl StageStatus {
 
 /// A run's pinned reference data, as this worker resolved it.
 struct RunPins {
+    /// The rules the run uses (validate only; enrich: the setup's).
+    rules: Arc<RuleSet>,
     snapshots: Vec<Arc<RefSnapshot>>,
     refs: RunRefs,
     used: String,
@@ -213,6 +218,8 @@ pub struct Stage {
     datasets: Vec<String>,
     lookup_fields: Vec<usize>,
     pins: Mutex<HashMap<PinKey, Arc<RunPins>>>,
+    /// Rules compiled from the definition bucket, by revision.
+    compiled: Mutex<HashMap<u64, Arc<RuleSet>>>,
     status: Arc<StageStatus>,
 }
 
@@ -231,23 +238,14 @@ impl Stage {
         let consumer = ConsumerName::new(format!("{}-{}", setup.pipeline.name(), kind.as_str()))?;
         let mut lookup_fields = Vec::new();
         let mut datasets: Vec<String> = Vec::new();
-        match kind {
-            StageKind::Enrich => {
-                for l in &setup.lookups {
-                    let i = setup.schema.fields().iter().position(|f| f.name == l.field).ok_or_else(|| {
-                        Error::invalid(format!("enrich lookup on `{}`: the schema has no such field", l.field))
-                    })?;
-                    lookup_fields.push(i);
-                    if !datasets.contains(&l.dataset) {
-                        datasets.push(l.dataset.clone());
-                    }
-                }
-            }
-            StageKind::Validate => {
-                for id in setup.rules.datasets_used() {
-                    if let Some(name) = setup.datasets.name(*id) {
-                        datasets.push(name.to_owned());
-                    }
+        if kind == StageKind::Enrich {
+            for l in &setup.lookups {
+                let i = setup.schema.fields().iter().position(|f| f.name == l.field).ok_or_else(|| {
+                    Error::invalid(format!("enrich lookup on `{}`: the schema has no such field", l.field))
+                })?;
+                lookup_fields.push(i);
+                if !datasets.contains(&l.dataset) {
+                    datasets.push(l.dataset.clone());
                 }
             }
         }
@@ -264,7 +262,17 @@ impl Stage {
         }
         let status = Arc::new(StageStatus::default());
         *status.refs.lock() = Some(setup.refs.clone());
-        Ok(Stage { kind, engine, setup, consumer, datasets, lookup_fields, pins: Mutex::new(HashMap::new()), status })
+        Ok(Stage {
+            kind,
+            engine,
+            setup,
+            consumer,
+            datasets,
+            lookup_fields,
+            pins: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(HashMap::new()),
+            status,
+        })
     }
 
     /// The live figures.
@@ -379,20 +387,51 @@ impl Stage {
             Some(t) => Pin::Version(t),
             None => Pin::AsOf(Timestamp::now()),
         };
+        let (rules, datasets) = match self.kind {
+            StageKind::Enrich => (self.setup.rules.clone(), self.datasets.clone()),
+            StageKind::Validate => {
+                let rules = self.rules_for(run).await?;
+                let names = rules
+                    .datasets_used()
+                    .iter()
+                    .filter_map(|id| self.setup.datasets.name(*id).map(str::to_owned))
+                    .collect();
+                (rules, names)
+            }
+        };
         let mut snapshots = Vec::new();
-        for dataset in &self.datasets {
+        for dataset in &datasets {
             snapshots.push(self.setup.refs.pin(dataset, pin, deadline).await?);
         }
         let used =
             snapshots.iter().map(|s| format!("{}@{}", s.dataset, rfc3339(s.version))).collect::<Vec<_>>().join(",");
         let refs = RunRefs::new(&self.setup.datasets, snapshots.iter().cloned());
-        let pins = Arc::new(RunPins { snapshots, refs, used });
+        let pins = Arc::new(RunPins { rules, snapshots, refs, used });
         let mut table = self.pins.lock();
         if table.len() >= MAX_PINNED_RUNS {
             table.clear();
         }
         table.insert(key, pins.clone());
         Ok(pins)
+    }
+
+    /// The rules of `run`: the revision fixed for it in the definition
+    /// bucket, or the setup's rules when none are stored.
+    async fn rules_for(&self, run: &str) -> Result<Arc<RuleSet>> {
+        let Some((text, rev)) = crate::definition::run_rules(&*self.engine, &self.setup.pipeline, run).await? else {
+            return Ok(self.setup.rules.clone());
+        };
+        if let Some(r) = self.compiled.lock().get(&rev.0) {
+            return Ok(r.clone());
+        }
+        let rules = Arc::new(crate::definition::compile_rules(
+            &text,
+            &self.setup.schema,
+            &self.setup.datasets,
+            &format!("rules revision {}", rev.0),
+        )?);
+        self.compiled.lock().insert(rev.0, rules.clone());
+        Ok(rules)
     }
 
     fn process(
@@ -459,15 +498,14 @@ impl Stage {
                     Ok(v) => v,
                     Err(e) => return exception(None, None, format!("the record does not decode: {e}")),
                 };
-                match self.setup.rules.evaluate_avro(&value, &pins.refs, failures) {
+                match pins.rules.evaluate_avro(&value, &pins.refs, failures) {
                     Ok(true) => {
                         let mut headers = d.message.headers.clone();
                         headers.remove(finmesh_core::message::MSG_ID_HEADER);
                         self.forward(file, row, headers, d)
                     }
                     Ok(false) => {
-                        let names: Vec<String> =
-                            failures.iter().map(|&id| self.setup.rules.name(id).to_owned()).collect();
+                        let names: Vec<String> = failures.iter().map(|&id| pins.rules.name(id).to_owned()).collect();
                         let reason = format!("failed rules: {}", names.join(", "));
                         exception(None, Some(names), reason)
                     }

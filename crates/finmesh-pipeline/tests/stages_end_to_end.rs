@@ -61,6 +61,7 @@ on_every_engine!(
     every_row_ends_validated_or_excepted_with_the_right_reason,
     killed_stage_workers_resume_exactly,
     a_run_waits_for_its_pinned_reference_version,
+    rules_applied_in_the_engine_change_later_runs_only,
 );
 
 /// Reference data version of the tests.
@@ -119,8 +120,12 @@ impl Setup {
     }
 
     async fn ingest(&self, csv: Vec<u8>, file: &str) -> flow::IngestSummary {
+        self.ingest_run(csv, "run1", file).await
+    }
+
+    async fn ingest_run(&self, csv: Vec<u8>, run: &str, file: &str) -> flow::IngestSummary {
         let spec = IngestSpec {
-            file: FileRef::new("run1", "slice1", file).unwrap(),
+            file: FileRef::new(run, "slice1", file).unwrap(),
             refdata: Some(flow::parse_rfc3339(VERSION).unwrap()),
             options: finmesh_pipeline::IngestOptions { batch_rows: 300, progress_every: 1000 },
             reader: Default::default(),
@@ -140,6 +145,11 @@ impl Setup {
     /// Every message of a stream (id, payload, headers).
     async fn all(&self, kind: StreamKind) -> Vec<finmesh_core::Message> {
         read_all(&*self.engine, self.pipeline.stream(kind)).await
+    }
+
+    /// The messages of one file.
+    async fn of_file(&self, kind: StreamKind, file: &str) -> Vec<finmesh_core::Message> {
+        self.all(kind).await.into_iter().filter(|m| m.headers.get(flow::HDR_FILE) == Some(file)).collect()
     }
 }
 
@@ -178,14 +188,14 @@ fn feed(rows: u64) -> (Vec<u8>, GenSummary) {
 
 /// Waits (polling the streams, with a deadline) until every row of the
 /// file is in validated or exceptions.
-async fn until_drained(s: &Setup, rows: u64) {
+async fn until_drained(s: &Setup, file: &str, rows: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let done: HashSet<String> = s
-            .all(StreamKind::Validated)
+            .of_file(StreamKind::Validated, file)
             .await
             .iter()
-            .chain(s.all(StreamKind::Exceptions).await.iter())
+            .chain(s.of_file(StreamKind::Exceptions, file).await.iter())
             .map(msg_id)
             .collect();
         if done.len() as u64 >= rows {
@@ -199,8 +209,14 @@ async fn until_drained(s: &Setup, rows: u64) {
 /// The exact outcome: validated and exceptions are disjoint, without
 /// duplicates, cover rows 1..=rows, and exceptions name the right reason.
 async fn assert_exact(s: &Setup, summary: &GenSummary, file: &str) {
-    let validated = s.all(StreamKind::Validated).await;
-    let exceptions = s.all(StreamKind::Exceptions).await;
+    assert_outcome(s, summary, file, &["notional_positive", "ccy_known", "maturity", "cpty"]).await
+}
+
+/// As [`assert_exact`], with only the rules in `active` in force (rows
+/// breaking another rule are validated).
+async fn assert_outcome(s: &Setup, summary: &GenSummary, file: &str, active: &[&str]) {
+    let validated = s.of_file(StreamKind::Validated, file).await;
+    let exceptions = s.of_file(StreamKind::Exceptions, file).await;
     let v_ids: Vec<String> = validated.iter().map(msg_id).collect();
     let v_set: HashSet<&String> = v_ids.iter().collect();
     assert_eq!(v_set.len(), v_ids.len(), "no duplicate id in validated");
@@ -211,10 +227,20 @@ async fn assert_exact(s: &Setup, summary: &GenSummary, file: &str) {
     let want: HashSet<String> = (1..=summary.rows).map(|r| format!("{file}:{r}")).collect();
     let got: HashSet<String> = v_ids.iter().chain(e_ids.iter()).cloned().collect();
     assert_eq!(got, want, "validated + exceptions = rows");
-    assert_eq!(v_ids.len() as u64, summary.good);
+    let want: BTreeMap<String, u64> = [
+        ("notional_positive", summary.notional_not_positive),
+        ("ccy_known", summary.unknown_currency),
+        ("maturity", summary.maturity_out_of_range),
+        ("cpty", summary.counterparty_null_or_desk_not_rates_fx),
+    ]
+    .into_iter()
+    .filter(|(k, n)| *n > 0 && active.contains(k))
+    .map(|(k, n)| (k.to_string(), n))
+    .collect();
+    assert_eq!(v_ids.len() as u64, summary.rows - summary.bad - want.values().sum::<u64>());
     for m in &validated {
         assert!(m.headers.get(HDR_REFDATA_USED).is_some_and(|u| u.contains("books@")), "{:?}", m.headers);
-        assert!(m.subject.as_str().starts_with("risk.validated.run1.slice1."), "{}", m.subject.as_str());
+        assert!(m.subject.as_str().starts_with("risk.validated.run"), "{}", m.subject.as_str());
     }
 
     let mut ingest = 0;
@@ -222,7 +248,7 @@ async fn assert_exact(s: &Setup, summary: &GenSummary, file: &str) {
     for m in &exceptions {
         let body = flow::parse_exception(&m.payload).unwrap();
         assert_eq!(msg_id(m), format!("{}:{}", body.file, body.row));
-        assert_eq!((body.run.as_str(), body.slice.as_str()), ("run1", "slice1"));
+        assert_eq!(body.slice, "slice1");
         match body.stage {
             ExceptionStage::Ingest => {
                 ingest += 1;
@@ -238,16 +264,6 @@ async fn assert_exact(s: &Setup, summary: &GenSummary, file: &str) {
         }
     }
     assert_eq!(ingest, summary.bad);
-    let want: BTreeMap<String, u64> = [
-        ("notional_positive", summary.notional_not_positive),
-        ("ccy_known", summary.unknown_currency),
-        ("maturity", summary.maturity_out_of_range),
-        ("cpty", summary.counterparty_null_or_desk_not_rates_fx),
-    ]
-    .into_iter()
-    .filter(|(_, n)| *n > 0)
-    .map(|(k, n)| (k.to_string(), n))
-    .collect();
     assert_eq!(by_rule, want);
 }
 
@@ -267,7 +283,7 @@ async fn every_row_ends_validated_or_excepted_with_the_right_reason(f: Fixture) 
     let report = s.ingest(csv.clone(), "f1").await;
     assert_eq!(report.status, "completed", "{report}");
     assert_eq!((report.rows, report.exceptions), (summary.rows, summary.bad));
-    until_drained(&s, summary.rows).await;
+    until_drained(&s, "f1", summary.rows).await;
     assert_exact(&s, &summary, "f1").await;
 
     // The file_ingested event carries the expected count.
@@ -327,7 +343,7 @@ async fn killed_stage_workers_resume_exactly(f: Fixture) {
     }
     let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
     let (validate, _) = spawn(s.stage(StageKind::Validate).await);
-    until_drained(&s, summary.rows).await;
+    until_drained(&s, "f2", summary.rows).await;
     assert_exact(&s, &summary, "f2").await;
     enrich.abort();
     validate.abort();
@@ -346,9 +362,44 @@ async fn a_run_waits_for_its_pinned_reference_version(f: Fixture) {
     .await;
     assert!(s.all(StreamKind::Enriched).await.is_empty(), "nothing is enriched with a missing version");
     load_examples(&**s.refs.store()).await;
-    until_drained(&s, summary.rows).await;
+    until_drained(&s, "f3", summary.rows).await;
     assert_exact(&s, &summary, "f3").await;
     assert!(status.waiting().is_empty());
+    enrich.abort();
+    validate.abort();
+}
+
+async fn rules_applied_in_the_engine_change_later_runs_only(f: Fixture) {
+    use finmesh_pipeline::definition;
+    let s = setup(f.engine.clone(), true).await;
+    let all = std::fs::read_to_string(format!("{EXAMPLES}/rules.txt")).unwrap();
+    let avsc = std::fs::read_to_string(format!("{EXAMPLES}/risk.avsc")).unwrap();
+    definition::store_schema(&*s.engine, &s.pipeline, &avsc).await.unwrap();
+    definition::store_rules(&*s.engine, &s.pipeline, &all, &s.datasets).await.unwrap();
+    let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
+    let (validate, _) = spawn(s.stage(StageKind::Validate).await);
+
+    let (csv1, sum1) = feed(1_000);
+    s.ingest_run(csv1.clone(), "run1", "a1").await;
+    until_drained(&s, "a1", sum1.rows).await;
+    assert_exact(&s, &sum1, "a1").await;
+
+    // A rules file that does not type-check is refused and changes nothing.
+    let err = definition::store_rules(&*s.engine, &s.pipeline, "rule r: notionl > 0", &s.datasets).await.unwrap_err();
+    assert!(err.to_string().contains("unknown field `notionl`"), "{err}");
+
+    // Without notional_positive: run2's rows that break only it are valid;
+    // run1, seen before the change, keeps its rules (its second file too).
+    let relaxed: String =
+        all.lines().filter(|l| !l.starts_with("rule notional_positive")).collect::<Vec<_>>().join("\n");
+    definition::store_rules(&*s.engine, &s.pipeline, &relaxed, &s.datasets).await.unwrap();
+    let (csv2, sum2) = feed(1_000);
+    s.ingest_run(csv2.clone(), "run2", "b1").await;
+    s.ingest_run(csv2, "run1", "a2").await;
+    until_drained(&s, "b1", sum2.rows).await;
+    until_drained(&s, "a2", sum2.rows).await;
+    assert_outcome(&s, &sum2, "b1", &["ccy_known", "maturity", "cpty"]).await;
+    assert_exact(&s, &sum2, "a2").await;
     enrich.abort();
     validate.abort();
 }
