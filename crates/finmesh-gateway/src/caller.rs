@@ -257,6 +257,7 @@ pub const ROUTE_ACCESS: &[(&str, &str, Need)] = &[
     ("POST", "/v1/streams/{stream}/consumers/{name}/fetch", Need::StreamConsume),
     ("POST", "/v1/streams/{stream}/consumers/{name}/ack", Need::StreamConsume),
     ("GET", "/v1/subscribers", Need::Admin),
+    ("POST", "/v1/pipelines/{pipeline}/files", Need::StreamPublish),
 ];
 
 #[cfg(test)]

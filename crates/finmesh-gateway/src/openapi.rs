@@ -18,10 +18,11 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::problem::PROBLEM_JSON;
-use crate::{consumers, kv, oauth, ops, sse, streams, ws};
+use crate::{consumers, kv, oauth, ops, pipelines, sse, streams, ws};
 
 /// Suffixes of the subscription paths, which have no request timeout.
-const STREAMING_SUFFIXES: [&str; 3] = ["/watch", "/events", "/ws"];
+/// Paths without a request timeout: subscriptions and uploads.
+const STREAMING_SUFFIXES: [&str; 4] = ["/watch", "/events", "/ws", "/files"];
 
 /// Adds the bearer-JWT security scheme and requires it globally.
 struct BearerJwt;
@@ -111,10 +112,10 @@ impl Modify for LayerResponses {
         streams::list_streams, streams::put_stream, streams::get_stream, streams::delete_stream,
         streams::publish, streams::read, sse::events, ws::ws,
         consumers::list, consumers::put, consumers::get, consumers::delete, consumers::fetch, consumers::ack,
-        oauth::token,
+        oauth::token, pipelines::upload,
     ),
     components(schemas(crate::Problem, crate::subscribe::SubscriberInfo, crate::schema::Acks, crate::schema::Envelope)),
-    tags((name = "kv"), (name = "streams"), (name = "consumers"), (name = "ops"), (name = "auth"))
+    tags((name = "kv"), (name = "streams"), (name = "consumers"), (name = "ops"), (name = "auth"), (name = "pipelines"))
 )]
 pub struct ApiDoc;
 
