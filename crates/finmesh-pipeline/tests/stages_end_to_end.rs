@@ -62,6 +62,7 @@ on_every_engine!(
     killed_stage_workers_resume_exactly,
     a_run_waits_for_its_pinned_reference_version,
     rules_applied_in_the_engine_change_later_runs_only,
+    three_validate_workers_share_one_consumer_and_one_dies,
 );
 
 /// Reference data version of the tests.
@@ -402,4 +403,32 @@ async fn rules_applied_in_the_engine_change_later_runs_only(f: Fixture) {
     assert_exact(&s, &sum2, "a2").await;
     enrich.abort();
     validate.abort();
+}
+
+async fn three_validate_workers_share_one_consumer_and_one_dies(f: Fixture) {
+    let s = setup(f.engine.clone(), true).await;
+    let (csv, summary) = feed(4_000);
+    let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
+    let mut validators = Vec::new();
+    for _ in 0..3 {
+        validators.push(spawn(s.stage(StageKind::Validate).await));
+    }
+    s.ingest(csv, "f4").await;
+    // Kill one worker once it has done some of the work.
+    let (victim, status) = validators.remove(fastrand::usize(0..3));
+    until("the victim to work", || {
+        let status = status.clone();
+        async move { status.processed.load(Ordering::Relaxed) > 0 }
+    })
+    .await;
+    victim.abort();
+    let _ = victim.await;
+    until_drained(&s, "f4", summary.rows).await;
+    assert_exact(&s, &summary, "f4").await;
+    let survivors: u64 = validators.iter().map(|(_, st)| st.processed.load(Ordering::Relaxed)).sum();
+    assert!(survivors > 0, "the survivors took over the consumer");
+    enrich.abort();
+    for (t, _) in validators {
+        t.abort();
+    }
 }
