@@ -264,6 +264,7 @@ pub const ROUTE_ACCESS: &[(&str, &str, Need)] = &[
     ("PUT", "/v1/subscribers/{id}", Need::Admin),
     ("GET", "/v1/subscribers/{id}", Need::SubscribersRead),
     ("DELETE", "/v1/subscribers/{id}", Need::Admin),
+    ("POST", "/v1/pipelines/{pipeline}/files", Need::StreamPublish),
 ];
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! 4. [`kv`], [`streams`], [`consumers`]: the request/response routes;
 //!    [`oauth`]: `POST /oauth/token`, the client-credentials grant;
 //!    [`cors`]: cross-origin answers for browsers, when configured;
+//!    [`pipelines`]: risk-feed file uploads, streamed into the pipeline;
 //! 5. [`envelope`], [`subscribe`], [`hub`], [`sse`], [`ws`]: subscriptions,
 //!    from the JSON envelope through the fan-out hub (one engine tail per
 //!    stream) and the bounded per-subscriber queue to the wire;
@@ -38,6 +39,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod openapi;
 pub mod ops;
+pub mod pipelines;
 pub mod problem;
 pub mod registry;
 pub mod schema;
@@ -110,6 +112,11 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/streams/{stream}/feed/ws", get(feed_in::ws::feed_ws))
         .layer(around(api.clone()));
     let unary = unary.merge(feeding);
+    // Uploads last as long as the file takes: no timeout, no body limit
+    // (the route enforces `max_upload_bytes` itself, streaming).
+    let uploads = Router::new()
+        .route("/v1/pipelines/{pipeline}/files", post(pipelines::upload))
+        .layer(ServiceBuilder::new().layer(api.clone()).layer(DefaultBodyLimit::disable()));
 
     // The token endpoint authenticates clients itself; bounded by the timeout.
     let token =
@@ -131,8 +138,14 @@ pub fn app(state: AppState) -> Router {
         std::future::ready(Ok::<_, std::convert::Infallible>(axum::http::StatusCode::NOT_FOUND.into_response()))
     }));
     let cors = state.config().cors.as_ref().map(cors::CorsPolicy::new);
-    let router =
-        unary.merge(streaming).merge(token).merge(probes).merge(public).fallback_service(not_found).with_state(state);
+    let router = unary
+        .merge(streaming)
+        .merge(uploads)
+        .merge(token)
+        .merge(probes)
+        .merge(public)
+        .fallback_service(not_found)
+        .with_state(state);
     // Outermost, so preflights are answered before authentication; absent
     // without `[cors]`, so the hot paths pay nothing for it.
     match cors {

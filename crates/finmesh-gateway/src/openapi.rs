@@ -18,10 +18,10 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::problem::PROBLEM_JSON;
-use crate::{consumers, feed_in, kv, oauth, ops, registry, sse, streams, ws};
+use crate::{consumers, feed_in, kv, oauth, ops, pipelines, registry, sse, streams, ws};
 
-/// Suffixes of the subscription paths, which have no request timeout.
-const STREAMING_SUFFIXES: [&str; 4] = ["/watch", "/events", "/ws", "/feed"];
+/// Paths without a request timeout: subscriptions, feeds and uploads.
+const STREAMING_SUFFIXES: [&str; 5] = ["/watch", "/events", "/ws", "/feed", "/files"];
 
 /// Adds the bearer-JWT security scheme and requires it globally.
 struct BearerJwt;
@@ -111,11 +111,11 @@ impl Modify for LayerResponses {
         streams::list_streams, streams::put_stream, streams::get_stream, streams::delete_stream,
         streams::publish, streams::read, sse::events, ws::ws, feed_in::http::feed, feed_in::ws::feed_ws,
         consumers::list, consumers::put, consumers::get, consumers::delete, consumers::fetch, consumers::ack,
-        oauth::token,
+        oauth::token, pipelines::upload,
         registry::routes::put, registry::routes::get, registry::routes::delete,
     ),
     components(schemas(crate::Problem, crate::subscribe::SubscriberInfo, crate::schema::Acks, crate::schema::Envelope)),
-    tags((name = "kv"), (name = "streams"), (name = "consumers"), (name = "ops"), (name = "auth"))
+    tags((name = "kv"), (name = "streams"), (name = "consumers"), (name = "ops"), (name = "auth"), (name = "pipelines"))
 )]
 pub struct ApiDoc;
 

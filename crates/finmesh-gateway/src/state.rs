@@ -79,6 +79,10 @@ pub struct Limits {
     /// `?limit=` (400 above; the default page is 1,000 or this, if lower).
     /// Default and maximum [`finmesh_core::engine::MAX_KEYS_PAGE`] (10,000).
     pub max_keys_page: usize,
+    /// Largest file `POST /v1/pipelines/{pipeline}/files` accepts (413
+    /// above; the upload is streamed, so this bounds the file, not memory).
+    /// Default 4 GiB.
+    pub max_upload_bytes: u64,
 }
 
 impl Default for Limits {
@@ -94,6 +98,7 @@ impl Default for Limits {
             token_rate_global: Some(Rate { per_second: 50, burst: 100 }),
             max_concurrent_token_grants: 4,
             max_keys_page: finmesh_core::engine::MAX_KEYS_PAGE,
+            max_upload_bytes: 4 << 30,
         }
     }
 }

@@ -35,6 +35,7 @@ fn right_scope(need: Need, path: &str) -> String {
         Need::KvRead => format!("kv:read:{bucket}"),
         Need::KvWrite => format!("kv:write:{bucket}"),
         Need::KvAdmin => format!("kv:admin:{bucket}"),
+        Need::StreamPublish if path.starts_with("/v1/pipelines/") => "stream:publish:risk-raw".to_owned(),
         Need::StreamPublish => "stream:publish:S".to_owned(),
         Need::StreamSubscribe => "stream:subscribe:S".to_owned(),
         Need::StreamConsume => "stream:consume:S".to_owned(),

@@ -105,6 +105,9 @@ async fn auth_401_and_403_were_undocumented<H: Harness>() {
         if template.ends_with("/messages") {
             uri.push_str("?subject=fuzz.a"); // publish checks the subject's scope
         }
+        if template.ends_with("/files") {
+            uri.push_str("?run=r&slice=s&file=f"); // an upload checks its subject's scope
+        }
         let m = Method::from_bytes(method.as_bytes()).expect("method");
         let res = gw.send(m.clone(), &uri, &[], "").await;
         assert_eq!(res.status, 401, "{method} {uri} without a token: {}", res.text());

@@ -1,4 +1,5 @@
-//! finmesh risk-feed pipeline, ingest half: CSV files become Avro records.
+//! finmesh risk-feed pipeline: CSV files become Avro records on `raw`, flow
+//! through the enrich and validate stages, and end validated or excepted.
 //!
 //! A file's path through this crate, in reading order:
 //! 1. [`schema`]: an `.avsc` record schema is loaded and checked once
@@ -11,7 +12,11 @@
 //! 3. [`coerce`]: the text rules of each Avro type and the binary encoding;
 //! 4. [`ingest`](mod@ingest): the driver that batches rows for a publisher,
 //!    reports progress every N rows and ends with an [`IngestReport`];
-//! 5. [`feedgen`]: deterministic, realistic risk-feed files with a chosen share
+//! 5. [`flow`]: the wire contract on an engine (streams, subjects, ids,
+//!    headers, exceptions, file events) and [`flow::ingest_file`], which
+//!    publishes a file into `{P}-raw`;
+//! 6. [`stages`]: enrich and validate as durable consumers;
+//! 7. [`feedgen`]: deterministic, realistic risk-feed files with a chosen share
 //!    of bad rows and of rows that fail each validation rule.
 //!
 //! The crate's invariant, checked by tests over hostile and random input:
@@ -21,13 +26,17 @@
 //!
 //! User documentation: `docs/pipeline.md`.
 
+mod avro_field;
 pub mod coerce;
+pub mod definition;
 pub mod feedgen;
+pub mod flow;
 pub mod ingest;
 pub mod reader;
 pub mod refdata;
 mod scan;
 pub mod schema;
+pub mod stages;
 
 pub use coerce::Reason;
 pub use ingest::{IngestError, IngestOptions, IngestReport, ingest};

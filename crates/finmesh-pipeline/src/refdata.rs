@@ -55,6 +55,8 @@ use futures::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+mod csv_rows;
+pub use csv_rows::csv_rows;
 #[cfg(feature = "redis")]
 mod redis_store;
 #[cfg(feature = "redis")]

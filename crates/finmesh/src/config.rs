@@ -76,6 +76,8 @@ pub struct LimitsSection {
     pub max_concurrent_token_grants: usize,
     /// Most keys one key listing page may ask for (400 above), 1-10000.
     pub max_keys_page: usize,
+    /// Largest pipeline file upload, in bytes (413 above).
+    pub max_upload_bytes: u64,
 }
 
 /// Connection caps and timeouts (`[connections]`); defaults are
@@ -122,6 +124,7 @@ impl Default for LimitsSection {
             token_rate_global: d.token_rate_global.map(|r| RateSection { per_second: r.per_second, burst: r.burst }),
             max_concurrent_token_grants: d.max_concurrent_token_grants,
             max_keys_page: d.max_keys_page,
+            max_upload_bytes: d.max_upload_bytes,
         }
     }
 }
@@ -665,6 +668,7 @@ impl ServeConfig {
                 token_rate_global: self.limits.token_rate_global.as_ref().map(rate),
                 max_concurrent_token_grants: self.limits.max_concurrent_token_grants,
                 max_keys_page: self.limits.max_keys_page,
+                max_upload_bytes: self.limits.max_upload_bytes,
             },
             subscriptions: SubscriptionConfig {
                 heartbeat: Duration::from_millis(self.subscriptions.heartbeat_ms),

@@ -11,7 +11,9 @@
 //!   node, failing over between receivers ([`feed`]).
 //!
 //! - `finmesh pipeline gen` and `finmesh pipeline rules check`: the
-//!   risk-feed tools that run locally, no node needed ([`pipeline`]).
+//!   risk-feed tools that run locally, no node needed ([`pipeline`]);
+//!   `pipeline ingest | run | worker | rules apply` and `finmesh refdata
+//!   load` need a node or an engine ([`pipeline_cmds`], [`pipeline_node`]).
 //!
 //! The benchmark harness is a binary of its own (`finmesh-bench`, crate
 //! `finmesh-bench`), so that this one links no benchmark or test-kit code.
@@ -25,6 +27,8 @@ mod config;
 mod demo;
 mod feed;
 mod pipeline;
+mod pipeline_cmds;
+mod pipeline_node;
 mod security;
 mod serve;
 mod serving;
@@ -108,11 +112,22 @@ enum Command {
         #[command(flatten)]
         args: feed::FeedArgs,
     },
-    /// Risk-feed tools that run locally: generate a feed, check a rules file.
+    /// The risk-feed pipeline: generate a feed, check or apply rules, ingest, run the stages.
     Pipeline {
         #[command(subcommand)]
         command: pipeline::PipelineCommand,
     },
+    /// Reference data of the pipeline's enrich and validate stages.
+    Refdata {
+        #[command(subcommand)]
+        command: RefdataCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RefdataCommand {
+    /// Load a CSV file as one version of a dataset (directly on the configured engine).
+    Load(pipeline_cmds::RefdataLoadArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,17 +177,21 @@ async fn run() -> anyhow::Result<()> {
     // One TLS crypto provider for the whole process (see CRATES.md); an
     // error only means one is installed already.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    if let Command::Serve(args) = cli.command {
-        // serve sets up logging itself, in the configured format.
-        return serve::run(args, cli.log.as_deref().unwrap_or("info")).await;
-    }
+    let command = match cli.command {
+        // serve (and `pipeline run`, a node) sets up logging itself, in the configured format.
+        Command::Serve(args) => return serve::run(args, cli.log.as_deref().unwrap_or("info")).await,
+        Command::Pipeline { command: pipeline::PipelineCommand::Run(args) } => {
+            return serve::run(args.serve_args(), cli.log.as_deref().unwrap_or("info")).await;
+        }
+        other => other,
+    };
     let filter = cli.log.as_deref().unwrap_or("warn");
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("warn")))
         .with_writer(std::io::stderr)
         .init();
 
-    match cli.command {
+    match command {
         Command::Serve(_) => Ok(()),
         Command::Demo(args) => demo::run(args).await,
         Command::Config { command: ConfigCommand::Check(overrides) } => config_check(&overrides),
@@ -194,8 +213,9 @@ async fn run() -> anyhow::Result<()> {
             client::commands_consumer(&client::Client::new(&client)?, command).await
         }
         Command::Audit(args) => audit::run(args).await,
-        Command::Pipeline { command } => pipeline::run(command),
+        Command::Pipeline { command } => pipeline::run(command).await,
         Command::Feed { client, args } => feed::run(&client, &args).await,
+        Command::Refdata { command: RefdataCommand::Load(args) } => pipeline_cmds::refdata_load(args).await,
     }
 }
 

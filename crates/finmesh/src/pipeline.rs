@@ -1,9 +1,11 @@
-//! `finmesh pipeline`: the risk-feed tools that run locally, without a node.
+//! `finmesh pipeline`: the risk-feed commands; those here run locally, without a node.
 //!
 //! - `finmesh pipeline gen`: a generated risk feed (CSV, the columns of
 //!   `examples/pipeline/risk.avsc`) with chosen shares of bad and
 //!   rule-failing rows ([`finmesh_pipeline::feedgen`]); what was generated
 //!   goes to standard error, so the CSV can go to standard output;
+//! - `ingest`, `run`, `worker` and `rules apply`, which need a node or an
+//!   engine, are in [`crate::pipeline_cmds`];
 //! - `finmesh pipeline rules check`: a rules file type-checked against an
 //!   Avro schema and the named reference datasets
 //!   ([`finmesh_rules::check_file`]); a one-line summary, or every error
@@ -26,12 +28,20 @@ pub enum PipelineCommand {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Upload a CSV file to a running node (streamed), with a progress bar and a summary.
+    Ingest(crate::pipeline_cmds::IngestArgs),
+    /// Run a node (as `finmesh serve`) that also runs every stage of the pipeline.
+    Run(crate::pipeline_cmds::RunArgs),
+    /// Run one stage against the configured engine (scale-out on NATS).
+    Worker(crate::pipeline_cmds::WorkerArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum RulesCommand {
     /// Type-check a rules file against an Avro schema; print a summary or every error.
     Check(CheckArgs),
+    /// Check a rules file against the node's schema and store it: runs that start later use it.
+    Apply(crate::pipeline_cmds::ApplyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -86,10 +96,15 @@ fn parse_dataset(s: &str) -> Result<(String, KeyType), String> {
     Ok((name.to_string(), kind))
 }
 
-pub fn run(command: PipelineCommand) -> anyhow::Result<()> {
+pub async fn run(command: PipelineCommand) -> anyhow::Result<()> {
     match command {
         PipelineCommand::Gen(args) => generate(&args),
         PipelineCommand::Rules { command: RulesCommand::Check(args) } => check(&args),
+        PipelineCommand::Rules { command: RulesCommand::Apply(args) } => crate::pipeline_cmds::apply(args).await,
+        PipelineCommand::Ingest(args) => crate::pipeline_cmds::ingest(args).await,
+        PipelineCommand::Worker(args) => crate::pipeline_cmds::worker(args).await,
+        // Dispatched by main as a node (it sets up logging like `serve`).
+        PipelineCommand::Run(args) => crate::serve::run(args.serve_args(), "info").await,
     }
 }
 

@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// without TLS, where anyone who reaches the port is an admin.
     #[arg(long, requires = "insecure_no_auth")]
     pub insecure_no_auth_on_public_address: bool,
+    /// Also run every stage of the pipeline this `pipeline.toml` describes
+    /// (what `finmesh pipeline run` does).
+    #[arg(long)]
+    pub pipeline: Option<std::path::PathBuf>,
 }
 
 /// Whether `listen` may serve as asked; `Ok(Some(warning))` to start with a
@@ -85,13 +89,13 @@ pub fn exposure(listen: SocketAddr, tls: bool, args: &ServeArgs) -> anyhow::Resu
 }
 
 /// The engine `serve` opened, kept typed so it can be closed properly.
-enum OpenEngine {
+pub(crate) enum OpenEngine {
     Embedded(EmbeddedEngine),
     Nats(NatsEngine),
 }
 
 impl OpenEngine {
-    async fn open(config: &ServeConfig) -> anyhow::Result<Self> {
+    pub(crate) async fn open(config: &ServeConfig) -> anyhow::Result<Self> {
         Ok(match config.engine {
             EngineKind::Embedded => {
                 let dir = &config.data_dir;
@@ -107,14 +111,14 @@ impl OpenEngine {
         })
     }
 
-    fn shared(&self) -> Arc<dyn Engine> {
+    pub(crate) fn shared(&self) -> Arc<dyn Engine> {
         match self {
             OpenEngine::Embedded(e) => Arc::new(e.clone()),
             OpenEngine::Nats(e) => Arc::new(e.clone()),
         }
     }
 
-    async fn close(self) -> anyhow::Result<()> {
+    pub(crate) async fn close(self) -> anyhow::Result<()> {
         match self {
             OpenEngine::Embedded(e) => e.close().await.context("closing the embedded engine"),
             OpenEngine::Nats(e) => e.close().await.context("closing the NATS connection"),
@@ -203,6 +207,21 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
             }
         },
     };
+    // Pipeline stages (if any) run on the engine itself: their buckets and
+    // streams carry no security options.
+    let (stop_stages, stop_rx) = watch::channel(false);
+    let stages = match &args.pipeline {
+        None => Vec::new(),
+        Some(path) => {
+            let loaded = crate::pipeline_node::load(path)?;
+            crate::pipeline_node::define(&engine.shared(), &loaded).await?;
+            let counts = [
+                (finmesh_pipeline::stages::StageKind::Enrich, loaded.config.stages.enrich_workers),
+                (finmesh_pipeline::stages::StageKind::Validate, loaded.config.stages.validate_workers),
+            ];
+            crate::pipeline_node::start_stages(engine.shared(), &loaded, &counts, stop_rx).await?
+        }
+    };
     let mut state = AppState::new(shared, auth, config.gateway()?);
     if let Some(clients) = oauth {
         state = state.with_oauth(clients);
@@ -234,6 +253,11 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
     drain.abort();
     if let Some(follow) = follow {
         follow.abort();
+    }
+    // Stages finish their current step (publish, then ack) before the engine closes.
+    let _ = stop_stages.send(true);
+    for stage in stages {
+        let _ = stage.await;
     }
     engine.close().await?;
     tracing::info!("finmesh stopped");
@@ -280,7 +304,12 @@ mod tests {
     use super::*;
 
     fn args(insecure_no_auth: bool, public: bool) -> ServeArgs {
-        ServeArgs { config: ConfigOverrides::default(), insecure_no_auth, insecure_no_auth_on_public_address: public }
+        ServeArgs {
+            config: ConfigOverrides::default(),
+            insecure_no_auth,
+            insecure_no_auth_on_public_address: public,
+            pipeline: None,
+        }
     }
 
     #[test]

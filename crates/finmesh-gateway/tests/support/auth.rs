@@ -131,7 +131,8 @@ pub fn sample_request(method: &str, path: &str) -> (Method, String, String, u16)
         .replace("{key}", "k")
         .replace("{stream}", "S")
         .replace("{name}", "c")
-        .replace("{id}", "r1");
+        .replace("{id}", "r1")
+        .replace("{pipeline}", "risk");
     let method = Method::from_bytes(method.as_bytes()).expect("method");
     let (body, status) = match (method.as_str(), path) {
         ("PUT", "/v1/kv/{bucket}") => (json!({"history": 2}).to_string(), 200),
@@ -142,6 +143,8 @@ pub fn sample_request(method: &str, path: &str) -> (Method, String, String, u16)
         ("POST", "/v1/streams/{stream}/messages") => ("1".to_owned(), 200),
         ("POST", "/v1/streams/{stream}/feed") => (r#"{"subject":"s.a","msg_id":"sample","payload":1}"#.to_owned(), 200),
         ("POST", "/v1/streams/{stream}/consumers/{name}/fetch") => (json!({"batch": 1}).to_string(), 200),
+        // Routed and checked; the fixture defines no pipeline.
+        ("POST", "/v1/pipelines/{pipeline}/files") => ("h\n".to_owned(), 404),
         // Served only with an OAuth client registry; the sample gateway has none.
         ("POST", "/oauth/token") => ("grant_type=client_credentials".to_owned(), 404),
         // A valid-looking request whose token the engine refuses: routed, checked, answered.
@@ -154,6 +157,7 @@ pub fn sample_request(method: &str, path: &str) -> (Method, String, String, u16)
         _ => (String::new(), 200),
     };
     let uri = if method == Method::POST && path.ends_with("/messages") { format!("{uri}?subject=s.a") } else { uri };
+    let uri = if path.ends_with("/files") { format!("{uri}?run=r&slice=s&file=f") } else { uri };
     (method, uri, body, status)
 }
 

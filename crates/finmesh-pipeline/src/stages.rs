@@ -1,0 +1,526 @@
+//! The enrich and validate stages, as durable consumers.
+//!
+//! Each stage is a durable consumer named `{P}-{stage}` on its input stream
+//! (enrich reads `{P}-raw`, validate reads `{P}-enriched`). One step
+//! ([`Stage::step`]) fetches a batch, processes every delivery, publishes
+//! the outputs (to the next stream) and the exceptions (to
+//! `{P}-exceptions`) as two batch publishes with the input's message ids,
+//! and only after both are acknowledged acks the whole input batch with one
+//! batch ack. Invariants:
+//! - a row reaches exactly one of the next stream or `exceptions`, with the
+//!   id `file:row` it came in with;
+//! - a crash anywhere in a step loses nothing (the batch was not acked, so
+//!   it is redelivered) and doubles nothing within the streams' duplicate
+//!   window (republished ids are acked as duplicates);
+//! - several workers may share one consumer (on NATS, over several
+//!   machines): each delivery goes to one of them at a time.
+//!
+//! Reference data (both stages): the run's pin is the [`HDR_REFDATA`] header
+//! its records carry (set at ingest with `--refdata T`): every dataset the
+//! stage needs is pinned to exactly version `T`
+//! ([`Pin::Version`]), and a batch of a run whose version is not loaded yet
+//! waits for it (listed by [`StageStatus::waiting`]) for up to
+//! [`StageOptions::pin_wait`], is then nak'ed with a delay and waits again
+//! on its redelivery. Records without the header use the latest version at
+//! the time this worker first sees the run ([`Pin::AsOf`]), kept for the
+//! worker's life: with several workers, a load during the run may split it,
+//! so runs that must be exact pass `--refdata`.
+//!
+//! Enrich reads only the lookup fields of a record (see
+//! [`crate::avro_field`]); its output is the input datum unchanged plus the
+//! header [`HDR_REFDATA_USED`] naming the versions used. A lookup miss is
+//! an exception naming the dataset and the key ([`OnMiss::Exception`]) or
+//! passes ([`OnMiss::Pass`]). Validate decodes the record and evaluates the
+//! rule set; every failing rule is named in the exception. Validate's rules
+//! are the run's revision in the definition bucket
+//! ([`crate::definition::run_rules`]: fixed when a worker first sees the
+//! run), or [`StageSetup::rules`] when no rules are stored there.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use apache_avro::reader::datum::GenericDatumReader;
+use finmesh_core::{
+    AckKind, ConsumerConfig, ConsumerName, Delivery, Engine, Error, ErrorKind, FetchRequest, OutgoingMessage, Result,
+    Timestamp,
+};
+use finmesh_rules::{Datasets, RuleSet};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::avro_field::{FieldKey, read_key};
+use crate::flow::{
+    ExceptionBody, ExceptionStage, FileRef, HDR_LINE, HDR_REFDATA, HDR_REFDATA_USED, Pipeline, StreamKind,
+    parse_rfc3339, rfc3339,
+};
+use crate::refdata::{Pin, RefCache, RefSnapshot, RunRefs, Waiting};
+use crate::schema::IngestSchema;
+
+/// A stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    Enrich,
+    Validate,
+}
+
+impl StageKind {
+    /// Every stage, in pipeline order.
+    pub const ALL: [StageKind; 2] = [StageKind::Enrich, StageKind::Validate];
+
+    /// Its name (`enrich`, `validate`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageKind::Enrich => "enrich",
+            StageKind::Validate => "validate",
+        }
+    }
+
+    /// The stream it reads.
+    pub fn input(self) -> StreamKind {
+        match self {
+            StageKind::Enrich => StreamKind::Raw,
+            StageKind::Validate => StreamKind::Enriched,
+        }
+    }
+
+    /// The stream its records go to.
+    pub fn output(self) -> StreamKind {
+        match self {
+            StageKind::Enrich => StreamKind::Enriched,
+            StageKind::Validate => StreamKind::Validated,
+        }
+    }
+
+    fn exception_stage(self) -> ExceptionStage {
+        match self {
+            StageKind::Enrich => ExceptionStage::Enrich,
+            StageKind::Validate => ExceptionStage::Validate,
+        }
+    }
+}
+
+impl std::str::FromStr for StageKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "enrich" => Ok(StageKind::Enrich),
+            "validate" => Ok(StageKind::Validate),
+            _ => Err(Error::invalid(format!("unknown stage `{s}`; the stages are enrich and validate"))),
+        }
+    }
+}
+
+/// What enrich does when a key is not in the pinned version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMiss {
+    /// The row becomes an enrich exception naming the dataset and the key.
+    #[default]
+    Exception,
+    /// The row goes on unchanged.
+    Pass,
+}
+
+/// One lookup of enrich: `field`'s value must be a key of `dataset`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichLookup {
+    pub dataset: String,
+    pub field: String,
+    #[serde(default)]
+    pub on_miss: OnMiss,
+}
+
+/// Tuning of a stage.
+#[derive(Debug, Clone)]
+pub struct StageOptions {
+    /// Deliveries per fetch. Default 500.
+    pub batch: usize,
+    /// How long a fetch waits for input. Default 1 s.
+    pub fetch_wait: Duration,
+    /// The consumer's ack wait: a batch not acked within it is redelivered.
+    /// Default 60 s.
+    pub ack_wait: Duration,
+    /// How long a batch waits for its run's pinned reference version before
+    /// it is nak'ed (and waits again when redelivered). Default 10 s.
+    pub pin_wait: Duration,
+}
+
+impl Default for StageOptions {
+    fn default() -> Self {
+        StageOptions {
+            batch: 500,
+            fetch_wait: Duration::from_secs(1),
+            ack_wait: Duration::from_secs(60),
+            pin_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a stage needs to know besides its engine.
+pub struct StageSetup {
+    pub pipeline: Pipeline,
+    pub schema: Arc<IngestSchema>,
+    /// Enrich's lookups (validate ignores them).
+    pub lookups: Vec<EnrichLookup>,
+    /// Validate's rules (enrich ignores them).
+    pub rules: Arc<RuleSet>,
+    /// The datasets `rules` was compiled against.
+    pub datasets: Datasets,
+    pub refs: Arc<RefCache>,
+    pub options: StageOptions,
+}
+
+/// Live figures of a stage worker.
+#[derive(Default)]
+pub struct StageStatus {
+    /// Deliveries processed and acked.
+    pub processed: AtomicU64,
+    /// Of which went to the next stream.
+    pub passed: AtomicU64,
+    /// Of which went to exceptions.
+    pub exceptions: AtomicU64,
+    /// Outputs the engine acked as duplicates (redelivered work).
+    pub duplicates: AtomicU64,
+    /// Deliveries without the contract's headers, terminated.
+    pub malformed: AtomicU64,
+    refs: Mutex<Option<Arc<RefCache>>>,
+}
+
+impl StageStatus {
+    /// Runs waiting for a pinned reference version right now.
+    pub fn waiting(&self) -> Vec<Waiting> {
+        self.refs.lock().as_ref().map(|r| r.waiting()).unwrap_or_default()
+    }
+}
+
+/// A run's pinned reference data, as this worker resolved it.
+struct RunPins {
+    /// The rules the run uses (validate only; enrich: the setup's).
+    rules: Arc<RuleSet>,
+    snapshots: Vec<Arc<RefSnapshot>>,
+    refs: RunRefs,
+    used: String,
+}
+
+/// A run and the version its records pin (none: latest when first seen).
+type PinKey = (String, Option<Timestamp>);
+
+/// One stage worker.
+pub struct Stage {
+    kind: StageKind,
+    engine: Arc<dyn Engine>,
+    setup: StageSetup,
+    consumer: ConsumerName,
+    datasets: Vec<String>,
+    lookup_fields: Vec<usize>,
+    pins: Mutex<HashMap<PinKey, Arc<RunPins>>>,
+    /// Rules compiled from the definition bucket, by revision.
+    compiled: Mutex<HashMap<u64, Arc<RuleSet>>>,
+    status: Arc<StageStatus>,
+}
+
+/// Runs kept in a worker's pin table before it is cleared.
+const MAX_PINNED_RUNS: usize = 64;
+
+/// What a processed delivery becomes.
+enum Outcome {
+    Pass(OutgoingMessage),
+    Exception(OutgoingMessage),
+}
+
+impl Stage {
+    /// A worker of `kind`; creates its durable consumer if missing.
+    pub async fn start(engine: Arc<dyn Engine>, kind: StageKind, setup: StageSetup) -> Result<Stage> {
+        let consumer = ConsumerName::new(format!("{}-{}", setup.pipeline.name(), kind.as_str()))?;
+        let mut lookup_fields = Vec::new();
+        let mut datasets: Vec<String> = Vec::new();
+        if kind == StageKind::Enrich {
+            for l in &setup.lookups {
+                let i = setup.schema.fields().iter().position(|f| f.name == l.field).ok_or_else(|| {
+                    Error::invalid(format!("enrich lookup on `{}`: the schema has no such field", l.field))
+                })?;
+                lookup_fields.push(i);
+                if !datasets.contains(&l.dataset) {
+                    datasets.push(l.dataset.clone());
+                }
+            }
+        }
+        let mut config = ConsumerConfig::new(consumer.clone());
+        config.ack_wait = setup.options.ack_wait;
+        config.max_ack_pending = (setup.options.batch as u32).saturating_mul(4).max(1000);
+        let input = setup.pipeline.stream(kind.input()).clone();
+        match engine.create_consumer(&input, config.clone()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                engine.update_consumer(&input, config).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        let status = Arc::new(StageStatus::default());
+        *status.refs.lock() = Some(setup.refs.clone());
+        Ok(Stage {
+            kind,
+            engine,
+            setup,
+            consumer,
+            datasets,
+            lookup_fields,
+            pins: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(HashMap::new()),
+            status,
+        })
+    }
+
+    /// The live figures.
+    pub fn status(&self) -> Arc<StageStatus> {
+        self.status.clone()
+    }
+
+    /// Runs steps until `shutdown` resolves; a step in progress is finished
+    /// first. Engine errors other than a closed engine are retried after a
+    /// second (and logged).
+    pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return Ok(()),
+                r = self.step() => if let Err(e) = r {
+                    tracing::warn!(stage = self.kind.as_str(), error = %e, "stage step failed; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                },
+            }
+        }
+    }
+
+    /// One fetch–process–publish–ack cycle; returns the deliveries acked.
+    pub async fn step(&self) -> Result<usize> {
+        let input = self.setup.pipeline.stream(self.kind.input());
+        let request = FetchRequest { max: self.setup.options.batch, wait: self.setup.options.fetch_wait };
+        let deliveries = self.engine.fetch(input, &self.consumer, request).await?;
+        if deliveries.is_empty() {
+            return Ok(0);
+        }
+        let decoder = match self.kind {
+            StageKind::Validate => Some(
+                GenericDatumReader::builder(self.setup.schema.avro())
+                    .build()
+                    .map_err(|e| Error::internal(format!("building the Avro decoder: {e}")))?,
+            ),
+            StageKind::Enrich => None,
+        };
+        let mut failures = self.setup.rules.failure_buffer();
+        let mut outputs = Vec::with_capacity(deliveries.len());
+        let mut exceptions = Vec::new();
+        let mut malformed = Vec::new();
+        for d in &deliveries {
+            let (file, row) = match FileRef::from_headers(&d.message.headers) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(stage = self.kind.as_str(), seq = d.message.seq.0, error = %e, "malformed delivery terminated");
+                    malformed.push(d.token.clone());
+                    continue;
+                }
+            };
+            let pins = match self.pins(&file.run, d).await {
+                Ok(p) => p,
+                Err(e) if matches!(e.kind(), ErrorKind::Timeout) => {
+                    let tokens: Vec<_> = deliveries.iter().map(|d| d.token.clone()).collect();
+                    self.engine
+                        .ack_many(input, &self.consumer, &tokens, AckKind::Nak { delay: Duration::from_millis(500) })
+                        .await?;
+                    return Ok(0);
+                }
+                Err(e) => return Err(e),
+            };
+            match self.process(d, &file, row, &pins, decoder.as_ref(), &mut failures)? {
+                Outcome::Pass(m) => outputs.push(m),
+                Outcome::Exception(m) => exceptions.push(m),
+            }
+        }
+        let (passed, excepted) = (outputs.len() as u64, exceptions.len() as u64);
+        let mut duplicates = 0;
+        if !outputs.is_empty() {
+            let acks = self.engine.publish_batch(self.setup.pipeline.stream(self.kind.output()), outputs).await?;
+            duplicates += acks.iter().filter(|a| a.duplicate).count() as u64;
+        }
+        if !exceptions.is_empty() {
+            let acks =
+                self.engine.publish_batch(self.setup.pipeline.stream(StreamKind::Exceptions), exceptions).await?;
+            duplicates += acks.iter().filter(|a| a.duplicate).count() as u64;
+        }
+        let tokens: Vec<_> = deliveries.iter().map(|d| d.token.clone()).filter(|t| !malformed.contains(t)).collect();
+        if !tokens.is_empty() {
+            self.engine.ack_many(input, &self.consumer, &tokens, AckKind::Ack).await?;
+        }
+        if !malformed.is_empty() {
+            self.engine.ack_many(input, &self.consumer, &malformed, AckKind::Term).await?;
+        }
+        let s = &self.status;
+        s.processed.fetch_add(tokens.len() as u64, Ordering::Relaxed);
+        s.passed.fetch_add(passed, Ordering::Relaxed);
+        s.exceptions.fetch_add(excepted, Ordering::Relaxed);
+        s.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+        s.malformed.fetch_add(malformed.len() as u64, Ordering::Relaxed);
+        Ok(deliveries.len())
+    }
+
+    /// The run's pinned snapshots (resolved once per run and pin).
+    async fn pins(&self, run: &str, d: &Delivery) -> Result<Arc<RunPins>> {
+        let pinned = match d.message.headers.get(HDR_REFDATA) {
+            Some(t) => Some(parse_rfc3339(t)?),
+            None => None,
+        };
+        let key = (run.to_owned(), pinned);
+        if let Some(p) = self.pins.lock().get(&key) {
+            return Ok(p.clone());
+        }
+        let deadline = tokio::time::Instant::now() + self.setup.options.pin_wait;
+        let pin = match pinned {
+            Some(t) => Pin::Version(t),
+            None => Pin::AsOf(Timestamp::now()),
+        };
+        let (rules, datasets) = match self.kind {
+            StageKind::Enrich => (self.setup.rules.clone(), self.datasets.clone()),
+            StageKind::Validate => {
+                let rules = self.rules_for(run).await?;
+                let names = rules
+                    .datasets_used()
+                    .iter()
+                    .filter_map(|id| self.setup.datasets.name(*id).map(str::to_owned))
+                    .collect();
+                (rules, names)
+            }
+        };
+        let mut snapshots = Vec::new();
+        for dataset in &datasets {
+            snapshots.push(self.setup.refs.pin(dataset, pin, deadline).await?);
+        }
+        let used =
+            snapshots.iter().map(|s| format!("{}@{}", s.dataset, rfc3339(s.version))).collect::<Vec<_>>().join(",");
+        let refs = RunRefs::new(&self.setup.datasets, snapshots.iter().cloned());
+        let pins = Arc::new(RunPins { rules, snapshots, refs, used });
+        let mut table = self.pins.lock();
+        if table.len() >= MAX_PINNED_RUNS {
+            table.clear();
+        }
+        table.insert(key, pins.clone());
+        Ok(pins)
+    }
+
+    /// The rules of `run`: the revision fixed for it in the definition
+    /// bucket, or the setup's rules when none are stored.
+    async fn rules_for(&self, run: &str) -> Result<Arc<RuleSet>> {
+        let Some((text, rev)) = crate::definition::run_rules(&*self.engine, &self.setup.pipeline, run).await? else {
+            return Ok(self.setup.rules.clone());
+        };
+        if let Some(r) = self.compiled.lock().get(&rev.0) {
+            return Ok(r.clone());
+        }
+        let rules = Arc::new(crate::definition::compile_rules(
+            &text,
+            &self.setup.schema,
+            &self.setup.datasets,
+            &format!("rules revision {}", rev.0),
+        )?);
+        self.compiled.lock().insert(rev.0, rules.clone());
+        Ok(rules)
+    }
+
+    fn process(
+        &self,
+        d: &Delivery,
+        file: &FileRef,
+        row: u64,
+        pins: &RunPins,
+        decoder: Option<&GenericDatumReader<'_>>,
+        failures: &mut Vec<finmesh_rules::RuleId>,
+    ) -> Result<Outcome> {
+        let line = d.message.headers.get(HDR_LINE).and_then(|l| l.parse().ok()).unwrap_or(0);
+        let exception = |column: Option<String>, rules: Option<Vec<String>>, reason: String| {
+            let body = ExceptionBody {
+                run: file.run.clone(),
+                slice: file.slice.clone(),
+                file: file.file.clone(),
+                row,
+                line,
+                stage: self.kind.exception_stage(),
+                column,
+                rules,
+                reason,
+            };
+            body.to_message(&self.setup.pipeline, file).map(Outcome::Exception)
+        };
+        let fields = self.setup.schema.fields();
+        let datum = &d.message.payload[..];
+        match self.kind {
+            StageKind::Enrich => {
+                for (l, &index) in self.setup.lookups.iter().zip(&self.lookup_fields) {
+                    let Some(key) = read_key(fields, datum, index) else {
+                        return exception(None, None, "the record is not a datum of the pipeline's schema".into());
+                    };
+                    let snapshot = pins.snapshots.iter().find(|s| s.dataset == l.dataset);
+                    let key_text = match key {
+                        FieldKey::Str(s) => s.to_owned(),
+                        FieldKey::Int(i) => i.to_string(),
+                        FieldKey::Null => String::new(),
+                    };
+                    let found = !key_text.is_empty() && snapshot.is_some_and(|s| s.contains(&key_text));
+                    if !found && l.on_miss == OnMiss::Exception {
+                        let version = snapshot.map(|s| rfc3339(s.version)).unwrap_or_default();
+                        return exception(
+                            Some(l.field.clone()),
+                            None,
+                            format!(
+                                "lookup miss: key `{key_text}` of field `{}` is not in dataset `{}` (version {version})",
+                                l.field, l.dataset
+                            ),
+                        );
+                    }
+                }
+                let mut headers = d.message.headers.clone();
+                headers.remove(finmesh_core::message::MSG_ID_HEADER);
+                if !pins.used.is_empty() {
+                    headers.insert(HDR_REFDATA_USED, pins.used.as_str())?;
+                }
+                self.forward(file, row, headers, d)
+            }
+            StageKind::Validate => {
+                let decoder = decoder.ok_or_else(|| Error::internal("validate runs without a decoder"))?;
+                let value = match decoder.read_value(&mut &datum[..]) {
+                    Ok(v) => v,
+                    Err(e) => return exception(None, None, format!("the record does not decode: {e}")),
+                };
+                match pins.rules.evaluate_avro(&value, &pins.refs, failures) {
+                    Ok(true) => {
+                        let mut headers = d.message.headers.clone();
+                        headers.remove(finmesh_core::message::MSG_ID_HEADER);
+                        self.forward(file, row, headers, d)
+                    }
+                    Ok(false) => {
+                        let names: Vec<String> = failures.iter().map(|&id| pins.rules.name(id).to_owned()).collect();
+                        let reason = format!("failed rules: {}", names.join(", "));
+                        exception(None, Some(names), reason)
+                    }
+                    Err(e) => exception(None, None, format!("the record does not fit the rules' schema: {e}")),
+                }
+            }
+        }
+    }
+
+    fn forward(&self, file: &FileRef, row: u64, headers: finmesh_core::Headers, d: &Delivery) -> Result<Outcome> {
+        let msg = OutgoingMessage {
+            subject: self.setup.pipeline.subject(self.kind.output(), file)?,
+            headers,
+            payload: d.message.payload.clone(),
+        };
+        Ok(Outcome::Pass(msg.with_msg_id(file.msg_id(row))?))
+    }
+}

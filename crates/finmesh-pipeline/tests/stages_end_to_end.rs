@@ -1,0 +1,434 @@
+//! End to end on both engines: a generated feed with known good, bad and
+//! rule-failing rows is ingested into `raw`, flows through enrich and
+//! validate (durable consumers), and every row ends in exactly one of
+//! `validated` or `exceptions`, each exception naming the right stage and
+//! rule or column. Stage workers are killed (their task aborted, at whatever
+//! point of a step it was) and restarted mid-file: still exact.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use finmesh_core::{Engine, ReadRequest, Seq, StreamName};
+use finmesh_embedded::EmbeddedEngine;
+use finmesh_pipeline::IngestSchema;
+use finmesh_pipeline::feedgen::{self, GenOptions, GenSummary, RuleFailShares};
+use finmesh_pipeline::flow::{
+    self, ExceptionStage, FileRef, HDR_REFDATA_USED, IngestSpec, Pipeline, StreamKind, StreamLimits,
+};
+use finmesh_pipeline::refdata::{EngineRefStore, RefCache, RefStore, csv_rows};
+use finmesh_pipeline::stages::{EnrichLookup, OnMiss, Stage, StageKind, StageOptions, StageSetup};
+use finmesh_rules::{Datasets, KeyType, RuleSet};
+
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pipeline");
+
+struct Fixture {
+    engine: Arc<dyn Engine>,
+    _keep: Box<dyn std::any::Any + Send>,
+}
+
+async fn embedded() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(EmbeddedEngine::open(dir.path()).expect("open the embedded engine"));
+    Fixture { engine, _keep: Box::new(dir) }
+}
+
+async fn nats() -> Fixture {
+    let server = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
+    let options = finmesh_nats::NatsEngineOptions::new(server.url());
+    let engine = finmesh_nats::NatsEngine::connect(options).await.expect("connect the NATS engine");
+    Fixture { engine: Arc::new(engine), _keep: Box::new(server) }
+}
+
+macro_rules! on_every_engine {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name(super::embedded().await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                super::$name(super::nats().await).await
+            }
+        }
+    )*};
+}
+
+on_every_engine!(
+    every_row_ends_validated_or_excepted_with_the_right_reason,
+    killed_stage_workers_resume_exactly,
+    a_run_waits_for_its_pinned_reference_version,
+    rules_applied_in_the_engine_change_later_runs_only,
+    three_validate_workers_share_one_consumer_and_one_dies,
+);
+
+/// Reference data version of the tests.
+const VERSION: &str = "2026-12-01T00:00:00Z";
+
+struct Setup {
+    engine: Arc<dyn Engine>,
+    pipeline: Pipeline,
+    schema: Arc<IngestSchema>,
+    rules: Arc<RuleSet>,
+    datasets: Datasets,
+    refs: Arc<RefCache>,
+}
+
+async fn setup(engine: Arc<dyn Engine>, load_refdata: bool) -> Setup {
+    let pipeline = Pipeline::new("risk").unwrap();
+    flow::ensure_streams(&*engine, &pipeline, &StreamLimits::default()).await.unwrap();
+    let schema = Arc::new(IngestSchema::load(format!("{EXAMPLES}/risk.avsc")).unwrap());
+    let datasets = Datasets::new().with("currencies", KeyType::String).with("books", KeyType::String);
+    let src = std::fs::read_to_string(format!("{EXAMPLES}/rules.txt")).unwrap();
+    let rules = Arc::new(RuleSet::compile(&src, schema.avro(), &datasets).unwrap());
+    let store: Arc<dyn RefStore> = Arc::new(EngineRefStore::open(engine.clone()).await.unwrap());
+    if load_refdata {
+        load_examples(&*store).await;
+    }
+    let refs = Arc::new(RefCache::with_poll_interval(store, Duration::from_millis(20)));
+    Setup { engine, pipeline, schema, rules, datasets, refs }
+}
+
+async fn load_examples(store: &dyn RefStore) {
+    let version = flow::parse_rfc3339(VERSION).unwrap();
+    for dataset in ["currencies", "books"] {
+        let file = std::fs::File::open(format!("{EXAMPLES}/{dataset}.csv")).unwrap();
+        let mut rows = csv_rows(file, None).unwrap();
+        store.load_version(dataset, version, &mut rows).await.unwrap();
+    }
+}
+
+impl Setup {
+    async fn stage(&self, kind: StageKind) -> Stage {
+        let setup = StageSetup {
+            pipeline: self.pipeline.clone(),
+            schema: self.schema.clone(),
+            lookups: vec![EnrichLookup { dataset: "books".into(), field: "book".into(), on_miss: OnMiss::Exception }],
+            rules: self.rules.clone(),
+            datasets: self.datasets.clone(),
+            refs: self.refs.clone(),
+            options: StageOptions {
+                batch: 200,
+                fetch_wait: Duration::from_millis(200),
+                ack_wait: Duration::from_secs(2),
+                pin_wait: Duration::from_millis(300),
+            },
+        };
+        Stage::start(self.engine.clone(), kind, setup).await.unwrap()
+    }
+
+    async fn ingest(&self, csv: Vec<u8>, file: &str) -> flow::IngestSummary {
+        self.ingest_run(csv, "run1", file).await
+    }
+
+    async fn ingest_run(&self, csv: Vec<u8>, run: &str, file: &str) -> flow::IngestSummary {
+        let spec = IngestSpec {
+            file: FileRef::new(run, "slice1", file).unwrap(),
+            refdata: Some(flow::parse_rfc3339(VERSION).unwrap()),
+            options: finmesh_pipeline::IngestOptions { batch_rows: 300, progress_every: 1000 },
+            reader: Default::default(),
+        };
+        flow::ingest_file(
+            self.engine.clone(),
+            &self.pipeline,
+            self.schema.clone(),
+            spec,
+            std::io::Cursor::new(csv),
+            |_| {},
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Every message of a stream (id, payload, headers).
+    async fn all(&self, kind: StreamKind) -> Vec<finmesh_core::Message> {
+        read_all(&*self.engine, self.pipeline.stream(kind)).await
+    }
+
+    /// The messages of one file.
+    async fn of_file(&self, kind: StreamKind, file: &str) -> Vec<finmesh_core::Message> {
+        self.all(kind).await.into_iter().filter(|m| m.headers.get(flow::HDR_FILE) == Some(file)).collect()
+    }
+}
+
+async fn read_all(engine: &dyn Engine, stream: &StreamName) -> Vec<finmesh_core::Message> {
+    let mut out = Vec::new();
+    let mut next = Seq(1);
+    loop {
+        let batch = engine.read(stream, ReadRequest::from_seq(next, 5_000)).await.unwrap();
+        let Some(last) = batch.last() else { return out };
+        next = Seq(last.seq.0 + 1);
+        out.extend(batch);
+    }
+}
+
+fn msg_id(m: &finmesh_core::Message) -> String {
+    m.headers.get(finmesh_core::message::MSG_ID_HEADER).expect("every pipeline message has an id").to_owned()
+}
+
+fn feed(rows: u64) -> (Vec<u8>, GenSummary) {
+    let opts = GenOptions {
+        rows,
+        seed: fastrand::u64(..),
+        bad_share: 0.05,
+        rule_fail: RuleFailShares {
+            notional_not_positive: 0.03,
+            unknown_currency: 0.03,
+            maturity_out_of_range: 0.03,
+            counterparty_null_or_desk_not_rates_fx: 0.03,
+        },
+        ..GenOptions::default()
+    };
+    let mut csv = Vec::new();
+    let summary = feedgen::generate(&mut csv, &opts).unwrap();
+    (csv, summary)
+}
+
+/// Waits (polling the streams, with a deadline) until every row of the
+/// file is in validated or exceptions.
+async fn until_drained(s: &Setup, file: &str, rows: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let done: HashSet<String> = s
+            .of_file(StreamKind::Validated, file)
+            .await
+            .iter()
+            .chain(s.of_file(StreamKind::Exceptions, file).await.iter())
+            .map(msg_id)
+            .collect();
+        if done.len() as u64 >= rows {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {} of {rows} rows arrived", done.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The exact outcome: validated and exceptions are disjoint, without
+/// duplicates, cover rows 1..=rows, and exceptions name the right reason.
+async fn assert_exact(s: &Setup, summary: &GenSummary, file: &str) {
+    assert_outcome(s, summary, file, &["notional_positive", "ccy_known", "maturity", "cpty"]).await
+}
+
+/// As [`assert_exact`], with only the rules in `active` in force (rows
+/// breaking another rule are validated).
+async fn assert_outcome(s: &Setup, summary: &GenSummary, file: &str, active: &[&str]) {
+    let validated = s.of_file(StreamKind::Validated, file).await;
+    let exceptions = s.of_file(StreamKind::Exceptions, file).await;
+    let v_ids: Vec<String> = validated.iter().map(msg_id).collect();
+    let v_set: HashSet<&String> = v_ids.iter().collect();
+    assert_eq!(v_set.len(), v_ids.len(), "no duplicate id in validated");
+    let e_ids: Vec<String> = exceptions.iter().map(msg_id).collect();
+    let e_set: HashSet<&String> = e_ids.iter().collect();
+    assert_eq!(e_set.len(), e_ids.len(), "no duplicate id in exceptions");
+    assert!(v_set.is_disjoint(&e_set), "a row is in exactly one of validated or exceptions");
+    let want: HashSet<String> = (1..=summary.rows).map(|r| format!("{file}:{r}")).collect();
+    let got: HashSet<String> = v_ids.iter().chain(e_ids.iter()).cloned().collect();
+    assert_eq!(got, want, "validated + exceptions = rows");
+    let want: BTreeMap<String, u64> = [
+        ("notional_positive", summary.notional_not_positive),
+        ("ccy_known", summary.unknown_currency),
+        ("maturity", summary.maturity_out_of_range),
+        ("cpty", summary.counterparty_null_or_desk_not_rates_fx),
+    ]
+    .into_iter()
+    .filter(|(k, n)| *n > 0 && active.contains(k))
+    .map(|(k, n)| (k.to_string(), n))
+    .collect();
+    assert_eq!(v_ids.len() as u64, summary.rows - summary.bad - want.values().sum::<u64>());
+    for m in &validated {
+        assert!(m.headers.get(HDR_REFDATA_USED).is_some_and(|u| u.contains("books@")), "{:?}", m.headers);
+        assert!(m.subject.as_str().starts_with("risk.validated.run"), "{}", m.subject.as_str());
+    }
+
+    let mut ingest = 0;
+    let mut by_rule: BTreeMap<String, u64> = BTreeMap::new();
+    for m in &exceptions {
+        let body = flow::parse_exception(&m.payload).unwrap();
+        assert_eq!(msg_id(m), format!("{}:{}", body.file, body.row));
+        assert_eq!(body.slice, "slice1");
+        match body.stage {
+            ExceptionStage::Ingest => {
+                ingest += 1;
+                assert!(body.column.is_some() || body.reason.contains("field"), "{body:?}");
+            }
+            ExceptionStage::Enrich => panic!("no generated row misses a book: {body:?}"),
+            ExceptionStage::Validate => {
+                let rules = body.rules.clone().expect("a validate exception names its rules");
+                assert_eq!(rules.len(), 1, "a generated row breaks one rule: {body:?}");
+                assert!(body.reason.contains(&rules[0]));
+                *by_rule.entry(rules[0].clone()).or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(ingest, summary.bad);
+    assert_eq!(by_rule, want);
+}
+
+fn spawn(stage: Stage) -> (tokio::task::JoinHandle<()>, Arc<finmesh_pipeline::stages::StageStatus>) {
+    let status = stage.status();
+    let task = tokio::spawn(async move {
+        stage.run(std::future::pending()).await.unwrap();
+    });
+    (task, status)
+}
+
+async fn every_row_ends_validated_or_excepted_with_the_right_reason(f: Fixture) {
+    let s = setup(f.engine.clone(), true).await;
+    let (csv, summary) = feed(3_000);
+    let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
+    let (validate, _) = spawn(s.stage(StageKind::Validate).await);
+    let report = s.ingest(csv.clone(), "f1").await;
+    assert_eq!(report.status, "completed", "{report}");
+    assert_eq!((report.rows, report.exceptions), (summary.rows, summary.bad));
+    until_drained(&s, "f1", summary.rows).await;
+    assert_exact(&s, &summary, "f1").await;
+
+    // The file_ingested event carries the expected count.
+    let events = read_all(&*s.engine, s.pipeline.events()).await;
+    assert_eq!(events.len(), 1);
+    let event: flow::FileEvent = serde_json::from_slice(&events[0].payload).unwrap();
+    assert_eq!((event.kind.as_str(), event.rows, event.exceptions), ("file_ingested", summary.rows, summary.bad));
+    assert_eq!(msg_id(&events[0]), "f1:ingested");
+
+    // A re-upload of the same file id stores nothing new and says so.
+    let again = s.ingest(csv, "f1").await;
+    assert_eq!(again.status, "already_ingested", "{again}");
+    assert_eq!(again.duplicates, summary.rows);
+    assert_eq!(s.all(StreamKind::Raw).await.len() as u64, summary.rows - summary.bad);
+    assert_eq!(read_all(&*s.engine, s.pipeline.events()).await.len(), 1);
+    enrich.abort();
+    validate.abort();
+}
+
+/// Polls `cond` every 10 ms until it holds (deadline 60 s).
+async fn until<F: Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn killed_stage_workers_resume_exactly(f: Fixture) {
+    let s = setup(f.engine.clone(), true).await;
+    let (csv, summary) = feed(6_000);
+    let report = s.ingest(csv, "f2").await;
+    assert_eq!(report.rows, summary.rows);
+    let records = summary.rows - summary.bad;
+    // Kill each stage's worker a few times at a random point of its work
+    // (mid-fetch, mid-publish, between publish and ack), then start another.
+    for kind in [StageKind::Enrich, StageKind::Validate] {
+        for _ in 0..3 {
+            let (task, status) = spawn(s.stage(kind).await);
+            let target = fastrand::u64(1..records / 4);
+            let (engine, input) = (s.engine.clone(), s.pipeline.stream(kind.input()).clone());
+            let consumer = finmesh_core::ConsumerName::new(format!("risk-{}", kind.as_str())).unwrap();
+            until("some progress, or no input left", || {
+                let (status, engine, input, consumer) =
+                    (status.clone(), engine.clone(), input.clone(), consumer.clone());
+                async move {
+                    let info = engine.consumer_info(&input, &consumer).await.unwrap();
+                    status.processed.load(Ordering::Relaxed) >= target
+                        || (info.num_pending == 0 && info.num_ack_pending == 0)
+                }
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..20))).await;
+            task.abort();
+            let _ = task.await;
+        }
+    }
+    let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
+    let (validate, _) = spawn(s.stage(StageKind::Validate).await);
+    until_drained(&s, "f2", summary.rows).await;
+    assert_exact(&s, &summary, "f2").await;
+    enrich.abort();
+    validate.abort();
+}
+
+async fn a_run_waits_for_its_pinned_reference_version(f: Fixture) {
+    let s = setup(f.engine.clone(), false).await;
+    let (csv, summary) = feed(500);
+    let (enrich, status) = spawn(s.stage(StageKind::Enrich).await);
+    let (validate, _) = spawn(s.stage(StageKind::Validate).await);
+    s.ingest(csv, "f3").await;
+    until("the run to wait for its version", || {
+        let status = status.clone();
+        async move { status.waiting().iter().any(|w| w.dataset == "books") }
+    })
+    .await;
+    assert!(s.all(StreamKind::Enriched).await.is_empty(), "nothing is enriched with a missing version");
+    load_examples(&**s.refs.store()).await;
+    until_drained(&s, "f3", summary.rows).await;
+    assert_exact(&s, &summary, "f3").await;
+    assert!(status.waiting().is_empty());
+    enrich.abort();
+    validate.abort();
+}
+
+async fn rules_applied_in_the_engine_change_later_runs_only(f: Fixture) {
+    use finmesh_pipeline::definition;
+    let s = setup(f.engine.clone(), true).await;
+    let all = std::fs::read_to_string(format!("{EXAMPLES}/rules.txt")).unwrap();
+    let avsc = std::fs::read_to_string(format!("{EXAMPLES}/risk.avsc")).unwrap();
+    definition::store_schema(&*s.engine, &s.pipeline, &avsc).await.unwrap();
+    definition::store_rules(&*s.engine, &s.pipeline, &all, &s.datasets).await.unwrap();
+    let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
+    let (validate, _) = spawn(s.stage(StageKind::Validate).await);
+
+    let (csv1, sum1) = feed(1_000);
+    s.ingest_run(csv1.clone(), "run1", "a1").await;
+    until_drained(&s, "a1", sum1.rows).await;
+    assert_exact(&s, &sum1, "a1").await;
+
+    // A rules file that does not type-check is refused and changes nothing.
+    let err = definition::store_rules(&*s.engine, &s.pipeline, "rule r: notionl > 0", &s.datasets).await.unwrap_err();
+    assert!(err.to_string().contains("unknown field `notionl`"), "{err}");
+
+    // Without notional_positive: run2's rows that break only it are valid;
+    // run1, seen before the change, keeps its rules (its second file too).
+    let relaxed: String =
+        all.lines().filter(|l| !l.starts_with("rule notional_positive")).collect::<Vec<_>>().join("\n");
+    definition::store_rules(&*s.engine, &s.pipeline, &relaxed, &s.datasets).await.unwrap();
+    let (csv2, sum2) = feed(1_000);
+    s.ingest_run(csv2.clone(), "run2", "b1").await;
+    s.ingest_run(csv2, "run1", "a2").await;
+    until_drained(&s, "b1", sum2.rows).await;
+    until_drained(&s, "a2", sum2.rows).await;
+    assert_outcome(&s, &sum2, "b1", &["ccy_known", "maturity", "cpty"]).await;
+    assert_exact(&s, &sum2, "a2").await;
+    enrich.abort();
+    validate.abort();
+}
+
+async fn three_validate_workers_share_one_consumer_and_one_dies(f: Fixture) {
+    let s = setup(f.engine.clone(), true).await;
+    let (csv, summary) = feed(4_000);
+    let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
+    let mut validators = Vec::new();
+    for _ in 0..3 {
+        validators.push(spawn(s.stage(StageKind::Validate).await));
+    }
+    s.ingest(csv, "f4").await;
+    // Kill one worker once it has done some of the work.
+    let (victim, status) = validators.remove(fastrand::usize(0..3));
+    until("the victim to work", || {
+        let status = status.clone();
+        async move { status.processed.load(Ordering::Relaxed) > 0 }
+    })
+    .await;
+    victim.abort();
+    let _ = victim.await;
+    until_drained(&s, "f4", summary.rows).await;
+    assert_exact(&s, &summary, "f4").await;
+    let survivors: u64 = validators.iter().map(|(_, st)| st.processed.load(Ordering::Relaxed)).sum();
+    assert!(survivors > 0, "the survivors took over the consumer");
+    enrich.abort();
+    for (t, _) in validators {
+        t.abort();
+    }
+}
