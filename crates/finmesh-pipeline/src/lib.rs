@@ -11,7 +11,10 @@
 //! 3. [`coerce`]: the text rules of each Avro type and the binary encoding;
 //! 4. [`ingest`](mod@ingest): the driver that batches rows for a publisher,
 //!    reports progress every N rows and ends with an [`IngestReport`];
-//! 5. [`feedgen`]: deterministic, realistic risk-feed files with a chosen share
+//! 5. [`reconcile`]: exact reconciliation of what the stages' output
+//!    streams contain against what each file's ingest said, rolled up into
+//!    slices and runs with a time window;
+//! 6. [`feedgen`]: deterministic, realistic risk-feed files with a chosen share
 //!    of bad rows and of rows that fail each validation rule.
 //!
 //! The crate's invariant, checked by tests over hostile and random input:
@@ -25,6 +28,7 @@ pub mod coerce;
 pub mod feedgen;
 pub mod ingest;
 pub mod reader;
+pub mod reconcile;
 pub mod refdata;
 mod scan;
 pub mod schema;
