@@ -257,6 +257,8 @@ pub const ROUTE_ACCESS: &[(&str, &str, Need)] = &[
     ("POST", "/v1/streams/{stream}/consumers/{name}/fetch", Need::StreamConsume),
     ("POST", "/v1/streams/{stream}/consumers/{name}/ack", Need::StreamConsume),
     ("GET", "/v1/subscribers", Need::Admin),
+    ("PUT", "/v1/pipelines/runs/{run}", Need::KvWrite),
+    ("GET", "/v1/pipelines/runs/{run}", Need::KvRead),
 ];
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! 4. [`kv`], [`streams`], [`consumers`]: the request/response routes;
 //!    [`oauth`]: `POST /oauth/token`, the client-credentials grant;
 //!    [`cors`]: cross-origin answers for browsers, when configured;
+//!    [`pipelines`]: pipeline runs (open one, read its reconciliation state);
 //! 5. [`envelope`], [`subscribe`], [`hub`], [`sse`], [`ws`]: subscriptions,
 //!    from the JSON envelope through the fan-out hub (one engine tail per
 //!    stream) and the bounded per-subscriber queue to the wire;
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod openapi;
 pub mod ops;
+pub mod pipelines;
 pub mod problem;
 pub mod schema;
 pub mod sse;
@@ -84,6 +86,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/streams/{stream}/consumers/{name}/fetch", post(consumers::fetch))
         .route("/v1/streams/{stream}/consumers/{name}/ack", post(consumers::ack))
         .route("/v1/subscribers", get(ops::subscribers))
+        .route("/v1/pipelines/runs/{run}", get(pipelines::get_run).put(pipelines::put_run))
         .layer(around(api.timeout(limits.request_timeout)));
 
     // Subscriptions live as long as the client keeps them: no timeout.

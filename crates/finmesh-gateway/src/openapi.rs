@@ -112,9 +112,10 @@ impl Modify for LayerResponses {
         streams::publish, streams::read, sse::events, ws::ws,
         consumers::list, consumers::put, consumers::get, consumers::delete, consumers::fetch, consumers::ack,
         oauth::token,
+        crate::pipelines::put_run, crate::pipelines::get_run,
     ),
     components(schemas(crate::Problem, crate::subscribe::SubscriberInfo, crate::schema::Acks, crate::schema::Envelope)),
-    tags((name = "kv"), (name = "streams"), (name = "consumers"), (name = "ops"), (name = "auth"))
+    tags((name = "kv"), (name = "streams"), (name = "consumers"), (name = "ops"), (name = "auth"), (name = "pipelines"))
 )]
 pub struct ApiDoc;
 

@@ -349,6 +349,9 @@ async fn reopening_a_run_with_another_spec_is_refused() {
     )
     .await;
     assert_eq!(first, again);
+    let relative = serde_json::json!({"slices": {"s": {"expected_files": 1}}, "window_s": 60});
+    let first = open(&feed, "w", relative.clone()).await;
+    assert_eq!(open(&feed, "w", relative).await, first, "the same relative window again");
     let other = request(serde_json::json!({"slices": {"s": {"expected_files": 2}}, "window_s": 5}))
         .into_spec(Timestamp::now())
         .unwrap();

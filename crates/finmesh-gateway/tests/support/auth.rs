@@ -116,6 +116,7 @@ pub async fn seed(gw: &Gw, auth: &str) {
         ("/v1/kv/b/k", "v".to_owned()),
         ("/v1/streams/S", json!({"subjects": ["s.>"]}).to_string()),
         ("/v1/streams/S/consumers/c", String::new()),
+        ("/v1/pipelines/runs/r", sample_run()),
     ] {
         let r = gw.send(Method::PUT, uri, &h, body).await;
         assert_eq!(r.status, 200, "seed PUT {uri}: {}", r.text());
@@ -125,12 +126,18 @@ pub async fn seed(gw: &Gw, auth: &str) {
 /// A request for `path` that succeeds against [`seed`], with the status it
 /// answers.
 pub fn sample_request(method: &str, path: &str) -> (Method, String, String, u16) {
-    let uri = path.replace("{bucket}", "b").replace("{key}", "k").replace("{stream}", "S").replace("{name}", "c");
+    let uri = path
+        .replace("{run}", "r")
+        .replace("{bucket}", "b")
+        .replace("{key}", "k")
+        .replace("{stream}", "S")
+        .replace("{name}", "c");
     let method = Method::from_bytes(method.as_bytes()).expect("method");
     let (body, status) = match (method.as_str(), path) {
         ("PUT", "/v1/kv/{bucket}") => (json!({"history": 2}).to_string(), 200),
         ("PUT", "/v1/streams/{stream}") => (json!({"subjects": ["s.>"]}).to_string(), 200),
         ("PUT", "/v1/streams/{stream}/consumers/{name}") => (String::new(), 200),
+        ("PUT", "/v1/pipelines/runs/{run}") => (sample_run(), 200),
         ("PUT", _) => ("v".to_owned(), 200),
         ("POST", "/v1/streams/{stream}/messages") => ("1".to_owned(), 200),
         ("POST", "/v1/streams/{stream}/consumers/{name}/fetch") => (json!({"batch": 1}).to_string(), 200),
@@ -147,6 +154,11 @@ pub fn sample_request(method: &str, path: &str) -> (Method, String, String, u16)
     };
     let uri = if method == Method::POST && path.ends_with("/messages") { format!("{uri}?subject=s.a") } else { uri };
     (method, uri, body, status)
+}
+
+/// The run `seed` opens (the same body again is accepted).
+pub fn sample_run() -> String {
+    json!({"slices": {"s": {"expected_files": 1}}, "deadline": "2099-01-01T00:00:00Z"}).to_string()
 }
 
 /// Whether a route answers with an SSE stream.

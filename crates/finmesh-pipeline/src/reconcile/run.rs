@@ -67,6 +67,19 @@ pub struct RunSpec {
     /// The end of the run's window.
     #[serde(with = "time_fmt")]
     pub deadline: Timestamp,
+    /// The window's length when it was given relative to the opening.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_s: Option<u64>,
+}
+
+impl RunSpec {
+    /// Whether `other` asks for the same run: the same slices, and the same
+    /// deadline or the same relative window (so repeating a request that
+    /// gave `window_s` is not a conflict).
+    pub fn same_request(&self, other: &RunSpec) -> bool {
+        self.slices == other.slices
+            && (self.deadline == other.deadline || (self.window_s.is_some() && self.window_s == other.window_s))
+    }
 }
 
 /// The body of `PUT /v1/pipelines/runs/{run}` (and of `pipeline open-run`):
@@ -144,7 +157,7 @@ impl RunRequest {
             (None, Some(s)) => Some(now.saturating_add(std::time::Duration::from_secs(s))),
         };
         match deadline {
-            Some(deadline) if p.is_empty() => Ok(RunSpec { slices: self.slices, deadline }),
+            Some(deadline) if p.is_empty() => Ok(RunSpec { slices: self.slices, deadline, window_s: self.window_s }),
             _ => Err(Error::invalid(format!("invalid run: {}", p.join("; ")))),
         }
     }

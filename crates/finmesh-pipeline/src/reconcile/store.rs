@@ -28,8 +28,9 @@ pub async fn ensure_bucket(engine: &dyn Engine, names: &Names) -> Result<()> {
 }
 
 /// Open run `run` with `spec`: its document is created in state `open`.
-/// The same spec again returns the stored status; another spec is
-/// `AlreadyExists` (a run's expectations do not change under it).
+/// The same request again ([`RunSpec::same_request`]) returns the stored
+/// status; another spec is `AlreadyExists` (a run's expectations do not
+/// change under it).
 pub async fn open_run(engine: &dyn Engine, names: &Names, run: &str, spec: RunSpec) -> Result<RunStatus> {
     check_id("run id", run)?;
     ensure_bucket(engine, names).await?;
@@ -41,7 +42,7 @@ pub async fn open_run(engine: &dyn Engine, names: &Names, run: &str, spec: RunSp
             let (existing, _) = load_run(engine, names, run)
                 .await?
                 .ok_or_else(|| Error::unavailable(format!("run `{run}` is being replaced; try again")))?;
-            if existing.spec == status.spec {
+            if existing.spec.same_request(&status.spec) {
                 Ok(existing)
             } else {
                 Err(Error::new(
