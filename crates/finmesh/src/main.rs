@@ -18,6 +18,7 @@ mod client;
 mod config;
 mod demo;
 mod pipeline;
+mod pipeline_runs;
 mod serve;
 mod serving;
 mod tls;

@@ -7,7 +7,9 @@
 //! - `finmesh pipeline rules check`: a rules file type-checked against an
 //!   Avro schema and the named reference datasets
 //!   ([`finmesh_rules::check_file`]); a one-line summary, or every error
-//!   with its line, column and a caret, and exit status 1.
+//!   with its line, column and a caret, and exit status 1;
+//! - `finmesh pipeline open-run` / `status`: runs on a running node
+//!   ([`crate::pipeline_runs`]).
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -26,6 +28,10 @@ pub enum PipelineCommand {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Open a run on a running node: its slices, expected files and time window.
+    OpenRun(crate::pipeline_runs::OpenRunArgs),
+    /// A run's reconciliation state on a running node; `--watch` follows it live.
+    Status(crate::pipeline_runs::StatusArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,7 +96,14 @@ pub fn run(command: PipelineCommand) -> anyhow::Result<()> {
     match command {
         PipelineCommand::Gen(args) => generate(&args),
         PipelineCommand::Rules { command: RulesCommand::Check(args) } => check(&args),
+        PipelineCommand::OpenRun(args) => on_runtime(crate::pipeline_runs::open_run(args)),
+        PipelineCommand::Status(args) => on_runtime(crate::pipeline_runs::status(args)),
     }
+}
+
+/// Run an async command from this synchronous dispatcher (on `main`'s runtime).
+fn on_runtime(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
 fn generate(args: &GenArgs) -> anyhow::Result<()> {
