@@ -228,6 +228,8 @@ pub struct ServeConfig {
     /// Cross-origin access for browsers; absent = none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cors: Option<CorsSection>,
+    /// Pipeline reconcilers run inside the node (docs/pipeline.md).
+    pub reconcile: crate::reconcile_task::ReconcileSection,
 }
 
 impl Default for ServeConfig {
@@ -248,6 +250,7 @@ impl Default for ServeConfig {
             subscriptions: SubscriptionsSection::default(),
             auth: None,
             cors: None,
+            reconcile: Default::default(),
         }
     }
 }
@@ -387,6 +390,9 @@ impl ServeConfig {
     pub fn validate(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut problem = |key: &str, message: String| problems.push(Problem { key: key.to_owned(), message });
+        for (key, message) in self.reconcile.problems() {
+            problem(&key, message);
+        }
         if let Err(e) = self.listen.parse::<SocketAddr>() {
             problem("listen", format!("`{}` is not an address like 127.0.0.1:8080 ({e})", self.listen));
         }

@@ -19,6 +19,7 @@ mod config;
 mod demo;
 mod pipeline;
 mod pipeline_runs;
+mod reconcile_task;
 mod serve;
 mod serving;
 mod tls;

@@ -189,6 +189,8 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
         state = state.with_oauth(clients);
     }
     let app = finmesh_gateway::app(state.clone());
+    let stop_reconcilers = tokio_util::sync::CancellationToken::new();
+    let reconcilers = config.reconcile.spawn(engine.shared(), stop_reconcilers.clone());
 
     let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     listener.set_nonblocking(true)?;
@@ -205,6 +207,10 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
     tracing::info!(%local, engine = ?config.engine, tls = secure, threads, "finmesh serving");
     servers.wait().await;
     drain.abort();
+    stop_reconcilers.cancel();
+    for r in reconcilers {
+        let _ = r.await;
+    }
     engine.close().await?;
     tracing::info!("finmesh stopped");
     Ok(())

@@ -77,3 +77,49 @@ async fn open_run_status_and_watch_until_the_window_fails_the_run() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// `[reconcile] pipelines = ["risk"]`: the node itself reconciles, so a run
+/// whose file never arrives fails when its window passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_reconcile_section_reconciles_its_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec =
+        NodeSpec::new(dir.path(), "[reconcile]\npipelines = [\"risk\"]\nack_wait_ms = 1000\n", &Engine::Embedded);
+    let node = spec.start("127.0.0.1:0");
+    let token = spec.admin_token();
+    let out = cli(&node, &token, &["pipeline", "open-run", "n1", "--slice", "s=1", "--window-s", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let watch = tokio::task::spawn_blocking({
+        let (url, token) = (node.url(""), token.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_finmesh"))
+                .args(["pipeline", "status", "n1", "--watch", "--interval-ms", "100"])
+                .env("FINMESH_SERVER", url)
+                .env("FINMESH_TOKEN", token)
+                .output()
+                .expect("run the CLI")
+        }
+    });
+    let out = tokio::time::timeout(Duration::from_secs(60), watch).await.expect("watch ends").unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("slice s: 0 of 1 expected files arrived (none)"), "{text}");
+}
+
+#[test]
+fn config_check_names_reconcile_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("finmesh.toml");
+    std::fs::write(&config, "[reconcile]\npipelines = [\"risk\", \"bad name\", \"risk\"]\nbatch = 0\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_finmesh"))
+        .args(["config", "check", "--config"])
+        .arg(&config)
+        .env_remove("FINMESH_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["reconcile.pipelines[1]", "reconcile.pipelines[2]: `risk` is listed twice", "reconcile.batch"] {
+        assert!(err.contains(needle), "{needle} in {err}");
+    }
+}
