@@ -265,6 +265,8 @@ pub const ROUTE_ACCESS: &[(&str, &str, Need)] = &[
     ("GET", "/v1/subscribers/{id}", Need::SubscribersRead),
     ("DELETE", "/v1/subscribers/{id}", Need::Admin),
     ("POST", "/v1/pipelines/{pipeline}/files", Need::StreamPublish),
+    ("PUT", "/v1/pipelines/runs/{run}", Need::KvWrite),
+    ("GET", "/v1/pipelines/runs/{run}", Need::KvRead),
 ];
 
 #[cfg(test)]

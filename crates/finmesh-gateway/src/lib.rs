@@ -13,6 +13,7 @@
 //!    [`oauth`]: `POST /oauth/token`, the client-credentials grant;
 //!    [`cors`]: cross-origin answers for browsers, when configured;
 //!    [`pipelines`]: risk-feed file uploads, streamed into the pipeline;
+//!    [`pipeline_runs`]: pipeline runs (open one, read its reconciliation state);
 //! 5. [`envelope`], [`subscribe`], [`hub`], [`sse`], [`ws`]: subscriptions,
 //!    from the JSON envelope through the fan-out hub (one engine tail per
 //!    stream) and the bounded per-subscriber queue to the wire;
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod openapi;
 pub mod ops;
+pub mod pipeline_runs;
 pub mod pipelines;
 pub mod problem;
 pub mod registry;
@@ -96,6 +98,7 @@ pub fn app(state: AppState) -> Router {
             "/v1/subscribers/{id}",
             get(registry::routes::get).put(registry::routes::put).delete(registry::routes::delete),
         )
+        .route("/v1/pipelines/runs/{run}", get(pipeline_runs::get_run).put(pipeline_runs::put_run))
         .layer(around(api.timeout(limits.request_timeout)));
 
     // Subscriptions live as long as the client keeps them: no timeout.

@@ -113,6 +113,7 @@ impl Modify for LayerResponses {
         consumers::list, consumers::put, consumers::get, consumers::delete, consumers::fetch, consumers::ack,
         oauth::token, pipelines::upload,
         registry::routes::put, registry::routes::get, registry::routes::delete,
+        crate::pipeline_runs::put_run, crate::pipeline_runs::get_run,
     ),
     components(schemas(crate::Problem, crate::subscribe::SubscriberInfo, crate::schema::Acks, crate::schema::Envelope)),
     tags((name = "kv"), (name = "streams"), (name = "consumers"), (name = "ops"), (name = "auth"), (name = "pipelines"))

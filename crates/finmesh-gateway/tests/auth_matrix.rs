@@ -29,7 +29,13 @@ const ALL_SCOPES: &[&str] = &[
 
 /// The one scope that grants `need` on the route's resource.
 fn right_scope(need: Need, path: &str) -> String {
-    let bucket = if path.starts_with("/kv/") { "default" } else { "b" };
+    let bucket = if path.starts_with("/kv/") {
+        "default"
+    } else if path.starts_with("/v1/pipelines/") {
+        "risk-recon"
+    } else {
+        "b"
+    };
     match need {
         Need::Admin => "admin".to_owned(),
         Need::KvRead => format!("kv:read:{bucket}"),

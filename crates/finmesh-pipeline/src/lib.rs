@@ -16,7 +16,10 @@
 //!    headers, exceptions, file events) and [`flow::ingest_file`], which
 //!    publishes a file into `{P}-raw`;
 //! 6. [`stages`]: enrich and validate as durable consumers;
-//! 7. [`feedgen`]: deterministic, realistic risk-feed files with a chosen share
+//! 7. [`reconcile`]: exact reconciliation of what the stages' output
+//!    streams contain against what each file's ingest said, rolled up into
+//!    slices and runs with a time window;
+//! 8. [`feedgen`]: deterministic, realistic risk-feed files with a chosen share
 //!    of bad rows and of rows that fail each validation rule.
 //!
 //! The crate's invariant, checked by tests over hostile and random input:
@@ -33,6 +36,7 @@ pub mod feedgen;
 pub mod flow;
 pub mod ingest;
 pub mod reader;
+pub mod reconcile;
 pub mod refdata;
 mod scan;
 pub mod schema;

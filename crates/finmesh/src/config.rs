@@ -358,6 +358,8 @@ pub struct ServeConfig {
     /// bucket may ask for a security option.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub security: Option<SecuritySection>,
+    /// Pipeline reconcilers run inside the node (docs/pipeline.md).
+    pub reconcile: crate::reconcile_task::ReconcileSection,
 }
 
 impl Default for ServeConfig {
@@ -381,6 +383,7 @@ impl Default for ServeConfig {
             auth: None,
             cors: None,
             security: None,
+            reconcile: Default::default(),
         }
     }
 }
@@ -527,6 +530,9 @@ impl ServeConfig {
     pub fn validate(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut problem = |key: &str, message: String| problems.push(Problem { key: key.to_owned(), message });
+        for (key, message) in self.reconcile.problems() {
+            problem(&key, message);
+        }
         if let Err(e) = self.listen.parse::<SocketAddr>() {
             problem("listen", format!("`{}` is not an address like 127.0.0.1:8080 ({e})", self.listen));
         }

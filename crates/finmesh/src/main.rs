@@ -29,6 +29,8 @@ mod feed;
 mod pipeline;
 mod pipeline_cmds;
 mod pipeline_node;
+mod pipeline_runs;
+mod reconcile_task;
 mod security;
 mod serve;
 mod serving;

@@ -9,7 +9,9 @@
 //! - `finmesh pipeline rules check`: a rules file type-checked against an
 //!   Avro schema and the named reference datasets
 //!   ([`finmesh_rules::check_file`]); a one-line summary, or every error
-//!   with its line, column and a caret, and exit status 1.
+//!   with its line, column and a caret, and exit status 1;
+//! - `finmesh pipeline open-run` / `status`: runs on a running node
+//!   ([`crate::pipeline_runs`]).
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -34,6 +36,10 @@ pub enum PipelineCommand {
     Run(crate::pipeline_cmds::RunArgs),
     /// Run one stage against the configured engine (scale-out on NATS).
     Worker(crate::pipeline_cmds::WorkerArgs),
+    /// Open a run on a running node: its slices, expected files and time window.
+    OpenRun(crate::pipeline_runs::OpenRunArgs),
+    /// A run's reconciliation state on a running node; `--watch` follows it live.
+    Status(crate::pipeline_runs::StatusArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +111,8 @@ pub async fn run(command: PipelineCommand) -> anyhow::Result<()> {
         PipelineCommand::Worker(args) => crate::pipeline_cmds::worker(args).await,
         // Dispatched by main as a node (it sets up logging like `serve`).
         PipelineCommand::Run(args) => crate::serve::run(args.serve_args(), "info").await,
+        PipelineCommand::OpenRun(args) => crate::pipeline_runs::open_run(args).await,
+        PipelineCommand::Status(args) => crate::pipeline_runs::status(args).await,
     }
 }
 

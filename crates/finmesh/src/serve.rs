@@ -210,10 +210,16 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
     // Pipeline stages (if any) run on the engine itself: their buckets and
     // streams carry no security options.
     let (stop_stages, stop_rx) = watch::channel(false);
+    let mut reconcile = config.reconcile.clone();
     let stages = match &args.pipeline {
         None => Vec::new(),
         Some(path) => {
             let loaded = crate::pipeline_node::load(path)?;
+            // A node that runs a pipeline's stages reconciles its runs too.
+            let name = loaded.pipeline.name().to_owned();
+            if !reconcile.pipelines.contains(&name) {
+                reconcile.pipelines.push(name);
+            }
             crate::pipeline_node::define(&engine.shared(), &loaded).await?;
             let counts = [
                 (finmesh_pipeline::stages::StageKind::Enrich, loaded.config.stages.enrich_workers),
@@ -235,6 +241,8 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
         None => None,
     };
     let app = finmesh_gateway::app(state.clone());
+    let stop_reconcilers = tokio_util::sync::CancellationToken::new();
+    let reconcilers = reconcile.spawn(engine.shared(), stop_reconcilers.clone());
 
     let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     listener.set_nonblocking(true)?;
@@ -258,6 +266,10 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
     let _ = stop_stages.send(true);
     for stage in stages {
         let _ = stage.await;
+    }
+    stop_reconcilers.cancel();
+    for r in reconcilers {
+        let _ = r.await;
     }
     engine.close().await?;
     tracing::info!("finmesh stopped");

@@ -137,6 +137,8 @@ async fn the_walk_through_runs_a_feed_to_validated_and_exceptions() {
     }
 
     let node = Node::start(&data);
+    // The run is declared first: one slice of one file, a window far away.
+    ok(node.cli(&["pipeline", "open-run", "eod", "--slice", "rates=1", "--window-s", "3600"]), "open-run");
     let ingest =
         ["pipeline", "ingest", feed.to_str().unwrap(), "--run", "eod", "--slice", "rates", "--refdata", VERSION];
     let out = ok(node.cli(&[&ingest[..], &["--json"]].concat()), "ingest");
@@ -159,6 +161,15 @@ async fn the_walk_through_runs_a_feed_to_validated_and_exceptions() {
         assert!(tokio::time::Instant::now() < deadline, "only {v} + {e} of {rows} rows");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // `pipeline run` reconciles its pipeline's runs: the run completes, with
+    // the file's rows counted exactly once at every stage (the re-upload
+    // above changed nothing).
+    let out = ok(node.cli(&["pipeline", "status", "eod", "--watch", "--interval-ms", "100"]), "status --watch");
+    assert!(out.starts_with("run eod (pipeline risk): complete"), "{out}");
+    let out = ok(node.cli(&["pipeline", "status", "eod", "--json"]), "status --json");
+    let status: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(status["state"], "complete", "{status}");
 
     // Rules: a bad file is refused with its caret; a good one is stored.
     let bad_rules = dir.path().join("bad.txt");

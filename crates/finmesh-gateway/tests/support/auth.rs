@@ -117,6 +117,7 @@ pub async fn seed(gw: &Gw, auth: &str) {
         ("/v1/streams/S", json!({"subjects": ["s.>"]}).to_string()),
         ("/v1/streams/S/consumers/c", String::new()),
         ("/v1/subscribers/r1", json!({"identity": "srv-r1", "filters": ["s.>"]}).to_string()),
+        ("/v1/pipelines/runs/r", sample_run()),
     ] {
         let r = gw.send(Method::PUT, uri, &h, body).await;
         assert_eq!(r.status, 200, "seed PUT {uri}: {}", r.text());
@@ -132,13 +133,15 @@ pub fn sample_request(method: &str, path: &str) -> (Method, String, String, u16)
         .replace("{stream}", "S")
         .replace("{name}", "c")
         .replace("{id}", "r1")
-        .replace("{pipeline}", "risk");
+        .replace("{pipeline}", "risk")
+        .replace("{run}", "r");
     let method = Method::from_bytes(method.as_bytes()).expect("method");
     let (body, status) = match (method.as_str(), path) {
         ("PUT", "/v1/kv/{bucket}") => (json!({"history": 2}).to_string(), 200),
         ("PUT", "/v1/streams/{stream}") => (json!({"subjects": ["s.>"]}).to_string(), 200),
         ("PUT", "/v1/streams/{stream}/consumers/{name}") => (String::new(), 200),
         ("PUT", "/v1/subscribers/{id}") => (json!({"identity": "srv-r1", "filters": ["s.>"]}).to_string(), 200),
+        ("PUT", "/v1/pipelines/runs/{run}") => (sample_run(), 200),
         ("PUT", _) => ("v".to_owned(), 200),
         ("POST", "/v1/streams/{stream}/messages") => ("1".to_owned(), 200),
         ("POST", "/v1/streams/{stream}/feed") => (r#"{"subject":"s.a","msg_id":"sample","payload":1}"#.to_owned(), 200),
@@ -159,6 +162,11 @@ pub fn sample_request(method: &str, path: &str) -> (Method, String, String, u16)
     let uri = if method == Method::POST && path.ends_with("/messages") { format!("{uri}?subject=s.a") } else { uri };
     let uri = if path.ends_with("/files") { format!("{uri}?run=r&slice=s&file=f") } else { uri };
     (method, uri, body, status)
+}
+
+/// The run `seed` opens (the same body again is accepted).
+pub fn sample_run() -> String {
+    json!({"slices": {"s": {"expected_files": 1}}, "deadline": "2099-01-01T00:00:00Z"}).to_string()
 }
 
 /// Whether a route answers with an SSE stream.
