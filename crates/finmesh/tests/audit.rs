@@ -54,8 +54,12 @@ fn assert_lossless(out: &Output, r: &Value, engine: &str) {
             assert_eq!(s[field], 0, "{field}: {s:#}");
         }
         assert_eq!(s["forced_reconnects"], 1);
-        let least = if restarted { 3 } else { 2 };
-        assert!(s["connections"].as_u64().unwrap() >= least, "first, forced, after the restart: {s:#}");
+        // The first connection and the forced reconnect at least. The
+        // restart usually adds one more, but not always: when the forced
+        // reconnect lands while the node is down, one connection made after
+        // the restart serves both (seen in CI). What the restart must not
+        // cost is a message, which the counts above check.
+        assert!(s["connections"].as_u64().unwrap() >= 2, "first and forced (restarted: {restarted}): {s:#}");
     }
     // Unfiltered subscribers expect the whole range.
     assert_eq!(subs[0]["expected"], 600);
