@@ -3,7 +3,7 @@
 //! (`GET /v1/streams/{stream}/ws`, [`Transport`]; docs/api.md):
 //! [`Subscription`], built with [`SubscriptionBuilder`], read with
 //! [`Subscription::next`]. Both transports give the same events and the
-//! same guarantees ([`transport`](crate::transport) maps their wires).
+//! same guarantees ([`transport`] maps their wires).
 //!
 //! What it guarantees, and how:
 //! - **resume without loss or duplicate.** The subscription's

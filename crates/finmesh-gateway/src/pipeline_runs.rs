@@ -4,9 +4,9 @@
 //!
 //! The gateway embeds no pipeline logic: it validates the request with
 //! [`finmesh_pipeline::reconcile::RunRequest`], stores it with
-//! [`open_run`](finmesh_pipeline::reconcile::open_run) and reads back the
+//! [`open_run`] and reads back the
 //! document the reconciler maintains
-//! ([`load_run`](finmesh_pipeline::reconcile::load_run)); the reconciler
+//! ([`load_run`]); the reconciler
 //! runs elsewhere (a node task or `finmesh pipeline run`).
 //!
 //! Access: the state lives in the KV bucket `{P}-recon`, so reading a run

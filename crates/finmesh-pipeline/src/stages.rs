@@ -27,7 +27,7 @@
 //! so runs that must be exact pass `--refdata`.
 //!
 //! Enrich reads only the lookup fields of a record (see
-//! [`crate::avro_field`]); its output is the input datum unchanged plus the
+//! `avro_field`); its output is the input datum unchanged plus the
 //! header [`HDR_REFDATA_USED`] naming the versions used. A lookup miss is
 //! an exception naming the dataset and the key ([`OnMiss::Exception`]) or
 //! passes ([`OnMiss::Pass`]). Validate decodes the record and evaluates the

@@ -71,8 +71,11 @@ pub async fn put(
 /// `GET /v1/subscribers/{id}`: a registration and its live status here.
 #[utoipa::path(get, path = "/v1/subscribers/{id}", tag = "ops",
     params(("id" = String, Path, description = "1-64 characters of A-Z a-z 0-9 _ -", pattern = r"^[A-Za-z0-9_-]{1,64}$")),
-    responses((status = 200, description = "the registration and its live status on this node",
-        body = RegisteredSubscriber, headers(("ETag" = String, description = "quoted revision"))),
+    // `body = Object`: utoipa renders the flattened `Registration` (which
+    // refuses unknown fields) as `additionalProperties: false`, which the
+    // answer's own `id`, `revision` and `status` would violate.
+    responses((status = 200, description = "the registration (its fields at the top level) with `id`, `revision` and `status`, its live status on this node",
+        body = Object, headers(("ETag" = String, description = "quoted revision"))),
         (status = 404, body = crate::Problem)))]
 pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
     let key = validate_id(&id)?;
