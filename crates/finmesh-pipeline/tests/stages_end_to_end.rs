@@ -6,11 +6,11 @@
 //! point of a step it was) and restarted mid-file: still exact.
 
 use std::collections::{BTreeMap, HashSet};
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use finmesh_core::testsuite::support::eventually;
 use finmesh_core::{Engine, ReadRequest, Seq, StreamName};
 use finmesh_embedded::EmbeddedEngine;
 use finmesh_pipeline::IngestSchema;
@@ -21,6 +21,9 @@ use finmesh_pipeline::flow::{
 use finmesh_pipeline::refdata::{EngineRefStore, RefCache, RefStore, csv_rows};
 use finmesh_pipeline::stages::{EnrichLookup, OnMiss, Stage, StageKind, StageOptions, StageSetup};
 use finmesh_rules::{Datasets, KeyType, RuleSet};
+
+/// How long a waited-for condition may take.
+const UNTIL: Duration = Duration::from_secs(60);
 
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pipeline");
 
@@ -304,15 +307,6 @@ async fn every_row_ends_validated_or_excepted_with_the_right_reason(f: Fixture) 
     validate.abort();
 }
 
-/// Polls `cond` every 10 ms until it holds (deadline 60 s).
-async fn until<F: Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 async fn killed_stage_workers_resume_exactly(f: Fixture) {
     let s = setup(f.engine.clone(), true).await;
     let (csv, summary) = feed(6_000);
@@ -327,7 +321,7 @@ async fn killed_stage_workers_resume_exactly(f: Fixture) {
             let target = fastrand::u64(1..records / 4);
             let (engine, input) = (s.engine.clone(), s.pipeline.stream(kind.input()).clone());
             let consumer = finmesh_core::ConsumerName::new(format!("risk-{}", kind.as_str())).unwrap();
-            until("some progress, or no input left", || {
+            eventually("some progress, or no input left", UNTIL, || {
                 let (status, engine, input, consumer) =
                     (status.clone(), engine.clone(), input.clone(), consumer.clone());
                 async move {
@@ -356,7 +350,7 @@ async fn a_run_waits_for_its_pinned_reference_version(f: Fixture) {
     let (enrich, status) = spawn(s.stage(StageKind::Enrich).await);
     let (validate, _) = spawn(s.stage(StageKind::Validate).await);
     s.ingest(csv, "f3").await;
-    until("the run to wait for its version", || {
+    eventually("the run to wait for its version", UNTIL, || {
         let status = status.clone();
         async move { status.waiting().iter().any(|w| w.dataset == "books") }
     })
@@ -416,7 +410,7 @@ async fn three_validate_workers_share_one_consumer_and_one_dies(f: Fixture) {
     s.ingest(csv, "f4").await;
     // Kill one worker once it has done some of the work.
     let (victim, status) = validators.remove(fastrand::usize(0..3));
-    until("the victim to work", || {
+    eventually("the victim to work", UNTIL, || {
         let status = status.clone();
         async move { status.processed.load(Ordering::Relaxed) > 0 }
     })
