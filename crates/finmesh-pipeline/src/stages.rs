@@ -35,6 +35,13 @@
 //! are the run's revision in the definition bucket
 //! ([`crate::definition::run_rules`]: fixed when a worker first sees the
 //! run), or [`StageSetup::rules`] when no rules are stored there.
+//!
+//! Test hook: when [`CRASH_BEFORE_ACK_ENV`] is set (to `N`) at
+//! [`Stage::start`], the process aborts right after the worker's `N`-th
+//! batch was published and before that batch is acked: a crash at the
+//! worst point of a step, for the crash tests that run workers as
+//! processes (docs/testing.md). It is read once, at start; unset, a step
+//! pays one `Option` check per batch.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -221,6 +228,22 @@ pub struct Stage {
     /// Rules compiled from the definition bucket, by revision.
     compiled: Mutex<HashMap<u64, Arc<RuleSet>>>,
     status: Arc<StageStatus>,
+    /// [`CRASH_BEFORE_ACK_ENV`], read at start.
+    crash_before_ack: Option<u64>,
+    /// Batches published so far (counted only with the test hook set).
+    published: AtomicU64,
+}
+
+/// Test hook (see the module doc): `FINMESH_TEST_CRASH_BEFORE_ACK=N` aborts
+/// the process after the worker's `N`-th published batch, before its ack.
+pub const CRASH_BEFORE_ACK_ENV: &str = "FINMESH_TEST_CRASH_BEFORE_ACK";
+
+/// The test hook's crash: the process ends at once (no destructor, no
+/// flush beyond this line on standard error).
+#[cold]
+fn crash_before_ack(kind: StageKind, n: u64) -> ! {
+    eprintln!("{CRASH_BEFORE_ACK_ENV}: stage {} aborts after publishing batch {n}, before its ack", kind.as_str());
+    std::process::abort()
 }
 
 /// Runs kept in a worker's pin table before it is cleared.
@@ -260,6 +283,12 @@ impl Stage {
             }
             Err(e) => return Err(e),
         }
+        let crash_before_ack = match std::env::var(CRASH_BEFORE_ACK_ENV) {
+            Err(_) => None,
+            Ok(v) => Some(v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                Error::invalid(format!("{CRASH_BEFORE_ACK_ENV}=`{v}`: expected a batch count of at least 1"))
+            })?),
+        };
         let status = Arc::new(StageStatus::default());
         *status.refs.lock() = Some(setup.refs.clone());
         Ok(Stage {
@@ -272,6 +301,8 @@ impl Stage {
             pins: Mutex::new(HashMap::new()),
             compiled: Mutex::new(HashMap::new()),
             status,
+            crash_before_ack,
+            published: AtomicU64::new(0),
         })
     }
 
@@ -356,10 +387,16 @@ impl Stage {
                 self.engine.publish_batch(self.setup.pipeline.stream(StreamKind::Exceptions), exceptions).await?;
             duplicates += acks.iter().filter(|a| a.duplicate).count() as u64;
         }
+        if let Some(n) = self.crash_before_ack
+            && self.published.fetch_add(1, Ordering::Relaxed) + 1 >= n
+        {
+            crash_before_ack(self.kind, n);
+        }
         let tokens: Vec<_> = deliveries.iter().map(|d| d.token.clone()).filter(|t| !malformed.contains(t)).collect();
         if !tokens.is_empty() {
             self.engine.ack_many(input, &self.consumer, &tokens, AckKind::Ack).await?;
         }
+        tracing::debug!(stage = self.kind.as_str(), deliveries = deliveries.len(), passed, excepted, "batch acked");
         if !malformed.is_empty() {
             self.engine.ack_many(input, &self.consumer, &malformed, AckKind::Term).await?;
         }
