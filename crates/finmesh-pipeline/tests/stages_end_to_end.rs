@@ -3,7 +3,9 @@
 //! validate (durable consumers), and every row ends in exactly one of
 //! `validated` or `exceptions`, each exception naming the right stage and
 //! rule or column. Stage workers are killed (their task aborted, at whatever
-//! point of a step it was) and restarted mid-file: still exact.
+//! point of a step it was) and restarted mid-file: still exact. A stage
+//! whose input is replayed after the dedup window (its consumer reset)
+//! stores its outputs again, and the reconciler's counts do not move.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -66,6 +68,7 @@ on_every_engine!(
     a_run_waits_for_its_pinned_reference_version,
     rules_applied_in_the_engine_change_later_runs_only,
     three_validate_workers_share_one_consumer_and_one_dies,
+    a_stage_replayed_after_the_dedup_window_changes_no_count,
 );
 
 /// Reference data version of the tests.
@@ -425,4 +428,97 @@ async fn three_validate_workers_share_one_consumer_and_one_dies(f: Fixture) {
     for (t, _) in validators {
         t.abort();
     }
+}
+
+async fn a_stage_replayed_after_the_dedup_window_changes_no_count(f: Fixture) {
+    use finmesh_pipeline::reconcile::{self, Names, Phase, Reconciler, ReconcilerConfig, RunRequest, Source};
+    // The streams, with a short dedup window, before anything else makes them.
+    let window = Duration::from_millis(200);
+    let limits = StreamLimits { duplicate_window: window, ..StreamLimits::default() };
+    flow::ensure_streams(&*f.engine, &Pipeline::new("risk").unwrap(), &limits).await.unwrap();
+    let s = setup(f.engine.clone(), true).await;
+    let names = Names::new("risk").unwrap();
+    let mut config = ReconcilerConfig::new("risk");
+    config.fetch_wait = Duration::from_millis(50);
+    config.refresh = Duration::from_millis(100);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let reconciler = tokio::spawn(Reconciler::run(s.engine.clone(), config, stop.clone()));
+    let spec: RunRequest =
+        serde_json::from_value(serde_json::json!({"slices": {"slice1": {"files": ["f5"]}}, "window_s": 3600})).unwrap();
+    let spec = spec.into_spec(finmesh_core::Timestamp::now()).unwrap();
+    reconcile::open_run(&*s.engine, &names, "run1", spec).await.unwrap();
+
+    let (csv, summary) = feed(1_500);
+    let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
+    let (validate, _) = spawn(s.stage(StageKind::Validate).await);
+    s.ingest(csv, "f5").await;
+    until_drained(&s, "f5", summary.rows).await;
+    let status = |engine: Arc<dyn Engine>, names: Names| async move {
+        reconcile::load_run(&*engine, &names, "run1").await.unwrap().map(|(st, _)| st)
+    };
+    eventually("the run to complete", UNTIL, || {
+        let (engine, names) = (s.engine.clone(), names.clone());
+        async move { status(engine, names).await.is_some_and(|st| st.state == Phase::Complete) }
+    })
+    .await;
+    let before = status(s.engine.clone(), names.clone()).await.unwrap();
+    validate.abort();
+    let _ = validate.await;
+
+    // Wait out the dedup window: a probe published after everything else,
+    // on a stream with the same window, is a duplicate until it has passed.
+    let probe = StreamName::new("probe").unwrap();
+    let mut c =
+        finmesh_core::StreamConfig::new(probe.clone(), vec![finmesh_core::SubjectPattern::new("probe").unwrap()]);
+    c.duplicate_window = window;
+    s.engine.create_stream(c).await.unwrap();
+    let probe_msg = || {
+        finmesh_core::OutgoingMessage::new(finmesh_core::Subject::new("probe").unwrap(), bytes::Bytes::new())
+            .with_msg_id("p")
+            .unwrap()
+    };
+    s.engine.publish(&probe, probe_msg()).await.unwrap();
+    eventually("the dedup window to pass", UNTIL, || {
+        let (engine, probe, msg) = (s.engine.clone(), probe.clone(), probe_msg());
+        async move { !engine.publish(&probe, msg).await.unwrap().duplicate }
+    })
+    .await;
+
+    // Replay validate's whole input: its consumer reset, a new worker.
+    let enriched = s.pipeline.stream(StreamKind::Enriched).clone();
+    let consumer = finmesh_core::ConsumerName::new("risk-validate").unwrap();
+    s.engine.delete_consumer(&enriched, &consumer).await.unwrap();
+    let (validate, _) = spawn(s.stage(StageKind::Validate).await);
+    let passed = summary.rows - summary.bad - summary.rule_fails;
+    eventually("the replay to be stored again", UNTIL, || {
+        let s = &s;
+        async move { s.of_file(StreamKind::Validated, "f5").await.len() as u64 == 2 * passed }
+    })
+    .await;
+    // Every stream the reconciler reads is consumed to its end.
+    eventually("the reconciler to consume the replay", UNTIL, || {
+        let (engine, names) = (s.engine.clone(), names.clone());
+        async move {
+            for source in [Source::Raw, Source::Enriched, Source::Validated, Source::Exceptions] {
+                let stream = names.stream(source);
+                let last = engine.stream_info(&stream).await.unwrap().state.last_seq;
+                let info = engine.consumer_info(&stream, &names.consumer(source)).await.unwrap();
+                if info.ack_floor < last || info.num_ack_pending != 0 {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    stop.cancel();
+    reconciler.await.unwrap().unwrap();
+    let after = status(s.engine.clone(), names.clone()).await.unwrap();
+    assert_eq!(after.slices, before.slices, "counts unchanged by the replay");
+    assert_eq!(after.state, Phase::Complete);
+    let file = &after.slices["slice1"].files["f5"];
+    assert_eq!((file.validated.expected, file.validated.actual), (Some(summary.rows), summary.rows));
+    assert_eq!(file.valid_records, passed);
+    enrich.abort();
+    validate.abort();
 }
