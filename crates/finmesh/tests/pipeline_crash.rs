@@ -31,7 +31,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use finmesh_core::{ConsumerName, ReadRequest, Seq, StreamName};
+use finmesh_core::{ReadRequest, Seq, StreamName};
 use finmesh_pipeline::flow::HDR_FILE;
 use finmesh_pipeline::stages::CRASH_BEFORE_ACK_ENV;
 use serde_json::Value;
@@ -54,6 +54,8 @@ struct Plan {
     kills: usize,
     /// How long the run may take to complete after the last kill.
     settle: Duration,
+    /// How long a kill may wait for its random point.
+    step: Duration,
 }
 
 impl Plan {
@@ -65,9 +67,9 @@ impl Plan {
         };
         let full = std::env::var("FINMESH_CRASH_FULL").is_ok_and(|v| !v.is_empty() && v != "0");
         let mut plan = if full {
-            Plan { seed, rows: 200_000, kills: 10, settle: Duration::from_secs(900) }
+            Plan { seed, rows: 200_000, kills: 10, settle: Duration::from_secs(900), step: Duration::from_secs(600) }
         } else {
-            Plan { seed, rows: 8_000, kills: 3, settle: Duration::from_secs(120) }
+            Plan { seed, rows: 8_000, kills: 3, settle: Duration::from_secs(120), step: Duration::from_secs(120) }
         };
         plan.rows /= share;
         eprintln!("{test}: seed {seed}, {} rows (FINMESH_CRASH_SEED={seed} repeats it)", plan.rows);
@@ -80,6 +82,8 @@ struct Worker {
     stage: &'static str,
     child: Child,
     stderr: Arc<Mutex<String>>,
+    /// The thread copying standard error: it ends at the process's end.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Worker {
@@ -112,7 +116,7 @@ impl Worker {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut err = child.stderr.take().expect("stderr");
         let keep = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 8192];
             while let Ok(n) = err.read(&mut buf) {
                 if n == 0 {
@@ -121,7 +125,7 @@ impl Worker {
                 keep.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        Worker { stage, child, stderr }
+        Worker { stage, child, stderr, reader: Some(reader) }
     }
 
     fn stderr(&self) -> String {
@@ -164,6 +168,8 @@ impl Worker {
             async move { done }
         })
         .await;
+        // Everything it wrote, up to its end.
+        self.reader.take().expect("one reader").join().expect("the stderr reader");
         let err = self.stderr();
         assert_eq!(status.unwrap().signal(), Some(libc::SIGABRT), "{err}");
         assert!(err.contains("aborts after publishing batch"), "{err}");
@@ -273,14 +279,33 @@ impl Harness {
         })
     }
 
-    /// Whether a stage's consumer has nothing left: no message pending or
-    /// delivered-but-unacked (false while its stream is missing).
-    async fn drained(&self, stage: &str) -> bool {
-        let input = StreamName::new(if stage == "enrich" { "risk-raw" } else { "risk-enriched" }).unwrap();
-        let consumer = ConsumerName::new(format!("risk-{stage}")).unwrap();
-        match self.engine.consumer_info(&input, &consumer).await {
-            Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
-            Err(_) => false,
+    /// Messages stored in `stream` (0 while it is missing).
+    async fn stored(&self, stream: &str) -> u64 {
+        let stream = StreamName::new(stream).unwrap();
+        self.engine.stream_info(&stream).await.map(|i| i.state.messages).unwrap_or(0)
+    }
+
+    /// What each stream holds, and what the reconciler counted: for the log.
+    async fn progress(&self, node: &Node, token: &str) -> String {
+        format!(
+            "raw {}, enriched {}, validated {}, exceptions {}; reconciled {} of {} rows",
+            self.stored("risk-raw").await,
+            self.stored("risk-enriched").await,
+            self.stored("risk-validated").await,
+            self.stored("risk-exceptions").await,
+            reconciled(node, token).await,
+            self.count("rows"),
+        )
+    }
+
+    /// Whether every row of the file has passed `stage`: its outputs (each
+    /// id stored once) cover the file.
+    async fn done(&self, stage: &str) -> bool {
+        let (rows, bad) = (self.count("rows"), self.count("bad"));
+        if stage == "enrich" {
+            self.stored("risk-enriched").await >= rows - bad
+        } else {
+            self.stored("risk-validated").await + self.stored("risk-exceptions").await >= rows
         }
     }
 
@@ -392,6 +417,7 @@ enum Victim {
 async fn sigkilled_workers_and_reconciler_leave_the_run_exact() {
     let plan = Plan::from_env("sigkilled_workers_and_reconciler_leave_the_run_exact", 1);
     let mut rng = fastrand::Rng::with_seed(plan.seed);
+    let started = std::time::Instant::now();
     let h = Harness::start(&plan).await;
 
     // Each stage's first worker aborts itself between a publish and its ack
@@ -413,12 +439,14 @@ async fn sigkilled_workers_and_reconciler_leave_the_run_exact() {
     validate.until_crashed_before_ack().await;
     let mut validate = Worker::start(&h, "validate", None);
 
-    // Random kills: the reconciler at least once, then any process.
-    let mut victims = vec![Victim::Reconciler];
-    victims.extend((1..plan.kills).map(|_| [Victim::Enrich, Victim::Validate, Victim::Reconciler][rng.usize(..3)]));
+    // Random kills: the reconciler and a stage worker at least once each,
+    // then any process.
+    let mut victims = vec![Victim::Reconciler, [Victim::Enrich, Victim::Validate][rng.usize(..2)]];
+    victims.extend((2..plan.kills).map(|_| [Victim::Enrich, Victim::Validate, Victim::Reconciler][rng.usize(..3)]));
     rng.shuffle(&mut victims);
     let mut killed_mid_run = 0;
     for victim in victims {
+        eprintln!("{:?}: {victim:?} next; {}", started.elapsed(), h.progress(&node, &token).await);
         match victim {
             Victim::Enrich | Victim::Validate => {
                 let (w, name) = match victim {
@@ -426,26 +454,29 @@ async fn sigkilled_workers_and_reconciler_leave_the_run_exact() {
                     _ => (&mut validate, "validate"),
                 };
                 let batches = rng.usize(1..=3);
-                let (hh, up) = (&h, &upload);
-                until(support::WAIT * 2, "the victim to ack some batches, or its input to drain", || {
+                let hh = &h;
+                until(plan.step, "the victim to ack some batches, or its stage to be done", || {
                     let acked = w.batches_acked() >= batches;
-                    async move { acked || (up.is_finished() && hh.drained(name).await) }
+                    async move { acked || hh.done(name).await }
                 })
                 .await;
                 tokio::time::sleep(Duration::from_millis(rng.u64(0..300))).await;
-                let mid_run = !h.drained(name).await;
+                let mid_run = !h.done(name).await;
                 w.kill();
                 *w = Worker::start(&h, name, None);
                 killed_mid_run += usize::from(mid_run);
-                eprintln!("SIGKILLed the {name} worker ({})", if mid_run { "mid-run" } else { "input drained" });
+                eprintln!("SIGKILLed the {name} worker ({})", if mid_run { "mid-run" } else { "its stage was done" });
             }
             Victim::Reconciler => {
-                let mark = rng.u64(1..=plan.rows / 2);
-                let (n, t) = (&node, token.as_str());
-                until(support::WAIT * 2, "the reconciler to count past a random mark", || async move {
-                    reconciled(n, t).await >= mark
-                })
-                .await;
+                // A random mark in the first half of what is left to count.
+                let counted = reconciled(&node, &token).await;
+                let mark = counted + rng.u64(1..=(plan.rows.saturating_sub(counted) / 2).max(1));
+                let deadline = tokio::time::Instant::now() + plan.step;
+                while reconciled(&node, &token).await < mark {
+                    let at = h.progress(&node, &token).await;
+                    assert!(tokio::time::Instant::now() < deadline, "the reconciler did not count {mark} rows: {at}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 tokio::time::sleep(Duration::from_millis(rng.u64(0..300))).await;
                 let counted = reconciled(&node, &token).await;
                 reconciler.stop(libc::SIGKILL);
@@ -459,8 +490,13 @@ async fn sigkilled_workers_and_reconciler_leave_the_run_exact() {
     assert!(out.status.success(), "ingest: {}", String::from_utf8_lossy(&out.stderr));
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["rows"].as_u64(), Some(h.count("rows")), "{summary}");
+    eprintln!("{:?}: ingest done; {}", started.elapsed(), h.progress(&node, &token).await);
     h.assert_exact(&node, &token, plan.settle).await;
-    eprintln!("exact after 2 injected crashes and {} random kills ({killed_mid_run} workers mid-run)", plan.kills);
+    eprintln!(
+        "{:?}: exact after 2 injected crashes and {} random kills ({killed_mid_run} workers mid-run)",
+        started.elapsed(),
+        plan.kills
+    );
     drop((enrich, validate, reconciler));
 }
 
@@ -485,13 +521,13 @@ async fn three_validate_worker_processes_share_a_consumer_and_one_is_sigkilled()
 
     let mut victim = validators.remove(rng.usize(..3));
     let batches = rng.usize(1..=2);
-    until(support::WAIT * 2, "the victim to ack some batches", || {
+    until(plan.step, "the victim to ack some batches", || {
         let acked = victim.batches_acked() >= batches;
         async move { acked }
     })
     .await;
     tokio::time::sleep(Duration::from_millis(rng.u64(0..200))).await;
-    assert!(!h.drained("validate").await, "the victim is killed mid-run");
+    assert!(!h.done("validate").await, "the victim is killed mid-run");
     let victim_batches = victim.batches_acked();
     victim.kill();
     let out = upload.await.unwrap();
