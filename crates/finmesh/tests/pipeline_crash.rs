@@ -67,10 +67,16 @@ impl Plan {
         };
         let full = std::env::var("FINMESH_CRASH_FULL").is_ok_and(|v| !v.is_empty() && v != "0");
         let mut plan = if full {
-            Plan { seed, rows: 200_000, kills: 10, settle: Duration::from_secs(900), step: Duration::from_secs(600) }
+            // Under the soak profile: a debug reconciler on a loaded machine
+            // counts a few hundred rows a second.
+            let hour = Duration::from_secs(3600);
+            Plan { seed, rows: 200_000, kills: 10, settle: hour, step: hour }
         } else {
             Plan { seed, rows: 8_000, kills: 3, settle: Duration::from_secs(120), step: Duration::from_secs(120) }
         };
+        if let Ok(rows) = std::env::var("FINMESH_CRASH_ROWS") {
+            plan.rows = rows.parse().expect("FINMESH_CRASH_ROWS is a row count");
+        }
         plan.rows /= share;
         eprintln!("{test}: seed {seed}, {} rows (FINMESH_CRASH_SEED={seed} repeats it)", plan.rows);
         plan
@@ -468,9 +474,11 @@ async fn sigkilled_workers_and_reconciler_leave_the_run_exact() {
                 eprintln!("SIGKILLed the {name} worker ({})", if mid_run { "mid-run" } else { "its stage was done" });
             }
             Victim::Reconciler => {
-                // A random mark in the first half of what is left to count.
+                // A random mark a little ahead of what is counted (never
+                // beyond half of what is left).
                 let counted = reconciled(&node, &token).await;
-                let mark = counted + rng.u64(1..=(plan.rows.saturating_sub(counted) / 2).max(1));
+                let ahead = (plan.rows / (2 * plan.kills as u64)).min(plan.rows.saturating_sub(counted) / 2);
+                let mark = counted + rng.u64(1..=ahead.max(1));
                 let deadline = tokio::time::Instant::now() + plan.step;
                 while reconciled(&node, &token).await < mark {
                     let at = h.progress(&node, &token).await;
