@@ -42,9 +42,10 @@
 //!   is refused to `failed/`: its rows would share message ids with the
 //!   first file's and be dropped as duplicates. Rename it to ingest it as a
 //!   new file.
-//! - The claim is marked `done` / `failed` before the file is moved: a
-//!   watcher that stops in between leaves a finished claim, and the next scan
-//!   only moves the file.
+//! - The claim is marked `done` / `failed` before the file is moved, and
+//!   the file is moved by the claim's owner: a watcher that stops in between
+//!   leaves a finished claim, and a scan a lease later (or its restart under
+//!   the same owner, at once) only moves the file.
 //!
 //! Lease expiry compares the claim's last write time (the engine's clock)
 //! with this machine's clock: keep the machines' clocks within a fraction of
@@ -325,6 +326,12 @@ impl Watcher {
     /// Claims `name` and ingests it, or finishes what an earlier watcher
     /// left; `None` when another watcher holds it (or took it over).
     async fn take(&self, name: &str, fp: Fingerprint) -> Result<Option<Outcome>> {
+        // Files before this one in the scan may have taken long: a file
+        // that changed meanwhile has not settled.
+        match std::fs::metadata(self.spec.dir.join(name)) {
+            Ok(meta) if (Fingerprint { size: meta.len(), mtime_ns: mtime_ns(&meta) }) == fp => {}
+            _ => return Ok(None),
+        }
         let file_id = flow::file_id_from_name(name);
         let key = Key::new(format!("{}.{file_id}", self.pipeline.name()))?;
         let mine = Claim {
@@ -358,14 +365,16 @@ impl Watcher {
                     );
                     return self.finish_failed(name, &reason).map(Some);
                 }
+                // The claim's owner moves the file itself, unless it stopped
+                // (no write for a lease) or this is its restart.
+                let stale = Timestamp::now().since(entry.created) >= self.spec.options.lease;
+                if claim.owner != mine.owner && !stale {
+                    return Ok(None);
+                }
                 match claim.state {
                     ClaimState::Done => return self.move_finished(name, DONE_DIR, None),
                     ClaimState::Failed => return self.move_finished(name, FAILED_DIR, claim.reason.as_deref()),
                     ClaimState::Ingesting => {
-                        let stale = Timestamp::now().since(entry.created) >= self.spec.options.lease;
-                        if claim.owner != mine.owner && !stale {
-                            return Ok(None);
-                        }
                         match self.engine.kv_update(&self.bucket, &key, mine.encode(), entry.revision).await {
                             Ok(rev) => rev,
                             Err(e) if conflict(&e) => return Ok(None),
@@ -396,7 +405,12 @@ impl Watcher {
             let reason = summary.reason.unwrap_or_default();
             self.finish_failed(name, &reason).map(Some)
         } else {
-            self.move_to(name, DONE_DIR)?;
+            match self.move_to(name, DONE_DIR) {
+                Ok(_) => {}
+                // Removed meanwhile: the ingest stands.
+                Err(e) if e.kind() == ErrorKind::NotFound => tracing::warn!(%name, "the ingested file is gone"),
+                Err(e) => return Err(e),
+            }
             Ok(Some(Outcome::Ingested { name: name.to_owned(), summary }))
         }
     }
@@ -474,8 +488,11 @@ impl Watcher {
     }
 
     fn finish_failed(&self, name: &str, reason: &str) -> Result<Outcome> {
-        let target = self.move_to(name, FAILED_DIR)?;
-        write_reason(&target, reason)?;
+        match self.move_to(name, FAILED_DIR) {
+            Ok(target) => write_reason(&target, reason)?,
+            Err(e) if e.kind() == ErrorKind::NotFound => tracing::warn!(%name, %reason, "the failed file is gone"),
+            Err(e) => return Err(e),
+        }
         Ok(Outcome::Failed { name: name.to_owned(), reason: reason.to_owned() })
     }
 
