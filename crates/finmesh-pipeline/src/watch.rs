@@ -281,6 +281,8 @@ impl Watcher {
     }
 
     /// One scan: lists the directory and takes every file that has settled.
+    /// A file that fails is left for the next scan; the error is returned
+    /// when no other file was taken.
     pub async fn scan(&mut self) -> Result<Vec<Outcome>> {
         let now = Instant::now();
         let mut present = HashSet::new();
@@ -314,13 +316,26 @@ impl Watcher {
         self.seen.retain(|name, _| present.contains(name));
         ready.sort_by(|a, b| a.0.cmp(&b.0));
         let mut outcomes = Vec::new();
+        let mut first_error = None;
         for (name, fp) in ready {
-            if let Some(o) = self.take(&name, fp).await? {
-                self.seen.remove(&name);
-                outcomes.push(o);
+            match self.take(&name, fp).await {
+                Ok(Some(o)) => {
+                    self.seen.remove(&name);
+                    outcomes.push(o);
+                }
+                Ok(None) => {}
+                // One file's trouble (say, a move refused) does not hold up
+                // the others; it is tried again next scan.
+                Err(e) => {
+                    tracing::warn!(%name, error = %e, "taking a watched file failed; retrying next scan");
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        Ok(outcomes)
+        match first_error {
+            Some(e) if outcomes.is_empty() => Err(e),
+            _ => Ok(outcomes),
+        }
     }
 
     /// Claims `name` and ingests it, or finishes what an earlier watcher
