@@ -61,6 +61,7 @@ on_every_engine!(
     a_file_still_being_written_is_not_taken,
     a_bad_file_goes_to_failed_with_its_reason,
     a_file_id_dropped_again_with_new_content_is_refused,
+    a_file_that_cannot_be_taken_does_not_hold_up_the_others,
 );
 
 struct Setup {
@@ -371,4 +372,23 @@ async fn a_file_id_dropped_again_with_new_content_is_refused(f: Fixture) {
     let outcomes = scan_until_taken(&mut w).await;
     assert_eq!(ingested(&outcomes[0]).file, "daily-2_csv");
     assert!(Path::new(&s.dir.path().join("done/daily-2.csv")).is_file());
+}
+
+async fn a_file_that_cannot_be_taken_does_not_hold_up_the_others(f: Fixture) {
+    let s = setup(f.engine).await;
+    let mut w = s.watcher("w1").await;
+    // A claim the watcher cannot read, for the file listed first.
+    let bucket = BucketName::new(WATCH_BUCKET).unwrap();
+    s.engine.kv_put(&bucket, &Key::new("risk.a_csv").unwrap(), bytes::Bytes::from_static(b"not json")).await.unwrap();
+    let (csv, fed) = feed(100);
+    s.drop_file("a.csv", &csv);
+    s.drop_file("b.csv", &csv);
+    let outcomes = scan_until_taken(&mut w).await;
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    assert_eq!(ingested(&outcomes[0]).file, "b_csv");
+    assert_eq!(s.raw_ids("b_csv").await.len() as u64, fed.rows - fed.bad);
+    // a.csv stays where it is, and the scan says why.
+    assert!(s.dir.path().join("a.csv").is_file());
+    let err = w.scan().await.unwrap_err();
+    assert!(err.message().contains("not a claim"), "{err}");
 }
