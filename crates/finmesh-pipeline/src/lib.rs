@@ -19,7 +19,9 @@
 //! 7. [`reconcile`]: exact reconciliation of what the stages' output
 //!    streams contain against what each file's ingest said, rolled up into
 //!    slices and runs with a time window;
-//! 8. [`feedgen`]: deterministic, realistic risk-feed files with a chosen share
+//! 8. [`watch`]: a watched directory whose files are each ingested once,
+//!    across restarts and competing watchers;
+//! 9. [`feedgen`]: deterministic, realistic risk-feed files with a chosen share
 //!    of bad rows and of rows that fail each validation rule.
 //!
 //! The crate's invariant, checked by tests over hostile and random input:
@@ -41,6 +43,7 @@ pub mod refdata;
 mod scan;
 pub mod schema;
 pub mod stages;
+pub mod watch;
 
 pub use coerce::Reason;
 pub use ingest::{IngestError, IngestOptions, IngestReport, ingest};

@@ -5,7 +5,9 @@
 //! rule or column. Stage workers are killed (their task aborted, at whatever
 //! point of a step it was) and restarted mid-file: still exact. A stage
 //! whose input is replayed after the dedup window (its consumer reset)
-//! stores its outputs again, and the reconciler's counts do not move.
+//! stores its outputs again, and the reconciler's counts do not move. The
+//! tests that read reference data also run with it in Redis (feature
+//! `redis`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -31,20 +33,32 @@ const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pipe
 
 struct Fixture {
     engine: Arc<dyn Engine>,
+    /// Reference data in this Redis server (`None`: in the engine).
+    redis: Option<String>,
     _keep: Box<dyn std::any::Any + Send>,
 }
 
 async fn embedded() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(EmbeddedEngine::open(dir.path()).expect("open the embedded engine"));
-    Fixture { engine, _keep: Box::new(dir) }
+    Fixture { engine, redis: None, _keep: Box::new(dir) }
+}
+
+/// The embedded engine, reference data in a real redis-server.
+#[cfg(feature = "redis")]
+async fn embedded_with_redis() -> Fixture {
+    let server = finmesh_testkit::RedisServer::start().await.expect("start redis-server");
+    let mut f = embedded().await;
+    f.redis = Some(server.url());
+    f._keep = Box::new((f._keep, server));
+    f
 }
 
 async fn nats() -> Fixture {
     let server = finmesh_testkit::NatsServer::start().await.expect("start nats-server");
     let options = finmesh_nats::NatsEngineOptions::new(server.url());
     let engine = finmesh_nats::NatsEngine::connect(options).await.expect("connect the NATS engine");
-    Fixture { engine: Arc::new(engine), _keep: Box::new(server) }
+    Fixture { engine: Arc::new(engine), redis: None, _keep: Box::new(server) }
 }
 
 macro_rules! on_every_engine {
@@ -62,13 +76,37 @@ macro_rules! on_every_engine {
     )*};
 }
 
+/// As `on_every_engine`, and once more with reference data in Redis.
+macro_rules! on_every_engine_and_refstore {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name(super::embedded().await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                super::$name(super::nats().await).await
+            }
+            #[cfg(feature = "redis")]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded_with_redis_refdata() {
+                super::$name(super::embedded_with_redis().await).await
+            }
+        }
+    )*};
+}
+
 on_every_engine!(
-    every_row_ends_validated_or_excepted_with_the_right_reason,
     killed_stage_workers_resume_exactly,
-    a_run_waits_for_its_pinned_reference_version,
     rules_applied_in_the_engine_change_later_runs_only,
     three_validate_workers_share_one_consumer_and_one_dies,
     a_stage_replayed_after_the_dedup_window_changes_no_count,
+);
+
+on_every_engine_and_refstore!(
+    every_row_ends_validated_or_excepted_with_the_right_reason,
+    a_run_waits_for_its_pinned_reference_version,
 );
 
 /// Reference data version of the tests.
@@ -83,14 +121,21 @@ struct Setup {
     refs: Arc<RefCache>,
 }
 
-async fn setup(engine: Arc<dyn Engine>, load_refdata: bool) -> Setup {
+async fn setup(f: &Fixture, load_refdata: bool) -> Setup {
+    let engine = f.engine.clone();
     let pipeline = Pipeline::new("risk").unwrap();
     flow::ensure_streams(&*engine, &pipeline, &StreamLimits::default()).await.unwrap();
     let schema = Arc::new(IngestSchema::load(format!("{EXAMPLES}/risk.avsc")).unwrap());
     let datasets = Datasets::new().with("currencies", KeyType::String).with("books", KeyType::String);
     let src = std::fs::read_to_string(format!("{EXAMPLES}/rules.txt")).unwrap();
     let rules = Arc::new(RuleSet::compile(&src, schema.avro(), &datasets).unwrap());
-    let store: Arc<dyn RefStore> = Arc::new(EngineRefStore::open(engine.clone()).await.unwrap());
+    let store: Arc<dyn RefStore> = match &f.redis {
+        #[cfg(feature = "redis")]
+        Some(url) => Arc::new(finmesh_pipeline::refdata::RedisRefStore::connect(url).await.unwrap()),
+        #[cfg(not(feature = "redis"))]
+        Some(_) => unreachable!("a Redis fixture needs feature `redis`"),
+        None => Arc::new(EngineRefStore::open(engine.clone()).await.unwrap()),
+    };
     if load_refdata {
         load_examples(&*store).await;
     }
@@ -283,7 +328,7 @@ fn spawn(stage: Stage) -> (tokio::task::JoinHandle<()>, Arc<finmesh_pipeline::st
 }
 
 async fn every_row_ends_validated_or_excepted_with_the_right_reason(f: Fixture) {
-    let s = setup(f.engine.clone(), true).await;
+    let s = setup(&f, true).await;
     let (csv, summary) = feed(3_000);
     let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
     let (validate, _) = spawn(s.stage(StageKind::Validate).await);
@@ -311,7 +356,7 @@ async fn every_row_ends_validated_or_excepted_with_the_right_reason(f: Fixture) 
 }
 
 async fn killed_stage_workers_resume_exactly(f: Fixture) {
-    let s = setup(f.engine.clone(), true).await;
+    let s = setup(&f, true).await;
     let (csv, summary) = feed(6_000);
     let report = s.ingest(csv, "f2").await;
     assert_eq!(report.rows, summary.rows);
@@ -348,7 +393,7 @@ async fn killed_stage_workers_resume_exactly(f: Fixture) {
 }
 
 async fn a_run_waits_for_its_pinned_reference_version(f: Fixture) {
-    let s = setup(f.engine.clone(), false).await;
+    let s = setup(&f, false).await;
     let (csv, summary) = feed(500);
     let (enrich, status) = spawn(s.stage(StageKind::Enrich).await);
     let (validate, _) = spawn(s.stage(StageKind::Validate).await);
@@ -369,7 +414,7 @@ async fn a_run_waits_for_its_pinned_reference_version(f: Fixture) {
 
 async fn rules_applied_in_the_engine_change_later_runs_only(f: Fixture) {
     use finmesh_pipeline::definition;
-    let s = setup(f.engine.clone(), true).await;
+    let s = setup(&f, true).await;
     let all = std::fs::read_to_string(format!("{EXAMPLES}/rules.txt")).unwrap();
     let avsc = std::fs::read_to_string(format!("{EXAMPLES}/risk.avsc")).unwrap();
     definition::store_schema(&*s.engine, &s.pipeline, &avsc).await.unwrap();
@@ -403,7 +448,7 @@ async fn rules_applied_in_the_engine_change_later_runs_only(f: Fixture) {
 }
 
 async fn three_validate_workers_share_one_consumer_and_one_dies(f: Fixture) {
-    let s = setup(f.engine.clone(), true).await;
+    let s = setup(&f, true).await;
     let (csv, summary) = feed(4_000);
     let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
     let mut validators = Vec::new();
@@ -436,7 +481,7 @@ async fn a_stage_replayed_after_the_dedup_window_changes_no_count(f: Fixture) {
     let window = Duration::from_millis(200);
     let limits = StreamLimits { duplicate_window: window, ..StreamLimits::default() };
     flow::ensure_streams(&*f.engine, &Pipeline::new("risk").unwrap(), &limits).await.unwrap();
-    let s = setup(f.engine.clone(), true).await;
+    let s = setup(&f, true).await;
     let names = Names::new("risk").unwrap();
     let mut config = ReconcilerConfig::new("risk");
     config.fetch_wait = Duration::from_millis(50);

@@ -12,7 +12,7 @@
 //!
 //! - `finmesh pipeline gen` and `finmesh pipeline rules check`: the
 //!   risk-feed tools that run locally, no node needed ([`pipeline`]);
-//!   `pipeline ingest | run | worker | rules apply` and `finmesh refdata
+//!   `pipeline ingest | run | worker | watch | rules apply` and `finmesh refdata
 //!   load` need a node or an engine ([`pipeline_cmds`], [`pipeline_node`]).
 //!
 //! The benchmark harness is a binary of its own (`finmesh-bench`, crate

@@ -4,7 +4,7 @@
 //!   `examples/pipeline/risk.avsc`) with chosen shares of bad and
 //!   rule-failing rows ([`finmesh_pipeline::feedgen`]); what was generated
 //!   goes to standard error, so the CSV can go to standard output;
-//! - `ingest`, `run`, `worker` and `rules apply`, which need a node or an
+//! - `ingest`, `run`, `worker`, `watch` and `rules apply`, which need a node or an
 //!   engine, are in [`crate::pipeline_cmds`];
 //! - `finmesh pipeline rules check`: a rules file type-checked against an
 //!   Avro schema and the named reference datasets
@@ -36,6 +36,8 @@ pub enum PipelineCommand {
     Run(crate::pipeline_cmds::RunArgs),
     /// Run one stage against the configured engine (scale-out on NATS).
     Worker(crate::pipeline_cmds::WorkerArgs),
+    /// Watch a directory: ingest each complete file once (moved to done/ or failed/).
+    Watch(crate::pipeline_cmds::WatchArgs),
     /// Open a run on a running node: its slices, expected files and time window.
     OpenRun(crate::pipeline_runs::OpenRunArgs),
     /// A run's reconciliation state on a running node; `--watch` follows it live.
@@ -109,6 +111,7 @@ pub async fn run(command: PipelineCommand) -> anyhow::Result<()> {
         PipelineCommand::Rules { command: RulesCommand::Apply(args) } => crate::pipeline_cmds::apply(args).await,
         PipelineCommand::Ingest(args) => crate::pipeline_cmds::ingest(args).await,
         PipelineCommand::Worker(args) => crate::pipeline_cmds::worker(args).await,
+        PipelineCommand::Watch(args) => crate::pipeline_cmds::watch(args).await,
         // Dispatched by main as a node (it sets up logging like `serve`).
         PipelineCommand::Run(args) => crate::serve::run(args.serve_args(), "info").await,
         PipelineCommand::OpenRun(args) => crate::pipeline_runs::open_run(args).await,

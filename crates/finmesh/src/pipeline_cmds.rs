@@ -9,13 +9,19 @@
 //!   serve`) that also runs every stage ([`crate::pipeline_node`]);
 //! - `finmesh pipeline worker --stage S --config pipeline.toml`: one stage
 //!   against the engine of the node configuration (scale-out on NATS);
+//! - `finmesh pipeline watch DIR --config pipeline.toml --run R --slice S`:
+//!   a watcher of DIR against the engine of the node configuration
+//!   ([`finmesh_pipeline::watch`]; on NATS any number of them, on any
+//!   machine sharing DIR; with the embedded engine use the `[watch]`
+//!   section of `pipeline run` instead, which holds the data directory);
 //! - `finmesh pipeline rules apply FILE`: checks the rules against the
 //!   pipeline's schema stored in the node and stores them there (KV bucket
 //!   `pipelines`, key `{P}.rules`); runs that start after it use them;
 //! - `finmesh refdata load DATASET FILE --as-of T`: loads a CSV as version
 //!   `T` of a reference dataset, directly on the engine of the node
 //!   configuration (with the embedded engine: while no node holds the data
-//!   directory).
+//!   directory), or into Redis with `--redis URL` (or the `[refdata] redis`
+//!   of `--config pipeline.toml`).
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -126,6 +132,39 @@ pub struct WorkerArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The watched directory (`done/` and `failed/` are created in it).
+    dir: PathBuf,
+    /// The pipeline's configuration (`pipeline.toml`).
+    #[arg(long)]
+    config: PathBuf,
+    /// Run id of every file (1-64 characters of A-Z a-z 0-9 _ -).
+    #[arg(long)]
+    run: String,
+    /// Slice id of every file.
+    #[arg(long)]
+    slice: String,
+    /// The reference-data version the run pins (RFC 3339).
+    #[arg(long)]
+    refdata: Option<String>,
+    /// Milliseconds between scans.
+    #[arg(long, default_value_t = 1000)]
+    poll_ms: u64,
+    /// Milliseconds a file's size and mtime must stay unchanged before it is taken.
+    #[arg(long, default_value_t = 2000)]
+    settle_ms: u64,
+    /// Milliseconds after which a claim not renewed (its watcher died) is taken over.
+    #[arg(long, default_value_t = 30_000)]
+    lease_ms: u64,
+    /// This watcher's name in its claims; restarted with the same name it resumes
+    /// its files at once [default: random]. Never give two running watchers one name.
+    #[arg(long)]
+    owner: Option<String>,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Debug, Args)]
 pub struct ApplyArgs {
     /// The rules file.
     rules: PathBuf,
@@ -148,6 +187,12 @@ pub struct RefdataLoadArgs {
     /// The key column [default: the first].
     #[arg(long)]
     key: Option<String>,
+    /// Load into this Redis server (`redis://host:port`) instead of the engine.
+    #[arg(long, env = "FINMESH_REFDATA_REDIS", conflicts_with = "config")]
+    redis: Option<String>,
+    /// Load where this `pipeline.toml` keeps reference data (its `[refdata] redis`, else the engine).
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -277,6 +322,41 @@ async fn wait_for_signal() {
     }
 }
 
+/// `finmesh pipeline watch`: runs until SIGINT/SIGTERM (a file in progress
+/// is resumed by the next watcher, see [`finmesh_pipeline::watch`]).
+pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
+    let loaded = crate::pipeline_node::load(&args.config)?;
+    let section = crate::pipeline_node::WatchSection {
+        dir: std::path::absolute(&args.dir).with_context(|| format!("{}", args.dir.display()))?,
+        run: args.run,
+        slice: args.slice,
+        refdata: args.refdata,
+        poll_ms: args.poll_ms,
+        settle_ms: args.settle_ms,
+        lease_ms: args.lease_ms,
+        owner: args.owner,
+    };
+    let problems = section.problems(loaded.config.pipeline.streams.duplicate_window);
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("\n"));
+    }
+    let mut loaded = loaded;
+    loaded.config.watch = Some(section);
+    let config = crate::config::ServeConfig::load(&args.node.overrides())?;
+    let engine = crate::serve::OpenEngine::open(&config).await?;
+    let shared = engine.shared();
+    crate::pipeline_node::define(&shared, &loaded).await?;
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = crate::pipeline_node::start_watch(shared, &loaded, stop_rx).await?;
+    eprintln!("watching {}; Ctrl-C stops", args.dir.display());
+    wait_for_signal().await;
+    let _ = stop.send(true);
+    if let Some(task) = task {
+        let _ = task.await;
+    }
+    engine.close().await
+}
+
 /// `finmesh pipeline rules apply`.
 pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.client)?;
@@ -309,15 +389,26 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
 
 /// `finmesh refdata load`.
 pub async fn refdata_load(args: RefdataLoadArgs) -> anyhow::Result<()> {
-    use finmesh_pipeline::refdata::{EngineRefStore, RefStore, csv_rows};
+    use finmesh_pipeline::refdata::csv_rows;
     let version = flow::parse_rfc3339(&args.as_of)?;
     let file = std::fs::File::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?;
     let mut rows = csv_rows(std::io::BufReader::new(file), args.key.as_deref())?;
-    let config = crate::config::ServeConfig::load(&args.node.overrides())?;
-    let engine = crate::serve::OpenEngine::open(&config).await?;
-    let store = EngineRefStore::open(engine.shared()).await?;
-    let report = store.load_version(&args.dataset, version, &mut rows).await;
-    engine.close().await?;
+    let redis = match (&args.redis, &args.config) {
+        (Some(url), _) => Some(url.clone()),
+        (None, Some(path)) => crate::pipeline_node::load(path)?.config.refdata.redis,
+        (None, None) => None,
+    };
+    let report = if let Some(url) = &redis {
+        let store = crate::pipeline_node::open_refstore_redis(url).await?;
+        store.load_version(&args.dataset, version, &mut rows).await
+    } else {
+        let config = crate::config::ServeConfig::load(&args.node.overrides())?;
+        let engine = crate::serve::OpenEngine::open(&config).await?;
+        let store = crate::pipeline_node::open_refstore(&engine.shared(), None).await?;
+        let report = store.load_version(&args.dataset, version, &mut rows).await;
+        engine.close().await?;
+        report
+    };
     let report = report.with_context(|| format!("loading {} into dataset `{}`", args.file.display(), args.dataset))?;
     if report.already_complete {
         println!("dataset `{}` version {} was already loaded: nothing changed", args.dataset, args.as_of);

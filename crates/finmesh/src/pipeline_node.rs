@@ -9,7 +9,11 @@
 //!   are already stored there (`finmesh pipeline rules apply` changed them:
 //!   the engine's copy wins), creates the streams;
 //! - [`start_stages`]: spawns the configured number of workers per stage;
-//!   they stop when the shutdown signal fires, each finishing its step.
+//!   they stop when the shutdown signal fires, each finishing its step;
+//!   their reference data comes from the engine, or from Redis when
+//!   `[refdata] redis` names a server ([`open_refstore`]);
+//! - [`start_watch`]: the `[watch]` directory's watcher
+//!   ([`finmesh_pipeline::watch`]), in `pipeline run` / `serve --pipeline`.
 //!
 //! Where stages run: `finmesh pipeline run` is a node (the gateway, as
 //! `finmesh serve`) that also runs every stage, so with the embedded engine
@@ -27,8 +31,9 @@ use anyhow::Context as _;
 use finmesh_core::Engine;
 use finmesh_pipeline::IngestSchema;
 use finmesh_pipeline::flow::{Pipeline, StreamLimits};
-use finmesh_pipeline::refdata::{EngineRefStore, RefCache};
+use finmesh_pipeline::refdata::{EngineRefStore, RedisRefStore, RefCache, RefStore};
 use finmesh_pipeline::stages::{EnrichLookup, Stage, StageKind, StageOptions, StageSetup};
+use finmesh_pipeline::watch::{WatchOptions, WatchSpec, Watcher};
 use finmesh_rules::{Datasets, KeyType, RuleSet};
 use serde::Deserialize;
 
@@ -43,6 +48,9 @@ pub struct PipelineConfig {
     pub refdata: RefdataSection,
     #[serde(default)]
     pub enrich: EnrichSection,
+    /// A watched directory ingested by `pipeline run` / `serve --pipeline`.
+    #[serde(default)]
+    pub watch: Option<WatchSection>,
     /// Reserved for reconciliation (`finmesh pipeline status`): accepted,
     /// not read here.
     #[serde(default)]
@@ -110,6 +118,78 @@ pub struct RefdataSection {
     /// (`"string"` or `"int"`).
     #[serde(default)]
     pub datasets: BTreeMap<String, String>,
+    /// Keep reference data in this Redis server (`redis://host:port`)
+    /// instead of the engine [default: the engine].
+    #[serde(default)]
+    pub redis: Option<String>,
+}
+
+/// `[watch]`: a directory whose files are ingested once each.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchSection {
+    /// The directory, relative to this file.
+    pub dir: PathBuf,
+    /// The run of every file.
+    pub run: String,
+    /// The slice of every file.
+    pub slice: String,
+    /// The reference-data version the run pins (RFC 3339).
+    #[serde(default)]
+    pub refdata: Option<String>,
+    /// Interval between scans, ms [default: 1000].
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+    /// How long a file must stay unchanged before it is taken, ms [default: 2000].
+    #[serde(default = "default_settle_ms")]
+    pub settle_ms: u64,
+    /// A claim not renewed for this long is taken over, ms [default: 30000].
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// This watcher's owner name in its claims [default: random per start].
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+fn default_poll_ms() -> u64 {
+    1000
+}
+fn default_settle_ms() -> u64 {
+    2000
+}
+fn default_lease_ms() -> u64 {
+    30_000
+}
+
+impl WatchSection {
+    /// Every problem of the section (`max_lease`: the raw stream's
+    /// duplicate window, which a takeover's re-sent rows must fall in).
+    pub fn problems(&self, max_lease: Duration) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (what, id) in [("run", &self.run), ("slice", &self.slice)] {
+            if let Err(e) = finmesh_pipeline::flow::check_id(what, id) {
+                problems.push(format!("watch.{what}: {e}"));
+            }
+        }
+        if let Some(t) = &self.refdata
+            && let Err(e) = finmesh_pipeline::flow::parse_rfc3339(t)
+        {
+            problems.push(format!("watch.refdata: {e}"));
+        }
+        if self.poll_ms == 0 {
+            problems.push("watch.poll_ms: must be at least 1".to_owned());
+        }
+        if self.lease_ms < 300 {
+            problems.push("watch.lease_ms: must be at least 300".to_owned());
+        }
+        if Duration::from_millis(self.lease_ms) >= max_lease {
+            problems.push(
+                "watch.lease_ms: must be below pipeline.streams.duplicate_window (a taken-over file's rows are re-sent)"
+                    .to_owned(),
+            );
+        }
+        problems
+    }
 }
 
 /// `[enrich]`.
@@ -130,6 +210,8 @@ pub struct Loaded {
     pub rules_text: String,
     pub rules: Arc<RuleSet>,
     pub datasets: Datasets,
+    /// The directory of the file: relative paths start there.
+    pub base: PathBuf,
 }
 
 impl PipelineConfig {
@@ -154,6 +236,14 @@ impl PipelineConfig {
             if !matches!(kind.as_str(), "string" | "int") {
                 problems.push(format!("refdata.datasets.{name}: key type `{kind}` is not \"string\" or \"int\""));
             }
+        }
+        if let Some(url) = &self.refdata.redis
+            && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
+        {
+            problems.push(format!("refdata.redis: `{url}` is not a redis://, rediss:// or unix:// URL"));
+        }
+        if let Some(w) = &self.watch {
+            problems.extend(w.problems(self.pipeline.streams.duplicate_window));
         }
         for (i, l) in self.enrich.lookup.iter().enumerate() {
             if !self.refdata.datasets.contains_key(&l.dataset) {
@@ -205,7 +295,8 @@ pub fn load(path: &Path) -> anyhow::Result<Loaded> {
         anyhow::anyhow!("{}", finmesh_rules::render_all(&errors, &rules_text, &rules_path.display().to_string()))
     })?;
     let pipeline = Pipeline::new(&config.pipeline.name)?;
-    Ok(Loaded { config, pipeline, schema_text, schema, rules_text, rules: Arc::new(rules), datasets })
+    let base = base.to_owned();
+    Ok(Loaded { config, pipeline, schema_text, schema, rules_text, rules: Arc::new(rules), datasets, base })
 }
 
 /// Stores the definition in the engine and creates the streams.
@@ -227,8 +318,7 @@ pub async fn start_stages(
     stages: &[(StageKind, usize)],
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let store = EngineRefStore::open(engine.clone()).await?;
-    let refs = Arc::new(RefCache::new(Arc::new(store)));
+    let refs = Arc::new(RefCache::new(open_refstore(&engine, loaded.config.refdata.redis.as_deref()).await?));
     let mut tasks = Vec::new();
     for &(kind, workers) in stages {
         for _ in 0..workers {
@@ -259,6 +349,57 @@ pub async fn start_stages(
     Ok(tasks)
 }
 
+/// The reference-data store: Redis at `redis` if given, else the engine.
+pub async fn open_refstore(engine: &Arc<dyn Engine>, redis: Option<&str>) -> anyhow::Result<Arc<dyn RefStore>> {
+    Ok(match redis {
+        Some(url) => open_refstore_redis(url).await?,
+        None => Arc::new(EngineRefStore::open(engine.clone()).await?),
+    })
+}
+
+/// The Redis reference-data store at `url`.
+pub async fn open_refstore_redis(url: &str) -> anyhow::Result<Arc<dyn RefStore>> {
+    let store =
+        RedisRefStore::connect(url).await.with_context(|| format!("connecting to the reference data at {url}"))?;
+    Ok(Arc::new(store))
+}
+
+/// Starts the watcher of the `[watch]` directory, if there is one; it stops
+/// when `shutdown` is set (a file in progress is resumed by the next start).
+pub async fn start_watch(
+    engine: Arc<dyn Engine>,
+    loaded: &Loaded,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(w) = &loaded.config.watch else { return Ok(None) };
+    let mut options = WatchOptions {
+        poll: Duration::from_millis(w.poll_ms),
+        settle: Duration::from_millis(w.settle_ms),
+        lease: Duration::from_millis(w.lease_ms),
+        ..WatchOptions::default()
+    };
+    if let Some(owner) = &w.owner {
+        options.owner = owner.clone();
+    }
+    let spec = WatchSpec {
+        dir: loaded.base.join(&w.dir),
+        run: w.run.clone(),
+        slice: w.slice.clone(),
+        refdata: w.refdata.as_deref().map(finmesh_pipeline::flow::parse_rfc3339).transpose()?,
+        ingest: Default::default(),
+        reader: Default::default(),
+        options,
+    };
+    let dir = spec.dir.clone();
+    let watcher = Watcher::open(engine, loaded.pipeline.clone(), loaded.schema.clone(), spec)
+        .await
+        .with_context(|| format!("watching {}", dir.display()))?;
+    tracing::info!(dir = %dir.display(), run = %w.run, slice = %w.slice, "watching a directory");
+    Ok(Some(tokio::spawn(watcher.run(async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    }))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,11 +426,23 @@ mod tests {
             field = "book"
             [reconcile]
             window_s = 60
+            [watch]
+            dir = "in"
+            run = "r.1"
+            slice = "s"
+            refdata = "yesterday"
+            lease_ms = 100
             "#,
         )
         .unwrap();
         let problems = bad.validate();
-        assert_eq!(problems.len(), 4, "{problems:#?}");
+        assert_eq!(problems.len(), 7, "{problems:#?}");
+        assert!(problems.iter().any(|p| p.starts_with("watch.run:")), "{problems:#?}");
+        assert!(problems.iter().any(|p| p.starts_with("watch.refdata:")), "{problems:#?}");
+        assert!(problems.iter().any(|p| p.starts_with("watch.lease_ms:")), "{problems:#?}");
+        let redis: PipelineConfig =
+            toml::from_str("[pipeline]\nschema='s'\nrules='r'\n[refdata]\nredis='localhost:6379'").unwrap();
+        assert_eq!(redis.validate().len(), 1, "{:#?}", redis.validate());
         assert!(toml::from_str::<PipelineConfig>("[pipeline]\nschema='s'\nrules='r'\nnope=1").is_err());
     }
 }

@@ -225,7 +225,10 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
                 (finmesh_pipeline::stages::StageKind::Enrich, loaded.config.stages.enrich_workers),
                 (finmesh_pipeline::stages::StageKind::Validate, loaded.config.stages.validate_workers),
             ];
-            crate::pipeline_node::start_stages(engine.shared(), &loaded, &counts, stop_rx).await?
+            let mut tasks =
+                crate::pipeline_node::start_stages(engine.shared(), &loaded, &counts, stop_rx.clone()).await?;
+            tasks.extend(crate::pipeline_node::start_watch(engine.shared(), &loaded, stop_rx).await?);
+            tasks
         }
     };
     let mut state = AppState::new(shared, auth, config.gateway()?);
