@@ -40,6 +40,10 @@
 //!   SSE subscribers of `finmesh serve` next to core NATS fan-out to 60
 //!   async-nats connections: latency and skew at 1,000 ticks/s, the highest
 //!   deliveries/s with p99 < 50 ms, and RSS per idle subscriber.
+//! - `pipeline` (`pipeline`, `pipeline-nats`, only when selected): the
+//!   risk-feed pipeline end to end (ingest, enrich, validate, reconcile)
+//!   on the embedded engine and on a 3-node NATS cluster, next to the csv
+//!   crate alone parsing the same file.
 //!
 //! Payloads: 128 bytes per published message, 256 bytes per KV value. Every
 //! scenario's data lives in a temporary directory under `--dir` (default
@@ -60,6 +64,7 @@ mod nats_kv;
 mod nats_mirror;
 mod nats_publish;
 mod node;
+mod pipeline;
 mod report;
 mod tls_conn;
 mod tools;
@@ -123,6 +128,11 @@ pub enum Scenario {
     /// Random keys at scale: batched load, then random-key GETs over HTTP
     /// (only when selected).
     KvScale,
+    /// Risk-feed pipeline: `--rows` rows through every stage on the embedded
+    /// engine (sync = always) next to the csv crate alone (only when selected).
+    Pipeline,
+    /// The same on a 3-node NATS cluster, R3, `--nats-rows` rows (only when selected).
+    PipelineNats,
 }
 
 impl Scenario {
@@ -144,7 +154,8 @@ impl Scenario {
     ];
 
     /// Families that run only when named (they write a lot of data).
-    const ON_REQUEST: [Scenario; 3] = [Scenario::KvScale, Scenario::FanoutMax, Scenario::FanoutIdle];
+    const ON_REQUEST: [Scenario; 5] =
+        [Scenario::KvScale, Scenario::FanoutMax, Scenario::FanoutIdle, Scenario::Pipeline, Scenario::PipelineNats];
 
     /// Is `self` selected by `chosen` (empty = all but [`Self::ON_REQUEST`])?
     fn selected_by(self, chosen: &[Scenario]) -> bool {
@@ -176,6 +187,8 @@ impl Scenario {
             Scenario::FanoutMax => fanout::run_max(ctx).await,
             Scenario::FanoutIdle => fanout::run_idle(ctx).await,
             Scenario::KvScale => kv_scale::run(ctx).await,
+            Scenario::Pipeline => pipeline::run_embedded(ctx).await,
+            Scenario::PipelineNats => pipeline::run_nats(ctx).await,
         }
     }
 
@@ -199,6 +212,8 @@ impl Scenario {
             Scenario::FanoutMax => "fanout-max",
             Scenario::FanoutIdle => "fanout-idle",
             Scenario::KvScale => "kv-scale",
+            Scenario::Pipeline => "pipeline",
+            Scenario::PipelineNats => "pipeline-nats",
         }
     }
 }
@@ -238,6 +253,12 @@ pub struct BenchArgs {
     /// file limit is 20,000 per process).
     #[arg(long, default_value_t = fanout::IDLE_SUBSCRIBERS)]
     idle_subscribers: usize,
+    /// Rows of the `pipeline` scenario's generated feed.
+    #[arg(long, default_value_t = 10_000_000)]
+    rows: u64,
+    /// Rows of the `pipeline-nats` scenario's generated feed.
+    #[arg(long, default_value_t = 1_000_000)]
+    nats_rows: u64,
     /// Where temporary data goes (default: $TMPDIR, else /tmp).
     #[arg(long, env = "FINMESH_BENCH_DIR")]
     dir: Option<PathBuf>,
@@ -267,6 +288,10 @@ pub struct BenchContext {
     pub consumer_messages: u64,
     /// Idle subscribers of `fanout-idle`.
     pub idle_subscribers: usize,
+    /// Rows of the `pipeline` feed.
+    pub pipeline_rows: u64,
+    /// Rows of the `pipeline-nats` feed.
+    pub pipeline_nats_rows: u64,
     /// The current run, from 1; side-by-side scenarios swap which side
     /// goes first between odd and even runs.
     pub run: u32,
@@ -312,6 +337,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         mirror_puts: args.mirror_puts,
         consumer_messages: args.consumer_messages,
         idle_subscribers: args.idle_subscribers,
+        pipeline_rows: args.rows,
+        pipeline_nats_rows: args.nats_rows,
         run: 1,
     };
     let scenarios: Vec<Scenario> =

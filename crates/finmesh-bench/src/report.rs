@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::measure::Measurement;
 use super::{
     BenchArgs, KV_VALUE, PUBLISH_PAYLOAD, embedded_kv, embedded_publish, fanout, fsync, gateway, kv_scale, nats_engine,
-    nats_kv, nats_publish, tls_conn,
+    nats_kv, nats_publish, pipeline, tls_conn,
 };
 
 /// The machine the figures come from.
@@ -232,6 +232,17 @@ fn ratio_definitions() -> Vec<(String, String, String, String, f64, Field)> {
         ),
     ] {
         all.push((id.to_owned(), label.to_owned(), n.to_owned(), d.to_owned(), 1.0, Field::Value));
+    }
+    // The pipeline's share of the raw csv parse ceiling (issue 20: ≥ 0.20).
+    for (engine, label) in [("embedded", "embedded, sync = always"), ("nats-r3", "3-node NATS, R3")] {
+        all.push((
+            format!("pipeline-{engine}-vs-csv"),
+            format!("pipeline end to end ({label}) / csv crate alone, rows/s (target ≥ 0.20)"),
+            pipeline::id(engine, "end-to-end"),
+            pipeline::CEILING.to_owned(),
+            1.0,
+            Field::Value,
+        ));
     }
     // The NATS engine over raw async-nats: throughput (target ≥ 0.85) and
     // p99 (target ≤ 1.20), for every operation and deployment.

@@ -344,3 +344,48 @@ fn kv_scale_loads_in_batches_and_gets_random_keys_over_http() {
     let ratios = report["ratios"].as_array().unwrap();
     assert!(ratios.iter().any(|r| r["id"] == "kv-scale-random-vs-single"), "{ratios:#?}");
 }
+
+/// `pipeline` and `pipeline-nats` end to end on a tiny feed: the csv
+/// ceiling, every stage's figure and the share of the ceiling, for both
+/// engines; the run only ends when the reconciler stored it complete.
+#[test]
+fn pipeline_scenarios_report_every_stage_and_the_share_of_the_csv_ceiling() {
+    let report = bench(&[
+        "--runs",
+        "1",
+        "--scenario",
+        "pipeline",
+        "--scenario",
+        "pipeline-nats",
+        "--rows",
+        "2500",
+        "--nats-rows",
+        "1500",
+    ]);
+    assert_eq!(report["scenarios"], serde_json::json!(["pipeline", "pipeline-nats"]));
+    for id in ["pipeline.csv-ceiling", "pipeline.csv-ceiling.mb"] {
+        let r = result(&report, id);
+        assert_eq!(r["per_run"].as_array().unwrap().len(), 2, "one ceiling per family: {r}");
+        assert!(r["median"].as_f64().unwrap() > 0.0, "{id}: {r}");
+    }
+    assert!(result(&report, "pipeline.csv-ceiling")["note"].as_str().unwrap().contains("2500 rows"));
+    for engine in ["embedded", "nats-r3"] {
+        for what in ["end-to-end", "seconds", "ingest", "enrich", "validate"] {
+            let id = format!("pipeline.{engine}.{what}");
+            let r = result(&report, &id);
+            assert!(r["median"].as_f64().unwrap() > 0.0, "{id}: {r}");
+        }
+        assert!(result(&report, &format!("pipeline.{engine}.reconcile-lag"))["median"].as_f64().unwrap() >= 0.0);
+        let rows = if engine == "embedded" { 2500.0 } else { 1500.0 };
+        let e2e = result(&report, &format!("pipeline.{engine}.end-to-end"))["median"].as_f64().unwrap();
+        let secs = result(&report, &format!("pipeline.{engine}.seconds"))["median"].as_f64().unwrap();
+        assert!((e2e * secs - rows).abs() < 1.0, "{engine}: {e2e} rows/s × {secs} s is not {rows} rows");
+        let ratio = report["ratios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == format!("pipeline-{engine}-vs-csv"))
+            .unwrap_or_else(|| panic!("no ratio pipeline-{engine}-vs-csv in {:#}", report["ratios"]));
+        assert!(ratio["median"].as_f64().unwrap() > 0.0);
+    }
+}

@@ -50,8 +50,8 @@ use std::time::Duration;
 
 use apache_avro::reader::datum::GenericDatumReader;
 use finmesh_core::{
-    AckKind, ConsumerConfig, ConsumerName, Delivery, Engine, Error, ErrorKind, FetchRequest, OutgoingMessage, Result,
-    Timestamp,
+    AckKind, ConsumerConfig, ConsumerName, Delivery, Engine, Error, ErrorKind, FetchRequest, Headers, OutgoingMessage,
+    Result, Subject, Timestamp,
 };
 use finmesh_rules::{Datasets, RuleSet};
 use parking_lot::Mutex;
@@ -59,8 +59,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::avro_field::{FieldKey, read_key};
 use crate::flow::{
-    ExceptionBody, ExceptionStage, FileRef, HDR_LINE, HDR_REFDATA, HDR_REFDATA_USED, Pipeline, StreamKind,
-    parse_rfc3339, rfc3339,
+    ExceptionBody, ExceptionStage, FileRef, HDR_FILE, HDR_LINE, HDR_REFDATA, HDR_REFDATA_USED, HDR_ROW, HDR_RUN,
+    HDR_SLICE, Pipeline, StreamKind, parse_rfc3339, rfc3339,
 };
 use crate::refdata::{Pin, RefCache, RefSnapshot, RunRefs, Waiting};
 use crate::schema::IngestSchema;
@@ -351,27 +351,48 @@ impl Stage {
         let mut outputs = Vec::with_capacity(deliveries.len());
         let mut exceptions = Vec::new();
         let mut malformed = Vec::new();
+        // The file, output subject and pins of the previous delivery: a
+        // batch is mostly rows of one file, so they are resolved once.
+        let mut current: Option<Current> = None;
         for d in &deliveries {
-            let (file, row) = match FileRef::from_headers(&d.message.headers) {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(stage = self.kind.as_str(), seq = d.message.seq.0, error = %e, "malformed delivery terminated");
-                    malformed.push(d.token.clone());
-                    continue;
+            let headers = &d.message.headers;
+            let reuse = current.as_ref().is_some_and(|c| c.same_file(headers));
+            let row = if reuse { row_of(headers) } else { None };
+            let row = match row {
+                Some(row) => row,
+                None => {
+                    let (file, row) = match FileRef::from_headers(headers) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(stage = self.kind.as_str(), seq = d.message.seq.0, error = %e, "malformed delivery terminated");
+                            malformed.push(d.token.clone());
+                            continue;
+                        }
+                    };
+                    let pins = match self.pins(&file.run, d).await {
+                        Ok(p) => p,
+                        Err(e) if matches!(e.kind(), ErrorKind::Timeout) => {
+                            let tokens: Vec<_> = deliveries.iter().map(|d| d.token.clone()).collect();
+                            self.engine
+                                .ack_many(
+                                    input,
+                                    &self.consumer,
+                                    &tokens,
+                                    AckKind::Nak { delay: Duration::from_millis(500) },
+                                )
+                                .await?;
+                            return Ok(0);
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    let subject = self.setup.pipeline.subject(self.kind.output(), &file)?;
+                    let refdata = headers.get(HDR_REFDATA).map(str::to_owned);
+                    current = Some(Current { file, subject, pins, refdata });
+                    row
                 }
             };
-            let pins = match self.pins(&file.run, d).await {
-                Ok(p) => p,
-                Err(e) if matches!(e.kind(), ErrorKind::Timeout) => {
-                    let tokens: Vec<_> = deliveries.iter().map(|d| d.token.clone()).collect();
-                    self.engine
-                        .ack_many(input, &self.consumer, &tokens, AckKind::Nak { delay: Duration::from_millis(500) })
-                        .await?;
-                    return Ok(0);
-                }
-                Err(e) => return Err(e),
-            };
-            match self.process(d, &file, row, &pins, decoder.as_ref(), &mut failures)? {
+            let c = current.as_ref().expect("resolved above");
+            match self.process(d, &c.file, row, &c.pins, &c.subject, decoder.as_ref(), &mut failures)? {
                 Outcome::Pass(m) => outputs.push(m),
                 Outcome::Exception(m) => exceptions.push(m),
             }
@@ -471,12 +492,14 @@ impl Stage {
         Ok(rules)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn process(
         &self,
         d: &Delivery,
         file: &FileRef,
         row: u64,
         pins: &RunPins,
+        subject: &Subject,
         decoder: Option<&GenericDatumReader<'_>>,
         failures: &mut Vec<finmesh_rules::RuleId>,
     ) -> Result<Outcome> {
@@ -527,7 +550,7 @@ impl Stage {
                 if !pins.used.is_empty() {
                     headers.insert(HDR_REFDATA_USED, pins.used.as_str())?;
                 }
-                self.forward(file, row, headers, d)
+                forward(file, row, headers, subject, d)
             }
             StageKind::Validate => {
                 let decoder = decoder.ok_or_else(|| Error::internal("validate runs without a decoder"))?;
@@ -539,7 +562,7 @@ impl Stage {
                     Ok(true) => {
                         let mut headers = d.message.headers.clone();
                         headers.remove(finmesh_core::message::MSG_ID_HEADER);
-                        self.forward(file, row, headers, d)
+                        forward(file, row, headers, subject, d)
                     }
                     Ok(false) => {
                         let names: Vec<String> = failures.iter().map(|&id| pins.rules.name(id).to_owned()).collect();
@@ -551,13 +574,35 @@ impl Stage {
             }
         }
     }
+}
 
-    fn forward(&self, file: &FileRef, row: u64, headers: finmesh_core::Headers, d: &Delivery) -> Result<Outcome> {
-        let msg = OutgoingMessage {
-            subject: self.setup.pipeline.subject(self.kind.output(), file)?,
-            headers,
-            payload: d.message.payload.clone(),
-        };
-        Ok(Outcome::Pass(msg.with_msg_id(file.msg_id(row))?))
+/// The output of a passing delivery: its payload and headers (the id
+/// header set again) on `subject`.
+fn forward(file: &FileRef, row: u64, headers: Headers, subject: &Subject, d: &Delivery) -> Result<Outcome> {
+    let msg = OutgoingMessage { subject: subject.clone(), headers, payload: d.message.payload.clone() };
+    Ok(Outcome::Pass(msg.with_msg_id(file.msg_id(row))?))
+}
+
+/// What a step resolved for the file of its previous delivery.
+struct Current {
+    file: FileRef,
+    subject: Subject,
+    pins: Arc<RunPins>,
+    /// The [`HDR_REFDATA`] header the pins were resolved for.
+    refdata: Option<String>,
+}
+
+impl Current {
+    /// Whether `headers` name the same run, slice, file and pinned version.
+    fn same_file(&self, headers: &Headers) -> bool {
+        headers.get(HDR_FILE) == Some(self.file.file.as_str())
+            && headers.get(HDR_RUN) == Some(self.file.run.as_str())
+            && headers.get(HDR_SLICE) == Some(self.file.slice.as_str())
+            && headers.get(HDR_REFDATA) == self.refdata.as_deref()
     }
+}
+
+/// The row header, when it is a row number.
+fn row_of(headers: &Headers) -> Option<u64> {
+    headers.get(HDR_ROW)?.parse().ok()
 }

@@ -115,8 +115,11 @@ async fn a_crash_between_the_write_and_the_ack_changes_no_count(f: Fixture) {
     let a = file("r1", "s1", "a");
     feed.flow(&a, 300, &[10], &[20], &[30, 31]).await;
 
+    // One round per tally write: a round of 100 per consumer reaches
+    // `max_unwritten`, so the first round writes (and then fails).
     let mut crashing = config();
     crashing.batch = 100;
+    crashing.max_unwritten = 100;
     crashing.fail_before_ack_after = Some(1);
     let r = spawn(&f.engine, crashing);
     let err = r.task.await.unwrap().unwrap_err();
@@ -357,4 +360,28 @@ async fn reopening_a_run_with_another_spec_is_refused() {
         .unwrap();
     let e = open_run(&*f.engine, &feed.names, "r", other).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+}
+
+/// A file's tally grows with its rows, so the reconciler must not rewrite it
+/// once per fetched batch while messages keep coming: 3,000 rows (about
+/// 9,000 messages) fetched 100 at a time are one flush, not 30+ writes.
+#[tokio::test]
+async fn a_tally_is_written_per_flush_not_per_batch() {
+    let f = recon_support::embedded().await;
+    let feed = Feed::new(f.engine.clone()).await;
+    open(&feed, "bulk", serde_json::json!({"slices": {"s": {"files": ["a"]}}, "window_s": 600})).await;
+    let a = file("bulk", "s", "a");
+    feed.flow(&a, 3000, &[7], &[], &[9]).await;
+    let mut c = config();
+    c.batch = 100;
+    c.ack_wait = Duration::from_secs(120);
+    c.flush_every = Duration::from_secs(10);
+    c.max_unwritten = 100_000;
+    let r = spawn(&f.engine, c);
+    let st = wait_state(&feed, "bulk", Phase::Complete).await;
+    r.stop().await;
+    assert_eq!(st.slices["s"].files["a"].validated.actual, 3000);
+    // Every write to the bucket (tallies and run documents) takes a revision.
+    let (_, revision) = load_tally(&*f.engine, &feed.names, &a).await.unwrap();
+    assert!(revision.0 < 10, "the tally was rewritten per batch: bucket revision {}", revision.0);
 }

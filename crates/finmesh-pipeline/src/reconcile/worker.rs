@@ -6,19 +6,27 @@
 //! 1. fetch a batch from every consumer (concurrently, each waiting up to
 //!    `fetch_wait`);
 //! 2. apply every message to its file's tally in memory (a file seen for
-//!    the first time is loaded from the bucket first);
-//! 3. write every changed tally by compare-and-set (merging on conflict);
-//! 4. ack every message of the round (batch ack);
-//! 5. advance the watermark (only while an open run's deadline has
+//!    the first time is loaded from the bucket first) and keep its ack
+//!    token;
+//! 3. unless the round flushes, stop here: a round flushes when it fetched
+//!    nothing, when the oldest kept token is `flush_every` old, or when
+//!    `max_unwritten` tokens are kept (while messages stream in, a tally is
+//!    written a few times a second instead of once per batch: its size
+//!    grows with the file, so writing it per batch would cost quadratic
+//!    time in the file's rows);
+//! 4. write every changed tally by compare-and-set (merging on conflict);
+//! 5. ack every kept message (batch ack);
+//! 6. advance the watermark (only while an open run's deadline has
 //!    passed, since it only decides deadlines): a consumer with nothing
 //!    delivered-but-unacked has seen every message stored up to the last
 //!    one it got (or up to the round's start when it got none and none is
 //!    pending);
-//! 6. settle the runs touched, changed, or whose deadline the watermark
-//!    passed: summarize, publish the state changes, write the run document.
+//! 7. settle the runs touched since the last flush, changed, or whose
+//!    deadline the watermark passed: summarize, publish the state changes,
+//!    write the run document.
 //!
-//! A crash anywhere loses nothing: before 3 the messages are redelivered
-//! after `ack_wait`; between 3 and 4 they are redelivered and change no
+//! A crash anywhere loses nothing: before 4 the messages are redelivered
+//! after `ack_wait`; between 4 and 5 they are redelivered and change no
 //! bit; run documents are recomputed from the tallies at start.
 //!
 //! The clock: deadlines are compared with stored message times (the
@@ -30,8 +38,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use finmesh_core::{
-    AckKind, ConsumerConfig, Delivery, Engine, ErrorKind, FetchRequest, Message, OutgoingMessage, Result, Revision,
-    StreamConfig, Timestamp,
+    AckKind, AckToken, ConsumerConfig, Delivery, Engine, ErrorKind, FetchRequest, Message, OutgoingMessage, Result,
+    Revision, StreamConfig, Timestamp,
 };
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -50,8 +58,7 @@ pub const ROW_HEADER: &str = "Finmesh-Row";
 pub struct ReconcilerConfig {
     /// The pipeline (default `risk`).
     pub pipeline: String,
-    /// Most messages fetched per consumer per round (also the consumers'
-    /// `max_ack_pending`). Default 1,000.
+    /// Most messages fetched per consumer per round. Default 1,000.
     pub batch: usize,
     /// How long a fetch waits when nothing is ready. Default 200 ms.
     pub fetch_wait: Duration,
@@ -61,6 +68,14 @@ pub struct ReconcilerConfig {
     /// How often run documents are re-listed (runs opened elsewhere).
     /// Default 1 s.
     pub refresh: Duration,
+    /// Longest time an applied message waits for its tally's write and its
+    /// ack while messages keep coming (at most a tenth of `ack_wait`).
+    /// Default 250 ms.
+    pub flush_every: Duration,
+    /// Most applied messages, over all five consumers, waiting for their
+    /// tally's write and ack (also each consumer's `max_ack_pending`, with
+    /// `batch` as the floor). Default 10,000.
+    pub max_unwritten: usize,
     /// Fault injection for tests: after this many rounds that wrote
     /// tallies, return an error after the write and before the ack.
     #[doc(hidden)]
@@ -76,6 +91,8 @@ impl ReconcilerConfig {
             fetch_wait: Duration::from_millis(200),
             ack_wait: Duration::from_secs(30),
             refresh: Duration::from_secs(1),
+            flush_every: Duration::from_millis(250),
+            max_unwritten: 10_000,
             fail_before_ack_after: None,
         }
     }
@@ -100,6 +117,12 @@ pub struct Reconciler {
     last_refresh: Option<Instant>,
     rounds_written: u32,
     busy: bool,
+    /// Tokens of applied messages not acked yet, per source.
+    unacked: [Vec<AckToken>; 5],
+    /// When the oldest of `unacked` was applied.
+    unwritten_since: Option<Instant>,
+    /// Runs whose files changed since the last flush.
+    touched: BTreeSet<String>,
 }
 
 /// The fetch wait of a round that follows a round that got messages.
@@ -157,7 +180,7 @@ impl Reconciler {
             let mut c = ConsumerConfig::new(names.consumer(source));
             c.filter = Some(names.consumer_filter(source));
             c.ack_wait = config.ack_wait;
-            c.max_ack_pending = config.batch as u32;
+            c.max_ack_pending = config.max_unwritten.max(config.batch).min(u32::MAX as usize) as u32;
             match engine.create_consumer(&names.stream(source), c.clone()).await {
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                     engine.update_consumer(&names.stream(source), c).await?;
@@ -179,6 +202,9 @@ impl Reconciler {
             last_refresh: None,
             rounds_written: 0,
             busy: false,
+            unacked: Default::default(),
+            unwritten_since: None,
+            touched: BTreeSet::new(),
         })
     }
 
@@ -205,13 +231,24 @@ impl Reconciler {
             futures::future::join_all(fetches).await.into_iter().collect::<Result<_>>()?;
 
         self.busy = fetched.iter().any(|d| !d.is_empty());
-        let mut touched = BTreeSet::new();
-        for (source, deliveries) in Source::ALL.into_iter().zip(&fetched) {
+        for (i, (source, deliveries)) in Source::ALL.into_iter().zip(&fetched).enumerate() {
             for d in deliveries {
                 if let Some(file) = self.apply(source, &d.message).await? {
-                    touched.insert(file.run);
+                    self.touched.insert(file.run);
                 }
+                self.unacked[i].push(d.token.clone());
             }
+        }
+        let kept: usize = self.unacked.iter().map(Vec::len).sum();
+        if kept > 0 && self.unwritten_since.is_none() {
+            self.unwritten_since = Some(Instant::now());
+        }
+        let flush_every = self.config.flush_every.min(self.config.ack_wait / 10);
+        let flush = !self.busy
+            || kept >= self.config.max_unwritten
+            || self.unwritten_since.is_some_and(|t| t.elapsed() >= flush_every);
+        if !flush {
+            return Ok(());
         }
 
         let mut wrote = false;
@@ -229,15 +266,16 @@ impl Reconciler {
             }
         }
 
-        for (source, deliveries) in Source::ALL.into_iter().zip(&fetched) {
-            if deliveries.is_empty() {
+        for (source, tokens) in Source::ALL.into_iter().zip(&mut self.unacked) {
+            if tokens.is_empty() {
                 continue;
             }
-            let tokens: Vec<_> = deliveries.iter().map(|d| d.token.clone()).collect();
             self.engine
-                .ack_many(&self.names.stream(source), &self.names.consumer(source), &tokens, AckKind::Ack)
+                .ack_many(&self.names.stream(source), &self.names.consumer(source), tokens, AckKind::Ack)
                 .await?;
+            tokens.clear();
         }
+        self.unwritten_since = None;
 
         // The watermark only decides deadlines: ask the consumers where
         // they stand only while an open run's deadline has passed.
@@ -266,7 +304,7 @@ impl Reconciler {
             .map(|(r, _)| r.clone())
             .collect();
         let mut settle: BTreeSet<String> = std::mem::take(&mut self.dirty_runs);
-        settle.extend(touched);
+        settle.extend(std::mem::take(&mut self.touched));
         settle.extend(due);
         for run in settle {
             self.settle(&run, watermark).await?;
