@@ -267,6 +267,12 @@ pub const ROUTE_ACCESS: &[(&str, &str, Need)] = &[
     ("POST", "/v1/pipelines/{pipeline}/files", Need::StreamPublish),
     ("PUT", "/v1/pipelines/runs/{run}", Need::KvWrite),
     ("GET", "/v1/pipelines/runs/{run}", Need::KvRead),
+    ("GET", "/v1/keys", Need::Admin),
+    ("POST", "/v1/keys/rotate", Need::Admin),
+    ("GET", "/v1/keys/{id}/usage", Need::Admin),
+    ("POST", "/v1/keys/{id}/retire", Need::Admin),
+    ("POST", "/v1/keys/{id}/restore", Need::Admin),
+    ("POST", "/v1/keys/reencrypt/{bucket}", Need::Admin),
 ];
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //!    [`cors`]: cross-origin answers for browsers, when configured;
 //!    [`pipelines`]: risk-feed file uploads, streamed into the pipeline;
 //!    [`pipeline_runs`]: pipeline runs (open one, read its reconciliation state);
+//!    [`keys`]: key administration (list, rotate, retire, re-encrypt a bucket);
 //! 5. [`envelope`], [`subscribe`], [`hub`], [`sse`], [`ws`]: subscriptions,
 //!    from the JSON envelope through the fan-out hub (one engine tail per
 //!    stream) and the bounded per-subscriber queue to the wire;
@@ -34,6 +35,7 @@ pub mod edge;
 pub mod envelope;
 pub mod feed_in;
 pub mod hub;
+pub mod keys;
 pub mod kv;
 pub mod limits;
 pub mod metrics;
@@ -99,6 +101,11 @@ pub fn app(state: AppState) -> Router {
             get(registry::routes::get).put(registry::routes::put).delete(registry::routes::delete),
         )
         .route("/v1/pipelines/runs/{run}", get(pipeline_runs::get_run).put(pipeline_runs::put_run))
+        .route("/v1/keys", get(keys::list))
+        .route("/v1/keys/rotate", post(keys::rotate))
+        .route("/v1/keys/{id}/usage", get(keys::usage))
+        .route("/v1/keys/{id}/retire", post(keys::retire))
+        .route("/v1/keys/{id}/restore", post(keys::restore))
         .layer(around(api.timeout(limits.request_timeout)));
 
     // Subscriptions live as long as the client keeps them: no timeout.
@@ -110,7 +117,9 @@ pub fn app(state: AppState) -> Router {
 
     // Feeds in: as long as the sender keeps sending, no timeout; the token
     // only in `Authorization` (a sender is a server, not a browser).
+    // A re-encryption reports progress as long as it runs: no timeout.
     let feeding = Router::new()
+        .route("/v1/keys/reencrypt/{bucket}", post(keys::reencrypt))
         .route("/v1/streams/{stream}/feed", post(feed_in::http::feed))
         .route("/v1/streams/{stream}/feed/ws", get(feed_in::ws::feed_ws))
         .layer(around(api.clone()));

@@ -18,9 +18,10 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::problem::PROBLEM_JSON;
-use crate::{consumers, feed_in, kv, oauth, ops, pipelines, registry, sse, streams, ws};
+use crate::{consumers, feed_in, keys, kv, oauth, ops, pipelines, registry, sse, streams, ws};
 
 /// Paths without a request timeout: subscriptions, feeds and uploads.
+/// (A re-encryption is matched by its prefix, see [`LayerResponses`].)
 const STREAMING_SUFFIXES: [&str; 5] = ["/watch", "/events", "/ws", "/feed", "/files"];
 
 /// Adds the bearer-JWT security scheme and requires it globally.
@@ -82,7 +83,7 @@ impl LayerResponses {
             Self::add(op, 413, "body over the size limit");
         }
         Self::add(op, 429, "over this client's rate limit (`Retry-After`)");
-        if !STREAMING_SUFFIXES.iter().any(|s| path.ends_with(s)) {
+        if !STREAMING_SUFFIXES.iter().any(|s| path.ends_with(s)) && !path.starts_with("/v1/keys/reencrypt/") {
             Self::add(op, 504, "the request took longer than the request timeout");
         }
     }
@@ -114,9 +115,10 @@ impl Modify for LayerResponses {
         oauth::token, pipelines::upload,
         registry::routes::put, registry::routes::get, registry::routes::delete,
         crate::pipeline_runs::put_run, crate::pipeline_runs::get_run,
+        keys::list, keys::rotate, keys::usage, keys::retire, keys::restore, keys::reencrypt,
     ),
     components(schemas(crate::Problem, crate::subscribe::SubscriberInfo, crate::schema::Acks, crate::schema::Envelope)),
-    tags((name = "kv"), (name = "streams"), (name = "consumers"), (name = "ops"), (name = "auth"), (name = "pipelines"))
+    tags((name = "kv"), (name = "streams"), (name = "consumers"), (name = "ops"), (name = "auth"), (name = "pipelines"), (name = "keys"))
 )]
 pub struct ApiDoc;
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use finmesh_auth::{Authenticator, ClientRegistry};
 use finmesh_core::{BucketName, Engine};
-use finmesh_crypto::RingStore;
+use finmesh_crypto::{KeyAdmin, RingStore};
 use tokio_util::sync::CancellationToken;
 
 use crate::cors::CorsConfig;
@@ -246,6 +246,9 @@ pub(crate) struct Inner {
     /// with `[security]` (key administration acts on it); `None` = no
     /// bucket security is enforced.
     pub keys: Option<Arc<RingStore>>,
+    /// Key administration (`/v1/keys`), when the node runs with
+    /// `[security]`; `None` = those routes answer 404.
+    pub key_admin: Option<Arc<KeyAdmin>>,
 }
 
 impl AppState {
@@ -270,6 +273,7 @@ impl AppState {
                 oauth_admission,
                 metrics: Metrics::global(),
                 keys: None,
+                key_admin: None,
             }),
         }
     }
@@ -288,6 +292,20 @@ impl AppState {
     pub fn with_keys(mut self, keys: Arc<RingStore>) -> Self {
         Arc::make_mut(&mut self.inner).keys = Some(keys);
         self
+    }
+
+    /// Serve the key administration routes (`/v1/keys`) with `admin`, and
+    /// keep its key ring (as [`with_keys`](Self::with_keys)). Builder style.
+    pub fn with_key_admin(mut self, admin: Arc<KeyAdmin>) -> Self {
+        let inner = Arc::make_mut(&mut self.inner);
+        inner.keys = Some(admin.keys().clone());
+        inner.key_admin = Some(admin);
+        self
+    }
+
+    /// Key administration, when the node runs with `[security]`.
+    pub fn key_admin(&self) -> Option<&Arc<KeyAdmin>> {
+        self.inner.key_admin.as_ref()
     }
 
     /// The key ring of the encrypting engine wrapper, when the node runs

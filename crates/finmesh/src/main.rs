@@ -26,6 +26,7 @@ mod client;
 mod config;
 mod demo;
 mod feed;
+mod keys;
 mod pipeline;
 mod pipeline_cmds;
 mod pipeline_node;
@@ -118,6 +119,13 @@ enum Command {
     Pipeline {
         #[command(subcommand)]
         command: pipeline::PipelineCommand,
+    },
+    /// Key management: create the key ring, list, rotate, retire keys.
+    Keys {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: keys::KeysCommand,
     },
     /// Reference data of the pipeline's enrich and validate stages.
     Refdata {
@@ -217,6 +225,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Audit(args) => audit::run(args).await,
         Command::Pipeline { command } => pipeline::run(command).await,
         Command::Feed { client, args } => feed::run(&client, &args).await,
+        Command::Keys { client, command } => keys::run(&client, command).await,
         Command::Refdata { command: RefdataCommand::Load(args) } => pipeline_cmds::refdata_load(args).await,
     }
 }

@@ -53,7 +53,7 @@ pub struct NodeArgs {
 }
 
 impl NodeArgs {
-    fn overrides(&self) -> ConfigOverrides {
+    pub(crate) fn overrides(&self) -> ConfigOverrides {
         ConfigOverrides {
             config: self.node_config.clone(),
             engine: self.engine,

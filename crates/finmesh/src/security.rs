@@ -11,13 +11,18 @@
 //!   replaces a ring it cannot open); the error says which source was used,
 //!   never any key byte;
 //! - the node keeps following the stored ring (`RingStore::follow`) so a
-//!   rotation made through another gateway is used without a restart.
+//!   rotation made through another gateway is used without a restart;
+//! - `finmesh keys init` ([`MasterKeySource::init`]) creates a ring only
+//!   where none is stored: an existing ring, even one this master key does
+//!   not open, is left as it is and the command fails.
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use finmesh_core::{Engine, KvEngine};
-use finmesh_crypto::{CryptoErrorKind, KeyProvider, RingStore, SecureEngine, keys_bucket_config};
+use finmesh_crypto::{
+    CryptoErrorKind, KEYS_BUCKET, KeyAdmin, KeyId, KeyProvider, KeyPurpose, RingStore, SecureEngine, keys_bucket_config,
+};
 
 use crate::config::SecuritySection;
 
@@ -38,9 +43,35 @@ impl MasterKeySource {
         Ok(MasterKeySource { provider, ring_replicas: section.ring_replicas })
     }
 
+    /// Create the key ring in `engine` unless one is stored (see the module
+    /// doc). Returns the active encryption and hashing key ids.
+    pub async fn init(&self, engine: Arc<dyn Engine>) -> anyhow::Result<(KeyId, KeyId)> {
+        let kv: Arc<dyn KvEngine> = engine;
+        let bucket = finmesh_core::BucketName::new(KEYS_BUCKET).expect("a valid bucket name");
+        match RingStore::open(kv.clone(), self.provider.as_ref(), bucket.clone()).await {
+            Ok(keys) => anyhow::bail!(
+                "a key ring already exists in bucket `{bucket}` (revision {}); not replacing it (rotate keys with \
+                 `finmesh keys rotate` on a running node)",
+                keys.revision()
+            ),
+            Err(e) if e.kind() == CryptoErrorKind::NoRing => {}
+            Err(e) => anyhow::bail!(
+                "a key ring exists in bucket `{bucket}` but cannot be loaded with the master key from the {}: {e}; \
+                 not replacing it",
+                self.provider.describe()
+            ),
+        }
+        let keys = RingStore::open_or_create(kv, self.provider.as_ref(), keys_bucket_config(self.ring_replicas))
+            .await
+            .with_context(|| format!("creating the key ring in bucket `{bucket}`"))?;
+        let ring = keys.ring();
+        Ok((ring.active(KeyPurpose::Encryption).id(), ring.active(KeyPurpose::Hashing).id()))
+    }
+
     /// Load the key ring stored in `engine` (creating it on the first
-    /// start) and wrap `engine`. Returns the wrapped engine and the ring.
-    pub async fn wrap(&self, engine: Arc<dyn Engine>) -> anyhow::Result<(Arc<dyn Engine>, Arc<RingStore>)> {
+    /// start) and wrap `engine`. Returns the wrapped engine and the key
+    /// administration of its ring.
+    pub async fn wrap(&self, engine: Arc<dyn Engine>) -> anyhow::Result<(Arc<dyn Engine>, Arc<KeyAdmin>)> {
         let kv: Arc<dyn KvEngine> = engine.clone();
         let keys = RingStore::open_or_create(kv, self.provider.as_ref(), keys_bucket_config(self.ring_replicas))
             .await
@@ -59,6 +90,7 @@ impl MasterKeySource {
             })?;
         let keys = Arc::new(keys);
         tracing::info!(source = %self.provider.describe(), ring_revision = keys.revision().0, "key ring loaded");
-        Ok((Arc::new(SecureEngine::new(engine, keys.clone())), keys))
+        let secure = Arc::new(SecureEngine::new(engine, keys));
+        Ok((secure.clone(), Arc::new(KeyAdmin::new(secure))))
     }
 }

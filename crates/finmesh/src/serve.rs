@@ -237,8 +237,9 @@ pub async fn run(args: ServeArgs, log_filter: &str) -> anyhow::Result<()> {
     }
     // Keep the ring current: rotations made through another gateway.
     let follow = match keys {
-        Some(keys) => {
-            state = state.with_keys(keys.clone());
+        Some(admin) => {
+            let keys = admin.keys().clone();
+            state = state.with_key_admin(admin);
             Some(tokio::spawn(async move { keys.follow().await }))
         }
         None => None,

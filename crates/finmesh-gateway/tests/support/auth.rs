@@ -148,6 +148,9 @@ pub fn sample_request(method: &str, path: &str) -> (Method, String, String, u16)
         ("POST", "/v1/streams/{stream}/consumers/{name}/fetch") => (json!({"batch": 1}).to_string(), 200),
         // Routed and checked; the fixture defines no pipeline.
         ("POST", "/v1/pipelines/{pipeline}/files") => ("h\n".to_owned(), 404),
+        // Served only with `[security]` (a key ring); the sample gateway has none.
+        ("POST", "/v1/keys/rotate") => (json!({"purpose": "encryption"}).to_string(), 404),
+        (_, p) if p.starts_with("/v1/keys") => (String::new(), 404),
         // Served only with an OAuth client registry; the sample gateway has none.
         ("POST", "/oauth/token") => ("grant_type=client_credentials".to_owned(), 404),
         // A valid-looking request whose token the engine refuses: routed, checked, answered.
@@ -160,6 +163,7 @@ pub fn sample_request(method: &str, path: &str) -> (Method, String, String, u16)
         _ => (String::new(), 200),
     };
     let uri = if method == Method::POST && path.ends_with("/messages") { format!("{uri}?subject=s.a") } else { uri };
+    let uri = if path.starts_with("/v1/keys/{id}") { path.replace("{id}", "1") } else { uri };
     let uri = if path.ends_with("/files") { format!("{uri}?run=r&slice=s&file=f") } else { uri };
     (method, uri, body, status)
 }

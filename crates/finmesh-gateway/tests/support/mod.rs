@@ -160,19 +160,27 @@ impl Gw {
 
     /// A gateway whose engine is wrapped in the encrypting wrapper
     /// ([`finmesh_crypto::SecureEngine`], key ring in the engine, master
-    /// key in a temporary file), as a node with `[security]` runs; also
+    /// key in a temporary file, key administration on), as a node with
+    /// `[security]` runs; also
     /// returns the engine under the wrapper, to look at what is stored.
     pub async fn secure<H: Harness>() -> (Self, Arc<dyn Engine>) {
+        Self::secure_with::<H>(GatewayConfig::default()).await
+    }
+
+    /// [`secure`](Self::secure) with `config`.
+    pub async fn secure_with<H: Harness>(config: GatewayConfig) -> (Self, Arc<dyn Engine>) {
         let (raw, guard) = H::start().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("master.key");
         finmesh_crypto::FileKeyProvider::create(&path).expect("create a master key");
         let provider = finmesh_crypto::FileKeyProvider::new(path);
         let kv: Arc<dyn finmesh_core::KvEngine> = raw.clone();
-        let config = finmesh_crypto::keys_bucket_config(1);
-        let keys = Arc::new(finmesh_crypto::RingStore::open_or_create(kv, &provider, config).await.expect("key ring"));
-        let engine = Arc::new(finmesh_crypto::SecureEngine::new(raw.clone(), keys.clone()));
-        let state = AppState::new(engine, Authenticator::disabled(), GatewayConfig::default()).with_keys(keys);
+        let ring_bucket = finmesh_crypto::keys_bucket_config(1);
+        let keys =
+            Arc::new(finmesh_crypto::RingStore::open_or_create(kv, &provider, ring_bucket).await.expect("key ring"));
+        let engine = Arc::new(finmesh_crypto::SecureEngine::new(raw.clone(), keys));
+        let admin = Arc::new(finmesh_crypto::KeyAdmin::new(engine.clone()));
+        let state = AppState::new(engine, Authenticator::disabled(), config).with_key_admin(admin);
         (Gw { app: app(state.clone()), state, _guard: Box::new((guard, dir)) }, raw)
     }
 

@@ -80,6 +80,20 @@ pub enum KvCommand {
     },
     /// A key's history, oldest first.
     History { bucket: String, key: String },
+    /// Rewrite an encrypted bucket's values under the active key, on the
+    /// node, while it serves (resumable; a progress bar on a terminal).
+    Reencrypt {
+        bucket: String,
+        /// Most values examined per second [default: no limit].
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Keys per batch (progress and the saved cursor move per batch) [default: 500].
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Ignore a saved cursor and start from the first key.
+        #[arg(long)]
+        restart: bool,
+    },
     /// Follow changes (puts and deletes) until interrupted.
     Watch {
         bucket: String,
@@ -348,6 +362,9 @@ pub async fn kv(client: &Client, command: KvCommand) -> anyhow::Result<()> {
             print_envelopes(client, &body, "entries", |e, payload| {
                 format!("{:>8}  {:<7} {payload}", e["revision"], e["op"].as_str().unwrap_or("?"))
             })
+        }
+        KvCommand::Reencrypt { bucket, rate, batch, restart } => {
+            crate::keys::reencrypt(client, &bucket, rate, batch, restart).await
         }
         KvCommand::Watch { bucket, prefix, from_revision } => {
             let mut path = format!("/v1/kv/{}/watch?prefix={}", segment(&bucket), segment(&prefix));
