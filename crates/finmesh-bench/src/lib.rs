@@ -39,7 +39,9 @@
 //! - `fanout` (`fanout`, `fanout-max`, `fanout-idle`): market data to 60
 //!   SSE subscribers of `finmesh serve` next to core NATS fan-out to 60
 //!   async-nats connections: latency and skew at 1,000 ticks/s, the highest
-//!   deliveries/s with p99 < 50 ms, and RSS per idle subscriber.
+//!   deliveries/s with p99 < 50 ms, RSS per idle subscriber, and CPU per
+//!   delivery by number of distinct filters (`fanout-filters`); the node
+//!   on the NATS engine beside the embedded one.
 //!
 //! Payloads: 128 bytes per published message, 256 bytes per KV value. Every
 //! scenario's data lives in a temporary directory under `--dir` (default
@@ -120,6 +122,9 @@ pub enum Scenario {
     FanoutMax,
     /// Fan-out: RSS per idle SSE subscriber, 15,000 of them (only when selected).
     FanoutIdle,
+    /// Fan-out: CPU per delivered message with 1, 10 and 100 distinct filters
+    /// among 100 subscribers at 100k msgs/s in (only when selected).
+    FanoutFilters,
     /// Random keys at scale: batched load, then random-key GETs over HTTP
     /// (only when selected).
     KvScale,
@@ -144,7 +149,8 @@ impl Scenario {
     ];
 
     /// Families that run only when named (they write a lot of data).
-    const ON_REQUEST: [Scenario; 3] = [Scenario::KvScale, Scenario::FanoutMax, Scenario::FanoutIdle];
+    const ON_REQUEST: [Scenario; 4] =
+        [Scenario::KvScale, Scenario::FanoutMax, Scenario::FanoutIdle, Scenario::FanoutFilters];
 
     /// Is `self` selected by `chosen` (empty = all but [`Self::ON_REQUEST`])?
     fn selected_by(self, chosen: &[Scenario]) -> bool {
@@ -175,6 +181,7 @@ impl Scenario {
             Scenario::Fanout => fanout::run_latency(ctx).await,
             Scenario::FanoutMax => fanout::run_max(ctx).await,
             Scenario::FanoutIdle => fanout::run_idle(ctx).await,
+            Scenario::FanoutFilters => fanout::run_filters(ctx).await,
             Scenario::KvScale => kv_scale::run(ctx).await,
         }
     }
@@ -198,6 +205,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::FanoutMax => "fanout-max",
             Scenario::FanoutIdle => "fanout-idle",
+            Scenario::FanoutFilters => "fanout-filters",
             Scenario::KvScale => "kv-scale",
         }
     }
