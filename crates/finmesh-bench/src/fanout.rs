@@ -13,7 +13,20 @@
 //!   behind its rate), raising the rate ×1.5 per window, for both systems.
 //! - [`run_idle`] (`fanout-idle`): [`IDLE_SUBSCRIBERS`] (by default) idle SSE
 //!   connections from several 127.0.0.x source addresses: the node's RSS
-//!   growth per subscriber, and whether heartbeats arrive on time.
+//!   growth per subscriber, and whether heartbeats arrive on time; once on
+//!   the direct SSE path and once on hyper's (each connection makes a
+//!   `/healthz` request before subscribing), so the difference is hyper's
+//!   per-connection state.
+//! - [`run_filters`] (`fanout-filters`): [`FILTER_SUBSCRIBERS`] SSE
+//!   subscribers with 1, 10 and 100 distinct symbol filters, fed
+//!   [`FILTER_RATE`] msgs/s over 100 symbols: the node's CPU (user + sys,
+//!   from `/proc`) per delivered message, which should not grow with the
+//!   number of filters. Subscriber *i* filters on symbol *i mod k*, so
+//!   every message on one of the first *k* symbols goes to 100/*k*
+//!   subscribers and the deliveries per second are the same for every *k*.
+//!
+//! `fanout` also measures the node on the NATS engine (a test-kit
+//! nats-server, one JetStream consumer per hub tail) beside the embedded one.
 //!
 //! The feed is one NDJSON `POST` per millisecond (a batch of the tick's
 //! messages); a message's send time is taken just before its POST, and its
@@ -64,6 +77,20 @@ pub const NATS_SKEW: &str = "nats.core.fanout-60.skew";
 pub const MAX_FINMESH: &str = "fanout.sse-60.max-deliveries";
 pub const MAX_NATS: &str = "nats.core.fanout-60.max-deliveries";
 pub const IDLE_RSS: &str = "fanout.idle.rss-per-subscriber";
+pub const IDLE_RSS_HYPER: &str = "fanout.idle.rss-per-subscriber.hyper-path";
+pub const LATENCY_NATS_ENGINE: &str = "fanout.sse-60.latency.nats-engine";
+pub const SKEW_NATS_ENGINE: &str = "fanout.sse-60.skew.nats-engine";
+/// `fanout.filters-<k>.cpu-per-delivery`.
+pub const FILTER_CPU_PREFIX: &str = "fanout.filters";
+
+/// Subscribers of `fanout-filters`, and symbols of its feed.
+pub const FILTER_SUBSCRIBERS: usize = 100;
+/// Messages per second into the stream in `fanout-filters`.
+pub const FILTER_RATE: usize = 100_000;
+/// Distinct filters `fanout-filters` measures with.
+pub const FILTER_COUNTS: [usize; 3] = [1, 10, 100];
+/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
 
 /// The node configuration the fan-out scenarios add to the bench's.
 const FANOUT_CONFIG: &str = "
@@ -139,6 +166,25 @@ pub async fn run_latency(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>>
     }
     node.stop().await?;
     let nats = start_nats(ctx).await?;
+    // The same node on the NATS engine (its durability is the server's
+    // `sync_interval`, whatever the stream asks for).
+    let engine_dir = ctx.tempdir("fanout-nats-engine")?;
+    let options = NodeOptions { nats_url: Some(nats.url()), ..NodeOptions::default() };
+    let node = Node::start_with(engine_dir.path(), &options, FANOUT_CONFIG).await?;
+    let token = node.token.clone().context("finmesh serve printed no admin token")?;
+    create_stream(&node.url, &token, "md", "interval").await?;
+    let system = System::Finmesh { url: node.url.clone(), token, stream: "md".to_owned() };
+    let engine_trial = trial(&system, SUBSCRIBERS, 1, window).await?;
+    let what = format!("{SYMBOLS} symbols × 1 tick/s to {SUBSCRIBERS} SSE subscribers, NATS engine (R1), auth on");
+    out.push(
+        Measurement::latency(LATENCY_NATS_ENGINE, "finmesh-gateway", &what, &engine_trial.latency)
+            .note(engine_trial.note("feed-send → receive")),
+    );
+    out.push(
+        Measurement::latency(SKEW_NATS_ENGINE, "finmesh-gateway", &what, &engine_trial.skew)
+            .note("last − first receive of each message"),
+    );
+    node.stop().await?;
     let trial = trial(&System::Nats { url: nats.url() }, SUBSCRIBERS, 1, window).await?;
     let what = format!("{SYMBOLS} msgs/s to {SUBSCRIBERS} async-nats subscriber connections, core NATS");
     out.push(
@@ -231,7 +277,7 @@ async fn trial(system: &System, subscribers: usize, per_tick: usize, window: Dur
     }
     let warmup = (window / 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
     let feed_start = epoch.elapsed();
-    let sent = feed(system, epoch, per_tick, warmup, window).await?;
+    let sent = feed(system, epoch, per_tick, SYMBOLS, warmup, window).await?;
     tracing::debug!(sent = sent.len(), first = ?sent.first(), last = ?sent.last(), "feed done");
     let last_key = sent.iter().map(|s| s.0).max();
     last_tx.send_replace(last_key);
@@ -291,6 +337,7 @@ async fn feed(
     system: &System,
     epoch: Instant,
     per_tick: usize,
+    symbols: usize,
     warmup: Duration,
     window: Duration,
 ) -> anyhow::Result<Vec<(u64, u64)>> {
@@ -311,7 +358,7 @@ async fn feed(
                 let mut body = String::with_capacity(per_tick * 128);
                 for _ in 0..per_tick {
                     body.push_str(&tick_line(stream, symbol));
-                    symbol = (symbol + 1) % SYMBOLS;
+                    symbol = (symbol + 1) % symbols;
                 }
                 let at = epoch.elapsed().as_nanos() as u64;
                 let request = client
@@ -345,7 +392,7 @@ async fn feed(
                     payload.extend_from_slice(&key.to_be_bytes());
                     payload.extend_from_slice(tick_line("md", symbol).as_bytes());
                     client.publish(format!("md.S{symbol:04}"), Bytes::from(payload)).await?;
-                    symbol = (symbol + 1) % SYMBOLS;
+                    symbol = (symbol + 1) % symbols;
                     sent.push((key, at));
                 }
                 client.flush().await?;
@@ -466,6 +513,8 @@ struct SseIds {
     partial: Vec<u8>,
     id: Option<u64>,
     data: bool,
+    /// The highest `id:` seen, a heartbeat's included.
+    position: u64,
 }
 
 impl SseIds {
@@ -489,6 +538,7 @@ impl SseIds {
                 self.data = false;
             } else if let Some(v) = line.strip_prefix(b"id:") {
                 self.id = std::str::from_utf8(v).ok().and_then(|s| s.trim().parse().ok());
+                self.position = self.position.max(self.id.unwrap_or(0));
             } else if line.starts_with(b"data:") {
                 self.data = true;
             }
@@ -499,8 +549,18 @@ impl SseIds {
 }
 
 /// `fanout-idle`: `--idle-subscribers` (default [`IDLE_SUBSCRIBERS`]) idle
-/// SSE subscribers on one node.
+/// SSE subscribers on one node, once on the direct SSE path (each
+/// connection's first request is the subscription) and once on hyper's
+/// (each connection asks `/healthz` first), each on a fresh node.
 pub async fn run_idle(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
+    let mut out = Vec::new();
+    for (id, via_hyper) in [(IDLE_RSS, false), (IDLE_RSS_HYPER, true)] {
+        out.push(idle_node(ctx, id, via_hyper).await?);
+    }
+    Ok(out)
+}
+
+async fn idle_node(ctx: &BenchContext, id: &str, via_hyper: bool) -> anyhow::Result<Measurement> {
     let dir = ctx.tempdir("fanout-idle")?;
     let extra = format!(
         "{FANOUT_CONFIG}heartbeat_ms = {}\n\n[connections]\nmax = 19000\nmax_per_address = 19000\n",
@@ -510,8 +570,9 @@ pub async fn run_idle(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
     let token = node.token.clone().context("finmesh serve printed no admin token")?;
     create_stream(&node.url, &token, "md", "interval").await?;
     let addr: SocketAddr = node.url.trim_start_matches("http://").parse().context("the node's address")?;
+    let first = if via_hyper { format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n") } else { String::new() };
     let request = Arc::new(format!(
-        "GET /v1/streams/md/events HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\naccept: text/event-stream\r\n\r\n"
+        "{first}GET /v1/streams/md/events HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\naccept: text/event-stream\r\n\r\n"
     ));
     // One subscriber first, so the hub's tail exists in the baseline.
     let mut connections = vec![idle_connect(addr, 0, &request).await?];
@@ -550,11 +611,14 @@ pub async fn run_idle(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
     let n = connections.len();
     drop(connections);
     node.stop().await?;
-    let what = format!("{n} idle SSE subscribers on one stream, embedded engine, from {IDLE_SOURCES} source addresses");
-    let mut m = Measurement::mib(IDLE_RSS, "finmesh-gateway", &what, 0);
+    let path = if via_hyper { "hyper's connection path (a /healthz request first)" } else { "the direct SSE path" };
+    let what = format!(
+        "{n} idle SSE subscribers on one stream, embedded engine, from {IDLE_SOURCES} source addresses, {path}"
+    );
+    let mut m = Measurement::mib(id, "finmesh-gateway", &what, 0);
     m.value = per_sub / 1024.0;
     m.unit = "KiB/subscriber".to_owned();
-    Ok(vec![m.note(format!(
+    Ok(m.note(format!(
         "node RSS {:.0} → {:.0} MiB; opened in {:.1} s; heartbeat every {} s: {} of {} sampled connections late, wait p99 {:.2} s",
         before as f64 / 1048576.0,
         after as f64 / 1048576.0,
@@ -563,31 +627,204 @@ pub async fn run_idle(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
         late,
         sample.len(),
         waits.percentile_us(99.0).unwrap_or(0.0) / 1e6
-    ))])
+    )))
 }
 
-/// Open one idle SSE connection from 127.0.0.(2 + i % IDLE_SOURCES) and
-/// read its response head.
+/// Open one idle SSE connection from 127.0.0.(2 + i % IDLE_SOURCES), send
+/// `request` (the subscription, possibly after other requests) and read
+/// through the subscription's response head.
 async fn idle_connect(addr: SocketAddr, i: usize, request: &str) -> anyhow::Result<tokio::net::TcpStream> {
     let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % IDLE_SOURCES as usize) as u8));
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source, 0)).with_context(|| format!("binding {source}"))?;
     let mut stream = socket.connect(addr).await.with_context(|| format!("connection {i}"))?;
     stream.write_all(request.as_bytes()).await?;
+    let answers = request.matches(" HTTP/1.1\r\n").count();
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+    let sse_head_done = |head: &[u8]| {
+        let text = String::from_utf8_lossy(head);
+        text.find("text/event-stream").is_some_and(|at| text[at..].contains("\r\n\r\n"))
+    };
+    while !sse_head_done(&head) {
         let n = stream.read(&mut buf).await?;
-        anyhow::ensure!(n > 0, "connection {i} closed before its response head");
+        anyhow::ensure!(n > 0, "connection {i} closed before its response head: {}", String::from_utf8_lossy(&head));
         head.extend_from_slice(&buf[..n]);
         anyhow::ensure!(head.len() < 16 * 1024, "connection {i}: response head too long");
     }
-    anyhow::ensure!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "connection {i}: {}",
-        String::from_utf8_lossy(&head[..head.len().min(80)])
-    );
+    let text = String::from_utf8_lossy(&head);
+    anyhow::ensure!(text.matches("HTTP/1.1 200").count() == answers, "connection {i}: {text}");
     Ok(stream)
+}
+
+/// `fanout-filters`: CPU per delivered message with 1, 10 and 100 distinct
+/// filters among [`FILTER_SUBSCRIBERS`] subscribers at [`FILTER_RATE`] msgs/s in.
+pub async fn run_filters(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
+    let dir = ctx.tempdir("fanout-filters")?;
+    let node = Node::start_with(dir.path(), &NodeOptions::default(), &filter_config()).await?;
+    let token = node.token.clone().context("finmesh serve printed no admin token")?;
+    create_stream(&node.url, &token, "md", "interval").await?;
+    let system = System::Finmesh { url: node.url.clone(), token, stream: "md".to_owned() };
+    let mut out = Vec::new();
+    for filters in FILTER_COUNTS {
+        let t = filter_trial(&system, node.pid(), FILTER_SUBSCRIBERS, filters, FILTER_RATE, ctx.duration).await?;
+        out.push(t.measurement(FILTER_SUBSCRIBERS, FILTER_RATE));
+    }
+    node.stop().await?;
+    Ok(out)
+}
+
+/// The node configuration of `fanout-filters`: heartbeats often enough that
+/// a subscriber whose filter matched nothing lately learns the head soon.
+fn filter_config() -> String {
+    format!("{FANOUT_CONFIG}heartbeat_ms = 100\n")
+}
+
+/// What one `fanout-filters` step measured.
+#[derive(Debug)]
+struct FilterTrial {
+    filters: usize,
+    /// Messages the feed published (acked).
+    sent: u64,
+    /// Messages received, summed over subscribers.
+    delivered: u64,
+    /// Deliveries the filters call for.
+    expected: u64,
+    /// Node CPU (user + sys) from the feed's start to the last delivery.
+    cpu: Duration,
+    /// From the feed's start to the last delivery.
+    elapsed: Duration,
+}
+
+impl FilterTrial {
+    fn cpu_per_delivery_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.delivered.max(1) as f64
+    }
+
+    fn measurement(&self, subscribers: usize, rate: usize) -> Measurement {
+        let id = format!("{FILTER_CPU_PREFIX}-{}.cpu-per-delivery", self.filters);
+        let what = format!(
+            "{subscribers} SSE subscribers, {} distinct symbol filter(s), {rate} msgs/s in over {subscribers} symbols, embedded engine",
+            self.filters
+        );
+        let mut m = Measurement::mib(&id, "finmesh-gateway", &what, 0);
+        m.value = self.cpu_per_delivery_us();
+        m.unit = "µs CPU/delivery".to_owned();
+        m.note(format!(
+            "node CPU {:.2} s over {:.1} s; {:.0} msgs/s sent, {} deliveries of {} expected ({:.0}/s)",
+            self.cpu.as_secs_f64(),
+            self.elapsed.as_secs_f64(),
+            self.sent as f64 / self.elapsed.as_secs_f64(),
+            self.delivered,
+            self.expected,
+            self.delivered as f64 / self.elapsed.as_secs_f64()
+        ))
+    }
+}
+
+/// `subscribers` subscribers, subscriber *i* on symbol *i mod filters*, fed
+/// `rate` msgs/s over `subscribers` symbols for a warm-up and `window`;
+/// the node's CPU from the feed's start until every subscriber has seen
+/// the stream's last sequence (a message or a heartbeat's position).
+async fn filter_trial(
+    system: &System,
+    pid: u32,
+    subscribers: usize,
+    filters: usize,
+    rate: usize,
+    window: Duration,
+) -> anyhow::Result<FilterTrial> {
+    anyhow::ensure!(
+        filters >= 1 && subscribers.is_multiple_of(filters),
+        "{filters} filters must divide {subscribers} subscribers"
+    );
+    let System::Finmesh { url, token, stream } = system else { anyhow::bail!("fanout-filters measures finmesh") };
+    let epoch = Instant::now();
+    let (last_tx, last_rx) = watch::channel(None::<u64>);
+    let mut readers = tokio::task::JoinSet::new();
+    let mut ready = Vec::new();
+    for i in 0..subscribers {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        ready.push(ready_rx);
+        let url = format!("{url}/v1/streams/{stream}/events?subject={stream}.S{:04}", i % filters);
+        readers.spawn(count_filtered(url, token.clone(), ready_tx, last_rx.clone()));
+    }
+    for r in ready {
+        r.await.context("a subscriber failed to connect")?;
+    }
+    let pid = pid.to_string();
+    let cpu_before = cpu_ticks(&pid)?;
+    let per_tick = (rate / 1000).max(1);
+    let warmup = (window / 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
+    let sent = feed(system, epoch, per_tick, subscribers, warmup, window).await?;
+    last_tx.send_replace(sent.iter().map(|s| s.0).max());
+    let mut delivered = 0;
+    while let Some(joined) = readers.join_next().await {
+        delivered += joined.context("a subscriber panicked")??;
+    }
+    let elapsed = epoch.elapsed();
+    let cpu = Duration::from_secs_f64((cpu_ticks(&pid)? - cpu_before) as f64 / USER_HZ);
+    // Symbols round robin from 0 over `subscribers` symbols: messages on the
+    // first `filters` symbols match, each for `subscribers / filters` readers.
+    let matching = (0..sent.len()).filter(|j| j % subscribers < filters).count() as u64;
+    let expected = matching * (subscribers / filters) as u64;
+    Ok(FilterTrial { filters, sent: sent.len() as u64, delivered, expected, cpu, elapsed })
+}
+
+/// One filtered subscriber: counts messages until it has seen the last
+/// sequence (as a message's or a heartbeat's `id:`), or [`DRAIN`] after it is known.
+async fn count_filtered(
+    url: String,
+    token: String,
+    ready: tokio::sync::oneshot::Sender<()>,
+    mut last: watch::Receiver<Option<u64>>,
+) -> anyhow::Result<u64> {
+    let client = reqwest::Client::builder().build()?;
+    let response = client.get(url).bearer_auth(&token).send().await.context("opening an SSE subscription")?;
+    anyhow::ensure!(response.status().is_success(), "SSE subscription answered {}", response.status());
+    let _ = ready.send(());
+    let mut body = response.bytes_stream();
+    let (mut messages, mut position) = (0u64, 0u64);
+    let mut parser = SseIds::default();
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if last.borrow().is_some_and(|l| position >= l) {
+            return Ok(messages);
+        }
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            chunk = body.next() => {
+                let Some(chunk) = chunk else { return Ok(messages) };
+                let chunk = chunk?;
+                parser.feed(&chunk, |_| messages += 1);
+                position = position.max(parser.position);
+            }
+            _ = last.changed(), if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + DRAIN);
+            }
+            _ = sleep => return Ok(messages),
+        }
+    }
+}
+
+/// utime + stime of process `pid`, in clock ticks (`/proc/<pid>/stat`).
+fn cpu_ticks(pid: &str) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_cpu_ticks(&stat).with_context(|| format!("no utime/stime in {path}"))
+}
+
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    // Fields after the command name (which may hold spaces, in parentheses):
+    // state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 async fn start_node(dir: &std::path::Path) -> anyhow::Result<Node> {
@@ -623,6 +860,31 @@ mod tests {
             p.feed(chunk, |id| ids.push(id));
         }
         assert_eq!(ids, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn cpu_ticks_are_utime_plus_stime_after_a_command_with_spaces() {
+        let stat = "4242 (finmesh serve) S 1 4242 4242 0 -1 4194560 500 0 0 0 731 269 0 0 20 0 7 0 100 1000 200";
+        assert_eq!(parse_cpu_ticks(stat), Some(1000));
+    }
+
+    /// `fanout-filters` at a tiny size on a debug build: every expected
+    /// delivery arrives and the CPU figure is computed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tiny_filter_trial_delivers_what_the_filters_call_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::start_with(dir.path(), &NodeOptions::default(), &filter_config()).await.unwrap();
+        let token = node.token.clone().unwrap();
+        create_stream(&node.url, &token, "md", "interval").await.unwrap();
+        let system = System::Finmesh { url: node.url.clone(), token, stream: "md".to_owned() };
+        for filters in [1, 2, 4] {
+            let t = filter_trial(&system, node.pid(), 4, filters, 1_000, Duration::from_millis(300)).await.unwrap();
+            assert!(t.sent > 0, "{t:?}");
+            assert_eq!(t.delivered, t.expected, "{t:?}");
+            assert!(t.cpu_per_delivery_us().is_finite(), "{t:?}");
+            assert!(t.measurement(4, 1_000).id.starts_with("fanout.filters-"), "{t:?}");
+        }
+        node.stop().await.unwrap();
     }
 
     #[test]

@@ -39,7 +39,9 @@
 //! - `fanout` (`fanout`, `fanout-max`, `fanout-idle`): market data to 60
 //!   SSE subscribers of `finmesh serve` next to core NATS fan-out to 60
 //!   async-nats connections: latency and skew at 1,000 ticks/s, the highest
-//!   deliveries/s with p99 < 50 ms, and RSS per idle subscriber.
+//!   deliveries/s with p99 < 50 ms, RSS per idle subscriber, and CPU per
+//!   delivery by number of distinct filters (`fanout-filters`); the node
+//!   on the NATS engine beside the embedded one.
 //! - `pipeline` (`pipeline`, `pipeline-nats`, only when selected): the
 //!   risk-feed pipeline end to end (ingest, enrich, validate, reconcile)
 //!   on the embedded engine and on a 3-node NATS cluster, next to the csv
@@ -125,6 +127,9 @@ pub enum Scenario {
     FanoutMax,
     /// Fan-out: RSS per idle SSE subscriber, 15,000 of them (only when selected).
     FanoutIdle,
+    /// Fan-out: CPU per delivered message with 1, 10 and 100 distinct filters
+    /// among 100 subscribers at 100k msgs/s in (only when selected).
+    FanoutFilters,
     /// Random keys at scale: batched load, then random-key GETs over HTTP
     /// (only when selected).
     KvScale,
@@ -154,8 +159,14 @@ impl Scenario {
     ];
 
     /// Families that run only when named (they write a lot of data).
-    const ON_REQUEST: [Scenario; 5] =
-        [Scenario::KvScale, Scenario::FanoutMax, Scenario::FanoutIdle, Scenario::Pipeline, Scenario::PipelineNats];
+    const ON_REQUEST: [Scenario; 6] = [
+        Scenario::KvScale,
+        Scenario::FanoutMax,
+        Scenario::FanoutIdle,
+        Scenario::FanoutFilters,
+        Scenario::Pipeline,
+        Scenario::PipelineNats,
+    ];
 
     /// Is `self` selected by `chosen` (empty = all but [`Self::ON_REQUEST`])?
     fn selected_by(self, chosen: &[Scenario]) -> bool {
@@ -186,6 +197,7 @@ impl Scenario {
             Scenario::Fanout => fanout::run_latency(ctx).await,
             Scenario::FanoutMax => fanout::run_max(ctx).await,
             Scenario::FanoutIdle => fanout::run_idle(ctx).await,
+            Scenario::FanoutFilters => fanout::run_filters(ctx).await,
             Scenario::KvScale => kv_scale::run(ctx).await,
             Scenario::Pipeline => pipeline::run_embedded(ctx).await,
             Scenario::PipelineNats => pipeline::run_nats(ctx).await,
@@ -211,6 +223,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::FanoutMax => "fanout-max",
             Scenario::FanoutIdle => "fanout-idle",
+            Scenario::FanoutFilters => "fanout-filters",
             Scenario::KvScale => "kv-scale",
             Scenario::Pipeline => "pipeline",
             Scenario::PipelineNats => "pipeline-nats",

@@ -25,6 +25,7 @@ mod audit;
 mod client;
 mod config;
 mod demo;
+mod direct_sse;
 mod feed;
 mod keys;
 mod pipeline;

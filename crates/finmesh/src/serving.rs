@@ -59,6 +59,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, Response};
+use bytes::BytesMut;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -67,6 +68,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
+
+use crate::direct_sse;
 
 /// Longest a client may take to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -385,9 +388,71 @@ async fn connection(stream: TcpStream, peer: SocketAddr, pass: Pass, setup: Thre
     }
 }
 
+/// Serve `io`: read its first request head; a stream subscription is
+/// answered on the direct SSE path ([`direct_sse`]), anything else by
+/// hyper ([`serve_hyper`]), which reads the head's bytes again first.
+async fn serve_http<I>(mut io: I, peer: SocketAddr, activity: Arc<Activity>, setup: ThreadSetup)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut head = BytesMut::with_capacity(0);
+    let mut phase = setup.phase.clone();
+    let first = tokio::select! {
+        first = tokio::time::timeout(setup.limits.header_timeout, direct_sse::read_first(&mut io, &mut head)) => match first {
+            Ok(first) => first,
+            Err(_elapsed) => {
+                tracing::debug!(%peer, reason = "header_timeout", "connection cut");
+                metrics::counter!("finmesh_connections_cut_total", "reason" => "header_timeout").increment(1);
+                return;
+            }
+        },
+        // Draining or stopping: hyper finishes (or drops) what was read.
+        _ = phase.wait_for(|p| *p != Phase::Serving) => direct_sse::First::Other,
+    };
+    match first {
+        direct_sse::First::Closed => {}
+        direct_sse::First::Other => {
+            let io = direct_sse::Prefixed::new(io, head.freeze());
+            Box::pin(serve_hyper(io, peer, activity, setup)).await;
+        }
+        direct_sse::First::Subscription(parts) => {
+            drop(head);
+            let mut req = Request::from_parts(*parts, Body::empty());
+            req.extensions_mut().insert(ConnectInfo(peer));
+            activity.heads.fetch_add(1, Ordering::Relaxed);
+            activity.in_flight.fetch_add(1, Ordering::Relaxed);
+            let _in_flight = InFlight(activity);
+            let _direct = DirectGauge::open();
+            let answer = Box::pin(direct_sse::respond(&mut io, req, setup.app.clone()));
+            tokio::select! {
+                res = answer => if let Err(e) = res {
+                    tracing::trace!(error = %e, %peer, "direct SSE connection ended with an error");
+                },
+                _ = phase.wait_for(|p| *p == Phase::Stop) => {}
+            }
+        }
+    }
+}
+
+/// `finmesh_connections_direct_sse`: connections on the direct SSE path.
+struct DirectGauge;
+
+impl DirectGauge {
+    fn open() -> Self {
+        metrics::gauge!("finmesh_connections_direct_sse").increment(1.0);
+        DirectGauge
+    }
+}
+
+impl Drop for DirectGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("finmesh_connections_direct_sse").decrement(1.0);
+    }
+}
+
 /// Serve HTTP/1.1 or HTTP/2 on `io` until the client closes, the watchdog
 /// cuts it, the drain finishes it, or [`Phase::Stop`].
-async fn serve_http<I>(io: I, peer: SocketAddr, activity: Arc<Activity>, setup: ThreadSetup)
+async fn serve_hyper<I>(io: I, peer: SocketAddr, activity: Arc<Activity>, setup: ThreadSetup)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
