@@ -133,7 +133,7 @@ impl KvCache {
     pub fn revealed(&self, last: Seq) {
         let Some(map) = &self.map else { return };
         let mut state = self.state.lock();
-        if !state.pending.first().is_some_and(|(s, _)| *s <= last) {
+        if state.pending.first().is_none_or(|(s, _)| *s > last) {
             return;
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
