@@ -20,7 +20,8 @@
 //!   and through a 40 ms delaying proxy.
 //! - `gateway`: `finmesh serve` (a child process of the real `finmesh`
 //!   binary, auth on; [`finmesh_binary`] says which) under wrk next
-//!   to nginx (`gateway-kv`), on the NATS engine next to async-nats
+//!   to nginx (`gateway-kv`), on an encrypted, hashed bucket next to a
+//!   plain one (`gateway_secure`, `gateway-kv-secure`), on the NATS engine next to async-nats
 //!   (`gateway-nats-kv`), NDJSON publish next to in-process `publish_batch`
 //!   (`gateway-publish`); `tls_conn`: new TLS connections per second next
 //!   to nginx (`gateway-tls`). These need `wrk` and `nginx` (Debian
@@ -30,7 +31,9 @@
 //!   acks/s with 10,000 and 100 deliveries pending.
 //! - `kv_scale` (`kv-scale`, only when selected): load `--scale-keys`
 //!   keys in batches, then GET random keys over HTTP with wrk and a Lua
-//!   script next to a single-key run, with the node's RSS.
+//!   script next to a single-key run, with the node's RSS; `kv_scale_nats`
+//!   (`kv-scale-nats`, only when selected): the same on the NATS engine
+//!   over a 3-node cluster, loaded by async JetStream publishes.
 //! - `nats_engine` (`nats-engine-publish`) and `nats_engine_kv`
 //!   (`nats-engine-kv`): every embedded publish and KV scenario through the
 //!   NATS engine and through raw async-nats side by side, on one server
@@ -58,7 +61,9 @@ mod embedded_publish;
 mod fanout;
 mod fsync;
 mod gateway;
+mod gateway_secure;
 mod kv_scale;
+mod kv_scale_nats;
 mod measure;
 mod nats_engine;
 mod nats_engine_kv;
@@ -106,13 +111,15 @@ pub enum Scenario {
     NatsMirror,
     /// Gateway KV GET (embedded engine) vs nginx, HTTP and HTTPS, with wrk.
     GatewayKv,
+    /// Gateway KV GET on an encrypted, hashed bucket vs a plain bucket.
+    GatewayKvSecure,
     /// Gateway KV GET on the NATS engine vs async-nats KV get.
     GatewayNatsKv,
     /// Gateway NDJSON publish vs in-process publish_batch.
     GatewayPublish,
     /// New TLS connections per second, gateway vs nginx.
     GatewayTls,
-    /// All four gateway families.
+    /// All `gateway-*` families.
     Gateway,
     /// NATS engine vs raw async-nats publish, single server and R3 cluster.
     NatsEnginePublish,
@@ -138,10 +145,13 @@ pub enum Scenario {
     Pipeline,
     /// The same on a 3-node NATS cluster, R3, `--nats-rows` rows (only when selected).
     PipelineNats,
+    /// Random keys at scale on the NATS engine (3-node cluster): batched
+    /// async publishes, then random-key GETs over HTTP (only when selected).
+    KvScaleNats,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 14] = [
+    const ALL: [Scenario; 15] = [
         Scenario::Fsync,
         Scenario::EmbeddedPublish,
         Scenario::NatsPublish,
@@ -149,6 +159,7 @@ impl Scenario {
         Scenario::NatsKv,
         Scenario::NatsMirror,
         Scenario::GatewayKv,
+        Scenario::GatewayKvSecure,
         Scenario::GatewayNatsKv,
         Scenario::GatewayPublish,
         Scenario::GatewayTls,
@@ -159,8 +170,9 @@ impl Scenario {
     ];
 
     /// Families that run only when named (they write a lot of data).
-    const ON_REQUEST: [Scenario; 6] = [
+    const ON_REQUEST: [Scenario; 7] = [
         Scenario::KvScale,
+        Scenario::KvScaleNats,
         Scenario::FanoutMax,
         Scenario::FanoutIdle,
         Scenario::FanoutFilters,
@@ -187,6 +199,7 @@ impl Scenario {
             Scenario::NatsKv => nats_kv::run(ctx).await,
             Scenario::NatsMirror => nats_mirror::run(ctx).await,
             Scenario::GatewayKv => gateway::run_kv(ctx).await,
+            Scenario::GatewayKvSecure => gateway_secure::run(ctx).await,
             Scenario::GatewayNatsKv => gateway::run_nats_kv(ctx).await,
             Scenario::GatewayPublish => gateway::run_publish(ctx).await,
             Scenario::GatewayTls => tls_conn::run(ctx).await,
@@ -201,6 +214,7 @@ impl Scenario {
             Scenario::KvScale => kv_scale::run(ctx).await,
             Scenario::Pipeline => pipeline::run_embedded(ctx).await,
             Scenario::PipelineNats => pipeline::run_nats(ctx).await,
+            Scenario::KvScaleNats => kv_scale_nats::run(ctx).await,
         }
     }
 
@@ -213,6 +227,7 @@ impl Scenario {
             Scenario::NatsKv => "nats-kv",
             Scenario::NatsMirror => "nats-mirror",
             Scenario::GatewayKv => "gateway-kv",
+            Scenario::GatewayKvSecure => "gateway-kv-secure",
             Scenario::GatewayNatsKv => "gateway-nats-kv",
             Scenario::GatewayPublish => "gateway-publish",
             Scenario::GatewayTls => "gateway-tls",
@@ -227,6 +242,7 @@ impl Scenario {
             Scenario::KvScale => "kv-scale",
             Scenario::Pipeline => "pipeline",
             Scenario::PipelineNats => "pipeline-nats",
+            Scenario::KvScaleNats => "kv-scale-nats",
         }
     }
 }
@@ -250,7 +266,7 @@ pub struct BenchArgs {
     /// Keys loaded into the NATS KV bucket (fewer: one connection loads them).
     #[arg(long, default_value_t = 50_000)]
     nats_kv_keys: u64,
-    /// Keys loaded by `kv-scale`.
+    /// Keys loaded by `kv-scale` and `kv-scale-nats`.
     #[arg(long, default_value_t = 10_000_000)]
     scale_keys: u64,
     /// Bytes per value of `kv-scale`.
@@ -291,7 +307,7 @@ pub struct BenchContext {
     pub kv_keys: u64,
     /// Keys for the NATS KV scenarios.
     pub nats_kv_keys: u64,
-    /// Keys loaded by `kv-scale`.
+    /// Keys loaded by `kv-scale` and `kv-scale-nats`.
     pub scale_keys: u64,
     /// Bytes per value of `kv-scale`.
     pub value_bytes: usize,

@@ -114,6 +114,13 @@ pub struct Deployment {
     pub version: String,
 }
 
+impl Deployment {
+    /// The cluster of an R3 deployment.
+    pub fn cluster(&self) -> Option<&NatsCluster> {
+        self._cluster.as_ref()
+    }
+}
+
 /// Start `topology`, its store under the benchmark's directory; `always`
 /// adds `sync_interval: always`.
 pub async fn deploy(ctx: &BenchContext, topology: Topology, always: bool) -> anyhow::Result<Deployment> {

@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use super::measure::Measurement;
 use super::{
-    BenchArgs, KV_VALUE, PUBLISH_PAYLOAD, embedded_kv, embedded_publish, fanout, fsync, gateway, kv_scale, nats_engine,
-    nats_kv, nats_publish, pipeline, tls_conn,
+    BenchArgs, KV_VALUE, PUBLISH_PAYLOAD, embedded_kv, embedded_publish, fanout, fsync, gateway, gateway_secure,
+    kv_scale, kv_scale_nats, nats_engine, nats_kv, nats_publish, pipeline, tls_conn,
 };
 
 /// The machine the figures come from.
@@ -155,6 +155,13 @@ fn gateway_ratios() -> Vec<(&'static str, &'static str, &'static str, &'static s
             Field::P99,
         ),
         (
+            "gateway-kv-encrypted-vs-plain",
+            "gateway KV GET encrypted + hashed bucket / plain bucket, req/s, same node (target ≥ 0.90)",
+            gateway_secure::SECURE,
+            gateway_secure::PLAIN,
+            Field::Value,
+        ),
+        (
             "gateway-nats-kv-vs-async-nats",
             "gateway KV GET on NATS / async-nats KV get, 64 concurrent",
             NATS_KV_HTTP,
@@ -180,6 +187,13 @@ fn gateway_ratios() -> Vec<(&'static str, &'static str, &'static str, &'static s
             "KV GET random keys / one key, req/s, same node and session (target ≥ 0.80)",
             kv_scale::RANDOM,
             kv_scale::SINGLE,
+            Field::Value,
+        ),
+        (
+            "kv-scale-nats-random-vs-single",
+            "KV GET on the NATS engine, random keys / one key, req/s, same node and session (target ≥ 0.80)",
+            kv_scale_nats::RANDOM,
+            kv_scale_nats::SINGLE,
             Field::Value,
         ),
         (

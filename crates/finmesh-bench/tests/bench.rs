@@ -233,13 +233,15 @@ fn gateway_scenarios_measure_the_gateway_and_its_peers_with_every_ratio() {
     let report = bench(&["--runs", "1", "--only", "gateway"]);
     assert_eq!(
         report["scenarios"],
-        serde_json::json!(["gateway-kv", "gateway-nats-kv", "gateway-publish", "gateway-tls"])
+        serde_json::json!(["gateway-kv", "gateway-kv-secure", "gateway-nats-kv", "gateway-publish", "gateway-tls"])
     );
     let ids = [
         ("gateway.kv.get.http", "req/s"),
         ("nginx.static.http", "req/s"),
         ("gateway.kv.get.https", "req/s"),
         ("nginx.static.https", "req/s"),
+        ("gateway.kv.get.http.plain-bucket", "req/s"),
+        ("gateway.kv.get.http.encrypted-hashed-bucket", "req/s"),
         ("gateway.nats.kv.get.http", "req/s"),
         ("nats.kv.get.64-tasks", "req/s"),
         ("gateway.publish.ndjson-100", "msgs/s"),
@@ -273,6 +275,7 @@ fn gateway_scenarios_measure_the_gateway_and_its_peers_with_every_ratio() {
     for id in [
         "gateway-kv-vs-nginx-https",
         "gateway-kv-p99-vs-nginx-http",
+        "gateway-kv-encrypted-vs-plain",
         "gateway-nats-kv-vs-async-nats",
         "gateway-publish-vs-in-process",
         "gateway-publish-vs-in-process-interval",
@@ -388,4 +391,43 @@ fn pipeline_scenarios_report_every_stage_and_the_share_of_the_csv_ceiling() {
             .unwrap_or_else(|| panic!("no ratio pipeline-{engine}-vs-csv in {:#}", report["ratios"]));
         assert!(ratio["median"].as_f64().unwrap() > 0.0);
     }
+}
+
+/// `kv-scale-nats` end to end on a tiny bucket: the async-publish load
+/// into a 3-node cluster, the node on the NATS engine serving it, wrk on
+/// one key and on random keys, and the random / single ratio.
+#[test]
+fn kv_scale_nats_loads_a_cluster_and_gets_random_keys_over_http() {
+    let report = bench(&["--runs", "1", "--scenario", "kv-scale-nats", "--scale-keys", "2500", "--value-bytes", "64"]);
+    assert_eq!(report["scenarios"], serde_json::json!(["kv-scale-nats"]));
+    let load = result(&report, "kv-scale-nats.load");
+    assert_eq!(load["unit"], "keys/s");
+    assert!(load["median"].as_f64().unwrap() > 0.0, "{load:#}");
+    assert!(load["what"].as_str().unwrap().contains("2500 keys × 64 B"), "{load:#}");
+    for id in ["kv-scale-nats.disk", "kv-scale-nats.nats-server.mem", "kv-scale-nats.rss.serving"] {
+        assert!(result(&report, id)["median"].as_f64().unwrap() > 0.0, "{id}");
+    }
+    for id in ["kv-scale-nats.get.single-key", "kv-scale-nats.get.random-keys"] {
+        let r = result(&report, id);
+        assert_eq!(r["unit"], "req/s");
+        assert!(r["median"].as_f64().unwrap() > 0.0 && r["p99_us"].as_f64().unwrap() > 0.0, "{r:#}");
+    }
+    let ratios = report["ratios"].as_array().unwrap();
+    assert!(ratios.iter().any(|r| r["id"] == "kv-scale-nats-random-vs-single"), "{ratios:#?}");
+}
+
+/// `gateway-kv-secure` alone: a node with `[security]`, the encrypted,
+/// hashed bucket next to the plain one, and their ratio.
+#[test]
+fn gateway_kv_secure_measures_an_encrypted_hashed_bucket_next_to_a_plain_one() {
+    let report = bench(&["--runs", "2", "--scenario", "gateway-kv-secure"]);
+    assert_eq!(report["scenarios"], serde_json::json!(["gateway-kv-secure"]));
+    for id in ["gateway.kv.get.http.plain-bucket", "gateway.kv.get.http.encrypted-hashed-bucket"] {
+        let r = result(&report, id);
+        assert_eq!(r["per_run"].as_array().unwrap().len(), 2, "{id}");
+        assert!(r["median"].as_f64().unwrap() > 0.0, "{r:#}");
+    }
+    let ratios = report["ratios"].as_array().unwrap();
+    let r = ratios.iter().find(|r| r["id"] == "gateway-kv-encrypted-vs-plain").expect("the ratio");
+    assert!(r["median"].as_f64().unwrap() > 0.0, "{r:#}");
 }

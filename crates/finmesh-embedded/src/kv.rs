@@ -4,12 +4,15 @@
 //! `ttl` is `max_age`. Delete and purge are messages with a `KV-Operation`
 //! header (`DEL`, `PURGE`); purge also rolls up the key's older entries.
 //!
-//! Values live on disk only: no KV value or key is held in memory by the
-//! engine (fjall's block cache, `EmbeddedOptions::cache_bytes`, and the OS
-//! page cache keep the hot set), so memory does not grow with the bucket.
+//! Values live on disk: the engine holds no KV value or key in memory
+//! beyond a bounded hot-value cache per bucket (`kvcache.rs`,
+//! `EmbeddedOptions::kv_cache_bytes`); fjall's block cache
+//! (`EmbeddedOptions::cache_bytes`) and the OS page cache keep the rest of
+//! the hot set, so memory does not grow with the bucket.
 //!
-//! Invariants: a get reads two point lookups (`l` for the key's last
-//! sequence, `m` for the record) and never scans, except when the key's
+//! Invariants: a get is served by the hot-value cache, or reads two point
+//! lookups (`l` for the key's last sequence, `m` for the record) and never
+//! scans, except when the key's
 //! last write is committed but not yet visible (an `always` write waiting
 //! for its fsync): then it takes the newer of the key's last visible
 //! revision in its index and the value that write replaced, which the
@@ -26,10 +29,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use finmesh_core::{
     BucketConfig, BucketInfo, BucketName, Error, Key, KeysPage, KvEntry, KvOp, Message, OutgoingMessage, Result,
-    Revision, StreamConfig, StreamName, Subject, SubjectPattern, Timestamp,
+    Revision, Seq, StreamConfig, StreamName, Subject, SubjectPattern, Timestamp,
 };
 
 use crate::codec;
+use crate::kvcache;
 use crate::store::{StreamHandle, storage};
 
 /// Header carrying a marker's operation.
@@ -41,6 +45,18 @@ pub(crate) fn stream_name(bucket: &BucketName) -> StreamName {
 
 pub(crate) fn subject(bucket: &BucketName, key: &Key) -> Subject {
     Subject::new(format!("$KV.{bucket}.{key}")).expect("keys are valid subject tokens")
+}
+
+/// The subject of `key` as a plain string, for lookups: both names are
+/// valid already, so this skips `Subject`'s checks (the get path).
+fn subject_str(bucket: &BucketName, key: &Key) -> String {
+    let (b, k) = (bucket.as_str(), key.as_str());
+    let mut s = String::with_capacity(5 + b.len() + k.len());
+    s.push_str("$KV.");
+    s.push_str(b);
+    s.push('.');
+    s.push_str(k);
+    s
 }
 
 pub(crate) fn key_prefix(bucket: &BucketName) -> String {
@@ -105,40 +121,57 @@ pub(crate) fn expired(ttl: Option<Duration>, created: Timestamp, now: Timestamp)
 }
 
 /// The live, unexpired value of `key` in `h` (bucket `bucket`) at `now`:
-/// the key's last visible revision, if it is a put.
+/// the key's last visible revision, if it is a put. Served from the
+/// bucket's hot-value cache when it holds the key (see `kvcache.rs`).
 pub(crate) fn get_live(h: &StreamHandle, bucket: &BucketName, key: &Key, now: Timestamp) -> Result<Option<KvEntry>> {
     let ttl = match &h.record.read().kind {
         crate::store::StreamKind::Kv(c) => c.ttl,
         crate::store::StreamKind::User => None,
     };
-    let subject = subject(bucket, key);
-    let m = loop {
+    let subject = subject_str(bucket, key);
+    let live = |seq: Seq, time: Timestamp, value: Bytes| {
+        (!expired(ttl, time, now)).then(|| KvEntry {
+            key: key.clone(),
+            op: KvOp::Put,
+            value,
+            revision: Revision(seq.0),
+            created: time,
+        })
+    };
+    if let Some(c) = h.kv_cache.get(&subject) {
+        return Ok(live(c.seq, c.time, c.value));
+    }
+    // Before the store is read: an insert after a change is refused.
+    let ticket = h.kv_cache.ticket();
+    let Some(m) = get_visible(h, &subject)? else { return Ok(None) };
+    if op_of(&m) != KvOp::Put {
+        return Ok(None);
+    }
+    if h.kv_cache.enabled() {
+        let cached = kvcache::Cached { seq: m.seq, time: m.time, value: m.payload.clone() };
+        h.kv_cache.insert(ticket, &subject, cached);
+    }
+    Ok(live(m.seq, m.time, m.payload))
+}
+
+/// The last visible message of `subject` in `h`, read from the store.
+fn get_visible(h: &StreamHandle, subject: &str) -> Result<Option<Message>> {
+    loop {
         let visible = h.visible_seq();
-        let Some((last, _)) = h.last_of(subject.as_str())? else { break None };
+        let Some((last, _)) = h.last_of(subject)? else { return Ok(None) };
         let m = if last <= visible { h.get(last)? } else { None };
         // Not visible yet, or replaced since `l` was read (by a write not
         // revealed yet; else the key's value was evicted).
         let m = match m {
             Some(m) => Some(m),
-            None => h.last_visible_message(subject.as_str(), visible)?,
+            None => h.last_visible_message(subject, visible)?,
         };
         // A reveal in between may have dropped what it looked for from
         // memory: look again at the new state.
         if m.is_some() || h.visible_seq() == visible {
-            break m;
+            return Ok(m);
         }
-    };
-    let Some(m) = m else { return Ok(None) };
-    if op_of(&m) != KvOp::Put || expired(ttl, m.time, now) {
-        return Ok(None);
     }
-    Ok(Some(KvEntry {
-        key: key.clone(),
-        op: KvOp::Put,
-        value: m.payload,
-        revision: Revision(m.seq.0),
-        created: m.time,
-    }))
 }
 
 /// Check a value against the bucket's size limit.
@@ -207,4 +240,15 @@ pub(crate) fn keys_page(
     }
     let next = if more { keys.last().cloned() } else { None };
     Ok(KeysPage { keys, next })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lookup_subject_is_the_subject() {
+        let (b, k) = (BucketName::new("reg").unwrap(), Key::new("card.4111-x/y=z").unwrap());
+        assert_eq!(subject_str(&b, &k), subject(&b, &k).as_str());
+    }
 }

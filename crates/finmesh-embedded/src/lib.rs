@@ -4,7 +4,8 @@
 //! Read in this order: `store` (streams on disk, reads), `writer` (the
 //! single writer and group commit), `journal_sync` (fsync without fjall's
 //! lock), `txn` (one write), `tail`, `kv`
-//! (buckets as streams, gets served from disk), `consumers`,
+//! (buckets as streams, gets served from disk), `kvcache` (hot values of
+//! gets), `consumers`,
 //! `codec` (byte formats).
 //!
 //! # On-disk layout
@@ -62,6 +63,7 @@ mod filtered;
 mod interrupted;
 mod journal_sync;
 mod kv;
+mod kvcache;
 mod store;
 mod tail;
 mod txn;
@@ -96,6 +98,9 @@ const MAX_FETCH_READS_AGAIN: u32 = 8;
 /// Default of [`EmbeddedOptions::cache_bytes`]: 32 MiB.
 pub const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
+/// Default of [`EmbeddedOptions::kv_cache_bytes`]: 8 MiB.
+pub const KV_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+
 /// Default of [`EmbeddedOptions::writer_queue`].
 pub const WRITER_QUEUE: usize = 8192;
 
@@ -119,11 +124,21 @@ pub struct EmbeddedOptions {
     /// [`WRITER_QUEUE`], at least 1). A full queue slows callers down; it
     /// does not delay `interval` fsyncs.
     pub writer_queue: usize,
+    /// Hot-value cache of each KV bucket in bytes (default
+    /// [`KV_CACHE_BYTES`]; `0` turns it off): the live values of recently
+    /// read keys, so a hot key's get skips the store (see `kvcache.rs`).
+    /// Counted next to `cache_bytes`, once per bucket.
+    pub kv_cache_bytes: u64,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
-        EmbeddedOptions { cache_bytes: CACHE_BYTES, journal_bytes: MIN_JOURNAL_BYTES, writer_queue: WRITER_QUEUE }
+        EmbeddedOptions {
+            cache_bytes: CACHE_BYTES,
+            journal_bytes: MIN_JOURNAL_BYTES,
+            writer_queue: WRITER_QUEUE,
+            kv_cache_bytes: KV_CACHE_BYTES,
+        }
     }
 }
 
@@ -179,7 +194,7 @@ impl EmbeddedEngine {
                 e => Error::unavailable(format!("cannot open the store at {}", dir.display())).with_source(e),
             })?;
         let meta = db.keyspace("meta", fjall::KeyspaceCreateOptions::default).map_err(storage)?;
-        let registry = Arc::new(Registry::default());
+        let registry = Arc::new(Registry::new(options.kv_cache_bytes));
         let unclean = meta.get(store::CLEAN_CLOSE_KEY).map_err(storage)?.is_none();
         store::load_all(&db, &meta, &registry, unclean)?;
         // From here on a stop without `close` is unclean; the removal (and

@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::codec;
+use crate::kvcache::KvCache;
 
 /// Live messages of one commit, shared by every tail.
 pub(crate) type LiveBatch = Arc<[Message]>;
@@ -168,6 +169,9 @@ pub(crate) struct StreamHandle {
     /// the key's last visible value (see [`Self::last_visible_message`]).
     /// Holds only what writes in flight replaced.
     pub replaced: Mutex<HashMap<String, Vec<(Seq, Message)>>>,
+    /// Hot values of a KV bucket's gets (see `kvcache.rs`); off (capacity
+    /// 0) for user streams.
+    pub kv_cache: KvCache,
 }
 
 impl StreamHandle {
@@ -201,6 +205,8 @@ impl StreamHandle {
     /// durable as its policy promises, before its ack.
     pub fn reveal(&self, st: StreamState) {
         *self.visible.lock() = st;
+        // After the state: a get that starts after this sees the new state.
+        self.kv_cache.revealed(st.last_seq);
         // After the state: a get that missed a value dropped here sees the
         // new state when it checks again (see `kv::get_live`).
         let mut replaced = self.replaced.lock();
@@ -490,6 +496,7 @@ pub(crate) fn open_handle(
     counters: Counters,
     index_current: bool,
     epoch: u64,
+    kv_cache_bytes: u64,
 ) -> Result<Arc<StreamHandle>> {
     let name = record.config.name.clone();
     let ks = |p| db.keyspace(&ks_name(&name, p), data_options).map_err(storage);
@@ -508,6 +515,7 @@ pub(crate) fn open_handle(
     let kv = matches!(record.kind, StreamKind::Kv(_));
     let handle = StreamHandle {
         kv,
+        kv_cache: KvCache::new(if kv { kv_cache_bytes } else { 0 }),
         replaced: Mutex::new(HashMap::new()),
         epoch,
         name,
@@ -640,9 +648,18 @@ pub(crate) struct Registry {
     streams: RwLock<HashMap<StreamName, Arc<StreamHandle>>>,
     /// The same handles for buckets, by bucket name (the KV get path).
     buckets: RwLock<HashMap<BucketName, Arc<StreamHandle>>>,
+    /// Capacity of each bucket's hot-value cache
+    /// (`EmbeddedOptions::kv_cache_bytes`), for the handles opened here.
+    pub kv_cache_bytes: u64,
 }
 
 impl Registry {
+    /// An empty registry whose buckets get hot-value caches of
+    /// `kv_cache_bytes` each.
+    pub fn new(kv_cache_bytes: u64) -> Self {
+        Registry { kv_cache_bytes, ..Registry::default() }
+    }
+
     pub fn get(&self, name: &StreamName) -> Option<Arc<StreamHandle>> {
         self.streams.read().get(name).cloned()
     }
@@ -738,7 +755,7 @@ pub(crate) fn load_all(db: &Database, meta: &Keyspace, registry: &Registry, uncl
                 e
             }
         };
-        registry.insert(open_handle(db, record, counters, index_current, epoch)?);
+        registry.insert(open_handle(db, record, counters, index_current, epoch, registry.kv_cache_bytes)?);
         if !index_current {
             meta.insert(index_meta_key(&name), counters.encode()).map_err(storage)?;
         }

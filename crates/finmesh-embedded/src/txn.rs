@@ -264,6 +264,11 @@ impl Txn {
     /// the caller must commit before anything reads the index or the write
     /// is acknowledged.
     pub fn commit_deferring_index(mut self, meta: &fjall::Keyspace) -> Result<(StreamState, IndexBatch)> {
+        if self.h.kv_cache.enabled() && !self.lasts.is_empty() {
+            // Before the commit (see `kvcache.rs`): the subjects whose last
+            // entry this write changes.
+            self.h.kv_cache.changed(self.st.last_seq, Some(self.lasts.keys().cloned().collect()));
+        }
         for (subject, (seq, count)) in self.lasts.drain() {
             if count == 0 {
                 self.batch.remove(&self.h.last, subject.into_bytes());

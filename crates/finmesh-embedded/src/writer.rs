@@ -970,7 +970,8 @@ impl Writer {
         let r = self.meta.insert(store::epoch_meta_key(&record.config.name), epoch.to_be_bytes()).map_err(storage);
         self.poison_on_err(r)?;
         self.persist_record(&record)?;
-        let h = store::open_handle(&self.db, record, store::Counters::default(), true, epoch);
+        let h =
+            store::open_handle(&self.db, record, store::Counters::default(), true, epoch, self.registry.kv_cache_bytes);
         let h = self.poison_on_err(h)?;
         self.registry.insert(h.clone());
         Ok(h)
@@ -1048,6 +1049,7 @@ impl Writer {
         batch.insert(&self.meta, store::index_meta_key(&h.name), c.encode());
         let r = batch.commit().map_err(storage);
         self.poison_on_err(r)?;
+        h.kv_cache.changed(st.last_seq, None);
         for ks in [&h.msgs, &h.index, &h.last] {
             let r = ks.clear().map_err(storage);
             self.poison_on_err(r)?;

@@ -302,6 +302,9 @@ pub struct EmbeddedSection {
     /// Block cache in bytes: KV values live on disk, the cache (with the
     /// OS page cache) keeps the hot set in memory.
     pub cache_bytes: u64,
+    /// Hot-value cache of each KV bucket in bytes (`0` turns it off): a
+    /// hot key's get skips the store.
+    pub kv_cache_bytes: u64,
 }
 
 /// Smallest `embedded.cache_bytes` accepted.
@@ -309,7 +312,7 @@ pub const MIN_CACHE_BYTES: u64 = 1024 * 1024;
 
 impl Default for EmbeddedSection {
     fn default() -> Self {
-        Self { cache_bytes: finmesh_embedded::CACHE_BYTES }
+        Self { cache_bytes: finmesh_embedded::CACHE_BYTES, kv_cache_bytes: finmesh_embedded::KV_CACHE_BYTES }
     }
 }
 
@@ -709,7 +712,11 @@ impl ServeConfig {
 
     /// The embedded engine's options.
     pub fn embedded_options(&self) -> finmesh_embedded::EmbeddedOptions {
-        finmesh_embedded::EmbeddedOptions { cache_bytes: self.embedded.cache_bytes, ..Default::default() }
+        finmesh_embedded::EmbeddedOptions {
+            cache_bytes: self.embedded.cache_bytes,
+            kv_cache_bytes: self.embedded.kv_cache_bytes,
+            ..Default::default()
+        }
     }
 
     /// The drain deadline.
@@ -852,6 +859,11 @@ mod tests {
         assert_eq!(config.embedded.cache_bytes, 4096);
         let keys: Vec<String> = config.validate().into_iter().map(|p| p.key).collect();
         assert_eq!(keys, ["embedded.cache_bytes"]);
+        let config = ServeConfig::parse("[embedded]\nkv_cache_bytes = 0\n", Path::new("x.toml")).unwrap();
+        assert_eq!(config.embedded_options().kv_cache_bytes, 0, "0 turns the hot-value cache off");
+        assert_eq!(config.validate(), vec![]);
+        let default = ServeConfig::parse("", Path::new("x.toml")).unwrap().embedded_options().kv_cache_bytes;
+        assert_eq!(default, finmesh_embedded::KV_CACHE_BYTES);
         let err = ServeConfig::parse("[embedded]\ncache = 1\n", Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().contains("unknown field `cache`"), "{err}");
     }
