@@ -311,9 +311,11 @@ impl Stage {
         self.status.clone()
     }
 
-    /// Runs steps until `shutdown` resolves; a step in progress is finished
-    /// first. Engine errors other than a closed engine are retried after a
-    /// second (and logged).
+    /// Runs steps until `shutdown` resolves. A step in progress when it
+    /// resolves is dropped where it stands: its batch is not acked, so it is
+    /// redelivered, and outputs it already published are duplicates by
+    /// message id (the same path as a crash mid-step). Engine errors other
+    /// than a closed engine are retried after a second (and logged).
     pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
         loop {
