@@ -83,12 +83,9 @@ fn drop_into(dir: &Path, name: &str, from: &Path) {
     std::fs::rename(&part, dir.join(name)).unwrap();
 }
 
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + UNTIL;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "{what}: not within {UNTIL:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Waits (through the suite's shared poll) until `cond` holds.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    finmesh_core::testsuite::support::eventually(what, UNTIL, || std::future::ready(cond())).await
 }
 
 /// A running `finmesh` process, killed when dropped.
