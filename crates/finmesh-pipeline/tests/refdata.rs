@@ -322,3 +322,22 @@ async fn hostile_names_keys_and_versions(f: Fixture) {
     assert_eq!(s.resolve("ds", us(5)).await.unwrap(), Some(us(4)));
     assert!(s.snapshot("ds", us(4)).await.unwrap().is_empty());
 }
+
+/// A Redis that takes its time is waited for, not timed out: a load's
+/// pipeline on a busy host takes longer than redis-rs's default response
+/// timeout (500 ms), and a timed-out load fails a run for nothing.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_is_waited_for_not_timed_out() {
+    let server = finmesh_testkit::RedisServer::start().await.expect("start redis-server");
+    let store = finmesh_pipeline::refdata::RedisRefStore::connect(&server.url()).await.unwrap();
+    load(&store, "ccy", us(100), &[("EUR", "1.10")]).await;
+    // Every client's commands wait out the pause (the server answers none).
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("CLIENT").arg("PAUSE").arg(1500).arg("ALL").query_async::<()>(&mut admin).await.unwrap();
+    let started = StdInstant::now();
+    assert_eq!(remote(&store, "ccy", "EUR", us(100)).await.as_deref(), Some("1.10"));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1000), "the pause did not hold the lookup ({waited:?})");
+}

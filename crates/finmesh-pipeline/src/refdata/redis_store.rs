@@ -15,15 +15,25 @@
 //! Rows are written with pipelines of [`LOAD_BATCH_ROWS`](super::LOAD_BATCH_ROWS)
 //! rows (three commands each); batches go one after the other, so the last
 //! duplicate of a key wins.
+//!
+//! Every command waits up to [`RESPONSE_TIMEOUT`] for its answer: a load's
+//! pipeline of 3,072 commands, or a busy server, takes longer than
+//! redis-rs's default of 500 ms, and a timed-out load would fail a run for
+//! nothing. A server that does not answer at all is still an error.
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use finmesh_core::{Error, Result, Timestamp};
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{
     LoadReport, RefRows, RefSnapshot, RefStore, check_dataset, check_key, next_batch, pinned_micros, version_micros,
 };
+
+/// How long a command (or a load's pipeline) may wait for Redis's answer.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Reference data in Redis (see the module doc for the layout).
 #[derive(Clone)]
@@ -45,7 +55,8 @@ impl RedisRefStore {
     /// Connect to `url`, keys under `prefix`.
     pub async fn connect_with_prefix(url: &str, prefix: &str) -> Result<Self> {
         let client = redis::Client::open(url).map_err(|e| Error::invalid(format!("redis url: {e}")).with_source(e))?;
-        let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let conn = ConnectionManager::new_with_config(client, config).await.map_err(unavailable)?;
         Ok(RedisRefStore { conn, prefix: prefix.to_owned() })
     }
 
