@@ -395,7 +395,9 @@ async fn age_retention_keeps_time_with_a_full_queue() {
     }
     let took = started.elapsed();
     load.stop(full, samples).await;
-    // Generous for a debug build: a writer round of thousands of requests
-    // comes on top of the age itself.
-    assert!(took <= MAX_AGE + Duration::from_secs(2), "the messages outlived their max_age by {took:?}");
+    // Starved retention runs only once the load stops (the 60 s deadline
+    // above); on time, it runs within a writer round or two of the age.
+    // Generous, as a debug build on a loaded 2-core CI host can take
+    // seconds for rounds of thousands of requests (2 s failed there once).
+    assert!(took <= MAX_AGE + Duration::from_secs(10), "the messages outlived their max_age by {took:?}");
 }
