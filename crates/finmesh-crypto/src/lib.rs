@@ -61,7 +61,7 @@ pub use pan::{Masked, PanError, Redacted, mask_pan, validate_pan};
 pub use provider::{DEFAULT_MASTER_KEY_VAR, EnvKeyProvider, FileKeyProvider, KeyProvider};
 pub use ring::{DataKey, KeyId, KeyPurpose, KeyRing, KeyState};
 pub use secure::{MAX_SEALED_VALUE_SIZE, SecureEngine};
-pub use store::{FOLLOW_MAX_BACKOFF, KEYS_BUCKET, RING_KEY, RingStore, keys_bucket_config};
+pub use store::{FOLLOW_MAX_BACKOFF, KEYS_BUCKET, RING_KEY, Rewrapped, RingStore, keys_bucket_config, rewrap};
 pub use wrap::{MasterKey, WrappedKey, WrappedRing};
 
 #[cfg(test)]

@@ -34,6 +34,10 @@
 //!   When the watch fails it is set up again after a backoff of 100 ms
 //!   doubling to [`FOLLOW_MAX_BACKOFF`]; nothing is missed, since it
 //!   restarts from the revision in use.
+//! - a master-key change ([`rewrap`]) rewraps the same data keys (ids,
+//!   states, material unchanged, so every stored value still opens) by
+//!   compare-and-set at the revision it read, like any change; the ring is
+//!   stored under one master key at any moment.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -330,6 +334,67 @@ impl std::fmt::Debug for RingStore {
             .field("ring", &current.ring)
             .finish_non_exhaustive()
     }
+}
+
+/// What [`rewrap`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rewrapped {
+    /// The ring is now wrapped by the new master key, at this revision.
+    Done(Revision),
+    /// The new master key opens the stored ring already (an earlier run got
+    /// its write in): nothing was written. The ring's revision.
+    Already(Revision),
+}
+
+/// Change the master key of the ring stored in `bucket` from `old` to
+/// `new`: unwrap it with `old`, wrap the same data keys with `new`, and
+/// store that by compare-and-set at the revision read (a concurrent change,
+/// say a rotation through a running gateway, is read again and kept).
+/// A ring that `new` opens already is left as it is
+/// ([`Rewrapped::Already`]), so an interrupted run can be repeated; a ring
+/// that neither opens is [`CryptoErrorKind::WrongMasterKey`]; `new` equal
+/// to `old` is [`CryptoErrorKind::Invalid`].
+///
+/// A gateway running with `old` keeps the ring it loaded but can no longer
+/// load a changed one: restart every gateway with `new` (docs/security.md,
+/// "Changing the master key").
+pub async fn rewrap(engine: &dyn KvEngine, bucket: &BucketName, old: &MasterKey, new: &MasterKey) -> Result<Rewrapped> {
+    if old.expose_secret() == new.expose_secret() {
+        return Err(CryptoError::new(
+            CryptoErrorKind::Invalid,
+            "the new master key is the one the ring is wrapped with already; nothing to change",
+        ));
+    }
+    let key = ring_key();
+    for _ in 0..MAX_UPDATE_ATTEMPTS {
+        let entry = match engine.kv_get(bucket, &key).await {
+            Ok(Some(entry)) => entry,
+            Ok(None) => return Err(no_ring(bucket)),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(no_ring(bucket)),
+            Err(e) => return Err(e.into()),
+        };
+        let stored = WrappedRing::from_bytes(&entry.value)?;
+        let ring = match stored.unwrap(old) {
+            Ok(ring) => ring,
+            Err(e) if e.kind() == CryptoErrorKind::WrongMasterKey => {
+                return match stored.unwrap(new) {
+                    Ok(_) => Ok(Rewrapped::Already(entry.revision)),
+                    Err(_) => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
+        let bytes = Bytes::from(WrappedRing::wrap(&ring, new)?.to_bytes());
+        match engine.kv_update(bucket, &key, bytes, entry.revision).await {
+            Ok(revision) => return Ok(Rewrapped::Done(revision)),
+            Err(e) if e.kind() == ErrorKind::WrongRevision => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(CryptoError::new(
+        CryptoErrorKind::Storage,
+        format!("the key ring changed under {MAX_UPDATE_ATTEMPTS} attempts in a row to rewrap it; try again"),
+    ))
 }
 
 fn ring_key() -> Key {

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use finmesh_core::{BucketName, Key, KvEngine};
 use finmesh_crypto::{
-    CryptoErrorKind, FileKeyProvider, KEYS_BUCKET, KeyId, KeyPurpose, KeyState, RING_KEY, RingStore, WrappedRing,
-    key_id_of, keys_bucket_config,
+    CryptoErrorKind, FileKeyProvider, KEYS_BUCKET, KeyId, KeyProvider, KeyPurpose, KeyRing, KeyState, MasterKey,
+    RING_KEY, Rewrapped, RingStore, WrappedRing, key_id_of, keys_bucket_config, rewrap,
 };
 use finmesh_embedded::EmbeddedEngine;
 
@@ -230,4 +230,79 @@ async fn a_deleted_ring_is_not_replaced_by_a_new_one() {
     assert!(e.to_string().contains(&format!("was deleted (its marker is at revision {marker})")), "{e}");
     assert!(s.engine.kv_get(&keys_bucket(), &ring_key).await.unwrap().is_none(), "nothing was written");
     assert_eq!(s.engine.bucket_info(&keys_bucket()).await.unwrap().last_revision, marker);
+}
+
+fn described(ring: &KeyRing) -> Vec<(u32, KeyPurpose, KeyState, finmesh_core::Timestamp)> {
+    ring.keys().map(|k| (k.id().0, k.purpose(), k.state(), k.created())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_key_change_keeps_every_data_key_and_every_value() {
+    let s = site();
+    let a = RingStore::open_or_create(s.engine.clone(), &s.master, keys_bucket_config(1)).await.unwrap();
+    a.rotate(KeyPurpose::Encryption).await.unwrap();
+    let (bucket, key) = (BucketName::new("cards").unwrap(), Key::new("k").unwrap());
+    let sealed_before = a.seal_value(&bucket, &key, b"value").unwrap();
+    let (_, before) = stored_ring(s.engine.as_ref()).await;
+    let old = s.master.master_key().await.unwrap();
+    let new_path = s.dir.path().join("new.key");
+    let new = FileKeyProvider::create(&new_path).unwrap();
+
+    let outcome = rewrap(s.engine.as_ref(), &keys_bucket(), &old, &new).await.unwrap();
+    let Rewrapped::Done(revision) = outcome else { panic!("nothing written: {outcome:?}") };
+    assert!(revision > before);
+
+    // The new master key opens the same ring: same ids, purposes, states,
+    // creation times, and the same material (a value sealed before opens).
+    let b = RingStore::open(s.engine.clone(), &FileKeyProvider::new(&new_path), keys_bucket()).await.unwrap();
+    assert_eq!(b.revision(), revision);
+    assert_eq!(described(&b.ring()), described(&a.ring()));
+    assert_eq!(&b.open_value(&bucket, &key, &sealed_before).await.unwrap()[..], b"value");
+    // The old one opens it no more; a gateway still running with it keeps
+    // the ring it loaded, and its changes are refused, storing nothing.
+    let e = RingStore::open(s.engine.clone(), &s.master, keys_bucket()).await.unwrap_err();
+    assert_eq!(e.kind(), CryptoErrorKind::WrongMasterKey, "{e}");
+    assert_eq!(&a.open_value(&bucket, &key, &sealed_before).await.unwrap()[..], b"value");
+    assert_eq!(a.rotate(KeyPurpose::Encryption).await.unwrap_err().kind(), CryptoErrorKind::WrongMasterKey);
+    assert_eq!(stored_ring(s.engine.as_ref()).await.1, revision);
+
+    // Again (say after a crash): nothing to do. Neither key: refused.
+    // The same key twice: refused.
+    assert_eq!(rewrap(s.engine.as_ref(), &keys_bucket(), &old, &new).await.unwrap(), Rewrapped::Already(revision));
+    let (x, y) = (MasterKey::generate().unwrap(), MasterKey::generate().unwrap());
+    let e = rewrap(s.engine.as_ref(), &keys_bucket(), &x, &y).await.unwrap_err();
+    assert_eq!(e.kind(), CryptoErrorKind::WrongMasterKey, "{e}");
+    let e = rewrap(s.engine.as_ref(), &keys_bucket(), &new, &new).await.unwrap_err();
+    assert_eq!(e.kind(), CryptoErrorKind::Invalid, "{e}");
+    assert_eq!(stored_ring(s.engine.as_ref()).await.1, revision, "refusals store nothing");
+
+    let empty = site();
+    let e = rewrap(empty.engine.as_ref(), &keys_bucket(), &x, &y).await.unwrap_err();
+    assert_eq!(e.kind(), CryptoErrorKind::NoRing, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotations_racing_a_master_key_change_are_kept_or_refused_never_lost() {
+    let s = site();
+    let a = Arc::new(RingStore::open_or_create(s.engine.clone(), &s.master, keys_bucket_config(1)).await.unwrap());
+    let old = s.master.master_key().await.unwrap();
+    let new = MasterKey::generate().unwrap();
+    let rotations: Vec<_> = (0..8)
+        .map(|_| {
+            let a = a.clone();
+            tokio::spawn(async move { a.rotate(KeyPurpose::Encryption).await })
+        })
+        .collect();
+    let outcome = rewrap(s.engine.as_ref(), &keys_bucket(), &old, &new).await.unwrap();
+    assert!(matches!(outcome, Rewrapped::Done(_)), "{outcome:?}");
+    let mut stored = 0;
+    for r in rotations {
+        match r.await.unwrap() {
+            Ok(_) => stored += 1,
+            Err(e) => assert_eq!(e.kind(), CryptoErrorKind::WrongMasterKey, "{e}"),
+        }
+    }
+    let (bytes, _) = stored_ring(s.engine.as_ref()).await;
+    let ring = WrappedRing::from_bytes(&bytes).unwrap().unwrap(&new).unwrap();
+    assert_eq!(ring.keys().count(), 2 + stored, "every rotation stored before the change is in the rewrapped ring");
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use finmesh_core::{BucketName, Key, KvEngine};
 use finmesh_crypto::{
-    CryptoErrorKind, FileKeyProvider, KEYS_BUCKET, KeyId, KeyPurpose, KeyState, RING_KEY, RingStore, key_id_of,
-    keys_bucket_config,
+    CryptoErrorKind, FileKeyProvider, KEYS_BUCKET, KeyId, KeyProvider, KeyPurpose, KeyState, RING_KEY, Rewrapped,
+    RingStore, key_id_of, keys_bucket_config, rewrap,
 };
 use finmesh_nats::{NatsEngine, NatsEngineOptions};
 use finmesh_testkit::NatsServer;
@@ -111,4 +111,25 @@ async fn wrong_master_key_and_deleted_ring_change_nothing_over_nats() {
     assert_eq!(e.kind(), CryptoErrorKind::NoRing, "{e}");
     assert!(c.a.kv_get(&keys_bucket(), &ring_key).await.unwrap().is_none());
     assert_eq!(c.a.bucket_info(&keys_bucket()).await.unwrap().last_revision, marker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_key_change_over_nats_reaches_a_gateway_started_with_the_new_key() {
+    let c = cluster().await;
+    let a = RingStore::open_or_create(c.a.clone(), &c.master, keys_bucket_config(1)).await.unwrap();
+    let (bucket, key) = (BucketName::new("cards").unwrap(), Key::new("k").unwrap());
+    let sealed = a.seal_value(&bucket, &key, b"v").unwrap();
+    let new_path = c.dir.path().join("new.key");
+    let new = FileKeyProvider::create(&new_path).unwrap();
+    let old = c.master.master_key().await.unwrap();
+    let Rewrapped::Done(revision) = rewrap(c.a.as_ref(), &keys_bucket(), &old, &new).await.unwrap() else {
+        panic!("nothing written")
+    };
+    // Another gateway of the cluster starts with the new key: same ring.
+    let b = RingStore::open(c.b.clone(), &FileKeyProvider::new(&new_path), keys_bucket()).await.unwrap();
+    assert_eq!(b.revision(), revision);
+    assert_eq!(&b.open_value(&bucket, &key, &sealed).await.unwrap()[..], b"v");
+    let e = RingStore::open(c.b.clone(), &c.master, keys_bucket()).await.unwrap_err();
+    assert_eq!(e.kind(), CryptoErrorKind::WrongMasterKey, "{e}");
+    assert_eq!(rewrap(c.b.as_ref(), &keys_bucket(), &old, &new).await.unwrap(), Rewrapped::Already(revision));
 }

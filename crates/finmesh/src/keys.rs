@@ -1,4 +1,4 @@
-//! `finmesh keys init|list|rotate|usage|retire|restore` and
+//! `finmesh keys init|list|rotate|usage|retire|restore|rewrap` and
 //! `finmesh kv reencrypt BUCKET`: key management.
 //!
 //! How each command reaches the key ring:
@@ -9,6 +9,11 @@
 //!   one this master key does not open), so it never clobbers one. A node
 //!   started with `[security]` also creates the ring on its first start;
 //!   `init` only makes that step explicit.
+//! - `rewrap` (a master-key change) works the same way, offline on the
+//!   embedded engine: it unwraps the ring with the configured master key
+//!   and stores it wrapped by the new one (`finmesh_crypto::rewrap`); on
+//!   NATS the nodes may keep running, and keep the keys they loaded, until
+//!   they are restarted with the new key (docs/security.md).
 //! - every other command goes through a running node's HTTP API
 //!   (`/v1/keys…`, `admin` scope; docs/api.md), since the node holds the
 //!   embedded data dir locked and every gateway follows the stored ring.
@@ -17,6 +22,7 @@
 //! any (a key is its id, purpose, state and creation time).
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
@@ -47,16 +53,35 @@ pub enum KeysCommand {
     Retire { id: u32 },
     /// Undo a retirement: the key becomes decrypt-only again.
     Restore { id: u32 },
+    /// Change the master key (offline on the embedded engine): store the
+    /// ring wrapped by a new master key; then restart every node with it.
+    Rewrap {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// The new master key's file (base64 or hex text, or 32 raw bytes; mode 0600).
+        #[arg(long, value_name = "PATH", required_unless_present = "new_master_key_env")]
+        new_master_key_file: Option<PathBuf>,
+        /// First write a fresh random key to --new-master-key-file (refuses an existing file).
+        #[arg(long)]
+        create: bool,
+        /// The environment variable holding the new master key (base64).
+        #[arg(long, value_name = "VAR", conflicts_with = "new_master_key_file")]
+        new_master_key_env: Option<String>,
+    },
 }
 
 /// Run a `finmesh keys` command.
 pub async fn run(client: &crate::client::ClientArgs, command: KeysCommand) -> anyhow::Result<()> {
-    if let KeysCommand::Init { node } = command {
-        return init(&node).await;
-    }
+    let command = match command {
+        KeysCommand::Init { node } => return init(&node).await,
+        KeysCommand::Rewrap { node, new_master_key_file, create, new_master_key_env } => {
+            return rewrap(&node, new_master_key_file.as_deref(), create, new_master_key_env.as_deref()).await;
+        }
+        online => online,
+    };
     let client = Client::new(client)?;
     let answer = match command {
-        KeysCommand::Init { .. } => unreachable!("handled above"),
+        KeysCommand::Init { .. } | KeysCommand::Rewrap { .. } => unreachable!("handled above"),
         KeysCommand::List => {
             let answer = client.json(client.request(Method::GET, "/v1/keys")).await?;
             if !client.json {
@@ -121,6 +146,65 @@ async fn init(node: &NodeArgs) -> anyhow::Result<()> {
     engine.close().await?;
     let keys = outcome?;
     println!("key ring created: encryption key {} and hashing key {} active", keys.0, keys.1);
+    Ok(())
+}
+
+/// `finmesh keys rewrap`: change the master key (see the module doc).
+async fn rewrap(node: &NodeArgs, file: Option<&Path>, create: bool, env: Option<&str>) -> anyhow::Result<()> {
+    use finmesh_crypto::{EnvKeyProvider, FileKeyProvider, KeyProvider, Rewrapped};
+    if create && file.is_none() {
+        bail!("--create writes the new master key to a file: name it with --new-master-key-file PATH");
+    }
+    let config = crate::config::ServeConfig::load(&node.overrides())?;
+    let Some(section) = &config.security else {
+        bail!("the node configuration has no [security] section: there is no master key and no key ring to rewrap");
+    };
+    let master = crate::security::MasterKeySource::check(section).await?;
+    let (new, source): (_, String) = match (file, env) {
+        (Some(path), _) if create => {
+            let key = FileKeyProvider::create(path).context("creating the new master key file")?;
+            (key, format!("key file {}", path.display()))
+        }
+        (Some(path), _) => {
+            let provider = FileKeyProvider::new(path.to_owned());
+            (provider.master_key().await.context("loading the new master key")?, provider.describe())
+        }
+        (None, Some(var)) => {
+            let provider = EnvKeyProvider::new(var.to_owned());
+            (provider.master_key().await.context("loading the new master key")?, provider.describe())
+        }
+        (None, None) => bail!("name the new master key: --new-master-key-file PATH or --new-master-key-env VAR"),
+    };
+    let outcome = match crate::serve::OpenEngine::open(&config).await {
+        Ok(engine) => {
+            let outcome = master.rewrap(engine.shared(), &new).await;
+            engine.close().await?;
+            outcome
+        }
+        Err(e) => Err(e),
+    };
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            if let (true, Some(path)) = (create, file) {
+                // Made by this run and wrapping nothing: not left behind.
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+    };
+    match outcome {
+        Rewrapped::Done(revision) => println!(
+            "key ring rewrapped (revision {}): only the master key from the {source} opens it now. Point every \
+             node's [security] at that key and restart it; a node still running with the old key keeps the keys \
+             it loaded but cannot load ring changes, so rotate only once every node is restarted.",
+            revision.0
+        ),
+        Rewrapped::Already(revision) => println!(
+            "the key ring (revision {}) is wrapped by the master key from the {source} already; nothing changed",
+            revision.0
+        ),
+    }
     Ok(())
 }
 

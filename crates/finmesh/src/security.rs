@@ -21,7 +21,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use finmesh_core::{Engine, KvEngine};
 use finmesh_crypto::{
-    CryptoErrorKind, KEYS_BUCKET, KeyAdmin, KeyId, KeyProvider, KeyPurpose, RingStore, SecureEngine, keys_bucket_config,
+    CryptoErrorKind, KEYS_BUCKET, KeyAdmin, KeyId, KeyProvider, KeyPurpose, MasterKey, Rewrapped, RingStore,
+    SecureEngine, keys_bucket_config,
 };
 
 use crate::config::SecuritySection;
@@ -66,6 +67,20 @@ impl MasterKeySource {
             .with_context(|| format!("creating the key ring in bucket `{bucket}`"))?;
         let ring = keys.ring();
         Ok((ring.active(KeyPurpose::Encryption).id(), ring.active(KeyPurpose::Hashing).id()))
+    }
+
+    /// Store the ring of `engine` wrapped by `new` instead of this source's
+    /// master key (a master-key change; see `finmesh_crypto::rewrap`).
+    pub async fn rewrap(&self, engine: Arc<dyn Engine>, new: &MasterKey) -> anyhow::Result<Rewrapped> {
+        let old = self.provider.master_key().await?;
+        let bucket = finmesh_core::BucketName::new(KEYS_BUCKET).expect("a valid bucket name");
+        let kv: Arc<dyn KvEngine> = engine;
+        finmesh_crypto::rewrap(kv.as_ref(), &bucket, &old, new).await.with_context(|| {
+            format!(
+                "rewrapping the key ring in bucket `{bucket}` (its master key from the {})",
+                self.provider.describe()
+            )
+        })
     }
 
     /// Load the key ring stored in `engine` (creating it on the first

@@ -118,3 +118,63 @@ async fn keys_commands_rotate_reencrypt_and_retire() {
     assert_eq!(out.trim_end(), "token-of-alice");
     drop(node);
 }
+
+/// A master-key change: `keys rewrap` (offline) stores the ring wrapped by
+/// a new key it creates; the node then starts only with the new key and
+/// serves every value written before; a second run changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rewrap_changes_the_master_key_and_keeps_every_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_key = dir.path().join("master.key");
+    finmesh_crypto::FileKeyProvider::create(&old_key).unwrap();
+    let spec = NodeSpec::new(dir.path(), &config(&old_key), &Engine::Embedded);
+    assert_eq!(init(&spec).0, Some(0));
+    let (config_arg, data) = (spec.config.display().to_string(), spec.data_dir.display().to_string());
+    let new_key = dir.path().join("new.key");
+    let new_arg = new_key.display().to_string();
+    let rewrap = |extra: &[&str]| {
+        let mut args = vec!["keys", "rewrap", "--node-config", &config_arg, "--data-dir", &data];
+        args.extend_from_slice(extra);
+        finmesh(&args, &[], b"")
+    };
+
+    let node = spec.start("127.0.0.1:0");
+    let (token, url) = (spec.admin_token(), node.url(""));
+    let env = [("FINMESH_SERVER", url.as_str()), ("FINMESH_TOKEN", token.as_str())];
+    assert_eq!(finmesh(&["kv", "create", "cards", "--encrypt"], &env, b"").0, Some(0));
+    let (code, _, err) = finmesh(&["kv", "put", "cards", "alice", "-"], &env, b"token-of-alice");
+    assert_eq!(code, Some(0), "{err}");
+    // While the node holds the data dir, nothing is changed, and the key
+    // file this run created is not left behind.
+    let (code, _, err) = rewrap(&["--new-master-key-file", &new_arg, "--create"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(!new_key.exists(), "a key file wrapping nothing was left: {err}");
+    drop(node);
+
+    let (code, out, err) = rewrap(&["--new-master-key-file", &new_arg, "--create"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("key ring rewrapped") && out.contains(&new_arg), "{out}");
+    let (code, out, err) = rewrap(&["--new-master-key-file", &new_arg]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("already; nothing changed"), "{out}");
+    let (code, _, err) = rewrap(&["--new-master-key-file", &new_arg, "--create"]);
+    assert_eq!(code, Some(1), "an existing key file is never overwritten: {err}");
+    assert!(err.contains("cannot create master key file"), "{err}");
+
+    // The old key no longer starts the node; the new one does, same values.
+    let (code, _, err) =
+        finmesh(&["serve", "--listen", "127.0.0.1:0", "--config", &config_arg, "--data-dir", &data], &[], b"");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot load the key ring"), "{err}");
+    std::fs::write(&spec.config, config(&new_key)).unwrap();
+    let node = spec.start("127.0.0.1:0");
+    let url = node.url("");
+    let env = [("FINMESH_SERVER", url.as_str()), ("FINMESH_TOKEN", token.as_str())];
+    let (code, out, err) = finmesh(&["kv", "get", "cards", "alice"], &env, b"");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim_end(), "token-of-alice");
+    let (code, list, _) = finmesh(&["keys", "list"], &env, b"");
+    assert_eq!(code, Some(0));
+    assert_eq!(list.lines().count(), 3, "the same two keys: {list}");
+    drop(node);
+}
