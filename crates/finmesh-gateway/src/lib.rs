@@ -45,6 +45,7 @@ pub mod ops;
 pub mod pipeline_runs;
 pub mod pipelines;
 pub mod problem;
+mod queue;
 pub mod registry;
 pub mod schema;
 pub mod sse;

@@ -16,7 +16,9 @@
 //!   [`SubscriptionConfig::max_total`](crate::SubscriptionConfig) on the node
 //!   (503) are admitted; an [`Admitted`] holds its place until its
 //!   subscription ends;
-//! - the queue is bounded in frames ([`SubscriptionConfig::queue_capacity`](crate::SubscriptionConfig))
+//! - the queue (`queue.rs`: nothing allocated until its first frame,
+//!   so an idle subscriber costs no slots) is bounded in frames
+//!   ([`SubscriptionConfig::queue_capacity`](crate::SubscriptionConfig))
 //!   and in bytes ([`SubscriptionConfig::queue_max_bytes`](crate::SubscriptionConfig);
 //!   a larger frame waits for the queue to empty and then goes alone).
 //!   The hub finds a full queue and cuts the subscriber off at once
@@ -40,12 +42,13 @@ use finmesh_core::{BoxStream, Timestamp};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::caller::Peer;
 use crate::problem::{ApiError, Problem, RETRY_AFTER_SECS};
+use crate::queue;
 
 /// One encoded item for a subscriber.
 #[derive(Debug, Clone)]
@@ -315,7 +318,7 @@ impl Subscribers {
 pub struct Subscription {
     id: u64,
     _admitted: Admitted,
-    rx: mpsc::Receiver<Frame>,
+    rx: queue::Receiver<Frame>,
     entry: Arc<Entry>,
     registry: Subscribers,
     drain: CancellationToken,
@@ -328,7 +331,7 @@ pub struct Subscription {
 /// per-subscriber feeder today, a shared fan-out hub later). Dropping it
 /// without [`finish`](QueueWriter::finish) ends the subscription with `end` (`Finished`).
 pub struct QueueWriter {
-    tx: mpsc::Sender<Frame>,
+    tx: queue::Sender<Frame>,
     entry: Arc<Entry>,
 }
 
@@ -338,10 +341,8 @@ impl QueueWriter {
     /// queue, [`lagged`](QueueWriter::lagged).
     pub fn try_push(&self, frame: Frame) -> Result<(), Frame> {
         let Ok(room) = self.entry.room.try_acquire_many(self.entry.cost(&frame)) else { return Err(frame) };
-        let Ok(slot) = self.tx.try_reserve() else { return Err(frame) };
+        self.tx.try_send_counted(frame, |f| self.entry.queued_one(f))?;
         room.forget();
-        self.entry.queued_one(&frame);
-        slot.send(frame);
         Ok(())
     }
 
@@ -351,14 +352,15 @@ impl QueueWriter {
     pub async fn push(&self, frame: Frame, stall: Duration) -> Result<bool, ()> {
         let room = async {
             let room = self.entry.room.acquire_many(self.entry.cost(&frame)).await.ok()?;
-            let slot = self.tx.reserve().await.ok()?;
-            Some((room, slot))
+            // One writer per queue: the room it waited for stays until it sends.
+            self.tx.room().await.then_some(room)
         };
         match tokio::time::timeout(stall, room).await {
-            Ok(Some((room, slot))) => {
+            Ok(Some(room)) => {
+                if self.tx.try_send_counted(frame, |f| self.entry.queued_one(f)).is_err() {
+                    return Ok(false); // closed meanwhile
+                }
                 room.forget();
-                self.entry.queued_one(&frame);
-                slot.send(frame);
                 Ok(true)
             }
             Ok(None) => Ok(false),
@@ -473,7 +475,7 @@ impl Subscription {
     /// something newer is sent).
     pub fn open(state: &AppState, admitted: Admitted, resume_after: u64) -> (Self, QueueWriter) {
         let cfg = &state.config().subscriptions;
-        let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
+        let (tx, rx) = queue::bounded(cfg.queue_capacity.max(1));
         let max_bytes = cfg.queue_max_bytes.clamp(1, u32::MAX as usize);
         let entry = Arc::new(Entry {
             spec: admitted.spec.clone(),
@@ -535,8 +537,8 @@ impl Subscription {
         }
         match self.rx.try_recv() {
             Ok(frame) => Some(self.received(Some(frame))),
-            Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => Some(self.received(None)),
+            Err(queue::TryRecvError::Empty) => None,
+            Err(queue::TryRecvError::Disconnected) => Some(self.received(None)),
         }
     }
 
