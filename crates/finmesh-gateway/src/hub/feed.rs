@@ -23,7 +23,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use finmesh_core::{Error, Message, ReadRequest, ReadStart, Result, Seq, StreamInfo, StreamName, SubjectPattern};
+use finmesh_core::{Error, Message, ReadRequest, ReadStart, Result, Seq, StreamName, SubjectPattern};
 use futures::future::BoxFuture;
 
 use super::{Hub, HubInner, HubTail, Join};
@@ -45,7 +45,12 @@ pub struct Feed {
     hub: Arc<HubInner>,
     stream: StreamName,
     filter: Option<SubjectPattern>,
-    info: StreamInfo,
+    /// The stream's epoch when the feed opened (its gaps carry it).
+    epoch: u64,
+    /// Messages per history read, within the hub's page budget for the
+    /// stream as it was when the feed opened (not the whole `StreamInfo`:
+    /// an idle subscriber keeps only what it uses).
+    page_limit: usize,
     phase: Phase,
     /// Frames to send before the queue: a reset, a history page, the ring's part.
     backlog: VecDeque<Frame>,
@@ -103,7 +108,8 @@ impl Feed {
             hub: hub.inner.clone(),
             stream: stream.clone(),
             filter,
-            info,
+            epoch,
+            page_limit: Paging::new(hub.inner.page_bytes, &info).next(PAGE),
             phase: Phase::Catching { writer: Some(writer), read: None },
             backlog,
             next,
@@ -257,12 +263,11 @@ impl Feed {
     /// A history read of `next..covered_from`, under the hub's concurrency limit.
     fn read(&self, covered_from: u64) -> HistoryRead {
         let (engine, stream, permits) = (self.hub.engine.clone(), self.stream.clone(), self.hub.history.clone());
-        let limit = Paging::new(self.hub.page_bytes, &self.info).next(PAGE);
         let request = ReadRequest {
             start: ReadStart::Seq(Seq(self.next)),
             end: Some(Seq(covered_from - 1)),
             filter: None,
-            limit,
+            limit: self.page_limit,
         };
         Box::pin(async move {
             let _permit = permits.acquire_owned().await.map_err(|_| Error::unavailable("the hub is shutting down"))?;
@@ -275,7 +280,7 @@ impl Feed {
     /// everything up to `upto` is gone.
     fn page(&mut self, result: Result<Vec<Message>>, upto: u64) -> Result<()> {
         let messages = result?;
-        let epoch = self.info.epoch;
+        let epoch = self.epoch;
         let Some(first) = messages.first().map(|m| m.seq.0) else {
             if upto > self.next {
                 self.backlog.push_back(Frame::Gap { from: self.next, to: upto - 1, epoch });
