@@ -40,6 +40,7 @@ pub mod ingest;
 pub mod reader;
 pub mod reconcile;
 pub mod refdata;
+pub mod rowset;
 mod scan;
 pub mod schema;
 pub mod stages;
