@@ -103,6 +103,7 @@ on_every_engine!(
     three_validate_workers_share_one_consumer_and_one_dies,
     a_stage_replayed_after_the_dedup_window_changes_no_count,
     a_redelivered_message_yields_the_same_output_ids,
+    single_row_messages_of_before_still_flow,
 );
 
 on_every_engine_and_refstore!(
@@ -638,6 +639,44 @@ async fn a_redelivered_message_yields_the_same_output_ids(f: Fixture) {
     assert_eq!(ids(s.of_file(StreamKind::Validated, "f6").await), validated, "validated is unchanged");
     assert_eq!(ids(s.of_file(StreamKind::Exceptions, "f6").await), exceptions, "exceptions are unchanged");
     assert_exact(&s, &summary, "f6").await;
+    enrich.abort();
+    validate.abort();
+}
+
+/// Records published one per message in the format before batching (id
+/// `F:row`, `Finmesh-Row` and `Finmesh-Line`, the bare datum) still flow:
+/// each stage keeps that format, and the rows end validated or excepted.
+async fn single_row_messages_of_before_still_flow(f: Fixture) {
+    let s = setup(&f, true).await;
+    let (csv, summary) = feed(300);
+    let mut reader = finmesh_pipeline::RowReader::new(&csv[..], s.schema.clone(), "old", Default::default()).unwrap();
+    let mut batch = finmesh_pipeline::Batch { records: Vec::new(), exceptions: Vec::new() };
+    while reader.next_batch(1000, &mut batch).unwrap() {}
+    let file = FileRef::new("run1", "slice1", "old").unwrap();
+    let subject = s.pipeline.subject(StreamKind::Raw, &file).unwrap();
+    let mut messages = Vec::new();
+    for r in &batch.records {
+        let mut m = finmesh_core::OutgoingMessage::new(subject.clone(), r.avro.clone());
+        m.headers = file.headers(r.row).unwrap();
+        m.headers.insert(flow::HDR_LINE, r.line.to_string()).unwrap();
+        m.headers.insert(flow::HDR_REFDATA, VERSION).unwrap();
+        messages.push(m.with_msg_id(file.msg_id(r.row)).unwrap());
+    }
+    s.engine.publish_batch(s.pipeline.stream(StreamKind::Raw), messages).await.unwrap();
+    let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
+    let (validate, _) = spawn(s.stage(StageKind::Validate).await);
+    let records = batch.records.len() as u64;
+    assert_eq!(records, summary.rows - summary.bad);
+    until_drained(&s, "old", records).await;
+    let validated = s.of_file(StreamKind::Validated, "old").await;
+    assert_eq!(validated.len() as u64, summary.rows - summary.bad - summary.rule_fails);
+    let decoder = apache_avro::reader::datum::GenericDatumReader::builder(s.schema.avro()).build().unwrap();
+    for m in &validated {
+        let row = m.headers.get(flow::HDR_ROW).expect("the single-row format is kept");
+        assert!(m.headers.get(flow::HDR_ROWS).is_none());
+        assert_eq!(msg_id(m), format!("old:{row}"));
+        decoder.read_value(&mut &m.payload[..]).expect("the bare datum");
+    }
     enrich.abort();
     validate.abort();
 }
