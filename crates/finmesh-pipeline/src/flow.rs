@@ -31,9 +31,13 @@
 //! [`ingest_file`] runs the blocking CSV reader on a blocking thread and
 //! publishes its batches as they come (a bounded channel of
 //! [`INGEST_QUEUE_BATCHES`] batches between them, so memory stays bounded
-//! whatever the file's size). Invariant: a batch's records and exceptions are
-//! acknowledged by the engine before the next batch is asked for, and the
-//! `file_ingested` event is published only after every row of the file is.
+//! whatever the file's size). Invariant: at most
+//! [`INGEST_PUBLISHES_IN_FLIGHT`] batches are published and not yet
+//! acknowledged by the engine (a batch's records and exceptions are two
+//! concurrent publishes), so their order in `raw` may interleave; the
+//! `file_ingested` event is published only after every row of the file is
+//! acknowledged, and a publish that fails stops the ingest (rows already
+//! acknowledged stay published, as after a crash).
 //! How a reader batch is cut into messages depends only on the file and on
 //! [`IngestOptions`], so re-ingesting the same file id with the same options
 //! within the streams' duplicate window publishes nothing new: every
@@ -49,6 +53,7 @@ use finmesh_core::{
     Engine, Error, ErrorKind, Headers, OutgoingMessage, Result, StreamConfig, StreamName, Subject, SubjectPattern,
     Timestamp,
 };
+use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
 use crate::ingest::{IngestError, IngestOptions, IngestReport, ingest};
@@ -85,6 +90,8 @@ pub const MAX_PIPELINE_LEN: usize = 32;
 pub const MAX_ID_LEN: usize = 64;
 /// Batches queued between the CSV reader thread and the publisher.
 pub const INGEST_QUEUE_BATCHES: usize = 4;
+/// Batches the publisher has sent and not yet seen acknowledged, at most.
+pub const INGEST_PUBLISHES_IN_FLIGHT: usize = 2;
 
 /// The four record-carrying stages, as they appear in subjects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -567,15 +574,27 @@ where
 
     let mut duplicates = 0;
     let mut publish_error = None;
-    while let Some(batch) = rx.recv().await {
-        match publish_batch(&*engine, pipeline, &spec, &fingerprint, batch).await {
-            Ok(d) => duplicates += d,
-            Err(e) => {
-                publish_error = Some(e);
-                break;
-            }
+    // Up to INGEST_PUBLISHES_IN_FLIGHT batches are being made durable at
+    // once, so the next batch's write overlaps the previous one's sync.
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut read_all = false;
+    loop {
+        tokio::select! {
+            Some(r) = in_flight.next(), if !in_flight.is_empty() => match r {
+                Ok(d) => duplicates += d,
+                Err(e) => {
+                    publish_error = Some(e);
+                    break;
+                }
+            },
+            batch = rx.recv(), if !read_all && in_flight.len() < INGEST_PUBLISHES_IN_FLIGHT => match batch {
+                Some(batch) => in_flight.push(publish_batch(&*engine, pipeline, &spec, &fingerprint, batch)),
+                None => read_all = true,
+            },
+            else => break,
         }
     }
+    drop(in_flight);
     drop(rx);
     let outcome = reader.await.map_err(|e| Error::internal(format!("the CSV reader thread failed: {e}")))?;
     if let Some(e) = publish_error {
@@ -661,19 +680,15 @@ async fn publish_batch(
         .iter()
         .map(|e| ingest_exception(file, e).to_message(pipeline, file))
         .collect::<Result<Vec<_>>>()?;
-    let mut duplicates = 0;
-    if !records.is_empty() {
-        let acks = engine.publish_batch(pipeline.stream(StreamKind::Raw), records).await?;
-        duplicates += acks.iter().zip(&record_rows).filter(|(a, _)| a.duplicate).map(|(_, n)| n).sum::<u64>();
-    }
-    if !exceptions.is_empty() {
-        duplicates += engine
-            .publish_batch(pipeline.stream(StreamKind::Exceptions), exceptions)
-            .await?
-            .iter()
-            .filter(|a| a.duplicate)
-            .count() as u64;
-    }
+    // Both publishes are in flight at once (one durable round trip, not
+    // two); both are acked before the next batch is asked for.
+    let publish = |stream: StreamKind, msgs: Vec<OutgoingMessage>| async move {
+        if msgs.is_empty() { Ok(Vec::new()) } else { engine.publish_batch(pipeline.stream(stream), msgs).await }
+    };
+    let (record_acks, exception_acks) =
+        tokio::try_join!(publish(StreamKind::Raw, records), publish(StreamKind::Exceptions, exceptions))?;
+    let duplicates = record_acks.iter().zip(&record_rows).filter(|(a, _)| a.duplicate).map(|(_, n)| n).sum::<u64>()
+        + exception_acks.iter().filter(|a| a.duplicate).count() as u64;
     Ok(duplicates)
 }
 

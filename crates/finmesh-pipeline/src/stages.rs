@@ -5,7 +5,7 @@
 //! ([`Stage::step`]) fetches a batch of record messages (each carries many
 //! rows, see [`crate::rowset`]), processes every record of every delivery,
 //! publishes the outputs (to the next stream) and the exceptions (to
-//! `{P}-exceptions`) as two batch publishes, and only after both are
+//! `{P}-exceptions`) as two concurrent batch publishes, and only after both are
 //! acknowledged acks the whole input batch with one batch ack. Invariants:
 //! - one input message becomes at most one output message, with the
 //!   input's message id and headers, holding the records that passed (its
@@ -412,15 +412,19 @@ impl Stage {
         }
         let excepted = exceptions.len() as u64;
         let mut duplicates = 0;
-        if !outputs.is_empty() {
-            let acks = self.engine.publish_batch(self.setup.pipeline.stream(self.kind.output()), outputs).await?;
-            duplicates += acks.iter().zip(&output_rows).filter(|(a, _)| a.duplicate).map(|(_, n)| n).sum::<u64>();
-        }
-        if !exceptions.is_empty() {
-            let acks =
-                self.engine.publish_batch(self.setup.pipeline.stream(StreamKind::Exceptions), exceptions).await?;
-            duplicates += acks.iter().filter(|a| a.duplicate).count() as u64;
-        }
+        // Outputs and exceptions are published concurrently (one durable
+        // round trip); the input is acked only after both are acked.
+        let publish = |stream: StreamKind, msgs: Vec<OutgoingMessage>| async move {
+            if msgs.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.engine.publish_batch(self.setup.pipeline.stream(stream), msgs).await
+            }
+        };
+        let (output_acks, exception_acks) =
+            tokio::try_join!(publish(self.kind.output(), outputs), publish(StreamKind::Exceptions, exceptions))?;
+        duplicates += output_acks.iter().zip(&output_rows).filter(|(a, _)| a.duplicate).map(|(_, n)| n).sum::<u64>();
+        duplicates += exception_acks.iter().filter(|a| a.duplicate).count() as u64;
         if let Some(n) = self.crash_before_ack
             && self.published.fetch_add(1, Ordering::Relaxed) + 1 >= n
         {
