@@ -156,6 +156,11 @@ async fn load_examples(store: &dyn RefStore) {
 
 impl Setup {
     async fn stage(&self, kind: StageKind) -> Stage {
+        self.stage_fetching(kind, 200).await
+    }
+
+    /// A stage worker fetching `batch` messages at a time.
+    async fn stage_fetching(&self, kind: StageKind, batch: usize) -> Stage {
         let setup = StageSetup {
             pipeline: self.pipeline.clone(),
             schema: self.schema.clone(),
@@ -164,7 +169,7 @@ impl Setup {
             datasets: self.datasets.clone(),
             refs: self.refs.clone(),
             options: StageOptions {
-                batch: 200,
+                batch,
                 fetch_wait: Duration::from_millis(200),
                 ack_wait: Duration::from_secs(2),
                 pin_wait: Duration::from_millis(300),
@@ -178,10 +183,14 @@ impl Setup {
     }
 
     async fn ingest_run(&self, csv: Vec<u8>, run: &str, file: &str) -> flow::IngestSummary {
+        self.ingest_rows_per_message(csv, run, file, 300).await
+    }
+
+    async fn ingest_rows_per_message(&self, csv: Vec<u8>, run: &str, file: &str, rows: usize) -> flow::IngestSummary {
         let spec = IngestSpec {
             file: FileRef::new(run, "slice1", file).unwrap(),
             refdata: Some(flow::parse_rfc3339(VERSION).unwrap()),
-            options: finmesh_pipeline::IngestOptions { batch_rows: 300, progress_every: 1000, ..Default::default() },
+            options: finmesh_pipeline::IngestOptions { batch_rows: rows, progress_every: 1000, ..Default::default() },
             reader: Default::default(),
         };
         flow::ingest_file(
@@ -489,10 +498,11 @@ async fn three_validate_workers_share_one_consumer_and_one_dies(f: Fixture) {
     let (csv, summary) = feed(4_000);
     let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
     let mut validators = Vec::new();
+    // Small messages, fetched two at a time: the work spreads over the three.
     for _ in 0..3 {
-        validators.push(spawn(s.stage(StageKind::Validate).await));
+        validators.push(spawn(s.stage_fetching(StageKind::Validate, 2).await));
     }
-    s.ingest(csv, "f4").await;
+    s.ingest_rows_per_message(csv, "run1", "f4", 40).await;
     // Kill one worker once it has done some of the work.
     let (victim, status) = validators.remove(fastrand::usize(0..3));
     eventually("the victim to work", UNTIL, || {
@@ -577,6 +587,8 @@ async fn a_stage_replayed_after_the_dedup_window_changes_no_count(f: Fixture) {
         async move { rows_in(&s.of_file(StreamKind::Validated, "f5").await) == 2 * passed }
     })
     .await;
+    let validated = s.of_file(StreamKind::Validated, "f5").await;
+    assert!(validated.len() as u64 * 100 < 2 * passed, "the replay is of batch messages: {} of them", validated.len());
     // Every stream the reconciler reads is consumed to its end.
     eventually("the reconciler to consume the replay", UNTIL, || {
         let (engine, names) = (s.engine.clone(), names.clone());
