@@ -23,8 +23,9 @@
 //! runs (ingest: rows over the ingest's time; enrich and validate: rows
 //! over the time from their first to their last processed batch, sampled
 //! every [`SAMPLE_EVERY`]); the reconciler's lag behind validate; the
-//! share of the ceiling is a ratio of the report. Stage batches are
-//! [`STAGE_BATCH`] deliveries, ingest batches [`INGEST_BATCH`] rows.
+//! share of the ceiling is a ratio of the report. Record messages carry up
+//! to [`INGEST_BATCH`] rows each (ingest's default), stage fetches are
+//! [`STAGE_BATCH`] messages.
 //!
 //! Not part of a default run (10M rows write several GB): select it with
 //! `--scenario pipeline` or `--scenario pipeline-nats`.
@@ -53,9 +54,9 @@ use super::nats_engine::{Topology, clients, deploy};
 pub const CEILING: &str = "pipeline.csv-ceiling";
 pub const CEILING_MB: &str = "pipeline.csv-ceiling.mb";
 
-/// Deliveries per stage fetch (the stages' default).
-pub const STAGE_BATCH: usize = 500;
-/// Rows per ingest batch (the ingest's default).
+/// Messages per stage fetch (the stages' default).
+pub const STAGE_BATCH: usize = 16;
+/// Rows per ingest batch and record message (the ingest's default).
 pub const INGEST_BATCH: usize = 1000;
 /// How often the stages' progress is sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(20);

@@ -31,7 +31,9 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use finmesh_auth::Access;
 use finmesh_core::{Error, ErrorKind};
+use finmesh_pipeline::IngestOptions;
 use finmesh_pipeline::flow::{self, FileRef, IngestSpec, Pipeline, StreamKind, StreamLimits};
+use finmesh_pipeline::rowset::MAX_MESSAGE_ROWS;
 use futures::StreamExt;
 use serde::Deserialize;
 
@@ -50,11 +52,15 @@ pub struct UploadQuery {
     pub run: Option<String>,
     /// The slice id (same characters).
     pub slice: Option<String>,
-    /// The file id (same characters); every row's message id is `file:row`.
+    /// The file id (same characters); a record message's id is
+    /// `file:first-last` (its rows), an exception's `file:row`.
     pub file: Option<String>,
     /// The reference-data version the run pins (RFC 3339); the stages wait
     /// until it is loaded.
     pub refdata: Option<String>,
+    /// Most rows per record message, 1-4096 [default: 1000]. A re-upload
+    /// is recognised as duplicates only with the same value.
+    pub rows_per_message: Option<usize>,
 }
 
 /// `POST /v1/pipelines/{pipeline}/files`: ingest the body (a CSV file).
@@ -75,6 +81,13 @@ pub async fn upload(
     let need = |what: &str, v: Option<String>| v.ok_or_else(|| Error::invalid(format!("the query needs `{what}=`")));
     let file = FileRef::new(&need("run", q.run)?, &need("slice", q.slice)?, &need("file", q.file)?)?;
     let refdata = q.refdata.as_deref().map(flow::parse_rfc3339).transpose()?;
+    let mut options = IngestOptions::default();
+    if let Some(n) = q.rows_per_message {
+        if !(1..=MAX_MESSAGE_ROWS).contains(&n) {
+            return Err(Error::invalid(format!("rows_per_message must be 1-{MAX_MESSAGE_ROWS}, got {n}")).into());
+        }
+        options.batch_rows = n;
+    }
     let subject = pipeline.subject(StreamKind::Raw, &file)?;
     caller.require(&Access::StreamPublish { stream: pipeline.stream(StreamKind::Raw), subject: &subject })?;
     let limit = state.config().limits.max_upload_bytes;
@@ -121,7 +134,7 @@ pub async fn upload(
             }
         }
     };
-    let spec = IngestSpec { file, refdata, options: Default::default(), reader: Default::default() };
+    let spec = IngestSpec { file, refdata, options, reader: Default::default() };
     let ingest = flow::ingest_file(engine, &pipeline, schema, spec, ChunkReader::new(rx), |_| {});
     let ((), summary) = tokio::join!(feed, ingest);
     let summary = summary?;

@@ -50,6 +50,18 @@ async fn count(gw: &Gw, stream: &str) -> usize {
     gw.state.engine().read(&name, ReadRequest::from_seq(Seq(1), 10_000)).await.unwrap().len()
 }
 
+/// Rows in the record messages of `raw` of file `file`, the most rows one
+/// message holds, and the messages.
+async fn raw_rows(gw: &Gw, file: &str) -> (u64, u64, u64) {
+    let name = StreamName::new("risk-raw").unwrap();
+    let messages = gw.state.engine().read(&name, ReadRequest::from_seq(Seq(1), 10_000)).await.unwrap();
+    let rows = messages
+        .iter()
+        .filter(|m| m.headers.get(finmesh_pipeline::flow::HDR_FILE) == Some(file))
+        .map(|m| finmesh_pipeline::flow::message_rows(&m.headers).unwrap().len());
+    rows.fold((0, 0, 0), |(sum, max, n_msgs), n| (sum + n, max.max(n), n_msgs + 1))
+}
+
 async fn a_streamed_upload_is_ingested_once<H: Harness>() {
     let gw = gateway::<H>(1 << 30).await;
     let addr = gw.serve().await;
@@ -65,17 +77,26 @@ async fn a_streamed_upload_is_ingested_once<H: Harness>() {
     assert_eq!(summary["records"], generated.rows - generated.bad);
     assert_eq!(summary["bytes"], csv.len() as u64);
     assert_eq!(summary["duplicates"], 0);
-    assert_eq!(count(&gw, "risk-raw").await as u64, generated.rows - generated.bad);
+    let (rows, max, messages) = raw_rows(&gw, "f1").await;
+    assert_eq!(rows, generated.rows - generated.bad);
+    assert!(max <= 1000 && messages == 2, "one message per batch of 1,000 rows: {messages} of at most {max}");
     assert_eq!(count(&gw, "risk-exceptions").await as u64, generated.bad);
     assert_eq!(count(&gw, "risk-events").await, 1);
 
     // The same file id again: nothing new is stored, and the summary says so.
-    let (status, again) = upload(addr, "run=r1&slice=s1&file=f1", csv, 777, true).await;
+    let (status, again) = upload(addr, "run=r1&slice=s1&file=f1", csv.clone(), 777, true).await;
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["status"], "already_ingested", "{again}");
     assert_eq!(again["duplicates"], generated.rows);
-    assert_eq!(count(&gw, "risk-raw").await as u64, generated.rows - generated.bad);
+    assert_eq!(raw_rows(&gw, "f1").await.0, generated.rows - generated.bad);
     assert_eq!(count(&gw, "risk-events").await, 1);
+
+    // Smaller messages on request.
+    let (status, small) = upload(addr, "run=r1&slice=s1&file=f3&rows_per_message=100", csv, 1000, false).await;
+    assert_eq!(status, 200, "{small}");
+    let (rows, max, messages) = raw_rows(&gw, "f3").await;
+    assert_eq!(rows, generated.rows - generated.bad);
+    assert!(max <= 100 && messages == 20, "one message per batch of 100 rows: {messages} of at most {max}");
 
     // A file that does not fit the schema fails, with the reason.
     let (status, failed) = upload(addr, "run=r1&slice=s1&file=f2", b"nope,nothing\n1,2\n".to_vec(), 4, false).await;
@@ -92,6 +113,8 @@ async fn bad_parameters_are_precise_problems<H: Harness>() {
         ("run=r&slice=s", "`file=`"),
         ("run=a%20b&slice=s&file=f", "run id `a b`"),
         ("run=r&slice=s&file=f&refdata=yesterday", "RFC 3339"),
+        ("run=r&slice=s&file=f&rows_per_message=0", "rows_per_message must be 1-4096"),
+        ("run=r&slice=s&file=f&rows_per_message=4097", "rows_per_message must be 1-4096"),
     ] {
         let r = gw.post(&format!("/v1/pipelines/risk/files?{query}"), "x").await;
         let p = r.assert_problem(400, "invalid");

@@ -9,23 +9,40 @@
 //! - run, slice and file ids are 1–64 characters of `A–Z a–z 0–9 _ -`
 //!   ([`check_id`]); a file id defaults to the file's name, sanitised by
 //!   [`file_id_from_name`];
-//! - a record or exception of row `n` of file `F` is published on
-//!   `{P}.{stage}.{run}.{slice}.{F}` with message id `F:n` and the headers
-//!   [`HDR_RUN`], [`HDR_SLICE`], [`HDR_FILE`], [`HDR_ROW`] (records also
-//!   [`HDR_SCHEMA`], and [`HDR_REFDATA`] when the run pins its reference
-//!   data); an exception's payload is [`ExceptionBody`] as JSON;
+//! - a record message carries the records of up to
+//!   [`crate::rowset::MAX_MESSAGE_ROWS`] rows of file `F` (ingest: up to
+//!   [`IngestOptions::batch_rows`] rows and about
+//!   [`IngestOptions::message_bytes`] of payload): it is published on
+//!   `{P}.{stage}.{run}.{slice}.{F}` with message id `F:{first}-{last}` (the
+//!   first and last row ingest put in it; the stages keep the id of the
+//!   message they read) and the headers [`HDR_RUN`], [`HDR_SLICE`],
+//!   [`HDR_FILE`], [`HDR_ROWS`], [`HDR_LINES`], [`HDR_SCHEMA`] (and
+//!   [`HDR_REFDATA`] when the run pins its reference data); its payload is
+//!   framed as [`crate::rowset`] says. [`read_records`] reads one back, and
+//!   also reads the single-row messages of before (header [`HDR_ROW`],
+//!   id `F:n`, payload the bare datum);
+//! - an exception of row `n` is one message on
+//!   `{P}.exceptions.{run}.{slice}.{F}` with message id `F:n` and the headers
+//!   [`HDR_RUN`], [`HDR_SLICE`], [`HDR_FILE`], [`HDR_ROW`]; its payload is
+//!   [`ExceptionBody`] as JSON;
 //! - the end of a file's ingest is one event on `{P}.events.{run}.{slice}.{F}`:
 //!   `file_ingested` (message id `F:ingested`) or `file_failed` (`F:failed`).
 //!
 //! [`ingest_file`] runs the blocking CSV reader on a blocking thread and
 //! publishes its batches as they come (a bounded channel of
 //! [`INGEST_QUEUE_BATCHES`] batches between them, so memory stays bounded
-//! whatever the file's size). Invariant: a batch's records and exceptions are
-//! acknowledged by the engine before the next batch is asked for, and the
-//! `file_ingested` event is published only after every row of the file is.
-//! Re-ingesting the same file id within the streams' duplicate window
-//! publishes nothing new: every row's id is acked as a duplicate and the
-//! summary says so ([`IngestSummary::duplicates`]).
+//! whatever the file's size). Invariant: at most
+//! [`INGEST_PUBLISHES_IN_FLIGHT`] batches are published and not yet
+//! acknowledged by the engine (a batch's records and exceptions are two
+//! concurrent publishes), so their order in `raw` may interleave; the
+//! `file_ingested` event is published only after every row of the file is
+//! acknowledged, and a publish that fails stops the ingest (rows already
+//! acknowledged stay published, as after a crash).
+//! How a reader batch is cut into messages depends only on the file and on
+//! [`IngestOptions`], so re-ingesting the same file id with the same options
+//! within the streams' duplicate window publishes nothing new: every
+//! message's id is acked as a duplicate and the summary says so
+//! ([`IngestSummary::duplicates`], in rows).
 
 use std::io::Read;
 use std::sync::Arc;
@@ -36,10 +53,13 @@ use finmesh_core::{
     Engine, Error, ErrorKind, Headers, OutgoingMessage, Result, StreamConfig, StreamName, Subject, SubjectPattern,
     Timestamp,
 };
+use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
 use crate::ingest::{IngestError, IngestOptions, IngestReport, ingest};
-use crate::reader::{Batch, Exception, Progress, ReaderOptions, RowReader};
+use crate::reader::{Batch, Exception, Progress, ReaderOptions, Record, RowReader};
+pub use crate::rowset::{HDR_LINES, HDR_ROWS};
+use crate::rowset::{LineMap, MAX_MESSAGE_ROWS, RowSet, push_frame, split_frames};
 use crate::schema::IngestSchema;
 
 /// Header: the run id.
@@ -48,9 +68,11 @@ pub const HDR_RUN: &str = "Finmesh-Run";
 pub const HDR_SLICE: &str = "Finmesh-Slice";
 /// Header: the file id.
 pub const HDR_FILE: &str = "Finmesh-File";
-/// Header: the data row number (from 1).
+/// Header of an exception (and of a single-row record message of before
+/// batching): the data row number (from 1).
 pub const HDR_ROW: &str = "Finmesh-Row";
-/// Header: the physical line on which the row starts.
+/// Header of a single-row record message of before batching: the physical
+/// line on which the row starts (batch messages: [`HDR_LINES`]).
 pub const HDR_LINE: &str = "Finmesh-Line";
 /// Header: the Avro schema's fingerprint (16 hex digits).
 pub const HDR_SCHEMA: &str = "Finmesh-Schema";
@@ -68,6 +90,8 @@ pub const MAX_PIPELINE_LEN: usize = 32;
 pub const MAX_ID_LEN: usize = 64;
 /// Batches queued between the CSV reader thread and the publisher.
 pub const INGEST_QUEUE_BATCHES: usize = 4;
+/// Batches the publisher has sent and not yet seen acknowledged, at most.
+pub const INGEST_PUBLISHES_IN_FLIGHT: usize = 2;
 
 /// The four record-carrying stages, as they appear in subjects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -294,17 +318,86 @@ impl FileRef {
         Ok(h)
     }
 
-    /// The file reference and row of a message's headers; `Invalid` naming
-    /// the missing or bad header otherwise.
-    pub fn from_headers(headers: &Headers) -> Result<(FileRef, u64)> {
+    /// The message id of a record message that ingest filled with `rows`:
+    /// `file:first-last`.
+    pub fn batch_msg_id(&self, rows: &RowSet) -> String {
+        format!("{}:{}-{}", self.file, rows.first(), rows.last())
+    }
+
+    /// The file reference of a message's headers; `Invalid` naming the
+    /// missing or bad header otherwise.
+    pub fn of_headers(headers: &Headers) -> Result<FileRef> {
         let get =
             |name: &str| headers.get(name).ok_or_else(|| Error::invalid(format!("the message has no {name} header")));
-        let file = FileRef::new(get(HDR_RUN)?, get(HDR_SLICE)?, get(HDR_FILE)?)?;
-        let row = get(HDR_ROW)?
-            .parse::<u64>()
-            .map_err(|_| Error::invalid(format!("header {HDR_ROW} is not a row number")))?;
-        Ok((file, row))
+        FileRef::new(get(HDR_RUN)?, get(HDR_SLICE)?, get(HDR_FILE)?)
     }
+
+    /// The file reference and row of a single-row message's headers (an
+    /// exception); `Invalid` naming the missing or bad header otherwise.
+    pub fn from_headers(headers: &Headers) -> Result<(FileRef, u64)> {
+        let file = FileRef::of_headers(headers)?;
+        Ok((file, single_row(headers)?))
+    }
+}
+
+fn single_row(headers: &Headers) -> Result<u64> {
+    headers
+        .get(HDR_ROW)
+        .ok_or_else(|| Error::invalid(format!("the message has no {HDR_ROWS} or {HDR_ROW} header")))?
+        .parse::<u64>()
+        .ok()
+        .filter(|r| *r >= 1)
+        .ok_or_else(|| Error::invalid(format!("header {HDR_ROW} is not a row number")))
+}
+
+/// The rows a record message carries, from its headers alone: [`HDR_ROWS`],
+/// or [`HDR_ROW`] for a single-row message.
+pub fn message_rows(headers: &Headers) -> Result<RowSet> {
+    match headers.get(HDR_ROWS) {
+        Some(text) => RowSet::parse(text),
+        None => {
+            let row = single_row(headers)?;
+            RowSet::single(u32::try_from(row).map_err(|_| Error::invalid(format!("row {row} is beyond 2^32-1")))?)
+        }
+    }
+}
+
+/// A record message read back: its file, rows, their lines and datums.
+#[derive(Debug, Clone)]
+pub struct RecordMessage {
+    pub file: FileRef,
+    pub rows: RowSet,
+    pub lines: LineMap,
+    /// One raw Avro datum per row, in the order of `rows`.
+    pub datums: Vec<Bytes>,
+    /// A single-row message of before batching (bare datum, [`HDR_ROW`]).
+    pub single: bool,
+}
+
+impl RecordMessage {
+    /// `(row, line, datum)` of every record, ascending by row.
+    pub fn records(&self) -> impl Iterator<Item = (u32, u64, &Bytes)> {
+        self.rows.iter().zip(&self.datums).map(|(row, datum)| (row, self.lines.line(row), datum))
+    }
+}
+
+/// Reads a record message of `raw`, `enriched` or `validated` (either
+/// format, see the module doc); `Invalid` saying what does not fit.
+pub fn read_records(headers: &Headers, payload: &Bytes) -> Result<RecordMessage> {
+    let file = FileRef::of_headers(headers)?;
+    let rows = message_rows(headers)?;
+    if headers.get(HDR_ROWS).is_none() {
+        let mut lines = LineMap::default();
+        let line = headers.get(HDR_LINE).and_then(|l| l.parse().ok()).unwrap_or(0);
+        lines.push(rows.first(), line);
+        return Ok(RecordMessage { file, rows, lines, datums: vec![payload.clone()], single: true });
+    }
+    let lines = match headers.get(HDR_LINES) {
+        Some(text) => LineMap::parse(text)?,
+        None => LineMap::default(),
+    };
+    let datums = split_frames(payload, rows.len())?;
+    Ok(RecordMessage { file, rows, lines, datums, single: false })
 }
 
 /// The stage that sent a row to `exceptions`.
@@ -370,8 +463,8 @@ pub struct IngestSummary {
     pub bytes: u64,
     pub elapsed_s: f64,
     pub rows_per_s: f64,
-    /// Rows whose message id the engine had already stored (a re-upload of
-    /// the same file id within the duplicate window): not stored again.
+    /// Rows in messages whose id the engine had already stored (a re-upload
+    /// of the same file id within the duplicate window): not stored again.
     pub duplicates: u64,
     /// `completed`, `already_ingested` (every row was a duplicate), or
     /// `failed` (the file could not be read to its end; see `reason`).
@@ -481,15 +574,27 @@ where
 
     let mut duplicates = 0;
     let mut publish_error = None;
-    while let Some(batch) = rx.recv().await {
-        match publish_batch(&*engine, pipeline, &spec, &fingerprint, batch).await {
-            Ok(d) => duplicates += d,
-            Err(e) => {
-                publish_error = Some(e);
-                break;
-            }
+    // Up to INGEST_PUBLISHES_IN_FLIGHT batches are being made durable at
+    // once, so the next batch's write overlaps the previous one's sync.
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut read_all = false;
+    loop {
+        tokio::select! {
+            Some(r) = in_flight.next(), if !in_flight.is_empty() => match r {
+                Ok(d) => duplicates += d,
+                Err(e) => {
+                    publish_error = Some(e);
+                    break;
+                }
+            },
+            batch = rx.recv(), if !read_all && in_flight.len() < INGEST_PUBLISHES_IN_FLIGHT => match batch {
+                Some(batch) => in_flight.push(publish_batch(&*engine, pipeline, &spec, &fingerprint, batch)),
+                None => read_all = true,
+            },
+            else => break,
         }
     }
+    drop(in_flight);
     drop(rx);
     let outcome = reader.await.map_err(|e| Error::internal(format!("the CSV reader thread failed: {e}")))?;
     if let Some(e) = publish_error {
@@ -538,8 +643,10 @@ where
     })
 }
 
-/// Publishes one reader batch: records to `raw`, exceptions to
-/// `exceptions`; returns how many were duplicates.
+/// Publishes one reader batch: its records as record messages to `raw`
+/// (cut by [`IngestOptions::batch_rows`], [`MAX_MESSAGE_ROWS`] and
+/// [`IngestOptions::message_bytes`]), its exceptions one per row to
+/// `exceptions`; returns how many rows were duplicates.
 async fn publish_batch(
     engine: &dyn Engine,
     pipeline: &Pipeline,
@@ -550,40 +657,70 @@ async fn publish_batch(
     let file = &spec.file;
     let refdata = spec.refdata.map(rfc3339);
     let subject = pipeline.subject(StreamKind::Raw, file)?;
-    let mut records = Vec::with_capacity(batch.records.len());
-    for r in batch.records {
-        let mut headers = file.headers(r.row)?;
-        headers.insert(HDR_LINE, r.line.to_string())?;
-        headers.insert(HDR_SCHEMA, fingerprint)?;
-        if let Some(v) = &refdata {
-            headers.insert(HDR_REFDATA, v.as_str())?;
+    let max_rows = spec.options.batch_rows.clamp(1, MAX_MESSAGE_ROWS);
+    let max_bytes = spec.options.message_bytes.max(1);
+    let mut records = Vec::new();
+    let mut record_rows = Vec::new();
+    let mut rest = &batch.records[..];
+    while !rest.is_empty() {
+        let mut n = 0;
+        let mut bytes = 0;
+        while n < rest.len() && n < max_rows && (n == 0 || bytes + rest[n].avro.len() + 10 <= max_bytes) {
+            bytes += rest[n].avro.len() + 10;
+            n += 1;
         }
-        let msg = OutgoingMessage { subject: subject.clone(), headers, payload: r.avro };
-        records.push(msg.with_msg_id(file.msg_id(r.row))?);
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let msg = record_message(file, &subject, fingerprint, refdata.as_deref(), chunk)?;
+        record_rows.push(chunk.len() as u64);
+        records.push(msg);
     }
     let exceptions = batch
         .exceptions
         .iter()
         .map(|e| ingest_exception(file, e).to_message(pipeline, file))
         .collect::<Result<Vec<_>>>()?;
-    let mut duplicates = 0;
-    if !records.is_empty() {
-        duplicates += engine
-            .publish_batch(pipeline.stream(StreamKind::Raw), records)
-            .await?
-            .iter()
-            .filter(|a| a.duplicate)
-            .count();
+    // Both publishes are in flight at once (one durable round trip, not
+    // two); both are acked before the next batch is asked for.
+    let publish = |stream: StreamKind, msgs: Vec<OutgoingMessage>| async move {
+        if msgs.is_empty() { Ok(Vec::new()) } else { engine.publish_batch(pipeline.stream(stream), msgs).await }
+    };
+    let (record_acks, exception_acks) =
+        tokio::try_join!(publish(StreamKind::Raw, records), publish(StreamKind::Exceptions, exceptions))?;
+    let duplicates = record_acks.iter().zip(&record_rows).filter(|(a, _)| a.duplicate).map(|(_, n)| n).sum::<u64>()
+        + exception_acks.iter().filter(|a| a.duplicate).count() as u64;
+    Ok(duplicates)
+}
+
+/// One record message holding `chunk` (rows ascending, at most
+/// [`MAX_MESSAGE_ROWS`]).
+fn record_message(
+    file: &FileRef,
+    subject: &Subject,
+    fingerprint: &str,
+    refdata: Option<&str>,
+    chunk: &[Record],
+) -> Result<OutgoingMessage> {
+    let row = |r: &Record| u32::try_from(r.row).map_err(|_| Error::invalid(format!("row {} is beyond 2^32-1", r.row)));
+    let rows = RowSet::from_sorted(chunk.iter().map(row).collect::<Result<Vec<_>>>()?)?;
+    let mut lines = LineMap::default();
+    let mut payload = bytes::BytesMut::with_capacity(chunk.iter().map(|r| r.avro.len() + 5).sum());
+    for (r, n) in chunk.iter().zip(rows.iter()) {
+        lines.push(n, r.line);
+        push_frame(&mut payload, &r.avro);
     }
-    if !exceptions.is_empty() {
-        duplicates += engine
-            .publish_batch(pipeline.stream(StreamKind::Exceptions), exceptions)
-            .await?
-            .iter()
-            .filter(|a| a.duplicate)
-            .count();
+    let mut headers = Headers::new();
+    headers.insert(HDR_RUN, file.run.as_str())?;
+    headers.insert(HDR_SLICE, file.slice.as_str())?;
+    headers.insert(HDR_FILE, file.file.as_str())?;
+    headers.insert(HDR_ROWS, rows.to_string())?;
+    headers.insert(HDR_LINES, lines.to_string())?;
+    headers.insert(HDR_SCHEMA, fingerprint)?;
+    if let Some(v) = refdata {
+        headers.insert(HDR_REFDATA, v)?;
     }
-    Ok(duplicates as u64)
+    let msg = OutgoingMessage { subject: subject.clone(), headers, payload: payload.freeze() };
+    msg.with_msg_id(file.batch_msg_id(&rows))
 }
 
 fn ingest_exception(file: &FileRef, e: &Exception) -> ExceptionBody {

@@ -26,15 +26,24 @@ use crate::reader::{Batch, FileError, Progress, RowReader};
 /// How [`ingest`] batches and reports.
 #[derive(Debug, Clone)]
 pub struct IngestOptions {
-    /// Rows per batch handed to the sink. Default 1,000.
+    /// Rows per batch handed to the sink, and most rows per record message
+    /// ([`crate::flow`]; capped at [`crate::rowset::MAX_MESSAGE_ROWS`]).
+    /// Default 1,000.
     pub batch_rows: usize,
     /// Rows between progress callbacks. Default 10,000.
     pub progress_every: u64,
+    /// Payload bytes a record message is filled to at most (a row larger on
+    /// its own travels alone): keep it under the engine's max message size
+    /// (NATS' default `max_payload` is 1 MiB). Default 512 KiB.
+    pub message_bytes: usize,
 }
+
+/// [`IngestOptions::message_bytes`]'s default.
+pub const DEFAULT_MESSAGE_BYTES: usize = 512 * 1024;
 
 impl Default for IngestOptions {
     fn default() -> Self {
-        IngestOptions { batch_rows: 1000, progress_every: 10_000 }
+        IngestOptions { batch_rows: 1000, progress_every: 10_000, message_bytes: DEFAULT_MESSAGE_BYTES }
     }
 }
 

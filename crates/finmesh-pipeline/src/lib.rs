@@ -14,7 +14,8 @@
 //!    reports progress every N rows and ends with an [`IngestReport`];
 //! 5. [`flow`]: the wire contract on an engine (streams, subjects, ids,
 //!    headers, exceptions, file events) and [`flow::ingest_file`], which
-//!    publishes a file into `{P}-raw`;
+//!    publishes a file into `{P}-raw` as record messages of many rows each,
+//!    whose rows header and payload framing [`rowset`] owns;
 //! 6. [`stages`]: enrich and validate as durable consumers;
 //! 7. [`reconcile`]: exact reconciliation of what the stages' output
 //!    streams contain against what each file's ingest said, rolled up into
@@ -40,6 +41,7 @@ pub mod ingest;
 pub mod reader;
 pub mod reconcile;
 pub mod refdata;
+pub mod rowset;
 mod scan;
 pub mod schema;
 pub mod stages;

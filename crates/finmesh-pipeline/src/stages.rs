@@ -2,13 +2,19 @@
 //!
 //! Each stage is a durable consumer named `{P}-{stage}` on its input stream
 //! (enrich reads `{P}-raw`, validate reads `{P}-enriched`). One step
-//! ([`Stage::step`]) fetches a batch, processes every delivery, publishes
-//! the outputs (to the next stream) and the exceptions (to
-//! `{P}-exceptions`) as two batch publishes with the input's message ids,
-//! and only after both are acknowledged acks the whole input batch with one
-//! batch ack. Invariants:
-//! - a row reaches exactly one of the next stream or `exceptions`, with the
-//!   id `file:row` it came in with;
+//! ([`Stage::step`]) fetches a batch of record messages (each carries many
+//! rows, see [`crate::rowset`]), processes every record of every delivery,
+//! publishes the outputs (to the next stream) and the exceptions (to
+//! `{P}-exceptions`) as two concurrent batch publishes, and only after both are
+//! acknowledged acks the whole input batch with one batch ack. Invariants:
+//! - one input message becomes at most one output message, with the
+//!   input's message id and headers, holding the records that passed (its
+//!   `Finmesh-Rows` rewritten when some did not; the input payload as it is
+//!   when all did); none passed: no output. Messages are never merged or
+//!   split, so a redelivered input yields the same output id, which the
+//!   stream drops as a duplicate;
+//! - a row that does not pass is one exception message with id `file:row`;
+//!   so a row reaches exactly one of the next stream or `exceptions`;
 //! - a crash anywhere in a step loses nothing (the batch was not acked, so
 //!   it is redelivered) and doubles nothing within the streams' duplicate
 //!   window (republished ids are acked as duplicates);
@@ -49,6 +55,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use apache_avro::reader::datum::GenericDatumReader;
+use bytes::BytesMut;
+use finmesh_core::message::MSG_ID_HEADER;
 use finmesh_core::{
     AckKind, ConsumerConfig, ConsumerName, Delivery, Engine, Error, ErrorKind, FetchRequest, Headers, OutgoingMessage,
     Result, Subject, Timestamp,
@@ -59,10 +67,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::avro_field::{FieldKey, read_key};
 use crate::flow::{
-    ExceptionBody, ExceptionStage, FileRef, HDR_FILE, HDR_LINE, HDR_REFDATA, HDR_REFDATA_USED, HDR_ROW, HDR_RUN,
-    HDR_SLICE, Pipeline, StreamKind, parse_rfc3339, rfc3339,
+    ExceptionBody, ExceptionStage, FileRef, HDR_FILE, HDR_REFDATA, HDR_REFDATA_USED, HDR_ROWS, HDR_RUN, HDR_SLICE,
+    Pipeline, RecordMessage, StreamKind, parse_rfc3339, read_records, rfc3339,
 };
 use crate::refdata::{Pin, RefCache, RefSnapshot, RunRefs, Waiting};
+use crate::rowset::{RowSet, push_frame};
 use crate::schema::IngestSchema;
 
 /// A stage.
@@ -144,7 +153,8 @@ pub struct EnrichLookup {
 /// Tuning of a stage.
 #[derive(Debug, Clone)]
 pub struct StageOptions {
-    /// Deliveries per fetch. Default 500.
+    /// Messages per fetch (each carries up to `IngestOptions::batch_rows`
+    /// rows). Default 16.
     pub batch: usize,
     /// How long a fetch waits for input. Default 1 s.
     pub fetch_wait: Duration,
@@ -159,7 +169,7 @@ pub struct StageOptions {
 impl Default for StageOptions {
     fn default() -> Self {
         StageOptions {
-            batch: 500,
+            batch: 16,
             fetch_wait: Duration::from_secs(1),
             ack_wait: Duration::from_secs(60),
             pin_wait: Duration::from_secs(10),
@@ -184,15 +194,17 @@ pub struct StageSetup {
 /// Live figures of a stage worker.
 #[derive(Default)]
 pub struct StageStatus {
-    /// Deliveries processed and acked.
+    /// Rows processed and acked; updated after the other figures of the
+    /// same step, so a reader that sees it (`Acquire`) sees them too.
     pub processed: AtomicU64,
     /// Of which went to the next stream.
     pub passed: AtomicU64,
     /// Of which went to exceptions.
     pub exceptions: AtomicU64,
-    /// Outputs the engine acked as duplicates (redelivered work).
+    /// Rows of outputs the engine acked as duplicates (redelivered work).
     pub duplicates: AtomicU64,
-    /// Deliveries without the contract's headers, terminated.
+    /// Deliveries not of the contract's format (headers, framing),
+    /// terminated.
     pub malformed: AtomicU64,
     refs: Mutex<Option<Arc<RefCache>>>,
 }
@@ -248,12 +260,6 @@ fn crash_before_ack(kind: StageKind, n: u64) -> ! {
 
 /// Runs kept in a worker's pin table before it is cleared.
 const MAX_PINNED_RUNS: usize = 64;
-
-/// What a processed delivery becomes.
-enum Outcome {
-    Pass(OutgoingMessage),
-    Exception(OutgoingMessage),
-}
 
 impl Stage {
     /// A worker of `kind`; creates its durable consumer if missing.
@@ -333,7 +339,7 @@ impl Stage {
         }
     }
 
-    /// One fetch–process–publish–ack cycle; returns the deliveries acked.
+    /// One fetch–process–publish–ack cycle; returns the deliveries fetched.
     pub async fn step(&self) -> Result<usize> {
         let input = self.setup.pipeline.stream(self.kind.input());
         let request = FetchRequest { max: self.setup.options.batch, wait: self.setup.options.fetch_wait };
@@ -351,65 +357,74 @@ impl Stage {
         };
         let mut failures = self.setup.rules.failure_buffer();
         let mut outputs = Vec::with_capacity(deliveries.len());
+        let mut output_rows = Vec::with_capacity(deliveries.len());
         let mut exceptions = Vec::new();
         let mut malformed = Vec::new();
+        let (mut rows_in, mut passed) = (0u64, 0u64);
         // The file, output subject and pins of the previous delivery: a
-        // batch is mostly rows of one file, so they are resolved once.
+        // batch is mostly messages of one file, so they are resolved once.
         let mut current: Option<Current> = None;
         for d in &deliveries {
             let headers = &d.message.headers;
-            let reuse = current.as_ref().is_some_and(|c| c.same_file(headers));
-            let row = if reuse { row_of(headers) } else { None };
-            let row = match row {
-                Some(row) => row,
-                None => {
-                    let (file, row) = match FileRef::from_headers(headers) {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(stage = self.kind.as_str(), seq = d.message.seq.0, error = %e, "malformed delivery terminated");
-                            malformed.push(d.token.clone());
-                            continue;
-                        }
-                    };
-                    let pins = match self.pins(&file.run, d).await {
-                        Ok(p) => p,
-                        Err(e) if matches!(e.kind(), ErrorKind::Timeout) => {
-                            let tokens: Vec<_> = deliveries.iter().map(|d| d.token.clone()).collect();
-                            self.engine
-                                .ack_many(
-                                    input,
-                                    &self.consumer,
-                                    &tokens,
-                                    AckKind::Nak { delay: Duration::from_millis(500) },
-                                )
-                                .await?;
-                            return Ok(0);
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    let subject = self.setup.pipeline.subject(self.kind.output(), &file)?;
-                    let refdata = headers.get(HDR_REFDATA).map(str::to_owned);
-                    current = Some(Current { file, subject, pins, refdata });
-                    row
+            let msg = match read_records(headers, &d.message.payload) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(stage = self.kind.as_str(), seq = d.message.seq.0, error = %e, "malformed delivery terminated");
+                    malformed.push(d.token.clone());
+                    continue;
                 }
             };
+            if !current.as_ref().is_some_and(|c| c.same_file(headers)) {
+                let pins = match self.pins(&msg.file.run, d).await {
+                    Ok(p) => p,
+                    Err(e) if matches!(e.kind(), ErrorKind::Timeout) => {
+                        let tokens: Vec<_> = deliveries.iter().map(|d| d.token.clone()).collect();
+                        self.engine
+                            .ack_many(
+                                input,
+                                &self.consumer,
+                                &tokens,
+                                AckKind::Nak { delay: Duration::from_millis(500) },
+                            )
+                            .await?;
+                        return Ok(0);
+                    }
+                    Err(e) => return Err(e),
+                };
+                let subject = self.setup.pipeline.subject(self.kind.output(), &msg.file)?;
+                let refdata = headers.get(HDR_REFDATA).map(str::to_owned);
+                current = Some(Current { file: msg.file.clone(), subject, pins, refdata });
+            }
             let c = current.as_ref().expect("resolved above");
-            match self.process(d, &c.file, row, &c.pins, &c.subject, decoder.as_ref(), &mut failures)? {
-                Outcome::Pass(m) => outputs.push(m),
-                Outcome::Exception(m) => exceptions.push(m),
+            let mut kept = Vec::with_capacity(msg.datums.len());
+            for (i, (row, line, datum)) in msg.records().enumerate() {
+                match self.process(datum, &c.file, u64::from(row), line, &c.pins, decoder.as_ref(), &mut failures)? {
+                    None => kept.push(i),
+                    Some(exception) => exceptions.push(exception),
+                }
+            }
+            rows_in += msg.rows.len();
+            passed += kept.len() as u64;
+            if !kept.is_empty() {
+                output_rows.push(kept.len() as u64);
+                outputs.push(self.output(d, &msg, &kept, c)?);
             }
         }
-        let (passed, excepted) = (outputs.len() as u64, exceptions.len() as u64);
+        let excepted = exceptions.len() as u64;
         let mut duplicates = 0;
-        if !outputs.is_empty() {
-            let acks = self.engine.publish_batch(self.setup.pipeline.stream(self.kind.output()), outputs).await?;
-            duplicates += acks.iter().filter(|a| a.duplicate).count() as u64;
-        }
-        if !exceptions.is_empty() {
-            let acks =
-                self.engine.publish_batch(self.setup.pipeline.stream(StreamKind::Exceptions), exceptions).await?;
-            duplicates += acks.iter().filter(|a| a.duplicate).count() as u64;
-        }
+        // Outputs and exceptions are published concurrently (one durable
+        // round trip); the input is acked only after both are acked.
+        let publish = |stream: StreamKind, msgs: Vec<OutgoingMessage>| async move {
+            if msgs.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.engine.publish_batch(self.setup.pipeline.stream(stream), msgs).await
+            }
+        };
+        let (output_acks, exception_acks) =
+            tokio::try_join!(publish(self.kind.output(), outputs), publish(StreamKind::Exceptions, exceptions))?;
+        duplicates += output_acks.iter().zip(&output_rows).filter(|(a, _)| a.duplicate).map(|(_, n)| n).sum::<u64>();
+        duplicates += exception_acks.iter().filter(|a| a.duplicate).count() as u64;
         if let Some(n) = self.crash_before_ack
             && self.published.fetch_add(1, Ordering::Relaxed) + 1 >= n
         {
@@ -419,16 +434,23 @@ impl Stage {
         if !tokens.is_empty() {
             self.engine.ack_many(input, &self.consumer, &tokens, AckKind::Ack).await?;
         }
-        tracing::debug!(stage = self.kind.as_str(), deliveries = deliveries.len(), passed, excepted, "batch acked");
+        tracing::debug!(
+            stage = self.kind.as_str(),
+            deliveries = deliveries.len(),
+            rows_in,
+            passed,
+            excepted,
+            "batch acked"
+        );
         if !malformed.is_empty() {
             self.engine.ack_many(input, &self.consumer, &malformed, AckKind::Term).await?;
         }
         let s = &self.status;
-        s.processed.fetch_add(tokens.len() as u64, Ordering::Relaxed);
         s.passed.fetch_add(passed, Ordering::Relaxed);
         s.exceptions.fetch_add(excepted, Ordering::Relaxed);
         s.duplicates.fetch_add(duplicates, Ordering::Relaxed);
         s.malformed.fetch_add(malformed.len() as u64, Ordering::Relaxed);
+        s.processed.fetch_add(rows_in, Ordering::Release);
         Ok(deliveries.len())
     }
 
@@ -494,18 +516,46 @@ impl Stage {
         Ok(rules)
     }
 
+    /// The output of delivery `d` read as `msg`, keeping the records at
+    /// the indexes `kept` (ascending, not empty): the input's message id,
+    /// headers and, when every record passed, its payload as it is.
+    fn output(&self, d: &Delivery, msg: &RecordMessage, kept: &[usize], c: &Current) -> Result<OutgoingMessage> {
+        let mut headers = d.message.headers.clone();
+        let id = match headers.get(MSG_ID_HEADER) {
+            Some(id) => id.to_owned(),
+            None if msg.single => c.file.msg_id(u64::from(msg.rows.first())),
+            None => c.file.batch_msg_id(&msg.rows),
+        };
+        if self.kind == StageKind::Enrich && !c.pins.used.is_empty() {
+            headers.insert(HDR_REFDATA_USED, c.pins.used.as_str())?;
+        }
+        let payload = if kept.len() == msg.datums.len() {
+            d.message.payload.clone()
+        } else {
+            let rows: Vec<u32> = msg.rows.iter().collect();
+            headers.insert(HDR_ROWS, RowSet::from_sorted(kept.iter().map(|&i| rows[i]))?.to_string())?;
+            let mut payload = BytesMut::with_capacity(kept.iter().map(|&i| msg.datums[i].len() + 5).sum());
+            for &i in kept {
+                push_frame(&mut payload, &msg.datums[i]);
+            }
+            payload.freeze()
+        };
+        let out = OutgoingMessage { subject: c.subject.clone(), headers, payload };
+        out.with_msg_id(id)
+    }
+
+    /// One record: `None` when it passes, or its exception message.
     #[allow(clippy::too_many_arguments)]
     fn process(
         &self,
-        d: &Delivery,
+        datum: &[u8],
         file: &FileRef,
         row: u64,
+        line: u64,
         pins: &RunPins,
-        subject: &Subject,
         decoder: Option<&GenericDatumReader<'_>>,
         failures: &mut Vec<finmesh_rules::RuleId>,
-    ) -> Result<Outcome> {
-        let line = d.message.headers.get(HDR_LINE).and_then(|l| l.parse().ok()).unwrap_or(0);
+    ) -> Result<Option<OutgoingMessage>> {
         let exception = |column: Option<String>, rules: Option<Vec<String>>, reason: String| {
             let body = ExceptionBody {
                 run: file.run.clone(),
@@ -518,10 +568,9 @@ impl Stage {
                 rules,
                 reason,
             };
-            body.to_message(&self.setup.pipeline, file).map(Outcome::Exception)
+            body.to_message(&self.setup.pipeline, file).map(Some)
         };
         let fields = self.setup.schema.fields();
-        let datum = &d.message.payload[..];
         match self.kind {
             StageKind::Enrich => {
                 for (l, &index) in self.setup.lookups.iter().zip(&self.lookup_fields) {
@@ -547,12 +596,7 @@ impl Stage {
                         );
                     }
                 }
-                let mut headers = d.message.headers.clone();
-                headers.remove(finmesh_core::message::MSG_ID_HEADER);
-                if !pins.used.is_empty() {
-                    headers.insert(HDR_REFDATA_USED, pins.used.as_str())?;
-                }
-                forward(file, row, headers, subject, d)
+                Ok(None)
             }
             StageKind::Validate => {
                 let decoder = decoder.ok_or_else(|| Error::internal("validate runs without a decoder"))?;
@@ -561,11 +605,7 @@ impl Stage {
                     Err(e) => return exception(None, None, format!("the record does not decode: {e}")),
                 };
                 match pins.rules.evaluate_avro(&value, &pins.refs, failures) {
-                    Ok(true) => {
-                        let mut headers = d.message.headers.clone();
-                        headers.remove(finmesh_core::message::MSG_ID_HEADER);
-                        forward(file, row, headers, subject, d)
-                    }
+                    Ok(true) => Ok(None),
                     Ok(false) => {
                         let names: Vec<String> = failures.iter().map(|&id| pins.rules.name(id).to_owned()).collect();
                         let reason = format!("failed rules: {}", names.join(", "));
@@ -576,13 +616,6 @@ impl Stage {
             }
         }
     }
-}
-
-/// The output of a passing delivery: its payload and headers (the id
-/// header set again) on `subject`.
-fn forward(file: &FileRef, row: u64, headers: Headers, subject: &Subject, d: &Delivery) -> Result<Outcome> {
-    let msg = OutgoingMessage { subject: subject.clone(), headers, payload: d.message.payload.clone() };
-    Ok(Outcome::Pass(msg.with_msg_id(file.msg_id(row))?))
 }
 
 /// What a step resolved for the file of its previous delivery.
@@ -602,9 +635,4 @@ impl Current {
             && headers.get(HDR_SLICE) == Some(self.file.slice.as_str())
             && headers.get(HDR_REFDATA) == self.refdata.as_deref()
     }
-}
-
-/// The row header, when it is a row number.
-fn row_of(headers: &Headers) -> Option<u64> {
-    headers.get(HDR_ROW)?.parse().ok()
 }

@@ -46,7 +46,7 @@ fn generated_defects_are_found_where_they_belong() {
     let mut progress = Vec::new();
     let report = ingest(
         reader,
-        &IngestOptions { batch_rows: 700, progress_every: 1_000 },
+        &IngestOptions { batch_rows: 700, progress_every: 1_000, ..Default::default() },
         |b| {
             batches.push(b);
             Ok::<(), std::convert::Infallible>(())
@@ -108,7 +108,7 @@ fn a_failing_sink_stops_ingest_and_a_file_error_keeps_the_counts() {
     let mut calls = 0;
     let err = ingest(
         reader,
-        &IngestOptions { batch_rows: 30, progress_every: 10 },
+        &IngestOptions { batch_rows: 30, progress_every: 10, ..Default::default() },
         |_| {
             calls += 1;
             if calls == 2 { Err("publisher down") } else { Ok(()) }

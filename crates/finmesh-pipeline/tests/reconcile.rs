@@ -48,7 +48,73 @@ on_both_engines!(
     a_missing_file_fails_its_slice_and_run_with_the_reason,
     a_late_file_is_reported_and_not_merged,
     a_failed_ingest_fails_the_run_at_once,
+    batch_messages_with_gaps_are_counted_exactly,
 );
+
+/// Record messages carry many rows (`Finmesh-Rows`), with gaps where rows
+/// went to exceptions; a stage's output keeps its input's id with fewer
+/// rows. Each row is counted once, whether it comes in a batch, again in a
+/// replayed batch of another id, or in a single-row message of before.
+async fn batch_messages_with_gaps_are_counted_exactly(f: Fixture) {
+    let feed = Feed::new(f.engine.clone()).await;
+    let a = file("r1", "s1", "a");
+    let r = spawn(&f.engine, config());
+    open(&feed, "r1", serde_json::json!({"slices": {"s1": {"files": ["a"]}}, "window_s": 600})).await;
+    // 2,500 rows in messages of 1,000: row 4 and 1,500 fail at ingest, 8
+    // and 2,000-2,009 at enrich, 2 and 2,500 at validate.
+    let (ingest_bad, enrich_bad, validate_bad): (Vec<u32>, Vec<u32>, Vec<u32>) =
+        (vec![4, 1500], [8].into_iter().chain(2000..=2009).collect(), vec![2, 2500]);
+    feed.exceptions(&a, "ingest", ingest_bad.iter().copied()).await;
+    for (lo, hi) in [(1, 1000), (1001, 2000), (2001, 2500)] {
+        let raw: Vec<u32> = (lo..=hi).filter(|r| !ingest_bad.contains(r)).collect();
+        assert!(feed.batch(Source::Raw, &a, (lo, hi), &raw).await);
+        let enriched: Vec<u32> = raw.iter().copied().filter(|r| !enrich_bad.contains(r)).collect();
+        assert!(feed.batch(Source::Enriched, &a, (lo, hi), &enriched).await);
+        let valid: Vec<u32> = enriched.iter().copied().filter(|r| !validate_bad.contains(r)).collect();
+        // The last message: row 2,500 failed, so it ends at 2,499 under id 2001-2500.
+        assert!(feed.batch(Source::Validated, &a, (lo, hi), &valid).await);
+        // Redelivered: the same id, a duplicate, not stored.
+        assert!(!feed.batch(Source::Validated, &a, (lo, hi), &valid).await);
+    }
+    feed.exceptions(&a, "enrich", enrich_bad.iter().copied()).await;
+    feed.exceptions(&a, "validate", validate_bad.iter().copied()).await;
+    feed.ingested(&a, 2500, 2498, Timestamp::now()).await;
+    let st = wait_state(&feed, "r1", Phase::Complete).await;
+    let check = |st: &RunStatus| {
+        let fa = &st.slices["s1"].files["a"];
+        assert_eq!((fa.raw.expected, fa.raw.actual), (Some(2498), 2498));
+        assert_eq!((fa.enriched.expected, fa.enriched.actual), (Some(2498), 2498));
+        assert_eq!((fa.validated.expected, fa.validated.actual), (Some(2500), 2500));
+        assert_eq!(fa.valid_records, 2485);
+        assert_eq!((fa.exceptions.ingest, fa.exceptions.enrich, fa.exceptions.validate), (2, 11, 2));
+    };
+    check(&st);
+
+    // Stored again under other ids (a replay cut differently, the format
+    // of before): no count moves.
+    assert!(
+        feed.batch(Source::Validated, &a, (1, 50), &(1..=50).filter(|r| ![2, 4, 8].contains(r)).collect::<Vec<_>>())
+            .await
+    );
+    assert_eq!(feed.records(Source::Validated, &a, [1, 3, 2499]).await, 3);
+    until(LONG, "the replay applied", || async {
+        let (t, _) = load_tally(&*feed.engine, &feed.names, &a).await.unwrap();
+        let info = feed
+            .engine
+            .consumer_info(&feed.names.stream(Source::Validated), &feed.names.consumer(Source::Validated))
+            .await
+            .unwrap();
+        (info.num_pending == 0 && info.num_ack_pending == 0 && t.count(Counted::Validated) == 2485).then_some(())
+    })
+    .await;
+    r.stop().await;
+    let (t, _) = load_tally(&*feed.engine, &feed.names, &a).await.unwrap();
+    let missing: Vec<u32> = (1..=2500).filter(|r| !t.bits(Counted::Validated).contains(*r)).collect();
+    let mut want: Vec<u32> = ingest_bad.iter().chain(&enrich_bad).chain(&validate_bad).copied().collect();
+    want.sort_unstable();
+    assert_eq!(missing, want, "exactly the excepted rows are missing from validated");
+    check(&feed.status("r1").await.unwrap());
+}
 
 async fn a_run_completes_with_exact_counts_per_stage(f: Fixture) {
     let feed = Feed::new(f.engine.clone()).await;

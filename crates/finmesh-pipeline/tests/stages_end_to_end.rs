@@ -102,6 +102,8 @@ on_every_engine!(
     rules_applied_in_the_engine_change_later_runs_only,
     three_validate_workers_share_one_consumer_and_one_dies,
     a_stage_replayed_after_the_dedup_window_changes_no_count,
+    a_redelivered_message_yields_the_same_output_ids,
+    single_row_messages_of_before_still_flow,
 );
 
 on_every_engine_and_refstore!(
@@ -154,6 +156,11 @@ async fn load_examples(store: &dyn RefStore) {
 
 impl Setup {
     async fn stage(&self, kind: StageKind) -> Stage {
+        self.stage_fetching(kind, 200).await
+    }
+
+    /// A stage worker fetching `batch` messages at a time.
+    async fn stage_fetching(&self, kind: StageKind, batch: usize) -> Stage {
         let setup = StageSetup {
             pipeline: self.pipeline.clone(),
             schema: self.schema.clone(),
@@ -162,7 +169,7 @@ impl Setup {
             datasets: self.datasets.clone(),
             refs: self.refs.clone(),
             options: StageOptions {
-                batch: 200,
+                batch,
                 fetch_wait: Duration::from_millis(200),
                 ack_wait: Duration::from_secs(2),
                 pin_wait: Duration::from_millis(300),
@@ -176,10 +183,14 @@ impl Setup {
     }
 
     async fn ingest_run(&self, csv: Vec<u8>, run: &str, file: &str) -> flow::IngestSummary {
+        self.ingest_rows_per_message(csv, run, file, 300).await
+    }
+
+    async fn ingest_rows_per_message(&self, csv: Vec<u8>, run: &str, file: &str, rows: usize) -> flow::IngestSummary {
         let spec = IngestSpec {
             file: FileRef::new(run, "slice1", file).unwrap(),
             refdata: Some(flow::parse_rfc3339(VERSION).unwrap()),
-            options: finmesh_pipeline::IngestOptions { batch_rows: 300, progress_every: 1000 },
+            options: finmesh_pipeline::IngestOptions { batch_rows: rows, progress_every: 1000, ..Default::default() },
             reader: Default::default(),
         };
         flow::ingest_file(
@@ -220,6 +231,22 @@ fn msg_id(m: &finmesh_core::Message) -> String {
     m.headers.get(finmesh_core::message::MSG_ID_HEADER).expect("every pipeline message has an id").to_owned()
 }
 
+/// The rows a message carries, as `file:row`: a record message's rows
+/// (read through its framing, which must hold one datum per row), or an
+/// exception's one row.
+fn row_ids(m: &finmesh_core::Message) -> Vec<String> {
+    if m.subject.as_str().starts_with("risk.exceptions.") {
+        return vec![msg_id(m)];
+    }
+    let records = flow::read_records(&m.headers, &m.payload).expect("a well-formed record message");
+    records.rows.iter().map(|r| format!("{}:{r}", records.file.file)).collect()
+}
+
+/// Rows in `messages`.
+fn rows_in(messages: &[finmesh_core::Message]) -> u64 {
+    messages.iter().map(|m| row_ids(m).len() as u64).sum()
+}
+
 fn feed(rows: u64) -> (Vec<u8>, GenSummary) {
     let opts = GenOptions {
         rows,
@@ -248,7 +275,7 @@ async fn until_drained(s: &Setup, file: &str, rows: u64) {
             .await
             .iter()
             .chain(s.of_file(StreamKind::Exceptions, file).await.iter())
-            .map(msg_id)
+            .flat_map(row_ids)
             .collect();
         if done.len() as u64 >= rows {
             return;
@@ -269,9 +296,27 @@ async fn assert_exact(s: &Setup, summary: &GenSummary, file: &str) {
 async fn assert_outcome(s: &Setup, summary: &GenSummary, file: &str, active: &[&str]) {
     let validated = s.of_file(StreamKind::Validated, file).await;
     let exceptions = s.of_file(StreamKind::Exceptions, file).await;
-    let v_ids: Vec<String> = validated.iter().map(msg_id).collect();
+    let messages: Vec<String> = validated.iter().map(msg_id).collect();
+    assert_eq!(messages.iter().collect::<HashSet<_>>().len(), messages.len(), "no duplicate message in validated");
+    let decoder = apache_avro::reader::datum::GenericDatumReader::builder(s.schema.avro()).build().unwrap();
+    let mut gaps = 0;
+    for m in &validated {
+        // Ingest's id `file:first-last` is kept: the rows that passed are
+        // within the range ingest put in the message.
+        let r = flow::read_records(&m.headers, &m.payload).unwrap();
+        let id = msg_id(m);
+        let (first, last) = id.rsplit_once(':').unwrap().1.split_once('-').expect("a batch id");
+        let (first, last): (u32, u32) = (first.parse().unwrap(), last.parse().unwrap());
+        assert!(first <= r.rows.first() && r.rows.last() <= last, "{} holds rows {}", msg_id(m), r.rows);
+        gaps += r.rows.ranges().len() - 1;
+        for (_, line, datum) in r.records() {
+            assert!(line > 0, "every row has its line");
+            decoder.read_value(&mut &datum[..]).expect("each frame is a datum of the schema");
+        }
+    }
+    let v_ids: Vec<String> = validated.iter().flat_map(row_ids).collect();
     let v_set: HashSet<&String> = v_ids.iter().collect();
-    assert_eq!(v_set.len(), v_ids.len(), "no duplicate id in validated");
+    assert_eq!(v_set.len(), v_ids.len(), "no duplicate record in validated");
     let e_ids: Vec<String> = exceptions.iter().map(msg_id).collect();
     let e_set: HashSet<&String> = e_ids.iter().collect();
     assert_eq!(e_set.len(), e_ids.len(), "no duplicate id in exceptions");
@@ -279,6 +324,7 @@ async fn assert_outcome(s: &Setup, summary: &GenSummary, file: &str, active: &[&
     let want: HashSet<String> = (1..=summary.rows).map(|r| format!("{file}:{r}")).collect();
     let got: HashSet<String> = v_ids.iter().chain(e_ids.iter()).cloned().collect();
     assert_eq!(got, want, "validated + exceptions = rows");
+    assert!(gaps > 0, "some validated message has a gap where rows went to exceptions");
     let want: BTreeMap<String, u64> = [
         ("notional_positive", summary.notional_not_positive),
         ("ccy_known", summary.unknown_currency),
@@ -349,7 +395,7 @@ async fn every_row_ends_validated_or_excepted_with_the_right_reason(f: Fixture) 
     let again = s.ingest(csv, "f1").await;
     assert_eq!(again.status, "already_ingested", "{again}");
     assert_eq!(again.duplicates, summary.rows);
-    assert_eq!(s.all(StreamKind::Raw).await.len() as u64, summary.rows - summary.bad);
+    assert_eq!(rows_in(&s.all(StreamKind::Raw).await), summary.rows - summary.bad);
     assert_eq!(read_all(&*s.engine, s.pipeline.events()).await.len(), 1);
     enrich.abort();
     validate.abort();
@@ -452,10 +498,11 @@ async fn three_validate_workers_share_one_consumer_and_one_dies(f: Fixture) {
     let (csv, summary) = feed(4_000);
     let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
     let mut validators = Vec::new();
+    // Small messages, fetched two at a time: the work spreads over the three.
     for _ in 0..3 {
-        validators.push(spawn(s.stage(StageKind::Validate).await));
+        validators.push(spawn(s.stage_fetching(StageKind::Validate, 2).await));
     }
-    s.ingest(csv, "f4").await;
+    s.ingest_rows_per_message(csv, "run1", "f4", 40).await;
     // Kill one worker once it has done some of the work.
     let (victim, status) = validators.remove(fastrand::usize(0..3));
     eventually("the victim to work", UNTIL, || {
@@ -537,9 +584,11 @@ async fn a_stage_replayed_after_the_dedup_window_changes_no_count(f: Fixture) {
     let passed = summary.rows - summary.bad - summary.rule_fails;
     eventually("the replay to be stored again", UNTIL, || {
         let s = &s;
-        async move { s.of_file(StreamKind::Validated, "f5").await.len() as u64 == 2 * passed }
+        async move { rows_in(&s.of_file(StreamKind::Validated, "f5").await) == 2 * passed }
     })
     .await;
+    let validated = s.of_file(StreamKind::Validated, "f5").await;
+    assert!(validated.len() as u64 * 100 < 2 * passed, "the replay is of batch messages: {} of them", validated.len());
     // Every stream the reconciler reads is consumed to its end.
     eventually("the reconciler to consume the replay", UNTIL, || {
         let (engine, names) = (s.engine.clone(), names.clone());
@@ -564,6 +613,82 @@ async fn a_stage_replayed_after_the_dedup_window_changes_no_count(f: Fixture) {
     let file = &after.slices["slice1"].files["f5"];
     assert_eq!((file.validated.expected, file.validated.actual), (Some(summary.rows), summary.rows));
     assert_eq!(file.valid_records, passed);
+    enrich.abort();
+    validate.abort();
+}
+
+/// Each stage maps one input message to at most one output message with
+/// the input's id: the whole input redelivered within the dedup window (the
+/// consumer reset, a new worker) publishes only duplicates, and the
+/// streams are unchanged.
+async fn a_redelivered_message_yields_the_same_output_ids(f: Fixture) {
+    let s = setup(&f, true).await;
+    let (csv, summary) = feed(2_000);
+    let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
+    let (validate, _) = spawn(s.stage(StageKind::Validate).await);
+    s.ingest(csv, "f6").await;
+    until_drained(&s, "f6", summary.rows).await;
+    validate.abort();
+    let _ = validate.await;
+    let ids = |messages: Vec<finmesh_core::Message>| messages.iter().map(msg_id).collect::<Vec<_>>();
+    let validated = ids(s.of_file(StreamKind::Validated, "f6").await);
+    let exceptions = ids(s.of_file(StreamKind::Exceptions, "f6").await);
+    let enriched = s.of_file(StreamKind::Enriched, "f6").await;
+    assert!(validated.len() < enriched.len() * 2, "messages carry many rows: {} messages", validated.len());
+    assert!(rows_in(&enriched) > enriched.len() as u64 * 10, "messages carry many rows");
+
+    let input = s.pipeline.stream(StreamKind::Enriched).clone();
+    let consumer = finmesh_core::ConsumerName::new("risk-validate").unwrap();
+    s.engine.delete_consumer(&input, &consumer).await.unwrap();
+    let (validate, status) = spawn(s.stage(StageKind::Validate).await);
+    let total = rows_in(&enriched);
+    eventually("the redelivered input to be processed", UNTIL, || {
+        let status = status.clone();
+        async move { status.processed.load(Ordering::Acquire) == total }
+    })
+    .await;
+    assert_eq!(status.duplicates.load(Ordering::Relaxed), total, "every output of the redelivery was a duplicate");
+    assert_eq!(ids(s.of_file(StreamKind::Validated, "f6").await), validated, "validated is unchanged");
+    assert_eq!(ids(s.of_file(StreamKind::Exceptions, "f6").await), exceptions, "exceptions are unchanged");
+    assert_exact(&s, &summary, "f6").await;
+    enrich.abort();
+    validate.abort();
+}
+
+/// Records published one per message in the format before batching (id
+/// `F:row`, `Finmesh-Row` and `Finmesh-Line`, the bare datum) still flow:
+/// each stage keeps that format, and the rows end validated or excepted.
+async fn single_row_messages_of_before_still_flow(f: Fixture) {
+    let s = setup(&f, true).await;
+    let (csv, summary) = feed(300);
+    let mut reader = finmesh_pipeline::RowReader::new(&csv[..], s.schema.clone(), "old", Default::default()).unwrap();
+    let mut batch = finmesh_pipeline::Batch { records: Vec::new(), exceptions: Vec::new() };
+    while reader.next_batch(1000, &mut batch).unwrap() {}
+    let file = FileRef::new("run1", "slice1", "old").unwrap();
+    let subject = s.pipeline.subject(StreamKind::Raw, &file).unwrap();
+    let mut messages = Vec::new();
+    for r in &batch.records {
+        let mut m = finmesh_core::OutgoingMessage::new(subject.clone(), r.avro.clone());
+        m.headers = file.headers(r.row).unwrap();
+        m.headers.insert(flow::HDR_LINE, r.line.to_string()).unwrap();
+        m.headers.insert(flow::HDR_REFDATA, VERSION).unwrap();
+        messages.push(m.with_msg_id(file.msg_id(r.row)).unwrap());
+    }
+    s.engine.publish_batch(s.pipeline.stream(StreamKind::Raw), messages).await.unwrap();
+    let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
+    let (validate, _) = spawn(s.stage(StageKind::Validate).await);
+    let records = batch.records.len() as u64;
+    assert_eq!(records, summary.rows - summary.bad);
+    until_drained(&s, "old", records).await;
+    let validated = s.of_file(StreamKind::Validated, "old").await;
+    assert_eq!(validated.len() as u64, summary.rows - summary.bad - summary.rule_fails);
+    let decoder = apache_avro::reader::datum::GenericDatumReader::builder(s.schema.avro()).build().unwrap();
+    for m in &validated {
+        let row = m.headers.get(flow::HDR_ROW).expect("the single-row format is kept");
+        assert!(m.headers.get(flow::HDR_ROWS).is_none());
+        assert_eq!(msg_id(m), format!("old:{row}"));
+        decoder.read_value(&mut &m.payload[..]).expect("the bare datum");
+    }
     enrich.abort();
     validate.abort();
 }

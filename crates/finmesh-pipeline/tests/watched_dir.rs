@@ -98,7 +98,7 @@ impl Setup {
             run: "run1".into(),
             slice: "slice1".into(),
             refdata: None,
-            ingest: finmesh_pipeline::IngestOptions { batch_rows, progress_every: 10_000 },
+            ingest: finmesh_pipeline::IngestOptions { batch_rows, progress_every: 10_000, ..Default::default() },
             reader: Default::default(),
             options,
         };
@@ -112,16 +112,19 @@ impl Setup {
         std::fs::rename(&part, self.dir.path().join(name)).unwrap();
     }
 
-    /// Raw records of file id `file`: their message ids, each once (panics
-    /// on a duplicate).
+    /// Raw records of file id `file`: their rows as `file:row`, each once
+    /// (panics on a row stored twice, or a message id stored twice).
     async fn raw_ids(&self, file: &str) -> HashSet<String> {
-        let mut ids = HashSet::new();
+        let (mut ids, mut messages) = (HashSet::new(), HashSet::new());
         for m in read_all(&*self.engine, self.pipeline.stream(StreamKind::Raw)).await {
             if m.headers.get(flow::HDR_FILE) != Some(file) {
                 continue;
             }
             let id = m.headers.get(finmesh_core::message::MSG_ID_HEADER).unwrap().to_owned();
-            assert!(ids.insert(id.clone()), "raw holds {id} twice");
+            assert!(messages.insert(id.clone()), "raw holds message {id} twice");
+            for row in flow::message_rows(&m.headers).unwrap().iter() {
+                assert!(ids.insert(format!("{file}:{row}")), "raw holds row {row} twice");
+            }
         }
         ids
     }

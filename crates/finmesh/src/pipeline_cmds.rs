@@ -83,6 +83,10 @@ pub struct IngestArgs {
     /// The reference-data version the run pins (RFC 3339): the stages wait until it is loaded.
     #[arg(long)]
     refdata: Option<String>,
+    /// Most rows per record message, 1-4096 [default: the node's, 1000]; a re-upload is
+    /// recognised as duplicates only with the same value.
+    #[arg(long)]
+    rows_per_message: Option<usize>,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -239,6 +243,9 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let mut query = vec![("run", args.run.clone()), ("slice", args.slice.clone()), ("file", file_id)];
     if let Some(t) = &args.refdata {
         query.push(("refdata", t.clone()));
+    }
+    if let Some(n) = args.rows_per_message {
+        query.push(("rows_per_message", n.to_string()));
     }
     let mut request = client
         .request(Method::POST, &format!("/v1/pipelines/{}/files", segment(&args.pipeline)))

@@ -82,7 +82,7 @@ fn default_name() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StagesSection {
-    /// Deliveries per fetch [default: 500].
+    /// Messages per fetch, each of up to 1,000 rows [default: 16].
     pub batch: usize,
     /// Wait of an empty fetch, ms [default: 1000].
     pub fetch_wait_ms: u64,

@@ -8,7 +8,7 @@
 //!   `FINMESH_TEST_CRASH_BEFORE_ACK` hook of `stages.rs`), then workers and
 //!   the reconciler node are SIGKILLed at random points and started again;
 //!   the run completes with every count equal to the file, and `validated`
-//!   and `exceptions` hold each `F:row` id once.
+//!   and `exceptions` hold each row once (counted from their rows headers).
 //! - [`three_validate_worker_processes_share_a_consumer_and_one_is_sigkilled`]:
 //!   scale-out: three validate processes on one consumer, one SIGKILLed
 //!   mid-run; the survivors finish it, exactly.
@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use finmesh_core::{ReadRequest, Seq, StreamName};
-use finmesh_pipeline::flow::HDR_FILE;
+use finmesh_pipeline::flow::{HDR_FILE, message_rows};
 use finmesh_pipeline::stages::CRASH_BEFORE_ACK_ENV;
 use serde_json::Value;
 use support::{Engine, Node, NodeSpec, until};
@@ -41,6 +41,9 @@ use support::{Engine, Node, NodeSpec, until};
 const VERSION: &str = "2026-12-01T00:00:00Z";
 const RUN: &str = "crash";
 const FILE: &str = "feed";
+/// Rows per record message of the upload: small, so a stage takes many
+/// steps (of `[stages] batch` messages) to do the file.
+const ROWS_PER_MESSAGE: usize = 50;
 
 fn examples() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/pipeline")
@@ -211,7 +214,7 @@ impl Harness {
             format!(
                 "[pipeline]\nname = \"risk\"\nschema = {:?}\nrules = {:?}\n\
                  [pipeline.streams]\nduplicate_window = 600\nmax_age = 86400\n\
-                 [stages]\nbatch = 200\nfetch_wait_ms = 200\nack_wait_ms = 2000\npin_wait_ms = 1000\n\
+                 [stages]\nbatch = 4\nfetch_wait_ms = 200\nack_wait_ms = 2000\npin_wait_ms = 1000\n\
                  [refdata]\ndatasets = {{ currencies = \"string\", books = \"string\" }}\n\
                  [[enrich.lookup]]\ndataset = \"books\"\nfield = \"book\"\n",
                 ex.join("risk.avsc"),
@@ -277,6 +280,8 @@ impl Harness {
                 .args(["pipeline", "ingest"])
                 .arg(&feed)
                 .args(["--run", RUN, "--slice", "s", "--file-id", FILE, "--refdata", VERSION, "--json"])
+                // Small messages, so each stage takes many steps to do the file.
+                .args(["--rows-per-message", &ROWS_PER_MESSAGE.to_string()])
                 .env("FINMESH_SERVER", url)
                 .env("FINMESH_TOKEN", token)
                 .env_remove("FINMESH_CONFIG")
@@ -285,7 +290,7 @@ impl Harness {
         })
     }
 
-    /// Messages stored in `stream` (0 while it is missing).
+    /// Messages (not rows) stored in `stream` (0 while it is missing).
     async fn stored(&self, stream: &str) -> u64 {
         let stream = StreamName::new(stream).unwrap();
         self.engine.stream_info(&stream).await.map(|i| i.state.messages).unwrap_or(0)
@@ -294,7 +299,7 @@ impl Harness {
     /// What each stream holds, and what the reconciler counted: for the log.
     async fn progress(&self, node: &Node, token: &str) -> String {
         format!(
-            "raw {}, enriched {}, validated {}, exceptions {}; reconciled {} of {} rows",
+            "messages: raw {}, enriched {}, validated {}, exceptions {}; reconciled {} of {} rows",
             self.stored("risk-raw").await,
             self.stored("risk-enriched").await,
             self.stored("risk-validated").await,
@@ -304,28 +309,33 @@ impl Harness {
         )
     }
 
-    /// Whether every row of the file has passed `stage`: its outputs (each
-    /// id stored once) cover the file.
+    /// Whether every row of the file has passed `stage`: its outputs cover
+    /// the file.
     async fn done(&self, stage: &str) -> bool {
         let (rows, bad) = (self.count("rows"), self.count("bad"));
+        let distinct = |ids: Vec<String>| ids.into_iter().collect::<HashSet<_>>().len() as u64;
         if stage == "enrich" {
-            self.stored("risk-enriched").await >= rows - bad
+            distinct(self.ids("risk-enriched").await) >= rows - bad
         } else {
-            self.stored("risk-validated").await + self.stored("risk-exceptions").await >= rows
+            let (v, e) = (self.ids("risk-validated").await, self.ids("risk-exceptions").await);
+            distinct(v) + distinct(e) >= rows
         }
     }
 
-    /// The message ids of `stream` for the feed, in stream order.
+    /// The rows of the feed in `stream` as `F:row`, in stream order (a row
+    /// stored twice is listed twice); panics on a message id stored twice.
     async fn ids(&self, stream: &str) -> Vec<String> {
         let stream = StreamName::new(stream).unwrap();
-        let mut ids = Vec::new();
+        let (mut ids, mut messages) = (Vec::new(), HashSet::new());
         let mut next = Seq(1);
         loop {
             let batch = self.engine.read(&stream, ReadRequest::from_seq(next, 5_000)).await.unwrap();
             let Some(last) = batch.last() else { return ids };
             next = Seq(last.seq.0 + 1);
             for m in batch.iter().filter(|m| m.headers.get(HDR_FILE) == Some(FILE)) {
-                ids.push(m.headers.get(finmesh_core::message::MSG_ID_HEADER).expect("an id").to_owned());
+                let id = m.headers.get(finmesh_core::message::MSG_ID_HEADER).expect("an id").to_owned();
+                assert!(messages.insert(id.clone()), "message {id} stored twice in {stream}");
+                ids.extend(message_rows(&m.headers).expect("a row header").iter().map(|r| format!("{FILE}:{r}")));
             }
         }
     }
@@ -397,8 +407,12 @@ fn node_cli(node: &Node, token: &str, args: &[&str]) -> std::process::Output {
     out
 }
 
-/// The reconciler's node: fast redelivery after a kill.
-const RECONCILER_TOML: &str = "[reconcile]\npipelines = [\"risk\"]\nbatch = 500\nack_wait_ms = 2000\n";
+/// The reconciler's node: fast redelivery after a kill, and one message
+/// per consumer per round. Record messages carry many rows, so the stages
+/// run well ahead of a reconciler that takes one message at a time (most
+/// of its messages are the exceptions, one per row): it is still counting
+/// when its kill comes, as the test wants.
+const RECONCILER_TOML: &str = "[reconcile]\npipelines = [\"risk\"]\nbatch = 1\nack_wait_ms = 2000\n";
 
 /// The run's status document (`null` while the node cannot answer).
 async fn run_status(node: &Node, token: &str) -> Value {

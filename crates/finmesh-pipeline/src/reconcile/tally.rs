@@ -4,7 +4,10 @@
 //! Invariants:
 //! - a row is a bit: applying the same record twice (a redelivery, a
 //!   duplicate published after the dedup window, a replay after a crash)
-//!   sets a bit that is already set and changes nothing;
+//!   sets a bit that is already set and changes nothing; a message of many
+//!   rows sets their bits by ranges ([`FileTally::insert_rows`]), and two
+//!   messages that overlap (a stage's output holds a subset of its input's
+//!   rows) only set each row's bit once;
 //! - tallies only grow, and two tallies of the same file merge by union
 //!   ([`FileTally::merge`]), which is commutative, associative and
 //!   idempotent: two reconcilers writing the same file by compare-and-set
@@ -28,6 +31,7 @@ use roaring::RoaringBitmap;
 use serde::{Deserialize, Serialize};
 
 use super::time_fmt;
+use crate::rowset::RowSet;
 
 /// Which bitmap a row lands in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -139,6 +143,12 @@ impl FileTally {
     /// Mark `row` seen in `which`; whether it was new.
     pub fn insert(&mut self, which: Counted, row: u32) -> bool {
         self.bits[which.index()].insert(row)
+    }
+
+    /// Mark every row of `rows` seen in `which`; how many were new.
+    pub fn insert_rows(&mut self, which: Counted, rows: &RowSet) -> u64 {
+        let bits = &mut self.bits[which.index()];
+        rows.ranges().iter().map(|&(a, b)| bits.insert_range(a..=b)).sum()
     }
 
     /// The bitmap `which`.
@@ -258,6 +268,11 @@ mod tests {
             a.insert(Counted::Raw, r);
         }
         assert!(!a.insert(Counted::Raw, 7), "a row seen twice is not new");
+        let rows = RowSet::parse("99999-100000,100002-100004").unwrap();
+        assert_eq!(a.insert_rows(Counted::Raw, &rows), 3, "only rows 100002-100004 are new");
+        assert_eq!(a.insert_rows(Counted::Raw, &rows), 0, "a message applied twice changes nothing");
+        assert_eq!(a.count(Counted::Raw), 100_003);
+        a.bits[Counted::Raw.index()].remove_range(100_001..);
         a.insert(Counted::ExcValidate, 3);
         a.note("raw", 10, Timestamp(5), true);
         let enc = a.encode();

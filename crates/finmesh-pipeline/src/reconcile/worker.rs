@@ -7,7 +7,10 @@
 //!    `fetch_wait`);
 //! 2. apply every message to its file's tally in memory (a file seen for
 //!    the first time is loaded from the bucket first) and keep its ack
-//!    token;
+//!    token: a record message sets the bits of every row its
+//!    `Finmesh-Rows` header lists (or of its one `Finmesh-Row`, the
+//!    single-row format, which exceptions keep), read from the headers
+//!    alone, without decoding the payload;
 //! 3. unless the round flushes, stop here: a round flushes when it fetched
 //!    nothing, when the oldest kept token is `flush_every` old, or when
 //!    `max_unwritten` tokens are kept (while messages stream in, a tally is
@@ -49,9 +52,14 @@ use super::run::{Phase, RunStatus};
 use super::store;
 use super::tally::{Counted, Failed, FileTally, Ingested};
 use super::time_fmt;
+use crate::rowset::RowSet;
 
-/// Header carrying a record's row number (contract).
+/// Header carrying the row number of an exception or of a single-row
+/// record message (contract).
 pub const ROW_HEADER: &str = "Finmesh-Row";
+/// Header listing the rows of a record message (contract,
+/// [`crate::rowset`]).
+pub const ROWS_HEADER: &str = crate::rowset::HDR_ROWS;
 
 /// How a [`Reconciler`] runs.
 #[derive(Debug, Clone)]
@@ -145,7 +153,7 @@ struct ExceptionBody {
 }
 
 enum Effect {
-    Row(Counted, u32),
+    Rows(Counted, RowSet),
     Ingested(Ingested),
     Failed(Failed),
 }
@@ -365,7 +373,7 @@ impl Reconciler {
         };
         let slot = self.slot(&file).await?;
         let changed = match effect {
-            Effect::Row(which, row) => slot.tally.insert(which, row),
+            Effect::Rows(which, rows) => slot.tally.insert_rows(which, &rows) > 0,
             Effect::Ingested(i) => slot.tally.ingested.is_none() && slot.tally.ingested.replace(i).is_none(),
             Effect::Failed(f) => slot.tally.failed.is_none() && slot.tally.failed.replace(f).is_none(),
         };
@@ -416,20 +424,23 @@ impl Reconciler {
 
 /// What a message does to its file's tally (`None`: not usable).
 fn effect(source: Source, msg: &Message) -> Option<Effect> {
-    let row = || -> Option<u32> {
+    let rows = || -> Option<RowSet> {
+        if let Some(text) = msg.headers.get(ROWS_HEADER) {
+            return RowSet::parse(text).ok();
+        }
         let text = match msg.headers.get(ROW_HEADER) {
             Some(r) => r,
             None => msg.headers.get(finmesh_core::message::MSG_ID_HEADER)?.rsplit_once(':')?.1,
         };
-        text.trim().parse::<u32>().ok().filter(|r| *r >= 1)
+        RowSet::single(text.trim().parse::<u32>().ok()?).ok()
     };
     match source {
-        Source::Raw => Some(Effect::Row(Counted::Raw, row()?)),
-        Source::Enriched => Some(Effect::Row(Counted::Enriched, row()?)),
-        Source::Validated => Some(Effect::Row(Counted::Validated, row()?)),
+        Source::Raw => Some(Effect::Rows(Counted::Raw, rows()?)),
+        Source::Enriched => Some(Effect::Rows(Counted::Enriched, rows()?)),
+        Source::Validated => Some(Effect::Rows(Counted::Validated, rows()?)),
         Source::Exceptions => {
             let body: ExceptionBody = serde_json::from_slice(&msg.payload).ok()?;
-            Some(Effect::Row(Counted::exception(&body.stage)?, row()?))
+            Some(Effect::Rows(Counted::exception(&body.stage)?, rows()?))
         }
         Source::Events => {
             let ev: FileEvent = serde_json::from_slice(&msg.payload).ok()?;

@@ -13,6 +13,7 @@ use finmesh_core::{Engine, OutgoingMessage, Timestamp};
 use finmesh_embedded::EmbeddedEngine;
 use finmesh_pipeline::reconcile::time_fmt;
 use finmesh_pipeline::reconcile::{FileRef, Names, Reconciler, ReconcilerConfig, RunStatus, Source, load_run};
+use finmesh_pipeline::rowset::{LineMap, RowSet, push_frame};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -106,6 +107,32 @@ impl Feed {
             stored += acks.iter().filter(|a| !a.duplicate).count() as u64;
         }
         stored
+    }
+
+    /// One record message carrying `rows` (ascending, deduplicated here) on
+    /// a stage stream, as ingest and the stages publish it: id
+    /// `file:{id_range}` (ingest's first-last, which a stage keeps),
+    /// `Finmesh-Rows`, `Finmesh-Lines`, one framed datum per row; whether
+    /// it was stored (not a duplicate).
+    pub async fn batch(&self, source: Source, file: &FileRef, id_range: (u32, u32), rows: &[u32]) -> bool {
+        let rows: std::collections::BTreeSet<u32> = rows.iter().copied().collect();
+        let set = RowSet::from_sorted(rows.iter().copied()).unwrap();
+        let mut payload = bytes::BytesMut::new();
+        let mut lines = LineMap::default();
+        for &r in &rows {
+            push_frame(&mut payload, b"avro");
+            lines.push(r, u64::from(r) + 1);
+        }
+        let mut m = OutgoingMessage::new(self.names.file_subject(source, file), payload.freeze())
+            .with_msg_id(format!("{}:{}-{}", file.file, id_range.0, id_range.1))
+            .unwrap();
+        m.headers.insert("Finmesh-Run", &file.run).unwrap();
+        m.headers.insert("Finmesh-Slice", &file.slice).unwrap();
+        m.headers.insert("Finmesh-File", &file.file).unwrap();
+        m.headers.insert("Finmesh-Rows", set.to_string()).unwrap();
+        m.headers.insert("Finmesh-Lines", lines.to_string()).unwrap();
+        m.headers.insert("Finmesh-Schema", "0123456789abcdef").unwrap();
+        !self.engine.publish(&self.names.stream(source), m).await.unwrap().duplicate
     }
 
     /// Exceptions of `rows` raised at `stage`.
