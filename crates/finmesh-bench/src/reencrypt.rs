@@ -21,6 +21,11 @@
 //!    [`finmesh_crypto::admin::DEFAULT_REENCRYPT_BATCH`], no rate limit)
 //!    until it reports `done`; reported as values/s (latency per batch;
 //!    target ≥ 50,000 values/s, issue 18).
+//!    Also the CPU time the process, and the engine's writer thread
+//!    alone, spent per value during the job (from `/proc/self`, 10 ms
+//!    ticks): on a machine shared with other work the rate follows the
+//!    CPU this process gets, while these figures do not; the writer is one
+//!    thread, so 1 s / its time per value bounds the rate on any machine.
 //! 4. **Check**: every value rewritten (none `changed`, `failed` or
 //!    `current`), and a sample of keys open through the wrapper to their
 //!    plaintext under the new key id.
@@ -51,6 +56,8 @@ pub const BUCKET: &str = "bench";
 /// Ids.
 pub const LOAD: &str = "reencrypt.load";
 pub const REENCRYPT: &str = "reencrypt.rewrite";
+pub const CPU: &str = "reencrypt.cpu.process";
+pub const WRITER_CPU: &str = "reencrypt.cpu.writer";
 
 /// Keys checked through the wrapper after the job.
 const CHECKED: u64 = 1_000;
@@ -110,6 +117,7 @@ pub async fn run(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
     anyhow::ensure!(new != old, "the rotation kept key {old:?}");
 
     let mut batches = Sample::new();
+    let cpu_before = (cpu_ticks(None)?, cpu_ticks(Some(WRITER_THREAD))?);
     let started = Instant::now();
     let mut last = started;
     let mut on_progress = |_: &finmesh_crypto::ReencryptProgress| {
@@ -121,6 +129,7 @@ pub async fn run(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
     batches.record(last.elapsed());
     batches.elapsed = started.elapsed();
     batches.msgs = progress.run.scanned;
+    let cpu = (cpu_ticks(None)? - cpu_before.0, cpu_ticks(Some(WRITER_THREAD))? - cpu_before.1);
 
     let run = progress.run;
     anyhow::ensure!(progress.done, "the job stopped before the end: {progress:?}");
@@ -144,7 +153,58 @@ pub async fn run(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
             .note(format!("latency per batch of {LOAD_BATCH}, {LOADERS} tasks")),
         Measurement::rate(REENCRYPT, "finmesh-crypto", &format!("KeyAdmin::reencrypt of {what}"), "values/s", &batches)
             .note("library calls, no HTTP; latency per batch; target ≥ 50,000 values/s"),
+        cpu_per_value(CPU, "CPU time of the whole process during the job, per value", cpu.0, n)
+            .note("every thread: job, engine writer, fjall flushes and compactions"),
+        cpu_per_value(WRITER_CPU, "CPU time of the engine's writer thread during the job, per value", cpu.1, n).note(
+            format!(
+                "one thread: the job cannot go faster than 1 s / this on one core ({:.0} values/s)",
+                n as f64 / (cpu.1 as f64 / TICKS_PER_SEC)
+            ),
+        ),
     ])
+}
+
+/// The embedded engine's writer thread (`std::thread::Builder::name`).
+const WRITER_THREAD: &str = "finmesh-writer";
+/// `/proc` counts CPU time in ticks of 1/100 s (USER_HZ).
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// CPU time (user + system, in ticks) this process has used: all of it,
+/// or only that of its live threads named `thread`.
+fn cpu_ticks(thread: Option<&str>) -> anyhow::Result<u64> {
+    let ticks = |stat: &str| -> anyhow::Result<u64> {
+        // Fields after the command, which is in parentheses and may hold spaces.
+        let rest = stat.rsplit_once(')').context("a /proc stat line without `)`")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after `)`.
+        Ok(f.get(11).context("short stat line")?.parse::<u64>()?
+            + f.get(12).context("short stat line")?.parse::<u64>()?)
+    };
+    let Some(name) = thread else { return ticks(&std::fs::read_to_string("/proc/self/stat")?) };
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let path = task?.path();
+        if std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim_end() == name) {
+            total += ticks(&std::fs::read_to_string(path.join("stat"))?)?;
+        }
+    }
+    Ok(total)
+}
+
+/// A figure of CPU µs per value.
+fn cpu_per_value(id: &str, what: &str, ticks: u64, values: u64) -> Measurement {
+    Measurement {
+        id: id.to_owned(),
+        peer: "finmesh-crypto".to_owned(),
+        what: what.to_owned(),
+        value: ticks as f64 / TICKS_PER_SEC * 1e6 / values as f64,
+        unit: "µs CPU/value".to_owned(),
+        p50_us: None,
+        p99_us: None,
+        p999_us: None,
+        max_us: None,
+        note: None,
+    }
 }
 
 /// What a node with `[security]` builds on `raw`: a master key in a file
@@ -190,7 +250,8 @@ mod tests {
             run: 1,
         };
         let m = run(&ctx).await.unwrap();
-        assert_eq!(m.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), [LOAD, REENCRYPT]);
-        assert!(m.iter().all(|m| m.value > 0.0), "{m:?}");
+        assert_eq!(m.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), [LOAD, REENCRYPT, CPU, WRITER_CPU]);
+        assert!(m[..2].iter().all(|m| m.value > 0.0), "{m:?}");
+        assert!(cpu_ticks(None).unwrap() > 0);
     }
 }
