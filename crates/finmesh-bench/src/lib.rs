@@ -45,6 +45,9 @@
 //!   deliveries/s with p99 < 50 ms, RSS per idle subscriber, and CPU per
 //!   delivery by number of distinct filters (`fanout-filters`); the node
 //!   on the NATS engine beside the embedded one.
+//! - `reencrypt` (`reencrypt`, only when selected): `KeyAdmin::reencrypt`
+//!   of an encrypted bucket of `--reencrypt-values` values after a key
+//!   rotation, on the embedded engine, through library calls.
 //! - `pipeline` (`pipeline`, `pipeline-nats`, only when selected): the
 //!   risk-feed pipeline end to end (ingest, enrich, validate, reconcile)
 //!   on the embedded engine and on a 3-node NATS cluster, next to the csv
@@ -72,6 +75,7 @@ mod nats_mirror;
 mod nats_publish;
 mod node;
 mod pipeline;
+mod reencrypt;
 mod report;
 mod tls_conn;
 mod tools;
@@ -148,6 +152,9 @@ pub enum Scenario {
     /// Random keys at scale on the NATS engine (3-node cluster): batched
     /// async publishes, then random-key GETs over HTTP (only when selected).
     KvScaleNats,
+    /// Re-encryption of an encrypted bucket after a key rotation, embedded
+    /// engine, library calls (only when selected).
+    Reencrypt,
 }
 
 impl Scenario {
@@ -170,8 +177,9 @@ impl Scenario {
     ];
 
     /// Families that run only when named (they write a lot of data).
-    const ON_REQUEST: [Scenario; 7] = [
+    const ON_REQUEST: [Scenario; 8] = [
         Scenario::KvScale,
+        Scenario::Reencrypt,
         Scenario::KvScaleNats,
         Scenario::FanoutMax,
         Scenario::FanoutIdle,
@@ -215,6 +223,7 @@ impl Scenario {
             Scenario::Pipeline => pipeline::run_embedded(ctx).await,
             Scenario::PipelineNats => pipeline::run_nats(ctx).await,
             Scenario::KvScaleNats => kv_scale_nats::run(ctx).await,
+            Scenario::Reencrypt => reencrypt::run(ctx).await,
         }
     }
 
@@ -243,6 +252,7 @@ impl Scenario {
             Scenario::Pipeline => "pipeline",
             Scenario::PipelineNats => "pipeline-nats",
             Scenario::KvScaleNats => "kv-scale-nats",
+            Scenario::Reencrypt => "reencrypt",
         }
     }
 }
@@ -272,6 +282,9 @@ pub struct BenchArgs {
     /// Bytes per value of `kv-scale`.
     #[arg(long, default_value_t = KV_VALUE)]
     value_bytes: usize,
+    /// Values of 256 B re-encrypted by `reencrypt`.
+    #[arg(long, default_value_t = 200_000)]
+    reencrypt_values: u64,
     /// Puts timed per leaf by the mirror propagation scenario.
     #[arg(long, default_value_t = 1_000)]
     mirror_puts: u64,
@@ -311,6 +324,8 @@ pub struct BenchContext {
     pub scale_keys: u64,
     /// Bytes per value of `kv-scale`.
     pub value_bytes: usize,
+    /// Values re-encrypted by `reencrypt`.
+    pub reencrypt_values: u64,
     /// Puts timed per leaf by the mirror scenario.
     pub mirror_puts: u64,
     /// Messages in the sparse consumer scenario's stream.
@@ -363,6 +378,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         nats_kv_keys: args.nats_kv_keys,
         scale_keys: args.scale_keys,
         value_bytes: args.value_bytes,
+        reencrypt_values: args.reencrypt_values,
         mirror_puts: args.mirror_puts,
         consumer_messages: args.consumer_messages,
         idle_subscribers: args.idle_subscribers,

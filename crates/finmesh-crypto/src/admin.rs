@@ -23,6 +23,10 @@
 //!   written under the active key). It never re-hashes a key: a hash cannot
 //!   be reversed, so the clear key is unknown here (docs/security.md says how
 //!   a hashing key is retired);
+//! - without a rate limit, the next batch's values are read and sealed
+//!   while the current batch's compare-and-sets are under way (never
+//!   written before the current batch's cursor is saved); with one,
+//!   batches run one after the other;
 //! - the job's cursor lives in the keys bucket under
 //!   `reencrypt.<bucket>` ([`cursor_key`]) and is written after every batch,
 //!   so a job stopped anywhere resumes after the last finished batch; a
@@ -39,7 +43,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use finmesh_core::{BucketName, Engine, Error, ErrorKind, Key, KvOp, Result, Timestamp};
+use finmesh_core::{BucketName, Engine, Error, ErrorKind, Key, KvOp, Result, Revision, Timestamp};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -49,8 +53,10 @@ use crate::secure::SecureEngine;
 use crate::store::{KEYS_BUCKET, RingStore};
 use crate::{envelope, hashed_key_id, key_id_of};
 
-/// Reads and compare-and-sets a job or a scan keeps in flight at once.
-const IN_FLIGHT: usize = 64;
+/// Reads and compare-and-sets a job or a scan keeps in flight at once:
+/// more than a default batch, so that an engine with group commit (the
+/// embedded one) writes a whole batch in one commit and one fsync.
+const IN_FLIGHT: usize = 512;
 /// Keys a usage scan lists per page.
 const SCAN_PAGE: usize = 1_000;
 /// Default keys per re-encryption batch.
@@ -381,18 +387,32 @@ impl KeyAdmin {
             },
         };
         let batch = options.rate.map_or(options.batch, |r| options.batch.min(r.get() as usize));
+        // Without a rate limit the next batch is read and sealed while this
+        // one's compare-and-sets wait for the engine; with one, batches run
+        // one after the other so no value is read ahead of its time.
+        let read_ahead = options.rate.is_none();
         let started = Instant::now();
+        let after = progress.after.as_deref().map(Key::new).transpose()?;
+        let mut prepared = self.prepare_batch(bucket, &ring, after.as_ref(), batch).await?;
         loop {
-            let after = progress.after.as_deref().map(Key::new).transpose()?;
-            let page = self.inner().kv_keys_page(bucket, "", after.as_ref(), batch).await?;
-            let last = page.keys.last().map(|k| k.as_str().to_owned());
-            let counts = self.reencrypt_batch(bucket, &ring, page.keys).await?;
-            progress.run.add(&counts);
-            progress.total.add(&counts);
+            let Prepared { last, end, read, writes } = prepared;
+            let next_after = last.as_deref().map(Key::new).transpose()?;
+            let write = self.write_batch(bucket, writes);
+            let (written, next) = if read_ahead && !end {
+                let ahead = self.prepare_batch(bucket, &ring, next_after.as_ref(), batch);
+                let (written, next) = tokio::join!(write, ahead);
+                (written?, Some(next))
+            } else {
+                (write.await?, None)
+            };
+            for counts in [read, written] {
+                progress.run.add(&counts);
+                progress.total.add(&counts);
+            }
             if last.is_some() {
                 progress.after = last;
             }
-            progress.done = page.next.is_none();
+            progress.done = end;
             self.save_cursor(&progress, bucket).await?;
             if progress.done || on_progress(&progress).is_break() {
                 return Ok(progress);
@@ -401,50 +421,106 @@ impl KeyAdmin {
                 let due = Duration::from_secs_f64(progress.run.scanned as f64 / f64::from(rate.get()));
                 tokio::time::sleep_until((started + due).into()).await;
             }
+            prepared = match next {
+                Some(next) => next?,
+                None => self.prepare_batch(bucket, &ring, next_after.as_ref(), batch).await?,
+            };
         }
     }
 
-    async fn reencrypt_batch(
+    /// Read the next page of `bucket`'s keys after `after` and every value
+    /// on it, and seal under the ring's active key those that need it.
+    async fn prepare_batch(
         &self,
         bucket: &BucketName,
         ring: &Arc<KeyRing>,
-        keys: Vec<Key>,
-    ) -> Result<ReencryptCounts> {
-        let mut counts = ReencryptCounts { scanned: keys.len() as u64, ..ReencryptCounts::default() };
-        let outcomes: Vec<Result<Outcome>> = futures::stream::iter(keys)
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Prepared> {
+        let page = self.inner().kv_keys_page(bucket, "", after, limit).await?;
+        let last = page.keys.last().map(|k| k.as_str().to_owned());
+        let mut read = ReencryptCounts { scanned: page.keys.len() as u64, ..ReencryptCounts::default() };
+        let outcomes: Vec<Result<Read>> = futures::stream::iter(page.keys)
             .map(|stored| {
                 let (inner, store, ring, bucket) =
                     (self.inner().clone(), self.keys().clone(), ring.clone(), bucket.clone());
-                async move { reencrypt_one(inner, store, ring, bucket, stored).await }
+                async move { read_one(inner, store, ring, bucket, stored).await }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        let mut writes = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            match outcome? {
+                Read::Current => read.current += 1,
+                Read::Failed => read.failed += 1,
+                Read::Rewrite(write) => writes.push(write),
+            }
+        }
+        Ok(Prepared { last, end: page.next.is_none(), read, writes })
+    }
+
+    /// Compare-and-set every prepared value at the revision it was read.
+    async fn write_batch(&self, bucket: &BucketName, writes: Vec<Rewrite>) -> Result<ReencryptCounts> {
+        let mut counts = ReencryptCounts::default();
+        let outcomes: Vec<Result<bool>> = futures::stream::iter(writes)
+            .map(|w| {
+                let inner = self.inner().clone();
+                async move {
+                    match inner.kv_update(bucket, &w.stored, w.sealed, w.revision).await {
+                        Ok(_) => Ok(true),
+                        Err(e) if e.kind() == ErrorKind::WrongRevision => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                }
             })
             .buffer_unordered(IN_FLIGHT)
             .collect()
             .await;
         for outcome in outcomes {
-            match outcome? {
-                Outcome::Current => counts.current += 1,
-                Outcome::Rewritten => counts.rewritten += 1,
-                Outcome::Changed => counts.changed += 1,
-                Outcome::Failed => counts.failed += 1,
+            if outcome? {
+                counts.rewritten += 1;
+            } else {
+                counts.changed += 1;
             }
         }
         Ok(counts)
     }
 }
 
-/// Rewrite the value of `stored` under the ring's active encryption key
-/// unless it is already, with a compare-and-set at the revision read.
-async fn reencrypt_one(
+/// One batch of a re-encryption, read and sealed, not yet written.
+struct Prepared {
+    /// The last stored key of the page.
+    last: Option<String>,
+    /// Whether the page was the bucket's last.
+    end: bool,
+    /// Keys scanned, and those found current or failing to open.
+    read: ReencryptCounts,
+    /// The values to compare-and-set.
+    writes: Vec<Rewrite>,
+}
+
+/// A value sealed under the target key, to write at the revision read.
+struct Rewrite {
+    stored: Key,
+    sealed: Bytes,
+    revision: Revision,
+}
+
+/// Read the value of `stored` and, unless it is already under the ring's
+/// active encryption key (or deleted, or does not open), seal it under
+/// that key for a compare-and-set at the revision read.
+async fn read_one(
     inner: Arc<dyn Engine>,
     store: Arc<RingStore>,
     ring: Arc<KeyRing>,
     bucket: BucketName,
     stored: Key,
-) -> Result<Outcome> {
+) -> Result<Read> {
     let target = ring.active(KeyPurpose::Encryption).id();
-    let Some(entry) = inner.kv_get(&bucket, &stored).await? else { return Ok(Outcome::Current) };
+    let Some(entry) = inner.kv_get(&bucket, &stored).await? else { return Ok(Read::Current) };
     if entry.op != KvOp::Put || key_id_of(&entry.value).ok() == Some(target) {
-        return Ok(Outcome::Current);
+        return Ok(Read::Current);
     }
     let plain = match store.open_value(&bucket, &stored, &entry.value).await {
         Ok(p) => p,
@@ -456,22 +532,17 @@ async fn reencrypt_one(
                 reason = e.kind().as_str(),
                 "re-encryption: a stored value does not open; left as it is"
             );
-            return Ok(Outcome::Failed);
+            return Ok(Read::Failed);
         }
     };
     let sealed = envelope::seal(&ring, &bucket, &stored, &plain)?;
     drop(plain);
-    match inner.kv_update(&bucket, &stored, sealed, entry.revision).await {
-        Ok(_) => Ok(Outcome::Rewritten),
-        Err(e) if e.kind() == ErrorKind::WrongRevision => Ok(Outcome::Changed),
-        Err(e) => Err(e),
-    }
+    Ok(Read::Rewrite(Rewrite { stored, sealed, revision: entry.revision }))
 }
 
-enum Outcome {
+enum Read {
     Current,
-    Rewritten,
-    Changed,
+    Rewrite(Rewrite),
     Failed,
 }
 

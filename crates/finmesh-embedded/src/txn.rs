@@ -44,8 +44,15 @@ pub(crate) struct Txn {
     /// Committed messages of a KV bucket this write removes, kept in
     /// memory until the write is revealed (`StreamHandle::replaced`).
     replaced: Vec<Message>,
-    /// The stream's state as it will be after commit.
+    /// The stream's state as it will be after commit, except that while
+    /// `first_stale` is set `first_seq` / `first_time` may name a message
+    /// this write removed ([`Txn::settle_first`] corrects them).
     pub st: StreamState,
+    /// The first message was removed and `st.first_seq` not yet moved on:
+    /// a write that removes many messages from the front (history trims of
+    /// keys written in order) looks for the new first one once, not once
+    /// per removal.
+    first_stale: bool,
 }
 
 impl Txn {
@@ -61,6 +68,7 @@ impl Txn {
             removed: HashSet::new(),
             replaced: Vec::new(),
             st: h.committed_state(),
+            first_stale: false,
         }
     }
 
@@ -74,13 +82,21 @@ impl Txn {
     }
 
     /// Append a message at the next sequence; returns the stored message.
-    pub fn append(&mut self, time: Timestamp, msg: finmesh_core::OutgoingMessage) -> Result<Message> {
+    /// `before` is what [`Txn::last_of`] answers for its subject now (the
+    /// caller has read it to check a condition or to trim after).
+    pub fn append(
+        &mut self,
+        time: Timestamp,
+        msg: finmesh_core::OutgoingMessage,
+        before: Option<(Seq, u64)>,
+    ) -> Result<Message> {
+        debug_assert_eq!(before, self.last_of(msg.subject.as_str())?);
         let seq = self.st.last_seq.next();
         let size = msg.size() as u64;
         let raw = codec::encode_message(time, &msg.subject, &msg.headers, &msg.payload);
         self.batch.insert(&self.h.msgs, codec::seq_key(seq), raw);
         self.index.insert(&self.h.index, codec::index_key(msg.subject.as_str(), seq), []);
-        let count = self.last_of(msg.subject.as_str())?.map_or(0, |(_, c)| c);
+        let count = before.map_or(0, |(_, c)| c);
         self.set_last(msg.subject.as_str(), seq, count + 1);
         let op = crate::kv::op_of_headers(&msg.headers);
         self.added.insert(seq, (msg.subject.clone(), size, op));
@@ -88,6 +104,7 @@ impl Txn {
         if st.messages == 0 {
             st.first_seq = seq;
             st.first_time = Some(time);
+            self.first_stale = false;
         }
         st.messages += 1;
         st.bytes += size;
@@ -123,10 +140,30 @@ impl Txn {
 
     /// Remove a stored message, keeping indexes and counters right.
     fn remove(&mut self, seq: Seq, subject: &Subject, size: u64) -> Result<()> {
-        if self.h.kv
-            && !self.added.contains_key(&seq)
-            && let Some(m) = self.h.get_committed(seq)?
-        {
+        let committed = if self.h.kv && !self.added.contains_key(&seq) { self.h.get_committed(seq)? } else { None };
+        self.remove_read(seq, subject, size, committed)
+    }
+
+    /// Remove the message at `seq` if this write can still see it, reading
+    /// a committed one once (for its subject, size and, in a KV bucket,
+    /// [`Txn::replaced`]).
+    fn remove_seq(&mut self, seq: Seq) -> Result<()> {
+        if self.removed.contains(&seq) {
+            return Ok(());
+        }
+        if let Some((subject, size, _)) = self.added.get(&seq) {
+            let (subject, size) = (subject.clone(), *size);
+            return self.remove_read(seq, &subject, size, None);
+        }
+        let Some(m) = self.h.get_committed(seq)? else { return Ok(()) };
+        let (subject, size) = (m.subject.clone(), m.size() as u64);
+        self.remove_read(seq, &subject, size, self.h.kv.then_some(m))
+    }
+
+    /// [`Txn::remove`] of a message already read: `committed` is the
+    /// stored message when it is a committed one of a KV bucket.
+    fn remove_read(&mut self, seq: Seq, subject: &Subject, size: u64, committed: Option<Message>) -> Result<()> {
+        if let Some(m) = committed {
             self.replaced.push(m);
         }
         self.batch.remove(&self.h.msgs, codec::seq_key(seq).to_vec());
@@ -139,21 +176,26 @@ impl Txn {
         self.st.messages -= 1;
         self.st.bytes = self.st.bytes.saturating_sub(size);
         if seq == self.st.first_seq {
-            self.advance_first(seq)?;
+            self.first_stale = true;
         }
         Ok(())
     }
 
-    /// `first_seq` was just removed: find the next message still present.
-    fn advance_first(&mut self, removed: Seq) -> Result<()> {
+    /// If the first message was removed, move `first_seq` (and
+    /// `first_time`) to the first message still present, at or after it.
+    fn settle_first(&mut self) -> Result<()> {
+        if !std::mem::take(&mut self.first_stale) {
+            return Ok(());
+        }
         if self.st.messages == 0 {
             self.st.first_seq = self.st.last_seq.next();
             self.st.first_time = None;
             return Ok(());
         }
+        let from = self.st.first_seq;
         let from_store = {
             let mut found = None;
-            for kv in self.h.msgs.range(codec::seq_key(removed.next())..) {
+            for kv in self.h.msgs.range(codec::seq_key(from)..) {
                 let k = kv.key().map_err(storage)?;
                 let s = codec::key_seq(&k)?;
                 if !self.removed.contains(&s) {
@@ -163,7 +205,7 @@ impl Txn {
             }
             found
         };
-        let from_added = self.added.range(removed.next()..).map(|(s, _)| *s).find(|s| !self.removed.contains(s));
+        let from_added = self.added.range(from..).map(|(s, _)| *s).find(|s| !self.removed.contains(s));
         let next = match (from_store, from_added) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b).unwrap_or(self.st.last_seq.next()),
@@ -191,6 +233,7 @@ impl Txn {
 
     /// Drop the oldest message of the stream.
     pub fn evict_front(&mut self) -> Result<()> {
+        self.settle_first()?;
         let seq = self.st.first_seq;
         match self.describe(seq)? {
             Some((subject, size, _)) => self.remove(seq, &subject, size),
@@ -202,8 +245,9 @@ impl Txn {
     }
 
     /// Time of the oldest message, if any.
-    pub fn front_time(&self) -> Option<Timestamp> {
-        if self.st.messages == 0 { None } else { self.st.first_time }
+    pub fn front_time(&mut self) -> Result<Option<Timestamp>> {
+        self.settle_first()?;
+        Ok(if self.st.messages == 0 { None } else { self.st.first_time })
     }
 
     /// Sequences of `subject` this write can see, oldest first.
@@ -245,11 +289,25 @@ impl Txn {
         let seqs = self.subject_seqs(subject.as_str())?;
         let excess = seqs.len().saturating_sub(keep as usize);
         for seq in seqs.into_iter().take(excess) {
-            if let Some((s, size, _)) = self.describe(seq)? {
-                self.remove(seq, &s, size)?;
-            }
+            self.remove_seq(seq)?;
         }
         Ok(())
+    }
+
+    /// [`Txn::trim_subject`] right after an [`Txn::append`] to `subject`
+    /// that saw `before`. When the subject held one message and keeps one
+    /// (a KV bucket with history 1, a rollup), that message is the one to
+    /// drop: it is `before`'s last sequence (a subject's `l` entry names
+    /// its newest message while it has any), so no scan of the subject
+    /// index is needed.
+    pub fn trim_after_append(&mut self, subject: &Subject, keep: u64, before: Option<(Seq, u64)>) -> Result<()> {
+        match before {
+            Some((only, 1)) if keep == 1 => {
+                debug_assert_eq!(self.subject_seqs(subject.as_str())?.first(), Some(&only));
+                self.remove_seq(only)
+            }
+            _ => self.trim_subject(subject, keep),
+        }
     }
 
     /// Commit the write and its index changes; returns the new state, for
@@ -264,6 +322,7 @@ impl Txn {
     /// the caller must commit before anything reads the index or the write
     /// is acknowledged.
     pub fn commit_deferring_index(mut self, meta: &fjall::Keyspace) -> Result<(StreamState, IndexBatch)> {
+        self.settle_first()?;
         if self.h.kv_cache.enabled() && !self.lasts.is_empty() {
             // Before the commit (see `kvcache.rs`): the subjects whose last
             // entry this write changes.

@@ -1130,17 +1130,18 @@ impl Writer {
                 continue;
             }
             let subject = msg.subject.clone();
+            let before = txn.last_of(subject.as_str())?;
             match cond {
                 Cond::None | Cond::Rollup => {}
                 Cond::NoLiveValue => {
-                    if let Some((last, _)) = txn.last_of(subject.as_str())?
+                    if let Some((last, _)) = before
                         && txn.kv_op(last)? == Some(finmesh_core::KvOp::Put)
                     {
                         return Err(Error::wrong_revision(Revision(last.0), "key exists"));
                     }
                 }
                 Cond::LastSubjectSeq(expected) => {
-                    let current = txn.last_of(subject.as_str())?.map_or(0, |(s, _)| s.0);
+                    let current = before.map_or(0, |(s, _)| s.0);
                     if current != expected.0 {
                         return Err(Error::wrong_revision(
                             Revision(current),
@@ -1162,7 +1163,7 @@ impl Writer {
                 }
             }
             let id = msg.msg_id().map(str::to_owned);
-            let m = txn.append(now, msg)?;
+            let m = txn.append(now, msg, before)?;
             if let Some(id) = id {
                 dedup.ids.insert(id.clone(), m.seq);
                 dedup.order.push_back((now, id));
@@ -1170,9 +1171,9 @@ impl Writer {
             acks.push(PubAck { seq: m.seq, duplicate: false });
             s.stored.push(m);
             if cond == Cond::Rollup {
-                txn.trim_subject(&subject, 1)?;
+                txn.trim_after_append(&subject, 1, before)?;
             } else if let Some(keep) = s.config.max_msgs_per_subject {
-                txn.trim_subject(&subject, keep)?;
+                txn.trim_after_append(&subject, keep, before)?;
             }
         }
         limits(&s.config, txn, now)?;
@@ -1384,7 +1385,10 @@ fn limits_bounded(
     while *budget > 0 && txn.st.messages > 0 {
         let over_msgs = config.max_msgs.is_some_and(|m| txn.st.messages > m);
         let over_bytes = config.max_bytes.is_some_and(|b| txn.st.bytes > b);
-        let too_old = cutoff.is_some_and(|c| txn.front_time().is_some_and(|t| t < c));
+        let too_old = match cutoff {
+            Some(c) => txn.front_time()?.is_some_and(|t| t < c),
+            None => false,
+        };
         if !(over_msgs || over_bytes || too_old) {
             break;
         }

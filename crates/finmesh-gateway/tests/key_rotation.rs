@@ -7,6 +7,8 @@
 //!   is refused with the count per bucket, and succeeds after re-encryption;
 //! - a re-encryption stopped mid-way resumes after its last batch without
 //!   redoing finished work;
+//! - a client write between the job's read of a value and its
+//!   compare-and-set is never overwritten (counted `changed`);
 //! - the key listing never carries key material.
 
 mod support;
@@ -318,8 +320,48 @@ async fn reencrypt_resumes_where_it_stopped<H: Harness>() {
     assert_eq!(again["run"]["current"], N, "{again}");
 }
 
+/// A client write that lands between the job's read of a value and its
+/// compare-and-set is never overwritten: the job counts it `changed` and
+/// the client's value stays, sealed under the active key.
+async fn a_write_during_reencrypt_is_never_overwritten<H: Harness>() {
+    const N: u64 = 40;
+    let (gw, raw, counting) = Gw::secure_counting::<H>().await;
+    encrypted_bucket(&gw, "cards").await;
+    for i in 0..N {
+        assert_eq!(gw.put(&format!("/v1/kv/cards/k{i:03}"), format!("v{i}")).await.status, 200);
+    }
+    let new_key = rotate(&gw, "encryption").await;
+    // The job's compare-and-set of k017 waits until the client has written.
+    let (reached, go) = counting.pause_update(Key::new("k017").unwrap());
+    let client = async {
+        reached.await.expect("the job reached k017's compare-and-set");
+        assert_eq!(gw.put("/v1/kv/cards/k017", "the client's").await.status, 200);
+        go.send(()).unwrap();
+    };
+    let job = async {
+        let lines = reencrypt(&gw, "cards", "?batch=10").await;
+        counting.clear_pause(); // a job that never reached k017 fails the client's side
+        lines
+    };
+    let (lines, ()) = tokio::join!(job, client);
+    let last = lines.last().unwrap();
+    assert_eq!(last["total"]["scanned"], N, "{last}");
+    assert_eq!(last["total"]["changed"], 1, "{last}");
+    assert_eq!(last["total"]["rewritten"], N - 1, "{last}");
+    let res = gw.get("/v1/kv/cards/k017").await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.text(), "the client's");
+    for i in [0, 16, 18, N - 1] {
+        assert_eq!(gw.get(&format!("/v1/kv/cards/k{i:03}")).await.text(), format!("v{i}"));
+    }
+    let ids = stored_key_ids(&raw, "cards").await;
+    assert_eq!(ids.len() as u64, N);
+    assert!(ids.values().all(|&id| u64::from(id) == new_key), "{ids:?}");
+}
+
 per_engine!(
     rotation_under_load,
+    a_write_during_reencrypt_is_never_overwritten,
     retire_is_refused_with_the_count,
     the_key_listing_shows_no_key_material,
     reencrypt_resumes_where_it_stopped

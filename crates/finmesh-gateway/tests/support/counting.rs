@@ -1,6 +1,9 @@
 //! A counting wrapper around a real engine: every call goes to the engine
 //! it wraps; `read` and `tail` calls are counted, so a test can assert how
 //! often the gateway asked the engine (not a mock: the engine does the work).
+//! It can also hold back one `kv_update` of a key
+//! ([`CountingEngine::pause_update`]), so a test can put another write
+//! between a compare-and-set's read and its write.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,16 +11,46 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 use finmesh_core::*;
+use tokio::sync::oneshot;
 
 pub struct CountingEngine {
     pub inner: Arc<dyn Engine>,
     pub reads: AtomicU64,
     pub tails: AtomicU64,
+    /// The `kv_update` to hold back, if any.
+    pause: parking_lot::Mutex<Option<UpdatePause>>,
+}
+
+/// The next `kv_update` of `key`: tell `reached`, then wait for `go`.
+struct UpdatePause {
+    key: Key,
+    reached: oneshot::Sender<()>,
+    go: oneshot::Receiver<()>,
 }
 
 impl CountingEngine {
     pub fn new(inner: Arc<dyn Engine>) -> Arc<Self> {
-        Arc::new(CountingEngine { inner, reads: AtomicU64::new(0), tails: AtomicU64::new(0) })
+        Arc::new(CountingEngine {
+            inner,
+            reads: AtomicU64::new(0),
+            tails: AtomicU64::new(0),
+            pause: parking_lot::Mutex::new(None),
+        })
+    }
+
+    /// Hold back the next `kv_update` of `key` before it reaches the
+    /// engine: the first receiver resolves when it arrives, and it goes on
+    /// when the sender is used (or dropped).
+    pub fn pause_update(&self, key: Key) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
+        let (reached_tx, reached_rx) = oneshot::channel();
+        let (go_tx, go_rx) = oneshot::channel();
+        *self.pause.lock() = Some(UpdatePause { key, reached: reached_tx, go: go_rx });
+        (reached_rx, go_tx)
+    }
+
+    /// Forget a pause not reached yet (its first receiver then fails).
+    pub fn clear_pause(&self) {
+        *self.pause.lock() = None;
     }
 
     pub fn reads(&self) -> u64 {
@@ -130,6 +163,20 @@ impl KvEngine for CountingEngine {
     }
 
     async fn kv_update(&self, bucket: &BucketName, key: &Key, value: Bytes, expected: Revision) -> Result<Revision> {
+        let paused = {
+            let mut pause = self.pause.lock();
+            match pause.take() {
+                Some(p) if &p.key == key => Some(p),
+                other => {
+                    *pause = other;
+                    None
+                }
+            }
+        };
+        if let Some(p) = paused {
+            let _ = p.reached.send(());
+            let _ = p.go.await;
+        }
         self.inner.kv_update(bucket, key, value, expected).await
     }
 
@@ -147,6 +194,16 @@ impl KvEngine for CountingEngine {
 
     async fn kv_keys(&self, bucket: &BucketName, prefix: &str) -> Result<Vec<Key>> {
         self.inner.kv_keys(bucket, prefix).await
+    }
+
+    async fn kv_keys_page(
+        &self,
+        bucket: &BucketName,
+        prefix: &str,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<KeysPage> {
+        self.inner.kv_keys_page(bucket, prefix, after, limit).await
     }
 
     async fn kv_history(&self, bucket: &BucketName, key: &Key) -> Result<Vec<KvEntry>> {

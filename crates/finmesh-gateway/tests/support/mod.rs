@@ -170,6 +170,24 @@ impl Gw {
     /// [`secure`](Self::secure) with `config`.
     pub async fn secure_with<H: Harness>(config: GatewayConfig) -> (Self, Arc<dyn Engine>) {
         let (raw, guard) = H::start().await;
+        Self::secure_over(raw, guard, config).await
+    }
+
+    /// [`secure`](Self::secure) with a [`counting::CountingEngine`]
+    /// between the wrapper and the engine (so also under the key
+    /// administration); also returns it.
+    pub async fn secure_counting<H: Harness>() -> (Self, Arc<dyn Engine>, Arc<counting::CountingEngine>) {
+        let (engine, guard) = H::start().await;
+        let counting = counting::CountingEngine::new(engine);
+        let (gw, raw) = Self::secure_over(counting.clone(), guard, GatewayConfig::default()).await;
+        (gw, raw, counting)
+    }
+
+    async fn secure_over(
+        raw: Arc<dyn Engine>,
+        guard: Box<dyn Any + Send + Sync>,
+        config: GatewayConfig,
+    ) -> (Self, Arc<dyn Engine>) {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("master.key");
         finmesh_crypto::FileKeyProvider::create(&path).expect("create a master key");
