@@ -24,7 +24,9 @@
 //!   conflict it starts again from the newer ring, so two gateways rotating
 //!   at once both get their key in and none is lost;
 //! - the ring in memory only moves forward: a reload installs a stored ring
-//!   only if its revision is newer than the one held;
+//!   only if its revision is newer than the one held; the new revision is
+//!   announced on the [`RingStore::subscribe`] channel after the ring's
+//!   lock is released (never both locks at once);
 //! - [`RingStore::open_value`] reloads at most once per unknown key id and
 //!   concurrent readers that meet the same unknown id share one reload;
 //! - [`RingStore::follow`] watches the stored ring from the revision after
@@ -212,12 +214,28 @@ impl RingStore {
     }
 
     fn install(&self, ring: KeyRing, revision: Revision) -> Arc<KeyRing> {
-        let mut current = self.current.write();
-        if revision > current.revision {
-            *current = Loaded { ring: Arc::new(ring), revision };
-            self.installed.send_replace(revision);
+        let (in_use, newer) = {
+            let mut current = self.current.write();
+            let newer = revision > current.revision;
+            if newer {
+                *current = Loaded { ring: Arc::new(ring), revision };
+            }
+            (current.ring.clone(), newer)
+        };
+        // Announced after the ring's lock is released: a subscriber may
+        // read the ring while it holds the watch (`wait_for`'s closure does),
+        // and holding both here deadlocked against it. Only ever forward,
+        // as two installs may announce out of order.
+        if newer {
+            self.installed.send_if_modified(|announced| {
+                let later = revision > *announced;
+                if later {
+                    *announced = revision;
+                }
+                later
+            });
         }
-        current.ring.clone()
+        in_use
     }
 
     /// The revision of the ring in use, changing each time a newer ring is

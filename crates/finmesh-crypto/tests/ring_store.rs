@@ -306,3 +306,43 @@ async fn rotations_racing_a_master_key_change_are_kept_or_refused_never_lost() {
     let ring = WrappedRing::from_bytes(&bytes).unwrap().unwrap(&new).unwrap();
     assert_eq!(ring.keys().count(), 2 + stored, "every rotation stored before the change is in the rewrapped ring");
 }
+
+/// A subscriber that reads the ring while it holds the revision channel
+/// (as a `wait_for` closure does) never deadlocks against a rotation
+/// installing a ring. (The install used to announce the revision while it
+/// held the ring's lock: two locks taken in opposite orders.)
+#[test]
+fn reading_the_ring_while_holding_its_revision_never_deadlocks() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let s = site();
+            let store =
+                Arc::new(RingStore::open_or_create(s.engine.clone(), &s.master, keys_bucket_config(1)).await.unwrap());
+            let rotations = tokio::spawn({
+                let store = store.clone();
+                async move {
+                    for _ in 0..30 {
+                        store.rotate(KeyPurpose::Encryption).await.unwrap();
+                    }
+                }
+            });
+            let revisions = store.subscribe();
+            let mut reads = 0u64;
+            while !rotations.is_finished() {
+                let held = revisions.borrow();
+                reads += store.ring().keys().count() as u64;
+                drop(held);
+                tokio::task::yield_now().await;
+            }
+            rotations.await.unwrap();
+            assert!(reads > 0);
+            assert_eq!(*revisions.borrow(), store.revision(), "the last install was announced");
+        });
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("a rotation and a subscriber reading the ring deadlocked");
+}
