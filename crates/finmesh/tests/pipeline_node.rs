@@ -65,13 +65,15 @@ impl Node {
         Node { child, url, token }
     }
 
+    /// The CLI against this node, not started.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_finmesh"));
+        cmd.args(args).env("FINMESH_SERVER", &self.url).env("FINMESH_TOKEN", &self.token);
+        cmd
+    }
+
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_finmesh"))
-            .args(args)
-            .env("FINMESH_SERVER", &self.url)
-            .env("FINMESH_TOKEN", &self.token)
-            .output()
-            .unwrap()
+        self.command(args).output().unwrap()
     }
 
     async fn messages(&self, stream: &str) -> u64 {
@@ -153,17 +155,18 @@ async fn the_walk_through_runs_a_feed_to_validated_and_exceptions() {
     // `pipeline run` reconciles its pipeline's runs: the run completes, with
     // the file's rows counted exactly once at every stage (the re-upload
     // above changed nothing).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        let out = ok(node.cli(&["pipeline", "status", "eod", "--json"]), "status --json");
-        let status: Value = serde_json::from_str(out.trim()).unwrap();
-        if status["state"] == "complete" {
-            break status;
-        }
-        assert_eq!(status["state"], "open", "{status}");
-        assert!(tokio::time::Instant::now() < deadline, "the run did not complete: {status}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // `status --watch` returns once the run ends (complete or failed).
+    let mut watch = node.command(&["pipeline", "status", "eod", "--watch", "--interval-ms", "100"]);
+    let watched = tokio::time::timeout(Duration::from_secs(120), tokio::task::spawn_blocking(move || watch.output()))
+        .await
+        .expect("the run ended within 120 s")
+        .unwrap()
+        .unwrap();
+    let out = ok(watched, "status --watch");
+    assert!(out.starts_with("run eod (pipeline risk): complete"), "{out}");
+    let out = ok(node.cli(&["pipeline", "status", "eod", "--json"]), "status --json");
+    let status: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(status["state"], "complete", "{status}");
     let f = &status["slices"]["rates"]["files"]["feed_csv"];
     assert_eq!(f["validated"]["actual"].as_u64(), Some(rows), "{f}");
     assert_eq!(f["valid_records"].as_u64(), Some(good), "{f}");
@@ -171,8 +174,6 @@ async fn the_walk_through_runs_a_feed_to_validated_and_exceptions() {
     assert_eq!(node.messages("risk-exceptions").await, rows - good);
     let v = node.messages("risk-validated").await;
     assert!(v > 0 && v * 100 <= good, "{v} validated messages for {good} records");
-    let out = ok(node.cli(&["pipeline", "status", "eod", "--watch", "--interval-ms", "100"]), "status --watch");
-    assert!(out.starts_with("run eod (pipeline risk): complete"), "{out}");
 
     // Rules: a bad file is refused with its caret; a good one is stored.
     let bad_rules = dir.path().join("bad.txt");
