@@ -110,32 +110,28 @@ pub fn disk_bytes(dir: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-/// Put `keys` keys into bucket [`BUCKET`] of a fresh engine in `data`.
-async fn load(data: &Path, keys: u64, value_bytes: usize) -> anyhow::Result<Sample> {
-    let engine = EmbeddedEngine::open(data)?;
-    let bucket = BucketName::new(BUCKET)?;
-    engine.create_bucket(BucketConfig::new(bucket.clone())).await?;
+/// Run `put(from, to)` over keys `0..n` in ranges of [`LOAD_BATCH`] from
+/// [`LOADERS`] tasks. `put` returns how long its write took (preparing the
+/// batch left out), recorded as the batch's latency; the sample's rate
+/// covers the whole load.
+pub async fn load_ranges<F, Fut>(n: u64, put: F) -> anyhow::Result<Sample>
+where
+    F: Fn(u64, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<Duration>> + Send,
+{
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..LOADERS {
-        let (engine, bucket, next) = (engine.clone(), bucket.clone(), next.clone());
+        let (put, next) = (put.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut sample = Sample::new();
             loop {
                 let from = next.fetch_add(LOAD_BATCH, Ordering::Relaxed);
-                if from >= keys {
+                if from >= n {
                     return anyhow::Ok(sample);
                 }
-                let to = (from + LOAD_BATCH).min(keys);
-                let mut entries = Vec::with_capacity((to - from) as usize);
-                for i in from..to {
-                    entries.push((Key::new(key_name(i))?, scale_value(i, value_bytes)));
-                }
-                let t = Instant::now();
-                let revs = engine.kv_put_batch(&bucket, entries).await?;
-                sample.record(t.elapsed());
-                anyhow::ensure!(revs.len() as u64 == to - from, "{} revisions for {} keys", revs.len(), to - from);
+                sample.record(put(from, (from + LOAD_BATCH).min(n)).await?);
             }
         }));
     }
@@ -145,7 +141,33 @@ async fn load(data: &Path, keys: u64, value_bytes: usize) -> anyhow::Result<Samp
         total.hist.add(&s.hist).context("merging histograms")?;
     }
     total.elapsed = started.elapsed();
-    total.msgs = keys;
+    total.msgs = n;
+    Ok(total)
+}
+
+/// Put `keys` keys into bucket [`BUCKET`] of a fresh engine in `data`.
+async fn load(data: &Path, keys: u64, value_bytes: usize) -> anyhow::Result<Sample> {
+    let engine = EmbeddedEngine::open(data)?;
+    let bucket = BucketName::new(BUCKET)?;
+    engine.create_bucket(BucketConfig::new(bucket.clone())).await?;
+    let total = load_ranges(keys, {
+        let (engine, bucket) = (engine.clone(), bucket.clone());
+        move |from, to| {
+            let (engine, bucket) = (engine.clone(), bucket.clone());
+            async move {
+                let mut entries = Vec::with_capacity((to - from) as usize);
+                for i in from..to {
+                    entries.push((Key::new(key_name(i))?, scale_value(i, value_bytes)));
+                }
+                let t = Instant::now();
+                let revs = engine.kv_put_batch(&bucket, entries).await?;
+                let took = t.elapsed();
+                anyhow::ensure!(revs.len() as u64 == to - from, "{} revisions for {} keys", revs.len(), to - from);
+                Ok(took)
+            }
+        }
+    })
+    .await?;
     engine.close().await?;
     Ok(total)
 }

@@ -56,32 +56,16 @@ async fn publish_range(js: &jetstream::Context, from: u64, to: u64, value_bytes:
 
 /// Put `keys` keys from [`LOADERS`] tasks; the sample's latency is per batch.
 async fn load(js: &jetstream::Context, keys: u64, value_bytes: usize) -> anyhow::Result<Sample> {
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..LOADERS {
-        let (js, next) = (js.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut sample = Sample::new();
-            loop {
-                let from = next.fetch_add(LOAD_BATCH, std::sync::atomic::Ordering::Relaxed);
-                if from >= keys {
-                    return anyhow::Ok(sample);
-                }
-                let t = Instant::now();
-                publish_range(&js, from, (from + LOAD_BATCH).min(keys), value_bytes).await?;
-                sample.record(t.elapsed());
-            }
-        }));
-    }
-    let mut total = Sample::new();
-    for t in tasks {
-        let s = t.await.context("a loading task panicked")??;
-        total.hist.add(&s.hist).context("merging histograms")?;
-    }
-    total.elapsed = started.elapsed();
-    total.msgs = keys;
-    Ok(total)
+    let js = js.clone();
+    super::kv_scale::load_ranges(keys, move |from, to| {
+        let js = js.clone();
+        async move {
+            let t = Instant::now();
+            publish_range(&js, from, to, value_bytes).await?;
+            Ok(t.elapsed())
+        }
+    })
+    .await
 }
 
 /// The `mem` figure of a nats-server's `/varz` (its resident memory).

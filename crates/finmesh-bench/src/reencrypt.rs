@@ -35,7 +35,6 @@
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -46,7 +45,7 @@ use finmesh_crypto::{
 use finmesh_embedded::EmbeddedEngine;
 
 use super::embedded_kv::key_name;
-use super::kv_scale::{LOAD_BATCH, LOADERS, scale_value};
+use super::kv_scale::{LOAD_BATCH, LOADERS, load_ranges, scale_value};
 use super::measure::{Measurement, Sample};
 use super::{BenchContext, KV_VALUE};
 
@@ -64,39 +63,22 @@ const CHECKED: u64 = 1_000;
 
 /// Seal and put `n` values into `bucket` of `raw` (see the module doc).
 async fn load(raw: &EmbeddedEngine, keys: &Arc<RingStore>, bucket: &BucketName, n: u64) -> anyhow::Result<Sample> {
-    let next = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..LOADERS {
-        let (raw, keys, bucket, next) = (raw.clone(), keys.clone(), bucket.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut sample = Sample::new();
-            loop {
-                let from = next.fetch_add(LOAD_BATCH, Ordering::Relaxed);
-                if from >= n {
-                    return anyhow::Ok(sample);
-                }
-                let to = (from + LOAD_BATCH).min(n);
-                let mut entries = Vec::with_capacity((to - from) as usize);
-                for i in from..to {
-                    let key = Key::new(key_name(i))?;
-                    let sealed = keys.seal_value(&bucket, &key, &scale_value(i, KV_VALUE))?;
-                    entries.push((key, sealed));
-                }
-                let t = Instant::now();
-                raw.kv_put_batch(&bucket, entries).await?;
-                sample.record(t.elapsed());
+    let (raw, keys, bucket) = (raw.clone(), keys.clone(), bucket.clone());
+    load_ranges(n, move |from, to| {
+        let (raw, keys, bucket) = (raw.clone(), keys.clone(), bucket.clone());
+        async move {
+            let mut entries = Vec::with_capacity((to - from) as usize);
+            for i in from..to {
+                let key = Key::new(key_name(i))?;
+                let sealed = keys.seal_value(&bucket, &key, &scale_value(i, KV_VALUE))?;
+                entries.push((key, sealed));
             }
-        }));
-    }
-    let mut total = Sample::new();
-    for t in tasks {
-        let s = t.await.context("a loading task panicked")??;
-        total.hist.add(&s.hist).context("merging histograms")?;
-    }
-    total.elapsed = started.elapsed();
-    total.msgs = n;
-    Ok(total)
+            let t = Instant::now();
+            raw.kv_put_batch(&bucket, entries).await?;
+            Ok(t.elapsed())
+        }
+    })
+    .await
 }
 
 /// Run the scenario (see the module doc).
