@@ -82,11 +82,11 @@ pub(crate) fn seal_with_nonce(
     out.extend_from_slice(&header);
     out.extend_from_slice(&nonce);
     out.extend_from_slice(plaintext);
-    let aad = associated_data(&header, bucket, key);
     let body = HEADER_LEN + NONCE_LEN;
-    let tag = aead
-        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut out[body..])
-        .map_err(|_| CryptoError::internal("AES-GCM sealing failed"))?;
+    let tag = with_associated_data(&header, bucket, key, |aad| {
+        aead.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out[body..])
+    })
+    .map_err(|_| CryptoError::internal("AES-GCM sealing failed"))?;
     out.extend_from_slice(tag.as_ref());
     Ok(Bytes::from(out))
 }
@@ -108,15 +108,16 @@ pub fn open(ring: &KeyRing, bucket: &BucketName, key: &Key, sealed: &[u8]) -> Re
     }
     let (header, rest) = sealed.split_at(HEADER_LEN);
     let (nonce, body) = rest.split_at(NONCE_LEN);
+    let (ciphertext, tag) = body.split_at(body.len() - TAG_LEN);
     let nonce = Nonce::try_assume_unique_for_key(nonce).expect("a 12-byte nonce");
-    let aad = associated_data(header.try_into().expect("a 6-byte header"), bucket, key);
-    let mut buf = body.to_vec();
-    match aead.open_in_place(nonce, Aad::from(&aad), &mut buf) {
-        Ok(plain) => {
-            let n = plain.len();
-            buf.truncate(n);
-            Ok(Bytes::from(buf))
-        }
+    // Exactly the plaintext's size, so the `Bytes` made of it owns the
+    // allocation as is (no second allocation for a shared header).
+    let mut buf = ciphertext.to_vec();
+    let opened = with_associated_data(header.try_into().expect("a 6-byte header"), bucket, key, |aad| {
+        aead.open_in_place_separate_tag(nonce, Aad::from(aad), tag, &mut buf).map(|_| ())
+    });
+    match opened {
+        Ok(()) => Ok(Bytes::from(buf)),
         Err(_) => {
             buf.zeroize();
             Err(CryptoError::integrity(format!(
@@ -153,21 +154,47 @@ fn header(id: KeyId) -> [u8; HEADER_LEN] {
     [MAGIC, FORMAT_VERSION, id[0], id[1], id[2], id[3]]
 }
 
+#[cfg(test)]
 fn associated_data(header: &[u8; HEADER_LEN], bucket: &BucketName, key: &Key) -> Vec<u8> {
+    with_associated_data(header, bucket, key, <[u8]>::to_vec)
+}
+
+/// Associated data that fits here is built on the stack: every get of a
+/// sealed value builds one, and bucket names plus hashed keys fit.
+const STACK_AAD: usize = 192;
+
+/// Call `f` with the associated data of `header`, `bucket` and `key` (the
+/// layout is in the module doc).
+fn with_associated_data<T>(header: &[u8; HEADER_LEN], bucket: &BucketName, key: &Key, f: impl FnOnce(&[u8]) -> T) -> T {
     let (bucket, key) = (bucket.as_str().as_bytes(), key.as_str().as_bytes());
-    let mut aad = Vec::with_capacity(AAD_LABEL.len() + HEADER_LEN + 8 + bucket.len() + key.len());
-    aad.extend_from_slice(AAD_LABEL);
-    aad.extend_from_slice(header);
-    put_len_prefixed(&mut aad, bucket);
-    put_len_prefixed(&mut aad, key);
-    aad
+    let len = AAD_LABEL.len() + HEADER_LEN + 8 + bucket.len() + key.len();
+    let mut stack = [0u8; STACK_AAD];
+    let mut heap = Vec::new();
+    let aad: &mut [u8] = if len <= STACK_AAD {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    let mut at = 0;
+    for part in [AAD_LABEL, header, &len_prefix(bucket), bucket, &len_prefix(key), key] {
+        aad[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    debug_assert_eq!(at, len);
+    f(aad)
+}
+
+/// The `u32 BE` length that precedes `bytes` in associated data and hash
+/// inputs.
+pub(crate) fn len_prefix(bytes: &[u8]) -> [u8; 4] {
+    u32::try_from(bytes.len()).expect("names and keys are far shorter than 4 GiB").to_be_bytes()
 }
 
 /// Append `u32 BE len(bytes) || bytes`: the unambiguous encoding used in
 /// every associated data and hash input of this crate.
 pub(crate) fn put_len_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
-    let len = u32::try_from(bytes.len()).expect("names and keys are far shorter than 4 GiB");
-    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&len_prefix(bytes));
     out.extend_from_slice(bytes);
 }
 

@@ -25,11 +25,13 @@
 //! key is retired. Listing keys of
 //! such a bucket returns stored keys only: a hash cannot be reversed.
 
+use std::fmt::Write as _;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use finmesh_core::{BucketName, Key};
 
-use crate::envelope::put_len_prefixed;
+use crate::envelope::len_prefix;
 use crate::error::{CryptoError, CryptoErrorKind, Result};
 use crate::ring::{DataKey, KeyId, KeyPurpose, KeyRing, KeyState};
 
@@ -37,6 +39,9 @@ use crate::ring::{DataKey, KeyId, KeyPurpose, KeyRing, KeyState};
 pub const HASHED_KEY_PREFIX: &str = "h1";
 
 const HASH_LABEL: &[u8] = b"finmesh/kv-key/v1";
+
+/// The longest stored key: `h1.` + a u32 id + `.` + 43 base64 characters.
+const MAX_HASHED_KEY_LEN: usize = 3 + 10 + 1 + 43;
 
 /// The stored key for `clear_key` of `bucket` under the active hashing key.
 pub fn hash_key(ring: &KeyRing, bucket: &BucketName, clear_key: &str) -> Result<Key> {
@@ -77,13 +82,16 @@ fn hash_with(key: &DataKey, bucket: &BucketName, clear_key: &str) -> Result<Key>
     }
     let hmac = key.hmac().expect("a hashing key");
     let mut ctx = aws_lc_rs::hmac::Context::with_key(hmac);
-    let mut prefix = Vec::with_capacity(HASH_LABEL.len() + 4 + bucket.as_str().len());
-    prefix.extend_from_slice(HASH_LABEL);
-    put_len_prefixed(&mut prefix, bucket.as_str().as_bytes());
-    ctx.update(&prefix);
+    let bucket = bucket.as_str().as_bytes();
+    ctx.update(HASH_LABEL);
+    ctx.update(&len_prefix(bucket));
+    ctx.update(bucket);
     ctx.update(clear_key.as_bytes());
     let tag = ctx.sign();
-    let stored = format!("{HASHED_KEY_PREFIX}.{}.{}", key.id(), URL_SAFE_NO_PAD.encode(tag.as_ref()));
+    // Built in place: this runs on every request to a hashed bucket.
+    let mut stored = String::with_capacity(MAX_HASHED_KEY_LEN);
+    write!(stored, "{HASHED_KEY_PREFIX}.{}.", key.id()).expect("writing to a String cannot fail");
+    URL_SAFE_NO_PAD.encode_string(tag.as_ref(), &mut stored);
     Ok(Key::new(stored).expect("a hashed key is always a valid key"))
 }
 

@@ -335,7 +335,9 @@ impl RingStore {
         let ring = self.ring();
         match envelope::open(&ring, bucket, key, sealed) {
             Err(e) if e.kind() == CryptoErrorKind::UnknownKey => {
-                self.reload_after(&ring).await?;
+                // Boxed: the rare reload keeps its state out of every
+                // get's future.
+                Box::pin(self.reload_after(&ring)).await?;
                 envelope::open(&self.ring(), bucket, key, sealed)
             }
             r => r,
