@@ -20,11 +20,11 @@
 //!
 //! Why a tally written over several keys, not atomically, stays correct
 //! whatever the crash: the reconciler acks a message only after every key
-//! of its flush is written. A crash part-way leaves each key holding a
-//! subset of the rows of the unacked messages (never a row no message
-//! carries, so a count can lag, never exceed), and they are redelivered
-//! and re-applied: bits already stored are set again, which changes
-//! nothing. A part written whose head was not (a new shard) is unlisted
+//! of its flush is written, so every row of an acked message is in a key
+//! the head lists. A crash part-way leaves some rows of unacked messages
+//! stored and some not (never a row no message carries: a count can lag,
+//! never exceed); those messages are redelivered and re-applied, and bits
+//! already stored are set again, which changes nothing. A part written whose head was not (a new shard) is unlisted
 //! until the redelivery: the next writer does not know its revision, so it
 //! writes the part as new, meets the stored one (`WrongRevision`), merges
 //! it and then writes a head that lists it. Two reconcilers interleave the
