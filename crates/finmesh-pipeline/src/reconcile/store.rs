@@ -387,7 +387,7 @@ mod tests {
     async fn an_unlisted_part_is_merged_not_overwritten() {
         let (engine, names, a, _dir) = setup().await;
         let mut crashed = HeldTally::default();
-        add(&mut crashed, Counted::Raw, &[SHARD + 1], 1);
+        add(&mut crashed, Counted::Raw, &[SHARD + 1, SHARD + 3], 1);
         engine.kv_put(&names.bucket(), &a.part_key(1), crashed.tally().encode_part(1)).await.unwrap();
 
         let mut next = load_tally(&*engine, &names, &a).await.unwrap();
@@ -395,7 +395,7 @@ mod tests {
         add(&mut next, Counted::Raw, &[SHARD + 1, SHARD + 2], 2);
         save_tally(&*engine, &names, &a, &mut next).await.unwrap();
         let stored = load_tally(&*engine, &names, &a).await.unwrap();
-        assert_eq!(rows(stored.tally(), Counted::Raw), vec![SHARD + 1, SHARD + 2]);
+        assert_eq!(rows(stored.tally(), Counted::Raw), vec![SHARD + 1, SHARD + 2, SHARD + 3]);
         assert!(head(&*engine, &names, &a).await.contains("\"parts\":[1]"));
     }
 
