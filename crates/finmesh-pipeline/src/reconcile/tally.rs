@@ -30,7 +30,7 @@
 //! `part.{run}.{slice}.{file}.{n}`. Each value is JSON, each bitmap in
 //! roaring's portable serialisation (run-optimised), base64-encoded:
 //! - head, `v:1` (no other shard; exactly the format of before shards, so
-//!   an older binary still reads a file under 2^19 rows):
+//!   an older binary still reads a file whose rows are all below 2^19):
 //!   `{"v":1,"bits":{"raw":B64,...},"ingested":{...}?,"failed":{...}?,
 //!   "last_time":NANOS,"applied":{"raw":SEQ,...}}`; when *read*, a `v:1`
 //!   value may hold rows of any shard (stored before shards existed), and
