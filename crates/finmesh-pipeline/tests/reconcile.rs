@@ -98,7 +98,7 @@ async fn batch_messages_with_gaps_are_counted_exactly(f: Fixture) {
     );
     assert_eq!(feed.records(Source::Validated, &a, [1, 3, 2499]).await, 3);
     until(LONG, "the replay applied", || async {
-        let (t, _) = load_tally(&*feed.engine, &feed.names, &a).await.unwrap();
+        let t = load_tally(&*feed.engine, &feed.names, &a).await.unwrap().into_tally();
         let info = feed
             .engine
             .consumer_info(&feed.names.stream(Source::Validated), &feed.names.consumer(Source::Validated))
@@ -108,7 +108,7 @@ async fn batch_messages_with_gaps_are_counted_exactly(f: Fixture) {
     })
     .await;
     r.stop().await;
-    let (t, _) = load_tally(&*feed.engine, &feed.names, &a).await.unwrap();
+    let t = load_tally(&*feed.engine, &feed.names, &a).await.unwrap().into_tally();
     let missing: Vec<u32> = (1..=2500).filter(|r| !t.bits(Counted::Validated).contains(*r)).collect();
     let mut want: Vec<u32> = ingest_bad.iter().chain(&enrich_bad).chain(&validate_bad).copied().collect();
     want.sort_unstable();
@@ -192,7 +192,7 @@ async fn a_crash_between_the_write_and_the_ack_changes_no_count(f: Fixture) {
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
 
     // The tally is written, the input is not acked.
-    let (tally, _) = load_tally(&*f.engine, &feed.names, &a).await.unwrap();
+    let tally = load_tally(&*f.engine, &feed.names, &a).await.unwrap().into_tally();
     assert_eq!(tally.count(Counted::Raw), 100);
     let info =
         f.engine.consumer_info(&feed.names.stream(Source::Raw), &feed.names.consumer(Source::Raw)).await.unwrap();
@@ -206,7 +206,7 @@ async fn a_crash_between_the_write_and_the_ack_changes_no_count(f: Fixture) {
     assert_eq!((fa.raw.actual, fa.enriched.actual, fa.validated.actual), (299, 299, 300));
     assert_eq!((fa.exceptions.ingest, fa.exceptions.enrich, fa.exceptions.validate), (1, 1, 2));
     r.stop().await;
-    let (tally, _) = load_tally(&*f.engine, &feed.names, &a).await.unwrap();
+    let tally = load_tally(&*f.engine, &feed.names, &a).await.unwrap().into_tally();
     assert_eq!(tally.count(Counted::Raw), 299, "the redelivered rows were not counted twice");
 }
 
@@ -254,7 +254,7 @@ async fn a_duplicate_after_the_dedup_window_changes_no_count(f: Fixture) {
     let after = feed.status("r1").await.unwrap();
     assert_eq!(after.slices, before.slices, "counts unchanged by the replay");
     assert_eq!(after.slices["s1"].files["a"].raw.actual, 20);
-    let (tally, _) = load_tally(&*f.engine, &feed.names, &a).await.unwrap();
+    let tally = load_tally(&*f.engine, &feed.names, &a).await.unwrap().into_tally();
     assert_eq!(
         (tally.count(Counted::Raw), tally.count(Counted::Validated), tally.count(Counted::ExcValidate)),
         (20, 19, 1)
@@ -283,7 +283,7 @@ async fn a_large_file_is_counted_exactly_through_kills(f: Fixture) {
     for _ in 0..3 {
         let mark = fastrand::u64(1..u64::from(rows));
         until(Duration::from_secs(500), "the tally passes a random mark", || async {
-            let (t, _) = load_tally(&*f.engine, &feed.names, &big).await.ok()?;
+            let t = load_tally(&*f.engine, &feed.names, &big).await.ok()?.into_tally();
             (t.count(Counted::Raw) + t.count(Counted::Validated) >= mark).then_some(())
         })
         .await;
@@ -448,6 +448,6 @@ async fn a_tally_is_written_per_flush_not_per_batch() {
     r.stop().await;
     assert_eq!(st.slices["s"].files["a"].validated.actual, 3000);
     // Every write to the bucket (tallies and run documents) takes a revision.
-    let (_, revision) = load_tally(&*f.engine, &feed.names, &a).await.unwrap();
+    let revision = load_tally(&*f.engine, &feed.names, &a).await.unwrap().revision();
     assert!(revision.0 < 10, "the tally was rewritten per batch: bucket revision {}", revision.0);
 }

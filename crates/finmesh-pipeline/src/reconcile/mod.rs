@@ -4,7 +4,8 @@
 //! Read in this order:
 //! 1. [`names`]: ids, streams, subjects, consumers, the `{P}-recon` bucket;
 //! 2. [`tally`]: a file's rows seen, one roaring bitmap per stage and
-//!    outcome, keyed by the row of the record's id (`{file}:{row}`);
+//!    outcome, keyed by the row of the record's id (`{file}:{row}`), and
+//!    its stored form in shards of 2^19 rows;
 //! 3. [`run`]: a run's spec and status, and the pure function from tallies
 //!    to status and state changes;
 //! 4. [`store`]: the KV documents and their compare-and-set writes;
@@ -20,7 +21,11 @@
 //! State in `{P}-recon` (history 1):
 //! - `run.{run}`: the [`RunStatus`] JSON (spec, states, counts, failures,
 //!   late files), written by `open_run` and by the reconciler;
-//! - `file.{run}.{slice}.{file}`: the [`FileTally`] of one file.
+//! - `file.{run}.{slice}.{file}`: the head of the [`FileTally`] of one
+//!   file (rows 0 to 2^19-1, the ingest's events, the list of parts);
+//! - `part.{run}.{slice}.{file}.{n}`: its rows `[n·2^19, (n+1)·2^19)`,
+//!   for each such shard `n ≥ 1` with a row (see [`tally`] for the format
+//!   and the size bound of every value, [`store`] for the write order).
 //!
 //! State changes are published on `{P}-events` under
 //! `{P}.state.{run}[.{slice}[.{file}]]` before the run document records

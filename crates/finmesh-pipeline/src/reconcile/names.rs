@@ -167,7 +167,14 @@ impl FileRef {
         Key::new(format!("file.{}.{}.{}", self.run, self.slice, self.file)).expect("ids are valid key tokens")
     }
 
-    /// The file a tally key names.
+    /// The key of part `n` (`n ≥ 1`) of the file's tally:
+    /// `part.{run}.{slice}.{file}.{n}`. Not under `file.`, so listing a
+    /// run's files ([`run_files_prefix`]) never meets it.
+    pub fn part_key(&self, n: u32) -> Key {
+        Key::new(format!("part.{}.{}.{}.{n}", self.run, self.slice, self.file)).expect("ids are valid key tokens")
+    }
+
+    /// The file a tally key (its head's) names.
     pub fn from_key(key: &str) -> Option<FileRef> {
         let mut t = key.strip_prefix("file.")?.split('.');
         let (run, slice, file) = (t.next()?, t.next()?, t.next()?);
@@ -201,7 +208,12 @@ mod tests {
         assert_eq!(n.parse_subject(Source::Enriched, "risk.raw.r1.s-1.f_1"), None);
         assert_eq!(n.parse_subject(Source::Raw, "risk.raw.r1.s-1"), None);
         assert_eq!(n.parse_subject(Source::Raw, "risk.raw.r1.s.f.x"), None);
-        assert_eq!(FileRef::from_key(f.key().as_str()), Some(f));
+        assert_eq!(FileRef::from_key(f.key().as_str()), Some(f.clone()));
+        assert_eq!(f.part_key(3).as_str(), "part.r1.s-1.f_1.3");
+        assert!(!f.part_key(3).as_str().starts_with(&run_files_prefix("r1")), "a part is not listed as a file");
+        assert_eq!(FileRef::from_key(f.part_key(3).as_str()), None);
+        let long = FileRef::new(&"r".repeat(64), &"s".repeat(64), &"f".repeat(64)).unwrap();
+        assert!(long.part_key(crate::reconcile::tally::SHARDS - 1).as_str().len() < 220);
         assert_eq!(n.consumer(Source::Events).as_str(), "risk-recon-events");
         assert_eq!(n.state_subject("r", Some("s"), None).as_str(), "risk.state.r.s");
     }

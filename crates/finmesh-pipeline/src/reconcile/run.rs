@@ -257,16 +257,16 @@ pub struct FileStatus {
 impl FileStatus {
     /// The status a tally gives.
     pub fn of(t: &FileTally) -> FileStatus {
-        let (records, rows) = match &t.ingested {
+        let (records, rows) = match t.ingested() {
             Some(i) => (Some(i.records), Some(i.rows)),
             None => (None, None),
         };
         let raw = StageCount::new(records, t.count(Counted::Raw));
         let enriched = StageCount::new(records, t.enriched_actual());
         let validated = StageCount::new(rows, t.final_actual());
-        let state = if t.failed.is_some() {
+        let state = if t.failed().is_some() {
             Phase::Failed
-        } else if t.ingested.is_none() {
+        } else if t.ingested().is_none() {
             Phase::Ingesting
         } else if raw.complete && enriched.complete && validated.complete {
             Phase::Complete
@@ -276,7 +276,7 @@ impl FileStatus {
         FileStatus {
             state,
             rows,
-            ingested_at: t.ingested.as_ref().map(|i| i.at),
+            ingested_at: t.ingested().map(|i| i.at),
             raw,
             enriched,
             validated,
@@ -286,7 +286,7 @@ impl FileStatus {
                 enrich: t.count(Counted::ExcEnrich),
                 validate: t.count(Counted::ExcValidate),
             },
-            reason: t.failed.as_ref().map(|f| f.reason.clone()),
+            reason: t.failed().map(|f| f.reason.clone()),
         }
     }
 
@@ -473,15 +473,15 @@ impl RunStatus {
             let note = || FileNote {
                 slice: f.slice.clone(),
                 file: f.file.clone(),
-                ingested_at: t.ingested.as_ref().map(|i| i.at),
-                rows: t.ingested.as_ref().map(|i| i.rows),
+                ingested_at: t.ingested().map(|i| i.at),
+                rows: t.ingested().map(|i| i.rows),
             };
             let expected = spec.slices.get(&f.slice).is_some_and(|s| s.files.is_empty() || s.files.contains(&f.file));
             if !expected {
                 next.unexpected.push(note());
                 continue;
             }
-            if t.ingested.as_ref().is_some_and(|i| i.at > deadline) {
+            if t.ingested().is_some_and(|i| i.at > deadline) {
                 if !next.late.iter().any(|l| l.slice == f.slice && l.file == f.file) {
                     next.late.push(note());
                     changes.push(change(names, &self.run, Some(&f.slice), Some(&f.file), Phase::Late, now, &[]));
@@ -490,7 +490,7 @@ impl RunStatus {
             }
             let status = FileStatus::of(t);
             if status.state == Phase::Complete {
-                completion = completion.max(t.last_time);
+                completion = completion.max(t.last_time());
             }
             let slice = next.slices.get_mut(&f.slice).expect("a slice of the spec");
             slice.missing.retain(|m| *m != f.file);

@@ -14,10 +14,13 @@
 //! 3. unless the round flushes, stop here: a round flushes when it fetched
 //!    nothing, when the oldest kept token is `flush_every` old, or when
 //!    `max_unwritten` tokens are kept (while messages stream in, a tally is
-//!    written a few times a second instead of once per batch: its size
-//!    grows with the file, so writing it per batch would cost quadratic
-//!    time in the file's rows);
-//! 4. write every changed tally by compare-and-set (merging on conflict);
+//!    written a few times a second instead of once per batch: a shard of
+//!    it grows to 2^19 rows, and writing it per batch would cost time
+//!    quadratic in its rows);
+//! 4. write every changed tally by compare-and-set (merging on conflict):
+//!    only the keys whose shard of rows changed, parts before the head
+//!    ([`store::save_tally`]), so a flush costs what changed, not the
+//!    file's size;
 //! 5. ack every kept message (batch ack);
 //! 6. advance the watermark (only while an open run's deadline has
 //!    passed, since it only decides deadlines): a consumer with nothing
@@ -29,8 +32,11 @@
 //!    write the run document.
 //!
 //! A crash anywhere loses nothing: before 4 the messages are redelivered
-//! after `ack_wait`; between 4 and 5 they are redelivered and change no
-//! bit; run documents are recomputed from the tallies at start.
+//! after `ack_wait`; during 4 (some keys of a tally written, not all) or
+//! between 4 and 5 they are redelivered and set again only the bits that
+//! did not reach storage (see [`store`] for why a half-written tally is
+//! still a correct one); run documents are recomputed from the tallies at
+//! start.
 //!
 //! The clock: deadlines are compared with stored message times (the
 //! engine's clock) and with the reconciler's clock for the watermark, so
@@ -49,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::names::{FileRef, Names, Source};
 use super::run::{Phase, RunStatus};
-use super::store;
+use super::store::{self, HeldTally};
 use super::tally::{Counted, Failed, FileTally, Ingested};
 use super::time_fmt;
 use crate::rowset::RowSet;
@@ -106,18 +112,14 @@ impl ReconcilerConfig {
     }
 }
 
-struct Slot {
-    tally: FileTally,
-    revision: Revision,
-    dirty: bool,
-}
-
 /// The reconciler of one pipeline (see the module doc).
 pub struct Reconciler {
     engine: Arc<dyn Engine>,
     names: Names,
     config: ReconcilerConfig,
-    tallies: HashMap<FileRef, Slot>,
+    /// The tally of every file seen, with each key's revision and the
+    /// keys changed since the last flush.
+    tallies: HashMap<FileRef, HeldTally>,
     files_of: HashMap<String, BTreeSet<FileRef>>,
     runs: BTreeMap<String, (RunStatus, Revision)>,
     dirty_runs: BTreeSet<String>,
@@ -260,9 +262,8 @@ impl Reconciler {
         }
 
         let mut wrote = false;
-        for (file, slot) in self.tallies.iter_mut().filter(|(_, s)| s.dirty) {
-            store::save_tally(&*self.engine, &self.names, file, &mut slot.tally, &mut slot.revision).await?;
-            slot.dirty = false;
+        for (file, held) in self.tallies.iter_mut().filter(|(_, h)| h.is_dirty()) {
+            store::save_tally(&*self.engine, &self.names, file, held).await?;
             wrote = true;
         }
         if wrote {
@@ -343,12 +344,12 @@ impl Reconciler {
         Ok(())
     }
 
-    /// The tally slot of `file`, loaded from the bucket the first time.
-    async fn slot(&mut self, file: &FileRef) -> Result<&mut Slot> {
+    /// The tally of `file`, loaded from the bucket the first time.
+    async fn slot(&mut self, file: &FileRef) -> Result<&mut HeldTally> {
         if !self.tallies.contains_key(file) {
-            let (tally, revision) = store::load_tally(&*self.engine, &self.names, file).await?;
+            let held = store::load_tally(&*self.engine, &self.names, file).await?;
             self.files_of.entry(file.run.clone()).or_default().insert(file.clone());
-            self.tallies.insert(file.clone(), Slot { tally, revision, dirty: false });
+            self.tallies.insert(file.clone(), held);
         }
         Ok(self.tallies.get_mut(file).expect("inserted above"))
     }
@@ -371,14 +372,13 @@ impl Reconciler {
             );
             return Ok(None);
         };
-        let slot = self.slot(&file).await?;
-        let changed = match effect {
-            Effect::Rows(which, rows) => slot.tally.insert_rows(which, &rows) > 0,
-            Effect::Ingested(i) => slot.tally.ingested.is_none() && slot.tally.ingested.replace(i).is_none(),
-            Effect::Failed(f) => slot.tally.failed.is_none() && slot.tally.failed.replace(f).is_none(),
+        let held = self.slot(&file).await?;
+        match effect {
+            Effect::Rows(which, rows) => held.insert_rows(which, &rows, msg.time),
+            Effect::Ingested(i) => held.end_ingest(i, msg.time),
+            Effect::Failed(f) => held.fail_ingest(f, msg.time),
         };
-        slot.tally.note(source.as_str(), msg.seq.0, msg.time, changed);
-        slot.dirty |= changed;
+        held.note(source.as_str(), msg.seq.0);
         Ok(Some(file))
     }
 
@@ -390,7 +390,7 @@ impl Reconciler {
             .get(run)
             .into_iter()
             .flatten()
-            .filter_map(|f| self.tallies.get(f).map(|s| (f, &s.tally)))
+            .filter_map(|f| self.tallies.get(f).map(|h| (f, h.tally())))
             .collect();
         let (next, changes) = status.summarize(&self.names, &files, watermark, Timestamp::now());
         if next == *status && changes.is_empty() {
