@@ -154,11 +154,6 @@ fn header(id: KeyId) -> [u8; HEADER_LEN] {
     [MAGIC, FORMAT_VERSION, id[0], id[1], id[2], id[3]]
 }
 
-#[cfg(test)]
-fn associated_data(header: &[u8; HEADER_LEN], bucket: &BucketName, key: &Key) -> Vec<u8> {
-    with_associated_data(header, bucket, key, <[u8]>::to_vec)
-}
-
 /// Associated data that fits here is built on the stack: every get of a
 /// sealed value builds one, and bucket names plus hashed keys fit.
 const STACK_AAD: usize = 192;
@@ -299,6 +294,20 @@ pub(crate) mod tests {
         // The length prefixes keep `ab` + `c` apart from `a` + `bc`.
         let sealed = seal(&ring, &b("ab"), &k("c"), b"secret").unwrap();
         assert_eq!(open(&ring, &b("a"), &k("bc"), &sealed).unwrap_err().kind(), CryptoErrorKind::Integrity);
+    }
+
+    #[test]
+    fn associated_data_longer_than_the_stack_buffer_binds_the_whole_key() {
+        let ring = fixed_ring();
+        // Keys on both sides of the stack buffer's size, differing only in
+        // their last byte.
+        for len in [STACK_AAD - 40, STACK_AAD, 900] {
+            let (key, other) = (k(&"a".repeat(len)), k(&format!("{}b", "a".repeat(len - 1))));
+            let sealed = seal(&ring, &b("cards"), &key, b"secret").unwrap();
+            assert_eq!(&open(&ring, &b("cards"), &key, &sealed).unwrap()[..], b"secret", "{len}");
+            let e = open(&ring, &b("cards"), &other, &sealed).unwrap_err();
+            assert_eq!(e.kind(), CryptoErrorKind::Integrity, "{len}");
+        }
     }
 
     #[test]
