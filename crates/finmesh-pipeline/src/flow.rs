@@ -50,8 +50,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use finmesh_core::{
-    Engine, Error, ErrorKind, Headers, OutgoingMessage, Result, StreamConfig, StreamName, Subject, SubjectPattern,
-    Timestamp,
+    Engine, Error, ErrorKind, Headers, OutgoingMessage, PubAck, Result, StreamConfig, StreamName, Subject,
+    SubjectPattern, Timestamp,
 };
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
@@ -624,7 +624,7 @@ where
     let payload = serde_json::to_vec(&event).map_err(|e| Error::internal(e.to_string()))?;
     let mut msg = OutgoingMessage::new(pipeline.event_subject(&spec.file)?, payload);
     msg.headers = spec.file.headers(0)?;
-    engine.publish(pipeline.events(), msg.with_msg_id(id)?).await?;
+    publish_resending(&*engine, pipeline.events(), vec![msg.with_msg_id(id)?]).await?;
     let elapsed = start.elapsed();
     Ok(IngestSummary {
         pipeline: pipeline.name().to_owned(),
@@ -683,13 +683,48 @@ async fn publish_batch(
     // Both publishes are in flight at once (one durable round trip, not
     // two); both are acked before the next batch is asked for.
     let publish = |stream: StreamKind, msgs: Vec<OutgoingMessage>| async move {
-        if msgs.is_empty() { Ok(Vec::new()) } else { engine.publish_batch(pipeline.stream(stream), msgs).await }
+        if msgs.is_empty() { Ok(Vec::new()) } else { publish_resending(engine, pipeline.stream(stream), msgs).await }
     };
     let (record_acks, exception_acks) =
         tokio::try_join!(publish(StreamKind::Raw, records), publish(StreamKind::Exceptions, exceptions))?;
     let duplicates = record_acks.iter().zip(&record_rows).filter(|(a, _)| a.duplicate).map(|(_, n)| n).sum::<u64>()
         + exception_acks.iter().filter(|a| a.duplicate).count() as u64;
     Ok(duplicates)
+}
+
+/// Tries of one publish whose ack did not come ([`ErrorKind::Timeout`]) or
+/// whose engine could not take it now ([`ErrorKind::Unavailable`]).
+pub const PUBLISH_TRIES: u32 = 5;
+/// Wait before the first resend; it doubles, up to [`RESEND_WAIT_MAX`].
+const RESEND_WAIT: Duration = Duration::from_millis(200);
+/// Longest wait between two resends.
+const RESEND_WAIT_MAX: Duration = Duration::from_secs(2);
+
+/// Publish `msgs` to `stream`, resending them all when the ack does not
+/// come: every message of a pipeline carries its `Nats-Msg-Id`, so what
+/// the first try stored is acked as a duplicate, never stored twice (the
+/// streams' dedup window is an hour; the tries take well under a minute).
+/// A stall of the engine shorter than the tries (a NATS leader election,
+/// a slow fsync) so costs a pause, not the file or the batch. The rows a
+/// resend finds stored count as duplicates in the caller's figures.
+pub async fn publish_resending(
+    engine: &dyn Engine,
+    stream: &StreamName,
+    msgs: Vec<OutgoingMessage>,
+) -> Result<Vec<PubAck>> {
+    let mut wait = RESEND_WAIT;
+    let mut tries = 1;
+    loop {
+        match engine.publish_batch(stream, msgs.clone()).await {
+            Err(e) if tries < PUBLISH_TRIES && matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Unavailable) => {
+                tracing::warn!(%stream, tries, error = %e, "publish not acked; resending with the same message ids");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RESEND_WAIT_MAX);
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
 }
 
 /// One record message holding `chunk` (rows ascending, at most

@@ -418,7 +418,7 @@ impl Stage {
             if msgs.is_empty() {
                 Ok(Vec::new())
             } else {
-                self.engine.publish_batch(self.setup.pipeline.stream(stream), msgs).await
+                crate::flow::publish_resending(&*self.engine, self.setup.pipeline.stream(stream), msgs).await
             }
         };
         let (output_acks, exception_acks) =
