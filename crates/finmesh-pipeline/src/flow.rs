@@ -700,6 +700,16 @@ const RESEND_WAIT: Duration = Duration::from_millis(200);
 /// Longest wait between two resends.
 const RESEND_WAIT_MAX: Duration = Duration::from_secs(2);
 
+/// Publishes resent by [`publish_resending`] in this process: a stalling
+/// engine shows here before it fails anything.
+static RESENDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many publishes [`publish_resending`] resent since the process
+/// started.
+pub fn publish_resends() -> u64 {
+    RESENDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Publish `msgs` to `stream`, resending them all when the ack does not
 /// come: every message of a pipeline carries its `Nats-Msg-Id`, so what
 /// the first try stored is acked as a duplicate, never stored twice (the
@@ -718,6 +728,7 @@ pub async fn publish_resending(
         match engine.publish_batch(stream, msgs.clone()).await {
             Err(e) if tries < PUBLISH_TRIES && matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Unavailable) => {
                 tracing::warn!(%stream, tries, error = %e, "publish not acked; resending with the same message ids");
+                RESENDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(RESEND_WAIT_MAX);
                 tries += 1;

@@ -3,13 +3,14 @@
 //! (`flow::publish_resending`), and every row is stored exactly once.
 //!
 //! The outage is real: the test stops the nats-server process (SIGSTOP)
-//! for longer than the engine's request timeout, then lets it go on.
+//! until a publish has timed out and been resent, then lets it go on.
 
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use finmesh_core::testsuite::support::eventually;
 use finmesh_core::{Engine, ReadRequest, Seq};
 use finmesh_pipeline::IngestSchema;
 use finmesh_pipeline::feedgen::{self, GenOptions};
@@ -21,9 +22,8 @@ const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/pipe
 
 /// The engine's request timeout here: short, so the outage outlasts it.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(400);
-/// How long the server is stopped: several request timeouts, well within
-/// the resends' budget (five tries, waits of 0.2 + 0.4 + 0.8 + 1.6 s).
-const OUTAGE: Duration = Duration::from_millis(1500);
+/// Longest wait for the first resend (it comes after one request timeout).
+const UNTIL: Duration = Duration::from_secs(30);
 
 fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill").args([sig, &pid.to_string()]).status().expect("run kill");
@@ -53,13 +53,15 @@ async fn an_ingest_rides_out_a_server_that_stops_answering() {
     // The server stops before the first publish: the ingest's first acks
     // cannot come, whatever the scheduling.
     let pid = server.pid().expect("nats-server runs");
+    let before = flow::publish_resends();
     signal(pid, "-STOP");
     let ingest = tokio::spawn({
         let (engine, pipeline) = (engine.clone(), pipeline.clone());
         async move { flow::ingest_file(engine, &pipeline, schema, spec, std::io::Cursor::new(csv), |_| {}).await }
     });
-    // The outage's length (the fault itself, not a synchronisation).
-    tokio::time::sleep(OUTAGE).await;
+    // The server answers again once a publish has timed out and was resent
+    // (the tries left, four, outlast the wait for the server to go on).
+    eventually("a publish is resent", UNTIL, || async { flow::publish_resends() > before }).await;
     signal(pid, "-CONT");
     let summary = ingest.await.unwrap().expect("the ingest rides out the outage");
 
