@@ -37,6 +37,7 @@ use finmesh_core::{
     BucketConfig, BucketName, Error, Message, ReadRequest, ReadStart, Result, Seq, StreamConfig, StreamName,
     StreamState, Subject, SubjectPattern, Timestamp,
 };
+use fjall::config::{PartitioningPolicy, PinningPolicy};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -486,6 +487,30 @@ fn data_options() -> KeyspaceCreateOptions {
     KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
 }
 
+/// Options of a KV bucket's `m` and `l` keyspaces, which every get reads
+/// by point lookup at random. fjall's defaults pin index and filter blocks
+/// only in the upper levels (and partition them from level 3); in the lower
+/// levels, where nearly every key of a large bucket lives, a get then loads
+/// the table's whole index block (and filter block) through the block
+/// cache, hundreds of KiB per table, or one partition of each, which random
+/// keys evict from a cache smaller than the index. Whole and pinned at
+/// every level instead, a get's lookups need at most one data block each
+/// from the cache or the disk, at a memory cost of about 5 bytes per key:
+/// the index (one entry per 4 KiB data block) and, for `l`, a
+/// 10-bit-per-key filter.
+/// `m` is read by sequences the caller found in `l`, which exist, so its
+/// last level needs no filter (`expect_point_read_hits`). Set when the
+/// keyspace is created: fjall keeps a keyspace's options with it, so a
+/// bucket created by an older version keeps the defaults.
+fn kv_options(part: char) -> KeyspaceCreateOptions {
+    data_options()
+        .index_block_partitioning_policy(PartitioningPolicy::all(false))
+        .filter_block_partitioning_policy(PartitioningPolicy::all(false))
+        .index_block_pinning_policy(PinningPolicy::all(true))
+        .filter_block_pinning_policy(PinningPolicy::all(true))
+        .expect_point_read_hits(part == 'm')
+}
+
 /// Open (or create) the keyspaces of a stream and build its handle.
 ///
 /// `index_current` says whether the subject index matches the messages
@@ -499,7 +524,11 @@ pub(crate) fn open_handle(
     kv_cache_bytes: u64,
 ) -> Result<Arc<StreamHandle>> {
     let name = record.config.name.clone();
-    let ks = |p| db.keyspace(&ks_name(&name, p), data_options).map_err(storage);
+    let kv = matches!(record.kind, StreamKind::Kv(_));
+    let ks = |p| {
+        let options = || if kv && p != 'x' { kv_options(p) } else { data_options() };
+        db.keyspace(&ks_name(&name, p), options).map_err(storage)
+    };
     let (msgs, index, last) = (ks('m')?, ks('x')?, ks('l')?);
     let mut state = StreamState {
         messages: counters.messages,
@@ -512,7 +541,6 @@ pub(crate) fn open_handle(
     if state.messages == 0 {
         state.first_seq = state.last_seq.next();
     }
-    let kv = matches!(record.kind, StreamKind::Kv(_));
     let handle = StreamHandle {
         kv,
         kv_cache: KvCache::new(if kv { kv_cache_bytes } else { 0 }),
@@ -796,6 +824,64 @@ mod tests {
         assert_eq!(storage(fjall::Error::Poisoned).kind(), ErrorKind::Unavailable);
         for other in [fjall::Error::Io(os(libc::EIO)), fjall::Error::InvalidTrailer, fjall::Error::Unrecoverable] {
             assert_eq!(storage(other).kind(), ErrorKind::Internal);
+        }
+    }
+}
+
+#[cfg(test)]
+mod kv_keyspace_tests {
+    use bytes::Bytes;
+    use finmesh_core::{
+        BucketConfig, BucketName, Key, KvEngine, OutgoingMessage, StreamConfig, StreamEngine, StreamName,
+        SubjectPattern,
+    };
+    use fjall::AbstractTree;
+
+    use super::Keyspace;
+    use crate::EmbeddedEngine;
+
+    /// Flush `ks` and compact it into its last level, where a large
+    /// bucket's keys live.
+    fn settle(ks: &Keyspace) {
+        ks.rotate_memtable_and_wait().unwrap();
+        ks.major_compact().unwrap();
+        assert!(ks.table_count() > 0, "{}", ks.name());
+    }
+
+    /// Regression (issue 18, random keys at scale): with fjall's defaults a
+    /// KV get in the last level loaded the table's whole index and filter
+    /// blocks through the block cache (0.22 of the one-key req/s at 10M
+    /// keys). A bucket's `m` and `l` keep them pinned at every level; a
+    /// user stream, read in order, keeps the defaults.
+    #[tokio::test]
+    async fn kv_lookups_keep_index_and_filter_in_memory_at_every_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = EmbeddedEngine::open(dir.path()).unwrap();
+        let b = BucketName::new("b").unwrap();
+        e.create_bucket(BucketConfig::new(b.clone())).await.unwrap();
+        let entries = (0..5_000).map(|i| (Key::new(format!("k{i}")).unwrap(), Bytes::from(vec![7; 64]))).collect();
+        e.kv_put_batch(&b, entries).await.unwrap();
+        let s = StreamName::new("S").unwrap();
+        e.create_stream(StreamConfig::new(s.clone(), vec![SubjectPattern::new("s.>").unwrap()])).await.unwrap();
+        let batch = (0..5_000).map(|i| OutgoingMessage::new(format!("s.{i}").parse().unwrap(), vec![7; 64]));
+        e.publish_batch(&s, batch.collect()).await.unwrap();
+
+        let (h, _) = e.bucket(&b).unwrap();
+        for ks in [&h.msgs, &h.last] {
+            settle(ks);
+            assert!(ks.tree.pinned_block_index_size() > 0, "{}: index not pinned", ks.name());
+        }
+        assert!(h.last.tree.pinned_filter_size() > 0, "the key lookup's filter is not pinned");
+        let user = e.inner.registry.get(&s).unwrap();
+        settle(&user.msgs);
+        // The same messages in a user stream: fjall's defaults keep only the
+        // top of a partitioned index in memory in the last level.
+        let (kv_index, user_index) = (h.msgs.tree.pinned_block_index_size(), user.msgs.tree.pinned_block_index_size());
+        assert!(user_index * 4 < kv_index, "user stream {user_index} B pinned, bucket {kv_index} B");
+        // Gets read through the pinned blocks.
+        for i in [0, 2_500, 4_999] {
+            let got = e.kv_get(&b, &Key::new(format!("k{i}")).unwrap()).await.unwrap().unwrap();
+            assert_eq!(got.value.len(), 64);
         }
     }
 }
