@@ -166,18 +166,27 @@ impl Key {
                 s.len()
             )));
         }
-        if let Some((i, c)) =
-            s.char_indices().find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '/' | '_' | '=' | '.')))
-        {
-            return Err(Error::invalid(format!(
-                "key `{}` has {c:?} at byte {i}; allowed are A-Z a-z 0-9 - / _ = .",
-                truncate(&s)
-            )));
+        // One pass over the bytes (every request names a key): the first
+        // byte outside the allowed set, and the first `..`.
+        let mut empty_token = None;
+        for (i, w) in s.as_bytes().iter().enumerate() {
+            let c = *w;
+            if !(c.is_ascii_alphanumeric() || matches!(c, b'-' | b'/' | b'_' | b'=' | b'.')) {
+                // A byte outside ASCII is the first of its character here.
+                let c = s[i..].chars().next().expect("i is a character boundary");
+                return Err(Error::invalid(format!(
+                    "key `{}` has {c:?} at byte {i}; allowed are A-Z a-z 0-9 - / _ = .",
+                    truncate(&s)
+                )));
+            }
+            if c == b'.' && i > 0 && s.as_bytes()[i - 1] == b'.' && empty_token.is_none() {
+                empty_token = Some(i - 1);
+            }
         }
         if s.starts_with('.') || s.ends_with('.') {
             return Err(Error::invalid(format!("key `{}` must not start or end with `.`", truncate(&s))));
         }
-        if let Some(i) = s.find("..") {
+        if let Some(i) = empty_token {
             return Err(Error::invalid(format!("key `{}` has an empty token (`..`) at byte {i}", truncate(&s))));
         }
         if s.starts_with("_kv") {
@@ -273,6 +282,53 @@ mod tests {
             assert!(e.message().contains(why), "{bad}: {e}");
         }
         assert!(Key::new("x".repeat(959)).unwrap_err().message().contains("limit is 958"));
+    }
+
+    /// The rules of `Key::new` as first written (several passes), to check
+    /// the one-pass version against.
+    fn key_reference(s: &str) -> std::result::Result<(), String> {
+        if s.is_empty() {
+            return Err("key must not be empty".into());
+        }
+        if let Some((i, c)) =
+            s.char_indices().find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '/' | '_' | '=' | '.')))
+        {
+            return Err(format!("key `{}` has {c:?} at byte {i}; allowed are A-Z a-z 0-9 - / _ = .", truncate(s)));
+        }
+        if s.starts_with('.') || s.ends_with('.') {
+            return Err(format!("key `{}` must not start or end with `.`", truncate(s)));
+        }
+        if let Some(i) = s.find("..") {
+            return Err(format!("key `{}` has an empty token (`..`) at byte {i}", truncate(s)));
+        }
+        if s.starts_with("_kv") {
+            return Err(format!("key `{}` starts with `_kv`, which is reserved", truncate(s)));
+        }
+        Ok(())
+    }
+
+    /// Every string of up to 5 characters over an alphabet that hits each
+    /// rule (and their order) gets the reference's answer, word for word.
+    #[test]
+    fn one_pass_key_check_matches_the_reference() {
+        let alphabet = ['a', '.', '*', 'é', '_', 'k', 'v', '/'];
+        let mut strings = vec![String::new()];
+        let mut checked = 0;
+        for _ in 0..5 {
+            let mut next = Vec::new();
+            for s in &strings {
+                for c in alphabet {
+                    let mut t = s.clone();
+                    t.push(c);
+                    let got = Key::new(t.as_str()).map(|_| ()).map_err(|e| e.message().to_owned());
+                    assert_eq!(got, key_reference(&t), "{t:?}");
+                    checked += 1;
+                    next.push(t);
+                }
+            }
+            strings = next;
+        }
+        assert_eq!(checked, 8 + 64 + 512 + 4096 + 32768);
     }
 
     /// Regression (issue 17): a key of 1,020–1,024 bytes was valid, but its

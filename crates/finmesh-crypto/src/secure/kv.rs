@@ -13,6 +13,7 @@ use finmesh_core::{
 use futures::StreamExt;
 
 use super::{Policy, SecureEngine, check_format, enforces};
+use crate::{hash_key, hash_key_candidates};
 
 impl SecureEngine {
     /// `entry` as the client sees it: the value opened (puts of a sealed
@@ -86,7 +87,15 @@ impl KvEngine for SecureEngine {
                 None => Ok(None),
             };
         }
-        for stored in self.candidates(bucket, &policy, key)? {
+        // The active hashing key's stored key first, on its own: nearly
+        // every key lives there; the others are computed only on a miss.
+        check_format(&policy, key)?;
+        let ring = self.keys.ring();
+        let active = hash_key(&ring, bucket, key.as_str())?;
+        if let Some(entry) = self.inner.kv_get(bucket, &active).await? {
+            return Ok(Some(self.reveal(bucket, &policy, entry, Some(key)).await?));
+        }
+        for stored in hash_key_candidates(&ring, bucket, key.as_str())?.into_iter().skip(1) {
             if let Some(entry) = self.inner.kv_get(bucket, &stored).await? {
                 return Ok(Some(self.reveal(bucket, &policy, entry, Some(key)).await?));
             }
