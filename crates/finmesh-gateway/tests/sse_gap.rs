@@ -84,4 +84,38 @@ async fn heartbeat_comments_when_idle<H: Harness>() {
     assert_eq!(sse.next(WAIT).await.unwrap().seq(), 1);
 }
 
-per_engine!(gap_event_after_retention, reset_event_when_the_epoch_changed, heartbeat_comments_when_idle);
+/// A heartbeat goes out when the subscription has been idle for the
+/// heartbeat interval, counted from its last message: none while messages
+/// flow faster than that, and the first one no sooner than the interval
+/// after the last.
+async fn heartbeat_counts_from_the_last_message<H: Harness>() {
+    const BEAT: Duration = Duration::from_millis(1000);
+    let config = GatewayConfig {
+        subscriptions: SubscriptionConfig { heartbeat: BEAT, ..Default::default() },
+        ..Default::default()
+    };
+    let gw = Gw::with_config::<H>(config).await;
+    gw.stream("MD", json!({"subjects": ["md.>"]})).await;
+    let mut sse = sse_oneshot(&gw, "/v1/streams/MD/events", &[]).await;
+    sse.hello().await;
+    // 2.5 heartbeat intervals of messages, 100 ms apart (the pace of the
+    // load, not a synchronisation: each message is awaited).
+    let mut last = std::time::Instant::now();
+    for want in 1..=25 {
+        gw.publish_n("MD", "md.x", 1).await;
+        assert_eq!(sse.next(WAIT).await.unwrap().seq(), want);
+        last = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sse.comments, 0, "a heartbeat went out while messages flowed");
+    sse.comments_at_least(1, WAIT).await;
+    let quiet = last.elapsed();
+    assert!(quiet >= BEAT - Duration::from_millis(20), "the heartbeat came {quiet:?} after the last message");
+}
+
+per_engine!(
+    gap_event_after_retention,
+    reset_event_when_the_epoch_changed,
+    heartbeat_comments_when_idle,
+    heartbeat_counts_from_the_last_message
+);
