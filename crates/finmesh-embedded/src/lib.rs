@@ -232,7 +232,8 @@ impl EmbeddedEngine {
     /// publishes, stream and consumer changes) until the returned guard is
     /// dropped; the writer keeps applying requests meanwhile. A test hook
     /// (no production use): it makes "not acked and not visible before its
-    /// fsync" observable. `interval` fsyncs are not held.
+    /// fsync" observable. `interval` fsyncs, which run on the same syncer
+    /// thread, are held too (they answer nobody: writes go on).
     #[doc(hidden)]
     pub fn hold_fsyncs(&self) -> FsyncHold {
         self.inner.sync.hold(true);

@@ -315,6 +315,42 @@ impl Saturation {
     }
 }
 
+/// An `interval` fsync in progress holds no publish back: it runs on the
+/// syncer thread, not on the writer (where each of its 2–4 ms stalled every
+/// publish behind it). Here the fsync is held from completing
+/// ([`EmbeddedEngine::hold_fsyncs`]): publishes to the same stream keep
+/// being acked meanwhile, and the fsync is counted once it is let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interval_fsync_in_progress_holds_no_publish_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EmbeddedEngine::open(dir.path()).unwrap();
+    create(&engine, "I", SyncPolicy::Interval { ms: 5 }).await;
+    let i = name("I");
+    let publish = |n: u64| OutgoingMessage::new(subject("i.x"), Bytes::from(n.to_string()));
+    let before = engine.sync_stats().interval_fsyncs;
+    let hold = engine.hold_fsyncs();
+    // Keep publishing across several intervals: the first interval fsync
+    // starts (and is held) while these go on being acked.
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_millis(200) {
+        n += 1;
+        let ack = tokio::time::timeout(Duration::from_secs(10), engine.publish(&i, publish(n)))
+            .await
+            .expect("a publish waited for an interval fsync in progress")
+            .unwrap();
+        assert_eq!(ack.seq, Seq(n));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(engine.sync_stats().interval_fsyncs, before, "an interval fsync ran while fsyncs were held");
+    drop(hold);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.sync_stats().interval_fsyncs == before {
+        assert!(Instant::now() < deadline, "the held interval fsync never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Publishers keep the writer's queue full (more requests in flight than a
 /// round takes, each sent again as soon as it is acked); the interval
 /// fsyncs must still come on time. (They used to be triggered by a tick sent
