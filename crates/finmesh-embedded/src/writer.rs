@@ -40,9 +40,10 @@
 //! deadline), after every round and every [`INTERVAL_CHECK`] messages
 //! staged within one, so no queue, however full, holds that fsync back, and
 //! hands the fsync to the syncer thread (it answers nobody), so publishes
-//! are not held back while the disk flushes. Housekeeping (age retention of streams nobody publishes to) keeps
-//! its own schedule the same way: run when the writer's wait for requests
-//! times out at its due time, or after the round during which it fell due.
+//! are not held back while the disk flushes. Housekeeping (age retention
+//! of streams nobody publishes to) keeps its own schedule the same way:
+//! run when the writer's wait for requests times out at its due time, or
+//! after the round during which it fell due.
 //!
 //! Invariants:
 //! - no ack of a `sync = always` write is sent before an fsync that started
@@ -235,8 +236,8 @@ pub struct SyncStats {
     pub interval_fsyncs: u64,
     /// The longest an acked `interval` write waited for its fsync to
     /// be started: from the first commit after an fsync to the hand-over of
-    /// the next interval fsync to the syncer thread. The policy promises its interval plus the time the
-    /// writer takes for a few dozen requests (the disk's time for the
+    /// the next interval fsync to the syncer thread. The policy promises its
+    /// interval plus the time the writer takes for a few dozen requests (the disk's time for the
     /// fsync itself comes on top).
     pub interval_max_lag: Duration,
 }
@@ -261,6 +262,9 @@ impl SyncShared {
                 self.released.wait(&mut held);
             }
         }
+        // Interval fsyncs handed over before this one starts: it covers
+        // their writes (one handed over later waits for the next).
+        let interval = self.interval_handed.swap(0, Ordering::AcqRel);
         let started = Instant::now();
         let res = match self.poison.get() {
             Some(p) => Err(p),
@@ -280,7 +284,6 @@ impl SyncShared {
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.requests.fetch_add(count as u64, Ordering::Relaxed);
         }
-        let interval = self.interval_handed.swap(0, Ordering::AcqRel);
         if interval > 0 && res.is_ok() {
             self.interval_fsyncs.fetch_add(1, Ordering::Relaxed);
         }

@@ -319,36 +319,43 @@ impl Saturation {
 /// syncer thread, not on the writer (where each of its 2–4 ms stalled every
 /// publish behind it). Here the fsync is held from completing
 /// ([`EmbeddedEngine::hold_fsyncs`]): publishes to the same stream keep
-/// being acked meanwhile, and the fsync is counted once it is let go.
+/// being acked after it was handed over, and it completes once let go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interval_fsync_in_progress_holds_no_publish_back() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = EmbeddedEngine::open(dir.path()).unwrap();
+    let engine = engine_with_streams(dir.path()).await;
     create(&engine, "I", SyncPolicy::Interval { ms: 5 }).await;
     let i = name("I");
-    let publish = |n: u64| OutgoingMessage::new(subject("i.x"), Bytes::from(n.to_string()));
-    let before = engine.sync_stats().interval_fsyncs;
-    let hold = engine.hold_fsyncs();
-    // Keep publishing across several intervals: the first interval fsync
-    // starts (and is held) while these go on being acked.
-    let started = Instant::now();
     let mut n = 0;
-    while started.elapsed() < Duration::from_millis(200) {
+    let mut publish = async || {
         n += 1;
-        let ack = tokio::time::timeout(Duration::from_secs(10), engine.publish(&i, publish(n)))
+        let msg = OutgoingMessage::new(subject("i.x"), Bytes::from(n.to_string()));
+        let ack = tokio::time::timeout(Duration::from_secs(10), engine.publish(&i, msg))
             .await
             .expect("a publish waited for an interval fsync in progress")
             .unwrap();
         assert_eq!(ack.seq, Seq(n));
-        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let before = engine.sync_stats();
+    let hold = engine.hold_fsyncs();
+    // Publish until the writer has handed an interval fsync over (its lag
+    // is recorded then), then go on: those publishes are acked while that
+    // fsync cannot complete.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while engine.sync_stats().interval_max_lag == before.interval_max_lag {
+        assert!(Instant::now() < deadline, "no interval fsync was handed over");
+        publish().await;
     }
-    assert_eq!(engine.sync_stats().interval_fsyncs, before, "an interval fsync ran while fsyncs were held");
+    for _ in 0..50 {
+        publish().await;
+    }
+    assert_eq!(engine.sync_stats().interval_fsyncs, before.interval_fsyncs, "an interval fsync ran while held");
     drop(hold);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while engine.sync_stats().interval_fsyncs == before {
-        assert!(Instant::now() < deadline, "the held interval fsync never ran");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // An `always` publish is acked after an fsync that the syncer runs after
+    // the held one, or by the writer once the syncer has nothing left: so
+    // by then the interval fsync has completed.
+    engine.publish(&name("A"), OutgoingMessage::new(subject("a.x"), Bytes::from_static(b"after"))).await.unwrap();
+    assert!(engine.sync_stats().interval_fsyncs > before.interval_fsyncs, "the held interval fsync never ran");
 }
 
 /// Publishers keep the writer's queue full (more requests in flight than a
