@@ -215,3 +215,30 @@ pub async fn retention_max_msgs_per_subject<H: Harness>() {
     expect_kind(e.get_message(&s, Seq(3)).await, ErrorKind::NotFound);
     assert_eq!(seqs(&e.last_per_subject(&s, None).await.unwrap()), vec![4, 6, 7]);
 }
+
+/// A purge starts every subject's count afresh: after it, each subject
+/// keeps its newest `max_msgs_per_subject` messages, counted from the
+/// purge, with limits of one (the trim that drops a subject's one message
+/// by what the subject's last entry names) and of two.
+pub async fn purge_resets_max_msgs_per_subject<H: Harness>() {
+    let h = H::start().await;
+    let e = h.engine();
+    for (name, keep) in [("ONE", 1), ("TWO", 2)] {
+        let mut c = stream_config(name, &[&format!("{}.>", name.to_lowercase())]);
+        c.max_msgs_per_subject = Some(keep);
+        e.create_stream(c).await.unwrap();
+        let s = sn(name);
+        let (a, b) = (format!("{}.a", name.to_lowercase()), format!("{}.b", name.to_lowercase()));
+        for subject in [&a, &a, &a, &b] {
+            publish_one(&*e, &s, subject, "before").await;
+        }
+        assert_eq!(e.purge_stream(&s).await.unwrap(), keep + 1, "{name}");
+        for subject in [&a, &a, &a, &b] {
+            publish_one(&*e, &s, subject, "after").await;
+        }
+        let expected: Vec<u64> = if keep == 1 { vec![7, 8] } else { vec![6, 7, 8] };
+        assert_eq!(seqs(&read_all(&*e, &s).await), expected, "{name}: a purged message counted against its subject");
+        assert_eq!(e.stream_info(&s).await.unwrap().state.messages, keep + 1, "{name}");
+        assert_eq!(seqs(&e.last_per_subject(&s, None).await.unwrap()), vec![7, 8], "{name}");
+    }
+}

@@ -265,6 +265,7 @@ macro_rules! engine_conformance_tests {
                 retention_max_bytes,
                 retention_max_age,
                 retention_max_msgs_per_subject,
+                purge_resets_max_msgs_per_subject,
             ],
             tail: [
                 tail_from_start_then_live,
