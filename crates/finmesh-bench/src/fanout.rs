@@ -10,7 +10,13 @@
 //!   connections on `md.>`).
 //! - [`run_max`] (`fanout-max`): the highest sustained deliveries/s before
 //!   the p99 passes [`MAX_P99`] (or a message is lost, or the feed falls
-//!   behind its rate), raising the rate ×1.5 per window, for both systems.
+//!   behind its rate), raising the rate ×1.5 per window, then halving the
+//!   interval between the last step that passed and the first that failed
+//!   ([`REFINE_STEPS`] more windows), for both systems. Every step also
+//!   reports the CPU (user + sys, from `/proc`) the server (`finmesh
+//!   serve` or `nats-server`) and the harness spent per delivery: both
+//!   share this machine's cores, so the server's cost per delivery is what
+//!   its maximum is made of.
 //! - [`run_idle`] (`fanout-idle`): [`IDLE_SUBSCRIBERS`] (by default) idle SSE
 //!   connections from several 127.0.0.x source addresses: the node's RSS
 //!   growth per subscriber, and whether heartbeats arrive on time; once on
@@ -44,6 +50,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use finmesh_testkit::ManagedServer as _;
 use futures::StreamExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;
@@ -58,6 +65,9 @@ pub const SUBSCRIBERS: usize = 60;
 pub const SYMBOLS: usize = 1_000;
 /// A `fanout-max` step fails when its p99 passes this.
 pub const MAX_P99: Duration = Duration::from_millis(50);
+/// Windows `fanout-max` spends narrowing the rate between the last step
+/// that passed and the first that failed.
+const REFINE_STEPS: usize = 3;
 /// Idle SSE connections of `fanout-idle`.
 pub const IDLE_SUBSCRIBERS: usize = 15_000;
 /// Source addresses the idle connections are spread over (127.0.0.2 …).
@@ -114,6 +124,8 @@ struct Trial {
     lost: u64,
     /// Deliveries out of order or twice.
     disorder: u64,
+    /// Every delivery the subscribers recorded, warm-up included.
+    received: u64,
 }
 
 impl Trial {
@@ -206,10 +218,11 @@ pub async fn run_max(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
     let token = node.token.clone().context("finmesh serve printed no admin token")?;
     create_stream(&node.url, &token, "md", "interval").await?;
     let finmesh = System::Finmesh { url: node.url.clone(), token, stream: "md".to_owned() };
-    let (best, steps) = ramp(&finmesh, window).await?;
+    let (best, steps) = ramp(&finmesh, node.pid(), window).await?;
     node.stop().await?;
     let nats = start_nats(ctx).await?;
-    let (nats_best, nats_steps) = ramp(&System::Nats { url: nats.url() }, window).await?;
+    let nats_pid = nats.pid().context("nats-server is not running")?;
+    let (nats_best, nats_steps) = ramp(&System::Nats { url: nats.url() }, nats_pid, window).await?;
     drop(nats);
     Ok(vec![
         max_measurement(MAX_FINMESH, "finmesh-gateway", "SSE, embedded engine, sync = interval", best, &steps),
@@ -230,29 +243,59 @@ fn max_measurement(id: &str, peer: &str, what: &str, best: Option<Trial>, steps:
 }
 
 /// Raise the messages per millisecond ×1.5 (at least +1) until a step
-/// fails; the last passing step and a summary of every step.
-async fn ramp(system: &System, window: Duration) -> anyhow::Result<(Option<Trial>, String)> {
-    let mut per_tick = 1usize;
-    let mut best = None;
+/// fails, then halve the gap between the last pass and the first failure
+/// [`REFINE_STEPS`] times; the best passing step and a summary of every
+/// step, each with the CPU `server` and this harness spent per delivery.
+async fn ramp(system: &System, server: u32, window: Duration) -> anyhow::Result<(Option<Trial>, String)> {
+    let mut best: Option<(usize, Trial)> = None;
+    let mut failed: Option<usize> = None;
     let mut steps = Vec::new();
-    loop {
+    let mut refined = 0;
+    while let Some(per_tick) = next_step(best.as_ref().map(|b| b.0), failed, refined) {
+        refined += usize::from(failed.is_some());
+        let (server_before, own_before) = (cpu_ticks(&server.to_string())?, cpu_ticks("self")?);
         let trial = trial(system, SUBSCRIBERS, per_tick, window).await?;
+        let per_delivery = |before, now| (now - before) as f64 / USER_HZ * 1e6 / trial.received.max(1) as f64;
+        let server_us = per_delivery(server_before, cpu_ticks(&server.to_string())?);
+        let own_us = per_delivery(own_before, cpu_ticks("self")?);
         let p99 = trial.latency.percentile_us(99.0).unwrap_or(f64::INFINITY);
         let target = per_tick as f64 * 1000.0;
         let kept_up = trial.sent_per_s >= 0.9 * target;
-        let pass = p99 < MAX_P99.as_secs_f64() * 1e6 && trial.lost == 0 && trial.disorder == 0 && kept_up;
+        let failure = if p99 >= MAX_P99.as_secs_f64() * 1e6 {
+            " ✗".to_owned()
+        } else if trial.lost > 0 || trial.disorder > 0 {
+            format!(" ✗ lost {}, out of order {}", trial.lost, trial.disorder)
+        } else if !kept_up {
+            format!(" ✗ the feed sent {:.1}k msgs/s", trial.sent_per_s / 1000.0)
+        } else {
+            String::new()
+        };
+        let pass = failure.is_empty();
         steps.push(format!(
-            "{:.0}k/s p99 {:.1} ms{}",
+            "{per_tick}/ms {:.0}k/s p99 {:.1} ms{failure} (CPU/delivery: server {server_us:.2} µs, harness {own_us:.2} µs)",
             trial.deliveries_per_s / 1000.0,
             p99 / 1000.0,
-            if pass { "" } else { " ✗" }
         ));
-        eprintln!("    {} per ms: {}", per_tick, steps.last().map(String::as_str).unwrap_or(""));
-        if !pass {
-            return Ok((best, steps.join(", ")));
+        eprintln!("    {}", steps.last().map(String::as_str).unwrap_or(""));
+        if pass {
+            best = Some((per_tick, trial));
+        } else {
+            failed = Some(failed.map_or(per_tick, |f| f.min(per_tick)));
         }
-        best = Some(trial);
-        per_tick = (per_tick * 3 / 2).max(per_tick + 1);
+    }
+    Ok((best.map(|b| b.1), steps.join(", ")))
+}
+
+/// The messages per millisecond of `fanout-max`'s next step, from the
+/// highest rate that passed, the lowest that failed and the narrowing
+/// steps taken; `None` when the ramp is over.
+fn next_step(passed: Option<usize>, failed: Option<usize>, refined: usize) -> Option<usize> {
+    match (passed, failed) {
+        (None, None) => Some(1),
+        (None, Some(_)) => None,
+        (Some(pass), None) => Some((pass * 3 / 2).max(pass + 1)),
+        (Some(pass), Some(fail)) if fail > pass + 1 && refined < REFINE_STEPS => Some(pass + (fail - pass) / 2),
+        (Some(_), Some(_)) => None,
     }
 }
 
@@ -328,6 +371,7 @@ fn analyse(sent: &[(u64, u64)], tapes: &[Tape], from: u64, to: u64, window: Dura
         skew,
         lost: expected.saturating_sub(delivered),
         disorder,
+        received: tapes.iter().map(|t| t.len() as u64).sum(),
     }
 }
 
@@ -860,6 +904,21 @@ mod tests {
             p.feed(chunk, |id| ids.push(id));
         }
         assert_eq!(ids, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn the_max_ramp_climbs_by_half_then_narrows_between_pass_and_fail() {
+        // Climb ×1.5 (at least +1) while steps pass.
+        let climb: Vec<_> = [1, 2, 3, 4, 6, 9].iter().map(|&p| next_step(Some(p), None, 0).unwrap()).collect();
+        assert_eq!(climb, [2, 3, 4, 6, 9, 13]);
+        assert_eq!(next_step(None, None, 0), Some(1));
+        // 13 failed after 9 passed: halve the gap while it is wider than one.
+        assert_eq!(next_step(Some(9), Some(13), 0), Some(11));
+        assert_eq!(next_step(Some(11), Some(13), 1), Some(12));
+        assert_eq!(next_step(Some(12), Some(13), 2), None, "adjacent rates: nothing left to narrow");
+        assert_eq!(next_step(Some(9), Some(11), 1), Some(10));
+        assert_eq!(next_step(Some(19), Some(28), REFINE_STEPS), None, "at most REFINE_STEPS narrowing steps");
+        assert_eq!(next_step(None, Some(1), 0), None, "the first step failed");
     }
 
     #[test]
