@@ -206,6 +206,34 @@ async fn a_batch_closes_after_the_linger<H: Harness>() {
     assert_eq!(acks[0]["count"], 4);
 }
 
+/// With no linger (the default), a batch is published as soon as the input
+/// pauses, without a timer: on a clock paused off the millisecond grid,
+/// each line is acked while the clock stands still. (A timer, even one
+/// already due, fires only at the next millisecond tick, which this clock
+/// would jump to.) Embedded engine only: a paused clock jumps to the next
+/// timer whenever the runtime waits on a socket, as a NATS engine would.
+#[tokio::test]
+async fn without_a_linger_a_batch_is_published_without_waiting_for_a_timer() {
+    let gw = md::<support::Embedded>(FeedConfig::default()).await;
+    tokio::time::pause();
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let req = Request::post("/v1/streams/MD/feed").body(Body::from_stream(stream)).unwrap();
+    let res = gw.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let mut answers = res.into_body().into_data_stream();
+    tokio::time::advance(Duration::from_micros(500)).await;
+    for i in 1..=3 {
+        let before = tokio::time::Instant::now();
+        tx.send(Ok(Bytes::from(tick("AAPL", i)))).await.unwrap();
+        // No timeout here: its timer would be the one the clock jumps to.
+        let chunk = answers.next().await.expect("an answer").unwrap();
+        let ack: Value = serde_json::from_slice(chunk.strip_suffix(b"\n").unwrap_or(&chunk)).unwrap();
+        assert_eq!((&ack["event"], &ack["last_line"]), (&json!("ack"), &json!(i)), "{ack}");
+        assert_eq!(before.elapsed(), Duration::ZERO, "line {i} waited for a timer before its batch was published");
+    }
+}
+
 /// Lines sent again (a reconnect resending what it saw no ack for) are
 /// acked as duplicates and stored once.
 async fn a_resend_is_acked_as_duplicates<H: Harness>() {
