@@ -34,9 +34,15 @@
 //! `fanout` also measures the node on the NATS engine (a test-kit
 //! nats-server, one JetStream consumer per hub tail) beside the embedded one.
 //!
-//! The feed is one NDJSON `POST` per millisecond (a batch of the tick's
-//! messages); a message's send time is taken just before its POST, and its
-//! sequence comes from the POST's ack. Every subscriber records the receive
+//! The feed sends each millisecond's messages together. By default
+//! (`--fanout-feed upload`) it is what the issue's central server does: one
+//! long `POST /v1/streams/{stream}/feed` upload, a millisecond's lines
+//! written as one body chunk, each line's sequence taken from the
+//! receiver's per-batch acks; with `--fanout-feed requests` it is one NDJSON
+//! `POST …/messages` per millisecond, each message's sequence taken from
+//! that request's acks (the transport of the figures before session 20).
+//! A message's send time is taken just before its chunk or request is
+//! handed to the HTTP client. Every subscriber records the receive
 //! time of each `id:` it is sent with a `data:` line (one clock read per
 //! socket read). Only messages sent inside the measured window (after a
 //! warm-up) count. Every subscriber must receive every sequence exactly
@@ -140,11 +146,22 @@ impl Trial {
 /// One subscriber's receive log: (message key, receive time in ns since the trial's epoch).
 type Tape = Vec<(u64, u64)>;
 
+/// How the feed reaches finmesh (`--fanout-feed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FeedTransport {
+    /// One long `POST /v1/streams/{stream}/feed` upload, per-batch acks:
+    /// the receiver of issue 19, as `finmesh feed` sends to it.
+    Upload,
+    /// One `POST /v1/streams/{stream}/messages` per millisecond (the
+    /// figures of sessions 14–19).
+    Requests,
+}
+
 /// Which system a trial feeds.
 #[derive(Debug, Clone)]
 enum System {
-    /// `finmesh serve` at `url`, stream `stream`, bearer `token`.
-    Finmesh { url: String, token: String, stream: String },
+    /// `finmesh serve` at `url`, stream `stream`, bearer `token`, fed over `transport`.
+    Finmesh { url: String, token: String, stream: String, transport: FeedTransport },
     /// core NATS at `url`.
     Nats { url: String },
 }
@@ -162,7 +179,7 @@ pub async fn run_latency(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>>
     {
         let stream = format!("md_{sync}");
         create_stream(&node.url, &token, &stream, sync).await?;
-        let system = System::Finmesh { url: node.url.clone(), token: token.clone(), stream };
+        let system = System::Finmesh { url: node.url.clone(), token: token.clone(), stream, transport: ctx.feed };
         let trial = trial(&system, SUBSCRIBERS, 1, window).await?;
         let what = format!(
             "{SYMBOLS} symbols × 1 tick/s to {SUBSCRIBERS} SSE subscribers, embedded engine, sync = {sync}, auth on"
@@ -185,7 +202,7 @@ pub async fn run_latency(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>>
     let node = Node::start_with(engine_dir.path(), &options, FANOUT_CONFIG).await?;
     let token = node.token.clone().context("finmesh serve printed no admin token")?;
     create_stream(&node.url, &token, "md", "interval").await?;
-    let system = System::Finmesh { url: node.url.clone(), token, stream: "md".to_owned() };
+    let system = System::Finmesh { url: node.url.clone(), token, stream: "md".to_owned(), transport: ctx.feed };
     let engine_trial = trial(&system, SUBSCRIBERS, 1, window).await?;
     let what = format!("{SYMBOLS} symbols × 1 tick/s to {SUBSCRIBERS} SSE subscribers, NATS engine (R1), auth on");
     out.push(
@@ -217,7 +234,7 @@ pub async fn run_max(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>> {
     let node = start_node(dir.path()).await?;
     let token = node.token.clone().context("finmesh serve printed no admin token")?;
     create_stream(&node.url, &token, "md", "interval").await?;
-    let finmesh = System::Finmesh { url: node.url.clone(), token, stream: "md".to_owned() };
+    let finmesh = System::Finmesh { url: node.url.clone(), token, stream: "md".to_owned(), transport: ctx.feed };
     let (best, steps) = ramp(&finmesh, node.pid(), window).await?;
     node.stop().await?;
     let nats = start_nats(ctx).await?;
@@ -391,7 +408,10 @@ async fn feed(
     let mut symbol = 0usize;
     let mut sent = Vec::new();
     match system {
-        System::Finmesh { url, token, stream } => {
+        System::Finmesh { url, token, stream, transport: FeedTransport::Upload } => {
+            return feed_upload(url, token, stream, epoch, per_tick, symbols, end).await;
+        }
+        System::Finmesh { url, token, stream, transport: FeedTransport::Requests } => {
             let client = http_client(None)?;
             let url = format!("{url}/v1/streams/{stream}/messages");
             let auth = format!("Bearer {token}");
@@ -446,6 +466,120 @@ async fn feed(
     Ok(sent)
 }
 
+/// The upload feed: one long `POST /v1/streams/{stream}/feed` (the
+/// receiver of issue 19, as `finmesh feed` uses it), each millisecond's
+/// `per_tick` lines written as one body chunk; sequences come from the
+/// receiver's per-batch acks (line numbers → sequences).
+async fn feed_upload(
+    url: &str,
+    token: &str,
+    stream: &str,
+    epoch: Instant,
+    per_tick: usize,
+    symbols: usize,
+    end: Instant,
+) -> anyhow::Result<Vec<(u64, u64)>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Bytes, std::io::Error>>();
+    let body =
+        reqwest::Body::wrap_stream(futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
+        ));
+    // No request timeout: the upload lasts the whole trial.
+    let request = reqwest::Client::builder()
+        .build()?
+        .post(format!("{url}/v1/streams/{stream}/feed?symbol_prefix={stream}"))
+        .bearer_auth(token)
+        .header("content-type", "application/x-ndjson")
+        .body(body);
+    let answers = tokio::spawn(upload_answers(request));
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let (mut symbol, mut line_sent) = (0usize, Vec::new());
+    while Instant::now() < end {
+        ticker.tick().await;
+        let mut chunk = String::with_capacity(per_tick * 140);
+        for i in 1..=per_tick {
+            chunk.push_str(&upload_line(symbol, line_sent.len() + i));
+            symbol = (symbol + 1) % symbols;
+        }
+        let at = epoch.elapsed().as_nanos() as u64;
+        line_sent.extend(std::iter::repeat_n(at, per_tick));
+        if tx.send(Ok(Bytes::from(chunk))).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let ranges = answers.await.context("the feed's answer reader panicked")??;
+    let mut sent = Vec::with_capacity(line_sent.len());
+    for (first_line, first_seq, count) in ranges {
+        for i in 0..count {
+            let at = line_sent.get((first_line + i - 1) as usize).context("an ack for a line never sent")?;
+            sent.push((first_seq + i, *at));
+        }
+    }
+    anyhow::ensure!(sent.len() == line_sent.len(), "the feed acked {} of {} lines", sent.len(), line_sent.len());
+    Ok(sent)
+}
+
+/// Send the upload and read its answers until `end`: every ack's
+/// (first line, first sequence, lines).
+async fn upload_answers(request: reqwest::RequestBuilder) -> anyhow::Result<Vec<(u64, u64, u64)>> {
+    let response = request.send().await.context("opening the feed upload")?;
+    anyhow::ensure!(response.status().is_success(), "the feed upload answered {}", response.status());
+    let mut chunks = response.bytes_stream();
+    let mut acks = UploadAcks::default();
+    while let Some(chunk) = chunks.next().await {
+        if acks.feed(&chunk.context("reading the feed's answers")?)? {
+            return Ok(acks.ranges);
+        }
+    }
+    anyhow::bail!("the feed upload ended without `end`")
+}
+
+/// One tick as a feed line with its message id.
+fn upload_line(symbol: usize, n: usize) -> String {
+    format!(
+        "{{\"symbol\":\"S{symbol:04}\",\"msg_id\":\"b-{n}\",\"payload\":{{\"s\":\"S{symbol:04}\",\"bid\":101.25,\"ask\":101.27,\"last\":101.26,\"size\":300}}}}\n"
+    )
+}
+
+/// The feed upload's answers, parsed as they arrive: every ack as
+/// (first line, first sequence, lines).
+#[derive(Debug, Default)]
+struct UploadAcks {
+    partial: Vec<u8>,
+    ranges: Vec<(u64, u64, u64)>,
+}
+
+impl UploadAcks {
+    /// Take a chunk of answers; whether `end` came.
+    fn feed(&mut self, chunk: &[u8]) -> anyhow::Result<bool> {
+        self.partial.extend_from_slice(chunk);
+        let mut ended = false;
+        while let Some(at) = self.partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=at).collect();
+            let answer: serde_json::Value = serde_json::from_slice(&line).context("a feed answer that is not JSON")?;
+            match answer["event"].as_str() {
+                Some("ack") => {
+                    let field = |k: &str| answer[k].as_u64().with_context(|| format!("an ack without `{k}`: {answer}"));
+                    let (first_line, last_line) = (field("first_line")?, field("last_line")?);
+                    let (first_seq, last_seq) = (field("first_seq")?, field("last_seq")?);
+                    let count = last_line + 1 - first_line;
+                    anyhow::ensure!(
+                        field("duplicates")? == 0 && last_seq + 1 - first_seq == count,
+                        "an ack that does not map lines to sequences one to one: {answer}"
+                    );
+                    self.ranges.push((first_line, first_seq, count));
+                }
+                Some("end") => ended = true,
+                _ => anyhow::bail!("the feed upload answered {answer}"),
+            }
+        }
+        Ok(ended)
+    }
+}
+
 /// One tick as an NDJSON publish line, on subject `<prefix>.S<symbol>`.
 fn tick_line(prefix: &str, symbol: usize) -> String {
     format!(
@@ -481,7 +615,7 @@ async fn subscribe(
     let mut deadline: Option<tokio::time::Instant> = None;
     let done = |tape: &Tape, last: Option<u64>| last.is_some_and(|l| tape.last().is_some_and(|(k, _)| *k >= l));
     match system {
-        System::Finmesh { url, token, stream } => {
+        System::Finmesh { url, token, stream, .. } => {
             let client = reqwest::Client::builder().build()?;
             let response = client
                 .get(format!("{url}/v1/streams/{stream}/events"))
@@ -708,7 +842,7 @@ pub async fn run_filters(ctx: &BenchContext) -> anyhow::Result<Vec<Measurement>>
     let node = Node::start_with(dir.path(), &NodeOptions::default(), &filter_config()).await?;
     let token = node.token.clone().context("finmesh serve printed no admin token")?;
     create_stream(&node.url, &token, "md", "interval").await?;
-    let system = System::Finmesh { url: node.url.clone(), token, stream: "md".to_owned() };
+    let system = System::Finmesh { url: node.url.clone(), token, stream: "md".to_owned(), transport: ctx.feed };
     let mut out = Vec::new();
     for filters in FILTER_COUNTS {
         let t = filter_trial(&system, node.pid(), FILTER_SUBSCRIBERS, filters, FILTER_RATE, ctx.duration).await?;
@@ -782,7 +916,7 @@ async fn filter_trial(
         filters >= 1 && subscribers.is_multiple_of(filters),
         "{filters} filters must divide {subscribers} subscribers"
     );
-    let System::Finmesh { url, token, stream } = system else { anyhow::bail!("fanout-filters measures finmesh") };
+    let System::Finmesh { url, token, stream, .. } = system else { anyhow::bail!("fanout-filters measures finmesh") };
     let epoch = Instant::now();
     let (last_tx, last_rx) = watch::channel(None::<u64>);
     let mut readers = tokio::task::JoinSet::new();
@@ -935,7 +1069,12 @@ mod tests {
         let node = Node::start_with(dir.path(), &NodeOptions::default(), &filter_config()).await.unwrap();
         let token = node.token.clone().unwrap();
         create_stream(&node.url, &token, "md", "interval").await.unwrap();
-        let system = System::Finmesh { url: node.url.clone(), token, stream: "md".to_owned() };
+        let system = System::Finmesh {
+            url: node.url.clone(),
+            token,
+            stream: "md".to_owned(),
+            transport: FeedTransport::Requests,
+        };
         for filters in [1, 2, 4] {
             let t = filter_trial(&system, node.pid(), 4, filters, 1_000, Duration::from_millis(300)).await.unwrap();
             assert!(t.sent > 0, "{t:?}");
@@ -944,6 +1083,49 @@ mod tests {
             assert!(t.measurement(4, 1_000).id.starts_with("fanout.filters-"), "{t:?}");
         }
         node.stop().await.unwrap();
+    }
+
+    /// Both feed transports, at a tiny size on a debug build: every
+    /// subscriber gets every acked message once and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tiny_trial_delivers_everything_over_either_feed() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = start_node(dir.path()).await.unwrap();
+        let token = node.token.clone().unwrap();
+        for transport in [FeedTransport::Upload, FeedTransport::Requests] {
+            let stream = format!("md_{transport:?}").to_lowercase();
+            create_stream(&node.url, &token, &stream, "interval").await.unwrap();
+            let system = System::Finmesh { url: node.url.clone(), token: token.clone(), stream, transport };
+            let t = trial(&system, 3, 2, Duration::from_millis(300)).await.unwrap();
+            assert!(t.sent_per_s > 0.0, "{transport:?}: {t:?}");
+            assert_eq!((t.lost, t.disorder), (0, 0), "{transport:?}: {t:?}");
+            assert!(t.latency.msgs >= 3, "every subscriber got the window's messages: {transport:?}: {t:?}");
+        }
+        node.stop().await.unwrap();
+    }
+
+    #[test]
+    fn upload_acks_map_lines_to_sequences_across_chunks() {
+        let mut acks = UploadAcks::default();
+        let answers = concat!(
+            r#"{"event":"ack","batch":1,"first_line":1,"last_line":3,"count":3,"duplicates":0,"first_seq":10,"last_seq":12}"#,
+            "\n",
+            r#"{"event":"ack","batch":2,"first_line":4,"last_line":4,"count":1,"duplicates":0,"first_seq":13,"last_seq":13}"#,
+            "\n",
+            r#"{"event":"end","lines":4,"messages":4,"duplicates":0,"batches":2}"#,
+            "\n"
+        )
+        .as_bytes();
+        let (a, b) = answers.split_at(57);
+        assert!(!acks.feed(a).unwrap());
+        assert!(acks.feed(b).unwrap(), "`end` ends the answers");
+        assert_eq!(acks.ranges, [(1, 10, 3), (4, 13, 1)]);
+        let duplicate = br#"{"event":"ack","batch":1,"first_line":1,"last_line":2,"count":2,"duplicates":1,"first_seq":5,"last_seq":5}
+"#;
+        assert!(UploadAcks::default().feed(duplicate).is_err(), "a duplicate breaks the line → sequence map");
+        let error = br#"{"event":"error","problem":{"status":400}}
+"#;
+        assert!(UploadAcks::default().feed(error).is_err());
     }
 
     #[test]

@@ -295,6 +295,10 @@ pub struct BenchArgs {
     /// file limit is 20,000 per process).
     #[arg(long, default_value_t = fanout::IDLE_SUBSCRIBERS)]
     idle_subscribers: usize,
+    /// How the `fanout` scenarios feed finmesh: one long upload to the
+    /// feed receiver, or one publish request per millisecond.
+    #[arg(long, value_enum, default_value_t = fanout::FeedTransport::Upload)]
+    fanout_feed: fanout::FeedTransport,
     /// Rows of the `pipeline` scenario's generated feed.
     #[arg(long, default_value_t = 10_000_000)]
     rows: u64,
@@ -332,6 +336,8 @@ pub struct BenchContext {
     pub consumer_messages: u64,
     /// Idle subscribers of `fanout-idle`.
     pub idle_subscribers: usize,
+    /// How the `fanout` scenarios feed finmesh.
+    pub feed: fanout::FeedTransport,
     /// Rows of the `pipeline` feed.
     pub pipeline_rows: u64,
     /// Rows of the `pipeline-nats` feed.
@@ -377,6 +383,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         kv_keys: args.kv_keys,
         nats_kv_keys: args.nats_kv_keys,
         scale_keys: args.scale_keys,
+        feed: args.fanout_feed,
         value_bytes: args.value_bytes,
         reencrypt_values: args.reencrypt_values,
         mirror_puts: args.mirror_puts,

@@ -229,6 +229,7 @@ mod tests {
             idle_subscribers: 0,
             pipeline_rows: 0,
             pipeline_nats_rows: 0,
+            feed: crate::fanout::FeedTransport::Upload,
             run: 1,
         };
         let m = run(&ctx).await.unwrap();
