@@ -13,9 +13,13 @@
 //!   and gives the item back when the queue is full or the receiver closed;
 //! - once the receiver closed (or dropped) nothing more is accepted; once
 //!   the sender dropped, the receiver gets what is queued, then the end;
-//! - no lost wake-up: each side checks the shared state under the lock
-//!   before it waits, and the other side notifies after every change with
-//!   `notify_one`, which keeps a permit when nobody waits yet;
+//! - no lost wake-up: a side that is about to wait says so in the shared
+//!   state under the same lock in which it found nothing to do, and the
+//!   other side, after a change, notifies it with `notify_one` (which keeps
+//!   a permit when the waiter has not started waiting yet). A side that
+//!   is not waiting is not notified: a busy subscriber draining its queue
+//!   costs no wake-up per item (the hub pushes every frame to every
+//!   subscriber, so this is per delivery);
 //! - every wait is cancel-safe: an item is taken or given in one step
 //!   under the lock, never across an `.await`.
 
@@ -31,6 +35,10 @@ struct State<T> {
     receiver_closed: bool,
     /// The sender went away: the receiver ends once the queue is empty.
     sender_gone: bool,
+    /// The receiver found the queue empty and waits (or is about to).
+    receiver_waits: bool,
+    /// The sender found no room, or waits for the receiver to close.
+    sender_waits: bool,
 }
 
 struct Shared<T> {
@@ -45,7 +53,13 @@ struct Shared<T> {
 /// A queue of at most `capacity` (at least 1) items.
 pub fn bounded<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
-        state: Mutex::new(State { items: VecDeque::new(), receiver_closed: false, sender_gone: false }),
+        state: Mutex::new(State {
+            items: VecDeque::new(),
+            receiver_closed: false,
+            sender_gone: false,
+            receiver_waits: false,
+            sender_waits: false,
+        }),
         capacity: capacity.max(1),
         to_receiver: Notify::new(),
         to_sender: Notify::new(),
@@ -76,8 +90,11 @@ impl<T> Sender<T> {
         }
         on_queued(&item);
         state.items.push_back(item);
+        let wake = std::mem::take(&mut state.receiver_waits);
         drop(state);
-        self.shared.to_receiver.notify_one();
+        if wake {
+            self.shared.to_receiver.notify_one();
+        }
         Ok(())
     }
 
@@ -86,13 +103,14 @@ impl<T> Sender<T> {
     pub async fn room(&self) -> bool {
         loop {
             {
-                let state = self.shared.state.lock();
+                let mut state = self.shared.state.lock();
                 if state.receiver_closed {
                     return false;
                 }
                 if state.items.len() < self.shared.capacity {
                     return true;
                 }
+                state.sender_waits = true;
             }
             self.shared.to_sender.notified().await;
         }
@@ -105,7 +123,14 @@ impl<T> Sender<T> {
 
     /// Resolves once the receiver closed or went away.
     pub async fn closed(&self) {
-        while !self.is_closed() {
+        loop {
+            {
+                let mut state = self.shared.state.lock();
+                if state.receiver_closed {
+                    return;
+                }
+                state.sender_waits = true;
+            }
             self.shared.to_sender.notified().await;
         }
     }
@@ -136,7 +161,7 @@ impl<T> Receiver<T> {
     /// The next item, or `None` once the sender went away and the queue is empty.
     pub async fn recv(&mut self) -> Option<T> {
         loop {
-            match self.try_recv() {
+            match self.take(true) {
                 Ok(item) => return Some(item),
                 Err(TryRecvError::Disconnected) => return None,
                 Err(TryRecvError::Empty) => self.shared.to_receiver.notified().await,
@@ -146,15 +171,27 @@ impl<T> Receiver<T> {
 
     /// The next item if one is queued now.
     pub fn try_recv(&mut self) -> Result<T, TryRecvError> {
+        self.take(false)
+    }
+
+    /// Take the next item; on an empty queue, say that the receiver waits
+    /// when `will_wait`.
+    fn take(&mut self, will_wait: bool) -> Result<T, TryRecvError> {
         let mut state = self.shared.state.lock();
         match state.items.pop_front() {
             Some(item) => {
+                let wake = std::mem::take(&mut state.sender_waits);
                 drop(state);
-                self.shared.to_sender.notify_one();
+                if wake {
+                    self.shared.to_sender.notify_one();
+                }
                 Ok(item)
             }
             None if state.sender_gone => Err(TryRecvError::Disconnected),
-            None => Err(TryRecvError::Empty),
+            None => {
+                state.receiver_waits |= will_wait;
+                Err(TryRecvError::Empty)
+            }
         }
     }
 
@@ -179,6 +216,8 @@ impl<T> Drop for Receiver<T> {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use futures::FutureExt;
 
     use super::*;
 
@@ -233,6 +272,50 @@ mod tests {
         tokio::task::yield_now().await;
         drop(rx);
         tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("woken by the drop").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_side_that_does_not_wait_is_not_notified() {
+        let (tx, mut rx) = bounded(8);
+        tx.try_send(1).unwrap();
+        tx.try_send(2).unwrap();
+        assert!(rx.shared.to_receiver.notified().now_or_never().is_none(), "nobody waited: no permit kept");
+        assert_eq!(rx.try_recv(), Ok(1));
+        assert!(rx.shared.to_sender.notified().now_or_never().is_none(), "the sender did not wait");
+        assert_eq!(rx.recv().await, Some(2));
+        // Now the receiver waits: the next item wakes it.
+        let reader = tokio::spawn(async move { rx.recv().await });
+        while !tx.shared.state.lock().receiver_waits {
+            tokio::task::yield_now().await;
+        }
+        tx.try_send(3).unwrap();
+        assert_eq!(reader.await.unwrap(), Some(3));
+    }
+
+    /// Both sides waiting on each other across threads, a small queue:
+    /// nothing is lost or reordered and nobody sleeps forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_wake_up_is_lost_across_threads() {
+        let (tx, mut rx) = bounded(3);
+        let reader = tokio::spawn(async move {
+            let mut next = 0u32;
+            while let Some(i) = rx.recv().await {
+                assert_eq!(i, next);
+                next += 1;
+                if next.is_multiple_of(1000) {
+                    tokio::task::yield_now().await;
+                }
+            }
+            next
+        });
+        for i in 0..200_000u32 {
+            while tx.try_send(i).is_err() {
+                assert!(tx.room().await, "the receiver is there");
+            }
+        }
+        drop(tx);
+        let got = tokio::time::timeout(Duration::from_secs(60), reader).await.expect("no lost wake-up").unwrap();
+        assert_eq!(got, 200_000);
     }
 
     #[tokio::test]
