@@ -46,7 +46,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use finmesh_auth::Access;
 use finmesh_core::{Error, Result, StreamName, SubjectPattern, WatchStart};
 use futures::StreamExt;
@@ -305,8 +305,11 @@ fn encode(item: &Item, retry: Duration, jitter: Duration) -> Bytes {
     }
 }
 
-/// The connection's writer: the hub feed's items as body chunks, and a
-/// heartbeat when idle.
+/// A body chunk gathers ready items up to about this many bytes.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// The connection's writer: the hub feed's items as body chunks (every
+/// item ready at once in one chunk), and a heartbeat when idle.
 struct FeedWriter {
     feed: Feed,
     hello: Option<Bytes>,
@@ -339,13 +342,33 @@ impl FeedWriter {
         self.idle.as_mut().reset(tokio::time::Instant::now() + self.heartbeat);
         let item = item?;
         self.done = matches!(item, Item::End(_));
-        Some(encode(&item, self.retry, self.jitter))
+        let first = encode(&item, self.retry, self.jitter);
+        if self.done {
+            return Some(first);
+        }
+        // Items ready now go out in the same chunk: one pass through the
+        // body, the timer and the writer for all of them instead of one
+        // each (a subscriber that fell behind, or a burst). A single item
+        // is sent as is, without a copy.
+        let Some(second) = self.feed.try_next() else { return Some(first) };
+        let mut batch = BytesMut::with_capacity(first.len() * 4);
+        batch.extend_from_slice(&first);
+        let mut next = Some(second);
+        while let Some(item) = next.take() {
+            self.done = matches!(item, Item::End(_));
+            batch.extend_from_slice(&encode(&item, self.retry, self.jitter));
+            if !self.done && batch.len() < CHUNK_BYTES {
+                next = self.feed.try_next();
+            }
+        }
+        Some(batch.freeze())
     }
 }
 
-/// Serve a hub feed as `text/event-stream`. Each ready item is its own
-/// body chunk, handed over without copying; hyper gathers the chunks that
-/// are ready together into one (vectored) write. The write deadline is the
+/// Serve a hub feed as `text/event-stream`. A lone item is its own body
+/// chunk, handed over without copying; items ready together are copied
+/// into one chunk (see [`FeedWriter::chunk`]), and the writer gathers the
+/// chunks that are ready into one (vectored) write. The write deadline is the
 /// server's (`finmesh serve`: `write_timeout`).
 pub fn feed_response(state: &AppState, feed: Feed) -> Response {
     let cfg = &state.config().subscriptions;

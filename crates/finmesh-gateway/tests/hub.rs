@@ -404,7 +404,42 @@ async fn websocket_and_sse_share_the_tail<H: Harness>() {
     assert_eq!(engine.tails(), 1);
 }
 
+/// Events ready together leave in one body chunk (one pass through the
+/// writer), whole and in order; a lone live event is a chunk of its own.
+async fn ready_events_share_a_chunk<H: Harness>() {
+    use tower::ServiceExt;
+    let gw = Gw::with_config::<H>(config(crowd())).await;
+    gw.stream("MD", json!({"subjects": ["md.>"]})).await;
+    publish(&gw, "md.x", 50, 16).await;
+    let req = axum::http::Request::get("/v1/streams/MD/events?from_seq=1").body(axum::body::Body::empty()).unwrap();
+    let res = gw.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body().into_data_stream();
+    let mut chunk = async || {
+        let next = tokio::time::timeout(WAIT, body.next()).await.expect("a chunk in time");
+        String::from_utf8(next.expect("the body goes on").expect("a chunk").to_vec()).unwrap()
+    };
+    assert!(chunk().await.starts_with("retry:"), "the hello first");
+    let ids = |text: &str| -> Vec<u64> {
+        text.lines().filter_map(|l| l.strip_prefix("id: ")).map(|id| id.parse().unwrap()).collect()
+    };
+    let (mut seen, mut chunks) = (Vec::new(), 0);
+    while seen.len() < 50 {
+        let text = chunk().await;
+        assert!(text.ends_with("\n\n"), "a chunk holds whole events: {text:?}");
+        seen.extend(ids(&text));
+        chunks += 1;
+    }
+    assert_eq!(seen, (1..=50).collect::<Vec<_>>());
+    assert!(chunks < 5, "50 ready events took {chunks} chunks");
+    publish(&gw, "md.x", 1, 16).await;
+    let text = chunk().await;
+    assert_eq!(ids(&text), [51], "{text:?}");
+    assert_eq!(text.matches("data: ").count(), 1, "{text:?}");
+}
+
 per_engine!(
+    ready_events_share_a_chunk,
     sixty_subscribers_get_everything_in_order,
     slow_subscriber_is_cut_and_never_slows_the_others,
     history_joins_live_without_gap_or_duplicate,
