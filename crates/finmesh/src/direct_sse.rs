@@ -53,6 +53,10 @@ pub const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Most frames gathered into one chunk (one vectored write).
 const MAX_BATCH: usize = 64;
+/// A gather stops once it holds this many bytes: what a connection holds
+/// outside its subscriber queue while a write is pending is at most this
+/// plus one frame (the hub's body chunks are up to 64 KiB each).
+const MAX_GATHER_BYTES: usize = 64 * 1024;
 /// What the head buffer starts with (a browser's subscription head is ~600 B).
 const FIRST_READ: usize = 1024;
 
@@ -261,13 +265,14 @@ async fn next_frames<I: AsyncRead + Unpin>(io: &mut I, body: &mut Body) -> io::R
 }
 
 fn poll_next_frames<I: AsyncRead + Unpin>(cx: &mut Context<'_>, io: &mut I, body: &mut Body) -> Poll<io::Result<Next>> {
-    let mut frames = Vec::new();
-    while frames.len() < MAX_BATCH {
+    let (mut frames, mut bytes) = (Vec::new(), 0);
+    while frames.len() < MAX_BATCH && bytes < MAX_GATHER_BYTES {
         match Pin::new(&mut *body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data()
                     && !data.is_empty()
                 {
+                    bytes += data.len();
                     frames.push(data);
                 }
             }
@@ -441,6 +446,21 @@ mod tests {
         let pieces: [&[u8]; 4] = [b"abcd", b"", b"e", b"fghij"];
         futures::executor::block_on(write_all(&mut w, &pieces)).unwrap();
         assert_eq!(w.0, b"abcdefghij");
+    }
+
+    #[test]
+    fn a_gather_stops_at_its_byte_budget() {
+        let chunks = (0..100).map(|_| Ok::<_, std::convert::Infallible>(Bytes::from(vec![b'x'; 4096])));
+        let mut body = Body::from_stream(futures::stream::iter(chunks));
+        let mut io = tokio::io::empty();
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let Poll::Ready(Ok(Next::Frames { frames, ended: false })) = poll_next_frames(&mut cx, &mut io, &mut body)
+        else {
+            panic!("frames were ready")
+        };
+        let bytes: usize = frames.iter().map(Bytes::len).sum();
+        assert!((MAX_GATHER_BYTES..MAX_GATHER_BYTES + 4096).contains(&bytes), "{bytes} bytes gathered");
     }
 
     #[test]
