@@ -367,7 +367,7 @@ impl FeedWriter {
 
 /// Serve a hub feed as `text/event-stream`. A lone item is its own body
 /// chunk, handed over without copying; items ready together are copied
-/// into one chunk (see [`FeedWriter::chunk`]), and the writer gathers the
+/// into one chunk (up to about 64 KiB), and the writer gathers the
 /// chunks that are ready into one (vectored) write. The write deadline is the
 /// server's (`finmesh serve`: `write_timeout`).
 pub fn feed_response(state: &AppState, feed: Feed) -> Response {
