@@ -350,16 +350,16 @@ impl FeedWriter {
         // body, the timer and the writer for all of them instead of one
         // each (a subscriber that fell behind, or a burst). A single item
         // is sent as is, without a copy.
-        let Some(second) = self.feed.try_next() else { return Some(first) };
-        let mut batch = BytesMut::with_capacity(first.len() * 4);
-        batch.extend_from_slice(&first);
-        let mut next = Some(second);
-        while let Some(item) = next.take() {
+        let Some(mut item) = self.feed.try_next() else { return Some(first) };
+        let mut batch = BytesMut::from(&first[..]);
+        loop {
             self.done = matches!(item, Item::End(_));
             batch.extend_from_slice(&encode(&item, self.retry, self.jitter));
-            if !self.done && batch.len() < CHUNK_BYTES {
-                next = self.feed.try_next();
+            if self.done || batch.len() >= CHUNK_BYTES {
+                break;
             }
+            let Some(next) = self.feed.try_next() else { break };
+            item = next;
         }
         Some(batch.freeze())
     }
