@@ -183,6 +183,14 @@ impl EmbeddedEngine {
         let db = fjall::Database::builder(dir)
             .cache_size(options.cache_bytes)
             .max_journaling_size(options.journal_bytes.max(MIN_JOURNAL_BYTES))
+            // fjall compresses journal entries of 4 KiB and more with lz4 by
+            // default, on the thread that writes them: here the one writer
+            // thread every durable write waits behind. The journal is
+            // short-lived (its data is compressed again when flushed to
+            // tables), so its bytes are cheaper than the writer's time: lz4
+            // was 9.6% of a pipeline run's CPU, all on the writer
+            // (BENCHMARKS.md, session 21).
+            .journal_compression(fjall::CompressionType::None)
             .open()
             .map_err(|e| match e {
                 fjall::Error::JournalRecovery(_) => Error::internal(format!(

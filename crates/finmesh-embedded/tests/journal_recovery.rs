@@ -197,3 +197,23 @@ async fn damage_before_the_last_batch_refuses_to_open() {
     assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
     assert!(err.message().contains("corrupt"), "{err}");
 }
+
+/// Large messages go to the journal as they are: lz4 on the one writer
+/// thread cost more than the journal bytes it saved (fjall compresses
+/// entries of 4 KiB and more unless told not to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_are_journaled_uncompressed() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EmbeddedEngine::open(dir.path()).unwrap();
+    create_stream(&engine, None).await;
+    // 64 KiB that lz4 would shrink to a few hundred bytes.
+    let large = Bytes::from("finmesh-journal!".repeat(4096));
+    engine.publish(&stream(), OutgoingMessage::new(Subject::new("j.x").unwrap(), large.clone())).await.unwrap();
+    let journal = std::fs::read(newest_journal(dir.path())).unwrap();
+    assert!(
+        journal.windows(large.len()).any(|w| w == &large[..]),
+        "the message is not in the journal as written ({} journal bytes)",
+        data_end(&journal)
+    );
+    engine.close().await.unwrap();
+}
