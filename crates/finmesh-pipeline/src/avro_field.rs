@@ -1,10 +1,17 @@
-//! Reading one field of a raw Avro datum without decoding the record.
+//! Reading fields of a raw Avro datum without decoding the record.
 //!
 //! Owns the binary layout of the field types [`crate::schema`] accepts
 //! (the same ones [`crate::coerce`] writes): a field is reached by skipping
 //! the fields before it, so enrich reads a lookup key at the cost of a few
-//! varints and length prefixes. Invariant: every read is bounds-checked; a
-//! datum that does not fit the schema gives `None`, never a panic.
+//! varints and length prefixes, and validate hands the rules a
+//! [`DatumView`] that decodes only the fields they read, with no
+//! allocation (an `apache_avro::Value` per record was ~12% of a pipeline
+//! run). Invariants: every read is bounds-checked; a datum that does not
+//! fit the schema gives `None`, never a panic; a value reads as the
+//! [`FieldRef`] that `FieldRef::from_avro` gives for apache-avro's decoding
+//! of the same bytes (tested against it).
+
+use finmesh_rules::{FieldRef, RecordView, decimal_from_be_bytes};
 
 use crate::schema::{Field, FieldType};
 
@@ -50,47 +57,62 @@ fn advance(buf: &[u8], pos: &mut usize, n: usize) -> Option<()> {
     (end <= buf.len()).then(|| *pos = end)
 }
 
-/// Reads (when `want`) or skips one field at `pos`.
-fn field<'a>(f: &'a Field, buf: &'a [u8], pos: &mut usize, want: bool) -> Option<FieldKey<'a>> {
+/// Reads one field at `pos`, checked as apache-avro's decoder checks it
+/// (union branch, enum index, `int` range, boolean byte); a string is
+/// checked for UTF-8 and borrowed only when `want` (skipped ones read as
+/// [`FieldRef::Other`]).
+fn value<'a>(f: &Field, buf: &'a [u8], pos: &mut usize, want: bool) -> Option<FieldRef<'a>> {
     if let Some(n) = f.nullable {
         let branch = varint(buf, pos)?;
         if branch == i64::from(n.null_index) {
-            return Some(FieldKey::Null);
+            return Some(FieldRef::Null);
+        }
+        if branch != i64::from(n.value_index) {
+            return None;
         }
     }
     Some(match &f.ty {
         FieldType::Boolean => {
+            let b = *buf.get(*pos)?;
             advance(buf, pos, 1)?;
-            FieldKey::Null
+            match b {
+                0 => FieldRef::Bool(false),
+                1 => FieldRef::Bool(true),
+                _ => return None,
+            }
         }
-        FieldType::Int
-        | FieldType::Long
-        | FieldType::Date
-        | FieldType::TimestampMillis
-        | FieldType::TimestampMicros => FieldKey::Int(varint(buf, pos)?),
+        FieldType::Int => FieldRef::Int(i64::from(i32::try_from(varint(buf, pos)?).ok()?)),
+        FieldType::Long => FieldRef::Int(varint(buf, pos)?),
+        FieldType::Date => FieldRef::Date(i32::try_from(varint(buf, pos)?).ok()?),
+        FieldType::TimestampMillis | FieldType::TimestampMicros => FieldRef::Timestamp(varint(buf, pos)?),
         FieldType::Float => {
+            let b: [u8; 4] = buf.get(*pos..)?.get(..4)?.try_into().ok()?;
             advance(buf, pos, 4)?;
-            FieldKey::Null
+            FieldRef::Float(f64::from(f32::from_le_bytes(b)))
         }
         FieldType::Double => {
+            let b: [u8; 8] = buf.get(*pos..)?.get(..8)?.try_into().ok()?;
             advance(buf, pos, 8)?;
-            FieldKey::Null
+            FieldRef::Float(f64::from_le_bytes(b))
         }
         FieldType::String => {
             let b = bytes(buf, pos)?;
-            if want { FieldKey::Str(std::str::from_utf8(b).ok()?) } else { FieldKey::Null }
+            if want { FieldRef::Str(std::str::from_utf8(b).ok()?) } else { FieldRef::Other }
         }
         FieldType::Enum { symbols } => {
-            let i = usize::try_from(varint(buf, pos)?).ok()?;
-            FieldKey::Str(symbols.get(i)?.as_str())
+            let i = u32::try_from(varint(buf, pos)?).ok()?;
+            (usize::try_from(i).ok()? < symbols.len()).then_some(FieldRef::Enum(i))?
         }
-        FieldType::Decimal { fixed: Some(n), .. } => {
-            advance(buf, pos, *n)?;
-            FieldKey::Null
-        }
-        FieldType::Decimal { fixed: None, .. } => {
-            bytes(buf, pos)?;
-            FieldKey::Null
+        FieldType::Decimal { fixed, .. } => {
+            let digits = match fixed {
+                Some(n) => {
+                    let start = *pos;
+                    advance(buf, pos, *n)?;
+                    &buf[start..*pos]
+                }
+                None => bytes(buf, pos)?,
+            };
+            decimal_from_be_bytes(digits).map_or(FieldRef::Other, FieldRef::Decimal)
         }
     })
 }
@@ -101,9 +123,52 @@ fn field<'a>(f: &'a Field, buf: &'a [u8], pos: &mut usize, want: bool) -> Option
 pub fn read_key<'a>(fields: &'a [Field], datum: &'a [u8], index: usize) -> Option<FieldKey<'a>> {
     let mut pos = 0;
     for f in fields.get(..index)? {
-        field(f, datum, &mut pos, false)?;
+        value(f, datum, &mut pos, false)?;
     }
-    field(fields.get(index)?, datum, &mut pos, true)
+    let f = fields.get(index)?;
+    Some(match value(f, datum, &mut pos, true)? {
+        FieldRef::Str(s) => FieldKey::Str(s),
+        FieldRef::Enum(i) => match &f.ty {
+            FieldType::Enum { symbols } => FieldKey::Str(symbols.get(i as usize)?.as_str()),
+            _ => FieldKey::Null,
+        },
+        FieldRef::Int(i) | FieldRef::Timestamp(i) => FieldKey::Int(i),
+        FieldRef::Date(d) => FieldKey::Int(i64::from(d)),
+        _ => FieldKey::Null,
+    })
+}
+
+/// Checks a whole datum of `fields` (every field as [`value`] checks it,
+/// and nothing after the last) and records where each field starts in
+/// `starts`, so a [`DatumView`] reads any of them without decoding the
+/// record. `None` if the datum is malformed (`starts` is then partial).
+pub fn index_record(fields: &[Field], datum: &[u8], starts: &mut Vec<usize>) -> Option<()> {
+    starts.clear();
+    let mut pos = 0;
+    for f in fields {
+        starts.push(pos);
+        value(f, datum, &mut pos, true)?;
+    }
+    (pos == datum.len()).then_some(())
+}
+
+/// A datum read in place by the rules: field `i` is decoded from its
+/// offset when a rule asks for it. Built from [`index_record`]'s offsets
+/// over the same `fields` and `datum`.
+pub struct DatumView<'a> {
+    pub fields: &'a [Field],
+    pub datum: &'a [u8],
+    pub starts: &'a [usize],
+}
+
+impl RecordView for DatumView<'_> {
+    fn field(&self, index: usize) -> FieldRef<'_> {
+        let (Some(f), Some(&start)) = (self.fields.get(index), self.starts.get(index)) else {
+            return FieldRef::Null;
+        };
+        let mut pos = start;
+        value(f, self.datum, &mut pos, true).unwrap_or(FieldRef::Other)
+    }
 }
 
 #[cfg(test)]
@@ -136,5 +201,135 @@ mod tests {
         assert_eq!(read_key(f, &avro, 1), Some(FieldKey::Int(-3)));
         assert_eq!(read_key(f, &avro[..avro.len() - 1], 7), None, "truncated");
         assert_eq!(read_key(f, &avro, 8), None, "no such field");
+    }
+
+    /// Every field type [`crate::schema`] accepts, plain and nullable with
+    /// `null` first and last.
+    const EVERY_TYPE: &str = r#"{"type":"record","name":"R","fields":[
+        {"name":"b","type":"boolean"},{"name":"i","type":"int"},{"name":"l","type":"long"},
+        {"name":"f","type":"float"},{"name":"d","type":"double"},{"name":"s","type":"string"},
+        {"name":"ns","type":["null","string"]},{"name":"sn","type":["string","null"]},
+        {"name":"e","type":{"type":"enum","name":"E","symbols":["X","Y","Z"]}},
+        {"name":"m","type":{"type":"bytes","logicalType":"decimal","precision":38,"scale":2}},
+        {"name":"fm","type":{"type":"fixed","name":"F8","size":8,"logicalType":"decimal","precision":18,"scale":4}},
+        {"name":"dt","type":{"type":"int","logicalType":"date"}},
+        {"name":"tm","type":{"type":"long","logicalType":"timestamp-millis"}},
+        {"name":"tu","type":{"type":"long","logicalType":"timestamp-micros"}},
+        {"name":"nl","type":["null","long"]}]}"#;
+
+    fn same(a: FieldRef<'_>, b: FieldRef<'_>) -> bool {
+        match (a, b) {
+            (FieldRef::Float(x), FieldRef::Float(y)) => x.to_bits() == y.to_bits(),
+            (a, b) => a == b,
+        }
+    }
+
+    fn nullable(inner: impl Strategy<Value = Value>, null_index: u32) -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Union(null_index, Box::new(Value::Null))),
+            inner.prop_map(move |v| Value::Union(1 - null_index, Box::new(v)))
+        ]
+    }
+
+    fn record() -> impl Strategy<Value = Vec<Value>> {
+        (
+            (any::<bool>(), any::<i32>(), any::<i64>(), any::<f32>(), any::<f64>(), ".{0,12}"),
+            (nullable(".{0,8}".prop_map(Value::String), 0), nullable(".{0,8}".prop_map(Value::String), 1), 0u32..3),
+            (proptest::collection::vec(any::<u8>(), 1..20), proptest::collection::vec(any::<u8>(), 8..=8)),
+            (any::<i32>(), any::<i64>(), any::<i64>(), nullable(any::<i64>().prop_map(Value::Long), 0)),
+        )
+            .prop_map(|((b, i, l, f, d, s), (ns, sn, e), (m, fm), (dt, tm, tu, nl))| {
+                vec![
+                    Value::Boolean(b),
+                    Value::Int(i),
+                    Value::Long(l),
+                    Value::Float(f),
+                    Value::Double(d),
+                    Value::String(s),
+                    ns,
+                    sn,
+                    Value::Enum(e, ["X", "Y", "Z"][e as usize].into()),
+                    Value::Decimal(apache_avro::Decimal::from(m)),
+                    Value::Decimal(apache_avro::Decimal::from(fm)),
+                    Value::Date(dt),
+                    Value::TimestampMillis(tm),
+                    Value::TimestampMicros(tu),
+                    nl,
+                ]
+            })
+    }
+
+    /// What the rules saw before: apache-avro's decoding, seen through `FieldRef::from_avro`.
+    fn decoded(schema: &IngestSchema, datum: &[u8]) -> Option<Vec<Value>> {
+        let mut rest = datum;
+        match apache_avro::from_avro_datum(schema.avro(), &mut rest, None).ok()? {
+            Value::Record(fields) => Some(fields.into_iter().map(|(_, v)| v).collect()),
+            _ => None,
+        }
+    }
+
+    use apache_avro::types::Value;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_datum_view_reads_what_apache_avro_decodes(
+            values in record(),
+            flip_at in any::<prop::sample::Index>(),
+            flip_to in any::<u8>(),
+        ) {
+            let schema = IngestSchema::parse(EVERY_TYPE).unwrap();
+            let fields = schema.fields();
+            let named: Vec<(String, Value)> = fields.iter().map(|f| f.name.clone()).zip(values).collect();
+            let datum = apache_avro::to_avro_datum(schema.avro(), Value::Record(named)).unwrap();
+            let expected = decoded(&schema, &datum).unwrap();
+            let mut starts = Vec::new();
+            prop_assert!(index_record(fields, &datum, &mut starts).is_some());
+            let view = DatumView { fields, datum: &datum, starts: &starts };
+            for (i, v) in expected.iter().enumerate() {
+                prop_assert!(same(view.field(i), FieldRef::from_avro(v)), "field {i}: {:?} vs {:?}", view.field(i), v);
+            }
+            prop_assert_eq!(view.field(fields.len()), FieldRef::Null, "past the last field");
+            // Every shorter datum is refused, as is one with a byte after it.
+            for cut in 0..datum.len() {
+                prop_assert!(index_record(fields, &datum[..cut], &mut starts).is_none(), "cut at {cut}");
+            }
+            let mut longer = datum.clone();
+            longer.push(0);
+            prop_assert!(index_record(fields, &longer, &mut starts).is_none());
+            // One changed byte: refused, or read as apache-avro reads it.
+            let mut changed = datum.clone();
+            changed[flip_at.index(datum.len())] = flip_to;
+            if index_record(fields, &changed, &mut starts).is_some() {
+                let expected = decoded(&schema, &changed);
+                prop_assert!(expected.is_some(), "accepted bytes apache-avro refuses");
+                let view = DatumView { fields, datum: &changed, starts: &starts };
+                for (i, v) in expected.unwrap().iter().enumerate() {
+                    prop_assert!(same(view.field(i), FieldRef::from_avro(v)), "field {i}");
+                }
+            }
+        }
+
+        /// Hostile bytes never panic, and what is accepted is what
+        /// apache-avro decodes to the same values.
+        #[test]
+        fn arbitrary_bytes_are_refused_or_read_as_apache_avro_reads_them(
+            datum in proptest::collection::vec(any::<u8>(), 0..96)
+        ) {
+            let schema = IngestSchema::parse(EVERY_TYPE).unwrap();
+            let fields = schema.fields();
+            let mut starts = Vec::new();
+            if index_record(fields, &datum, &mut starts).is_some() {
+                let expected = decoded(&schema, &datum);
+                prop_assert!(expected.is_some(), "accepted bytes apache-avro refuses");
+                let view = DatumView { fields, datum: &datum, starts: &starts };
+                for (i, v) in expected.unwrap().iter().enumerate() {
+                    prop_assert!(same(view.field(i), FieldRef::from_avro(v)), "field {i}");
+                }
+            }
+            for i in 0..fields.len() {
+                let _ = read_key(fields, &datum, i);
+            }
+        }
     }
 }

@@ -54,7 +54,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use apache_avro::reader::datum::GenericDatumReader;
 use bytes::BytesMut;
 use finmesh_core::message::MSG_ID_HEADER;
 use finmesh_core::{
@@ -65,7 +64,7 @@ use finmesh_rules::{Datasets, RuleSet};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::avro_field::{FieldKey, read_key};
+use crate::avro_field::{DatumView, FieldKey, index_record, read_key};
 use crate::flow::{
     ExceptionBody, ExceptionStage, FileRef, HDR_FILE, HDR_REFDATA, HDR_REFDATA_USED, HDR_ROWS, HDR_RUN, HDR_SLICE,
     Pipeline, RecordMessage, StreamKind, parse_rfc3339, read_records, rfc3339,
@@ -347,14 +346,7 @@ impl Stage {
         if deliveries.is_empty() {
             return Ok(0);
         }
-        let decoder = match self.kind {
-            StageKind::Validate => Some(
-                GenericDatumReader::builder(self.setup.schema.avro())
-                    .build()
-                    .map_err(|e| Error::internal(format!("building the Avro decoder: {e}")))?,
-            ),
-            StageKind::Enrich => None,
-        };
+        let mut starts = Vec::with_capacity(self.setup.schema.fields().len());
         let mut failures = self.setup.rules.failure_buffer();
         let mut outputs = Vec::with_capacity(deliveries.len());
         let mut output_rows = Vec::with_capacity(deliveries.len());
@@ -398,7 +390,7 @@ impl Stage {
             let c = current.as_ref().expect("resolved above");
             let mut kept = Vec::with_capacity(msg.datums.len());
             for (i, (row, line, datum)) in msg.records().enumerate() {
-                match self.process(datum, &c.file, u64::from(row), line, &c.pins, decoder.as_ref(), &mut failures)? {
+                match self.process(datum, &c.file, u64::from(row), line, &c.pins, &mut starts, &mut failures)? {
                     None => kept.push(i),
                     Some(exception) => exceptions.push(exception),
                 }
@@ -553,7 +545,7 @@ impl Stage {
         row: u64,
         line: u64,
         pins: &RunPins,
-        decoder: Option<&GenericDatumReader<'_>>,
+        starts: &mut Vec<usize>,
         failures: &mut Vec<finmesh_rules::RuleId>,
     ) -> Result<Option<OutgoingMessage>> {
         let exception = |column: Option<String>, rules: Option<Vec<String>>, reason: String| {
@@ -599,19 +591,25 @@ impl Stage {
                 Ok(None)
             }
             StageKind::Validate => {
-                let decoder = decoder.ok_or_else(|| Error::internal("validate runs without a decoder"))?;
-                let value = match decoder.read_value(&mut &datum[..]) {
-                    Ok(v) => v,
-                    Err(e) => return exception(None, None, format!("the record does not decode: {e}")),
-                };
-                match pins.rules.evaluate_avro(&value, &pins.refs, failures) {
-                    Ok(true) => Ok(None),
-                    Ok(false) => {
-                        let names: Vec<String> = failures.iter().map(|&id| pins.rules.name(id).to_owned()).collect();
-                        let reason = format!("failed rules: {}", names.join(", "));
-                        exception(None, Some(names), reason)
-                    }
-                    Err(e) => exception(None, None, format!("the record does not fit the rules' schema: {e}")),
+                if pins.rules.field_count() != fields.len() {
+                    let reason = format!(
+                        "the record does not fit the rules' schema: the rules were compiled for {} fields, the \
+                         record has {}",
+                        pins.rules.field_count(),
+                        fields.len()
+                    );
+                    return exception(None, None, reason);
+                }
+                if index_record(fields, datum, starts).is_none() {
+                    return exception(None, None, "the record is not a datum of the pipeline's schema".into());
+                }
+                let record = DatumView { fields, datum, starts };
+                if pins.rules.evaluate(&record, &pins.refs, failures) {
+                    Ok(None)
+                } else {
+                    let names: Vec<String> = failures.iter().map(|&id| pins.rules.name(id).to_owned()).collect();
+                    let reason = format!("failed rules: {}", names.join(", "));
+                    exception(None, Some(names), reason)
                 }
             }
         }
