@@ -91,7 +91,7 @@ pub const MAX_ID_LEN: usize = 64;
 /// Batches queued between the CSV reader thread and the publisher.
 pub const INGEST_QUEUE_BATCHES: usize = 4;
 /// Batches the publisher has sent and not yet seen acknowledged, at most.
-pub const INGEST_PUBLISHES_IN_FLIGHT: usize = 2;
+pub const INGEST_PUBLISHES_IN_FLIGHT: usize = 4;
 
 /// The four record-carrying stages, as they appear in subjects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -6,7 +6,10 @@
 //! rows, see [`crate::rowset`]), processes every record of every delivery,
 //! publishes the outputs (to the next stream) and the exceptions (to
 //! `{P}-exceptions`) as two concurrent batch publishes, and only after both are
-//! acknowledged acks the whole input batch with one batch ack. Invariants:
+//! acknowledged acks the whole input batch with one batch ack. A worker
+//! ([`Stage::run`]) fetches and processes its next batch while up to
+//! [`STEPS_IN_FLIGHT`] processed ones are being published and acked, so
+//! its CPU work overlaps the engine's durable round trips. Invariants:
 //! - one input message becomes at most one output message, with the
 //!   input's message id and headers, holding the records that passed (its
 //!   `Finmesh-Rows` rewritten when some did not; the input payload as it is
@@ -36,8 +39,9 @@
 //! `avro_field`); its output is the input datum unchanged plus the
 //! header [`HDR_REFDATA_USED`] naming the versions used. A lookup miss is
 //! an exception naming the dataset and the key ([`OnMiss::Exception`]) or
-//! passes ([`OnMiss::Pass`]). Validate decodes the record and evaluates the
-//! rule set; every failing rule is named in the exception. Validate's rules
+//! passes ([`OnMiss::Pass`]). Validate checks the whole datum against the
+//! schema and evaluates the rule set on the fields read in place
+//! (`avro_field::DatumView`); every failing rule is named in the exception. Validate's rules
 //! are the run's revision in the definition bucket
 //! ([`crate::definition::run_rules`]: fixed when a worker first sees the
 //! run), or [`StageSetup::rules`] when no rules are stored there.
@@ -50,6 +54,7 @@
 //! pays one `Option` check per batch.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -57,8 +62,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use finmesh_core::message::MSG_ID_HEADER;
 use finmesh_core::{
-    AckKind, ConsumerConfig, ConsumerName, Delivery, Engine, Error, ErrorKind, FetchRequest, Headers, OutgoingMessage,
-    Result, Subject, Timestamp,
+    AckKind, AckToken, ConsumerConfig, ConsumerName, Delivery, Engine, Error, ErrorKind, FetchRequest, Headers,
+    OutgoingMessage, Result, Subject, Timestamp,
 };
 use finmesh_rules::{Datasets, RuleSet};
 use parking_lot::Mutex;
@@ -260,6 +265,82 @@ fn crash_before_ack(kind: StageKind, n: u64) -> ! {
 /// Runs kept in a worker's pin table before it is cleared.
 const MAX_PINNED_RUNS: usize = 64;
 
+/// Processed batches a worker publishes and acks while it fetches and
+/// processes the next one ([`Stage::run`]).
+pub const STEPS_IN_FLIGHT: usize = 2;
+
+/// A fetched batch, processed, waiting to be published and acked.
+struct Processed {
+    deliveries: Vec<Delivery>,
+    /// Tokens of deliveries that are not record messages (terminated).
+    malformed: Vec<AckToken>,
+    outputs: Vec<OutgoingMessage>,
+    /// Rows in each of `outputs`.
+    output_rows: Vec<u64>,
+    exceptions: Vec<OutgoingMessage>,
+    rows_in: u64,
+    passed: u64,
+}
+
+/// How long a worker fetches nothing new after a failed step.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Runs `prepare` and `finish` as an overlapped loop until `shutdown`:
+/// whatever `prepare` yields goes to `finish`, and while up to `depth`
+/// finishes run, the next `prepare` runs beside them. A `prepare` is
+/// started only when there is room and is never dropped half way (only by
+/// `shutdown`, which drops everything where it stands). An error of either
+/// goes to `on_error`, then no `prepare` starts for `retry_after`
+/// (finishes in progress go on).
+async fn overlapped<T, P, PF, F, FF>(
+    mut prepare: P,
+    finish: F,
+    depth: usize,
+    retry_after: Duration,
+    on_error: impl Fn(Error),
+    shutdown: impl Future<Output = ()>,
+) where
+    P: FnMut() -> PF,
+    PF: Future<Output = Result<Option<T>>>,
+    F: Fn(T) -> FF,
+    FF: Future<Output = Result<()>>,
+{
+    use futures::StreamExt as _;
+    use futures::future::{Fuse, FusedFuture as _, FutureExt as _};
+    tokio::pin!(shutdown);
+    let mut finishing = futures::stream::FuturesUnordered::<FF>::new();
+    let preparing = Fuse::terminated();
+    tokio::pin!(preparing);
+    let mut paused_until: Option<tokio::time::Instant> = None;
+    loop {
+        if preparing.is_terminated() && finishing.len() < depth.max(1) && paused_until.is_none() {
+            preparing.set(prepare().fuse());
+        }
+        let error = tokio::select! {
+            biased;
+            _ = &mut shutdown => return,
+            Some(r) = finishing.next(), if !finishing.is_empty() => r.err(),
+            r = &mut preparing => match r {
+                Ok(Some(item)) => {
+                    finishing.push(finish(item));
+                    None
+                }
+                Ok(None) => None,
+                Err(e) => Some(e),
+            },
+            _ = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now)),
+                if paused_until.is_some() => {
+                paused_until = None;
+                None
+            }
+        };
+        if let Some(e) = error {
+            on_error(e);
+            paused_until = Some(tokio::time::Instant::now() + retry_after);
+        }
+    }
+}
+
 impl Stage {
     /// A worker of `kind`; creates its durable consumer if missing.
     pub async fn start(engine: Arc<dyn Engine>, kind: StageKind, setup: StageSetup) -> Result<Stage> {
@@ -316,35 +397,42 @@ impl Stage {
         self.status.clone()
     }
 
-    /// Runs steps until `shutdown` resolves. A step in progress when it
-    /// resolves is dropped where it stands: its batch is not acked, so it is
-    /// redelivered, and outputs it already published are duplicates by
-    /// message id (the same path as a crash mid-step). Engine errors other
-    /// than a closed engine are retried after a second (and logged).
-    pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut shutdown => return Ok(()),
-                r = self.step() => if let Err(e) = r {
-                    tracing::warn!(stage = self.kind.as_str(), error = %e, "stage step failed; retrying");
-                    tokio::select! {
-                        _ = &mut shutdown => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                },
-            }
-        }
+    /// Runs steps until `shutdown` resolves, overlapping them: while up to
+    /// [`STEPS_IN_FLIGHT`] processed batches are being published and acked,
+    /// the next batch is fetched and processed. A step in progress when
+    /// `shutdown` resolves is dropped where it stands: its batch is not
+    /// acked, so it is redelivered, and outputs it already published are
+    /// duplicates by message id (the same path as a crash mid-step). Engine
+    /// errors other than a closed engine are logged and the worker fetches
+    /// nothing new for a second (batches already processed still finish).
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let on_error = |e: Error| tracing::warn!(stage = self.kind.as_str(), error = %e, "stage step failed; retrying");
+        overlapped(|| self.prepare(), |batch| self.finish(batch), STEPS_IN_FLIGHT, RETRY_AFTER, on_error, shutdown)
+            .await;
+        Ok(())
     }
 
     /// One fetch–process–publish–ack cycle; returns the deliveries fetched.
     pub async fn step(&self) -> Result<usize> {
+        match self.prepare().await? {
+            Some(batch) => {
+                let n = batch.deliveries.len();
+                self.finish(batch).await?;
+                Ok(n)
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// Fetches a batch and processes every record of it: `None` when
+    /// nothing came (or the batch was nak'ed to wait for its pinned
+    /// reference data).
+    async fn prepare(&self) -> Result<Option<Processed>> {
         let input = self.setup.pipeline.stream(self.kind.input());
         let request = FetchRequest { max: self.setup.options.batch, wait: self.setup.options.fetch_wait };
         let deliveries = self.engine.fetch(input, &self.consumer, request).await?;
         if deliveries.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         let mut starts = Vec::with_capacity(self.setup.schema.fields().len());
         let mut failures = self.setup.rules.failure_buffer();
@@ -379,7 +467,7 @@ impl Stage {
                                 AckKind::Nak { delay: Duration::from_millis(500) },
                             )
                             .await?;
-                        return Ok(0);
+                        return Ok(None);
                     }
                     Err(e) => return Err(e),
                 };
@@ -402,6 +490,14 @@ impl Stage {
                 outputs.push(self.output(d, &msg, &kept, c)?);
             }
         }
+        Ok(Some(Processed { deliveries, malformed, outputs, output_rows, exceptions, rows_in, passed }))
+    }
+
+    /// Publishes a processed batch's outputs and exceptions and, once both
+    /// are acknowledged, acks its input.
+    async fn finish(&self, batch: Processed) -> Result<()> {
+        let Processed { deliveries, malformed, outputs, output_rows, exceptions, rows_in, passed } = batch;
+        let input = self.setup.pipeline.stream(self.kind.input());
         let excepted = exceptions.len() as u64;
         let mut duplicates = 0;
         // Outputs and exceptions are published concurrently (one durable
@@ -443,7 +539,7 @@ impl Stage {
         s.duplicates.fetch_add(duplicates, Ordering::Relaxed);
         s.malformed.fetch_add(malformed.len() as u64, Ordering::Relaxed);
         s.processed.fetch_add(rows_in, Ordering::Release);
-        Ok(deliveries.len())
+        Ok(())
     }
 
     /// The run's pinned snapshots (resolved once per run and pin).
@@ -632,5 +728,133 @@ impl Current {
             && headers.get(HDR_RUN) == Some(self.file.run.as_str())
             && headers.get(HDR_SLICE) == Some(self.file.slice.as_str())
             && headers.get(HDR_REFDATA) == self.refdata.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use tokio::sync::{mpsc, watch};
+    use tokio::time::Instant;
+
+    use super::*;
+
+    /// `overlapped` over numbered items: `prepare` reports each number it
+    /// starts on `started` and yields it; `finish(i)` waits until
+    /// `released` passes `i`, reports on `finished`, and fails at once for
+    /// the numbers in `failing`.
+    struct Harness {
+        started: mpsc::UnboundedReceiver<(usize, Instant)>,
+        finished: mpsc::UnboundedReceiver<(usize, Instant)>,
+        released: watch::Sender<usize>,
+        errors: Arc<AtomicUsize>,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn harness(depth: usize, failing: &'static [usize]) -> Harness {
+        let (started_tx, started) = mpsc::unbounded_channel();
+        let (finished_tx, finished) = mpsc::unbounded_channel();
+        let (released, released_rx) = watch::channel(0usize);
+        let errors = Arc::new(AtomicUsize::new(0));
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let errs = errors.clone();
+        let task = tokio::spawn(async move {
+            let next = AtomicUsize::new(0);
+            let prepare = || {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                started_tx.send((i, Instant::now())).unwrap();
+                async move { Ok(Some(i)) }
+            };
+            let finish = |i: usize| {
+                let mut released = released_rx.clone();
+                let finished = finished_tx.clone();
+                async move {
+                    if failing.contains(&i) {
+                        return Err(Error::unavailable(format!("finish {i} failed")));
+                    }
+                    released.wait_for(|r| *r > i).await.unwrap();
+                    finished.send((i, Instant::now())).unwrap();
+                    Ok(())
+                }
+            };
+            let on_error = |_| {
+                errs.fetch_add(1, Ordering::SeqCst);
+            };
+            overlapped(prepare, finish, depth, Duration::from_secs(1), on_error, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        });
+        Harness { started, finished, released, errors, stop: Some(stop), task }
+    }
+
+    impl Harness {
+        /// The next `prepare` to start (within a minute of the paused clock).
+        async fn next_started(&mut self) -> (usize, Instant) {
+            let next = tokio::time::timeout(Duration::from_secs(60), self.started.recv()).await;
+            next.expect("no prepare started").expect("the loop runs")
+        }
+
+        async fn next_finished(&mut self) -> (usize, Instant) {
+            let next = tokio::time::timeout(Duration::from_secs(60), self.finished.recv()).await;
+            next.expect("no finish ended").expect("the loop runs")
+        }
+
+        /// Whether no further `prepare` starts while the runtime has
+        /// nothing else to do (the clock is paused, so a minute passes at
+        /// once when every task waits).
+        async fn nothing_more_starts(&mut self) -> bool {
+            tokio::time::timeout(Duration::from_secs(60), self.started.recv()).await.is_err()
+        }
+
+        async fn stop(mut self) {
+            self.stop.take().unwrap().send(()).unwrap();
+            self.task.await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_batch_is_prepared_while_earlier_ones_finish() {
+        let mut h = harness(2, &[]);
+        assert_eq!(h.next_started().await.0, 0);
+        // Batch 0's finish waits, yet batch 1 is prepared: the overlap.
+        assert_eq!(h.next_started().await.0, 1);
+        // Two finishes waiting is the depth: nothing more is prepared.
+        assert!(h.nothing_more_starts().await, "a third batch while two finish");
+        h.released.send(1).unwrap();
+        assert_eq!(h.next_started().await.0, 2, "room again once batch 0 finished");
+        assert!(h.nothing_more_starts().await);
+        h.released.send(usize::MAX).unwrap();
+        assert_eq!(h.next_started().await.0, 3);
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_finish_pauses_preparing_but_not_the_other_finishes() {
+        let mut h = harness(3, &[1]);
+        assert_eq!(h.next_started().await.0, 0);
+        assert_eq!(h.next_started().await.0, 1);
+        // Batch 2 starts beside them; batch 1's finish fails at once.
+        let (i, failed_at) = h.next_started().await;
+        assert_eq!(i, 2);
+        // The finishes of batches 0 and 2 go on during the pause…
+        h.released.send(usize::MAX).unwrap();
+        let mut done = Vec::new();
+        for _ in 0..2 {
+            let (i, at) = h.next_finished().await;
+            assert!(at - failed_at < Duration::from_secs(1), "finish {i} waited for the pause");
+            done.push(i);
+        }
+        done.sort_unstable();
+        assert_eq!(done, [0, 2]);
+        // …but the next batch is prepared only a second after the error,
+        // although there was room at once.
+        let (i, at) = h.next_started().await;
+        assert_eq!(i, 3);
+        assert!(at - failed_at >= Duration::from_secs(1), "prepared again after {:?}", at - failed_at);
+        assert_eq!(h.errors.load(Ordering::SeqCst), 1, "the error was reported once");
+        h.stop().await;
     }
 }
