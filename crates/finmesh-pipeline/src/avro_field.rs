@@ -261,8 +261,8 @@ mod tests {
 
     /// What the rules saw before: apache-avro's decoding, seen through `FieldRef::from_avro`.
     fn decoded(schema: &IngestSchema, datum: &[u8]) -> Option<Vec<Value>> {
-        let mut rest = datum;
-        match apache_avro::from_avro_datum(schema.avro(), &mut rest, None).ok()? {
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema.avro()).build().unwrap();
+        match reader.read_value(&mut &datum[..]).ok()? {
             Value::Record(fields) => Some(fields.into_iter().map(|(_, v)| v).collect()),
             _ => None,
         }
@@ -281,7 +281,8 @@ mod tests {
             let schema = IngestSchema::parse(EVERY_TYPE).unwrap();
             let fields = schema.fields();
             let named: Vec<(String, Value)> = fields.iter().map(|f| f.name.clone()).zip(values).collect();
-            let datum = apache_avro::to_avro_datum(schema.avro(), Value::Record(named)).unwrap();
+            let writer = apache_avro::writer::datum::GenericDatumWriter::builder(schema.avro()).build().unwrap();
+            let datum = writer.write_value_to_vec(Value::Record(named)).unwrap();
             let expected = decoded(&schema, &datum).unwrap();
             let mut starts = Vec::new();
             prop_assert!(index_record(fields, &datum, &mut starts).is_some());
