@@ -104,6 +104,7 @@ on_every_engine!(
     a_stage_replayed_after_the_dedup_window_changes_no_count,
     a_redelivered_message_yields_the_same_output_ids,
     single_row_messages_of_before_still_flow,
+    a_record_that_is_not_a_datum_of_the_schema_is_an_exception,
 );
 
 on_every_engine_and_refstore!(
@@ -691,4 +692,61 @@ async fn single_row_messages_of_before_still_flow(f: Fixture) {
     }
     enrich.abort();
     validate.abort();
+}
+
+/// Validate checks each datum against the schema before the rules read it:
+/// a truncated datum, one with a byte after its last field and bytes that
+/// are no datum at all are each an exception saying so, and a good record
+/// in the same batch is not affected.
+async fn a_record_that_is_not_a_datum_of_the_schema_is_an_exception(f: Fixture) {
+    let s = setup(&f, true).await;
+    let (csv, _) = feed(20);
+    let mut reader = finmesh_pipeline::RowReader::new(&csv[..], s.schema.clone(), "bent", Default::default()).unwrap();
+    let mut batch = finmesh_pipeline::Batch { records: Vec::new(), exceptions: Vec::new() };
+    while reader.next_batch(1000, &mut batch).unwrap() {}
+    let good = batch.records[0].avro.clone();
+    let mut longer = good.to_vec();
+    longer.push(0);
+    let rows: [(u64, bytes::Bytes); 4] = [
+        (1, good.clone()),
+        (2, good.slice(..good.len() - 1)),
+        (3, longer.into()),
+        (4, bytes::Bytes::from_static(&[0xFF; 8])),
+    ];
+    let file = FileRef::new("run1", "slice1", "bent").unwrap();
+    let subject = s.pipeline.subject(StreamKind::Enriched, &file).unwrap();
+    let mut messages = Vec::new();
+    for (row, datum) in rows {
+        let mut m = finmesh_core::OutgoingMessage::new(subject.clone(), datum);
+        m.headers = file.headers(row).unwrap();
+        m.headers.insert(flow::HDR_LINE, (row + 1).to_string()).unwrap();
+        m.headers.insert(flow::HDR_REFDATA, VERSION).unwrap();
+        messages.push(m.with_msg_id(file.msg_id(row)).unwrap());
+    }
+    s.engine.publish_batch(s.pipeline.stream(StreamKind::Enriched), messages).await.unwrap();
+    let validate = s.stage(StageKind::Validate).await;
+    let mut fetched = 0;
+    while fetched < 4 {
+        fetched += validate.step().await.unwrap();
+    }
+    let reasons: BTreeMap<u64, String> = s
+        .of_file(StreamKind::Exceptions, "bent")
+        .await
+        .iter()
+        .map(|m| {
+            let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            (body["row"].as_u64().unwrap(), body["reason"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    for row in 2..=4 {
+        assert_eq!(
+            reasons.get(&row).map(String::as_str),
+            Some("the record is not a datum of the pipeline's schema"),
+            "row {row}: {reasons:?}"
+        );
+    }
+    let validated = s.of_file(StreamKind::Validated, "bent").await;
+    let row1_validated = validated.iter().flat_map(row_ids).any(|id| id == "bent:1");
+    let row1_excepted = reasons.get(&1).is_some_and(|r| r.starts_with("failed rules: "));
+    assert!(row1_validated ^ row1_excepted, "row 1 is validated or fails rules, once: {reasons:?}");
 }
