@@ -15,7 +15,8 @@
 //!   several lines later;
 //! - `row` is the data row number (1-based): the header is row 0, and lines
 //!   that are entirely empty are skipped and are not rows;
-//! - a record's message id is `<file>:<row>`.
+//! - a row's message id is `<file>:<row>` (`FileRef::msg_id`); the reader
+//!   does not build it per row, since record messages carry many rows.
 //!
 //! Invariants:
 //! - every row read is returned exactly once, as a record or as an
@@ -87,8 +88,6 @@ pub struct Record {
     pub row: u64,
     /// Physical line (1-based) on which the row starts.
     pub line: u64,
-    /// Message id: `<file>:<row>`.
-    pub id: String,
     /// The raw Avro binary datum of the record.
     pub avro: Bytes,
 }
@@ -308,7 +307,7 @@ impl<R: Read> RowReader<R> {
                 exception(None, Reason::FieldCount { expected: self.map.columns().len(), found: self.nends }, &self.map)
             }
             RawRecord::Complete => match self.encode() {
-                Ok(avro) => Row::Record(Record { row, line, id: message_id(&self.file, row), avro }),
+                Ok(avro) => Row::Record(Record { row, line, avro }),
                 Err((column, reason)) => exception(Some(column), reason, &self.map),
             },
         };
@@ -510,26 +509,6 @@ impl<R: Read> Iterator for RowReader<R> {
     }
 }
 
-/// `<file>:<row>` without the formatting machinery (it is per row).
-fn message_id(file: &str, row: u64) -> String {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = row;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    let mut id = String::with_capacity(file.len() + 1 + digits.len() - i);
-    id.push_str(file);
-    id.push(':');
-    id.extend(digits[i..].iter().map(|&d| char::from(d)));
-    id
-}
-
 /// Rows of one batch, as handed to a publisher: records (in row order) and
 /// exceptions (in row order).
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -551,20 +530,5 @@ impl Batch {
     pub fn clear(&mut self) {
         self.records.clear();
         self.exceptions.clear();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::message_id;
-
-    #[test]
-    fn message_ids_are_file_colon_row() {
-        assert_eq!(message_id("f", 0), "f:0");
-        assert_eq!(message_id("feed-1.csv", 1), "feed-1.csv:1");
-        assert_eq!(message_id("x", u64::MAX), format!("x:{}", u64::MAX));
-        for n in [9, 10, 99, 100, 123_456_789] {
-            assert_eq!(message_id("a", n), format!("a:{n}"));
-        }
     }
 }

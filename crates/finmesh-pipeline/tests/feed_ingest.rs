@@ -69,7 +69,7 @@ fn generated_defects_are_found_where_they_belong() {
     let decoder = GenericDatumReader::builder(schema.avro()).build().unwrap();
     let mut ids = HashSet::new();
     for r in batches.iter().flat_map(|b| &b.records) {
-        assert!(ids.insert(r.id.clone()), "ids are unique");
+        assert!(ids.insert(r.row), "rows are unique");
         let Value::Record(f) = decoder.read_value(&mut &r.avro[..]).unwrap() else { panic!() };
         let get = |name: &str| &f.iter().find(|(n, _)| n == name).unwrap().1;
         if decimal_to_i128(get("notional")) <= 0 {
