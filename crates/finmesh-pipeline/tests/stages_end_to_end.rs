@@ -656,25 +656,40 @@ async fn a_redelivered_message_yields_the_same_output_ids(f: Fixture) {
     validate.abort();
 }
 
+/// Every row of `csv` read as file `file`.
+fn read_rows(s: &Setup, csv: &[u8], file: &str) -> finmesh_pipeline::Batch {
+    let mut reader = finmesh_pipeline::RowReader::new(csv, s.schema.clone(), file, Default::default()).unwrap();
+    let mut batch = finmesh_pipeline::Batch { records: Vec::new(), exceptions: Vec::new() };
+    while reader.next_batch(1000, &mut batch).unwrap() {}
+    batch
+}
+
+/// A record message of one row in the format before batching (id `F:row`,
+/// `Finmesh-Row` and `Finmesh-Line`, the bare datum), pinned to [`VERSION`].
+fn single_row(
+    file: &FileRef,
+    subject: &finmesh_core::Subject,
+    row: u64,
+    line: u64,
+    datum: bytes::Bytes,
+) -> finmesh_core::OutgoingMessage {
+    let mut m = finmesh_core::OutgoingMessage::new(subject.clone(), datum);
+    m.headers = file.headers(row).unwrap();
+    m.headers.insert(flow::HDR_LINE, line.to_string()).unwrap();
+    m.headers.insert(flow::HDR_REFDATA, VERSION).unwrap();
+    m.with_msg_id(file.msg_id(row)).unwrap()
+}
+
 /// Records published one per message in the format before batching (id
 /// `F:row`, `Finmesh-Row` and `Finmesh-Line`, the bare datum) still flow:
 /// each stage keeps that format, and the rows end validated or excepted.
 async fn single_row_messages_of_before_still_flow(f: Fixture) {
     let s = setup(&f, true).await;
     let (csv, summary) = feed(300);
-    let mut reader = finmesh_pipeline::RowReader::new(&csv[..], s.schema.clone(), "old", Default::default()).unwrap();
-    let mut batch = finmesh_pipeline::Batch { records: Vec::new(), exceptions: Vec::new() };
-    while reader.next_batch(1000, &mut batch).unwrap() {}
+    let batch = read_rows(&s, &csv, "old");
     let file = FileRef::new("run1", "slice1", "old").unwrap();
     let subject = s.pipeline.subject(StreamKind::Raw, &file).unwrap();
-    let mut messages = Vec::new();
-    for r in &batch.records {
-        let mut m = finmesh_core::OutgoingMessage::new(subject.clone(), r.avro.clone());
-        m.headers = file.headers(r.row).unwrap();
-        m.headers.insert(flow::HDR_LINE, r.line.to_string()).unwrap();
-        m.headers.insert(flow::HDR_REFDATA, VERSION).unwrap();
-        messages.push(m.with_msg_id(file.msg_id(r.row)).unwrap());
-    }
+    let messages = batch.records.iter().map(|r| single_row(&file, &subject, r.row, r.line, r.avro.clone())).collect();
     s.engine.publish_batch(s.pipeline.stream(StreamKind::Raw), messages).await.unwrap();
     let (enrich, _) = spawn(s.stage(StageKind::Enrich).await);
     let (validate, _) = spawn(s.stage(StageKind::Validate).await);
@@ -701,9 +716,7 @@ async fn single_row_messages_of_before_still_flow(f: Fixture) {
 async fn a_record_that_is_not_a_datum_of_the_schema_is_an_exception(f: Fixture) {
     let s = setup(&f, true).await;
     let (csv, _) = feed(20);
-    let mut reader = finmesh_pipeline::RowReader::new(&csv[..], s.schema.clone(), "bent", Default::default()).unwrap();
-    let mut batch = finmesh_pipeline::Batch { records: Vec::new(), exceptions: Vec::new() };
-    while reader.next_batch(1000, &mut batch).unwrap() {}
+    let batch = read_rows(&s, &csv, "bent");
     let good = batch.records[0].avro.clone();
     let mut longer = good.to_vec();
     longer.push(0);
@@ -715,14 +728,7 @@ async fn a_record_that_is_not_a_datum_of_the_schema_is_an_exception(f: Fixture) 
     ];
     let file = FileRef::new("run1", "slice1", "bent").unwrap();
     let subject = s.pipeline.subject(StreamKind::Enriched, &file).unwrap();
-    let mut messages = Vec::new();
-    for (row, datum) in rows {
-        let mut m = finmesh_core::OutgoingMessage::new(subject.clone(), datum);
-        m.headers = file.headers(row).unwrap();
-        m.headers.insert(flow::HDR_LINE, (row + 1).to_string()).unwrap();
-        m.headers.insert(flow::HDR_REFDATA, VERSION).unwrap();
-        messages.push(m.with_msg_id(file.msg_id(row)).unwrap());
-    }
+    let messages = rows.into_iter().map(|(row, datum)| single_row(&file, &subject, row, row + 1, datum)).collect();
     s.engine.publish_batch(s.pipeline.stream(StreamKind::Enriched), messages).await.unwrap();
     let validate = s.stage(StageKind::Validate).await;
     let mut fetched = 0;
